@@ -1,0 +1,55 @@
+"""FeatureSet: frozen image and caption features with the caption -> image index."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """Frozen features of one (dataset, backbone).
+
+    image: [n_images, d_v] or [n_images, tokens, d_v]; text: [n_captions, d_t] or
+    [n_captions, tokens, d_t]; masks ([n, tokens], 1 = real token) only for token features;
+    caption_image: [n_captions] index of each caption's image. provenance keys caches and reports.
+    """
+
+    image: np.ndarray
+    text: np.ndarray
+    caption_image: np.ndarray
+    image_mask: np.ndarray | None = None
+    text_mask: np.ndarray | None = None
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        n_images, n_captions = self.image.shape[0], self.text.shape[0]
+        if self.caption_image.shape != (n_captions,):
+            raise ValueError(f"caption_image has shape {self.caption_image.shape}, expected ({n_captions},)")
+        if n_captions and (self.caption_image.min() < 0 or self.caption_image.max() >= n_images):
+            raise ValueError(f"caption_image holds indices outside [0, {n_images})")
+        for name, x, mask in (("image", self.image, self.image_mask), ("text", self.text, self.text_mask)):
+            if x.ndim not in (2, 3):
+                raise ValueError(f"{name} features must be [n, d] or [n, tokens, d], got shape {x.shape}")
+            if mask is not None and mask.shape != x.shape[:2]:
+                raise ValueError(f"{name}_mask has shape {mask.shape}, expected {x.shape[:2]}")
+            if not np.isfinite(x).all():
+                raise ValueError(f"{name} features hold NaN or Inf")
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.text.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The feature arrays as a pytree (masks only where present), ready for the device."""
+        out = {"image": self.image, "text": self.text}
+        if self.image_mask is not None:
+            out["image_mask"] = self.image_mask
+        if self.text_mask is not None:
+            out["text_mask"] = self.text_mask
+        return out

@@ -1,0 +1,42 @@
+"""Command line: `python -m fusion_jax.main --config=configs/synthetic.py [--config.FIELD=VALUE ...]`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from fusion_jax.sweep import train_and_evaluate
+from fusion_jax.validate import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.workdir, else results/<config.name>.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    log = logging.getLogger("fusion_jax")
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
+    try:
+        train_and_evaluate(config, workdir, command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
+    except ConfigError as e:
+        print(f"fusion_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"results in {workdir}/: results.json, runs.csv, summary.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,51 @@
+"""Per-run binary metrics from confusion counts, and the statistics over seeds."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+METRICS = ("accuracy", "f1", "precision", "recall")
+
+
+def binary_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Accuracy, F1, precision, recall (fractions) and the majority-class baseline.
+
+    Positive class = matching pair. With no positive predictions precision is 0, with no positive
+    labels recall is 0, and F1 is 0 when precision + recall is 0 (scikit-learn's zero_division=0).
+    """
+    tp, fp, fn, tn = (int(v) for v in (tp, fp, fn, tn))
+    n = tp + fp + fn + tn
+    if n == 0:
+        raise ValueError("no examples to score")
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    positives = tp + fn
+    return {
+        "accuracy": (tp + tn) / n,
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+        "majority_baseline": max(positives, n - positives) / n,
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); the std is None for a single value."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """Mean of a - b over paired seeds and the two-sided paired t-test p-value.
+
+    The p-value is None when it is undefined: fewer than two pairs, or identical differences
+    (zero variance; float round-off would otherwise turn it into a spurious tiny p).
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size < 2 or np.ptp(d) <= 1e-12:
+        return float(d.mean()), None
+    return float(d.mean()), float(stats.ttest_rel(a, b).pvalue)

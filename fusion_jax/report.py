@@ -1,0 +1,135 @@
+"""The one results writer: results.json (the interface later tools read), runs.csv, summary.md."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import itertools
+import os
+import platform
+
+import jax
+
+from fusion_jax import metrics as metrics_lib
+from fusion_jax.files import atomic_write_json, atomic_write_text
+
+_PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
+             "transformers": "transformers"}
+
+
+def versions() -> dict[str, str | None]:
+    """Python and library versions (None for a library that is not installed)."""
+    out = {"python": platform.python_version(), "fusion_jax": None}
+    for key, dist in {"fusion_jax": "fusion_jax", **_PACKAGES}.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def device() -> dict:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "count": jax.device_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def _cell(run: dict, *fields: str) -> tuple:
+    deg = run["degradation"]
+    values = {**run, "kind": deg["kind"], "level": deg["level"]}
+    return tuple(values[f] for f in fields)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (backbone, method, scale, degradation)."""
+    key = lambda r: _cell(r, "backbone", "method", "scale", "kind", "level")
+    out = []
+    for (backbone, method, scale, kind, level), group in itertools.groupby(sorted(runs, key=key), key):
+        group = list(group)
+        row = {"backbone": backbone, "method": method, "scale": scale,
+               "degradation": {"kind": kind, "level": level}}
+        for name in metrics_lib.METRICS:
+            row[f"{name}_mean"], row[f"{name}_std"] = metrics_lib.mean_std([r["metrics"][name] for r in group])
+        row["majority_baseline_mean"] = metrics_lib.mean_std([r["majority_baseline"] for r in group])[0]
+        row["n_seeds"] = len(group)
+        out.append(row)
+    return out
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """concat minus cross accuracy per (backbone, scale, degradation), paired over seeds (t-test)."""
+    key = lambda r: _cell(r, "backbone", "scale", "kind", "level")
+    out = []
+    for (backbone, scale, kind, level), group in itertools.groupby(sorted(runs, key=key), key):
+        group = list(group)
+        acc = {m: {r["seed"]: r["metrics"]["accuracy"] for r in group if r["method"] == m} for m in ("concat", "cross")}
+        seeds = sorted(set(acc["concat"]) & set(acc["cross"]))
+        if not seeds:
+            continue
+        diff, p = metrics_lib.paired_difference([acc["concat"][s] for s in seeds], [acc["cross"][s] for s in seeds])
+        out.append({"backbone": backbone, "scale": scale, "degradation": {"kind": kind, "level": level},
+                    "concat_minus_cross": diff, "p_value": p, "n_seeds": len(seeds)})
+    return out
+
+
+def _pct(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def summary_markdown(results: dict) -> str:
+    """Human-readable tables of a results dict."""
+    cfg = results["config"]
+    lines = [f"# {cfg['name']}: fusion sweep summary", "",
+             f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`.", "",
+             f"Features: `{cfg['features']}`; device: {results['device']['platform']} "
+             f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "
+             f"flax {results['versions']['flax']}. Validation metrics in percent, mean ± sample std over seeds; "
+             "`majority` is the majority-class share of the validation set (the accuracy of always "
+             "predicting its larger class).", "",
+             "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["summary"]:
+        d = r["degradation"]
+        lines.append(f"| {r['backbone']} | {r['method']} | {r['scale']} | {d['kind']} {d['level']:g} | "
+                     f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | {100 * r['majority_baseline_mean']:.1f} | "
+                     f"{_pct(r['f1_mean'], r['f1_std'])} | {_pct(r['precision_mean'], r['precision_std'])} | "
+                     f"{_pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
+    if results["comparisons"]:
+        lines += ["", "## concat minus cross (accuracy points, paired t-test over seeds)", "",
+                  "| backbone | scale | degradation | concat − cross | p | verdict |", "|---|---:|---|---:|---:|---|"]
+        for c in results["comparisons"]:
+            d, p = c["degradation"], c["p_value"]
+            if p is None:
+                verdict = f"no test possible ({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''})"
+            elif p < 0.05:
+                verdict = ("concat" if c["concat_minus_cross"] > 0 else "cross") + " better (p < 0.05)"
+            else:
+                verdict = f"not significant at {c['n_seeds']} seeds"
+            lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
+                         f"{100 * c['concat_minus_cross']:+.1f} | {'–' if p is None else f'{p:.3g}'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+_CSV_FIELDS = ("backbone", "method", "scale", "seed", "degradation_kind", "degradation_level", "accuracy", "f1",
+               "precision", "recall", "majority_baseline", "params", "train_seconds", "final_train_loss")
+
+
+def runs_csv(runs: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in runs:
+        w.writerow({**{k: r[k] for k in _CSV_FIELDS if k in r}, **r["metrics"],
+                    "degradation_kind": r["degradation"]["kind"], "degradation_level": r["degradation"]["level"]})
+    return buf.getvalue()
+
+
+def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None) -> dict:
+    """Assemble and write results.json, runs.csv and summary.md (each atomically); return the dict."""
+    results = {"command": command, "config": config_dict, "versions": versions(), "device": device(), "runs": runs,
+               "summary": summarize(runs), "comparisons": compare(runs)}
+    atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
+    atomic_write_text(os.path.join(workdir, "summary.md"), summary_markdown(results))
+    atomic_write_json(os.path.join(workdir, "results.json"), results)
+    return results

@@ -1,0 +1,92 @@
+"""Config checks that run before anything is trained or written: one clear line per mistake."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from fusion_jax import degrade, fusion
+from fusion_jax.data import FeatureSet, max_pairs
+
+
+class ConfigError(ValueError):
+    """A user error in the config: `field` and what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config.{field}: {message}")
+        self.field = field
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field, message)
+
+
+def _distinct_nonempty(values, field: str) -> tuple:
+    values = tuple(values)
+    _require(len(values) > 0, field, "must not be empty")
+    _require(len(set(values)) == len(values), field, f"has duplicates in {values}")
+    return values
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every field that does not need the features; raise ConfigError on the first mistake."""
+    from fusion_jax.data.sources import SOURCES, check_backbone
+
+    _require(bool(config.name) and "/" not in config.name, "name", "must be a non-empty name without '/'")
+    _require(config.features in SOURCES, "features",
+             f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
+    for b in _distinct_nonempty(config.backbones, "backbones"):
+        try:
+            check_backbone(config, b)
+        except ValueError as e:
+            raise ConfigError("backbones", str(e)) from None
+    for m in _distinct_nonempty(config.methods, "methods"):
+        _require(m in fusion.METHODS, "methods", f"unknown method {m!r}; allowed: {', '.join(fusion.METHODS)}")
+    for s in _distinct_nonempty(config.seeds, "seeds"):
+        _require(isinstance(s, int) and 0 <= s < 2**31, "seeds", f"seed {s!r} must be an integer in [0, 2^31)")
+    for s in _distinct_nonempty(config.scales, "scales"):
+        _require(isinstance(s, int) and s > 0, "scales", f"scale {s!r} must be a positive integer")
+
+    d = config.degradation
+    _require(d.kind in degrade.KINDS, "degradation.kind",
+             f"unknown kind {d.kind!r}; allowed: {', '.join(degrade.KINDS)}")
+    _require(d.modality in degrade.MODALITIES, "degradation.modality",
+             f"unknown modality {d.modality!r}; allowed: {', '.join(degrade.MODALITIES)}")
+    for level in _distinct_nonempty(d.levels, "degradation.levels"):
+        _require(isinstance(level, (int, float)) and math.isfinite(level) and level >= 0,
+                 "degradation.levels", f"level {level!r} must be a finite number >= 0")
+    if d.kind == "none":
+        _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
+
+    t = config.train
+    _require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be > 0")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
+    _require(isinstance(t.epochs, int) and t.epochs >= 1, "train.epochs", f"{t.epochs} must be an integer >= 1")
+    _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size", f"{t.batch_size} must be an integer >= 1")
+    _require(isinstance(t.eval_batch_size, int) and t.eval_batch_size >= 1, "train.eval_batch_size",
+             f"{t.eval_batch_size} must be an integer >= 1")
+    _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
+    _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
+             f"{config.pairs.train_fraction} must be in (0, 1)")
+    h = config.head
+    for field in ("hidden", "mlp_hidden", "num_heads"):
+        _require(isinstance(h[field], int) and h[field] >= 1, f"head.{field}", f"{h[field]} must be an integer >= 1")
+    _require(h.hidden % h.num_heads == 0, "head.num_heads", f"{h.num_heads} must divide head.hidden={h.hidden}")
+    _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",
+             f"{config.checkpoint.keep} must be an integer >= 1")
+
+
+def validate_scales(config: ml_collections.ConfigDict, features: dict[str, FeatureSet]) -> None:
+    """Every scale must fit the pairs each backbone's features can make, and leave both splits usable."""
+    for backbone, fs in features.items():
+        limit = max_pairs(fs.caption_image, fs.n_images)
+        for scale in config.scales:
+            _require(scale <= limit, "scales",
+                     f"scale {scale} is larger than the {limit} pairs available from backbone {backbone!r} "
+                     f"({fs.n_captions} captions, {fs.n_images} images); allowed: 2..{limit}")
+            n_train = int(round(config.pairs.train_fraction * scale))
+            _require(n_train >= config.train.batch_size and scale - n_train >= 2, "scales",
+                     f"scale {scale} leaves {n_train} training and {scale - n_train} validation pairs; "
+                     f"need at least train.batch_size={config.train.batch_size} and 2")

@@ -1,0 +1,73 @@
+"""Every invalid config value stops at once with its field named, and writes nothing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from fusion_jax.sweep import train_and_evaluate
+from fusion_jax.validate import ConfigError
+
+INVALID = [
+    ("methods", ("concat", "attention"), "methods", "allowed: concat, cross"),
+    ("methods", (), "methods", "must not be empty"),
+    ("seeds", (), "seeds", "must not be empty"),
+    ("seeds", (42, 42), "seeds", "duplicates"),
+    ("scales", (10**6,), "scales", "larger than the 2000 pairs"),
+    ("scales", (0,), "scales", "positive"),
+    ("scales", (30,), "scales", "training"),
+    ("backbones", ("clip",), "backbones", "allowed: aligned, unaligned"),
+    ("backbones", ("alignment=2",), "backbones", "0 <= A <= 1"),
+    ("degradation.levels", (0.0, -0.1), "degradation.levels", ">= 0"),
+    ("degradation.levels", (), "degradation.levels", "must not be empty"),
+    ("degradation.modality", "audio", "degradation.modality", "allowed: image, text, both"),
+    ("degradation.kind", "blur", "degradation.kind", "allowed: none, gaussian"),
+    ("train.learning_rate", 0.0, "train.learning_rate", "> 0"),
+    ("train.epochs", 0, "train.epochs", ">= 1"),
+    ("train.batch_size", 0, "train.batch_size", ">= 1"),
+    ("train.dropout", 1.0, "train.dropout", "[0, 1)"),
+    ("pairs.train_fraction", 1.0, "pairs.train_fraction", "(0, 1)"),
+    ("head.num_heads", 3, "head.num_heads", "divide"),
+    ("features", "flickr", "features", "allowed: synthetic"),
+]
+
+
+@pytest.mark.parametrize("field,value,named,allowed", INVALID, ids=[f"{f}={v}" for f, v, _, _ in INVALID])
+def test_invalid_value(smoke_config, tmp_path, field, value, named, allowed):
+    node = smoke_config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    workdir = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        train_and_evaluate(smoke_config, str(workdir))
+    assert e.value.field == named and str(e.value).startswith(f"config.{named}:") and allowed in str(e.value)
+    assert not workdir.exists()
+
+
+def test_none_kind_needs_level_zero(smoke_config, tmp_path):
+    smoke_config.degradation.kind = "none"
+    with pytest.raises(ConfigError, match=r"degradation.levels: must be \(0.0,\)"):
+        train_and_evaluate(smoke_config, str(tmp_path / "out"))
+
+
+def test_unwritable_workdir(smoke_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="config.workdir: cannot write"):
+        train_and_evaluate(smoke_config, str(blocker / "out"))
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    workdir = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke",
+         f"--workdir={workdir}", "--config.methods=('concat','late')"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fusion_jax: error: config.methods: unknown method 'late'; allowed: concat, cross")
+    assert "Traceback" not in proc.stderr and not workdir.exists()

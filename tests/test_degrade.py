@@ -1,0 +1,33 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.degrade import degrade
+
+
+def test_noise_is_fixed_per_vector():
+    x = jax.random.normal(jax.random.PRNGKey(0), (10, 8))
+    key, sigma = jax.random.PRNGKey(1), jnp.float32(0.3)
+    full = degrade(x, jnp.arange(10), key, sigma, "gaussian")
+    idx = jnp.array([7, 2, 2, 9])
+    batch = degrade(x[idx], idx, key, sigma, "gaussian")
+    np.testing.assert_allclose(batch, full[idx], rtol=1e-6)  # same vector, same noise, in any batch
+    np.testing.assert_allclose(jnp.linalg.norm(full, axis=-1), 1.0, rtol=1e-5)
+    assert not np.allclose(degrade(x, jnp.arange(10), jax.random.PRNGKey(2), sigma, "gaussian"), full)
+
+
+def test_levels_share_the_noise_direction():
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 8))
+    idx, key = jnp.arange(5), jax.random.PRNGKey(1)
+    z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (8,)))(idx)
+    for sigma in (0.0, 0.1, 0.5):
+        want = (x + sigma * z) / jnp.linalg.norm(x + sigma * z, axis=-1, keepdims=True)
+        np.testing.assert_allclose(degrade(x, idx, key, jnp.float32(sigma), "gaussian"), want, rtol=1e-5)
+
+
+def test_token_features_and_none():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 8))
+    y = degrade(x, jnp.arange(3), jax.random.PRNGKey(1), jnp.float32(0.2), "gaussian")
+    assert y.shape == x.shape
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(degrade(x, jnp.arange(3), jax.random.PRNGKey(1), jnp.float32(0.2), "none"), x)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from fusion_jax.metrics import binary_metrics, mean_std, paired_difference
+
+
+def test_metrics_by_hand():
+    # 6 TP, 2 FP, 3 FN, 9 TN: accuracy 15/20, precision 6/8, recall 6/9, F1 = 2PR/(P+R) = 12/17.
+    m = binary_metrics(6, 2, 3, 9)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(12 / 17)
+    assert m["majority_baseline"] == pytest.approx(11 / 20)  # 9 positives, 11 negatives
+
+
+def test_no_positive_predictions():
+    m = binary_metrics(0, 0, 5, 15)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
+    assert m["majority_baseline"] == pytest.approx(0.75)
+
+
+def test_all_one_class():
+    m = binary_metrics(10, 0, 0, 0)  # every label and prediction positive
+    assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["majority_baseline"]) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    m = binary_metrics(0, 4, 0, 0)  # every label negative, every prediction positive
+    assert (m["accuracy"], m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0, 0.0)
+    assert m["majority_baseline"] == 1.0
+
+
+def test_empty_is_an_error():
+    with pytest.raises(ValueError):
+        binary_metrics(0, 0, 0, 0)
+
+
+def test_mean_std_uses_sample_std():
+    assert mean_std([0.7, 0.8, 0.9]) == (pytest.approx(0.8), pytest.approx(0.1))
+    assert mean_std([0.5]) == (0.5, None)
+
+
+def test_paired_difference():
+    a, b = [0.90, 0.85, 0.88], [0.80, 0.83, 0.81]
+    diff, p = paired_difference(a, b)
+    assert diff == pytest.approx(np.mean(np.subtract(a, b)))
+    d = np.subtract(a, b)
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+    assert p == pytest.approx(2 * stats.t.sf(abs(t), df=2))
+    assert paired_difference([0.9], [0.8])[1] is None
+    assert paired_difference([0.9, 0.8], [0.8, 0.7])[1] is None  # identical differences: no test

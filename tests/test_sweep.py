@@ -1,0 +1,126 @@
+"""End to end: a smoke sweep into tmp_path, its results files, and kill-and-resume."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fusion_jax.metrics import METRICS
+from fusion_jax.sweep import plan, train_and_evaluate
+
+
+def _tiny(config):
+    config.backbones = ("aligned",)
+    config.scales = (128,)
+    return config
+
+
+def _by_run(results):
+    return {(r["backbone"], r["method"], r["scale"], r["seed"], r["degradation"]["level"]): r for r in results["runs"]}
+
+
+def test_smoke_sweep_writes_results(smoke_config, tmp_path):
+    results = train_and_evaluate(smoke_config, str(tmp_path))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk) == {"command", "config", "versions", "device", "runs", "summary", "comparisons"}
+    assert on_disk["config"]["seeds"] == [42, 123]
+    assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == "cpu"
+
+    n_runs = len(smoke_config.backbones) * 2 * len(smoke_config.scales) * 2 * len(smoke_config.degradation.levels)
+    assert len(on_disk["runs"]) == n_runs
+    for r in on_disk["runs"]:
+        assert set(r["degradation"]) == {"kind", "level"}
+        assert all(0.0 <= r["metrics"][m] <= 1.0 for m in METRICS)
+        assert 0.5 <= r["majority_baseline"] <= 1.0
+        assert r["params"] > 0 and r["train_seconds"] > 0
+    assert len(on_disk["summary"]) == n_runs // 2
+    s = on_disk["summary"][0]
+    assert s["n_seeds"] == 2 and all(f"{m}_{k}" in s for m in METRICS for k in ("mean", "std"))
+    assert len(on_disk["comparisons"]) == n_runs // 4
+    for c in on_disk["comparisons"]:
+        by = _by_run(on_disk)
+        key = (c["backbone"], c["scale"], c["degradation"]["level"])
+        want = np.mean([by[(key[0], "concat", key[1], s, key[2])]["metrics"]["accuracy"]
+                        - by[(key[0], "cross", key[1], s, key[2])]["metrics"]["accuracy"] for s in (42, 123)])
+        assert c["concat_minus_cross"] == pytest.approx(want)
+
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert len(rows) == n_runs and float(rows[0]["accuracy"]) == on_disk["runs"][0]["metrics"]["accuracy"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| aligned | concat | 128 |" in md and "concat − cross" in md
+    assert not (tmp_path / "checkpoints").exists()
+
+    # A second call finds every group finished and trains nothing.
+    calls = []
+    again = train_and_evaluate(smoke_config, str(tmp_path), on_epoch=lambda g, e: calls.append((g.name, e)))
+    assert calls == [] and again["runs"] == results["runs"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
+    config = _tiny(smoke_config)
+    config.train.epochs = 3
+    clean = train_and_evaluate(config, str(tmp_path / "clean"))
+
+    second = plan(config)[1].name
+
+    def kill(group, epochs_done):
+        if group.name == second and epochs_done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=kill)
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
+
+    calls = []
+    resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
+    assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
+    a, b = _by_run(clean), _by_run(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["metrics"] == b[k]["metrics"]
+        assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
+    assert resumed["summary"] == clean["summary"]
+
+
+def test_workdir_of_another_config_is_refused(smoke_config, tmp_path):
+    from fusion_jax.validate import ConfigError
+
+    config = _tiny(smoke_config)
+    config.train.epochs = 1
+    config.methods = ("concat",)
+    train_and_evaluate(config, str(tmp_path))
+    config.seeds = (1, 2)
+    with pytest.raises(ConfigError, match="seeds"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_token_features_run_end_to_end(smoke_config, tmp_path):
+    config = _tiny(smoke_config)
+    config.synthetic.tokens = 4
+    config.train.epochs = 1
+    config.seeds = (42,)
+    config.degradation.modality = "both"
+    results = train_and_evaluate(config, str(tmp_path))
+    assert len(results["runs"]) == 4 and all(r["final_train_loss"] > 0 for r in results["runs"])
+
+
+def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
+    from conftest import load_config
+
+    config = load_config("synthetic")
+    config.backbones = ("aligned",)
+    config.scales = (config.scales[-1],)
+    config.seeds = (42,)
+    config.degradation.levels = (0.0,)
+    results = train_and_evaluate(config, str(tmp_path))
+    assert {r["method"] for r in results["runs"]} == {"concat", "cross"}
+    for r in results["runs"]:
+        assert r["metrics"]["accuracy"] > r["majority_baseline"] + 0.25, r
