@@ -11,6 +11,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
     try:
         train_and_evaluate(config, workdir, command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
-    except ConfigError as e:
+    except (ConfigError, DataUnavailableError) as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"results in {workdir}/: results.json, runs.csv, summary.md")

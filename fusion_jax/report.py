@@ -95,6 +95,16 @@ def summary_markdown(results: dict) -> str:
                      f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | {100 * r['majority_baseline_mean']:.1f} | "
                      f"{_pct(r['f1_mean'], r['f1_std'])} | {_pct(r['precision_mean'], r['precision_std'])} | "
                      f"{_pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
+    if results["backbones"]:
+        lines += ["", "## Feature alignment (zero-shot image → text retrieval by cosine)", "",
+                  "| backbone | recall@1 | recall@5 | chance@1 | chance@5 | images |", "|---|---:|---:|---:|---:|---:|"]
+        for name, prov in results["backbones"].items():
+            a = prov.get("alignment", {})
+            if a.get("defined"):
+                lines.append(f"| {name} | {100 * a['recall@1']:.1f} | {100 * a['recall@5']:.1f} | "
+                             f"{100 * a['chance@1']:.2f} | {100 * a['chance@5']:.2f} | {a['n_images']} |")
+            else:
+                lines.append(f"| {name} | – | – | – | – | {a.get('reason', 'not measured')} |")
     if results["comparisons"]:
         lines += ["", "## concat minus cross (accuracy points, paired t-test over seeds)", "",
                   "| backbone | scale | degradation | concat − cross | p | verdict |", "|---|---:|---|---:|---:|---|"]
@@ -125,9 +135,14 @@ def runs_csv(runs: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None) -> dict:
-    """Assemble and write results.json, runs.csv and summary.md (each atomically); return the dict."""
-    results = {"command": command, "config": config_dict, "versions": versions(), "device": device(), "runs": runs,
+def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None,
+                  backbones: dict | None = None) -> dict:
+    """Assemble and write results.json, runs.csv and summary.md (each atomically); return the dict.
+
+    `backbones` maps each backbone to its features' provenance, including the measured alignment.
+    """
+    results = {"command": command, "config": config_dict, "versions": versions(), "device": device(),
+               "backbones": backbones or {}, "runs": runs,
                "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_text(os.path.join(workdir, "summary.md"), summary_markdown(results))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet, Pairs, build_pairs
-from fusion_jax.data.sources import load_features
+from fusion_jax.data.sources import load_dataset, load_features
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
 from fusion_jax.report import write_results
@@ -60,10 +60,12 @@ class Group:
 
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
-    """The sweep's groups, in a fixed order; each holds seeds x degradation levels."""
-    kind = config.degradation.kind
-    return [Group(b, m, s, tuple(RunSpec(b, m, s, seed, kind, float(level))
-                                 for seed in config.seeds for level in config.degradation.levels))
+    """The sweep's groups, in a fixed order; each holds seeds x degradation levels (level 0 alone for
+    a backbone outside a non-empty `degradation.backbones`)."""
+    d = config.degradation
+    levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
+    return [Group(b, m, s, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
+                                 for seed in config.seeds for level in levels[b]))
             for b in config.backbones for m in config.methods for s in config.scales]
 
 
@@ -176,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (the command line that started the sweep) is recorded in the results.
     """
     validate(config)
-    features = {b: load_features(config, b) for b in config.backbones}
+    dataset = None if config.features == "synthetic" else load_dataset(config)
+    features = {b: load_features(config, b, dataset) for b in config.backbones}
     validate_scales(config, features)
     config_dict = config.to_dict()
     prepare_workdir(workdir, config_dict)
@@ -200,4 +203,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             records += group_records
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
-    return write_results(workdir, config_dict, records, command)
+    return write_results(workdir, config_dict, records, command,
+                         {b: fs.provenance for b, fs in features.items()})

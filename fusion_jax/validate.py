@@ -57,6 +57,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for level in _distinct_nonempty(d.levels, "degradation.levels"):
         _require(isinstance(level, (int, float)) and math.isfinite(level) and level >= 0,
                  "degradation.levels", f"level {level!r} must be a finite number >= 0")
+    for b in d.backbones:
+        _require(b in config.backbones, "degradation.backbones", f"{b!r} is not in backbones {tuple(config.backbones)}")
     if d.kind == "none":
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
 
@@ -70,6 +72,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
     _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
              f"{config.pairs.train_fraction} must be in (0, 1)")
+    if config.features != "synthetic":
+        _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction",
+                 f"{config.data.max_bad_fraction} must be in [0, 1]")
+        _require(config.data.embedded_images >= 2, "data.embedded_images", "must be >= 2")
+        _require(isinstance(config.backbone.batch_size, int) and config.backbone.batch_size >= 1,
+                 "backbone.batch_size", "must be an integer >= 1")
     h = config.head
     for field in ("hidden", "mlp_hidden", "num_heads"):
         _require(isinstance(h[field], int) and h[field] >= 1, f"head.{field}", f"{h[field]} must be an integer >= 1")

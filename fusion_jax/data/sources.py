@@ -1,25 +1,132 @@
-"""Feature sources: where a backbone's FeatureSet comes from, chosen by `config.features`."""
+"""Feature sources: where a backbone's FeatureSet comes from, chosen by `config.features`.
+
+- `synthetic`: latent-variable features (fusion_jax/data/synthetic.py), no backbone at all;
+- `embedded`: the package's procedural image-caption dataset through real Flax backbones;
+- `flickr8k`: Flickr8k (a local folder or the hub) through real Flax backbones.
+Every FeatureSet's provenance records its alignment (zero-shot retrieval), measured here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
 import ml_collections
+import numpy as np
 
 from fusion_jax.data import synthetic
+from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
 from fusion_jax.data.featureset import FeatureSet
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "embedded", "flickr8k")
+BACKBONES = ("clip", "resnet")
+log = logging.getLogger("fusion_jax")
 
 
 def check_backbone(config: ml_collections.ConfigDict, backbone: str) -> None:
     """Raise ValueError if `backbone` is not one the configured source can provide."""
     if config.features == "synthetic":
         synthetic.alignment_of(backbone)
+    elif backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r} for features {config.features!r}; "
+                         f"allowed: {', '.join(BACKBONES)}")
 
 
-def load_features(config: ml_collections.ConfigDict, backbone: str) -> FeatureSet:
-    """The FeatureSet of `backbone` under the configured source."""
+def load_dataset(config: ml_collections.ConfigDict) -> ImageCaptionDataset:
+    """The image-caption dataset of an `embedded` or `flickr8k` config."""
+    d = config.data
+    if config.features == "embedded":
+        from fusion_jax.data.embedded import generate_embedded
+
+        return generate_embedded(n_images=d.embedded_images, seed=d.embedded_seed, image_size=d.image_size)
+    from fusion_jax.data.flickr8k import load_flickr8k
+
+    return load_flickr8k(d.flickr8k_dir, d.hub_id, d.hub_revision or None)
+
+
+def _model_dirs(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Model ids or folders per role (clip, resnet, text); "embedded" becomes the package's own models."""
+    b = config.backbone
+    wanted = {"clip": b.clip.model, "resnet": b.resnet.model, "text": b.resnet.text_model}
+    if "embedded" in wanted.values():
+        from fusion_jax.features.cache import default_root
+        from fusion_jax.features.embedded_models import embedded_models
+
+        e = b.embedded
+        trained = embedded_models(config.cache_dir or default_root(), e.n_images, e.seed, config.data.image_size,
+                                  {"clip": e.clip_steps, "resnet": e.resnet_steps, "text": e.text_steps})
+        wanted = {role: trained[role] if value == "embedded" else value for role, value in wanted.items()}
+    return wanted
+
+
+def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset, backbone: str) -> FeatureSet:
+    """Frozen features of `ds` through `backbone`, via the on-disk cache; unreadable images dropped."""
+    from fusion_jax.features import backbones
+    from fusion_jax.features.cache import FeatureCache, default_root
+    from fusion_jax.features.extract import extract_cached
+
+    b, models = config.backbone, _model_dirs(config)
+    revision = b[backbone].revision or None
+    if backbone == "clip":
+        bb = backbones.load_clip(models["clip"], revision, b.batch_size, b.tokens)
+    else:
+        bb = backbones.load_resnet(models["resnet"], models["text"], revision, b.batch_size, b.tokens)
+    root = config.cache_dir or default_root()
+    key = {"dataset": ds.name, "data": ds.fingerprint, **bb.key}
+    pool = ThreadPoolExecutor(max_workers=4)
+
+    def load(i: int):
+        try:
+            return ds.load_image(int(i))
+        except BadImageError as e:
+            log.warning("skipping unreadable image %s: %s", ds.image_ids[int(i)], e)
+            return None
+
+    def encode_images(idx):
+        images = list(pool.map(load, idx))
+        valid = np.array([im is not None for im in images])
+        stand_in = next((im for im in images if im is not None), np.zeros((8, 8, 3), np.uint8))
+        return {**bb.encode_images([im if im is not None else stand_in for im in images]), "valid": valid}
+
+    image = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-image", {**key, "part": "image"}),
+                           ds.n_images, encode_images, b.batch_size, f"{backbone} image features")
+    length = bb.text_length(ds.captions)
+    text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text", {**key, "part": "text", "length": length}),
+                          ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
+                          b.batch_size, f"{backbone} text features")
+    pool.shutdown()
+
+    valid = image.pop("valid").astype(bool)
+    n_bad = int((~valid).sum())
+    if n_bad > config.data.max_bad_fraction * ds.n_images:
+        raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable, more than "
+                                   f"data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
+    if n_bad:
+        log.warning("%s: dropped %d unreadable images and their captions", ds.name, n_bad)
+    new_index = np.cumsum(valid) - 1
+    keep = valid[ds.caption_image]
+    tokens = b.tokens
+    return FeatureSet(
+        image=image["image_tokens"][valid] if tokens else image["image"][valid],
+        text=text["text_tokens"][keep] if tokens else text["text"][keep],
+        caption_image=new_index[ds.caption_image[keep]].astype(np.int32),
+        image_mask=image["image_mask"][valid] if tokens else None,
+        text_mask=text["text_mask"][keep].astype(np.float32) if tokens else None,
+        provenance={**key, "n_images": int(valid.sum()), "n_captions": int(keep.sum()), "dropped_images": n_bad})
+
+
+def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: ImageCaptionDataset | None = None
+                  ) -> FeatureSet:
+    """The FeatureSet of `backbone` under the configured source, with its measured alignment."""
+    from fusion_jax.features.alignment import retrieval_recall
+
     if config.features == "synthetic":
         s = config.synthetic
-        return synthetic.generate(backbone, s.n_images, s.captions_per_image, s.latent_dim, s.dim,
-                                  s.caption_noise, s.view_noise, s.seed, s.tokens)
-    raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
+        fs = synthetic.generate(backbone, s.n_images, s.captions_per_image, s.latent_dim, s.dim,
+                                s.caption_noise, s.view_noise, s.seed, s.tokens)
+    elif config.features in SOURCES:
+        fs = extract_features(config, dataset or load_dataset(config), backbone)
+    else:
+        raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
+    return dataclasses.replace(fs, provenance={**fs.provenance, "alignment": retrieval_recall(fs)})

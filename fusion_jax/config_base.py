@@ -1,0 +1,50 @@
+"""The paper's protocol as a base ConfigDict: each file in configs/ starts here and sets its experiment."""
+
+from __future__ import annotations
+
+import ml_collections
+
+PAPER_SCALES = (2048, 4096, 8192, 16384)
+PAPER_SEEDS = (42, 123, 456)
+PAPER_NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def base_config(name: str, features: str) -> ml_collections.ConfigDict:
+    """Fields every sweep has, at the paper's values (its learning rate is not legible: 1e-4 here)."""
+    config = ml_collections.ConfigDict()
+    config.name = name
+    config.workdir = ""  # empty: results/<name>/
+    config.cache_dir = ""  # empty: $FUSION_JAX_CACHE, else ~/.cache/fusion_jax
+    config.features = features
+    config.backbones = ()
+    config.methods = ("concat", "cross")
+    config.scales = PAPER_SCALES
+    config.seeds = PAPER_SEEDS
+    config.pairs = ml_collections.ConfigDict(dict(split_seed=0, train_fraction=0.8))
+    # v' = normalize(v + N(0, sigma^2 I)); `backbones` lists who gets the levels (empty: all),
+    # the others run at level 0 only.
+    config.degradation = ml_collections.ConfigDict(dict(
+        kind="gaussian", modality="image", levels=(0.0,), backbones=()))
+    config.train = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, weight_decay=0.01, epochs=10, batch_size=32, dropout=0.1, eval_batch_size=1024))
+    config.head = ml_collections.ConfigDict(dict(hidden=256, mlp_hidden=128, num_heads=4))
+    config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+    return config
+
+
+def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
+    """Fields of the `embedded` and `flickr8k` sources: the dataset, the backbones and their models."""
+    config.data = ml_collections.ConfigDict(dict(
+        flickr8k_dir="",  # a folder with Flicker8k_Dataset/ and Flickr8k.token.txt
+        hub_id="jxie/flickr8k", hub_revision="",  # used when flickr8k_dir is empty
+        max_bad_fraction=0.01,  # unreadable images tolerated before stopping
+        embedded_images=8000, embedded_seed=0, image_size=64,  # the embedded dataset
+    ))
+    config.backbone = ml_collections.ConfigDict(dict(
+        clip=dict(model="openai/clip-vit-base-patch32", revision=""),
+        resnet=dict(model="microsoft/resnet-18", text_model="sentence-transformers/all-MiniLM-L6-v2", revision=""),
+        tokens=False,  # True: token states with masks instead of pooled vectors
+        batch_size=64,
+        # "embedded" as a model id: the package's tiny models, trained on an embedded dataset of their own seed.
+        embedded=dict(n_images=4000, seed=1, clip_steps=600, resnet_steps=400, text_steps=300),
+    ))

@@ -1,0 +1,48 @@
+"""How aligned a FeatureSet is: zero-shot image -> text retrieval by cosine similarity.
+
+Defined only where image and text features share a space (the same dimension); otherwise the
+result says so instead of inventing a number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusion_jax.data.featureset import FeatureSet
+
+
+def _pooled(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if x.ndim == 2:
+        return x
+    m = np.ones(x.shape[:2]) if mask is None else mask
+    return (x * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1)
+
+
+def retrieval_recall(fs: FeatureSet, ks: tuple[int, ...] = (1, 5), max_images: int = 1000, seed: int = 0) -> dict:
+    """Recall@k of image -> caption retrieval over `max_images` images and all their captions.
+
+    An image counts as retrieved at k when one of its own captions is among the k captions most
+    cosine-similar to it. `chance@k` is the expected recall of a random ranking.
+    """
+    image, text = _pooled(fs.image, fs.image_mask), _pooled(fs.text, fs.text_mask)
+    if image.shape[-1] != text.shape[-1]:
+        return {"defined": False, "reason": f"image features are {image.shape[-1]}-d and text features "
+                f"{text.shape[-1]}-d: no shared space, so zero-shot retrieval is undefined"}
+    rng = np.random.default_rng(seed)
+    images = np.sort(rng.permutation(fs.n_images)[:max_images])
+    captions = np.flatnonzero(np.isin(fs.caption_image, images))
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    sims = unit(image[images].astype(np.float64)) @ unit(text[captions].astype(np.float64)).T
+    order = np.argsort(-sims, axis=1)
+    hits = fs.caption_image[captions][order] == images[:, None]
+    out = {"defined": True, "n_images": int(len(images)), "n_captions": int(len(captions))}
+    own = np.bincount(fs.caption_image[captions], minlength=fs.n_images)[images]
+    g = len(captions)
+    for k in ks:
+        out[f"recall@{k}"] = float(hits[:, :k].any(axis=1).mean())
+        # 1 - P(no own caption among k random draws without replacement from the gallery)
+        p_miss = np.ones(len(images))
+        for j in range(k):
+            p_miss *= np.clip((g - own - j) / (g - j), 0, 1)
+        out[f"chance@{k}"] = float((1 - p_miss).mean())
+    return out

@@ -1,0 +1,242 @@
+"""Frozen backbones from Hugging Face Flax models, loaded with `from_pretrained` from a hub id or a folder.
+
+`clip`: FlaxCLIPModel, projected image and text embeddings (512-d for ViT-B/32), optionally the
+vision patch tokens and text token states. `resnet`: FlaxResNetModel pooled features (512-d for
+ResNet-18), optionally its final grid as tokens, with a separate text encoder (a FlaxBertModel-family
+model, mean pooled over the attention mask). Batches are padded to a fixed size so that each
+encoder compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.features.preprocess import ImagePreprocessor
+
+log = logging.getLogger("fusion_jax")
+KINDS = ("clip", "resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A loaded backbone: encode_images(uint8 images) and encode_texts(strings, max_length) -> arrays.
+
+    Outputs: {"image": [b, d_v]} (+ "image_tokens" [b, T, d], "image_mask" [b, T] with tokens), and
+    {"text": [b, d_t]} (+ "text_tokens", "text_mask"). `key` names what made the features.
+    """
+
+    name: str
+    key: dict
+    encode_images: Callable[[Sequence[np.ndarray]], dict[str, np.ndarray]]
+    encode_texts: Callable[[Sequence[str], int], dict[str, np.ndarray]]
+    text_length: Callable[[Sequence[str]], int]
+
+
+def _missing(what: str, model: str, field: str, error: Exception) -> DataUnavailableError:
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return DataUnavailableError(
+        f"cannot load the {what} {model!r} ({reason}). Give a local folder saved with save_pretrained "
+        f"(--config.{field}=DIR) or make the Hugging Face hub reachable.")
+
+
+def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str):
+    """cls.from_pretrained, reading PyTorch safetensors (no torch needed) when there are no Flax weights."""
+    try:
+        try:
+            return cls.from_pretrained(model, revision=revision)
+        except OSError as e:
+            if "flax" not in str(e).lower() and "msgpack" not in str(e).lower():
+                raise
+            return cls.from_pretrained(model, revision=revision, from_pt=True)
+    except (OSError, ValueError) as e:
+        raise _missing(what, model, field, e) from e
+
+
+def load_flax_resnet(model: str, revision: str | None):
+    """FlaxResNetModel from `model`, also from PyTorch-only checkpoints of basic-block ResNets.
+
+    transformers' Flax basic block names its two convs `layer_0`/`layer_1` where the PyTorch
+    checkpoint says `layer.0`/`layer.1`, so `from_pretrained(from_pt=True)` leaves every block of a
+    ResNet-18/34 randomly initialised with only a warning (huggingface/transformers#39388, which
+    names microsoft/resnet-18). The keys are renamed here and converted again.
+    """
+    import transformers
+    from flax.traverse_util import flatten_dict
+    from transformers import FlaxResNetModel
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    field = "backbone.resnet.model"
+    try:
+        return FlaxResNetModel.from_pretrained(model, revision=revision)
+    except OSError as e:
+        if "flax" not in str(e).lower() and "msgpack" not in str(e).lower():
+            raise _missing("ResNet model", model, field, e) from e
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the bug's warning lists every block key
+    try:
+        net = FlaxResNetModel.from_pretrained(model, revision=revision, from_pt=True)
+    except (OSError, ValueError) as e:
+        raise _missing("ResNet model", model, field, e) from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if any("layer_0" in "/".join(k) for k in flatten_dict(net.params)):
+        from safetensors.numpy import load_file
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(model, "model.safetensors", revision=revision)
+        except OSError as e:
+            raise _missing("ResNet safetensors weights (model.safetensors)", model, field, e) from e
+        state = {re.sub(r"(\.layers\.\d+\.layer)\.(\d+)\.", r"\1.layer_\2.", k): v
+                 for k, v in load_file(path).items()}
+        net.params = convert_pytorch_state_dict_to_flax(state, net)
+    return net
+
+
+def _auto(kind: str, model: str, revision: str | None, what: str, field: str):
+    import transformers
+
+    try:
+        return getattr(transformers, kind).from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _missing(what, model, field, e) from e
+
+
+def _describe(pre: ImagePreprocessor) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(pre), default=str))
+
+
+def _folder_stamp(model: str) -> str | None:
+    """For a local model folder, a hash of its files' names, sizes and times (a retrained model changes it)."""
+    if not os.path.isdir(model):
+        return None
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model)):
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            h.update(f"{os.path.relpath(os.path.join(root, f), model)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+
+
+def _tokenizer_fns(tokenizer, batch_size: int, cap: int):
+    def length(texts):
+        ids = tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"]
+        return max(len(i) for i in ids)
+
+    def tokenize(texts, max_length):
+        t = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        return _pad(t["input_ids"].astype(np.int32), batch_size), _pad(t["attention_mask"].astype(np.int32), batch_size)
+
+    return length, tokenize
+
+
+def _mean_pool(h: jax.Array, mask: jax.Array) -> jax.Array:
+    m = mask.astype(h.dtype)[..., None]
+    return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
+    """FlaxCLIPModel from `model` (hub id or folder), with its own image processor and tokenizer."""
+    from transformers import FlaxCLIPModel
+
+    field = "backbone.clip.model"
+    net = _from_pretrained(FlaxCLIPModel, model, revision, "CLIP model", field)
+    pre = ImagePreprocessor.from_pretrained(model)
+    length, tokenize = _tokenizer_fns(_auto("AutoTokenizer", model, revision, "CLIP tokenizer", field), batch_size,
+                                      net.config.text_config.max_position_embeddings)
+
+    @jax.jit
+    def image_fn(params, pixels):
+        out = {"image": net.get_image_features(pixels, params=params)}
+        if tokens:
+            states = net.module.apply({"params": params}, pixels,
+                                      method=lambda m, x: m.vision_model(pixel_values=x).last_hidden_state)
+            out["image_tokens"] = states
+        return out
+
+    @jax.jit
+    def text_fn(params, ids, mask):
+        out = {"text": net.get_text_features(ids, mask, params=params)}
+        if tokens:
+            out["text_tokens"] = net.module.apply(
+                {"params": params}, ids, mask,
+                method=lambda m, i, a: m.text_model(input_ids=i, attention_mask=a,
+                                                    position_ids=jnp.broadcast_to(jnp.arange(i.shape[1]), i.shape)
+                                                    ).last_hidden_state)
+            out["text_mask"] = mask
+        return out
+
+    def encode_images(images):
+        n = len(images)
+        out = {k: np.asarray(v)[:n] for k, v in image_fn(net.params, _pad(pre(images), batch_size)).items()}
+        if tokens:
+            out["image_mask"] = np.ones(out["image_tokens"].shape[:2], np.float32)
+        return out
+
+    def encode_texts(texts, max_length):
+        ids, mask = tokenize(texts, max_length)
+        return {k: np.asarray(v)[:len(texts)] for k, v in text_fn(net.params, ids, mask).items()}
+
+    key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
+           "preprocess": _describe(pre), "tokens": tokens}
+    return Backbone("clip", key, encode_images, encode_texts, length)
+
+
+def load_resnet(model: str, text_model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
+    """FlaxResNetModel pooled features plus a separate FlaxBertModel-family text encoder, mean pooled."""
+    from transformers import FlaxAutoModel
+
+    net = load_flax_resnet(model, revision)
+    pre = ImagePreprocessor.from_pretrained(model)
+    text_net = _from_pretrained(FlaxAutoModel, text_model, None, "text encoder", "backbone.resnet.text_model")
+    length, tokenize = _tokenizer_fns(
+        _auto("AutoTokenizer", text_model, None, "text tokenizer", "backbone.resnet.text_model"), batch_size,
+        text_net.config.max_position_embeddings)
+
+    @jax.jit
+    def image_fn(params, pixels):
+        out = net(pixels, params=params, train=False)
+        result = {"image": out.pooler_output.reshape(out.pooler_output.shape[:2])}
+        if tokens:
+            h = out.last_hidden_state  # [b, c, h, w]
+            result["image_tokens"] = h.reshape(h.shape[0], h.shape[1], -1).transpose(0, 2, 1)
+        return result
+
+    @jax.jit
+    def text_fn(params, ids, mask):
+        h = text_net(ids, attention_mask=mask, params=params, train=False).last_hidden_state
+        out = {"text": _mean_pool(h, mask)}
+        if tokens:
+            out["text_tokens"], out["text_mask"] = h, mask
+        return out
+
+    def encode_images(images):
+        n = len(images)
+        out = {k: np.asarray(v)[:n] for k, v in image_fn(net.params, _pad(pre(images), batch_size)).items()}
+        if tokens:
+            out["image_mask"] = np.ones(out["image_tokens"].shape[:2], np.float32)
+        return out
+
+    def encode_texts(texts, max_length):
+        ids, mask = tokenize(texts, max_length)
+        return {k: np.asarray(v)[:len(texts)] for k, v in text_fn(text_net.params, ids, mask).items()}
+
+    key = {"kind": "resnet", "model": model, "model_files": _folder_stamp(model), "text_model": text_model,
+           "text_model_files": _folder_stamp(text_model), "revision": revision, "preprocess": _describe(pre),
+           "tokens": tokens}
+    return Backbone("resnet", key, encode_images, encode_texts, length)

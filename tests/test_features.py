@@ -1,0 +1,129 @@
+"""Feature cache, resumable extraction, the embedded backbones, and clear failures without data."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fusion_jax.features.cache import FeatureCache
+from fusion_jax.features.extract import extract_cached
+
+
+def _encoder(calls, fail_after=None):
+    def encode(idx):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt
+        calls.append(idx.copy())
+        return {"x": np.stack([idx * 1.0, idx * 2.0], 1).astype(np.float32)}
+    return encode
+
+
+def test_cache_is_reused(tmp_path):
+    cache = FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "m"})
+    calls = []
+    first = extract_cached(cache, 100, _encoder(calls), batch_size=8, desc="t", batches_per_shard=2)
+    assert sum(len(c) for c in calls) == 100
+    np.testing.assert_array_equal(first["x"][:, 0], np.arange(100))
+    again = []
+    second = extract_cached(FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "m"}), 100,
+                            _encoder(again), batch_size=8, desc="t", batches_per_shard=2)
+    assert again == [] and np.array_equal(first["x"], second["x"])
+    other = FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "other"})
+    assert other.dir != cache.dir and other.load() is None
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    key = {"dataset": "d"}
+    extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t")
+    path = os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "features.npz")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    assert FeatureCache(str(tmp_path), "t", key).load() is None
+    assert "corrupt" in caplog.text
+    calls = []
+    rebuilt = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder(calls), 8, "t")
+    assert sum(len(c) for c in calls) == 40 and rebuilt["x"][-1, 1] == 78.0
+
+
+def test_interrupted_extraction_resumes(tmp_path):
+    key = {"dataset": "d"}
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(calls, fail_after=5), 8, "t",
+                       batches_per_shard=2)
+    assert len(calls) == 5  # two whole shards (4 batches) written, the third interrupted
+    resumed = []
+    out = extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(resumed), 8, "t", batches_per_shard=2)
+    assert resumed[0][0] == 32 and sum(len(c) for c in resumed) == 100 - 32
+    np.testing.assert_array_equal(out["x"][:, 0], np.arange(100))
+
+
+def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
+    from transformers import AutoTokenizer, FlaxCLIPModel
+
+    from fusion_jax.data.embedded import generate_embedded
+    from fusion_jax.features.embedded_models import train_tiny_clip
+
+    ds = generate_embedded(n_images=128, seed=3, image_size=32)
+    losses = train_tiny_clip(ds, str(tmp_path), steps=40, batch=32, learning_rate=1e-3, width=32)
+    assert losses[-10:].mean() < losses[:5].mean() - 0.05
+    model = FlaxCLIPModel.from_pretrained(str(tmp_path))  # the same path as openai/clip-vit-base-patch32
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok(["a red circle"], return_tensors="np")["input_ids"]
+    assert ids[0, -1] == len(tok) - 1 == model.config.text_config.eos_token_id
+
+
+def _main(args, env_extra, cwd=ROOT, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env_extra}
+    return subprocess.run([sys.executable, "-m", "fusion_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", ["clip_sweep", "resnet_sweep", "noise_sweep"])
+def test_real_configs_fail_fast_without_data(name, tmp_path):
+    workdir = tmp_path / "out"
+    proc = _main([f"--config=configs/{name}.py", f"--workdir={workdir}"], {"FUSION_JAX_CACHE": str(tmp_path)})
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fusion_jax: error:") and "flickr8k_dir" in last and "hub_id" in last
+    assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+def test_missing_model_is_named(tmp_path):
+    proc = _main(["--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'out'}",
+                  "--config.backbone.clip.model=no-such-org/no-such-clip"], {"FUSION_JAX_CACHE": str(tmp_path)})
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "no-such-org/no-such-clip" in last and "backbone.clip.model" in last
+
+
+def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
+    """The demo's pipeline, shrunk: embedded data -> trained tiny backbones -> features -> sweep."""
+    from conftest import load_config
+    from fusion_jax.sweep import train_and_evaluate
+
+    monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("demo", "smoke")
+    results = train_and_evaluate(config, str(tmp_path / "out"))
+    assert set(results["backbones"]) == {"clip", "resnet"}
+    clip, resnet = results["backbones"]["clip"], results["backbones"]["resnet"]
+    assert clip["alignment"]["defined"] and 0 <= clip["alignment"]["recall@1"] <= 1
+    assert resnet["alignment"]["defined"] is False and "no shared space" in resnet["alignment"]["reason"]
+    assert os.path.isdir(os.path.join(tmp_path, "cache", "models"))
+    assert {r["backbone"] for r in results["runs"]} == {"clip", "resnet"}
+    assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "resnet"} == {0.0}
+    assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "clip"} == {0.0, 0.3}
+    # A second run reuses the trained models and the cached features: nothing is trained or extracted.
+    models = sorted(os.listdir(tmp_path / "cache" / "models"))
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    again = train_and_evaluate(config, str(tmp_path / "out2"))
+    assert sorted(os.listdir(tmp_path / "cache" / "models")) == models
+    reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
+    assert sum("cached features" in m for m in reused) == 4  # image and text, both backbones
+    assert any("tiny CLIP" in m for m in reused) and any("tiny ResNet" in m for m in reused)
+    assert again["backbones"] == results["backbones"]

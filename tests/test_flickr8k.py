@@ -1,0 +1,188 @@
+"""Flickr8k loaders on a tiny fixture in the real layout, with the token file's known quirks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion_jax.data import flickr8k
+from fusion_jax.data.dataset import BadImageError, DataUnavailableError
+
+SIZES = {"b_img.jpg": (64, 48), "a_img.jpg": (40, 30), "f_img.jpg": (32, 32),
+         "c_img.jpg": (50, 20), "e_img.jpg": (16, 64), "d_img.jpg": (48, 64)}  # name: (W, H)
+CORRUPT = "z_bad.jpg"
+UNCAPTIONED = "y_lonely.jpg"
+
+
+def caption(name: str, k: int) -> str:
+    return f"A picture of {name[0]} number {k} ."
+
+
+def write_fixture(root, image_dir: str = "Flicker8k_Dataset", edit: str = "") -> str:
+    """Images (6 good, 1 corrupt, 1 uncaptioned) and a CRLF token file full of quirks under `root`."""
+    folder = root / image_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {**SIZES, UNCAPTIONED: (8, 8)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name, quality=90)
+    (folder / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    names = list(SIZES) + [CORRUPT]
+    lines = [f"{name}#{k}\t{caption(name, k)}{edit if (name, k) == ('a_img.jpg', 2) else ''}"
+             for k in (3, 0, 4, 1, 2) for name in names]  # interleaved, k out of order
+    lines[7:7] = [f"ghost.jpg#{k}\tA missing image {k} ." for k in range(5)]
+    lines[3:3] = ["a_img.jpg.1#0\tA duplicate .", "", "c_img.jpg.1#1\tAnother duplicate .",
+                  "no tab at all", "a_img.jpg\tno hash", "a_img.jpg#x\tbad k", "   "]
+    (root / "Flickr8k.token.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return str(root)
+
+
+@pytest.fixture
+def root(tmp_path):
+    return write_fixture(tmp_path)
+
+
+def test_stats_and_summary_log(root, caplog):
+    with caplog.at_level(logging.INFO, logger="fusion_jax"):
+        _, stats = flickr8k.load_flickr8k_folder_with_stats(root)
+    assert stats == flickr8k.Flickr8kStats(n_images=7, n_captions=35, missing_image_captions=5, missing_images=1,
+                                           jpg1_lines=2, malformed_lines=3, uncaptioned_images=1)
+    summaries = [r for r in caplog.records if r.getMessage().startswith("flickr8k:")]
+    assert len(summaries) == 1 and summaries[0].levelno == logging.WARNING
+    assert "7 images, 35 captions" in summaries[0].getMessage()
+
+
+def test_captions_kept_with_their_images(root):
+    ds = flickr8k.load_flickr8k_folder(root)
+    assert ds.name == "flickr8k"
+    assert ds.image_ids == tuple(sorted(list(SIZES) + [CORRUPT]))
+    assert ds.caption_image.dtype == np.int32 and ds.caption_image.shape == (ds.n_captions,)
+    assert np.all(np.diff(ds.caption_image) >= 0)  # grouped per image
+    expected = [(name, caption(name, k)) for name in ds.image_ids for k in range(5)]  # sorted by (image, k)
+    assert [(ds.image_ids[i], c) for i, c in zip(ds.caption_image, ds.captions)] == expected
+    assert all("\r" not in c for c in ds.captions)
+
+
+def test_load_image(root):
+    ds = flickr8k.load_flickr8k_folder(root)
+    for i, name in enumerate(ds.image_ids):
+        if name == CORRUPT:
+            with pytest.raises(BadImageError, match=CORRUPT):
+                ds.load_image(i)
+            continue
+        image = ds.load_image(i)
+        w, h = SIZES[name]
+        assert image.dtype == np.uint8 and image.shape == (h, w, 3)
+
+
+def test_load_image_file_removed_after_load(root):
+    ds = flickr8k.load_flickr8k_folder(root)
+    os.remove(os.path.join(root, "Flicker8k_Dataset", ds.image_ids[0]))
+    with pytest.raises(BadImageError, match=ds.image_ids[0]):
+        ds.load_image(0)
+
+
+def test_alternative_folder_spelling(tmp_path):
+    ds, stats = flickr8k.load_flickr8k_folder_with_stats(write_fixture(tmp_path, "Flickr8k_Dataset"))
+    assert stats.n_images == 7 and stats.n_captions == 35
+    assert ds.load_image(ds.image_ids.index("a_img.jpg")).shape == (30, 40, 3)
+
+
+def test_fingerprint(tmp_path):
+    a = flickr8k.load_flickr8k_folder(write_fixture(tmp_path / "a"))
+    assert flickr8k.load_flickr8k_folder(str(tmp_path / "a")).fingerprint == a.fingerprint
+    assert flickr8k.load_flickr8k_folder(write_fixture(tmp_path / "b")).fingerprint == a.fingerprint
+    changed = flickr8k.load_flickr8k_folder(write_fixture(tmp_path / "c", edit=" Changed"))
+    assert changed.fingerprint != a.fingerprint
+    with open(tmp_path / "a" / "Flicker8k_Dataset" / "a_img.jpg", "ab") as f:
+        f.write(b"\0")  # a changed image size changes the key too
+    assert flickr8k.load_flickr8k_folder(str(tmp_path / "a")).fingerprint != a.fingerprint
+
+
+def assert_both_ways(error: pytest.ExceptionInfo) -> None:
+    assert "flickr8k_dir" in str(error.value) and "hub_id" in str(error.value)
+
+
+@pytest.mark.parametrize("remove", ["root", "images", "tokens"])
+def test_missing_data(root, remove):
+    target = {"root": root + "_nope", "images": os.path.join(root, "Flicker8k_Dataset"),
+              "tokens": os.path.join(root, "Flickr8k.token.txt")}[remove]
+    if remove == "images":
+        os.rename(target, target + "_moved")
+    elif remove == "tokens":
+        os.remove(target)
+    with pytest.raises(DataUnavailableError) as error:
+        flickr8k.load_flickr8k(target if remove == "root" else root, "")
+    assert_both_ways(error)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network: offline env vars and the datasets cache in tmp_path."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def test_dispatch(root, offline):
+    assert flickr8k.load_flickr8k(root, "some/repo").n_captions == 35  # folder wins
+    with pytest.raises(DataUnavailableError) as error:
+        flickr8k.load_flickr8k("", "")
+    assert_both_ways(error)
+    with pytest.raises(DataUnavailableError, match="OFFLINE") as error:
+        flickr8k.load_flickr8k("", "someone/flickr8k")
+    assert_both_ways(error)
+
+
+def hub_rows(n: int = 3) -> dict:
+    rng = np.random.default_rng(1)
+    rows = {"image": [Image.fromarray(rng.integers(0, 256, (10 + i, 20, 3), dtype=np.uint8)) for i in range(n)]}
+    for k in range(5):
+        rows[f"caption_{k}"] = [f"row {i} caption {k}" for i in range(n)]
+    return rows
+
+
+def test_hub_loader_on_local_parquet(tmp_path, offline):
+    import datasets
+
+    folder = tmp_path / "hub_copy"
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), **{f"caption_{k}": datasets.Value("string") for k in range(5)}})
+    datasets.Dataset.from_dict(hub_rows(), features=features).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    ds = flickr8k.load_flickr8k("", str(folder))
+    assert ds.name == "flickr8k" and ds.image_ids == ("00000", "00001", "00002")
+    assert ds.captions == tuple(f"row {i} caption {k}" for i in range(3) for k in range(5))
+    assert ds.caption_image.dtype == np.int32 and list(ds.caption_image) == [i for i in range(3) for _ in range(5)]
+    image = ds.load_image(2)
+    assert image.dtype == np.uint8 and image.shape == (12, 20, 3)
+    again = flickr8k.load_flickr8k_hub(str(folder))
+    assert again.fingerprint == ds.fingerprint and len(ds.fingerprint) == 64
+
+
+def test_hub_loader_unreachable(tmp_path, offline):
+    with pytest.raises(DataUnavailableError) as error:
+        flickr8k.load_flickr8k_hub("someone/not-a-cached-flickr8k")
+    assert_both_ways(error)
+    assert error.value.__cause__ is not None
+
+
+def test_hub_column_shapes():
+    import datasets
+
+    rows = hub_rows(2)
+    listed = datasets.Dataset.from_dict({"image": rows["image"], "filename": ["x.jpg", "y.jpg"],
+                                         "captions": [["one", "two", " "], ["three"]]})
+    ds = flickr8k.flickr8k_from_hf_dataset(listed, "mem")
+    assert ds.image_ids == ("x.jpg", "y.jpg") and ds.captions == ("one", "two", "three")
+    assert list(ds.caption_image) == [0, 0, 1]
+    single = flickr8k.flickr8k_from_hf_dataset(datasets.Dataset.from_dict({"image": rows["image"], "caption": ["a", "b"]}), "m")
+    assert single.captions == ("a", "b") and list(single.caption_image) == [0, 1]
+    with pytest.raises(DataUnavailableError, match="text"):
+        flickr8k.flickr8k_from_hf_dataset(datasets.Dataset.from_dict({"image": rows["image"], "text": ["a", "b"]}), "m")
