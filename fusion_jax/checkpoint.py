@@ -18,6 +18,12 @@ class GroupCheckpoints:
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_epochs(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def delete(self, epoch: int) -> None:
+        self._manager.delete(epoch)
+
     def save(self, epoch: int, tree: Any) -> None:
         self._manager.save(epoch, args=ocp.args.StandardSave(tree))
 

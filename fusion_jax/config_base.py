@@ -29,6 +29,8 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
         learning_rate=1e-4, weight_decay=0.01, epochs=10, batch_size=32, dropout=0.1, eval_batch_size=1024))
     config.head = ml_collections.ConfigDict(dict(hidden=256, mlp_hidden=128, num_heads=4))
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+    # Cap on the runs one compiled program trains at once (0: no cap); larger groups are split.
+    config.max_runs_per_program = 0
     return config
 
 

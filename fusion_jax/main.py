@@ -32,11 +32,16 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
     try:
-        train_and_evaluate(config, workdir, command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
+        results = train_and_evaluate(config, workdir,
+                                     command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
     except (ConfigError, DataUnavailableError) as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"results in {workdir}/: results.json, runs.csv, summary.md")
+    if results["failed_groups"]:
+        for failure in results["failed_groups"]:
+            print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

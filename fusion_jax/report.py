@@ -1,4 +1,8 @@
-"""The one results writer: results.json (the interface later tools read), runs.csv, summary.md."""
+"""The one results writer: results.json (the interface later tools read), runs.csv, summary.md.
+
+`render_report` adds the side-by-side report (tables 1-3 beside the paper's, figures); it runs at
+the end of `write_results` and on its own: `python -m fusion_jax.report --workdir=DIR`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ import csv
 import importlib.metadata
 import io
 import itertools
+import json
+import logging
 import os
 import platform
+import sys
 
 import jax
 
 from fusion_jax import metrics as metrics_lib
+from fusion_jax import tables
 from fusion_jax.files import atomic_write_json, atomic_write_text
 
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
@@ -136,15 +144,63 @@ def runs_csv(runs: list[dict]) -> str:
 
 
 def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None,
-                  backbones: dict | None = None) -> dict:
+                  backbones: dict | None = None, failures: list[dict] | None = None) -> dict:
     """Assemble and write results.json, runs.csv and summary.md (each atomically); return the dict.
 
     `backbones` maps each backbone to its features' provenance, including the measured alignment.
     """
     results = {"command": command, "config": config_dict, "versions": versions(), "device": device(),
-               "backbones": backbones or {}, "runs": runs,
+               "backbones": backbones or {}, "failed_groups": failures or [], "runs": runs,
                "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_text(os.path.join(workdir, "summary.md"), summary_markdown(results))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
+    try:
+        render_report(results, workdir)
+    except Exception:  # results.json is on disk: a failed figure must not fail the sweep
+        logging.getLogger("fusion_jax").exception(
+            "the report (tables, figures) failed; results.json is written. Retry with "
+            "`python -m fusion_jax.report --workdir=%s`", workdir)
     return results
+
+
+def render_report(results: dict, workdir: str) -> list[str]:
+    """Write tables 1-3 (md + csv, beside the paper's) and the figures into `workdir`; return the paths."""
+    from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
+
+    written = []
+    for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", tables.table3)):
+        md, rows = make(results)
+        for ext, text in (("md", md), ("csv", tables.to_csv(rows))):
+            atomic_write_text(os.path.join(workdir, f"{name}.{ext}"), text)
+            written.append(os.path.join(workdir, f"{name}.{ext}"))
+    written.append(figures.accuracy_vs_scale(results, os.path.join(workdir, "fig_accuracy_vs_scale.png")))
+    written.append(figures.noise_advantage(results, os.path.join(workdir, "fig_noise.png")))
+    written.append(figures.tsne(workdir, figures.backbones(results), os.path.join(workdir, "fig_tsne.png")))
+    return [p for p in written if p is not None]
+
+
+def main(argv: list[str]) -> None:
+    """CLI body: read DIR/results.json and render its report."""
+    from absl import flags
+
+    if len(argv) > 1:
+        print(f"fusion_jax.report: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    workdir = flags.FLAGS.workdir
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        print(f"fusion_jax.report: error: no results.json in {workdir!r}", file=sys.stderr)
+        sys.exit(2)
+    with open(path) as f:
+        results = json.load(f)
+    for p in render_report(results, workdir):
+        print(p)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A folder with a results.json (a finished sweep).")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +34,10 @@ from fusion_jax.train import make_train, run_key
 from fusion_jax.validate import ConfigError, validate, validate_scales
 
 log = logging.getLogger("fusion_jax")
+
+
+class NonFinite(FloatingPointError):
+    """A group's features or training loss hold NaN or Inf; the message names the group and runs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +58,12 @@ class Group:
     method: str
     scale: int
     runs: tuple[RunSpec, ...]
+    part: tuple[int, int] | None = None  # (index, count) when max_runs_per_program split the group
 
     @property
     def name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}-{self.scale}")
+        part = "" if self.part is None else f"-part{self.part[0] + 1}of{self.part[1]}"
+        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}-{self.scale}{part}")
 
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
@@ -64,9 +71,15 @@ def plan(config: ml_collections.ConfigDict) -> list[Group]:
     a backbone outside a non-empty `degradation.backbones`)."""
     d = config.degradation
     levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
-    return [Group(b, m, s, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
-                                 for seed in config.seeds for level in levels[b]))
-            for b in config.backbones for m in config.methods for s in config.scales]
+    groups = [Group(b, m, s, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
+                                   for seed in config.seeds for level in levels[b]))
+              for b in config.backbones for m in config.methods for s in config.scales]
+    cap = config.max_runs_per_program
+    if cap and any(len(g.runs) > cap for g in groups):
+        log.info("max_runs_per_program=%d: splitting groups of more runs into programs of at most %d", cap, cap)
+        groups = [Group(g.backbone, g.method, g.scale, g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
+                  for g in groups for i in range(0, len(g.runs), cap)]
+    return groups
 
 
 def stack_runs(runs: tuple[RunSpec, ...]) -> dict:
@@ -78,6 +91,20 @@ def stack_runs(runs: tuple[RunSpec, ...]) -> dict:
 def group_data(features: FeatureSet, pairs: Pairs) -> dict:
     """What every run of a group reads: feature arrays and the train/val pair indices, on the device."""
     return jax.device_put({**features.arrays(), "train": pairs.split("train"), "val": pairs.split("val")})
+
+
+def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
+    """`tsne_<backbone>.npz`: `n` matched pairs (image [n, d_v], text [n, d_t], pooled) for the report's t-SNE."""
+    from fusion_jax.fusion import masked_mean
+
+    rng = np.random.default_rng(seed)
+    captions = rng.permutation(fs.n_captions)[:n]
+    pooled = lambda x, m: np.asarray(masked_mean(jnp.asarray(x), None if m is None else jnp.asarray(m)))
+    image = fs.image[fs.caption_image[captions]]
+    image_mask = None if fs.image_mask is None else fs.image_mask[fs.caption_image[captions]]
+    text_mask = None if fs.text_mask is None else fs.text_mask[captions]
+    path = os.path.join(workdir, f"tsne_{re.sub(r'[^A-Za-z0-9_.=-]', '_', backbone)}.npz")
+    np.savez(path, image=pooled(image, image_mask), text=pooled(fs.text[captions], text_mask))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -111,49 +138,85 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         atomic_write_json(path, {k: v for k, v in config_dict.items() if k != "workdir"})
 
 
+def run_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices; a group's run axis is sharded over it."""
+    return Mesh(np.array(jax.local_devices()), ("runs",))
+
+
+def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group):
+    """(epoch, tree) of the newest checkpoint that restores; corrupt ones are reported and deleted."""
+    for epoch in sorted(ckpt.all_epochs(), reverse=True):
+        try:
+            return epoch, ckpt.restore(epoch, abstract)
+        except Exception as e:  # Orbax raises many types for a damaged checkpoint
+            log.error("group %s: the checkpoint after epoch %d is corrupt or incomplete (%s: %s); "
+                      "falling back to the previous one", group.name, epoch, type(e).__name__, str(e)[:200])
+            ckpt.delete(epoch)
+    return None, None
+
+
 def train_group(config: ml_collections.ConfigDict, group: Group, features: FeatureSet, workdir: str,
                 progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None) -> list[dict]:
-    """Train and evaluate every run of `group` in one vmapped program; return the run records."""
+    """Train and evaluate every run of `group` in one vmapped program; return the run records.
+
+    The run axis is sharded over the local devices; a group that does not fill them is padded
+    with copies of its last run, whose results are dropped.
+    """
     pairs = build_pairs(features.caption_image, features.n_images, group.scale, config.pairs.split_seed,
                         config.pairs.train_fraction)
+    for name, x, rows in (("image", features.image, pairs.image_idx), ("text", features.text, pairs.caption_idx)):
+        bad = np.unique(rows[~np.isfinite(x[rows]).reshape(len(rows), -1).all(axis=1)])
+        if len(bad):
+            raise NonFinite(f"group {group.name}: {name} features of backbone {group.backbone!r} hold NaN or Inf "
+                            f"(rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}); every run of the group stops")
     n_train, n_val = pairs.n_train, group.scale - pairs.n_train
     trainer = make_train(config, group.method, n_train, n_val)
-    data = group_data(features, pairs)
-    runs = jax.device_put(stack_runs(group.runs))
-    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
-    train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
-    evaluate = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))
+    mesh = run_mesh()
+    by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
+    n_runs = len(group.runs)
+    padded = group.runs + (group.runs[-1],) * (-n_runs % mesh.size)
+    data = jax.device_put(group_data(features, pairs), replicated)
+    runs = jax.device_put(stack_runs(padded), by_run)
+    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)), out_shardings=by_run)
+    train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)), out_shardings=by_run)
+    evaluate = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)), out_shardings=by_run)
 
     ckpt_dir = os.path.join(workdir, "checkpoints", group.name)
     ckpt = GroupCheckpoints(ckpt_dir, config.checkpoint.keep)
-    tree = {"state": init(runs, data), "seconds": jnp.zeros((), jnp.float32)}
-    start = ckpt.latest_epoch()
-    if start is not None:
-        tree = ckpt.restore(start, jax.eval_shape(lambda: tree))
+    abstract = {"state": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_run),
+                                                jax.eval_shape(init, runs, data)),
+                "seconds": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+                "last_loss": jax.ShapeDtypeStruct((len(padded),), jnp.float32, sharding=by_run)}
+    start, tree = _restore_latest_good(ckpt, abstract, group)
+    if start is None:
+        tree = {"state": init(runs, data), "seconds": jnp.zeros((), jnp.float32),
+                "last_loss": jnp.full(len(padded), jnp.nan, jnp.float32)}
+    else:
         log.info("group %s: resuming from the checkpoint after epoch %d", group.name, start)
         progress.update(start)
-    state, seconds = tree["state"], float(tree["seconds"])
+    state, seconds, last_loss = tree["state"], float(tree["seconds"]), np.asarray(tree["last_loss"])
 
-    losses = np.full((len(group.runs), 1), np.nan)
     for epoch in range(start or 0, config.train.epochs):
         t0 = time.perf_counter()
         state, losses = train_epoch(state, runs, data)
-        losses = np.asarray(losses)
+        losses = np.asarray(losses)[:n_runs]
         seconds += time.perf_counter() - t0
         bad = [r for r, ok in zip(group.runs, np.isfinite(losses).all(axis=1)) if not ok]
         if bad:
-            raise FloatingPointError(f"group {group.name}: non-finite training loss in epoch {epoch + 1} "
-                                     f"of runs {[(r.seed, r.level) for r in bad]}")
-        ckpt.save(epoch + 1, {"state": state, "seconds": jnp.float32(seconds)})
-        progress.set_postfix(loss=f"{losses[:, -trainer.steps_per_epoch:].mean():.4f}")
+            raise NonFinite(f"group {group.name}: non-finite training loss in epoch {epoch + 1} of runs "
+                                + ", ".join(f"(seed {r.seed}, level {r.level:g})" for r in bad))
+        last_loss = np.concatenate([losses.mean(axis=1), last_loss[n_runs:]]).astype(np.float32)
+        ckpt.save(epoch + 1, {"state": state, "seconds": jnp.float32(seconds), "last_loss": last_loss})
+        progress.set_postfix(loss=f"{losses.mean():.4f}")
         progress.update(1)
         if on_epoch is not None:
             ckpt.close()
             on_epoch(group, epoch + 1)
             ckpt = GroupCheckpoints(ckpt_dir, config.checkpoint.keep)
     ckpt.close()
-    counts = np.asarray(evaluate(state, runs, data))
+    counts = np.asarray(evaluate(state, runs, data))[:n_runs]
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
+    losses = last_loss[:n_runs]
 
     records = []
     for spec, c, loss in zip(group.runs, counts, losses):
@@ -163,7 +226,7 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
             "degradation": {"kind": spec.kind, "level": spec.level},
             "metrics": {k: m[k] for k in metrics_lib.METRICS}, "majority_baseline": m["majority_baseline"],
             "params": params, "train_seconds": seconds / len(group.runs),
-            "final_train_loss": float(loss.mean()) if np.isfinite(loss).all() else None,
+            "final_train_loss": float(loss) if np.isfinite(loss) else None,
             "n_train": n_train, "n_val": n_val,
         })
     return records
@@ -184,17 +247,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config_dict = config.to_dict()
     prepare_workdir(workdir, config_dict)
 
+    for b, fs in features.items():
+        write_tsne_sample(workdir, b, fs)
     groups = plan(config)
     group_file = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
     todo = [g for g in groups if not os.path.exists(group_file(g))]
     log.info("sweep %s: %d groups, %d runs; %d groups to train", config.name, len(groups),
              sum(len(g.runs) for g in groups), len(todo))
-    records = []
+    records, failures = [], []
     with tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
         for i, g in enumerate(groups):
             if g in todo:
                 progress.set_description(f"group {todo.index(g) + 1}/{len(todo)} {g.name}")
-                group_records = train_group(config, g, features[g.backbone], workdir, progress, on_epoch)
+                try:
+                    group_records = train_group(config, g, features[g.backbone], workdir, progress, on_epoch)
+                except NonFinite as e:
+                    log.error("%s", e)
+                    failures.append({"group": g.name, "error": str(e)})
+                    continue
                 atomic_write_json(group_file(g), group_records)
             else:
                 with open(group_file(g)) as f:
@@ -204,4 +274,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     return write_results(workdir, config_dict, records, command,
-                         {b: fs.provenance for b, fs in features.items()})
+                         {b: fs.provenance for b, fs in features.items()}, failures)

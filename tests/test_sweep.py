@@ -25,7 +25,7 @@ def test_smoke_sweep_writes_results(smoke_config, tmp_path):
     results = train_and_evaluate(smoke_config, str(tmp_path))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "runs", "summary", "comparisons"}
+    assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "failed_groups", "runs", "summary", "comparisons"}
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == "cpu"
 

@@ -129,4 +129,5 @@ def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: Ima
         fs = extract_features(config, dataset or load_dataset(config), backbone)
     else:
         raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
-    return dataclasses.replace(fs, provenance={**fs.provenance, "alignment": retrieval_recall(fs)})
+    dims = {"dim_image": int(fs.image.shape[-1]), "dim_text": int(fs.text.shape[-1])}
+    return dataclasses.replace(fs, provenance={**fs.provenance, **dims, "alignment": retrieval_recall(fs)})

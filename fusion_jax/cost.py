@@ -1,0 +1,82 @@
+"""FLOP counts of the fusion heads and of a training step, from XLA's cost analysis.
+
+XLA's `cost_analysis()` of a compiled program counts the body of a while loop once, whatever its
+trip count, so the `lax.scan` of a training epoch is counted as one step. `train_step_flops`
+therefore compiles an epoch of exactly one step (n_train = batch) and reads it: that is the cost
+of one optimizer step, gather, degradation and AdamW update included (elementwise and integer
+ops count one FLOP per element, as XLA counts them). `analytic_concat_flops` is the textbook
+count: 2 x the multiply-adds of the three dense layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fusion_jax.fusion import make_head
+from fusion_jax.train import make_train
+
+
+def _get(config: Any, section: str, name: str) -> Any:
+    """config[section][name] of a ConfigDict or a plain nested dict."""
+    return config[section][name]
+
+
+def xla_flops(compiled: Any) -> float:
+    """The "flops" of a compiled program's cost analysis (a dict, or a list of dicts: summed)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, Mapping):
+        analysis = [analysis]
+    return float(sum(a.get("flops", 0.0) for a in analysis or ()))
+
+
+def _features(n: int, d: int, tokens: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct | None]:
+    """Shapes of n pooled [n, d] or token [n, tokens, d] features and their mask."""
+    if tokens:
+        return jax.ShapeDtypeStruct((n, tokens, d), jnp.float32), jax.ShapeDtypeStruct((n, tokens), jnp.float32)
+    return jax.ShapeDtypeStruct((n, d), jnp.float32), None
+
+
+def forward_flops_per_sample(method: str, d_v: int, d_t: int, config: Any, batch: int = 256,
+                             tokens: int = 0) -> float:
+    """FLOPs per sample of the head's eval-mode forward pass, from XLA's cost analysis of a batch."""
+    head = make_head(method, _get(config, "head", "hidden"), _get(config, "head", "mlp_hidden"),
+                     _get(config, "train", "dropout"), _get(config, "head", "num_heads"))
+    image, image_mask = _features(batch, d_v, tokens)
+    text, text_mask = _features(batch, d_t, tokens)
+    inputs = (image, text, image_mask, text_mask)
+    params = jax.eval_shape(lambda *x: head.init(jax.random.PRNGKey(0), *x), *inputs)
+    compiled = jax.jit(lambda p, *x: head.apply(p, *x)).lower(params, *inputs).compile()
+    return xla_flops(compiled) / batch
+
+
+def analytic_concat_flops(d_v: int, d_t: int, hidden: int = 256, mlp_hidden: int = 128) -> int:
+    """FLOPs per sample of the concat head's forward pass: 2 x multiply-adds of its three layers."""
+    return 2 * ((d_v + d_t) * hidden + hidden * mlp_hidden + mlp_hidden * 2)
+
+
+def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int = 1, tokens: int = 0) -> float:
+    """FLOPs of one training step of `n_runs` vmapped runs (batch config.train.batch_size each).
+
+    From the cost analysis of a compiled one-step epoch of the trainer (`make_train`): forward,
+    backward, gather, degradation (config.degradation.kind) and the AdamW update.
+    """
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(config)
+    batch = config.train.batch_size
+    trainer = make_train(config, method, n_train=batch, n_val=1)
+    n_images, n_captions = 2 * batch, 2 * batch
+    image, image_mask = _features(n_images, d_v, tokens)
+    text, text_mask = _features(n_captions, d_t, tokens)
+    split = lambda n: {k: jax.ShapeDtypeStruct((n,), jnp.int32) for k in ("image_idx", "caption_idx", "label")}
+    data = {"image": image, "text": text, "train": split(batch), "val": split(1)}
+    if tokens:
+        data.update(image_mask=image_mask, text_mask=text_mask)
+    runs = {"key": jax.ShapeDtypeStruct((n_runs, 2), jnp.uint32),
+            "noise_level": jax.ShapeDtypeStruct((n_runs,), jnp.float32)}
+    state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs, data)
+    epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
+    return xla_flops(epoch.lower(state, runs, data).compile())

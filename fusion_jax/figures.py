@@ -1,0 +1,184 @@
+"""The report's figures (PNG, matplotlib Agg): accuracy vs scale, concat advantage vs noise, t-SNE."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fusion_jax import paper, tables  # noqa: E402
+
+COLORS = {"concat": "tab:blue", "cross": "tab:red"}
+MODALITY_COLORS = {"image": "tab:blue", "text": "tab:orange"}
+TSNE_MAX_PAIRS = 800
+TSNE_LINKED_PAIRS = 40
+
+
+def backbones(results: dict) -> list[str]:
+    """Backbones in the results, in config order."""
+    present = {s["backbone"] for s in results["summary"]}
+    order = [b for b in results["config"].get("backbones", []) if b in present]
+    return order + sorted(present - set(order))
+
+
+def _save(fig: plt.Figure, path: str) -> str:
+    """Save a figure atomically as PNG and close it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[plt.Figure, list]:
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def accuracy_vs_scale(results: dict, path: str) -> str:
+    """Accuracy (level 0) against scale per method, one panel per backbone, with the majority baseline."""
+    cfg = results["config"]
+    summ = [s for s in results["summary"] if tables.level(s) == 0.0]
+    names = backbones(results)
+    fig, axes = _panels(len(names))
+    n_seeds = max((s["n_seeds"] for s in summ), default=0)
+    for ax, b in zip(axes, names):
+        rows = [s for s in summ if s["backbone"] == b]
+        scales = sorted({s["scale"] for s in rows})
+        for m in sorted({s["method"] for s in rows}):
+            pts = sorted((s for s in rows if s["method"] == m), key=lambda s: s["scale"])
+            ax.errorbar([s["scale"] for s in pts], [100 * s["accuracy_mean"] for s in pts],
+                        yerr=[100 * (s["accuracy_std"] or 0.0) for s in pts], color=COLORS.get(m), marker="o",
+                        capsize=4, label=f"{m} (ours)")
+        base = [100 * np.mean([s["majority_baseline_mean"] for s in rows if s["scale"] == sc]) for sc in scales]
+        ax.plot(scales, base, "k--", lw=1.2, label="majority-class baseline (ours)")
+        if tables.is_paper_setting(results, b):
+            for m in ("concat", "cross"):
+                pts = [r for r in paper.table1() if r["method"] == m]
+                ax.errorbar([r["scale"] for r in pts], [r["acc_mean"] for r in pts], yerr=[r["acc_std"] for r in pts],
+                            color=COLORS[m], ls=":", marker="s", mfc="none", capsize=3,
+                            label=f"{m}: paper, Flickr8k CLIP")
+                scales = sorted(set(scales) | {r["scale"] for r in pts})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(scales, [str(s) for s in scales])
+        ax.minorticks_off()
+        ax.set_xlabel("pairs per run (scale; log₂ axis; 80% train)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"backbone {b}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(cfg['features'])}\n"
+                 f"mean ± std over {n_seeds} seeds", fontsize=11)
+    return _save(fig, path)
+
+
+def noise_advantage(results: dict, path: str) -> str | None:
+    """Concat − cross accuracy (points) against noise sigma per backbone and scale; None without a noise study."""
+    settings = tables.noise_settings(results)
+    if not settings:
+        return None
+    cfg = results["config"]
+    comps = tables.comparison_index(results)
+    names = [b for b in backbones(results) if any(s[0] == b for s in settings)]
+    fig, axes = _panels(len(names))
+    p_sig = paper.table2()
+    for ax, b in zip(axes, names):
+        mine = sorted(s for s in settings if s[0] == b)
+        for i, (_, sc, levels) in enumerate(mine):
+            diffs = [tables.paired_differences(results, b, sc, lv) for lv in levels]
+            mean = [100 * np.mean(d) for d in diffs]
+            err = [100 * np.std(d, ddof=1) if len(d) > 1 else 0.0 for d in diffs]
+            x = [lv + 0.006 * (i - (len(mine) - 1) / 2) for lv in levels]  # small offsets: bars stay apart
+            color = plt.cm.viridis(i / max(1, len(mine) - 1) * 0.85)
+            ax.errorbar(x, mean, yerr=err, color=color, marker="o", mfc="none", capsize=4,
+                        label=f"ours, scale {sc}")
+            sig = [(xi, y) for xi, lv, y in zip(x, levels, mean)
+                   if (c := comps.get((b, sc, lv))) and c["p_value"] is not None and c["p_value"] < tables.ALPHA]
+            if sig:
+                ax.plot(*zip(*sig), "o", color=color, ls="none")
+        ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s", mfc="none",
+                label=f"paper ({paper.SETTING}), Table 2")
+        ax.axhline(0.0, color="gray", lw=1)
+        ax.plot([], [], "o", color="gray", label="filled: p < 0.05 (paired t-test)")
+        ax.plot([], [], "o", color="gray", mfc="none", label="hollow: not significant")
+        ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
+        ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
+        ax.set_title(f"backbone {b}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    n_seeds = max(c["n_seeds"] for c in results["comparisons"])
+    fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(cfg['features'])}\n"
+                 f"error bars: std of the per-seed paired differences ({n_seeds} seeds)", fontsize=11)
+    return _save(fig, path)
+
+
+def tsne_files(workdir: str, names: list[str]) -> list[tuple[str, str]]:
+    """(backbone, path) of each `tsne_<backbone>.npz` in workdir, backbones of the results first."""
+    found = {os.path.basename(p)[len("tsne_"):-len(".npz")]: p for p in glob.glob(os.path.join(workdir, "tsne_*.npz"))}
+    safe = {re.sub(r"[^A-Za-z0-9_.=-]", "_", b): b for b in names}
+    order = [s for s in safe if s in found] + sorted(set(found) - set(safe))
+    return [(safe.get(s, s), found[s]) for s in order]
+
+
+def tsne_embedding(image: np.ndarray, text: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """2-d t-SNE of image and text rows; joint when d_v == d_t, else after separate PCA to a common dim."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(image)
+    joint = image.shape[1] == text.shape[1]
+    if joint:
+        x = np.concatenate([image, text]).astype(np.float64)
+        if x.shape[1] > 50:
+            x = PCA(50, random_state=seed).fit_transform(x)
+    else:
+        k = min(image.shape[1], text.shape[1], 50, n)
+        x = np.concatenate([PCA(k, random_state=seed).fit_transform(image.astype(np.float64)),
+                            PCA(k, random_state=seed).fit_transform(text.astype(np.float64))])
+    perplexity = float(min(30.0, (len(x) - 1) / 3.0))
+    y = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    return y[:n], y[n:], joint
+
+
+def tsne(workdir: str, names: list[str], path: str) -> str | None:
+    """t-SNE of matched image-text pairs, one panel per `tsne_<backbone>.npz`; None when there is none."""
+    files = tsne_files(workdir, names)
+    if not files:
+        return None
+    fig, axes = _panels(len(files), 5.6, 5.4)
+    for ax, (b, f) in zip(axes, files):
+        with np.load(f) as z:
+            image, text = z["image"][:TSNE_MAX_PAIRS], z["text"][:TSNE_MAX_PAIRS]
+        n = min(len(image), len(text))
+        image, text = image[:n], text[:n]
+        img, txt, joint = tsne_embedding(image, text)
+        linked = np.random.default_rng(0).choice(n, min(TSNE_LINKED_PAIRS, n), replace=False)
+        for j, i in enumerate(linked):
+            ax.plot([img[i, 0], txt[i, 0]], [img[i, 1], txt[i, 1]], color="gray", lw=0.7, alpha=0.6,
+                    label=f"matched pair ({len(linked)} of {n} shown)" if j == 0 else None)
+        ax.scatter(img[:, 0], img[:, 1], s=6, color=MODALITY_COLORS["image"], alpha=0.6, label="image features")
+        ax.scatter(txt[:, 0], txt[:, 1], s=6, color=MODALITY_COLORS["text"], alpha=0.6, label="text features")
+        if joint:
+            title = f"backbone {b}: joint t-SNE, {n} pairs (d = {image.shape[1]})"
+        else:
+            title = (f"backbone {b}: {n} pairs, d_v = {image.shape[1]}, d_t = {text.shape[1]}\n"
+                     f"each modality PCA'd to {min(image.shape[1], text.shape[1], 50, n)}-d separately; "
+                     "separate spaces: positions are not comparable across modalities")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("t-SNE 1 (no units)")
+        ax.set_ylabel("t-SNE 2 (no units)")
+        ax.legend(fontsize=8, markerscale=2)
+    fig.suptitle("t-SNE of image and text features of matched pairs (pooled), coloured by modality", fontsize=11)
+    return _save(fig, path)

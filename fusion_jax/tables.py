@@ -1,0 +1,351 @@
+"""The report's tables (1: metrics per scale, 2: noise study, 3: efficiency), ours beside the paper's.
+
+Each `tableN(results)` returns (markdown, csv rows); rows carry a `block` and `source` column so
+that the paper's figures are never mistaken for ours. Values are percent unless named otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+
+import numpy as np
+
+from fusion_jax import paper
+
+ALPHA = 0.05
+_DATA = {"flickr8k": "Flickr8k", "embedded": "embedded procedural dataset (not Flickr8k)",
+         "synthetic": "synthetic latent-variable features (not Flickr8k)"}
+_DATA_SHORT = {"flickr8k": "Flickr8k", "embedded": "embedded (not Flickr8k)", "synthetic": "synthetic (not Flickr8k)"}
+PAPER_REFERENCE = f"paper ({paper.SETTING})"
+
+
+def data_label(features: str, short: bool = False) -> str:
+    """Plain name of the data behind `config.features` (`short`: for a table cell)."""
+    return (_DATA_SHORT if short else _DATA).get(features, f"{features} (not Flickr8k)")
+
+
+def is_paper_setting(results: dict, backbone: str) -> bool:
+    """True when (backbone, features) is the paper's own setting: CLIP features of Flickr8k."""
+    return results["config"]["features"] == paper.FEATURES and backbone == paper.BACKBONE
+
+
+def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:
+    """'65.0 ± 3.7' from fractions (scale 100) or points (scale 1); '–' for a missing mean."""
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    return f"{scale * mean:.1f}" + ("" if std is None or not math.isfinite(std) else f" ± {scale * std:.1f}")
+
+
+def p_text(p: float | None) -> str:
+    """A p-value for a table cell."""
+    return "–" if p is None else f"{p:.3g}"
+
+
+def verdict(diff: float, p: float | None, n_seeds: int) -> str:
+    """'concat +2.8' / 'cross +1.0' when p < 0.05, else 'tied (not significant at N seeds...)'."""
+    seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    if p is None:
+        why = "no test possible" if n_seeds < 2 else "no p-value: identical differences"
+        return f"tied (not significant at {seeds}; {why})"
+    if p >= ALPHA:
+        return f"tied (not significant at {seeds}, p = {p:.2g})"
+    return f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
+
+
+def level(entry: dict) -> float:
+    """The degradation level of a summary, comparison or run entry."""
+    return float(entry["degradation"]["level"])
+
+
+def comparison_index(results: dict) -> dict[tuple, dict]:
+    """comparisons keyed by (backbone, scale, level)."""
+    return {(c["backbone"], c["scale"], level(c)): c for c in results["comparisons"]}
+
+
+def summary_index(results: dict) -> dict[tuple, dict]:
+    """summary keyed by (backbone, method, scale, level)."""
+    return {(s["backbone"], s["method"], s["scale"], level(s)): s for s in results["summary"]}
+
+
+def paired_differences(results: dict, backbone: str, scale: int, lvl: float) -> list[float]:
+    """Per-seed concat − cross accuracy (fractions) for one (backbone, scale, level)."""
+    acc = {}
+    for r in results["runs"]:
+        if r["backbone"] == backbone and r["scale"] == scale and level(r) == lvl:
+            acc[(r["method"], r["seed"])] = r["metrics"]["accuracy"]
+    seeds = sorted({s for m, s in acc if m == "concat"} & {s for m, s in acc if m == "cross"})
+    return [acc[("concat", s)] - acc[("cross", s)] for s in seeds]
+
+
+def noise_settings(results: dict) -> list[tuple[str, int, list[float]]]:
+    """(backbone, scale, sorted levels) for every setting with more than one degradation level."""
+    levels: dict[tuple, set] = {}
+    for s in results["summary"]:
+        levels.setdefault((s["backbone"], s["scale"]), set()).add(level(s))
+    return [(b, sc, sorted(lv)) for (b, sc), lv in levels.items() if len(lv) > 1]
+
+
+def markdown_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
+    """A Markdown table; `align` is one of 'l'/'r' per column (default left)."""
+    align = align or "l" * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def to_csv(rows: list[dict]) -> str:
+    """CSV text of dict rows (the union of their keys, in first-seen order); None is written empty."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _round(x: float | None, scale: float = 100.0, digits: int = 2) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(scale * x, digits)
+
+
+def _ours_header(results: dict) -> str:
+    cfg = results["config"]
+    seeds = ", ".join(str(s) for s in cfg.get("seeds", []))
+    return (f"**Ours**: {data_label(cfg['features'])} (`config.features = {cfg['features']}`), config "
+            f"`{cfg.get('name', '?')}`, seeds {seeds}; validation metrics in percent, mean ± sample std over "
+            "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
+            "predicting the larger class). `concat − cross` is the difference of mean accuracy in points with "
+            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} or no p-value reads \"not significant\".")
+
+
+def _paper1_cells(row: dict) -> list[str]:
+    return [f"{row['acc_mean']:.1f} ± {row['acc_std']:.1f}", "50 (balanced by design)",
+            f"{row['f1_mean']:.1f} ± {row['f1_std']:.1f}", f"{row['precision_mean']:.1f} ± {row['precision_std']:.1f}",
+            f"{row['recall_mean']:.1f} ± {row['recall_std']:.1f}", len(paper.PROTOCOL["seeds"])]
+
+
+def _paper1_csv(row: dict, block: str) -> dict:
+    return {"block": block, "source": "paper", "data": "Flickr8k", "backbone": "CLIP ViT-B/32",
+            "scale": row["scale"], "method": row["method"], "accuracy_mean_pct": row["acc_mean"],
+            "accuracy_std_pct": row["acc_std"], "majority_baseline_pct": None,
+            "f1_mean_pct": row["f1_mean"], "f1_std_pct": row["f1_std"],
+            "precision_mean_pct": row["precision_mean"], "precision_std_pct": row["precision_std"],
+            "recall_mean_pct": row["recall_mean"], "recall_std_pct": row["recall_std"],
+            "n_seeds": len(paper.PROTOCOL["seeds"]), "concat_minus_cross_pts": None, "p_value": None,
+            "verdict": "p not reported by the paper"}
+
+
+def _alignment_lines(results: dict) -> list[str]:
+    rows = []
+    for name, prov in (results.get("backbones") or {}).items():
+        a = prov.get("alignment", {})
+        dims = f"{prov.get('dim_image', '?')} / {prov.get('dim_text', '?')}"
+        if isinstance(a, dict) and a.get("defined"):
+            rows.append([name, dims, pct(a["recall@1"]), pct(a["chance@1"])])
+        else:
+            reason = a.get("reason", "not measured") if isinstance(a, dict) else f"dial {a}"
+            rows.append([name, dims, "–", reason])
+    if not rows:
+        return []
+    return ["", "Feature alignment of our backbones (zero-shot image → caption retrieval by cosine):", "",
+            *markdown_table(["backbone", "d_v / d_t", "recall@1 (%)", "chance@1 (%)"], rows, "llrr")]
+
+
+def table1(results: dict) -> tuple[str, list[dict]]:
+    """Table 1 at degradation level 0: ours per backbone/scale/method, the paper's beside or apart."""
+    cfg = results["config"]
+    data = data_label(cfg["features"], short=True)
+    comps = comparison_index(results)
+    header = ["source", "data", "backbone", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
+              "seeds", "concat − cross (pts)", "p", "verdict"]
+    md_rows, csv_rows, placed = [], [], set()
+    level0 = sorted((s for s in results["summary"] if level(s) == 0.0),
+                    key=lambda s: (s["backbone"], s["scale"], s["method"]))
+    for s in level0:
+        c = comps.get((s["backbone"], s["scale"], 0.0))
+        diff, p, n = (c["concat_minus_cross"], c["p_value"], c["n_seeds"]) if c else (None, None, s["n_seeds"])
+        verdict_text = verdict(diff, p, n) if c else "no comparison (one method only)"
+        md_rows.append(["ours", data, s["backbone"], s["scale"], s["method"], pct(s["accuracy_mean"], s["accuracy_std"]),
+                        pct(s["majority_baseline_mean"]), pct(s["f1_mean"], s["f1_std"]),
+                        pct(s["precision_mean"], s["precision_std"]), pct(s["recall_mean"], s["recall_std"]),
+                        s["n_seeds"], "–" if diff is None else f"{100 * diff:+.1f}", p_text(p), verdict_text])
+        row = {"block": "ours", "source": "ours", "data": data, "backbone": s["backbone"], "scale": s["scale"],
+               "method": s["method"], "majority_baseline_pct": _round(s["majority_baseline_mean"])}
+        for m in ("accuracy", "f1", "precision", "recall"):
+            row[f"{m}_mean_pct"], row[f"{m}_std_pct"] = _round(s[f"{m}_mean"]), _round(s[f"{m}_std"])
+        csv_rows.append({**row, "n_seeds": s["n_seeds"], "concat_minus_cross_pts": _round(diff), "p_value": p,
+                         "verdict": verdict_text})
+        theirs = paper.table1_row(s["scale"], s["method"]) if is_paper_setting(results, s["backbone"]) else None
+        if theirs is not None:
+            placed.add((theirs["scale"], theirs["method"]))
+            md_rows.append(["**paper**", "Flickr8k", "CLIP ViT-B/32", theirs["scale"], theirs["method"],
+                            *_paper1_cells(theirs), "–", "–", "p not reported by the paper"])
+            csv_rows.append(_paper1_csv(theirs, "paper beside ours (same setting)"))
+    lines = ["# Table 1: accuracy, F1, precision, recall by scale (no degradation)", "", _ours_header(results), ""]
+    if placed:
+        lines += [f"Rows marked **paper** are the paper's Table 1 ({paper.SETTING}) for the same backbone, data "
+                  "and scale, placed beside ours.", ""]
+    lines += markdown_table(header, md_rows, "lllrlrrrrrrrrl") if md_rows else ["(no runs at degradation level 0)"]
+    lines += _alignment_lines(results)
+    rest = [r for r in paper.table1() if (r["scale"], r["method"]) not in placed]
+    if rest:
+        block = f"reference only: {PAPER_REFERENCE}, not comparable with ours"
+        lines += ["", f"## For reference only: {PAPER_REFERENCE}, Table 1", "",
+                  f"The paper's own figures on its own data ({paper.SETTING}); "
+                  + ("our rows above are on other data, so these are not comparable with them."
+                     if cfg["features"] != paper.FEATURES else "scales or backbones our sweep does not have.")
+                  + " Percent, mean ± std over 3 seeds.", "",
+                  *markdown_table(["source", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
+                                   "seeds"], [[PAPER_REFERENCE, r["scale"], r["method"], *_paper1_cells(r)]
+                                              for r in rest], "lrlrrrrrr")]
+        csv_rows += [_paper1_csv(r, block) for r in rest]
+    lines += ["", f"Paper: {paper.CITATION}."]
+    return "\n".join(lines) + "\n", csv_rows
+
+
+def table2(results: dict) -> tuple[str, list[dict]]:
+    """Table 2, the noise study: concat and cross accuracy per sigma, the advantage and its test."""
+    cfg = results["config"]
+    data = data_label(cfg["features"], short=True)
+    summ, comps = summary_index(results), comparison_index(results)
+    deg = cfg.get("degradation", {})
+    lines = ["# Table 2: accuracy under Gaussian feature noise", "",
+             _ours_header(results), "",
+             f"Noise: v' = normalize(v + N(0, σ²I)) on the `{deg.get('modality', 'image')}` features "
+             f"(`degradation.kind = {deg.get('kind', '?')}`). `advantage` is concat − cross accuracy in points, "
+             "± the sample std of the per-seed paired differences.", ""]
+    md_rows, csv_rows = [], []
+    for b, sc, levels in noise_settings(results):
+        for lv in levels:
+            cc, cr, c = summ.get((b, "concat", sc, lv)), summ.get((b, "cross", sc, lv)), comps.get((b, sc, lv))
+            if cc is None or cr is None or c is None:
+                continue
+            d = paired_differences(results, b, sc, lv)
+            d_std = float(np.std(d, ddof=1)) if len(d) > 1 else None
+            words = verdict(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
+            md_rows.append(["ours", data, b, sc, f"{lv:g}", pct(cc["accuracy_mean"], cc["accuracy_std"]),
+                            pct(cr["accuracy_mean"], cr["accuracy_std"]), pct(cc["majority_baseline_mean"]),
+                            (f"{100 * c['concat_minus_cross']:+.1f}" + ("" if d_std is None else f" ± {100 * d_std:.1f}")),
+                            p_text(c["p_value"]), words])
+            csv_rows.append({"block": "ours", "source": "ours", "data": data, "backbone": b, "scale": sc, "sigma": lv,
+                             "concat_mean_pct": _round(cc["accuracy_mean"]), "concat_std_pct": _round(cc["accuracy_std"]),
+                             "cross_mean_pct": _round(cr["accuracy_mean"]), "cross_std_pct": _round(cr["accuracy_std"]),
+                             "majority_baseline_pct": _round(cc["majority_baseline_mean"]),
+                             "advantage_pts": _round(c["concat_minus_cross"]), "advantage_std_pts": _round(d_std),
+                             "p_value": c["p_value"], "n_seeds": c["n_seeds"], "verdict": words})
+    if md_rows:
+        lines += markdown_table(["source", "data", "backbone", "scale", "σ", "concat accuracy", "cross accuracy",
+                                 "majority", "advantage (pts)", "p", "verdict"], md_rows, "lllrrrrrrrl")
+    else:
+        lines += ["No noise study in these results: every backbone and scale ran at one degradation level only."]
+    block = f"{PAPER_REFERENCE}, Table 2 (scale not stated)"
+    lines += ["", f"## {block}", "",
+              f"The paper's figures on its own data ({paper.SETTING}); "
+              + ("not comparable with ours (other data)." if cfg["features"] != paper.FEATURES
+                 else "the paper does not state the scale of this study.")
+              + " Percent, mean ± std over 3 seeds; advantage as printed in the paper.", "",
+              *markdown_table(["source", "σ", "concat accuracy", "cross accuracy", "advantage"],
+                              [[PAPER_REFERENCE, f"{r['sigma']:g}", f"{r['concat_mean']:.1f} ± {r['concat_std']:.1f}",
+                                f"{r['cross_mean']:.1f} ± {r['cross_std']:.1f}", r["advantage"]]
+                               for r in paper.table2()], "lrrrl"),
+              "", f"Paper: {paper.CITATION}."]
+    csv_rows += [{"block": block, "source": "paper", "data": "Flickr8k", "backbone": "CLIP ViT-B/32", "scale": None,
+                  "sigma": r["sigma"], "concat_mean_pct": r["concat_mean"], "concat_std_pct": r["concat_std"],
+                  "cross_mean_pct": r["cross_mean"], "cross_std_pct": r["cross_std"], "majority_baseline_pct": None,
+                  "advantage_pts": r["advantage_pp"], "advantage_std_pts": None, "p_value": None, "n_seeds": 3,
+                  "verdict": r["advantage"]} for r in paper.table2()]
+    return "\n".join(lines) + "\n", csv_rows
+
+
+def feature_dims(results: dict, backbone: str) -> tuple[int, int] | None:
+    """(d_v, d_t) of a backbone from the results' provenance, or None when not recorded."""
+    prov = (results.get("backbones") or {}).get(backbone, {})
+    if "dim_image" in prov and "dim_text" in prov:
+        return int(prov["dim_image"]), int(prov["dim_text"])
+    return None
+
+
+def _uses_tokens(config: dict) -> bool:
+    """True when the config trains on token features rather than pooled vectors."""
+    return bool((config.get("synthetic") or {}).get("tokens")) or bool((config.get("backbone") or {}).get("tokens"))
+
+
+def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], str]:
+    """FLOPs per sample per (backbone, method) from XLA's cost analysis, and a note on how (or why not)."""
+    how = ("XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on pooled "
+           "[batch, d] inputs, divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not "
+           "counted by hand")
+    if _uses_tokens(results["config"]):
+        how += " (this sweep trained on token features; the FLOPs are for pooled inputs)"
+    try:
+        from fusion_jax.cost import forward_flops_per_sample
+    except ImportError as e:
+        return {}, f"{how}; n/a here: fusion_jax.cost is not available ({e})"
+    out, errors = {}, {}
+    for b, m in sorted({(r["backbone"], r["method"]) for r in results["runs"]}):
+        dims = feature_dims(results, b)
+        if dims is None:
+            out[(b, m)] = None
+            errors[b] = "feature dims not recorded in results.backbones"
+            continue
+        try:
+            out[(b, m)] = float(forward_flops_per_sample(m, dims[0], dims[1], results["config"]))
+        except Exception as e:  # a broken cost model must not lose the rest of the report
+            out[(b, m)] = None
+            errors[f"{b}/{m}"] = f"{type(e).__name__}: {e}"
+    return out, how + ("" if not errors else "; n/a for " + "; ".join(f"{k} ({v})" for k, v in errors.items()))
+
+
+def _count(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def table3(results: dict) -> tuple[str, list[dict]]:
+    """Table 3, efficiency: exact parameters, FLOPs per sample and measured training time per run."""
+    flops, flops_note = forward_flops(results)
+    dev = results.get("device", {})
+    key = lambda r: (r["backbone"], r["method"], r["scale"])
+    md_rows, csv_rows = [], []
+    for (b, m, sc), group in itertools.groupby(sorted(results["runs"], key=key), key):
+        group = list(group)
+        params = sorted({r["params"] for r in group})
+        base = [r["params"] for r in results["runs"] if r["backbone"] == b and r["method"] == "concat"]
+        f, f_base = flops.get((b, m)), flops.get((b, "concat"))
+        rel_p = params[0] / base[0] if base and len(params) == 1 else None
+        rel_f = f / f_base if f is not None and f_base else None
+        seconds = float(np.mean([r["train_seconds"] for r in group]))
+        dims = feature_dims(results, b)
+        dims_text = "n/a" if dims is None else f"{dims[0]} / {dims[1]}"
+        md_rows.append(["ours", b, dims_text, m, sc, " / ".join(f"{p:,}" for p in params),
+                        "–" if rel_p is None else f"{rel_p:.2f}", _count(f), "–" if rel_f is None else f"{rel_f:.2f}",
+                        f"{seconds:.3g}", len(group)])
+        csv_rows.append({"block": "ours", "source": "ours", "backbone": b, "dim_image": dims and dims[0],
+                         "dim_text": dims and dims[1], "method": m, "scale": sc, "params": params[0],
+                         "rel_params": None if rel_p is None else round(rel_p, 4),
+                         "flops_per_sample": f if f is not None else "n/a",
+                         "rel_flops": None if rel_f is None else round(rel_f, 4),
+                         "train_seconds_per_run": round(seconds, 6), "runs": len(group)})
+    lines = ["# Table 3: efficiency", "",
+             f"**Ours**: exact parameter counts of the trained heads (from the runs; they depend on the feature "
+             f"dims d_v / d_t). FLOPs per sample: {flops_note}. Training time: mean `train_seconds` per run, i.e. "
+             "the wall time of a group (all its seeds × noise levels trained at once in one vmapped program, "
+             f"compilation included) divided by its runs, on {dev.get('platform', '?')} "
+             f"({dev.get('device_kind', '?')}); not comparable with one run trained alone.", ""]
+    lines += markdown_table(["source", "backbone", "d_v / d_t", "method", "scale", "params", "params ÷ concat",
+                             "FLOPs / sample", "FLOPs ÷ concat", "train s / run", "runs"], md_rows, "llllrrrrrrr")
+    block = f"{PAPER_REFERENCE}, Table 3"
+    lines += ["", f"## {block}", "",
+              "The paper's figures (rounded as printed; 512 + 512 input dims; how FLOPs were counted is not stated). "
+              "The paper reports no training time.", "",
+              *markdown_table(["source", "method", "params", "params ÷ concat", "FLOPs / sample", "FLOPs ÷ concat"],
+                              [[PAPER_REFERENCE, r["method"], f"{r['params']:,}", f"{r['rel_params']:.2f}",
+                                f"{r['flops_per_sample']:,}", f"{r['rel_flops']:.2f}"] for r in paper.table3()],
+                              "llrrrr"),
+              "", f"Paper: {paper.CITATION}."]
+    csv_rows += [{"block": block, "source": "paper", "backbone": "CLIP ViT-B/32", "dim_image": 512, "dim_text": 512,
+                  "method": r["method"], "scale": None, "params": r["params"], "rel_params": r["rel_params"],
+                  "flops_per_sample": r["flops_per_sample"], "rel_flops": r["rel_flops"],
+                  "train_seconds_per_run": None, "runs": None} for r in paper.table3()]
+    return "\n".join(lines) + "\n", csv_rows

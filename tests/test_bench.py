@@ -1,0 +1,42 @@
+"""The benchmark (fusion_jax/bench.py) on its seconds-long `tiny` grid, and its lazy torch import."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_module_does_not_import_torch():
+    """Importing the benchmark (and the package) leaves torch unimported: the reference loads lazily."""
+    code = "import sys, fusion_jax.bench, fusion_jax.cost; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_tiny_benchmark_writes_timings(tmp_path):
+    """`--tiny` in process: the JSON and Markdown files exist, with positive timings for both ways."""
+    pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
+    from fusion_jax import bench
+
+    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None)
+    path = tmp_path / f"{bench.device_name()}-tiny.json"
+    assert path.exists() and (tmp_path / f"{bench.device_name()}-tiny.md").exists()
+    saved = json.loads(path.read_text())
+    assert saved["speedup"] == result["speedup"]
+    for key in ("command", "versions", "device", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
+        assert key in saved, key
+    assert saved["command"] == "pytest tiny" and saved["versions"]["jax"] and saved["versions"]["torch"]
+    jax_side, torch_side = saved["jax"], saved["torch"]
+    n_groups = len(saved["grid"]["groups"])
+    assert len(jax_side["groups"]) == len(torch_side["groups"]) == n_groups == 2
+    assert jax_side["runs"] == torch_side["runs"] == saved["grid"]["runs"] == 4
+    for key in ("wall_s", "compile_s", "train_s", "runs_per_s", "train_flops", "achieved_gflops", "fraction_of_peak"):
+        assert jax_side[key] > 0, key
+    for key in ("wall_s", "runs_per_s", "achieved_gflops"):
+        assert torch_side[key] > 0, key
+    assert saved["matmul_peak"]["gflops"] > 0 and saved["speedup"]["wall"] > 0
+    assert all(g["wall_s"] >= g["compile_s"] + g["train_s"] for g in jax_side["groups"])
+    assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])

@@ -1,0 +1,230 @@
+"""The side-by-side report: tables 1-3 beside the paper's, figures, and `python -m fusion_jax.report`."""
+
+import os
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from fusion_jax import figures, paper, tables
+from fusion_jax.report import compare, render_report, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = [f"table{i}.{ext}" for i in (1, 2, 3) for ext in ("md", "csv")]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(backbone, method, scale, seed, level, acc):
+    return {"backbone": backbone, "method": method, "scale": scale, "seed": seed,
+            "degradation": {"kind": "gaussian", "level": level},
+            "metrics": {"accuracy": acc, "f1": acc, "precision": acc, "recall": acc}, "majority_baseline": 0.5,
+            "params": 295554 if method == "concat" else 559490, "train_seconds": 0.5, "final_train_loss": 0.3,
+            "n_train": int(0.8 * scale), "n_val": scale - int(0.8 * scale)}
+
+
+def fake_results(features="flickr8k", backbones=("clip",), scales=(2048, 4096), levels=(0.0, 0.1),
+                 seeds=(42, 123, 456), identical_diffs=False, dims=(512, 512)):
+    """A results dict by hand: concat ahead by a noisy 3 points (or exactly 2 with `identical_diffs`)."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for b in backbones:
+        for sc in scales:
+            for lv in levels:
+                for i, s in enumerate(seeds):
+                    base = 0.8 + 0.01 * i - lv
+                    gap = 0.02 if identical_diffs else 0.03 + 0.01 * rng.standard_normal()
+                    runs += [_run(b, "concat", sc, s, lv, base + gap), _run(b, "cross", sc, s, lv, base)]
+    config = {"name": "fake", "features": features, "backbones": list(backbones), "seeds": list(seeds),
+              "degradation": {"kind": "gaussian", "modality": "image", "levels": list(levels)},
+              "head": {"hidden": 256, "mlp_hidden": 128, "num_heads": 4},
+              "train": {"dropout": 0.1, "batch_size": 32}}
+    prov = {b: {"dim_image": dims[0], "dim_text": dims[1],
+                "alignment": {"defined": True, "recall@1": 0.4, "recall@5": 0.7, "chance@1": 0.005,
+                              "chance@5": 0.025, "n_images": 100}} for b in backbones}
+    return {"command": "test", "config": config, "versions": {"jax": "x"},
+            "device": {"platform": "cpu", "device_kind": "cpu", "count": 1}, "backbones": prov,
+            "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
+
+
+def write_tsne(workdir, backbone, n, d_v, d_t, seed=0):
+    """A fake `tsne_<backbone>.npz`: matched pairs that share a latent."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 8))
+    image = z @ rng.standard_normal((8, d_v)) + 0.1 * rng.standard_normal((n, d_v))
+    text = z @ rng.standard_normal((8, d_t)) + 0.1 * rng.standard_normal((n, d_t))
+    np.savez(os.path.join(workdir, f"tsne_{backbone}.npz"), image=image.astype(np.float32),
+             text=text.astype(np.float32))
+
+
+def assert_no_nan(workdir):
+    for name in TABLES:
+        text = open(os.path.join(workdir, name)).read()
+        assert not re.search(r"\bnan\b", text, re.IGNORECASE), name
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    assert head == PNG and os.path.getsize(path) > 10_000, path
+
+
+# --- the table logic on hand-made results ----------------------------------------------------------
+
+@pytest.mark.parametrize("diff, p, n, want", [
+    (0.028, 0.01, 3, "concat +2.8"),
+    (-0.010, 0.001, 3, "cross +1.0"),
+    (0.028, 0.2, 3, "tied (not significant at 3 seeds"),
+    (0.028, None, 3, "tied (not significant at 3 seeds"),
+    (0.028, None, 1, "tied (not significant at 1 seed;"),
+    (0.028, 0.05, 3, "not significant at 3 seeds"),
+])
+def test_verdict_words(diff, p, n, want):
+    assert want in tables.verdict(diff, p, n)
+
+
+def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
+    md, rows = tables.table1(fake_results("flickr8k", ("clip", "resnet")))
+    lines = md.splitlines()
+    ours = next(i for i, l in enumerate(lines) if l.startswith("| ours | Flickr8k | clip | 2048 | concat |"))
+    assert lines[ours + 1].startswith("| **paper** | Flickr8k | CLIP ViT-B/32 | 2048 | concat | 77.9 ± 2.2 |")
+    # resnet is not the paper's setting: no paper row beside it.
+    resnet = next(i for i, l in enumerate(lines) if l.startswith("| ours | Flickr8k | resnet | 2048 | concat |"))
+    assert not lines[resnet + 1].startswith("| **paper**")
+    # The paper's scales we do not have go to the reference block, labelled.
+    assert f"## For reference only: {tables.PAPER_REFERENCE}, Table 1" in md
+    ref = md[md.index("## For reference only"):]
+    assert "| 8192 | concat | 89.2 ± 0.6 |" in ref and "| 2048 | concat |" not in ref
+    assert {r["block"] for r in rows} == {"ours", "paper beside ours (same setting)",
+                                          f"reference only: {tables.PAPER_REFERENCE}, not comparable with ours"}
+    assert all(r["source"] == "paper" for r in rows if r["block"] != "ours")
+    assert "majority" in md and "| 50.0 |" in md  # the majority baseline beside every accuracy (ours: 0.5)
+
+
+def test_table1_keeps_the_paper_apart_on_other_data():
+    md, rows = tables.table1(fake_results("embedded", ("clip",)))
+    main, ref = md.split("## For reference only")
+    assert "**paper**" not in main and "ours | embedded (not Flickr8k)" in main
+    assert f": {tables.PAPER_REFERENCE}, Table 1" in ref and "not comparable" in ref
+    assert len([r for r in rows if r["source"] == "paper"]) == len(paper.TABLE1_ROWS)
+    assert all(r["data"] == "Flickr8k" for r in rows if r["source"] == "paper")
+
+
+def test_tables_say_not_significant_when_p_is_none():
+    results = fake_results("synthetic", ("aligned",), identical_diffs=True)
+    assert all(c["p_value"] is None for c in results["comparisons"])
+    for make in (tables.table1, tables.table2):
+        md, rows = make(results)
+        assert "not significant at 3 seeds" in md
+        assert all("not significant at 3 seeds" in r["verdict"] for r in rows if r["source"] == "ours")
+
+
+def test_table2_noise_study_with_the_papers_table():
+    md, rows = tables.table2(fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2)))
+    ours = [r for r in rows if r["source"] == "ours"]
+    assert [r["sigma"] for r in ours] == [0.0, 0.1, 0.2]
+    assert all(r["advantage_std_pts"] is not None for r in ours)
+    assert f"## {tables.PAPER_REFERENCE}, Table 2" in md and "| concat +2.8 |" in md
+    assert [r["advantage_pts"] for r in rows if r["source"] == "paper"] == [1.3, 1.9, 2.8, 0.0, 0.0, 0.0]
+    md1, _ = tables.table2(fake_results("synthetic", ("aligned",), levels=(0.0,)))
+    assert "No noise study" in md1 and "Table 2 (scale not stated)" in md1
+
+
+def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
+    calls = []
+
+    def fake_flops(method, d_v, d_t, config):
+        calls.append((method, d_v, d_t, config["head"]["hidden"]))
+        return 1000.0 if method == "concat" else 750.0
+
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", types.SimpleNamespace(forward_flops_per_sample=fake_flops))
+    md, rows = tables.table3(fake_results("flickr8k", ("clip",), dims=(512, 384)))
+    assert sorted(set(calls)) == [("concat", 512, 384, 256), ("cross", 512, 384, 256)]
+    ours = {r["method"]: r for r in rows if r["source"] == "ours"}
+    assert ours["cross"]["flops_per_sample"] == 750.0 and ours["cross"]["rel_flops"] == 0.75
+    assert ours["concat"]["params"] == 295554 and ours["cross"]["train_seconds_per_run"] == 0.5
+    assert "XLA's cost analysis" in md and "| 295,554 |" in md
+    assert f"## {tables.PAPER_REFERENCE}, Table 3" in md and "| 757,000 |" in md
+
+
+def test_table3_without_cost_model_or_dims_writes_na(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)  # import raises ImportError
+    md, rows = tables.table3(fake_results())
+    assert all(r["flops_per_sample"] == "n/a" for r in rows if r["source"] == "ours") and "n/a" in md
+    monkeypatch.delitem(sys.modules, "fusion_jax.cost")
+    results = fake_results()
+    results["backbones"] = {}
+    md, rows = tables.table3(results)
+    assert all(r["flops_per_sample"] == "n/a" for r in rows if r["source"] == "ours")
+    assert "feature dims not recorded" in md
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    results = fake_results("flickr8k", ("clip", "resnet"))
+    write_tsne(tmp_path, "clip", 60, 16, 16)
+    written = render_report(results, str(tmp_path))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(TABLES + ["fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"])
+    for name in names:
+        if name.endswith(".png"):
+            assert_png(tmp_path / name)
+    assert_no_nan(tmp_path)
+
+
+def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    written = render_report(fake_results("embedded", levels=(0.0,)), str(tmp_path))
+    names = {os.path.basename(p) for p in written}
+    assert "fig_accuracy_vs_scale.png" in names and not names & {"fig_noise.png", "fig_tsne.png"}
+    assert not (tmp_path / "fig_noise.png").exists() and not (tmp_path / "fig_tsne.png").exists()
+
+
+def test_tsne_embedding_joint_and_separate():
+    rng = np.random.default_rng(0)
+    img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)))
+    assert joint and img.shape == txt.shape == (40, 2) and np.isfinite(img).all()
+    img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 12)), rng.standard_normal((40, 6)))
+    assert not joint and img.shape == txt.shape == (40, 2) and np.isfinite(txt).all()
+
+
+# --- end to end on a finished smoke sweep -----------------------------------------------------------
+
+def test_report_of_a_smoke_sweep(smoke_config, tmp_path):
+    from fusion_jax.sweep import train_and_evaluate
+
+    smoke_config.train.epochs = 1
+    results = train_and_evaluate(smoke_config, str(tmp_path))
+    for name in TABLES + ["fig_accuracy_vs_scale.png", "fig_noise.png"]:
+        assert (tmp_path / name).exists(), name
+    # Small stand-ins for the sweep's t-SNE samples (one with d_v != d_t), then the CLI once.
+    write_tsne(tmp_path, "aligned", 80, 32, 32)
+    write_tsne(tmp_path, "unaligned", 80, 32, 16, seed=1)
+    os.remove(tmp_path / "fig_noise.png")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ["fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"]:
+        assert_png(tmp_path / name)
+    assert_no_nan(tmp_path)
+    t1, t2, t3 = (open(tmp_path / f"table{i}.md").read() for i in (1, 2, 3))
+    assert "| ours | synthetic (not Flickr8k) | aligned | 128 | concat |" in t1
+    assert f"## For reference only: {tables.PAPER_REFERENCE}, Table 1" in t1 and "| 16384 | cross | 89.2 ± 1.4 |" in t1
+    assert "**paper**" not in t1  # synthetic data: never beside ours
+    assert f"## {tables.PAPER_REFERENCE}, Table 2" in t2 and "| ours | synthetic (not Flickr8k) | aligned | 128 | 0.3 |" in t2
+    assert f"{results['runs'][0]['params']:,}" in t3 and f"## {tables.PAPER_REFERENCE}, Table 3" in t3
+    if any(c["p_value"] is None or c["p_value"] >= 0.05 for c in results["comparisons"]):
+        assert "not significant at 2 seeds" in t1 + t2
+
+
+def test_cli_without_results_exits_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: no results.json")

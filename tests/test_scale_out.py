@@ -1,0 +1,115 @@
+"""Scale-out behaviour: sharding over devices, split programs, corrupt checkpoints, NaN groups."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fusion_jax.sweep import plan, train_and_evaluate
+
+
+def _small(config):
+    config.backbones = ("aligned",)
+    config.methods = ("concat",)
+    config.scales = (128,)
+    config.train.epochs = 2
+    return config
+
+
+def _metrics(results):
+    return {(r["method"], r["seed"], r["degradation"]["level"]): (r["metrics"], r["final_train_loss"])
+            for r in results["runs"]}
+
+
+def _assert_same(a, b):
+    a, b = _metrics(a), _metrics(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        for m in a[k][0]:
+            assert a[k][0][m] == pytest.approx(b[k][0][m], abs=1e-5), (k, m)
+        assert a[k][1] == pytest.approx(b[k][1], rel=1e-5), k
+
+
+def _sweep_on_devices(n_devices, workdir):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"}
+    args = ["--config=configs/synthetic.py:smoke", f"--workdir={workdir}", "--config.backbones=aligned",
+            "--config.scales=128", "--config.seeds=(42,123,456)", "--config.methods=cross"]
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["device"]["count"] == n_devices
+    return results
+
+
+def test_one_device_equals_four(tmp_path):
+    # 6 runs per group: on 4 devices the group is padded to 8 with inert copies whose results are dropped.
+    one = _sweep_on_devices(1, tmp_path / "one")
+    four = _sweep_on_devices(4, tmp_path / "four")
+    assert len(four["runs"]) == len(one["runs"]) == 3 * 2
+    _assert_same(one, four)
+
+
+def test_split_programs_equal_one_program(smoke_config, tmp_path):
+    whole = train_and_evaluate(_small(smoke_config), str(tmp_path / "whole"))
+    smoke_config.max_runs_per_program = 3
+    assert [g.name for g in plan(smoke_config)] == ["aligned-concat-128-part1of2", "aligned-concat-128-part2of2"]
+    split = train_and_evaluate(smoke_config, str(tmp_path / "split"))
+    _assert_same(whole, split)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_path, caplog):
+    config = _small(smoke_config)
+    config.train.epochs = 3
+    clean = train_and_evaluate(config, str(tmp_path / "clean"))
+
+    class Stop(Exception):
+        pass
+
+    def stop(group, epochs_done):
+        if epochs_done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_and_evaluate(config, str(tmp_path / "run"), on_epoch=stop)
+    latest = tmp_path / "run" / "checkpoints" / "aligned-concat-128" / "2"
+    damaged = 0
+    for root, _, files in os.walk(latest):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 0:
+                with open(path, "r+b") as fh:
+                    fh.write(b"\x00garbage\xff" * 8)
+                damaged += 1
+    assert damaged
+    calls = []
+    resumed = train_and_evaluate(config, str(tmp_path / "run"), on_epoch=lambda g, e: calls.append(e))
+    assert "corrupt or incomplete" in caplog.text
+    assert calls == [2, 3]  # epoch 2's checkpoint was bad: retrained from epoch 1's
+    _assert_same(clean, resumed)
+
+
+def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_path, monkeypatch, caplog):
+    import fusion_jax.sweep as sweep
+
+    real = sweep.load_features
+
+    def poisoned(config, backbone, dataset=None):
+        fs = real(config, backbone, dataset)
+        if backbone == "unaligned":
+            fs.image[3, 0] = np.nan
+        return fs
+
+    monkeypatch.setattr(sweep, "load_features", poisoned)
+    config = smoke_config
+    config.methods = ("concat",)
+    config.scales = (128,)
+    config.train.epochs = 1
+    results = train_and_evaluate(config, str(tmp_path))
+    assert {r["backbone"] for r in results["runs"]} == {"aligned"}
+    assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat-128"]
+    assert "NaN or Inf" in results["failed_groups"][0]["error"] and "rows [3]" in results["failed_groups"][0]["error"]
