@@ -143,22 +143,25 @@ def time_jax_group(config: ml_collections.ConfigDict, group: Group, features: Fe
     runs = jax.device_put(stack_runs(group.runs))
     t1 = time.perf_counter()
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None))).lower(runs, data).compile()
-    state = init(runs, data)
+    state = jax.block_until_ready(init(runs, data))
+    ti = time.perf_counter()
     train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None))).lower(state, runs, data).compile()
+    te = time.perf_counter()
     evaluate = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None))).lower(state, runs, data).compile()
     t2 = time.perf_counter()
     epoch_s = []
     for _ in range(config.train.epochs):
-        te = time.perf_counter()
+        t = time.perf_counter()
         state, losses = train_epoch(state, runs, data)
         losses = np.asarray(losses)
-        epoch_s.append(time.perf_counter() - te)
+        epoch_s.append(time.perf_counter() - t)
     t3 = time.perf_counter()
     counts = np.asarray(evaluate(state, runs, data))
     t4 = time.perf_counter()
     steps = trainer.steps_per_epoch * config.train.epochs
     return {"group": group.name, "runs": len(group.runs), "n_train": n_train, "steps_per_run": steps,
             "wall_s": t4 - t0, "setup_s": t1 - t0, "compile_s": t2 - t1,
+            "compile_parts_s": {"init": ti - t1, "train_epoch": te - ti, "evaluate": t2 - te},
             "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3,
             "train_flops": step_flops * len(group.runs) * steps,
             "final_train_loss": float(losses[:, -trainer.steps_per_epoch:].mean()),
@@ -216,6 +219,24 @@ def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: 
             "final_train_loss": float(np.mean(losses)), "accuracy_mean": float(np.mean(accuracies))}
 
 
+def torch_thread_check(ref: Any, features: FeatureSet, threads: int, steps: int = 30) -> dict:
+    """Reference ms per concat training step (batch 32) on 1 thread and on `threads`: shows contention."""
+    import torch
+
+    pairs = build_pairs(features.caption_image, features.n_images, 32 * steps, 0)
+    train, order = pairs.split("train"), [np.arange(pairs.n_train)]
+    out = {}
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        head = ref.make_head_torch("concat", features.image.shape[-1], features.text.shape[-1])
+        warm = {k: v[:64] for k, v in train.items()}
+        ref.train_reference(head, features.arrays(), warm, [np.arange(64)], 1e-4, 0.01, 1, 32)  # warm-up
+        t0 = time.perf_counter()
+        ref.train_reference(head, features.arrays(), train, order, 1e-4, 0.01, 1, 32)
+        out[f"{n}_threads_ms_per_step"] = (time.perf_counter() - t0) / math.ceil(pairs.n_train / 32) * 1e3
+    return out
+
+
 def _totals(groups: list[dict], peak_gflops: float, time_keys: tuple[str, ...] = ("wall_s",)) -> dict:
     """Sums over groups: wall time, runs per second, achieved GFLOP/s and its fraction of the peak."""
     wall = sum(g["wall_s"] for g in groups)
@@ -259,9 +280,11 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
             f"(compile {r['compile_s']:.2f}, train {r['train_s']:.2f}, eval {r['eval_s']:.2f}), "
             f"{r['train_flops'] / r['train_s'] / 1e9:.1f} GFLOP/s training, accuracy {r['accuracy_mean']:.3f}")
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
     torch_groups = []
     try:
+        check = torch_thread_check(ref, features[g.backbones[0]], torch_threads)
+        log("torch ms per concat step: " + ", ".join(f"{k.split('_')[0]} thread(s) {v:.2f}" for k, v in check.items()))
+        torch.set_num_threads(torch_threads)
         for i, group in enumerate(groups):
             r = time_torch_group(config, group, features[group.backbone], ref, step_flops[group.method])
             torch_groups.append(r)
@@ -285,7 +308,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                   "source": "XLA cost_analysis of one compiled training step (fusion_jax.cost.train_step_flops)"},
         "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops},
         "jax": {**jax_total, "groups": jax_groups},
-        "torch": {**torch_total, "threads": torch_threads, "groups": torch_groups},
+        "torch": {**torch_total, "threads": torch_threads, "thread_check": check, "groups": torch_groups},
         "speedup": {"wall": torch_total["wall_s"] / jax_total["wall_s"],
                     "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["compile_s"])},
     }
@@ -321,7 +344,9 @@ def markdown(r: dict) -> str:
              f"| % of matmul peak (wall) | {100 * j['fraction_of_peak']:.1f} | {100 * t['fraction_of_peak']:.1f} |",
              f"| achieved GFLOP/s, % of peak (training epochs only) | {j['achieved_gflops_steady']:.1f}, "
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
-             f"| threads | XLA default | {t['threads']} |"]
+             f"| threads | XLA default | {t['threads']} |",
+             "| torch ms per concat step, 1 thread / all | – | "
+             + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
     lines += [f"| mean val. accuracy, {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |" for m in g["methods"]]
     lines += ["", f"**Speed-up: {r['speedup']['wall']:.2f}x** wall time, compilation included "
               f"({r['speedup']['excluding_compile']:.2f}x without it).", "",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -12,8 +14,16 @@ class GroupCheckpoints:
     """A CheckpointManager over `directory`; the step number is the count of finished epochs."""
 
     def __init__(self, directory: str, keep: int):
-        self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        if jax.process_count() > 1:
+            # Each process checkpoints its own groups: no barrier with the other processes.
+            me = jax.process_index()
+            os.makedirs(directory, exist_ok=True)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me},
+                    barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
@@ -25,11 +35,14 @@ class GroupCheckpoints:
         self._manager.delete(epoch)
 
     def save(self, epoch: int, tree: Any) -> None:
-        self._manager.save(epoch, args=ocp.args.StandardSave(tree))
+        """Save `tree` as host arrays: a group lives on one process's devices, which Orbax's
+        multi-process mode would refuse as host-local jax.Arrays."""
+        self._manager.save(epoch, args=ocp.args.StandardSave(jax.device_get(tree)))
 
     def restore(self, epoch: int, abstract_tree: Any) -> Any:
-        """Restore onto `abstract_tree` (from jax.eval_shape), so shapes and dtypes are checked."""
-        return self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract_tree))
+        """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays; shapes and dtypes are checked."""
+        target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract_tree)
+        return self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:
         self._manager.wait_until_finished()

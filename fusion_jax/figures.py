@@ -136,6 +136,7 @@ def tsne_embedding(image: np.ndarray, text: np.ndarray, seed: int = 0) -> tuple[
     """2-d t-SNE of image and text rows; joint when d_v == d_t, else after separate PCA to a common dim."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = len(image)
     joint = image.shape[1] == text.shape[1]
@@ -148,7 +149,8 @@ def tsne_embedding(image: np.ndarray, text: np.ndarray, seed: int = 0) -> tuple[
         x = np.concatenate([PCA(k, random_state=seed).fit_transform(image.astype(np.float64)),
                             PCA(k, random_state=seed).fit_transform(text.astype(np.float64))])
     perplexity = float(min(30.0, (len(x) - 1) / 3.0))
-    y = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    with threadpool_limits(1):  # OpenMP threads of the Barnes-Hut step slow it ~10x on a busy small machine
+        y = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
     return y[:n], y[n:], joint
 
 
@@ -166,7 +168,7 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
         img, txt, joint = tsne_embedding(image, text)
         linked = np.random.default_rng(0).choice(n, min(TSNE_LINKED_PAIRS, n), replace=False)
         for j, i in enumerate(linked):
-            ax.plot([img[i, 0], txt[i, 0]], [img[i, 1], txt[i, 1]], color="gray", lw=0.7, alpha=0.6,
+            ax.plot([img[i, 0], txt[i, 0]], [img[i, 1], txt[i, 1]], color="black", lw=0.8, alpha=0.6, zorder=3,
                     label=f"matched pair ({len(linked)} of {n} shown)" if j == 0 else None)
         ax.scatter(img[:, 0], img[:, 1], s=6, color=MODALITY_COLORS["image"], alpha=0.6, label="image features")
         ax.scatter(txt[:, 0], txt[:, 1], s=6, color=MODALITY_COLORS["text"], alpha=0.6, label="text features")
@@ -174,7 +176,7 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
             title = f"backbone {b}: joint t-SNE, {n} pairs (d = {image.shape[1]})"
         else:
             title = (f"backbone {b}: {n} pairs, d_v = {image.shape[1]}, d_t = {text.shape[1]}\n"
-                     f"each modality PCA'd to {min(image.shape[1], text.shape[1], 50, n)}-d separately; "
+                     f"each modality PCA'd to {min(image.shape[1], text.shape[1], 50, n)}-d separately\n"
                      "separate spaces: positions are not comparable across modalities")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("t-SNE 1 (no units)")

@@ -37,6 +37,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DataUnavailableError) as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if results is None:
+        print(f"this process's groups are done; process 0 writes {workdir}/results.json")
+        return
     print(f"results in {workdir}/: results.json, runs.csv, summary.md")
     if results["failed_groups"]:
         for failure in results["failed_groups"]:

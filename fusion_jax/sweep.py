@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet, Pairs, build_pairs
@@ -114,6 +115,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_NOT_RESULTS = ("workdir", "distributed")  # config fields that do not change a sweep's results
+
+
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
     """Create the workdir and claim it for this config; refuse one that holds a different sweep."""
     try:
@@ -124,7 +128,7 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror or e}") from None
-    fingerprint = _flatten({k: v for k, v in config_dict.items() if k != "workdir"})
+    fingerprint = _flatten({k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
     path = os.path.join(workdir, "sweep.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -135,7 +139,7 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
     else:
-        atomic_write_json(path, {k: v for k, v in config_dict.items() if k != "workdir"})
+        atomic_write_json(path, {k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
 
 
 def run_mesh() -> Mesh:
@@ -183,18 +187,15 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
 
     ckpt_dir = os.path.join(workdir, "checkpoints", group.name)
     ckpt = GroupCheckpoints(ckpt_dir, config.checkpoint.keep)
-    abstract = {"state": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_run),
-                                                jax.eval_shape(init, runs, data)),
-                "seconds": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
-                "last_loss": jax.ShapeDtypeStruct((len(padded),), jnp.float32, sharding=by_run)}
+    abstract = {"state": jax.eval_shape(init, runs, data), "seconds": jax.ShapeDtypeStruct((), jnp.float32),
+                "last_loss": jax.ShapeDtypeStruct((len(padded),), jnp.float32)}
     start, tree = _restore_latest_good(ckpt, abstract, group)
     if start is None:
-        tree = {"state": init(runs, data), "seconds": jnp.zeros((), jnp.float32),
-                "last_loss": jnp.full(len(padded), jnp.nan, jnp.float32)}
+        state, seconds, last_loss = init(runs, data), 0.0, np.full(len(padded), np.nan, np.float32)
     else:
         log.info("group %s: resuming from the checkpoint after epoch %d", group.name, start)
         progress.update(start)
-    state, seconds, last_loss = tree["state"], float(tree["seconds"]), np.asarray(tree["last_loss"])
+        state, seconds, last_loss = jax.device_put(tree["state"], by_run), float(tree["seconds"]), tree["last_loss"]
 
     for epoch in range(start or 0, config.train.epochs):
         t0 = time.perf_counter()
@@ -206,7 +207,7 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
             raise NonFinite(f"group {group.name}: non-finite training loss in epoch {epoch + 1} of runs "
                                 + ", ".join(f"(seed {r.seed}, level {r.level:g})" for r in bad))
         last_loss = np.concatenate([losses.mean(axis=1), last_loss[n_runs:]]).astype(np.float32)
-        ckpt.save(epoch + 1, {"state": state, "seconds": jnp.float32(seconds), "last_loss": last_loss})
+        ckpt.save(epoch + 1, {"state": state, "seconds": np.float32(seconds), "last_loss": last_loss})
         progress.set_postfix(loss=f"{losses.mean():.4f}")
         progress.update(1)
         if on_epoch is not None:
@@ -233,8 +234,12 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_epoch: Callable[[Group, int], None] | None = None, command: str | None = None) -> dict:
+                       on_epoch: Callable[[Group, int], None] | None = None, command: str | None = None
+                       ) -> dict | None:
     """Run (or resume) the whole sweep of `config` in `workdir`; write and return the results.
+
+    With several processes, each trains its share of the groups; process 0 gathers every group,
+    writes and returns the results, the others return None.
 
     Raises ConfigError, before anything is written, for an invalid config or workdir.
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; `command`
@@ -247,30 +252,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config_dict = config.to_dict()
     prepare_workdir(workdir, config_dict)
 
-    for b, fs in features.items():
-        write_tsne_sample(workdir, b, fs)
+    index, count = distributed.initialize(config)
+    if index == 0:
+        for b, fs in features.items():
+            write_tsne_sample(workdir, b, fs)
     groups = plan(config)
-    group_file = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
-    todo = [g for g in groups if not os.path.exists(group_file(g))]
-    log.info("sweep %s: %d groups, %d runs; %d groups to train", config.name, len(groups),
-             sum(len(g.runs) for g in groups), len(todo))
-    records, failures = [], []
+    done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
+    failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
+    todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
+    log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
+             sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
     with tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
-        for i, g in enumerate(groups):
-            if g in todo:
-                progress.set_description(f"group {todo.index(g) + 1}/{len(todo)} {g.name}")
-                try:
-                    group_records = train_group(config, g, features[g.backbone], workdir, progress, on_epoch)
-                except NonFinite as e:
-                    log.error("%s", e)
-                    failures.append({"group": g.name, "error": str(e)})
-                    continue
-                atomic_write_json(group_file(g), group_records)
-            else:
-                with open(group_file(g)) as f:
-                    group_records = json.load(f)
+        for i, g in enumerate(todo):
+            progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
+            if os.path.exists(failed(g)):
+                os.unlink(failed(g))
+            try:
+                atomic_write_json(done(g), train_group(config, g, features[g.backbone], workdir, progress, on_epoch))
+            except NonFinite as e:
+                log.error("%s", e)
+                atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
-            records += group_records
+    if index != 0:
+        return None
+
+    waited = 0.0
+    while not all(os.path.exists(done(g)) or os.path.exists(failed(g)) for g in groups):
+        if waited >= config.distributed.wait_seconds:
+            missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
+            raise TimeoutError(f"groups {missing} not finished by the other processes after {waited:.0f} s")
+        time.sleep(1.0)
+        waited += 1.0
+    records, failures = [], []
+    for g in groups:
+        with open(done(g) if os.path.exists(done(g)) else failed(g)) as f:
+            (records.extend if os.path.exists(done(g)) else failures.append)(json.load(f))
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     return write_results(workdir, config_dict, records, command,

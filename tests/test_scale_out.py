@@ -113,3 +113,59 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
     assert {r["backbone"] for r in results["runs"]} == {"aligned"}
     assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat-128"]
     assert "NaN or Inf" in results["failed_groups"][0]["error"] and "rows [3]" in results["failed_groups"][0]["error"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SMALL = ["--config=configs/synthetic.py:smoke", "--config.backbones=aligned", "--config.scales=128",
+         "--config.train.epochs=2"]
+
+
+def _main(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "fusion_jax.main", *SMALL, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_processes_equal_one(tmp_path):
+    single = _main([f"--workdir={tmp_path / 'one'}"])
+    assert single.wait(timeout=300) == 0, single.stderr.read()[-2000:]
+    port = _free_port()
+    common = [f"--workdir={tmp_path / 'two'}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2"]
+    procs = [_main([*common, f"--config.distributed.process_id={i}"]) for i in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    _assert_same(one, two)
+    assert "process 1 of 2" in procs[1].stderr.read()
+
+
+def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
+    import signal
+    import time
+
+    clean = _main([f"--workdir={tmp_path / 'clean'}"])
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-2000:]
+    workdir = tmp_path / "killed"
+    victim = _main([f"--workdir={workdir}", "--config.train.epochs=2"])
+    second = workdir / "checkpoints" / "aligned-cross-128"
+    deadline = time.time() + 240
+    while not (second.exists() and any(p.name.isdigit() for p in second.iterdir())):
+        assert victim.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (workdir / "results.json").exists()
+    restarted = _main([f"--workdir={workdir}"])
+    assert restarted.wait(timeout=300) == 0
+    log = restarted.stderr.read()
+    assert "resuming from the checkpoint after epoch" in log and "1 groups to train" in log
+    _assert_same(json.loads((tmp_path / "clean" / "results.json").read_text()),
+                 json.loads((workdir / "results.json").read_text()))
