@@ -103,6 +103,9 @@ def summary_markdown(results: dict) -> str:
                      f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | {100 * r['majority_baseline_mean']:.1f} | "
                      f"{_pct(r['f1_mean'], r['f1_std'])} | {_pct(r['precision_mean'], r['precision_std'])} | "
                      f"{_pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
+    if results.get("failed_groups"):
+        lines += ["", "## Failed groups (not in the tables above)", ""]
+        lines += [f"- `{f['group']}`: {f['error']}" for f in results["failed_groups"]]
     if results["backbones"]:
         lines += ["", "## Feature alignment (zero-shot image → text retrieval by cosine)", "",
                   "| backbone | recall@1 | recall@5 | chance@1 | chance@5 | images |", "|---|---:|---:|---:|---:|---:|"]

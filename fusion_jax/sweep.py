@@ -115,6 +115,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_MIN_FREE_BYTES = 64 * 2**20
 _NOT_RESULTS = ("workdir", "distributed")  # config fields that do not change a sweep's results
 
 
@@ -128,6 +129,10 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror or e}") from None
+    free = shutil.disk_usage(workdir).free
+    if free < _MIN_FREE_BYTES:
+        raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
+                          f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
     fingerprint = _flatten({k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
     path = os.path.join(workdir, "sweep.json")
     if os.path.exists(path):

@@ -81,10 +81,10 @@ def paired_differences(results: dict, backbone: str, scale: int, lvl: float) -> 
 
 
 def noise_settings(results: dict) -> list[tuple[str, int, list[float]]]:
-    """(backbone, scale, sorted levels) for every setting with more than one degradation level."""
+    """(backbone, scale, sorted levels) where both methods were compared at more than one degradation level."""
     levels: dict[tuple, set] = {}
-    for s in results["summary"]:
-        levels.setdefault((s["backbone"], s["scale"]), set()).add(level(s))
+    for c in results["comparisons"]:
+        levels.setdefault((c["backbone"], c["scale"]), set()).add(level(c))
     return [(b, sc, sorted(lv)) for (b, sc), lv in levels.items() if len(lv) > 1]
 
 
@@ -239,7 +239,8 @@ def table2(results: dict) -> tuple[str, list[dict]]:
         lines += markdown_table(["source", "data", "backbone", "scale", "σ", "concat accuracy", "cross accuracy",
                                  "majority", "advantage (pts)", "p", "verdict"], md_rows, "lllrrrrrrrl")
     else:
-        lines += ["No noise study in these results: every backbone and scale ran at one degradation level only."]
+        lines += ["No noise study in these results: no backbone and scale has both methods at more than one "
+                  "degradation level."]
     block = f"{PAPER_REFERENCE}, Table 2 (scale not stated)"
     lines += ["", f"## {block}", "",
               f"The paper's figures on its own data ({paper.SETTING}); "

@@ -71,3 +71,14 @@ def test_command_line_error_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "fusion_jax: error: config.methods: unknown method 'late'; allowed: concat, cross")
     assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(ConfigError, match="config.workdir: .* 1 MiB free"):
+        train_and_evaluate(smoke_config, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "results.json").exists()

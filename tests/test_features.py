@@ -151,3 +151,31 @@ def test_fully_trained_tiny_clip_retrieves_far_above_chance(tmp_path):
     recall = retrieval_recall(FeatureSet(image, text, held_out.caption_image))
     assert recall["defined"] and recall["recall@1"] > 20 * recall["chance@1"], recall
     assert recall["recall@5"] > 10 * recall["chance@5"], recall
+
+
+EXTRACT = """
+import sys, numpy as np
+from fusion_jax.data.embedded import generate_embedded
+from fusion_jax.features.backbones import load_clip
+ds = generate_embedded(n_images=8, seed=5, image_size=32)
+clip = load_clip(sys.argv[1], None, batch_size=8, tokens=False)
+images = clip.encode_images([ds.load_image(i) for i in range(8)])["image"]
+texts = clip.encode_texts(list(ds.captions[:8]), clip.text_length(ds.captions[:8]))["text"]
+np.savez(sys.argv[2], image=images, text=texts)
+"""
+
+
+def test_extraction_splits_batches_over_devices(tmp_path):
+    from fusion_jax.data.embedded import generate_embedded
+    from fusion_jax.features.embedded_models import train_tiny_clip
+
+    train_tiny_clip(generate_embedded(n_images=32, seed=5, image_size=32), str(tmp_path / "clip"), steps=0, width=32)
+    outs = {}
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        proc = subprocess.run([sys.executable, "-c", EXTRACT, str(tmp_path / "clip"), str(tmp_path / f"{n}.npz")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[n] = np.load(tmp_path / f"{n}.npz")
+    for k in ("image", "text"):
+        np.testing.assert_allclose(outs[1][k], outs[4][k], rtol=1e-5, atol=1e-6)

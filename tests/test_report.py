@@ -184,6 +184,18 @@ def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatc
     assert not (tmp_path / "fig_noise.png").exists() and not (tmp_path / "fig_tsne.png").exists()
 
 
+def test_one_method_only_has_no_comparison_and_no_nan(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    results = fake_results("synthetic", ("aligned",))
+    runs = [r for r in results["runs"] if r["method"] == "concat"]
+    results.update(runs=runs, summary=summarize(runs), comparisons=compare(runs))
+    names = {os.path.basename(p) for p in render_report(results, str(tmp_path))}
+    assert "fig_noise.png" not in names and "fig_accuracy_vs_scale.png" in names
+    assert "no comparison (one method only)" in (tmp_path / "table1.md").read_text()
+    assert "No noise study" in (tmp_path / "table2.md").read_text()
+    assert_no_nan(tmp_path)
+
+
 def test_tsne_embedding_joint_and_separate():
     rng = np.random.default_rng(0)
     img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)))

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
@@ -129,6 +130,16 @@ def _folder_stamp(model: str) -> str | None:
     return h.hexdigest()[:20]
 
 
+def _on_devices(params, batch_size: int):
+    """(params replicated over the local devices, a function that splits a batch over them).
+
+    The batch axis is split only when batch_size divides evenly; otherwise batches stay whole."""
+    mesh = Mesh(np.array(jax.local_devices()), ("batch",))
+    split = batch_size % mesh.size == 0
+    batch_sharding = NamedSharding(mesh, P("batch") if split else P())
+    return jax.device_put(params, NamedSharding(mesh, P())), lambda x: jax.device_put(x, batch_sharding)
+
+
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
 
@@ -143,6 +154,26 @@ def _tokenizer_fns(tokenizer, batch_size: int, cap: int):
         return _pad(t["input_ids"].astype(np.int32), batch_size), _pad(t["attention_mask"].astype(np.int32), batch_size)
 
     return length, tokenize
+
+
+def _encoders(image_fn, image_params, pre, text_fn, text_params, tokenize, batch_size: int, tokens: bool):
+    """Host-side encode_images / encode_texts around jitted model functions: preprocess or tokenise,
+    pad to the fixed batch, split it over the devices, and trim the padding from the outputs."""
+    image_params, split = _on_devices(image_params, batch_size)
+    text_params, _ = _on_devices(text_params, batch_size)
+
+    def encode_images(images):
+        n = len(images)
+        out = {k: np.asarray(v)[:n] for k, v in image_fn(image_params, split(_pad(pre(images), batch_size))).items()}
+        if tokens:
+            out["image_mask"] = np.ones(out["image_tokens"].shape[:2], np.float32)
+        return out
+
+    def encode_texts(texts, max_length):
+        ids, mask = tokenize(texts, max_length)
+        return {k: np.asarray(v)[:len(texts)] for k, v in text_fn(text_params, split(ids), split(mask)).items()}
+
+    return encode_images, encode_texts
 
 
 def _mean_pool(h: jax.Array, mask: jax.Array) -> jax.Array:
@@ -181,17 +212,8 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
             out["text_mask"] = mask
         return out
 
-    def encode_images(images):
-        n = len(images)
-        out = {k: np.asarray(v)[:n] for k, v in image_fn(net.params, _pad(pre(images), batch_size)).items()}
-        if tokens:
-            out["image_mask"] = np.ones(out["image_tokens"].shape[:2], np.float32)
-        return out
-
-    def encode_texts(texts, max_length):
-        ids, mask = tokenize(texts, max_length)
-        return {k: np.asarray(v)[:len(texts)] for k, v in text_fn(net.params, ids, mask).items()}
-
+    encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, net.params, tokenize,
+                                            batch_size, tokens)
     key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
            "preprocess": _describe(pre), "tokens": tokens}
     return Backbone("clip", key, encode_images, encode_texts, length)
@@ -225,17 +247,8 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
             out["text_tokens"], out["text_mask"] = h, mask
         return out
 
-    def encode_images(images):
-        n = len(images)
-        out = {k: np.asarray(v)[:n] for k, v in image_fn(net.params, _pad(pre(images), batch_size)).items()}
-        if tokens:
-            out["image_mask"] = np.ones(out["image_tokens"].shape[:2], np.float32)
-        return out
-
-    def encode_texts(texts, max_length):
-        ids, mask = tokenize(texts, max_length)
-        return {k: np.asarray(v)[:len(texts)] for k, v in text_fn(text_net.params, ids, mask).items()}
-
+    encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, text_net.params, tokenize,
+                                            batch_size, tokens)
     key = {"kind": "resnet", "model": model, "model_files": _folder_stamp(model), "text_model": text_model,
            "text_model_files": _folder_stamp(text_model), "revision": revision, "preprocess": _describe(pre),
            "tokens": tokens}

@@ -85,6 +85,8 @@ def fit(loss_fn: Callable, params, data, steps: int, learning_rate: float, seed:
     One jitted call per step: XLA:CPU runs convolutions inside a `lax.scan` body far slower (we
     measured ~15x for the ResNet) than at top level. Returns (params, state, losses [steps]).
     """
+    if steps == 0:
+        return params, state, np.zeros(0, np.float32)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps),
                      weight_decay=1e-4)
 
