@@ -44,6 +44,10 @@ class GroupCheckpoints:
         target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract_tree)
         return self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
 
+    def wait(self) -> None:
+        """Block until every save has reached the disk."""
+        self._manager.wait_until_finished()
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -216,9 +216,8 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
         progress.set_postfix(loss=f"{losses.mean():.4f}")
         progress.update(1)
         if on_epoch is not None:
-            ckpt.close()
+            ckpt.wait()
             on_epoch(group, epoch + 1)
-            ckpt = GroupCheckpoints(ckpt_dir, config.checkpoint.keep)
     ckpt.close()
     counts = np.asarray(evaluate(state, runs, data))[:n_runs]
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
