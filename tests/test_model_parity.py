@@ -24,8 +24,7 @@ transformers = pytest.importorskip("transformers")
 from flax.traverse_util import flatten_dict  # noqa: E402
 
 # Each from_pretrained(from_pt=True) first builds a randomly initialised Flax model op by op (one
-# XLA compile per primitive, ~10 s for the tiny CLIP on 2 CPU cores), hence "slow".
-pytestmark = pytest.mark.slow
+# XLA compile per primitive, ~10 s for the tiny CLIP on 2 CPU cores): this module takes ~30 s.
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 

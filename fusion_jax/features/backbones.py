@@ -76,24 +76,29 @@ def load_flax_resnet(model: str, revision: str | None):
     from flax.traverse_util import flatten_dict
     from transformers import FlaxResNetModel
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    from transformers.utils import cached_file
 
     field = "backbone.resnet.model"
-    try:
-        return FlaxResNetModel.from_pretrained(model, revision=revision)
-    except OSError as e:
-        if "flax" not in str(e).lower() and "msgpack" not in str(e).lower():
-            raise _missing("ResNet model", model, field, e) from e
+    if os.path.isdir(model):
+        native = os.path.exists(os.path.join(model, "flax_model.msgpack"))
+    else:
+        try:
+            native = cached_file(model, "flax_model.msgpack", revision=revision,
+                                 _raise_exceptions_for_missing_entries=False) is not None
+        except OSError:
+            native = False
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the bug's warning lists every block key
     try:
-        net = FlaxResNetModel.from_pretrained(model, revision=revision, from_pt=True)
+        net = FlaxResNetModel.from_pretrained(model, revision=revision, from_pt=not native)
     except (OSError, ValueError) as e:
         raise _missing("ResNet model", model, field, e) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
-    if any("layer_0" in "/".join(k) for k in flatten_dict(net.params)):
+    if native:
+        return net
+    if any("layer_0" in "/".join(k) for k in flatten_dict(net.params)):  # basic blocks: the buggy mapping
         from safetensors.numpy import load_file
-        from transformers.utils import cached_file
 
         try:
             path = cached_file(model, "model.safetensors", revision=revision)
