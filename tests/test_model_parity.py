@@ -10,7 +10,6 @@ magnitude of headroom and still catches any wrong or missing weight.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -20,8 +19,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (dev extra) is needed for the PyTorch parity tests")
 jax = pytest.importorskip("jax")
 transformers = pytest.importorskip("transformers")
-
-from flax.traverse_util import flatten_dict  # noqa: E402
 
 # Each from_pretrained(from_pt=True) first builds a randomly initialised Flax model op by op (one
 # XLA compile per primitive, ~10 s for the tiny CLIP on 2 CPU cores): this module takes ~30 s.

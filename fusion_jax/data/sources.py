@@ -46,18 +46,20 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageCaptionDataset:
     return load_flickr8k(d.flickr8k_dir, d.hub_id, d.hub_revision or None)
 
 
-def _model_dirs(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """Model ids or folders per role (clip, resnet, text); "embedded" becomes the package's own models."""
+def _model_dirs(config: ml_collections.ConfigDict, backbone: str) -> dict[str, str]:
+    """Model ids or folders of `backbone`'s roles (clip; or resnet and text); "embedded" becomes the
+    package's own models, trained here if they are not cached."""
     b = config.backbone
-    wanted = {"clip": b.clip.model, "resnet": b.resnet.model, "text": b.resnet.text_model}
-    if "embedded" in wanted.values():
+    wanted = {"clip": b.clip.model} if backbone == "clip" else {"resnet": b.resnet.model, "text": b.resnet.text_model}
+    embedded = tuple(role for role, value in wanted.items() if value == "embedded")
+    if embedded:
         from fusion_jax.features.cache import default_root
         from fusion_jax.features.embedded_models import embedded_models
 
         e = b.embedded
-        trained = embedded_models(config.cache_dir or default_root(), e.n_images, e.seed, config.data.image_size,
-                                  {"clip": e.clip_steps, "resnet": e.resnet_steps, "text": e.text_steps})
-        wanted = {role: trained[role] if value == "embedded" else value for role, value in wanted.items()}
+        wanted.update(embedded_models(config.cache_dir or default_root(), e.n_images, e.seed, config.data.image_size,
+                                      {"clip": e.clip_steps, "resnet": e.resnet_steps, "text": e.text_steps},
+                                      embedded))
     return wanted
 
 
@@ -67,7 +69,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     from fusion_jax.features.cache import FeatureCache, default_root
     from fusion_jax.features.extract import extract_cached
 
-    b, models = config.backbone, _model_dirs(config)
+    b, models = config.backbone, _model_dirs(config, backbone)
     revision = b[backbone].revision or None
     if backbone == "clip":
         bb = backbones.load_clip(models["clip"], revision, b.batch_size, b.tokens)

@@ -249,8 +249,9 @@ def pretrained_minilm() -> str | None:
     return path if os.path.exists(os.path.join(path, "model.safetensors")) else None
 
 
-def embedded_models(root: str, n_images: int, seed: int, image_size: int, steps: dict) -> dict[str, str]:
-    """Folders of the embedded backbones, trained now if not cached: keys clip, resnet, text."""
+def embedded_models(root: str, n_images: int, seed: int, image_size: int, steps: dict,
+                    roles: tuple[str, ...] = ("clip", "resnet", "text")) -> dict[str, str]:
+    """Folders of the embedded backbones in `roles` (clip, resnet, text), trained now if not cached."""
     spec = {"n_images": n_images, "seed": seed, "image_size": image_size}
     data: list[ImageCaptionDataset] = []
 
@@ -259,14 +260,15 @@ def embedded_models(root: str, n_images: int, seed: int, image_size: int, steps:
             data.append(generate_embedded(n_images=n_images, seed=seed, image_size=image_size))
         return data[0]
 
-    out = {
-        "clip": _cached(_spec_dir(root, "tiny-clip", {**spec, "steps": steps["clip"]}),
-                        lambda d: train_tiny_clip(dataset(), d, steps=steps["clip"], seed=seed), "tiny CLIP"),
-        "resnet": _cached(_spec_dir(root, "tiny-resnet18", {**spec, "steps": steps["resnet"]}),
-                          lambda d: train_tiny_resnet(dataset(), d, steps=steps["resnet"], seed=seed), "tiny ResNet"),
-    }
-    minilm = pretrained_minilm()
-    out["text"] = minilm or _cached(_spec_dir(root, "tiny-text", {**spec, "steps": steps["text"]}),
-                                    lambda d: train_tiny_text(dataset(), d, steps=steps["text"], seed=seed),
-                                    "tiny text encoder")
+    trainers = {"clip": ("tiny-clip", train_tiny_clip, "tiny CLIP"),
+                "resnet": ("tiny-resnet18", train_tiny_resnet, "tiny ResNet"),
+                "text": ("tiny-text", train_tiny_text, "tiny text encoder")}
+    out = {}
+    for role in roles:
+        if role == "text" and pretrained_minilm():
+            out[role] = pretrained_minilm()
+            continue
+        name, train, what = trainers[role]
+        out[role] = _cached(_spec_dir(root, name, {**spec, "steps": steps[role]}),
+                            lambda d, train=train, role=role: train(dataset(), d, steps=steps[role], seed=seed), what)
     return out
