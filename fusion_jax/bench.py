@@ -146,7 +146,7 @@ def time_jax_group(config: ml_collections.ConfigDict, group: Group, features: Fe
     mesh = run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     padded = group.runs + (group.runs[-1],) * (-len(group.runs) % mesh.size)
-    data = jax.device_put(group_data(features, pairs), replicated)
+    data = group_data(features, pairs, replicated)
     runs = jax.device_put(stack_runs(padded), by_run)
     t1 = time.perf_counter()
     program = lambda f, axes: jax.jit(jax.vmap(f, in_axes=axes), out_shardings=by_run)

@@ -89,9 +89,10 @@ def stack_runs(runs: tuple[RunSpec, ...]) -> dict:
             "noise_level": jnp.asarray([r.level for r in runs], jnp.float32)}
 
 
-def group_data(features: FeatureSet, pairs: Pairs) -> dict:
-    """What every run of a group reads: feature arrays and the train/val pair indices, on the device."""
-    return jax.device_put({**features.arrays(), "train": pairs.split("train"), "val": pairs.split("val")})
+def group_data(features: FeatureSet, pairs: Pairs, sharding: NamedSharding | None = None) -> dict:
+    """What every run of a group reads: feature arrays and the train/val pair indices, put on the
+    device(s) once (with `sharding`, e.g. replicated over a mesh)."""
+    return jax.device_put({**features.arrays(), "train": pairs.split("train"), "val": pairs.split("val")}, sharding)
 
 
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
@@ -184,7 +185,7 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     n_runs = len(group.runs)
     padded = group.runs + (group.runs[-1],) * (-n_runs % mesh.size)
-    data = jax.device_put(group_data(features, pairs), replicated)
+    data = group_data(features, pairs, replicated)
     runs = jax.device_put(stack_runs(padded), by_run)
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)), out_shardings=by_run)
     train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)), out_shardings=by_run)
