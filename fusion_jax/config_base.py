@@ -31,6 +31,8 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
     # Cap on the runs one compiled program trains at once (0: no cap); larger groups are split.
     config.max_runs_per_program = 0
+    # Threads that compile the next groups while one trains (0: half the cores).
+    config.compile_workers = 0
     # Several processes (hosts): empty / 0 / -1 mean "from the environment" (SLURM, JAX_COORDINATOR_ADDRESS).
     config.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, timeout_seconds=300,

@@ -67,16 +67,18 @@ def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int =
     if not isinstance(config, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(config)
     batch = config.train.batch_size
-    trainer = make_train(config, method, n_train=batch, n_val=1)
+    trainer = make_train(config, method, max_train=batch, max_val=1)
     n_images, n_captions = 2 * batch, 2 * batch
     image, image_mask = _features(n_images, d_v, tokens)
     text, text_mask = _features(n_captions, d_t, tokens)
-    split = lambda n: {k: jax.ShapeDtypeStruct((n,), jnp.int32) for k in ("image_idx", "caption_idx", "label")}
-    data = {"image": image, "text": text, "train": split(batch), "val": split(1)}
+    data = {"image": image, "text": text}
     if tokens:
         data.update(image_mask=image_mask, text_mask=text_mask)
+    split = lambda n: {k: jax.ShapeDtypeStruct((n_runs, n), jnp.int32) for k in ("image_idx", "caption_idx", "label")}
     runs = {"key": jax.ShapeDtypeStruct((n_runs, 2), jnp.uint32),
-            "noise_level": jax.ShapeDtypeStruct((n_runs,), jnp.float32)}
+            "noise_level": jax.ShapeDtypeStruct((n_runs,), jnp.float32),
+            "n_train": jax.ShapeDtypeStruct((n_runs,), jnp.int32), "n_val": jax.ShapeDtypeStruct((n_runs,), jnp.int32),
+            "train": split(batch), "val": split(1)}
     state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs, data)
     epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
     return xla_flops(epoch.lower(state, runs, data).compile())

@@ -1,12 +1,15 @@
 """Sweeps: plan the grid into groups, train each group as one vmapped program, resume, report.
 
-A group is one (backbone, method, scale); its runs are all seeds x degradation levels. The host
-loop only moves between epochs: progress, checkpoints, resume. Finished groups are kept in
-`<workdir>/groups/<group>.json`; an unfinished group resumes from its last Orbax checkpoint.
+A group is one (backbone, method); its runs are all scales x seeds x degradation levels, each run
+carrying its own pairs (see train.py). The host loop only moves between epochs: progress,
+checkpoints, resume. The groups' programs are compiled ahead, in worker threads, while earlier
+groups train. Finished groups are kept in `<workdir>/groups/<group>.json`; an unfinished group
+resumes from its last Orbax checkpoint.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -14,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,7 @@ from fusion_jax.data.sources import load_dataset, load_features
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
 from fusion_jax.report import write_results
-from fusion_jax.train import make_train, run_key
+from fusion_jax.train import Trainer, make_train, pair_arrays, run_key, steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
 
 log = logging.getLogger("fusion_jax")
@@ -53,46 +56,123 @@ class RunSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """Runs that share one compiled program: the same backbone, method and scale."""
+    """Runs that share one compiled program: the same backbone and method."""
 
     backbone: str
     method: str
-    scale: int
     runs: tuple[RunSpec, ...]
     part: tuple[int, int] | None = None  # (index, count) when max_runs_per_program split the group
 
     @property
     def name(self) -> str:
         part = "" if self.part is None else f"-part{self.part[0] + 1}of{self.part[1]}"
-        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}-{self.scale}{part}")
+        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}{part}")
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(sorted({r.scale for r in self.runs}))
 
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
-    """The sweep's groups, in a fixed order; each holds seeds x degradation levels (level 0 alone for
-    a backbone outside a non-empty `degradation.backbones`)."""
+    """The sweep's groups, in a fixed order; each holds scales x seeds x degradation levels (level 0
+    alone for a backbone outside a non-empty `degradation.backbones`)."""
     d = config.degradation
     levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
-    groups = [Group(b, m, s, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
-                                   for seed in config.seeds for level in levels[b]))
-              for b in config.backbones for m in config.methods for s in config.scales]
+    groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
+                                for s in config.scales for seed in config.seeds for level in levels[b]))
+              for b in config.backbones for m in config.methods]
     cap = config.max_runs_per_program
     if cap and any(len(g.runs) > cap for g in groups):
         log.info("max_runs_per_program=%d: splitting groups of more runs into programs of at most %d", cap, cap)
-        groups = [Group(g.backbone, g.method, g.scale, g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
+        groups = [Group(g.backbone, g.method, g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
                   for g in groups for i in range(0, len(g.runs), cap)]
     return groups
 
 
-def stack_runs(runs: tuple[RunSpec, ...]) -> dict:
-    """Per-run values of a group as stacked arrays: key [runs, 2], noise_level [runs]."""
-    return {"key": jnp.stack([run_key(r.seed, r.scale) for r in runs]),
-            "noise_level": jnp.asarray([r.level for r in runs], jnp.float32)}
+def group_pairs(config: ml_collections.ConfigDict, group: Group, features: FeatureSet) -> dict[int, Pairs]:
+    """The pairs of each scale of `group`, with a NonFinite error for features they would read."""
+    pairs = {s: build_pairs(features.caption_image, features.n_images, s, config.pairs.split_seed,
+                            config.pairs.train_fraction) for s in group.scales}
+    for name, x in (("image", features.image), ("text", features.text)):
+        rows = np.unique(np.concatenate([p.image_idx if name == "image" else p.caption_idx for p in pairs.values()]))
+        bad = rows[~np.isfinite(x[rows]).reshape(len(rows), -1).all(axis=1)]
+        if len(bad):
+            raise NonFinite(f"group {group.name}: {name} features of backbone {group.backbone!r} hold NaN or Inf "
+                            f"(rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}); every run of the group stops")
+    return pairs
 
 
-def group_data(features: FeatureSet, pairs: Pairs, sharding: NamedSharding | None = None) -> dict:
-    """What every run of a group reads: feature arrays and the train/val pair indices, put on the
-    device(s) once (with `sharding`, e.g. replicated over a mesh)."""
-    return jax.device_put({**features.arrays(), "train": pairs.split("train"), "val": pairs.split("val")}, sharding)
+def stack_runs(runs: tuple[RunSpec, ...], pairs: dict[int, Pairs]) -> dict:
+    """Per-run values of a group as stacked host arrays: key [runs, 2], noise_level [runs],
+    n_train / n_val [runs], train / val {image_idx, caption_idx, label} [runs, largest split]."""
+    n_train = {s: p.n_train for s, p in pairs.items()}
+    max_train, max_val = max(n_train.values()), max(s - n for s, n in n_train.items())
+    split = lambda name, size: {k: np.stack([pair_arrays(pairs[r.scale].split(name), size)[k] for r in runs])
+                                for k in ("image_idx", "caption_idx", "label")}
+    return {"key": np.stack([np.asarray(run_key(r.seed, r.scale)) for r in runs]),
+            "noise_level": np.asarray([r.level for r in runs], np.float32),
+            "n_train": np.asarray([n_train[r.scale] for r in runs], np.int32),
+            "n_val": np.asarray([r.scale - n_train[r.scale] for r in runs], np.int32),
+            "train": split("train", max_train), "val": split("val", max_val)}
+
+
+def group_data(features: FeatureSet, sharding: NamedSharding | None = None) -> dict:
+    """What every run reads: the feature arrays (and token masks), put on the device(s) once (with
+    `sharding`, e.g. replicated over a mesh)."""
+    return jax.device_put(features.arrays(), sharding)
+
+
+def run_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices; a group's run axis is sharded over it."""
+    return Mesh(np.array(jax.local_devices()), ("runs",))
+
+
+@dataclasses.dataclass
+class GroupProgram:
+    """A group's compiled programs and per-run inputs, its run axis padded to fill the devices.
+
+    runs: host arrays [padded runs, ...]; state: the abstract state tree (for checkpoint restores);
+    init / train_epoch / evaluate: compiled `jit(vmap(...))` of the trainer's functions."""
+
+    group: Group
+    pairs: dict[int, Pairs]
+    trainer: Trainer
+    runs: dict
+    state: Any
+    init: Any
+    train_epoch: Any
+    evaluate: Any
+    by_run: NamedSharding
+    replicated: NamedSharding
+    compile_seconds: float
+
+
+def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
+                  mesh: Mesh | None = None) -> GroupProgram:
+    """Pairs, trainer and the three compiled programs of `group` (from shapes alone: no device data)."""
+    pairs = group_pairs(config, group, features)
+    mesh = mesh or run_mesh()
+    by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
+    padded = group.runs + (group.runs[-1],) * (-len(group.runs) % mesh.size)
+    runs = stack_runs(padded, pairs)
+    trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
+                         noisy=any(r.level != 0 for r in group.runs))
+    shaped = lambda tree, sharding: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
+    program = lambda f, axes: jax.jit(jax.vmap(f, in_axes=axes), out_shardings=by_run)
+    t0 = time.perf_counter()
+    init = program(trainer.init, (0, None)).lower(runs_s, data_s).compile()
+    state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
+    train_epoch = program(trainer.train_epoch, (0, 0, None)).lower(state_s, runs_s, data_s).compile()
+    evaluate = program(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s).compile()
+    return GroupProgram(group, pairs, trainer, runs, state_s, init, train_epoch, evaluate, by_run, replicated,
+                        time.perf_counter() - t0)
+
+
+def compile_workers(config: ml_collections.ConfigDict) -> int:
+    """Threads that compile groups ahead: config.compile_workers, or (0) half the cores, at least 1."""
+    return config.compile_workers or max(1, (os.cpu_count() or 2) // 2)
 
 
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
@@ -117,7 +197,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 _MIN_FREE_BYTES = 64 * 2**20
-_NOT_RESULTS = ("workdir", "distributed")  # config fields that do not change a sweep's results
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers")  # config fields that do not change a sweep's results
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
@@ -148,11 +228,6 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         atomic_write_json(path, {k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
 
 
-def run_mesh() -> Mesh:
-    """A 1-D mesh over this process's devices; a group's run axis is sharded over it."""
-    return Mesh(np.array(jax.local_devices()), ("runs",))
-
-
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group):
     """(epoch, tree) of the newest checkpoint that restores; corrupt ones are reported and deleted."""
     for epoch in sorted(ckpt.all_epochs(), reverse=True):
@@ -165,39 +240,26 @@ def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group):
     return None, None
 
 
-def train_group(config: ml_collections.ConfigDict, group: Group, features: FeatureSet, workdir: str,
+def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, workdir: str,
                 progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None) -> list[dict]:
-    """Train and evaluate every run of `group` in one vmapped program; return the run records.
+    """Train and evaluate every run of a compiled group (`build_program`); return the run records.
 
-    The run axis is sharded over the local devices; a group that does not fill them is padded
-    with copies of its last run, whose results are dropped.
+    `data` is the group's feature arrays on the devices (`group_data`, replicated). Padding runs
+    (copies of the last run, filling the devices) are dropped from the results.
     """
-    pairs = build_pairs(features.caption_image, features.n_images, group.scale, config.pairs.split_seed,
-                        config.pairs.train_fraction)
-    for name, x, rows in (("image", features.image, pairs.image_idx), ("text", features.text, pairs.caption_idx)):
-        bad = np.unique(rows[~np.isfinite(x[rows]).reshape(len(rows), -1).all(axis=1)])
-        if len(bad):
-            raise NonFinite(f"group {group.name}: {name} features of backbone {group.backbone!r} hold NaN or Inf "
-                            f"(rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}); every run of the group stops")
-    n_train, n_val = pairs.n_train, group.scale - pairs.n_train
-    trainer = make_train(config, group.method, n_train, n_val)
-    mesh = run_mesh()
-    by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
+    group, by_run, batch = program.group, program.by_run, config.train.batch_size
     n_runs = len(group.runs)
-    padded = group.runs + (group.runs[-1],) * (-n_runs % mesh.size)
-    data = group_data(features, pairs, replicated)
-    runs = jax.device_put(stack_runs(padded), by_run)
-    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)), out_shardings=by_run)
-    train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)), out_shardings=by_run)
-    evaluate = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)), out_shardings=by_run)
+    n_train = program.runs["n_train"][:n_runs]
+    run_steps = np.asarray([steps_per_epoch(int(n), batch) for n in n_train])
+    runs = jax.device_put(program.runs, by_run)
 
-    ckpt_dir = os.path.join(workdir, "checkpoints", group.name)
-    ckpt = GroupCheckpoints(ckpt_dir, config.checkpoint.keep)
-    abstract = {"state": jax.eval_shape(init, runs, data), "seconds": jax.ShapeDtypeStruct((), jnp.float32),
-                "last_loss": jax.ShapeDtypeStruct((len(padded),), jnp.float32)}
+    ckpt = GroupCheckpoints(os.path.join(workdir, "checkpoints", group.name), config.checkpoint.keep)
+    padded = len(program.runs["n_train"])
+    abstract = {"state": program.state, "seconds": jax.ShapeDtypeStruct((), jnp.float32),
+                "last_loss": jax.ShapeDtypeStruct((padded,), jnp.float32)}
     start, tree = _restore_latest_good(ckpt, abstract, group)
     if start is None:
-        state, seconds, last_loss = init(runs, data), 0.0, np.full(len(padded), np.nan, np.float32)
+        state, seconds, last_loss = program.init(runs, data), 0.0, np.full(padded, np.nan, np.float32)
     else:
         log.info("group %s: resuming from the checkpoint after epoch %d", group.name, start)
         progress.update(start)
@@ -205,35 +267,36 @@ def train_group(config: ml_collections.ConfigDict, group: Group, features: Featu
 
     for epoch in range(start or 0, config.train.epochs):
         t0 = time.perf_counter()
-        state, losses = train_epoch(state, runs, data)
+        state, losses = program.train_epoch(state, runs, data)
         losses = np.asarray(losses)[:n_runs]
         seconds += time.perf_counter() - t0
         bad = [r for r, ok in zip(group.runs, np.isfinite(losses).all(axis=1)) if not ok]
         if bad:
             raise NonFinite(f"group {group.name}: non-finite training loss in epoch {epoch + 1} of runs "
-                                + ", ".join(f"(seed {r.seed}, level {r.level:g})" for r in bad))
-        last_loss = np.concatenate([losses.mean(axis=1), last_loss[n_runs:]]).astype(np.float32)
+                            + ", ".join(f"(scale {r.scale}, seed {r.seed}, level {r.level:g})" for r in bad))
+        epoch_loss = [row[:k].mean() for row, k in zip(losses, run_steps)]
+        last_loss = np.concatenate([epoch_loss, last_loss[n_runs:]]).astype(np.float32)
         ckpt.save(epoch + 1, {"state": state, "seconds": np.float32(seconds), "last_loss": last_loss})
-        progress.set_postfix(loss=f"{losses.mean():.4f}")
+        progress.set_postfix(loss=f"{np.mean(epoch_loss):.4f}")
         progress.update(1)
         if on_epoch is not None:
             ckpt.wait()
             on_epoch(group, epoch + 1)
     ckpt.close()
-    counts = np.asarray(evaluate(state, runs, data))[:n_runs]
+    counts = np.asarray(program.evaluate(state, runs, data))[:n_runs]
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
-    losses = last_loss[:n_runs]
 
     records = []
-    for spec, c, loss in zip(group.runs, counts, losses):
+    for spec, c, loss, n, k in zip(group.runs, counts, last_loss[:n_runs], n_train, run_steps):
         m = metrics_lib.binary_metrics(*c)
         records.append({
             "backbone": spec.backbone, "method": spec.method, "scale": spec.scale, "seed": spec.seed,
             "degradation": {"kind": spec.kind, "level": spec.level},
             "metrics": {k: m[k] for k in metrics_lib.METRICS}, "majority_baseline": m["majority_baseline"],
-            "params": params, "train_seconds": seconds / len(group.runs),
+            # The group's training time, shared among its runs in proportion to their steps.
+            "params": params, "train_seconds": seconds * k / run_steps.sum(),
             "final_train_loss": float(loss) if np.isfinite(loss) else None,
-            "n_train": n_train, "n_val": n_val,
+            "n_train": int(n), "n_val": spec.scale - int(n),
         })
     return records
 
@@ -267,17 +330,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
     log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
              sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
-    with tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
-        for i, g in enumerate(todo):
-            progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
-            if os.path.exists(failed(g)):
-                os.unlink(failed(g))
-            try:
-                atomic_write_json(done(g), train_group(config, g, features[g.backbone], workdir, progress, on_epoch))
-            except NonFinite as e:
-                log.error("%s", e)
-                atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
-            shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
+    mesh, data, data_backbone = run_mesh(), None, None
+    pool = concurrent.futures.ThreadPoolExecutor(compile_workers(config), thread_name_prefix="fusion_jax-compile")
+    programs = [pool.submit(build_program, config, g, features[g.backbone], mesh) for g in todo]
+    try:
+        with tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
+            for i, (g, future) in enumerate(zip(todo, programs)):
+                progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
+                if os.path.exists(failed(g)):
+                    os.unlink(failed(g))
+                try:
+                    program = future.result()
+                    if data_backbone != g.backbone:
+                        data, data_backbone = None, g.backbone
+                        data = group_data(features[g.backbone], program.replicated)
+                    atomic_write_json(done(g), train_group(config, program, data, workdir, progress, on_epoch))
+                except NonFinite as e:
+                    log.error("%s", e)
+                    atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
+                programs[i] = None  # frees the compiled programs
+                shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     if index != 0:
         return None
 

@@ -5,9 +5,11 @@ the run's epochs (torch's CosineAnnealingLR stepped per batch), batch 32, softma
 two logits. Each epoch reshuffles the training pairs; the last batch of an epoch is partly padded
 and the padding carries zero weight, so no pair is dropped (as torch's DataLoader, drop_last=False).
 
-A run is a small pytree: `key` (derived from the run's own seed and scale, see `run_key`) and
-`noise_level` (sigma). All runs of a group share `data`: the feature arrays and the pair indices,
-gathered by index inside the compiled step.
+A run is a small pytree: `key` (derived from the run's own seed and scale, see `run_key`),
+`noise_level` (sigma) and its own pairs, padded to the group's largest scale (`pair_arrays`). Runs of
+different scales therefore share one program: an epoch scans the steps of the group's largest run,
+and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
+share `data`: the feature arrays, gathered by index inside the compiled step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from fusion_jax import degrade as degrade_lib
@@ -28,10 +31,11 @@ _INIT, _SHUFFLE, _DROPOUT, _NOISE = range(4)
 
 
 class Trainer(NamedTuple):
-    """Pure functions of one (method, scale): vmap them over runs, jit the result.
+    """Pure functions of one method: vmap them over runs, jit the result.
 
-    init(run, data) -> state; train_epoch(state, run, data) -> (state, losses [steps_per_epoch]);
-    evaluate(state, run, data) -> counts [4] = (tp, fp, fn, tn) on the validation pairs.
+    init(run, data) -> state; train_epoch(state, run, data) -> (state, losses [steps_per_epoch]), the
+    losses of steps past the run's own being 0; evaluate(state, run, data) -> counts [4] =
+    (tp, fp, fn, tn) on the run's validation pairs.
     """
 
     init: Callable
@@ -46,26 +50,56 @@ def run_key(seed: int, scale: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), scale)
 
 
-def make_train(config: ml_collections.ConfigDict, method: str, n_train: int, n_val: int) -> Trainer:
-    """Build the trainer of `method` for a group whose pairs split into n_train / n_val."""
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of n_train pairs (the last batch partly padded)."""
+    return math.ceil(n_train / batch_size)
+
+
+def pair_arrays(split: dict, size: int) -> dict:
+    """A run's pairs of one split ({image_idx, caption_idx, label} [n]) padded with zeros to [size]."""
+    return {k: np.pad(np.asarray(v, np.int32), (0, size - len(v))) for k, v in split.items()}
+
+
+def cosine_lr(peak: float, step: jax.Array, total: jax.Array) -> jax.Array:
+    """peak * (1 + cos(pi * step / total)) / 2: optax's cosine_decay_schedule with a per-run total."""
+    return peak * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total)))
+
+
+def epoch_order(key: jax.Array, epoch: jax.Array, n_train: jax.Array, size: int) -> jax.Array:
+    """The training pairs' order in `epoch`: [size], a random permutation of 0..n_train-1 first.
+
+    Uniform draws sorted, padding last: the first n_train entries do not depend on `size`, so a
+    run takes the same batches alone or beside larger runs."""
+    u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, _SHUFFLE), epoch), (size,))
+    return jnp.argsort(jnp.where(jnp.arange(size) < n_train, u, 2.0), stable=True)
+
+
+def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, max_val: int, *,
+               noisy: bool = True) -> Trainer:
+    """Build the trainer of `method` for runs of at most max_train / max_val pairs.
+
+    noisy=False promises that every run's noise_level is 0: the noise is then not drawn (a level-0
+    Gaussian degradation is a plain normalisation, which is kept)."""
     tc, hc, dc = config.train, config.head, config.degradation
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size
-    steps = math.ceil(n_train / batch)
-    tx = optax.adamw(optax.cosine_decay_schedule(tc.learning_rate, steps * tc.epochs),
-                     weight_decay=tc.weight_decay)
-    noisy = {"image": dc.modality in ("image", "both"), "text": dc.modality in ("text", "both")}
-    eval_batch = min(tc.eval_batch_size, n_val)
-    eval_chunks = math.ceil(n_val / eval_batch)
+    steps = steps_per_epoch(max_train, batch)
+    tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(tc.weight_decay))
+    degraded = {"image": dc.modality in ("image", "both"), "text": dc.modality in ("text", "both")}
+    eval_batch = min(tc.eval_batch_size, max_val)
+    eval_chunks = math.ceil(max_val / eval_batch)
 
     def inputs(data, run, image_idx, caption_idx):
         """Gather (and degrade) a batch: the head's positional inputs."""
         out = []
         for tag, (name, idx) in enumerate((("image", image_idx), ("text", caption_idx))):
             x = data[name][idx]
-            if noisy[name]:
-                key = jax.random.fold_in(jax.random.fold_in(run["key"], _NOISE), tag)
-                x = degrade_lib.degrade(x, idx, key, run["noise_level"], dc.kind)
+            if degraded[name] and dc.kind != "none":
+                if noisy:
+                    key = jax.random.fold_in(jax.random.fold_in(run["key"], _NOISE), tag)
+                    x = degrade_lib.degrade(x, idx, key, run["noise_level"], dc.kind)
+                else:
+                    x = degrade_lib.l2_normalize(x)
             out.append(x)
         masks = [data[f"{n}_mask"][i] if f"{n}_mask" in data else None
                  for n, i in (("image", image_idx), ("text", caption_idx))]
@@ -79,13 +113,13 @@ def make_train(config: ml_collections.ConfigDict, method: str, n_train: int, n_v
     def loss_fn(params, x, label, weight, key):
         logits = head.apply({"params": params}, *x, train=True, rngs={"dropout": key})
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        return (ce * weight).sum() / weight.sum()
+        return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
     def train_epoch(state, run, data):
-        pairs = data["train"]
-        epoch = state["epoch"]
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(run["key"], _SHUFFLE), epoch), n_train)
-        rows = jnp.zeros(steps * batch, jnp.int32).at[:n_train].set(perm).reshape(steps, batch)
+        pairs, n_train, epoch = run["train"], run["n_train"], state["epoch"]
+        run_steps = (n_train + batch - 1) // batch
+        order = epoch_order(run["key"], epoch, n_train, steps * batch)
+        rows = order.reshape(steps, batch)
         weight = (jnp.arange(steps * batch) < n_train).astype(jnp.float32).reshape(steps, batch)
         dropout_key = jax.random.fold_in(run["key"], _DROPOUT)
 
@@ -93,22 +127,27 @@ def make_train(config: ml_collections.ConfigDict, method: str, n_train: int, n_v
             params, opt_state = carry
             r, w, t = xs
             x = inputs(data, run, pairs["image_idx"][r], pairs["caption_idx"][r])
+            done = epoch * run_steps + t
             loss, grads = jax.value_and_grad(loss_fn)(params, x, pairs["label"][r], w,
-                                                      jax.random.fold_in(dropout_key, t))
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+                                                      jax.random.fold_in(dropout_key, done))
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            lr = cosine_lr(tc.learning_rate, done, run_steps * tc.epochs)
+            new_params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+            active = t < run_steps
+            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
+            return (keep(new_params, params), keep(new_opt_state, opt_state)), loss
 
-        t = epoch * steps + jnp.arange(steps)
-        (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]), (rows, weight, t))
+        (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
+                                                   (rows, weight, jnp.arange(steps)))
         return {"params": params, "opt_state": opt_state, "epoch": epoch + 1}, losses
 
     def evaluate(state, run, data):
-        pairs = data["val"]
+        pairs, n_val = run["val"], run["n_val"]
         rows = jnp.arange(eval_chunks * eval_batch).reshape(eval_chunks, eval_batch)
 
         def chunk(r):
             valid = r < n_val
-            r = jnp.minimum(r, n_val - 1)
+            r = jnp.minimum(r, max_val - 1)
             logits = head.apply({"params": state["params"]},
                                 *inputs(data, run, pairs["image_idx"][r], pairs["caption_idx"][r]))
             pred, label = jnp.argmax(logits, -1) == 1, pairs["label"][r] == 1

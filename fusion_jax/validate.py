@@ -84,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(h.hidden % h.num_heads == 0, "head.num_heads", f"{h.num_heads} must divide head.hidden={h.hidden}")
     _require(isinstance(config.max_runs_per_program, int) and config.max_runs_per_program >= 0,
              "max_runs_per_program", f"{config.max_runs_per_program} must be an integer >= 0 (0: no cap)")
+    _require(isinstance(config.compile_workers, int) and config.compile_workers >= 0,
+             "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
     _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
 

@@ -20,3 +20,16 @@ def load_config(name: str, arg: str = ""):
 @pytest.fixture
 def smoke_config():
     return load_config("synthetic", "smoke")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def full_float32_matmuls_on_gpu():
+    """On a GPU, float32 matmuls run at full precision in the tests (XLA's default there is TF32,
+    ~1e-3 relative): the tests compare against NumPy and PyTorch references in float32 or float64."""
+    import jax
+
+    if jax.devices()[0].platform != "gpu":
+        yield
+        return
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -66,9 +66,9 @@ class ConcatHeadTorch(nn.Module):
 class CrossHeadTorch(nn.Module):
     """Text queries attend over image keys/values, residual + LayerNorm, masked mean, classifier.
 
-    The attention is written out (not nn.MultiheadAttention) to follow flax's
-    MultiHeadDotProductAttention: separate query/key/value/out projections, the query scaled by
-    1/sqrt(head_dim) before the dot product, masked logits set to the float32 minimum.
+    The attention is written out (not nn.MultiheadAttention) to follow fusion.py's `Attention` (the
+    math of flax's MultiHeadDotProductAttention): separate query/key/value/out projections, the
+    query scaled by 1/sqrt(head_dim) before the dot product, masked logits set to the float32 minimum.
     """
 
     def __init__(self, d_v: int, d_t: int, hidden: int = 256, mlp_hidden: int = 128, dropout: float = 0.1,
@@ -130,20 +130,6 @@ def _load_dense(linear: nn.Linear, p) -> None:
     _copy(linear.bias, p["bias"])
 
 
-def _load_attention_in(linear: nn.Linear, p) -> None:
-    """flax DenseGeneral query/key/value: kernel [in, heads, head_dim], bias [heads, head_dim]."""
-    kernel = np.asarray(p["kernel"])
-    _copy(linear.weight, kernel.reshape(kernel.shape[0], -1).T)
-    _copy(linear.bias, np.asarray(p["bias"]).reshape(-1))
-
-
-def _load_attention_out(linear: nn.Linear, p) -> None:
-    """flax DenseGeneral out: kernel [heads, head_dim, out], bias [out]."""
-    kernel = np.asarray(p["kernel"])
-    _copy(linear.weight, kernel.reshape(-1, kernel.shape[-1]).T)
-    _copy(linear.bias, p["bias"])
-
-
 @torch.no_grad()
 def load_flax_params(module: nn.Module, flax_params) -> nn.Module:
     """Copy a Flax param tree of fusion.py's ConcatHead / CrossHead into the torch module."""
@@ -155,9 +141,8 @@ def load_flax_params(module: nn.Module, flax_params) -> nn.Module:
         _load_dense(module.text_proj, flax_params["text_proj"])
         _load_dense(module.image_proj, flax_params["image_proj"])
         attention = flax_params["attention"]
-        for name in ("query", "key", "value"):
-            _load_attention_in(getattr(module, name), attention[name])
-        _load_attention_out(module.out, attention["out"])
+        for name in ("query", "key", "value", "out"):  # fusion.Attention: 2-D Dense kernels [in, hidden]
+            _load_dense(getattr(module, name), attention[name])
         _copy(module.norm.weight, flax_params["norm"]["scale"])
         _copy(module.norm.bias, flax_params["norm"]["bias"])
     else:
@@ -165,13 +150,20 @@ def load_flax_params(module: nn.Module, flax_params) -> nn.Module:
     return module
 
 
+def _on_device(features: dict, pairs: dict, device: str) -> tuple[dict, dict]:
+    """Features and pair indices as torch tensors on `device`, moved there once."""
+    to = lambda x, dtype=None: torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
+    return ({k: to(v) for k, v in features.items()},
+            {k: to(v, torch.long) for k, v in pairs.items()})
+
+
 def _batch(features: dict, pairs: dict, rows):
-    """The head's inputs and the labels of pair rows `rows`."""
-    image_idx = np.asarray(pairs["image_idx"])[rows]
-    caption_idx = np.asarray(pairs["caption_idx"])[rows]
-    get = lambda name, idx: None if name not in features else torch.as_tensor(np.asarray(features[name])[idx])
+    """The head's inputs and the labels of pair rows `rows` (tensors from `_on_device`)."""
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long).to(pairs["label"].device)
+    image_idx, caption_idx = pairs["image_idx"][rows], pairs["caption_idx"][rows]
+    get = lambda name, idx: features[name][idx] if name in features else None
     x = (get("image", image_idx), get("text", caption_idx), get("image_mask", image_idx), get("text_mask", caption_idx))
-    return x, torch.as_tensor(np.asarray(pairs["label"])[rows], dtype=torch.long)
+    return x, pairs["label"][rows]
 
 
 def cosine_lrs(lr: float, total_steps: int) -> list[float]:
@@ -187,12 +179,14 @@ def cosine_lrs(lr: float, total_steps: int) -> list[float]:
 
 
 def train_reference(head: nn.Module, features: dict, pairs: dict, epoch_orders, lr: float,
-                    weight_decay: float, epochs: int, batch_size: int) -> list[float]:
-    """Train `head` in place; return the loss of every step.
+                    weight_decay: float, epochs: int, batch_size: int, device: str = "cpu") -> list[float]:
+    """Train `head` (on `device`) in place; return the loss of every step.
 
     features: "image", "text" (and "image_mask", "text_mask" for tokens) arrays; pairs: the training
     split's "image_idx", "caption_idx", "label"; epoch_orders: one order of the pair rows per epoch.
+    Features and pairs go to the device once; the losses are read back once, at the end.
     """
+    features, pairs = _on_device(features, pairs, device)
     if len(epoch_orders) != epochs:
         raise ValueError(f"{len(epoch_orders)} epoch orders for {epochs} epochs")
     n = len(pairs["label"])
@@ -211,13 +205,14 @@ def train_reference(head: nn.Module, features: dict, pairs: dict, epoch_orders, 
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
-    return losses
+            losses.append(loss.detach())
+    return torch.stack(losses).tolist()
 
 
 @torch.no_grad()
-def evaluate_reference(head: nn.Module, features: dict, pairs: dict) -> tuple[int, int, int, int]:
-    """(tp, fp, fn, tn) of `head` on the pairs (the validation split); class 1 = matching."""
+def evaluate_reference(head: nn.Module, features: dict, pairs: dict, device: str = "cpu") -> tuple[int, int, int, int]:
+    """(tp, fp, fn, tn) of `head` (on `device`) on the pairs (the validation split); class 1 = matching."""
+    features, pairs = _on_device(features, pairs, device)
     head.eval()
     x, label = _batch(features, pairs, np.arange(len(pairs["label"])))
     pred = head(*x).argmax(dim=-1) == 1

@@ -35,14 +35,15 @@ def np_cross(p, image, text, image_mask, text_mask, num_heads=4):
         text, text_mask = text[:, None], np.ones((len(text), 1))
     q_in, kv_in = np_dense(p["text_proj"], text), np_dense(p["image_proj"], image)
     a = p["attention"]
-    proj = lambda w, x: np.einsum("btd,dhk->bthk", x, w["kernel"]) + w["bias"]
+    # 2-D kernels [in, hidden]: project, then split the hidden axis into heads.
+    proj = lambda w, x: np_dense(w, x).reshape(*x.shape[:-1], num_heads, -1)
     q, k, v = proj(a["query"], q_in), proj(a["key"], kv_in), proj(a["value"], kv_in)
     logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
     logits = np.where(image_mask[:, None, None, :] > 0, logits, -np.inf)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     att = np.einsum("bhqs,bshk->bqhk", w, v)
-    att = np.einsum("bqhk,hko->bqo", att, a["out"]["kernel"]) + a["out"]["bias"]
+    att = np_dense(a["out"], att.reshape(*att.shape[:-2], -1))
     h = q_in + att
     mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
     h = (h - mu) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
@@ -100,6 +101,15 @@ def test_parameter_counts_for_512_inputs(method, expected):
     x = jnp.zeros((1, 512))
     params = make_head(method).init(jax.random.PRNGKey(0), x, x)["params"]
     assert count_params(params) == expected
+
+
+def test_cross_attention_parameter_layout():
+    """attention/{query,key,value,out}/{kernel,bias}: 2-D kernels, 1-D biases (plain Dense layers)."""
+    x = jnp.zeros((1, 512))
+    params = make_head("cross").init(jax.random.PRNGKey(0), x, x)["params"]
+    shapes = jax.tree_util.tree_map(lambda v: v.shape, params["attention"])
+    want = {"kernel": (256, 256), "bias": (256,)}
+    assert shapes == {name: want for name in ("query", "key", "value", "out")}
 
 
 def test_pooled_cross_attention_ignores_the_query():

@@ -57,7 +57,7 @@ def test_one_device_equals_four(tmp_path):
 def test_split_programs_equal_one_program(smoke_config, tmp_path):
     whole = train_and_evaluate(_small(smoke_config), str(tmp_path / "whole"))
     smoke_config.max_runs_per_program = 3
-    assert [g.name for g in plan(smoke_config)] == ["aligned-concat-128-part1of2", "aligned-concat-128-part2of2"]
+    assert [g.name for g in plan(smoke_config)] == ["aligned-concat-part1of2", "aligned-concat-part2of2"]
     split = train_and_evaluate(smoke_config, str(tmp_path / "split"))
     _assert_same(whole, split)
 
@@ -76,7 +76,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
 
     with pytest.raises(Stop):
         train_and_evaluate(config, str(tmp_path / "run"), on_epoch=stop)
-    latest = tmp_path / "run" / "checkpoints" / "aligned-concat-128" / "2"
+    latest = tmp_path / "run" / "checkpoints" / "aligned-concat" / "2"
     damaged = 0
     for root, _, files in os.walk(latest):
         for f in files:
@@ -111,7 +111,7 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
     config.train.epochs = 1
     results = train_and_evaluate(config, str(tmp_path))
     assert {r["backbone"] for r in results["runs"]} == {"aligned"}
-    assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat-128"]
+    assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat"]
     assert "NaN or Inf" in results["failed_groups"][0]["error"] and "rows [3]" in results["failed_groups"][0]["error"]
 
 
@@ -155,7 +155,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     assert clean.wait(timeout=300) == 0, clean.stderr.read()[-2000:]
     workdir = tmp_path / "killed"
     victim = _main([f"--workdir={workdir}", "--config.train.epochs=2"])
-    second = workdir / "checkpoints" / "aligned-cross-128"
+    second = workdir / "checkpoints" / "aligned-cross"
     deadline = time.time() + 240
     while not (second.exists() and any(p.name.isdigit() for p in second.iterdir())):
         assert victim.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
