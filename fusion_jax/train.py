@@ -65,6 +65,30 @@ def cosine_lr(peak: float, step: jax.Array, total: jax.Array) -> jax.Array:
     return peak * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total)))
 
 
+def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: jax.Array,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """One AdamW step, as optax.adamw and torch.optim.AdamW take it: (params, opt).
+
+    With `active` False the step leaves params and moments exactly as they are (decays of 1, a
+    step size of 0). This replaces a select between old and new state, which XLA:CPU pays for
+    with copies of the whole state (twice the time of a step)."""
+    d1, d2 = jnp.where(active, b1, 1.0), jnp.where(active, b2, 1.0)
+    count = opt["count"] + active.astype(jnp.int32)
+    mu = jax.tree_util.tree_map(lambda m, g: (1 - d1) * g + d1 * m, opt["mu"], grads)
+    nu = jax.tree_util.tree_map(lambda v, g: (1 - d2) * (g * g) + d2 * v, opt["nu"], grads)
+    c = jnp.maximum(count, 1).astype(jnp.float32)
+    bc1, bc2, step = 1 - b1 ** c, 1 - b2 ** c, jnp.where(active, lr, 0.0)
+    params = jax.tree_util.tree_map(
+        lambda p, m, v: p - step * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p), params, mu, nu)
+    return params, {"count": count, "mu": mu, "nu": nu}
+
+
+def adamw_init(params) -> dict:
+    """AdamW's state: step count and zero first and second moments."""
+    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
+    return {"count": jnp.zeros((), jnp.int32), "mu": zeros(), "nu": zeros()}
+
+
 def epoch_order(key: jax.Array, epoch: jax.Array, n_train: jax.Array, size: int) -> jax.Array:
     """The training pairs' order in `epoch`: [size], a random permutation of 0..n_train-1 first.
 
@@ -84,7 +108,6 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size
     steps = steps_per_epoch(max_train, batch)
-    tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(tc.weight_decay))
     degraded = {"image": dc.modality in ("image", "both"), "text": dc.modality in ("text", "both")}
     eval_batch = min(tc.eval_batch_size, max_val)
     eval_chunks = math.ceil(max_val / eval_batch)
@@ -108,7 +131,7 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
     def init(run, data):
         zero = jnp.zeros((1,), jnp.int32)
         params = head.init(jax.random.fold_in(run["key"], _INIT), *inputs(data, run, zero, zero))["params"]
-        return {"params": params, "opt_state": tx.init(params), "epoch": jnp.zeros((), jnp.int32)}
+        return {"params": params, "opt_state": adamw_init(params), "epoch": jnp.zeros((), jnp.int32)}
 
     def loss_fn(params, x, label, weight, key):
         logits = head.apply({"params": params}, *x, train=True, rngs={"dropout": key})
@@ -130,12 +153,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
             done = epoch * run_steps + t
             loss, grads = jax.value_and_grad(loss_fn)(params, x, pairs["label"][r], w,
                                                       jax.random.fold_in(dropout_key, done))
-            updates, new_opt_state = tx.update(grads, opt_state, params)
             lr = cosine_lr(tc.learning_rate, done, run_steps * tc.epochs)
-            new_params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
-            active = t < run_steps
-            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
-            return (keep(new_params, params), keep(new_opt_state, opt_state)), loss
+            return adamw(params, grads, opt_state, lr, tc.weight_decay, t < run_steps), loss
 
         (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
                                                    (rows, weight, jnp.arange(steps)))

@@ -159,7 +159,7 @@ def _on_device(features: dict, pairs: dict, device: str) -> tuple[dict, dict]:
 
 def _batch(features: dict, pairs: dict, rows):
     """The head's inputs and the labels of pair rows `rows` (tensors from `_on_device`)."""
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long).to(pairs["label"].device)
+    rows = torch.as_tensor(np.array(rows), dtype=torch.long).to(pairs["label"].device)
     image_idx, caption_idx = pairs["image_idx"][rows], pairs["caption_idx"][rows]
     get = lambda name, idx: features[name][idx] if name in features else None
     x = (get("image", image_idx), get("text", caption_idx), get("image_mask", image_idx), get("text_mask", caption_idx))

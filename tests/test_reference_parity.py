@@ -6,7 +6,7 @@ train.py's `epoch_order`.
 Everything is float32. Degradation is off (kind "none", level 0).
 
 Findings that shape the tolerances (details in reference_torch.py and the tests' docstrings):
-- torch's AdamW and optax's adamw compute the same update (eps outside the square root of the
+- torch's AdamW, optax's adamw and the trainer's `adamw` compute the same update (eps outside the square root of the
   bias-corrected second moment, both moments bias-corrected, weight decay multiplied by the
   scheduled learning rate); only the order of float32 operations differs.
 - torch's CosineAnnealingLR (stepped per batch) is optax's cosine_decay_schedule up to the float32
@@ -16,6 +16,7 @@ Findings that shape the tolerances (details in reference_torch.py and the tests'
   float32 trajectories drift apart (see test_token_inputs_forward_and_gradients_match).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +32,7 @@ from fusion_jax.data import build_pairs  # noqa: E402
 from fusion_jax.data.sources import load_features  # noqa: E402
 from fusion_jax.fusion import make_head  # noqa: E402
 from fusion_jax.sweep import RunSpec, group_data, stack_runs  # noqa: E402
-from fusion_jax.train import cosine_lr, epoch_order, make_train  # noqa: E402
+from fusion_jax.train import adamw, adamw_init, cosine_lr, epoch_order, make_train  # noqa: E402
 
 BACKBONE = "aligned"
 
@@ -106,10 +107,12 @@ def test_cosine_annealing_matches_optax_schedule():
 
 
 def test_adamw_matches_optax():
-    """torch.optim.AdamW + CosineAnnealingLR and optax.adamw(cosine_decay_schedule) on one tensor.
+    """torch.optim.AdamW + CosineAnnealingLR, optax.adamw(cosine_decay_schedule) and the trainer's
+    `adamw` + `cosine_lr` on one tensor.
 
     The same gradient sequence (all entries of order 1) gives the same parameters to float32
-    rounding: the update rules are identical (see reference_torch.py's docstring).
+    rounding: the update rules are identical (see reference_torch.py's docstring). An inactive
+    step of the trainer's `adamw` leaves parameters and state exactly unchanged.
     """
     lr, weight_decay, total = 1e-2, 0.01, 50
     rng = np.random.default_rng(0)
@@ -122,14 +125,19 @@ def test_adamw_matches_optax():
     tx = optax.adamw(optax.cosine_decay_schedule(lr, total), weight_decay=weight_decay, eps=1e-8)
     params = jnp.asarray(init)
     opt_state = tx.init(params)
-    for g in grads:
+    ours, ours_state = params, adamw_init(params)
+    for t, g in enumerate(grads):
         param.grad = torch.from_numpy(g)
         optimizer.step()
         scheduler.step()
         updates, opt_state = tx.update(jnp.asarray(g), opt_state, params)
         params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(param.detach().numpy(), np.asarray(params), rtol=1e-5, atol=1e-6)
-
+        idle = adamw(ours, jnp.asarray(g), ours_state, lr, weight_decay, jnp.asarray(False))
+        chex.assert_trees_all_equal(idle, (ours, ours_state))
+        ours, ours_state = adamw(ours, jnp.asarray(g), ours_state, cosine_lr(lr, t, total), weight_decay,
+                                 jnp.asarray(True))
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(params), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["concat", "cross"])
