@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 
@@ -21,6 +22,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a failure (a config file that raises, an unknown flag) said in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line for line in reversed(lines) if re.match(r"[A-Za-z_.]*(Error|Exception): ", line)), None)
+        print(f"fusion_jax: error: {cause or (lines[0] if lines else e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -29,7 +41,13 @@ def main(argv: list[str]) -> None:
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler())
     log.propagate = False
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        config.name  # noqa: B018  (a config file that failed to load raises on first use)
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"fusion_jax: error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
+        sys.exit(2)
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
     try:
         results = train_and_evaluate(config, workdir,
@@ -48,4 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -331,8 +331,9 @@ def table3(results: dict) -> tuple[str, list[dict]]:
     lines = ["# Table 3: efficiency", "",
              f"**Ours**: exact parameter counts of the trained heads (from the runs; they depend on the feature "
              f"dims d_v / d_t). FLOPs per sample: {flops_note}. Training time: mean `train_seconds` per run, i.e. "
-             "the wall time of a group (all its seeds × noise levels trained at once in one vmapped program, "
-             f"compilation included) divided by its runs, on {dev.get('platform', '?')} "
+             "the training wall time of a group (all its scales × seeds × noise levels trained at once in one "
+             "vmapped program, compilation excluded) shared among its runs in proportion to their steps, on "
+             f"{dev.get('platform', '?')} "
              f"({dev.get('device_kind', '?')}); not comparable with one run trained alone.", ""]
     lines += markdown_table(["source", "backbone", "d_v / d_t", "method", "scale", "params", "params ÷ concat",
                              "FLOPs / sample", "FLOPs ÷ concat", "train s / run", "runs"], md_rows, "llllrrrrrrr")

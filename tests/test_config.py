@@ -1,6 +1,5 @@
 """Every invalid config value stops at once with its field named, and writes nothing."""
 
-import os
 import subprocess
 import sys
 
@@ -31,6 +30,7 @@ INVALID = [
     ("pairs.train_fraction", 1.0, "pairs.train_fraction", "(0, 1)"),
     ("head.num_heads", 3, "head.num_heads", "divide"),
     ("features", "flickr", "features", "allowed: synthetic"),
+    ("compile_workers", -1, "compile_workers", ">= 0"),
 ]
 
 
@@ -82,3 +82,16 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="config.workdir: .* 1 MiB free"):
         train_and_evaluate(smoke_config, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/synthetic.py:bogus"],
+     "fusion_jax: error: ValueError: unknown variant 'bogus' of configs/synthetic.py; allowed: '' or 'smoke'"),
+    (["--config=configs/nope.py"],
+     "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/synthetic.py", "--bogus=1"], "fusion_jax: error: Unknown command line flag 'bogus'"),
+])
+def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]

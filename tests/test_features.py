@@ -132,7 +132,6 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
 @pytest.mark.slow
 def test_fully_trained_tiny_clip_retrieves_far_above_chance(tmp_path):
     """The embedded aligned backbone at its demo settings, measured on held-out embedded images."""
-    import dataclasses
 
     from fusion_jax.data.embedded import generate_embedded
     from fusion_jax.data.featureset import FeatureSet
