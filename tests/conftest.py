@@ -33,3 +33,14 @@ def full_float32_matmuls_on_gpu():
         return
     with jax.default_matmul_precision("highest"):
         yield
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """One finished `configs/synthetic.py:smoke` sweep for the session: (config, results, workdir).
+    A test that changes the workdir copies it first."""
+    from fusion_jax.sweep import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("smoke_sweep")
+    config = load_config("synthetic", "smoke")
+    return config, train_and_evaluate(config, str(workdir)), workdir

@@ -1,5 +1,6 @@
 """Feature cache, resumable extraction, the embedded backbones, and clear failures without data."""
 
+import json
 import logging
 import os
 import subprocess
@@ -105,6 +106,7 @@ def test_missing_model_is_named(tmp_path):
 def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     """The demo's pipeline, shrunk: embedded data -> trained tiny backbones -> features -> sweep."""
     from conftest import load_config
+    from fusion_jax.data.sources import load_dataset, load_features
     from fusion_jax.sweep import train_and_evaluate
 
     monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "cache"))
@@ -118,15 +120,16 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     assert {r["backbone"] for r in results["runs"]} == {"clip", "resnet"}
     assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "resnet"} == {0.0}
     assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "clip"} == {0.0, 0.3}
-    # A second run reuses the trained models and the cached features: nothing is trained or extracted.
+    # Loading again reuses the trained models and the cached features: nothing is trained or extracted.
     models = sorted(os.listdir(tmp_path / "cache" / "models"))
     caplog.set_level(logging.INFO, logger="fusion_jax")
-    again = train_and_evaluate(config, str(tmp_path / "out2"))
+    dataset = load_dataset(config)
+    again = {b: json.loads(json.dumps(load_features(config, b, dataset).provenance)) for b in config.backbones}
     assert sorted(os.listdir(tmp_path / "cache" / "models")) == models
     reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert sum("cached features" in m for m in reused) == 4  # image and text, both backbones
     assert any("tiny CLIP" in m for m in reused) and any("tiny ResNet" in m for m in reused)
-    assert again["backbones"] == results["backbones"]
+    assert again == results["backbones"]
 
 
 @pytest.mark.slow

@@ -206,11 +206,12 @@ def test_tsne_embedding_joint_and_separate():
 
 # --- end to end on a finished smoke sweep -----------------------------------------------------------
 
-def test_report_of_a_smoke_sweep(smoke_config, tmp_path):
-    from fusion_jax.sweep import train_and_evaluate
+def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
+    import shutil
 
-    smoke_config.train.epochs = 1
-    results = train_and_evaluate(smoke_config, str(tmp_path))
+    _, results, workdir = smoke_sweep
+    tmp_path = tmp_path / "sweep"
+    shutil.copytree(workdir, tmp_path)
     for name in TABLES + ["fig_accuracy_vs_scale.png", "fig_noise.png"]:
         assert (tmp_path / name).exists(), name
     # Small stand-ins for the sweep's t-SNE samples (one with d_v != d_t), then the CLI once.

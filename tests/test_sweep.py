@@ -21,8 +21,8 @@ def _by_run(results):
     return {(r["backbone"], r["method"], r["scale"], r["seed"], r["degradation"]["level"]): r for r in results["runs"]}
 
 
-def test_smoke_sweep_writes_results(smoke_config, tmp_path):
-    results = train_and_evaluate(smoke_config, str(tmp_path))
+def test_smoke_sweep_writes_results(smoke_sweep):
+    smoke_config, results, tmp_path = smoke_sweep
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "failed_groups", "runs", "summary", "comparisons"}
