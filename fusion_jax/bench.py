@@ -28,7 +28,6 @@ Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the sm
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import importlib.util
 import math
@@ -52,7 +51,7 @@ from fusion_jax.data import FeatureSet, build_pairs
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
-from fusion_jax.sweep import Group, RunSpec, build_program, compile_workers, group_data, run_mesh
+from fusion_jax.sweep import CompiledAhead, Group, RunSpec, compile_workers
 from fusion_jax.train import steps_per_epoch
 
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference_torch.py")
@@ -140,24 +139,19 @@ def _accuracy(counts) -> float:
 def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
              step_flops: dict[str, float], workers: int, log: Callable[[str], None]) -> dict:
     """Train and evaluate `groups` as sweep.train_and_evaluate does, without checkpoints: programs
-    compiled ahead by `workers` threads (sweep.build_program), run axis sharded over the local devices.
+    compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
 
     Per group: compile_s (its compilation, in a worker thread), wait_s (how long training waited
     for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start."""
     t_start = time.perf_counter()
     batch, epochs = config.train.batch_size, config.train.epochs
-    mesh = run_mesh()
-    pool = concurrent.futures.ThreadPoolExecutor(workers)
-    futures = [pool.submit(build_program, config, g, features[g.backbone], mesh) for g in groups]
-    data, data_backbone, out = None, None, []
-    try:
-        for i, (group, future) in enumerate(zip(groups, futures)):
+    out = []
+    with CompiledAhead(config, groups, features, workers) as ahead:
+        for i, group in enumerate(groups):
             t0 = time.perf_counter()
-            program = future.result()
+            program = ahead.program(i)
             t1 = time.perf_counter()
-            if data_backbone != group.backbone:
-                data, data_backbone = None, group.backbone
-                data = group_data(features[group.backbone], program.replicated)
+            data = ahead.data(program)
             runs = jax.device_put(program.runs, program.by_run)
             state = jax.block_until_ready(program.init(runs, data))
             t2 = time.perf_counter()
@@ -170,7 +164,6 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t3 = time.perf_counter()
             counts = np.asarray(program.evaluate(state, runs, data))[:len(group.runs)]
             t4 = time.perf_counter()
-            futures[i] = None
             run_steps = [steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"][:len(group.runs)]]
             padded = len(program.runs["n_train"])
             r = {"group": group.name, "runs": len(group.runs), "scales": list(group.scales),
@@ -187,8 +180,6 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             log(f"[jax {i + 1}/{len(groups)}] {group.name}: {r['runs']} runs, compile {r['compile_s']:.2f} s "
                 f"(waited {r['wait_s']:.2f}), train {r['train_s']:.2f} s, eval {r['eval_s']:.2f} s, "
                 f"{r['train_flops'] / r['train_s'] / 1e9:.1f} GFLOP/s training, accuracy {r['accuracy_mean']:.3f}")
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
     wall = time.perf_counter() - t_start
     return {"wall_s": wall, "workers": workers, "groups": out,
             **{k: sum(g[k] for g in out) for k in ("compile_s", "wait_s", "setup_s", "train_s", "eval_s")}}

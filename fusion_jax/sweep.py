@@ -175,6 +175,35 @@ def compile_workers(config: ml_collections.ConfigDict) -> int:
     return config.compile_workers or max(1, (os.cpu_count() or 2) // 2)
 
 
+class CompiledAhead:
+    """The programs of `groups`, built by worker threads from the start, and each backbone's features
+    put on the devices once. Ask in the groups' order: `program(i)` waits for group i's build (and
+    raises what it raised: NonFinite for bad features), `data(program)` gives its features."""
+
+    def __init__(self, config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
+                 workers: int):
+        self._features, self._data, mesh = features, (None, None), run_mesh()
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
+        self._futures = [self._pool.submit(build_program, config, g, features[g.backbone], mesh) for g in groups]
+
+    def program(self, i: int) -> GroupProgram:
+        future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
+        return future.result()
+
+    def data(self, program: GroupProgram) -> dict:
+        backbone = program.group.backbone
+        if self._data[0] != backbone:
+            self._data = None, None
+            self._data = backbone, group_data(self._features[backbone], program.replicated)
+        return self._data[1]
+
+    def __enter__(self) -> "CompiledAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
     """`tsne_<backbone>.npz`: `n` matched pairs (image [n, d_v], text [n, d_t], pooled) for the report's t-SNE."""
     from fusion_jax.fusion import masked_mean
@@ -330,28 +359,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
     log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
              sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
-    mesh, data, data_backbone = run_mesh(), None, None
-    pool = concurrent.futures.ThreadPoolExecutor(compile_workers(config), thread_name_prefix="fusion_jax-compile")
-    programs = [pool.submit(build_program, config, g, features[g.backbone], mesh) for g in todo]
-    try:
-        with tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
-            for i, (g, future) in enumerate(zip(todo, programs)):
-                progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
-                if os.path.exists(failed(g)):
-                    os.unlink(failed(g))
-                try:
-                    program = future.result()
-                    if data_backbone != g.backbone:
-                        data, data_backbone = None, g.backbone
-                        data = group_data(features[g.backbone], program.replicated)
-                    atomic_write_json(done(g), train_group(config, program, data, workdir, progress, on_epoch))
-                except NonFinite as e:
-                    log.error("%s", e)
-                    atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
-                programs[i] = None  # frees the compiled programs
-                shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    with CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
+            tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
+        for i, g in enumerate(todo):
+            progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
+            if os.path.exists(failed(g)):
+                os.unlink(failed(g))
+            try:
+                program = ahead.program(i)
+                atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
+                                                       on_epoch))
+            except NonFinite as e:
+                log.error("%s", e)
+                atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
+            shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if index != 0:
         return None
 
