@@ -135,7 +135,6 @@ class GroupProgram:
     init / train_epoch / evaluate: compiled `jit(vmap(...))` of the trainer's functions."""
 
     group: Group
-    pairs: dict[int, Pairs]
     trainer: Trainer
     runs: dict
     state: Any
@@ -149,7 +148,7 @@ class GroupProgram:
 
 def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
                   mesh: Mesh | None = None) -> GroupProgram:
-    """Pairs, trainer and the three compiled programs of `group` (from shapes alone: no device data)."""
+    """The trainer, per-run inputs and three compiled programs of `group` (from shapes alone: no device data)."""
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
@@ -166,7 +165,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
     train_epoch = program(trainer.train_epoch, (0, 0, None)).lower(state_s, runs_s, data_s).compile()
     evaluate = program(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s).compile()
-    return GroupProgram(group, pairs, trainer, runs, state_s, init, train_epoch, evaluate, by_run, replicated,
+    return GroupProgram(group, trainer, runs, state_s, init, train_epoch, evaluate, by_run, replicated,
                         time.perf_counter() - t0)
 
 
