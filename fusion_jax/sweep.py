@@ -109,7 +109,8 @@ def stack_runs(runs: tuple[RunSpec, ...], pairs: dict[int, Pairs]) -> dict:
     max_train, max_val = max(n_train.values()), max(s - n for s, n in n_train.items())
     split = lambda name, size: {k: np.stack([pair_arrays(pairs[r.scale].split(name), size)[k] for r in runs])
                                 for k in ("image_idx", "caption_idx", "label")}
-    return {"key": np.stack([np.asarray(run_key(r.seed, r.scale)) for r in runs]),
+    keys = jax.vmap(run_key)(np.asarray([r.seed for r in runs]), np.asarray([r.scale for r in runs]))
+    return {"key": np.asarray(keys),
             "noise_level": np.asarray([r.level for r in runs], np.float32),
             "n_train": np.asarray([n_train[r.scale] for r in runs], np.int32),
             "n_val": np.asarray([r.scale - n_train[r.scale] for r in runs], np.int32),
