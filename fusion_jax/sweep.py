@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -233,9 +234,9 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
     """Create the workdir and claim it for this config; refuse one that holds a different sweep."""
     try:
         os.makedirs(os.path.join(workdir, "groups"), exist_ok=True)
-        probe = os.path.join(workdir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        # A probe of this process's own: the processes of a multi-process sweep probe at once.
+        fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
+        os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror or e}") from None

@@ -1,5 +1,6 @@
 """Every invalid config value stops at once with its field named, and writes nothing."""
 
+import os
 import subprocess
 import sys
 
@@ -95,3 +96,18 @@ def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]
+
+
+def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
+    """The processes of a multi-process sweep all probe the workdir at start: each with its own probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusion_jax.sweep import prepare_workdir
+
+    def claim(_):
+        for _ in range(25):
+            prepare_workdir(str(tmp_path / "out"), {"name": "same"})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(claim, range(8)))  # re-raises a worker's error
+    assert sorted(os.listdir(tmp_path / "out")) == ["groups", "sweep.json"]
