@@ -6,7 +6,8 @@ Features: the package's synthetic generator at Flickr8k's shape (8,091 images x 
 captions, 512-d unit vectors with a planted matching structure), an aligned and an unaligned
 backbone. Grid (default "full", the paper's): 2 methods x 4 scales x 3 seeds on both backbones,
 plus the 6-level noise study on the first backbone at scale 16384 (its level-0 runs are the main
-grid's runs there), 10 epochs, batch 32.
+grid's runs there), 10 epochs, batch 32. `--quick`: the same protocol (10 epochs) on a smaller grid,
+the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 (18 runs).
 
 Two ways, one after the other, in this process:
   a. fusion_jax: per (backbone, method) one `jax.jit(jax.vmap(train_epoch))` over all the group's
@@ -77,7 +78,7 @@ class Grid:
 
 GRIDS = {
     "full": Grid("full", ("aligned", "unaligned"), PAPER_SCALES, PAPER_SEEDS, 16384, PAPER_NOISE, 10),
-    "quick": Grid("quick", ("aligned",), (2048, 4096), PAPER_SEEDS, 4096, (0.0, 0.1), 3),
+    "quick": Grid("quick", ("aligned",), (2048, 4096), PAPER_SEEDS, 4096, (0.0, 0.1), 10),
     "tiny": Grid("tiny", ("aligned",), (256,), (42,), 256, (0.0, 0.1), 1,
                  n_images=300, dim=64, matmul_size=1024),
 }
@@ -113,9 +114,12 @@ def bench_features(grid: Grid, backbone: str) -> FeatureSet:
 
 
 def device_name() -> str:
-    """A file-name-safe device label: "cpu-<cores>core-<machine>" or the accelerator's device_kind."""
+    """A file-name-safe device label: "cpu-<cores>core-<machine>[-<n>devices]" (n jax CPU devices, when
+    JAX_NUM_CPU_DEVICES asks for several) or the accelerator's device_kind."""
     d = jax.devices()[0]
     name = f"cpu-{len(os.sched_getaffinity(0))}core-{platform.machine()}" if d.platform == "cpu" else d.device_kind
+    if d.platform == "cpu" and jax.device_count() > 1:
+        name += f"-{jax.device_count()}devices"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower()
 
 
@@ -337,6 +341,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
+        "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+                if k in os.environ},
         "grid": {**dataclasses.asdict(g), "groups": [x.name for x in groups],
                  "runs": sum(len(x.runs) for x in groups), "batch_size": config.train.batch_size,
                  "learning_rate": config.train.learning_rate, "noise_backbone": g.backbones[0]},
@@ -386,7 +392,9 @@ def markdown(r: dict) -> str:
              f"| % of matmul peak (wall) | {100 * j['fraction_of_peak']:.1f} | {100 * t['fraction_of_peak']:.1f} |",
              f"| achieved GFLOP/s, % of peak (training epochs only) | {j['achieved_gflops_steady']:.1f}, "
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
-             f"| threads | XLA default | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
+             f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s)"
+             f"{' (JAX_NUM_CPU_DEVICES=' + r['env']['JAX_NUM_CPU_DEVICES'] + ')' if r.get('env', {}).get('JAX_NUM_CPU_DEVICES') else ''}"
+             f", XLA's threads | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
     lines += [f"| mean val. accuracy, {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |" for m in g["methods"]]

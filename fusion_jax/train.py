@@ -129,8 +129,11 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         return (*out, *masks)
 
     def init(run, data):
-        zero = jnp.zeros((1,), jnp.int32)
-        params = head.init(jax.random.fold_in(run["key"], _INIT), *inputs(data, run, zero, zero))["params"]
+        # The parameters depend on the inputs' shapes alone: one zero row each (masks of ones).
+        example = [jnp.zeros((1, *data[n].shape[1:]), data[n].dtype) for n in ("image", "text")]
+        example += [jnp.ones((1, *data[m].shape[1:]), data[m].dtype) if m in data else None
+                    for m in ("image_mask", "text_mask")]
+        params = head.init(jax.random.fold_in(run["key"], _INIT), *example)["params"]
         return {"params": params, "opt_state": adamw_init(params), "epoch": jnp.zeros((), jnp.int32)}
 
     def loss_fn(params, x, label, weight, key):

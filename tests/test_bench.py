@@ -26,7 +26,7 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert path.exists() and (tmp_path / f"{bench.device_name()}-tiny.md").exists()
     saved = json.loads(path.read_text())
     assert saved["speedup"] == result["speedup"]
-    for key in ("command", "versions", "device", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
+    for key in ("command", "versions", "device", "env", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
         assert key in saved, key
     assert saved["command"] == "pytest tiny" and saved["versions"]["jax"] and saved["versions"]["torch"]
     jax_side, torch_side = saved["jax"], saved["torch"]
