@@ -9,7 +9,7 @@ plus the 6-level noise study on the first backbone at scale 16384 (its level-0 r
 grid's runs there), 10 epochs, batch 32. `--quick`: the same protocol (10 epochs) on a smaller grid,
 the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 (18 runs).
 
-Two ways, one after the other, in this process:
+Two ways, one after the other (`--torch-first` swaps the order), in this process:
   a. fusion_jax: per (backbone, method) one `jax.jit(jax.vmap(train_epoch))` over all the group's
      runs (scales x seeds x levels), built by sweep.build_program as a sweep builds it (run axis
      sharded over the local devices), the groups compiled ahead by worker threads while earlier
@@ -272,6 +272,38 @@ def torch_thread_check(ref: Any, features: FeatureSet, threads: int, steps: int 
     return out
 
 
+def time_torch(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
+               step_flops: dict[str, float], ref: Any, device: str, threads: int, runs_per_scale: int | None,
+               log: Callable[[str], None]) -> dict:
+    """Train and evaluate `groups` with the PyTorch reference, one run after another (`time_torch_group`),
+    on `threads` CPU threads or the GPU, after a thread check (`torch_thread_check`)."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    out = []
+    try:
+        check = torch_thread_check(ref, features[groups[0].backbone], threads, device=device)
+        log(f"torch ms per concat step ({device}): "
+            + ", ".join(f"{k.split('_')[0]} thread(s) {v:.2f}" for k, v in check.items()))
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        for i, group in enumerate(groups):
+            r = time_torch_group(config, group, features[group.backbone], ref, step_flops[group.method], device,
+                                 runs_per_scale)
+            out.append(r)
+            log(f"[torch {i + 1}/{len(groups)}] {group.name}: {r['trained_runs']} of {r['runs']} runs trained, "
+                f"wall {r['wall_s']:.2f} s{' (estimated)' if r.get('estimated') else ''}, "
+                f"{r['train_flops'] / r['wall_s'] / 1e9:.1f} GFLOP/s, accuracy {r['accuracy_mean']:.3f}")
+        measured = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
+    side = {"wall_s": measured, "groups": out, "thread_check": check}
+    if runs_per_scale is not None:
+        estimate = measured + sum(r["wall_s"] - r.get("measured_wall_s", r["wall_s"]) for r in out)
+        side.update(wall_s=estimate, measured_wall_s=measured, estimated=True, runs_per_scale=runs_per_scale)
+    return side
+
+
 def _totals(side: dict, peak_gflops: float) -> dict:
     """Wall time, runs per second, useful GFLOP/s and its fraction of the peak, of one side."""
     groups = side["groups"]
@@ -287,8 +319,10 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
-                  torch_runs: int | None = None) -> dict:
-    """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result."""
+                  torch_runs: int | None = None, torch_first: bool = False) -> dict:
+    """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
+
+    fusion_jax runs first, then the reference (`torch_first`: the other way round)."""
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -309,36 +343,21 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
-    jax_side = time_jax(config, groups, features, step_flops, workers, log)
-    threads_before = torch.get_num_threads()
-    torch_groups = []
-    try:
-        check = torch_thread_check(ref, features[g.backbones[0]], torch_threads, device=torch_device)
-        log(f"torch ms per concat step ({torch_device}): "
-            + ", ".join(f"{k.split('_')[0]} thread(s) {v:.2f}" for k, v in check.items()))
-        torch.set_num_threads(torch_threads)
-        t0 = time.perf_counter()
-        for i, group in enumerate(groups):
-            r = time_torch_group(config, group, features[group.backbone], ref, step_flops[group.method], torch_device,
-                                 torch_runs)
-            torch_groups.append(r)
-            log(f"[torch {i + 1}/{len(groups)}] {group.name}: {r['trained_runs']} of {r['runs']} runs trained, "
-                f"wall {r['wall_s']:.2f} s{' (estimated)' if r.get('estimated') else ''}, "
-                f"{r['train_flops'] / r['wall_s'] / 1e9:.1f} GFLOP/s, accuracy {r['accuracy_mean']:.3f}")
-        measured = time.perf_counter() - t0
-        torch_side = {"wall_s": measured, "groups": torch_groups}
-        if torch_runs is not None:
-            estimate = measured + sum(r["wall_s"] - r.get("measured_wall_s", r["wall_s"]) for r in torch_groups)
-            torch_side.update(wall_s=estimate, measured_wall_s=measured, estimated=True, runs_per_scale=torch_runs)
-    finally:
-        torch.set_num_threads(threads_before)
+    run_jax = lambda: time_jax(config, groups, features, step_flops, workers, log)
+    run_torch = lambda: time_torch(config, groups, features, step_flops, ref, torch_device, torch_threads,
+                                   torch_runs, log)
+    if torch_first:
+        torch_side, jax_side = run_torch(), run_jax()
+    else:
+        jax_side, torch_side = run_jax(), run_torch()
+    check = torch_side.pop("thread_check")
     peak_after = matmul_peak(g.matmul_size)
     peak_gflops = max(peak["gflops"], peak_after["gflops"])
 
     jax_total = {**jax_side, **_totals(jax_side, peak_gflops)}
     torch_total = {**torch_side, **_totals(torch_side, peak_gflops)}
     result = {
-        "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
+        "command": command, "grid_name": grid, "order": "torch, then jax" if torch_first else "jax, then torch", "versions": {**versions(), "torch": torch.__version__},
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
@@ -378,7 +397,7 @@ def markdown(r: dict) -> str:
              f"Flickr8k's shape for full/quick). Matmul peak ({g['matmul_size']}² float32, jax): "
              f"{r['matmul_peak']['gflops']:.1f} GFLOP/s. Load average (1, 5, 15 min) at start "
              f"{', '.join(f'{x:.2f}' for x in r['load_average']['start'])}, at end "
-             f"{', '.join(f'{x:.2f}' for x in r['load_average']['end'])}.", "",
+             f"{', '.join(f'{x:.2f}' for x in r['load_average']['end'])}. Order: {r.get('order', 'jax, then torch')}.", "",
              "| | fusion_jax (vmapped groups) | PyTorch reference (sequential) |", "|---|---:|---:|",
              f"| wall time (s) | {j['wall_s']:.1f} | {t['wall_s']:.1f}"
              + (f" (estimated; {t['measured_wall_s']:.1f} s measured for {sum(x['trained_runs'] for x in t['groups'])}"
@@ -429,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-runs", type=int, default=None,
                         help="train only this many reference runs per (group, scale) and estimate the rest from "
                              "their seconds per step (default: all; the result is then marked estimated)")
+    parser.add_argument("--torch-first", action="store_true",
+                        help="run the reference first, then fusion_jax (default: fusion_jax first)")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")
     args = parser.parse_args(argv)
@@ -436,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
-                      workers=args.compile_workers, torch_runs=args.torch_runs)
+                      workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first)
     except (FileNotFoundError, ImportError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2

@@ -3,12 +3,16 @@
 Runs are independent, so processes need no collectives: group i of the plan goes to process
 i % process_count, each process trains its groups on its own devices and writes their results
 to the shared workdir, and process 0 waits for every group's file, then writes results.json.
+Before training, the processes tell each other whether their start-up worked (`checked_start`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
+from typing import Iterator
 
 import jax
 import ml_collections
@@ -34,6 +38,46 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the sweep failed its start-up (data, workdir); this one stops with it."""
+
+
+_starts = itertools.count()  # processes call checked_start in the same order: one key space per call
+
+
+@contextlib.contextmanager
+def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[None]:
+    """Run this process's start-up (loading data, claiming the workdir) and share the outcome.
+
+    With several processes, each posts "ok" or its error to the coordination service and reads
+    everyone's before going on: a failure anywhere stops every process at once, each naming the
+    failed ones, instead of leaving the others waiting for a process that has exited. The failed
+    process re-raises its own error; the others raise PeerFailed.
+    """
+    if count == 1:
+        yield
+        return
+    from jax._src import distributed as jax_distributed  # the key-value store of jax.distributed
+
+    client, call = jax_distributed.global_state.client, next(_starts)
+    own = None
+    try:
+        yield
+    except Exception as e:
+        own = e
+    client.key_value_set(f"fusion_jax/start/{call}/{index}",
+                         "ok" if own is None else f"{type(own).__name__}: {own}".replace("\n", " ")[:2000])
+    timeout_ms = int(timeout_seconds * 1000)
+    statuses = [client.blocking_key_value_get(f"fusion_jax/start/{call}/{i}", timeout_ms) for i in range(count)]
+    client.wait_at_barrier(f"fusion_jax/start/{call}", timeout_ms)  # all have read before any exits
+    if own is not None:
+        raise own
+    failed = [f"process {i}: {status}" for i, status in enumerate(statuses) if status != "ok"]
+    if failed:
+        raise PeerFailed(f"{len(failed)} of {count} processes failed to start, so this one stops too; "
+                         + "; ".join(failed))
 
 
 def mine(items: list, index: int, count: int) -> list:

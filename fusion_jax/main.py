@@ -13,6 +13,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.distributed import PeerFailed
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
 
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> None:
     try:
         results = train_and_evaluate(config, workdir,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
-    except (ConfigError, DataUnavailableError) as e:
+    except (ConfigError, DataUnavailableError, PeerFailed) as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     if results is None:

@@ -339,18 +339,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     With several processes, each trains its share of the groups; process 0 gathers every group,
     writes and returns the results, the others return None.
 
-    Raises ConfigError, before anything is written, for an invalid config or workdir.
+    Raises ConfigError, before anything is written, for an invalid config or workdir; with several
+    processes, the others then raise distributed.PeerFailed instead of waiting for the failed one.
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; `command`
     (the command line that started the sweep) is recorded in the results.
     """
     validate(config)
-    dataset = None if config.features == "synthetic" else load_dataset(config)
-    features = {b: load_features(config, b, dataset) for b in config.backbones}
-    validate_scales(config, features)
-    config_dict = config.to_dict()
-    prepare_workdir(workdir, config_dict)
-
     index, count = distributed.initialize(config)
+    config_dict = config.to_dict()
+    with distributed.checked_start(index, count, config.distributed.wait_seconds):
+        dataset = None if config.features == "synthetic" else load_dataset(config)
+        features = {b: load_features(config, b, dataset) for b in config.backbones}
+        validate_scales(config, features)
+        prepare_workdir(workdir, config_dict)
     if index == 0:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs)

@@ -147,6 +147,29 @@ def test_two_processes_equal_one(tmp_path):
     assert "process 1 of 2" in procs[1].stderr.read()
 
 
+@pytest.mark.parametrize("bad", [0, 1])
+def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
+    """One process's workdir cannot be created: both processes stop at once, the other naming it
+    (before checked_start, the other waited in jax.distributed for distributed.timeout_seconds)."""
+    import time
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    port = _free_port()
+    common = [f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+              "--config.distributed.timeout_seconds=240"]
+    t0 = time.perf_counter()
+    procs = [_main([*common, f"--workdir={blocker / 'sub' if i == bad else tmp_path / 'good'}",
+                    f"--config.distributed.process_id={i}"]) for i in (0, 1)]
+    codes = [p.wait(timeout=200) for p in procs]
+    errors = [p.stderr.read() for p in procs]
+    assert codes == [2, 2], errors
+    assert time.perf_counter() - t0 < 120
+    assert "config.workdir: cannot write" in errors[bad]
+    assert f"process {bad}: ConfigError: config.workdir: cannot write" in errors[1 - bad], errors[1 - bad][-2000:]
+    assert not (tmp_path / "good" / "results.json").exists()
+
+
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     import signal
     import time
