@@ -350,14 +350,14 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         torch_side, jax_side = run_torch(), run_jax()
     else:
         jax_side, torch_side = run_jax(), run_torch()
-    check = torch_side.pop("thread_check")
     peak_after = matmul_peak(g.matmul_size)
     peak_gflops = max(peak["gflops"], peak_after["gflops"])
 
     jax_total = {**jax_side, **_totals(jax_side, peak_gflops)}
     torch_total = {**torch_side, **_totals(torch_side, peak_gflops)}
     result = {
-        "command": command, "grid_name": grid, "order": "torch, then jax" if torch_first else "jax, then torch", "versions": {**versions(), "torch": torch.__version__},
+        "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
+        "order": "torch, then jax" if torch_first else "jax, then torch",
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
@@ -369,7 +369,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                   "source": "XLA cost_analysis of one compiled training step (fusion_jax.cost.train_step_flops)"},
         "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops},
         "jax": jax_total,
-        "torch": {**torch_total, "device": torch_device, "threads": torch_threads, "thread_check": check},
+        "torch": {**torch_total, "device": torch_device, "threads": torch_threads},
         "speedup": {"wall": torch_total["wall_s"] / jax_total["wall_s"],
                     "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["wait_s"])},
     }
@@ -387,6 +387,8 @@ def markdown(r: dict) -> str:
     """The benchmark's Markdown report: the totals and a per-group table."""
     j, t, g = r["jax"], r["torch"], r["grid"]
     acc = lambda side, m: np.mean([x["accuracy_mean"] for x in side["groups"] if f"-{m}" in x["group"]])
+    env = r.get("env", {})
+    devices_env = f" (JAX_NUM_CPU_DEVICES={env['JAX_NUM_CPU_DEVICES']})" if "JAX_NUM_CPU_DEVICES" in env else ""
     lines = [f"# Benchmark `{r['grid_name']}` on {r['device']['name']} ({r['device']['device_kind']})", "",
              f"Made by `{r['command']}`; jax {r['versions']['jax']}, torch {r['versions']['torch']} "
              f"(on {t['device']}). {g['runs']} runs in {len(g['groups'])} groups: backbones "
@@ -411,9 +413,8 @@ def markdown(r: dict) -> str:
              f"| % of matmul peak (wall) | {100 * j['fraction_of_peak']:.1f} | {100 * t['fraction_of_peak']:.1f} |",
              f"| achieved GFLOP/s, % of peak (training epochs only) | {j['achieved_gflops_steady']:.1f}, "
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
-             f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s)"
-             f"{' (JAX_NUM_CPU_DEVICES=' + r['env']['JAX_NUM_CPU_DEVICES'] + ')' if r.get('env', {}).get('JAX_NUM_CPU_DEVICES') else ''}"
-             f", XLA's threads | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
+             f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s){devices_env}, "
+             f"XLA's threads | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
     lines += [f"| mean val. accuracy, {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |" for m in g["methods"]]
