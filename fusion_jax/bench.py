@@ -93,18 +93,14 @@ def bench_config(grid: Grid) -> ml_collections.ConfigDict:
     return config
 
 
-def plan_groups(grid: Grid, kind: str = "gaussian") -> list[Group]:
+def plan_groups(grid: Grid, kind: str = "gaussian", split_by_scale: bool = False) -> list[Group]:
     """One group per (backbone, method), as sweep.plan makes them: scales x seeds, and the noise
-    study's levels at (first backbone, noise_scale)."""
-    groups = []
-    for b in grid.backbones:
-        for m in grid.methods:
-            runs = []
-            for s in grid.scales:
-                levels = grid.noise_levels if (b, s) == (grid.backbones[0], grid.noise_scale) else (0.0,)
-                runs += [RunSpec(b, m, s, seed, kind, float(level)) for seed in grid.seeds for level in levels]
-            groups.append(Group(b, m, tuple(runs)))
-    return groups
+    study's levels at (first backbone, noise_scale); with `split_by_scale`, one per scale too."""
+    runs = lambda b, m, s: tuple(RunSpec(b, m, s, seed, kind, float(level)) for seed in grid.seeds for level in
+                                 (grid.noise_levels if (b, s) == (grid.backbones[0], grid.noise_scale) else (0.0,)))
+    if split_by_scale:
+        return [Group(b, m, runs(b, m, s), scale=s) for b in grid.backbones for m in grid.methods for s in grid.scales]
+    return [Group(b, m, sum((runs(b, m, s) for s in grid.scales), ())) for b in grid.backbones for m in grid.methods]
 
 
 def bench_features(grid: Grid, backbone: str) -> FeatureSet:
@@ -319,7 +315,7 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
-                  torch_runs: int | None = None, torch_first: bool = False) -> dict:
+                  torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False) -> dict:
     """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
 
     fusion_jax runs first, then the reference (`torch_first`: the other way round)."""
@@ -332,7 +328,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     torch_threads = torch_threads or len(os.sched_getaffinity(0))
     config = bench_config(g)
     workers = workers or compile_workers(config)
-    groups = plan_groups(g, config.degradation.kind)
+    groups = plan_groups(g, config.degradation.kind, split_by_scale)
     log(f"bench {grid}: {len(groups)} groups, {sum(len(x.runs) for x in groups)} runs, {g.epochs} epochs, "
         f"features {g.n_images} x {g.dim} / {g.n_images * g.captions_per_image} x {g.dim}, device {device_name()}, "
         f"torch on {torch_device}")
@@ -357,7 +353,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     torch_total = {**torch_side, **_totals(torch_side, peak_gflops)}
     result = {
         "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
-        "order": "torch, then jax" if torch_first else "jax, then torch",
+        "order": "torch, then jax" if torch_first else "jax, then torch", "split_by_scale": split_by_scale,
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
@@ -374,7 +370,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                     "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["wait_s"])},
     }
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}"))
+    stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}")
+                        + ("-split-by-scale" if split_by_scale else ""))
     atomic_write_json(stem + ".json", result)
     atomic_write_text(stem + ".md", markdown(result))
     log(f"speed-up {result['speedup']['wall']:.2f}x wall ({result['speedup']['excluding_compile']:.2f}x without "
@@ -451,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                              "their seconds per step (default: all; the result is then marked estimated)")
     parser.add_argument("--torch-first", action="store_true",
                         help="run the reference first, then fusion_jax (default: fusion_jax first)")
+    parser.add_argument("--split-by-scale", action="store_true",
+                        help="one fusion_jax program per (backbone, method, scale), as config.split_by_scale")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")
     args = parser.parse_args(argv)
@@ -458,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
-                      workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first)
+                      workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,
+                      split_by_scale=args.split_by_scale)
     except (FileNotFoundError, ImportError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2

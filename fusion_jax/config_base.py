@@ -31,6 +31,9 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
     # Cap on the runs one compiled program trains at once (0: no cap); larger groups are split.
     config.max_runs_per_program = 0
+    # One program per (backbone, method, scale) instead of per (backbone, method): no idle steps
+    # for the smaller scales' runs, more programs to compile (pays on CPUs for long sweeps).
+    config.split_by_scale = False
     # Threads that compile the next groups while one trains (0: half the cores).
     config.compile_workers = 0
     # Several processes (hosts): empty / 0 / -1 mean "from the environment" (SLURM, JAX_COORDINATOR_ADDRESS).

@@ -63,11 +63,13 @@ class Group:
     method: str
     runs: tuple[RunSpec, ...]
     part: tuple[int, int] | None = None  # (index, count) when max_runs_per_program split the group
+    scale: int | None = None  # the one scale of its runs, when split_by_scale split the group
 
     @property
     def name(self) -> str:
+        scale = "" if self.scale is None else f"-s{self.scale}"
         part = "" if self.part is None else f"-part{self.part[0] + 1}of{self.part[1]}"
-        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}{part}")
+        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}{scale}{part}")
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -76,16 +78,21 @@ class Group:
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
     """The sweep's groups, in a fixed order; each holds scales x seeds x degradation levels (level 0
-    alone for a backbone outside a non-empty `degradation.backbones`)."""
+    alone for a backbone outside a non-empty `degradation.backbones`), or with `split_by_scale` the
+    seeds x levels of one scale."""
     d = config.degradation
     levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
-    groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
-                                for s in config.scales for seed in config.seeds for level in levels[b]))
-              for b in config.backbones for m in config.methods]
+    runs = lambda b, m, scales: tuple(RunSpec(b, m, s, seed, d.kind, float(level))
+                                      for s in scales for seed in config.seeds for level in levels[b])
+    if config.split_by_scale:
+        groups = [Group(b, m, runs(b, m, (s,)), scale=s)
+                  for b in config.backbones for m in config.methods for s in config.scales]
+    else:
+        groups = [Group(b, m, runs(b, m, config.scales)) for b in config.backbones for m in config.methods]
     cap = config.max_runs_per_program
     if cap and any(len(g.runs) > cap for g in groups):
         log.info("max_runs_per_program=%d: splitting groups of more runs into programs of at most %d", cap, cap)
-        groups = [Group(g.backbone, g.method, g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
+        groups = [dataclasses.replace(g, runs=g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
                   for g in groups for i in range(0, len(g.runs), cap)]
     return groups
 
@@ -227,7 +234,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 _MIN_FREE_BYTES = 64 * 2**20
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers")  # config fields that do not change a sweep's results
+# Config fields that do not change a sweep's results (split_by_scale: to float rounding, as the device count).
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "split_by_scale")
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:

@@ -82,6 +82,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("hidden", "mlp_hidden", "num_heads"):
         _require(isinstance(h[field], int) and h[field] >= 1, f"head.{field}", f"{h[field]} must be an integer >= 1")
     _require(h.hidden % h.num_heads == 0, "head.num_heads", f"{h.num_heads} must divide head.hidden={h.hidden}")
+    _require(isinstance(config.split_by_scale, bool), "split_by_scale",
+             f"{config.split_by_scale!r} must be True or False")
     _require(isinstance(config.max_runs_per_program, int) and config.max_runs_per_program >= 0,
              "max_runs_per_program", f"{config.max_runs_per_program} must be an integer >= 0 (0: no cap)")
     _require(isinstance(config.compile_workers, int) and config.compile_workers >= 0,

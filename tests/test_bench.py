@@ -41,3 +41,14 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert jax_side["wall_s"] >= jax_side["wait_s"] + jax_side["train_s"] + jax_side["eval_s"]
     assert all(g["executed_flops"] >= g["train_flops"] for g in jax_side["groups"])
     assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])
+
+
+def test_split_by_scale_plans_the_same_runs_per_scale():
+    from fusion_jax import bench
+
+    grid = bench.GRIDS["quick"]
+    whole, split = bench.plan_groups(grid), bench.plan_groups(grid, split_by_scale=True)
+    assert [g.name for g in split] == [f"aligned-{m}-s{s}" for m in grid.methods for s in grid.scales]
+    assert all(len(g.scales) == 1 for g in split)
+    for m in grid.methods:
+        assert [r for g in split if g.method == m for r in g.runs] == [r for g in whole if g.method == m for r in g.runs]

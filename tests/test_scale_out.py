@@ -21,7 +21,7 @@ def _small(config):
 
 
 def _metrics(results):
-    return {(r["method"], r["seed"], r["degradation"]["level"]): (r["metrics"], r["final_train_loss"])
+    return {(r["method"], r["scale"], r["seed"], r["degradation"]["level"]): (r["metrics"], r["final_train_loss"])
             for r in results["runs"]}
 
 
@@ -59,6 +59,17 @@ def test_split_programs_equal_one_program(smoke_config, tmp_path):
     smoke_config.max_runs_per_program = 3
     assert [g.name for g in plan(smoke_config)] == ["aligned-concat-part1of2", "aligned-concat-part2of2"]
     split = train_and_evaluate(smoke_config, str(tmp_path / "split"))
+    _assert_same(whole, split)
+
+
+def test_split_by_scale_equals_one_program(smoke_config, tmp_path):
+    config = smoke_config
+    config.backbones, config.methods, config.train.epochs = ("aligned",), ("concat",), 2
+    whole = train_and_evaluate(config, str(tmp_path / "whole"))
+    config.split_by_scale = True
+    assert [g.name for g in plan(config)] == ["aligned-concat-s128", "aligned-concat-s256"]
+    split = train_and_evaluate(config, str(tmp_path / "split"))
+    assert len(split["runs"]) == len(whole["runs"]) == 2 * 2 * 2  # scales x seeds x levels
     _assert_same(whole, split)
 
 
