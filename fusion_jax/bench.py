@@ -414,7 +414,8 @@ def markdown(r: dict) -> str:
              f"XLA's threads | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
-    lines += [f"| mean val. accuracy, {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |" for m in g["methods"]]
+    lines += [f"| mean val. accuracy (mean of the groups' means), {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |"
+              for m in g["methods"]]
     lines += ["", f"**Speed-up: {r['speedup']['wall']:.2f}x**{' (against the estimated reference time)' if t.get('estimated') else ''} wall time, compilation included "
               f"({r['speedup']['excluding_compile']:.2f}x without the time spent waiting for it).", "",
               "| group | runs | scales | steps, all runs | jax compile (s) | jax waited (s) | jax train (s) "
