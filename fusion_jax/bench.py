@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fusion_jax import cost
+from fusion_jax import cost, sweep
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet, build_pairs
@@ -96,11 +96,11 @@ def bench_config(grid: Grid) -> ml_collections.ConfigDict:
 def plan_groups(grid: Grid, kind: str = "gaussian", split_by_scale: bool = False) -> list[Group]:
     """One group per (backbone, method), as sweep.plan makes them: scales x seeds, and the noise
     study's levels at (first backbone, noise_scale); with `split_by_scale`, one per scale too."""
-    runs = lambda b, m, s: tuple(RunSpec(b, m, s, seed, kind, float(level)) for seed in grid.seeds for level in
-                                 (grid.noise_levels if (b, s) == (grid.backbones[0], grid.noise_scale) else (0.0,)))
-    if split_by_scale:
-        return [Group(b, m, runs(b, m, s), scale=s) for b in grid.backbones for m in grid.methods for s in grid.scales]
-    return [Group(b, m, sum((runs(b, m, s) for s in grid.scales), ())) for b in grid.backbones for m in grid.methods]
+    levels = lambda b, s: grid.noise_levels if (b, s) == (grid.backbones[0], grid.noise_scale) else (0.0,)
+    groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, kind, float(level))
+                                for s in grid.scales for seed in grid.seeds for level in levels(b, s)))
+              for b in grid.backbones for m in grid.methods]
+    return sweep.split_by_scale(groups) if split_by_scale else groups
 
 
 def bench_features(grid: Grid, backbone: str) -> FeatureSet:

@@ -82,19 +82,23 @@ def plan(config: ml_collections.ConfigDict) -> list[Group]:
     seeds x levels of one scale."""
     d = config.degradation
     levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
-    runs = lambda b, m, scales: tuple(RunSpec(b, m, s, seed, d.kind, float(level))
-                                      for s in scales for seed in config.seeds for level in levels[b])
+    groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
+                                for s in config.scales for seed in config.seeds for level in levels[b]))
+              for b in config.backbones for m in config.methods]
     if config.split_by_scale:
-        groups = [Group(b, m, runs(b, m, (s,)), scale=s)
-                  for b in config.backbones for m in config.methods for s in config.scales]
-    else:
-        groups = [Group(b, m, runs(b, m, config.scales)) for b in config.backbones for m in config.methods]
+        groups = split_by_scale(groups)
     cap = config.max_runs_per_program
     if cap and any(len(g.runs) > cap for g in groups):
         log.info("max_runs_per_program=%d: splitting groups of more runs into programs of at most %d", cap, cap)
         groups = [dataclasses.replace(g, runs=g.runs[i:i + cap], part=(i // cap, -(-len(g.runs) // cap)))
                   for g in groups for i in range(0, len(g.runs), cap)]
     return groups
+
+
+def split_by_scale(groups: list[Group]) -> list[Group]:
+    """Each group as one group per scale of its runs, in scale order (config.split_by_scale)."""
+    return [dataclasses.replace(g, runs=tuple(r for r in g.runs if r.scale == s), scale=s)
+            for g in groups for s in g.scales]
 
 
 def group_pairs(config: ml_collections.ConfigDict, group: Group, features: FeatureSet) -> dict[int, Pairs]:
