@@ -20,8 +20,8 @@ Two ways, one after the other (`--torch-first` swaps the order), in this process
      once), else on `--torch-threads` CPU threads (default: all cores). Noisy runs get their
      degraded image features once per run, before training, inside the timing.
 FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost), times each run's
-own steps, the same count for both ways (fusion_jax also executes the idle steps of its smaller
-runs and its padding runs: `executed_flops`); the peak is a large float32 matmul measured here
+own steps, the same count for both ways (fusion_jax also executes the idle steps of the shorter
+runs in a chunk: `executed_flops`); the peak is a large float32 matmul measured here
 with jax.
 Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids).
 """
@@ -162,19 +162,22 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                 losses = np.asarray(losses)
                 epoch_s.append(time.perf_counter() - t)
             t3 = time.perf_counter()
-            counts = np.asarray(program.evaluate(state, runs, data))[:len(group.runs)]
+            counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
-            run_steps = [steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"][:len(group.runs)]]
-            padded = len(program.runs["n_train"])
+            slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
+            run_steps = slot_steps[program.index].tolist()
+            # A chunk steps all its slots until its longest run is done (empty slots: 0 steps).
+            executed_steps = int(slot_steps.reshape(-1, program.chunk).max(axis=1).sum()) * program.chunk
             r = {"group": group.name, "runs": len(group.runs), "scales": list(group.scales),
                  "steps_per_run": run_steps, "program_steps": program.trainer.steps_per_epoch * epochs,
                  "compile_s": program.compile_seconds, "wait_s": t1 - t0, "setup_s": t2 - t1,
-                 "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3, "padded_runs": padded,
-                 # useful work (each run's own steps), and what the program executed (padding, idle steps)
+                 "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3,
+                 "slots": len(slot_steps), "runs_per_chunk": program.chunk,
+                 # useful work (each run's own steps), and what the program executed (chunks' idle slots)
                  "train_flops": step_flops[group.method] * sum(run_steps),
-                 "executed_flops": step_flops[group.method] * padded * program.trainer.steps_per_epoch * epochs,
+                 "executed_flops": step_flops[group.method] * executed_steps,
                  "final_train_loss": float(np.mean([row[:k // epochs].mean()
-                                                    for row, k in zip(losses, run_steps)])),
+                                                    for row, k in zip(losses[program.index], run_steps)])),
                  "accuracy_mean": float(np.mean([_accuracy(c) for c in counts]))}
             out.append(r)
             log(f"[jax {i + 1}/{len(groups)}] {group.name}: {r['runs']} runs, compile {r['compile_s']:.2f} s "
@@ -411,7 +414,8 @@ def markdown(r: dict) -> str:
              f"| achieved GFLOP/s, % of peak (training epochs only) | {j['achieved_gflops_steady']:.1f}, "
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
              f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s){devices_env}, "
-             f"XLA's threads | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
+             f"XLA's threads, chunks of {'/'.join(sorted({str(x.get('runs_per_chunk', '-')) for x in j['groups']}))} "
+             f"runs | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
     lines += [f"| mean val. accuracy (mean of the groups' means), {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |"
@@ -428,8 +432,8 @@ def markdown(r: dict) -> str:
     lines += ["", "FLOPs: XLA's cost analysis of one compiled training step per run "
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
               + " (forward, backward, AdamW, gather, noise), times each run's steps; the same count for both "
-              f"columns. fusion_jax executed {executed:.2f}x that work: a group's epoch scans the steps of its "
-              "largest scale, smaller runs idle, and padding runs fill the devices.",
+              f"columns. fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
+              "is done (sweep.layout).",
               "", "Each side initialises as its framework does by default (torch's Linear init is about 1.7x "
               "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; the "
               "work per step is the same (tests/test_reference_parity.py: same init, same trajectory)."]

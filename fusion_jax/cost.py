@@ -59,7 +59,7 @@ def analytic_concat_flops(d_v: int, d_t: int, hidden: int = 256, mlp_hidden: int
 
 
 def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int = 1, tokens: int = 0) -> float:
-    """FLOPs of one training step of `n_runs` vmapped runs (batch config.train.batch_size each).
+    """FLOPs of one training step of a chunk of `n_runs` runs (batch config.train.batch_size each).
 
     From the cost analysis of a compiled one-step epoch of the trainer (`make_train`): forward,
     backward, gather, degradation (config.degradation.kind) and the AdamW update.
@@ -80,5 +80,5 @@ def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int =
             "n_train": jax.ShapeDtypeStruct((n_runs,), jnp.int32), "n_val": jax.ShapeDtypeStruct((n_runs,), jnp.int32),
             "train": split(batch), "val": split(1)}
     state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs, data)
-    epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
+    epoch = jax.jit(trainer.train_epoch)
     return xla_flops(epoch.lower(state, runs, data).compile())

@@ -1,4 +1,4 @@
-"""The trainer: `make_train` returns pure functions that one `jax.jit(jax.vmap(...))` runs for a group.
+"""The trainer: `make_train` returns pure functions that one compiled program runs for a group.
 
 The paper's recipe: AdamW (weight decay 0.01), learning rate decayed by a cosine over all steps of
 the run's epochs (torch's CosineAnnealingLR stepped per batch), batch 32, softmax cross-entropy over
@@ -10,6 +10,11 @@ A run is a small pytree: `key` (derived from the run's own seed and scale, see `
 different scales therefore share one program: an epoch scans the steps of the group's largest run,
 and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
 share `data`: the feature arrays, gathered by index inside the compiled step.
+
+Training steps a chunk of runs together (vmapped inside the step) and skips the steps past all of
+the chunk's runs. Which runs share a chunk, and how many, is the sweep's choice (sweep.layout): one
+chunk of all runs fills an accelerator; on a CPU, chunks of a few runs keep their parameters and
+moments in the cache, and the smaller scales' chunks stop early.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ _INIT, _SHUFFLE, _DROPOUT, _NOISE = range(4)
 
 
 class Trainer(NamedTuple):
-    """Pure functions of one method: vmap them over runs, jit the result.
+    """Pure functions of one method, to jit.
 
-    init(run, data) -> state; train_epoch(state, run, data) -> (state, losses [steps_per_epoch]), the
-    losses of steps past the run's own being 0; evaluate(state, run, data) -> counts [4] =
-    (tp, fp, fn, tn) on the run's validation pairs.
+    init(run, data) -> state and evaluate(state, run, data) -> counts [4] = (tp, fp, fn, tn) on the
+    run's validation pairs take one run: vmap them over runs. train_epoch(state, runs, data) ->
+    (state, losses [k, steps_per_epoch]) takes a chunk of k runs (state and runs stacked [k, ...]);
+    the losses of steps past a run's own are 0.
     """
 
     init: Callable
@@ -141,27 +147,36 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
         return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
-    def train_epoch(state, run, data):
-        pairs, n_train, epoch = run["train"], run["n_train"], state["epoch"]
+    def train_epoch(state, runs, data):
+        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]); the steps past all of the
+        chunk's runs are skipped (a scalar cond: a chunk is never vmapped)."""
+        k, epoch, n_train = runs["n_train"].shape[0], state["epoch"], runs["n_train"]
         run_steps = (n_train + batch - 1) // batch
-        order = epoch_order(run["key"], epoch, n_train, steps * batch)
-        rows = order.reshape(steps, batch)
-        weight = (jnp.arange(steps * batch) < n_train).astype(jnp.float32).reshape(steps, batch)
-        dropout_key = jax.random.fold_in(run["key"], _DROPOUT)
+        order = jax.vmap(epoch_order, (0, 0, 0, None))(runs["key"], epoch, n_train, steps * batch)
+        rows = order.reshape(k, steps, batch).swapaxes(0, 1)
+        weight = (jnp.arange(steps * batch) < n_train[:, None]).astype(jnp.float32)
+        weight = weight.reshape(k, steps, batch).swapaxes(0, 1)
+        chunk_steps = run_steps.max()
 
-        def step(carry, xs):
-            params, opt_state = carry
-            r, w, t = xs
+        def run_step(params, opt_state, run, r, w, t, epoch, run_steps):
+            """One run's step on its batch rows r [batch] with weights w [batch]."""
+            pairs = run["train"]
             x = inputs(data, run, pairs["image_idx"][r], pairs["caption_idx"][r])
             done = epoch * run_steps + t
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, pairs["label"][r], w,
-                                                      jax.random.fold_in(dropout_key, done))
+            dropout_key = jax.random.fold_in(jax.random.fold_in(run["key"], _DROPOUT), done)
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, pairs["label"][r], w, dropout_key)
             lr = cosine_lr(tc.learning_rate, done, run_steps * tc.epochs)
             return adamw(params, grads, opt_state, lr, tc.weight_decay, t < run_steps), loss
 
+        def step(carry, xs):
+            r, w, t = xs
+            live = lambda c: jax.vmap(run_step, (0, 0, 0, 0, 0, None, 0, 0))(*c, runs, r, w, t, epoch, run_steps)
+            idle = lambda c: (c, jnp.zeros((k,), jnp.float32))
+            return jax.lax.cond(t < chunk_steps, live, idle, carry)
+
         (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
                                                    (rows, weight, jnp.arange(steps)))
-        return {"params": params, "opt_state": opt_state, "epoch": epoch + 1}, losses
+        return {"params": params, "opt_state": opt_state, "epoch": epoch + 1}, losses.T
 
     def evaluate(state, run, data):
         pairs, n_val = run["val"], run["n_val"]

@@ -32,6 +32,7 @@ INVALID = [
     ("head.num_heads", 3, "head.num_heads", "divide"),
     ("features", "flickr", "features", "allowed: synthetic"),
     ("compile_workers", -1, "compile_workers", ">= 0"),
+    ("runs_per_chunk", -2, "runs_per_chunk", ">= 0"),
 ]
 
 

@@ -60,7 +60,7 @@ def _train_jax(trainer, runs, data, epochs):
     """Train a vmapped group: (initial params, losses [runs, steps], counts [runs, 4])."""
     state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(runs, data)
     init_params = jax.tree_util.tree_map(np.asarray, state["params"])
-    train_epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
+    train_epoch = jax.jit(trainer.train_epoch)
     losses = []
     for _ in range(epochs):
         state, epoch_losses = train_epoch(state, runs, data)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.metrics import METRICS
-from fusion_jax.sweep import plan, train_and_evaluate
+from fusion_jax.sweep import layout, plan, train_and_evaluate
 
 
 def _tiny(config):
@@ -74,8 +74,10 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
         if group.name == second and epochs_done == 2:
             raise Killed
 
+    config.runs_per_chunk = 1  # the resumed sweep lays its runs out otherwise: checkpoints hold them in group order
     with pytest.raises(Killed):
         train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=kill)
+    config.runs_per_chunk = 0
     assert not (tmp_path / "resumed" / "results.json").exists()
     assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
 
@@ -88,6 +90,29 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
         assert a[k]["metrics"] == b[k]["metrics"]
         assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
     assert resumed["summary"] == clean["summary"]
+
+
+@pytest.mark.parametrize("devices, k", [(1, 3), (2, 2), (3, 2), (2, 0), (4, 5)])
+def test_layout_places_each_run_once_in_balanced_chunks(devices, k):
+    steps = [52, 52, 52, 103, 103, 103, 103, 103, 103, 26]
+    slots = layout(steps, devices, k)
+    k = k or -(-len(steps) // devices)
+    assert sorted(slots[slots >= 0].tolist()) == list(range(len(steps)))
+    assert len(slots) % (devices * k) == 0
+    chunks = slots.reshape(devices, -1, k)
+    cost = lambda c: max((steps[i] for i in c if i >= 0), default=0)  # a chunk runs as long as its longest run
+    loads = [sum(cost(c) for c in d) for d in chunks]
+    assert max(loads) - min(loads) <= max(steps)
+    for d in chunks:  # runs are chunked longest first: a chunk's runs end together where they can
+        for c in d:
+            run = [steps[i] for i in c if i >= 0]
+            assert run == sorted(run, reverse=True)
+
+
+def test_layout_chunks_runs_of_equal_steps_in_group_order():
+    assert layout([52, 52, 52, 103, 103, 103, 103, 103, 103, 26], 1, 3).tolist() == [
+        3, 4, 5, 6, 7, 8, 0, 1, 2, 9, -1, -1]
+    assert layout([5, 9, 7], 2, 0).tolist() == [1, 2, 0, -1]  # one chunk per device
 
 
 def test_workdir_of_another_config_is_refused(smoke_config, tmp_path):

@@ -26,7 +26,7 @@ def _group(config, method, specs):
 
 def _train_group(trainer, runs, data, epochs):
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
-    epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
+    epoch = jax.jit(trainer.train_epoch)
     evaluate = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))
     state = init(runs, data)
     for _ in range(epochs):
@@ -104,7 +104,7 @@ def test_noise_free_program_equals_level_zero(smoke_config):
 def test_group_compiles_once(smoke_config):
     specs = tuple(RunSpec("aligned", "cross", scale, s, "gaussian", 0.1) for scale in (128, 256) for s in (1, 2))
     trainer, runs, data = _group(smoke_config, "cross", specs)
-    epoch = jax.jit(jax.vmap(chex.assert_max_traces(trainer.train_epoch, n=1), in_axes=(0, 0, None)))
+    epoch = jax.jit(chex.assert_max_traces(trainer.train_epoch, n=1))
     state = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
     for _ in range(3):
         state, _ = epoch(state, runs, data)
@@ -115,7 +115,7 @@ def test_training_lowers_the_loss(smoke_config):
     smoke_config.train.learning_rate = 1e-3
     trainer, runs, data = _group(smoke_config, "concat", (RunSpec("aligned", "concat", 256, 0, "gaussian", 0.0),))
     init = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
-    epoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, 0, None)))
+    epoch = jax.jit(trainer.train_epoch)
     state, first = epoch(init, runs, data)
     state, last = epoch(state, runs, data)
     assert last.mean() < first.mean()
