@@ -318,10 +318,12 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
-                  torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False) -> dict:
+                  torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False,
+                  runs_per_chunk: int = 0) -> dict:
     """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
 
-    fusion_jax runs first, then the reference (`torch_first`: the other way round)."""
+    fusion_jax runs first, then the reference (`torch_first`: the other way round); `split_by_scale`
+    and `runs_per_chunk` set the config fields of those names."""
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -330,6 +332,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     torch_device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     torch_threads = torch_threads or len(os.sched_getaffinity(0))
     config = bench_config(g)
+    config.runs_per_chunk = runs_per_chunk
     workers = workers or compile_workers(config)
     groups = plan_groups(g, config.degradation.kind, split_by_scale)
     log(f"bench {grid}: {len(groups)} groups, {sum(len(x.runs) for x in groups)} runs, {g.epochs} epochs, "
@@ -357,6 +360,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     result = {
         "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
         "order": "torch, then jax" if torch_first else "jax, then torch", "split_by_scale": split_by_scale,
+        "runs_per_chunk": runs_per_chunk,
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
@@ -374,7 +378,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     }
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}")
-                        + ("-split-by-scale" if split_by_scale else ""))
+                        + ("-split-by-scale" if split_by_scale else "")
+                        + (f"-chunk{runs_per_chunk}" if runs_per_chunk else ""))
     atomic_write_json(stem + ".json", result)
     atomic_write_text(stem + ".md", markdown(result))
     log(f"speed-up {result['speedup']['wall']:.2f}x wall ({result['speedup']['excluding_compile']:.2f}x without "
@@ -455,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the reference first, then fusion_jax (default: fusion_jax first)")
     parser.add_argument("--split-by-scale", action="store_true",
                         help="one fusion_jax program per (backbone, method, scale), as config.split_by_scale")
+    parser.add_argument("--runs-per-chunk", type=int, default=0,
+                        help="runs a device steps together, as config.runs_per_chunk (default 0: 3 on a CPU, "
+                             "all of a device's runs on a GPU)")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")
     args = parser.parse_args(argv)
@@ -463,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
                       workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,
-                      split_by_scale=args.split_by_scale)
+                      split_by_scale=args.split_by_scale, runs_per_chunk=args.runs_per_chunk)
     except (FileNotFoundError, ImportError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2

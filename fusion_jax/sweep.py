@@ -148,15 +148,16 @@ def runs_per_chunk(config: ml_collections.ConfigDict) -> int:
     return 3 if jax.local_devices()[0].platform == "cpu" else 0
 
 
-def layout(run_steps: list[int], n_devices: int, k: int) -> np.ndarray:
-    """A group's slots on `n_devices` devices in chunks of `k` runs (0: one chunk per device): run
-    indices [n_devices * chunks * k], device after device, -1 for an empty slot.
+def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
+    """A group's slots on `n_devices` devices in chunks of `k` runs: (run indices [n_devices * chunks
+    * k], device after device, -1 for an empty slot; the chunk size used). k is at most a device's
+    share of the runs (0: that share, one chunk per device).
 
     Runs sorted by their steps (largest first, otherwise in group order) are cut into chunks, so a
     chunk's runs stop together; each chunk goes to the device with the fewest steps so far, and the
     devices are filled up to the same number of chunks with empty ones (which cost nothing)."""
     n = len(run_steps)
-    k = k or -(-n // n_devices)
+    k = min(k or n, -(-n // n_devices))
     order = sorted(range(n), key=lambda i: -run_steps[i])
     chunks = [order[i:i + k] for i in range(0, n, k)]
     load, devices = [0] * n_devices, [[] for _ in range(n_devices)]
@@ -165,7 +166,8 @@ def layout(run_steps: list[int], n_devices: int, k: int) -> np.ndarray:
         devices[d].append(chunk + [-1] * (k - len(chunk)))
         load[d] += run_steps[chunk[0]]
     per_device = max(len(d) for d in devices)
-    return np.asarray([i for d in devices for c in d + [[-1] * k] * (per_device - len(d)) for i in c], np.int32)
+    slots = [i for d in devices for c in d + [[-1] * k] * (per_device - len(d)) for i in c]
+    return np.asarray(slots, np.int32), k
 
 
 @dataclasses.dataclass
@@ -210,9 +212,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     batch = config.train.batch_size
-    k = runs_per_chunk(config)
-    slots = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size, k)
-    k = k or len(slots) // mesh.size
+    slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size,
+                      runs_per_chunk(config))
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
     for name in ("n_train", "n_val"):
         runs[name][slots < 0] = 0

@@ -148,8 +148,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
     def train_epoch(state, runs, data):
-        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]); the steps past all of the
-        chunk's runs are skipped (a scalar cond: a chunk is never vmapped)."""
+        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]). A cond skips the steps
+        past the chunk's longest run (vmapping train_epoch itself would turn it into a select)."""
         k, epoch, n_train = runs["n_train"].shape[0], state["epoch"], runs["n_train"]
         run_steps = (n_train + batch - 1) // batch
         order = jax.vmap(epoch_order, (0, 0, 0, None))(runs["key"], epoch, n_train, steps * batch)

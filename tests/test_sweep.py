@@ -92,11 +92,11 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
     assert resumed["summary"] == clean["summary"]
 
 
-@pytest.mark.parametrize("devices, k", [(1, 3), (2, 2), (3, 2), (2, 0), (4, 5)])
+@pytest.mark.parametrize("devices, k", [(1, 3), (2, 2), (3, 2), (2, 0), (4, 5), (2, 50)])
 def test_layout_places_each_run_once_in_balanced_chunks(devices, k):
     steps = [52, 52, 52, 103, 103, 103, 103, 103, 103, 26]
-    slots = layout(steps, devices, k)
-    k = k or -(-len(steps) // devices)
+    slots, k = layout(steps, devices, k)
+    assert k <= -(-len(steps) // devices)  # at most a device's share: no chunk of only empty slots
     assert sorted(slots[slots >= 0].tolist()) == list(range(len(steps)))
     assert len(slots) % (devices * k) == 0
     chunks = slots.reshape(devices, -1, k)
@@ -110,9 +110,11 @@ def test_layout_places_each_run_once_in_balanced_chunks(devices, k):
 
 
 def test_layout_chunks_runs_of_equal_steps_in_group_order():
-    assert layout([52, 52, 52, 103, 103, 103, 103, 103, 103, 26], 1, 3).tolist() == [
-        3, 4, 5, 6, 7, 8, 0, 1, 2, 9, -1, -1]
-    assert layout([5, 9, 7], 2, 0).tolist() == [1, 2, 0, -1]  # one chunk per device
+    slots, k = layout([52, 52, 52, 103, 103, 103, 103, 103, 103, 26], 1, 3)
+    assert k == 3 and slots.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 9, -1, -1]
+    for asked in (0, 9):  # one chunk per device
+        slots, k = layout([5, 9, 7], 2, asked)
+        assert k == 2 and slots.tolist() == [1, 2, 0, -1]
 
 
 def test_workdir_of_another_config_is_refused(smoke_config, tmp_path):
