@@ -220,7 +220,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     index = np.empty(len(group.runs), np.int64)
     index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
-                         noisy=any(r.level != 0 for r in group.runs))
+                         noisy=any(r.level != 0 for r in group.runs), skip_idle=mesh.devices.flat[0].platform == "cpu")
     shaped = lambda tree, sharding: jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)

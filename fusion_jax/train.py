@@ -11,8 +11,8 @@ different scales therefore share one program: an epoch scans the steps of the gr
 and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
 share `data`: the feature arrays, gathered by index inside the compiled step.
 
-Training steps a chunk of runs together (vmapped inside the step) and skips the steps past all of
-the chunk's runs. Which runs share a chunk, and how many, is the sweep's choice (sweep.layout): one
+Training steps a chunk of runs together (vmapped inside the step) and, on CPUs, skips the steps
+past all of the chunk's runs. Which runs share a chunk, and how many, is the sweep's choice (sweep.layout): one
 chunk of all runs fills an accelerator; on a CPU, chunks of a few runs keep their parameters and
 moments in the cache, and the smaller scales' chunks stop early.
 """
@@ -105,11 +105,13 @@ def epoch_order(key: jax.Array, epoch: jax.Array, n_train: jax.Array, size: int)
 
 
 def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, max_val: int, *,
-               noisy: bool = True) -> Trainer:
+               noisy: bool = True, skip_idle: bool = True) -> Trainer:
     """Build the trainer of `method` for runs of at most max_train / max_val pairs.
 
     noisy=False promises that every run's noise_level is 0: the noise is then not drawn (a level-0
-    Gaussian degradation is a plain normalisation, which is kept)."""
+    Gaussian degradation is a plain normalisation, which is kept). skip_idle=False steps a chunk
+    through every step of the epoch, past its longest run too (as exact no-ops), without the cond
+    that skips them: for GPUs, where those steps cost little and a cond can cost a host sync per step."""
     tc, hc, dc = config.train, config.head, config.degradation
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size
@@ -148,8 +150,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
     def train_epoch(state, runs, data):
-        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]). A cond skips the steps
-        past the chunk's longest run (vmapping train_epoch itself would turn it into a select)."""
+        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]). With skip_idle, a cond
+        skips the steps past the chunk's longest run (vmapping train_epoch would make it a select)."""
         k, epoch, n_train = runs["n_train"].shape[0], state["epoch"], runs["n_train"]
         run_steps = (n_train + batch - 1) // batch
         order = jax.vmap(epoch_order, (0, 0, 0, None))(runs["key"], epoch, n_train, steps * batch)
@@ -171,6 +173,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         def step(carry, xs):
             r, w, t = xs
             live = lambda c: jax.vmap(run_step, (0, 0, 0, 0, 0, None, 0, 0))(*c, runs, r, w, t, epoch, run_steps)
+            if not skip_idle:
+                return live(carry)
             idle = lambda c: (c, jnp.zeros((k,), jnp.float32))
             return jax.lax.cond(t < chunk_steps, live, idle, carry)
 

@@ -14,13 +14,13 @@ from fusion_jax.train import epoch_order, make_train
 ON_GPU = jax.devices()[0].platform == "gpu"
 
 
-def _group(config, method, specs):
+def _group(config, method, specs, **trainer_options):
     """(trainer, runs, data) of `specs`, sized for the largest of their scales."""
     fs = load_features(config, "aligned")
     pairs = {s: build_pairs(fs.caption_image, fs.n_images, s, config.pairs.split_seed) for s in {r.scale for r in specs}}
     runs = stack_runs(specs, pairs)
     trainer = make_train(config, method, int(runs["n_train"].max()), int(runs["n_val"].max()),
-                         noisy=any(r.level for r in specs))
+                         noisy=any(r.level for r in specs), **trainer_options)
     return trainer, runs, group_data(fs)
 
 
@@ -65,6 +65,23 @@ def test_run_alone_equals_run_in_group(smoke_config, method):
         in_group = jax.tree_util.tree_map(lambda x: x[i:i + 1], (state, counts, losses))
         _assert_same_run(jax.tree_util.tree_map(lambda x: x[0], alone),
                          jax.tree_util.tree_map(lambda x: x[0], in_group),
+                         alone_trainer.steps_per_epoch, smoke_config.train.learning_rate)
+
+
+@pytest.mark.parametrize("skip_idle", [True, False])
+def test_a_chunk_of_smaller_runs_equals_them_alone(smoke_config, skip_idle):
+    """A chunk of two 256 runs in a program sized for 512 (its epochs scan the 512 run's steps):
+    with skip_idle the steps past theirs are skipped, without they are exact no-ops; either way
+    the runs match themselves trained alone."""
+    specs = tuple(RunSpec("aligned", "concat", scale, seed, "gaussian", 0.3)
+                  for scale, seed in ((256, 42), (256, 123), (512, 42)))
+    trainer, runs, data = _group(smoke_config, "concat", specs, skip_idle=skip_idle)
+    chunk = _train_group(trainer, jax.tree_util.tree_map(lambda x: x[:2], runs), data, epochs=2)
+    alone_trainer, alone_runs, _ = _group(smoke_config, "concat", specs[:2])
+    assert alone_trainer.steps_per_epoch < trainer.steps_per_epoch
+    alone = _train_group(alone_trainer, alone_runs, data, epochs=2)
+    for i in range(2):
+        _assert_same_run(jax.tree_util.tree_map(lambda x: x[i], alone), jax.tree_util.tree_map(lambda x: x[i], chunk),
                          alone_trainer.steps_per_epoch, smoke_config.train.learning_rate)
 
 
