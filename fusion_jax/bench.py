@@ -166,8 +166,11 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t4 = time.perf_counter()
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()
-            # A chunk steps all its slots until its longest run is done (empty slots: 0 steps).
-            executed_steps = int(slot_steps.reshape(-1, program.chunk).max(axis=1).sum()) * program.chunk
+            # A chunk steps all its slots until its longest run is done, or (skip_idle off) through every step.
+            chunk_steps = slot_steps.reshape(-1, program.chunk).max(axis=1)
+            if not program.trainer.skip_idle:
+                chunk_steps[:] = program.trainer.steps_per_epoch * epochs
+            executed_steps = int(chunk_steps.sum()) * program.chunk
             r = {"group": group.name, "runs": len(group.runs), "scales": list(group.scales),
                  "steps_per_run": run_steps, "program_steps": program.trainer.steps_per_epoch * epochs,
                  "compile_s": program.compile_seconds, "wait_s": t1 - t0, "setup_s": t2 - t1,
@@ -438,7 +441,7 @@ def markdown(r: dict) -> str:
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
               + " (forward, backward, AdamW, gather, noise), times each run's steps; the same count for both "
               f"columns. fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
-              "is done (sweep.layout).",
+              "is done (on a GPU, through its group's longest run), and empty slots fill chunks (sweep.layout).",
               "", "Each side initialises as its framework does by default (torch's Linear init is about 1.7x "
               "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; the "
               "work per step is the same (tests/test_reference_parity.py: same init, same trajectory)."]

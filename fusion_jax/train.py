@@ -41,13 +41,15 @@ class Trainer(NamedTuple):
     init(run, data) -> state and evaluate(state, run, data) -> counts [4] = (tp, fp, fn, tn) on the
     run's validation pairs take one run: vmap them over runs. train_epoch(state, runs, data) ->
     (state, losses [k, steps_per_epoch]) takes a chunk of k runs (state and runs stacked [k, ...]);
-    the losses of steps past a run's own are 0.
+    the losses of steps past a run's own are 0; skip_idle: whether it skips the steps past a chunk's
+    longest run (see make_train).
     """
 
     init: Callable
     train_epoch: Callable
     evaluate: Callable
     steps_per_epoch: int
+    skip_idle: bool
 
 
 def run_key(seed: int, scale: int) -> jax.Array:
@@ -197,4 +199,4 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
 
         return jax.lax.map(chunk, rows).sum(0)
 
-    return Trainer(init, train_epoch, evaluate, steps)
+    return Trainer(init, train_epoch, evaluate, steps, skip_idle)
