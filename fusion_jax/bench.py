@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-by-scale", action="store_true",
                         help="one fusion_jax program per (backbone, method, scale), as config.split_by_scale")
     parser.add_argument("--runs-per-chunk", type=int, default=0,
-                        help="runs a device steps together, as config.runs_per_chunk (default 0: 3 on a CPU, "
+                        help="runs a device steps together, as config.runs_per_chunk (default 0: 2 on a CPU, "
                              "all of a device's runs on a GPU)")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")

@@ -34,7 +34,7 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     # One program per (backbone, method, scale) instead of per (backbone, method): no idle steps
     # for the smaller scales' runs, more programs to compile (pays on CPUs for long sweeps).
     config.split_by_scale = False
-    # Runs a device steps together, chunk after chunk (0: all of its runs on accelerators, 3 on CPUs,
+    # Runs a device steps together, chunk after chunk (0: all of its runs on accelerators, 2 on CPUs,
     # whose caches then hold a chunk's parameters and moments). Results agree to float rounding.
     config.runs_per_chunk = 0
     # Threads that compile the next groups while one trains (0: half the cores).

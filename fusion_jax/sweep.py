@@ -141,11 +141,11 @@ def run_mesh() -> Mesh:
 
 
 def runs_per_chunk(config: ml_collections.ConfigDict) -> int:
-    """Runs a device steps together: config.runs_per_chunk, or (0) 3 on CPUs and 0 (all its runs) on
+    """Runs a device steps together: config.runs_per_chunk, or (0) 2 on CPUs and 0 (all its runs) on
     accelerators. A CPU trains fastest when a chunk's parameters and moments stay in its cache."""
     if config.runs_per_chunk:
         return config.runs_per_chunk
-    return 3 if jax.local_devices()[0].platform == "cpu" else 0
+    return 2 if jax.local_devices()[0].platform == "cpu" else 0
 
 
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:

@@ -87,7 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(config.max_runs_per_program, int) and config.max_runs_per_program >= 0,
              "max_runs_per_program", f"{config.max_runs_per_program} must be an integer >= 0 (0: no cap)")
     _require(isinstance(config.runs_per_chunk, int) and config.runs_per_chunk >= 0, "runs_per_chunk",
-             f"{config.runs_per_chunk} must be an integer >= 0 (0: 3 on CPUs, all of a device's runs otherwise)")
+             f"{config.runs_per_chunk} must be an integer >= 0 (0: 2 on CPUs, all of a device's runs otherwise)")
     _require(isinstance(config.compile_workers, int) and config.compile_workers >= 0,
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
     _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",

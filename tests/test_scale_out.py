@@ -47,7 +47,7 @@ def _sweep_on_devices(n_devices, workdir):
 
 
 def test_one_device_equals_four(tmp_path):
-    # 6 runs per group: on 4 devices in chunks of 3 (the CPU default), two devices get a chunk, two an empty one.
+    # 6 runs per group: on 4 devices in chunks of 2 (the CPU default), three devices get a chunk, one an empty one.
     one = _sweep_on_devices(1, tmp_path / "one")
     four = _sweep_on_devices(4, tmp_path / "four")
     assert len(four["runs"]) == len(one["runs"]) == 3 * 2
