@@ -140,12 +140,12 @@ def run_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()), ("runs",))
 
 
-def runs_per_chunk(config: ml_collections.ConfigDict) -> int:
+def runs_per_chunk(config: ml_collections.ConfigDict, on_cpu: bool) -> int:
     """Runs a device steps together: config.runs_per_chunk, or (0) 2 on CPUs and 0 (all its runs) on
     accelerators. A CPU trains fastest when a chunk's parameters and moments stay in its cache."""
     if config.runs_per_chunk:
         return config.runs_per_chunk
-    return 2 if jax.local_devices()[0].platform == "cpu" else 0
+    return 2 if on_cpu else 0
 
 
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
@@ -211,16 +211,16 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
-    batch = config.train.batch_size
+    batch, on_cpu = config.train.batch_size, mesh.devices.flat[0].platform == "cpu"
     slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size,
-                      runs_per_chunk(config))
+                      runs_per_chunk(config, on_cpu))
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
     for name in ("n_train", "n_val"):
         runs[name][slots < 0] = 0
     index = np.empty(len(group.runs), np.int64)
     index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
-                         noisy=any(r.level != 0 for r in group.runs), skip_idle=mesh.devices.flat[0].platform == "cpu")
+                         noisy=any(r.level != 0 for r in group.runs), skip_idle=on_cpu)
     shaped = lambda tree, sharding: jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
