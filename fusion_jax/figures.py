@@ -79,7 +79,7 @@ def accuracy_vs_scale(results: dict, path: str) -> str:
         ax.set_title(f"backbone {b}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(cfg['features'])}\n"
+    fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(tables.data_of(results))}\n"
                  f"mean ± std over {n_seeds} seeds", fontsize=11)
     return _save(fig, path)
 
@@ -119,7 +119,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     n_seeds = max(c["n_seeds"] for c in results["comparisons"])
-    fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(cfg['features'])}\n"
+    fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(tables.data_of(results))}\n"
                  f"error bars: std of the per-seed paired differences ({n_seeds} seeds)", fontsize=11)
     return _save(fig, path)
 

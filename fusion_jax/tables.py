@@ -14,12 +14,22 @@ import math
 import numpy as np
 
 from fusion_jax import paper
+from fusion_jax.data.flickr8k import STANDIN_NAME
 
 ALPHA = 0.05
 _DATA = {"flickr8k": "Flickr8k", "embedded": "embedded procedural dataset (not Flickr8k)",
-         "synthetic": "synthetic latent-variable features (not Flickr8k)"}
-_DATA_SHORT = {"flickr8k": "Flickr8k", "embedded": "embedded (not Flickr8k)", "synthetic": "synthetic (not Flickr8k)"}
+         "synthetic": "synthetic latent-variable features (not Flickr8k)",
+         STANDIN_NAME: "a stand-in folder in Flickr8k's layout (features.standins: embedded images; not Flickr8k)"}
+_DATA_SHORT = {"flickr8k": "Flickr8k", "embedded": "embedded (not Flickr8k)", "synthetic": "synthetic (not Flickr8k)",
+               STANDIN_NAME: "stand-in (not Flickr8k)"}
 PAPER_REFERENCE = f"paper ({paper.SETTING})"
+
+
+def data_of(results: dict) -> str:
+    """The data behind a sweep's features: config.features, or STANDIN_NAME when a backbone's
+    provenance names a stand-in folder (features.standins) loaded as flickr8k."""
+    datasets = {b.get("dataset") for b in results.get("backbones", {}).values()}
+    return STANDIN_NAME if STANDIN_NAME in datasets else results["config"]["features"]
 
 
 def data_label(features: str, short: bool = False) -> str:
@@ -29,7 +39,7 @@ def data_label(features: str, short: bool = False) -> str:
 
 def is_paper_setting(results: dict, backbone: str) -> bool:
     """True when (backbone, features) is the paper's own setting: CLIP features of Flickr8k."""
-    return results["config"]["features"] == paper.FEATURES and backbone == paper.BACKBONE
+    return data_of(results) == paper.FEATURES and backbone == paper.BACKBONE
 
 
 def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:
@@ -113,7 +123,7 @@ def _round(x: float | None, scale: float = 100.0, digits: int = 2) -> float | No
 def _ours_header(results: dict) -> str:
     cfg = results["config"]
     seeds = ", ".join(str(s) for s in cfg.get("seeds", []))
-    return (f"**Ours**: {data_label(cfg['features'])} (`config.features = {cfg['features']}`), config "
+    return (f"**Ours**: {data_label(data_of(results))} (`config.features = {cfg['features']}`), config "
             f"`{cfg.get('name', '?')}`, seeds {seeds}; validation metrics in percent, mean ± sample std over "
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
             "predicting the larger class). `concat − cross` is the difference of mean accuracy in points with "
@@ -156,7 +166,7 @@ def _alignment_lines(results: dict) -> list[str]:
 def table1(results: dict) -> tuple[str, list[dict]]:
     """Table 1 at degradation level 0: ours per backbone/scale/method, the paper's beside or apart."""
     cfg = results["config"]
-    data = data_label(cfg["features"], short=True)
+    data = data_label(data_of(results), short=True)
     comps = comparison_index(results)
     header = ["source", "data", "backbone", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
               "seeds", "concat − cross (pts)", "p", "verdict"]
@@ -195,7 +205,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         lines += ["", f"## For reference only: {PAPER_REFERENCE}, Table 1", "",
                   f"The paper's own figures on its own data ({paper.SETTING}); "
                   + ("our rows above are on other data, so these are not comparable with them."
-                     if cfg["features"] != paper.FEATURES else "scales or backbones our sweep does not have.")
+                     if data_of(results) != paper.FEATURES else "scales or backbones our sweep does not have.")
                   + " Percent, mean ± std over 3 seeds.", "",
                   *markdown_table(["source", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
                                    "seeds"], [[PAPER_REFERENCE, r["scale"], r["method"], *_paper1_cells(r)]
@@ -208,7 +218,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
 def table2(results: dict) -> tuple[str, list[dict]]:
     """Table 2, the noise study: concat and cross accuracy per sigma, the advantage and its test."""
     cfg = results["config"]
-    data = data_label(cfg["features"], short=True)
+    data = data_label(data_of(results), short=True)
     summ, comps = summary_index(results), comparison_index(results)
     deg = cfg.get("degradation", {})
     lines = ["# Table 2: accuracy under Gaussian feature noise", "",
@@ -244,7 +254,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
     block = f"{PAPER_REFERENCE}, Table 2 (scale not stated)"
     lines += ["", f"## {block}", "",
               f"The paper's figures on its own data ({paper.SETTING}); "
-              + ("not comparable with ours (other data)." if cfg["features"] != paper.FEATURES
+              + ("not comparable with ours (other data)." if data_of(results) != paper.FEATURES
                  else "the paper does not state the scale of this study.")
               + " Percent, mean ± std over 3 seeds; advantage as printed in the paper.", "",
               *markdown_table(["source", "σ", "concat accuracy", "cross accuracy", "advantage"],

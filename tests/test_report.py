@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fusion_jax import figures, paper, tables
+from fusion_jax.data.flickr8k import STANDIN_NAME
 from fusion_jax.report import compare, render_report, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,17 @@ def test_table1_keeps_the_paper_apart_on_other_data():
     assert f": {tables.PAPER_REFERENCE}, Table 1" in ref and "not comparable" in ref
     assert len([r for r in rows if r["source"] == "paper"]) == len(paper.TABLE1_ROWS)
     assert all(r["data"] == "Flickr8k" for r in rows if r["source"] == "paper")
+
+
+def test_a_standin_folder_is_never_labelled_flickr8k():
+    """config.features is flickr8k, but the provenance names the stand-in folder (features.standins)."""
+    results = fake_results("flickr8k", ("clip",))
+    results["backbones"]["clip"]["dataset"] = STANDIN_NAME
+    assert tables.data_of(results) == STANDIN_NAME and not tables.is_paper_setting(results, "clip")
+    for make in (tables.table1, tables.table2):
+        md, _ = make(results)
+        main = md.split("## ")[0] if make is tables.table2 else md.split("## For reference only")[0]
+        assert "**paper**" not in main and "| stand-in (not Flickr8k) |" in main and "| ours | Flickr8k" not in md
 
 
 def test_tables_say_not_significant_when_p_is_none():

@@ -17,7 +17,7 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
         assert f"--config=configs/{name}.py --config.data.flickr8k_dir={tmp_path}/flickr8k" in printed
 
     ds, stats = load_flickr8k_folder_with_stats(str(tmp_path / "flickr8k"))
-    assert (ds.n_images, ds.n_captions) == (24, 120)
+    assert (ds.name, ds.n_images, ds.n_captions) == ("flickr8k-standin", 24, 120)
     assert (stats.missing_image_captions, stats.malformed_lines, stats.uncaptioned_images) == (0, 0, 0)
     source = generate_embedded(n_images=24, seed=0, image_size=128)
     assert ds.captions == source.captions
@@ -39,4 +39,8 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
     results = train_and_evaluate(config, str(tmp_path / "results"))
     assert [(r["method"], r["scale"]) for r in results["runs"]] == [("concat", 64), ("cross", 64)]
     assert all(np.isfinite(r["metrics"]["accuracy"]) for r in results["runs"])
-    assert (tmp_path / "results" / "table1.md").exists()
+    # Labelled as a stand-in, never as Flickr8k: the paper's rows stay in their own block.
+    assert results["backbones"]["clip"]["dataset"] == "flickr8k-standin"
+    table1 = (tmp_path / "results" / "table1.md").read_text()
+    assert "| stand-in (not Flickr8k) | clip | 64 |" in table1 and "For reference only" in table1
+    assert "| **paper** |" not in table1

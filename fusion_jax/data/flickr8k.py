@@ -28,6 +28,10 @@ logger = logging.getLogger("fusion_jax")
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")
 TOKEN_FILE = "Flickr8k.token.txt"
+# write_flickr8k_folder marks its folders with this file; the loader then names the dataset STANDIN_NAME,
+# so that results on a stand-in are never labelled Flickr8k.
+STANDIN_FILE = "fusion_jax_standin.json"
+STANDIN_NAME = "flickr8k-standin"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 HOW_TO_PROVIDE = ("Provide Flickr8k either with --config.data.flickr8k_dir=DIR, DIR holding "
                   f"{IMAGE_DIRS[0]}/ (or {IMAGE_DIRS[1]}/) and {TOKEN_FILE}, or with "
@@ -137,8 +141,12 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
         """Decode image i from disk (not cached: the feature extractor reads each image once)."""
         return _decode(paths[i], lambda: Image.open(paths[i]))
 
+    standin = os.path.exists(os.path.join(root, STANDIN_FILE))
+    if standin:
+        logger.warning("%s is a stand-in written by fusion_jax (%s), not Flickr8k: its features and results are "
+                       "labelled %r", root, STANDIN_FILE, STANDIN_NAME)
     dataset = ImageCaptionDataset(
-        name="flickr8k", image_ids=image_ids, captions=tuple(r[3] for r in rows),
+        name=STANDIN_NAME if standin else "flickr8k", image_ids=image_ids, captions=tuple(r[3] for r in rows),
         caption_image=np.array([index[r[0]] for r in rows], dtype=np.int32),
         load_image=load_image, fingerprint=digest.hexdigest())
     return dataset, stats
@@ -152,7 +160,10 @@ def load_flickr8k_folder(root: str) -> ImageCaptionDataset:
 def write_flickr8k_folder(ds: ImageCaptionDataset, root: str, size: tuple[int, int] = (500, 375),
                           quality: int = 90) -> str:
     """Write `ds` in Flickr8k's classic layout under `root`: each image resized to `size` (w, h) as
-    `<image id>.jpg`, and the token file. A stand-in for Flickr8k (features.standins); returns root."""
+    `<image id>.jpg`, the token file, and STANDIN_FILE, which marks the folder as a stand-in (the
+    loader names it STANDIN_NAME, not flickr8k). For features.standins; returns root."""
+    import json
+
     from tqdm.auto import tqdm
 
     folder = os.path.join(root, IMAGE_DIRS[0])
@@ -169,6 +180,9 @@ def write_flickr8k_folder(ds: ImageCaptionDataset, root: str, size: tuple[int, i
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, os.path.join(root, TOKEN_FILE))
+    with open(os.path.join(root, STANDIN_FILE), "w") as f:
+        json.dump({"written_by": "fusion_jax.data.flickr8k.write_flickr8k_folder", "not": "Flickr8k",
+                   "dataset": ds.name, "fingerprint": ds.fingerprint, "n_images": ds.n_images}, f, indent=1)
     return root
 
 
