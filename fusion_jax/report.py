@@ -90,7 +90,8 @@ def summary_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
              f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`.", "",
-             f"Features: `{cfg['features']}`; device: {results['device']['platform']} "
+             f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
+             f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "
              f"flax {results['versions']['flax']}. Validation metrics in percent, mean ± sample std over seeds; "
              "`majority` is the majority-class share of the validation set (the accuracy of always "

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from fusion_jax import paper
-from fusion_jax.data.flickr8k import STANDIN_NAME
+from fusion_jax.data.dataset import STANDIN_NAME
 
 ALPHA = 0.05
 _DATA = {"flickr8k": "Flickr8k", "embedded": "embedded procedural dataset (not Flickr8k)",

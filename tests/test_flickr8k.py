@@ -186,3 +186,24 @@ def test_hub_column_shapes():
     assert single.captions == ("a", "b") and list(single.caption_image) == [0, 1]
     with pytest.raises(DataUnavailableError, match="text"):
         flickr8k.flickr8k_from_hf_dataset(datasets.Dataset.from_dict({"image": rows["image"], "text": ["a", "b"]}), "m")
+
+
+def test_write_folder_marks_a_standin_and_never_overwrites_real_data(tmp_path):
+    """write_flickr8k_folder: the loader names its folder a stand-in; a rewrite leaves no stale images;
+    a folder of real-looking data (a token file, no marker) is refused and left as it was."""
+    from fusion_jax.data.embedded import generate_embedded
+
+    root = str(tmp_path / "standin")
+    flickr8k.write_flickr8k_folder(generate_embedded(n_images=3, image_size=16), root, size=(20, 10))
+    flickr8k.write_flickr8k_folder(generate_embedded(n_images=2, image_size=16), root, size=(20, 10))
+    ds, stats = flickr8k.load_flickr8k_folder_with_stats(root)
+    assert (ds.name, ds.n_images, stats.uncaptioned_images) == ("flickr8k-standin", 2, 0)
+    assert ds.load_image(1).shape == (10, 20, 3)
+
+    real = write_fixture(tmp_path / "real")
+    before = (tmp_path / "real" / "Flickr8k.token.txt").read_bytes()
+    with pytest.raises(FileExistsError, match="no fusion_jax_standin.json"):
+        flickr8k.write_flickr8k_folder(generate_embedded(n_images=2, image_size=16), real)
+    assert (tmp_path / "real" / "Flickr8k.token.txt").read_bytes() == before
+    assert flickr8k.load_flickr8k_folder_with_stats(real)[0].name == "flickr8k"
+

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fusion_jax import figures, paper, tables
-from fusion_jax.data.flickr8k import STANDIN_NAME
+from fusion_jax.data.dataset import STANDIN_NAME
 from fusion_jax.report import compare, render_report, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -44,3 +44,4 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
     table1 = (tmp_path / "results" / "table1.md").read_text()
     assert "| stand-in (not Flickr8k) | clip | 64 |" in table1 and "For reference only" in table1
     assert "| **paper** |" not in table1
+    assert "Features: a stand-in folder" in (tmp_path / "results" / "summary.md").read_text()

@@ -7,6 +7,11 @@ from typing import Callable
 
 import numpy as np
 
+# A folder written by data.flickr8k.write_flickr8k_folder (features.standins) holds STANDIN_FILE; the
+# Flickr8k loader then names the dataset STANDIN_NAME, so that results on it are never labelled Flickr8k.
+STANDIN_FILE = "fusion_jax_standin.json"
+STANDIN_NAME = "flickr8k-standin"
+
 
 class BadImageError(OSError):
     """An image that cannot be read or decoded; extraction skips it and counts it."""

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import urllib.parse
 from typing import Any, Callable
@@ -22,16 +23,14 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
+from fusion_jax.data.dataset import (STANDIN_FILE, STANDIN_NAME, BadImageError, DataUnavailableError,
+                                     ImageCaptionDataset)
+from fusion_jax.files import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("fusion_jax")
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")
 TOKEN_FILE = "Flickr8k.token.txt"
-# write_flickr8k_folder marks its folders with this file; the loader then names the dataset STANDIN_NAME,
-# so that results on a stand-in are never labelled Flickr8k.
-STANDIN_FILE = "fusion_jax_standin.json"
-STANDIN_NAME = "flickr8k-standin"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 HOW_TO_PROVIDE = ("Provide Flickr8k either with --config.data.flickr8k_dir=DIR, DIR holding "
                   f"{IMAGE_DIRS[0]}/ (or {IMAGE_DIRS[1]}/) and {TOKEN_FILE}, or with "
@@ -159,30 +158,34 @@ def load_flickr8k_folder(root: str) -> ImageCaptionDataset:
 
 def write_flickr8k_folder(ds: ImageCaptionDataset, root: str, size: tuple[int, int] = (500, 375),
                           quality: int = 90) -> str:
-    """Write `ds` in Flickr8k's classic layout under `root`: each image resized to `size` (w, h) as
-    `<image id>.jpg`, the token file, and STANDIN_FILE, which marks the folder as a stand-in (the
-    loader names it STANDIN_NAME, not flickr8k). For features.standins; returns root."""
-    import json
+    """Write `ds` in Flickr8k's classic layout under `root`: STANDIN_FILE first (it marks the folder
+    as a stand-in: the loader names it STANDIN_NAME, not flickr8k), each image resized to `size`
+    (w, h) as `<image id>.jpg`, then the token file. For features.standins; returns root.
 
+    Refuses a folder that holds a token file or an image folder but no marker (real Flickr8k, say).
+    A marked folder's images are replaced, so a smaller rewrite leaves no stale ones."""
     from tqdm.auto import tqdm
 
+    held = [name for name in (TOKEN_FILE, *IMAGE_DIRS) if os.path.exists(os.path.join(root, name))]
+    if held and not os.path.exists(os.path.join(root, STANDIN_FILE)):
+        raise FileExistsError(f"{root!r} holds {', '.join(held)} but no {STANDIN_FILE}: it looks like real data, "
+                              "which a stand-in must not overwrite; choose another folder")
+    os.makedirs(root, exist_ok=True)
+    atomic_write_json(os.path.join(root, STANDIN_FILE),
+                      {"written_by": "fusion_jax.data.flickr8k.write_flickr8k_folder", "not": "Flickr8k",
+                       "dataset": ds.name, "fingerprint": ds.fingerprint, "n_images": ds.n_images})
     folder = os.path.join(root, IMAGE_DIRS[0])
-    os.makedirs(folder, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
     for i in tqdm(range(ds.n_images), desc="writing images", unit="image", leave=False):
-        image = Image.fromarray(ds.load_image(i)).resize(size, Image.BILINEAR)
+        image = Image.fromarray(ds.load_image(i)).resize(size, Image.Resampling.BILINEAR)
         image.save(os.path.join(folder, f"{ds.image_ids[i]}.jpg"), quality=quality)
     k = np.zeros(ds.n_images, np.int64)
     lines = []
     for caption, i in zip(ds.captions, ds.caption_image):
         lines.append(f"{ds.image_ids[i]}.jpg#{k[i]}\t{caption}")
         k[i] += 1
-    tmp = os.path.join(root, TOKEN_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(root, TOKEN_FILE))
-    with open(os.path.join(root, STANDIN_FILE), "w") as f:
-        json.dump({"written_by": "fusion_jax.data.flickr8k.write_flickr8k_folder", "not": "Flickr8k",
-                   "dataset": ds.name, "fingerprint": ds.fingerprint, "n_images": ds.n_images}, f, indent=1)
+    atomic_write_text(os.path.join(root, TOKEN_FILE), "\n".join(lines) + "\n")
     return root
 
 

@@ -95,6 +95,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     image = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-image", {**key, "part": "image"}),
                            ds.n_images, encode_images, b.batch_size, f"{backbone} image features")
     length = bb.text_length(ds.captions)
+    log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone, length)
     text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text", {**key, "part": "text", "length": length}),
                           ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
                           b.batch_size, f"{backbone} text features")

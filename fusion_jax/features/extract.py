@@ -28,20 +28,19 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
         return hit
     shard_size = batch_size * batches_per_shard
     n_shards = math.ceil(n / shard_size)
-    t0, computed = time.perf_counter(), 0
+    seconds, computed = 0.0, 0
     with tqdm(total=n, desc=desc, unit="item", dynamic_ncols=True) as bar:
         for i in range(n_shards):
             idx = np.arange(i * shard_size, min(n, (i + 1) * shard_size))
             if cache.load_shard(i) is not None:
                 bar.update(len(idx))
                 continue
-            parts = []
+            t0, parts = time.perf_counter(), []
             for start in range(0, len(idx), batch_size):
                 parts.append(encode(idx[start:start + batch_size]))
                 bar.update(len(parts[-1][next(iter(parts[-1]))]))
             cache.save_shard(i, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-            computed += len(idx)
-    seconds = time.perf_counter() - t0
+            computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
     log.info("%s: %d of %d items computed in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
     return cache.finish(n_shards)

