@@ -49,7 +49,6 @@ def _panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[plt.Figure
 
 def accuracy_vs_scale(results: dict, path: str) -> str:
     """Accuracy (level 0) against scale per method, one panel per backbone, with the majority baseline."""
-    cfg = results["config"]
     summ = [s for s in results["summary"] if tables.level(s) == 0.0]
     names = backbones(results)
     fig, axes = _panels(len(names))

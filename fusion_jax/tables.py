@@ -165,7 +165,6 @@ def _alignment_lines(results: dict) -> list[str]:
 
 def table1(results: dict) -> tuple[str, list[dict]]:
     """Table 1 at degradation level 0: ours per backbone/scale/method, the paper's beside or apart."""
-    cfg = results["config"]
     data = data_label(data_of(results), short=True)
     comps = comparison_index(results)
     header = ["source", "data", "backbone", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
