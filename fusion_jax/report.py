@@ -1,7 +1,8 @@
 """The one results writer: results.json (the interface later tools read), runs.csv, summary.md.
 
-`render_report` adds the side-by-side report (tables 1-3 beside the paper's, figures); it runs at
-the end of `write_results` and on its own: `python -m fusion_jax.report --workdir=DIR`.
+`render_report` writes summary.md and the side-by-side report (tables 1-3 beside the paper's,
+figures); it runs at the end of `write_results` and on its own: `python -m fusion_jax.report
+--workdir=DIR`, which rebuilds all of them from results.json.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def runs_csv(runs: list[dict]) -> str:
 
 def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None,
                   backbones: dict | None = None, failures: list[dict] | None = None) -> dict:
-    """Assemble and write results.json, runs.csv and summary.md (each atomically); return the dict.
+    """Assemble and write results.json and runs.csv (each atomically), then the report (render_report:
+    summary.md, tables, figures); return the dict.
 
     `backbones` maps each backbone to its features' provenance, including the measured alignment.
     """
@@ -157,22 +159,23 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
                "backbones": backbones or {}, "failed_groups": failures or [], "runs": runs,
                "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
-    atomic_write_text(os.path.join(workdir, "summary.md"), summary_markdown(results))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
     try:
         render_report(results, workdir)
     except Exception:  # results.json is on disk: a failed figure must not fail the sweep
         logging.getLogger("fusion_jax").exception(
-            "the report (tables, figures) failed; results.json is written. Retry with "
+            "the report (summary.md, tables, figures) failed; results.json is written. Retry with "
             "`python -m fusion_jax.report --workdir=%s`", workdir)
     return results
 
 
 def render_report(results: dict, workdir: str) -> list[str]:
-    """Write tables 1-3 (md + csv, beside the paper's) and the figures into `workdir`; return the paths."""
+    """Write summary.md, tables 1-3 (md + csv, beside the paper's) and the figures into `workdir`; return
+    the paths. Everything here is rebuilt from `results` alone (`python -m fusion_jax.report`)."""
+    written = [os.path.join(workdir, "summary.md")]
+    atomic_write_text(written[0], summary_markdown(results))
     from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
 
-    written = []
     for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", tables.table3)):
         md, rows = make(results)
         for ext, text in (("md", md), ("csv", tables.to_csv(rows))):

@@ -45,7 +45,7 @@ def fake_results(features="flickr8k", backbones=("clip",), scales=(2048, 4096), 
     prov = {b: {"dim_image": dims[0], "dim_text": dims[1],
                 "alignment": {"defined": True, "recall@1": 0.4, "recall@5": 0.7, "chance@1": 0.005,
                               "chance@5": 0.025, "n_images": 100}} for b in backbones}
-    return {"command": "test", "config": config, "versions": {"jax": "x"},
+    return {"command": "test", "config": config, "versions": {"jax": "x", "flax": "y"},
             "device": {"platform": "cpu", "device_kind": "cpu", "count": 1}, "backbones": prov,
             "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
 
@@ -181,7 +181,7 @@ def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
     write_tsne(tmp_path, "clip", 60, 16, 16)
     written = render_report(results, str(tmp_path))
     names = sorted(os.path.basename(p) for p in written)
-    assert names == sorted(TABLES + ["fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"])
+    assert names == sorted(TABLES + ["summary.md", "fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"])
     for name in names:
         if name.endswith(".png"):
             assert_png(tmp_path / name)
