@@ -23,12 +23,16 @@ FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost), t
 own steps, the same count for both ways (fusion_jax also executes the idle steps of the shorter
 runs in a chunk: `executed_flops`); the peak is a large float32 matmul measured here
 with jax.
-Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids).
+`--compilation-cache=DIR` gives fusion_jax's side JAX's persistent compilation cache at DIR: a second
+run with the same DIR loads its programs instead of compiling them (the file records the hits and misses).
+Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids; `-cached`
+with a compilation cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -44,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from fusion_jax import cost, sweep
 from fusion_jax import metrics as metrics_lib
@@ -136,17 +141,55 @@ def _accuracy(counts) -> float:
     return float(metrics_lib.binary_metrics(*counts)["accuracy"])
 
 
+@contextlib.contextmanager
+def cache_events():
+    """Counts of JAX's persistent compilation cache {hits, misses} while the block runs (jax.monitoring)."""
+    counts = {"hits": 0, "misses": 0}
+    names = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+
+    def listen(event: str, **_) -> None:
+        if event in names:
+            counts[names[event]] += 1
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+
+
+@contextlib.contextmanager
+def persistent_cache(folder: str | None):
+    """JAX's persistent compilation cache at `folder` for every program compiled in the block, however
+    short its compilation; the previous setting afterwards. None: leave the setting as it is."""
+    if folder is None:
+        yield
+        return
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    compilation_cache.set_cache_dir(folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()  # takes effect even after earlier compilations in this process
+    try:
+        yield
+    finally:
+        compilation_cache.set_cache_dir(before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
+
+
 def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
              step_flops: dict[str, float], workers: int, log: Callable[[str], None]) -> dict:
     """Train and evaluate `groups` as sweep.train_and_evaluate does, without checkpoints: programs
     compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
 
     Per group: compile_s (its compilation, in a worker thread), wait_s (how long training waited
-    for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start."""
+    for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start.
+    compilation_cache: the persistent
+    cache's folder (None without one) and its hits and misses meanwhile."""
     t_start = time.perf_counter()
     batch, epochs = config.train.batch_size, config.train.epochs
     out = []
-    with CompiledAhead(config, groups, features, workers) as ahead:
+    with cache_events() as cache, CompiledAhead(config, groups, features, workers) as ahead:
         for i, group in enumerate(groups):
             t0 = time.perf_counter()
             program = ahead.program(i)
@@ -188,6 +231,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                 f"{r['train_flops'] / r['train_s'] / 1e9:.1f} GFLOP/s training, accuracy {r['accuracy_mean']:.3f}")
     wall = time.perf_counter() - t_start
     return {"wall_s": wall, "workers": workers, "groups": out,
+            "compilation_cache": {"dir": jax.config.jax_compilation_cache_dir, **cache},
             **{k: sum(g[k] for g in out) for k in ("compile_s", "wait_s", "setup_s", "train_s", "eval_s")}}
 
 
@@ -322,11 +366,19 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
                   torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False,
-                  runs_per_chunk: int = 0) -> dict:
+                  runs_per_chunk: int = 0, compilation_cache_dir: str | None = None) -> dict:
     """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
 
     fusion_jax runs first, then the reference (`torch_first`: the other way round); `split_by_scale`
-    and `runs_per_chunk` set the config fields of those names."""
+    and `runs_per_chunk` set the config fields of those names; `compilation_cache_dir`: JAX's
+    persistent compilation cache for the benchmark's programs (`persistent_cache`)."""
+    with persistent_cache(compilation_cache_dir):
+        return _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_runs, torch_first,
+                              split_by_scale, runs_per_chunk, compilation_cache_dir is not None)
+
+
+def _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_runs, torch_first, split_by_scale,
+                   runs_per_chunk, cached) -> dict:
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -382,7 +434,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}")
                         + ("-split-by-scale" if split_by_scale else "")
-                        + (f"-chunk{runs_per_chunk}" if runs_per_chunk else ""))
+                        + (f"-chunk{runs_per_chunk}" if runs_per_chunk else "") + ("-cached" if cached else ""))
     atomic_write_json(stem + ".json", result)
     atomic_write_text(stem + ".md", markdown(result))
     log(f"speed-up {result['speedup']['wall']:.2f}x wall ({result['speedup']['excluding_compile']:.2f}x without "
@@ -407,7 +459,8 @@ def markdown(r: dict) -> str:
              f"Flickr8k's shape for full/quick). Matmul peak ({g['matmul_size']}² float32, jax): "
              f"{r['matmul_peak']['gflops']:.1f} GFLOP/s. Load average (1, 5, 15 min) at start "
              f"{', '.join(f'{x:.2f}' for x in r['load_average']['start'])}, at end "
-             f"{', '.join(f'{x:.2f}' for x in r['load_average']['end'])}. Order: {r.get('order', 'jax, then torch')}.", "",
+             f"{', '.join(f'{x:.2f}' for x in r['load_average']['end'])}. Order: {r.get('order', 'jax, then torch')}."
+             + _cache_note(j.get("compilation_cache", {})), "",
              "| | fusion_jax (vmapped groups) | PyTorch reference (sequential) |", "|---|---:|---:|",
              f"| wall time (s) | {j['wall_s']:.1f} | {t['wall_s']:.1f}"
              + (f" (estimated; {t['measured_wall_s']:.1f} s measured for {sum(x['trained_runs'] for x in t['groups'])}"
@@ -448,6 +501,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cache_note(cache: dict) -> str:
+    """The Markdown's sentence on the persistent compilation cache ("" without one)."""
+    if not cache.get("dir"):
+        return ""
+    warm = "warm: its programs were loaded, not compiled" if cache["hits"] and not cache["misses"] else (
+        "cold: its programs were compiled and stored" if not cache["hits"] else "partly warm")
+    return (f" fusion_jax's programs came through JAX's persistent compilation cache ({cache['hits']} hits, "
+            f"{cache['misses']} misses: {warm}); the compilation rows below are then mostly loading.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: `python -m fusion_jax.bench [--quick | --tiny] [--out=DIR] [--torch-threads=N]`."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.bench", description=__doc__.splitlines()[0])
@@ -468,13 +531,17 @@ def main(argv: list[str] | None = None) -> int:
                              "all of a device's runs on a GPU)")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="JAX's persistent compilation cache for fusion_jax's programs: run twice with the same "
+                             "DIR to time them loaded instead of compiled (output name gets -cached)")
     args = parser.parse_args(argv)
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
                       workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,
-                      split_by_scale=args.split_by_scale, runs_per_chunk=args.runs_per_chunk)
+                      split_by_scale=args.split_by_scale, runs_per_chunk=args.runs_per_chunk,
+                      compilation_cache_dir=args.compilation_cache)
     except (FileNotFoundError, ImportError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2

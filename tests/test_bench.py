@@ -21,10 +21,15 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
     from fusion_jax import bench
 
-    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None)
-    path = tmp_path / f"{bench.device_name()}-tiny.json"
-    assert path.exists() and (tmp_path / f"{bench.device_name()}-tiny.md").exists()
+    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None,
+                                 compilation_cache_dir=str(tmp_path / "xla_cache"))
+    path = tmp_path / f"{bench.device_name()}-tiny-cached.json"
+    assert path.exists() and (tmp_path / f"{bench.device_name()}-tiny-cached.md").exists()
     saved = json.loads(path.read_text())
+    # A fresh cache folder: every program compiled and stored there, none loaded.
+    cache = saved["jax"]["compilation_cache"]
+    assert cache["dir"] == str(tmp_path / "xla_cache") and cache["hits"] == 0 and cache["misses"] > 0
+    assert os.listdir(tmp_path / "xla_cache") and "0 hits" in (tmp_path / f"{bench.device_name()}-tiny-cached.md").read_text()
     assert saved["speedup"] == result["speedup"]
     for key in ("command", "versions", "device", "env", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
         assert key in saved, key
@@ -52,3 +57,22 @@ def test_split_by_scale_plans_the_same_runs_per_scale():
     assert all(len(g.scales) == 1 for g in split)
     for m in grid.methods:
         assert [r for g in split if g.method == m for r in g.runs] == [r for g in whole if g.method == m for r in g.runs]
+
+
+def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setting(tmp_path):
+    """bench.persistent_cache: a new function object with the same program is loaded from the folder
+    (a hit, no miss); afterwards the process's own cache setting is back."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusion_jax import bench
+
+    before = jax.config.jax_compilation_cache_dir
+    x = jnp.arange(8.0)
+    with bench.persistent_cache(str(tmp_path)):
+        with bench.cache_events() as first:
+            jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
+        with bench.cache_events() as second:
+            jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
+    assert first == {"hits": 0, "misses": 1} and second == {"hits": 1, "misses": 0}
+    assert jax.config.jax_compilation_cache_dir == before

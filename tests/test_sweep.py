@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,7 +28,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "failed_groups", "runs", "summary", "comparisons"}
     assert on_disk["config"]["seeds"] == [42, 123]
-    assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == "cpu"
+    assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
 
     n_runs = len(smoke_config.backbones) * 2 * len(smoke_config.scales) * 2 * len(smoke_config.degradation.levels)
     assert len(on_disk["runs"]) == n_runs

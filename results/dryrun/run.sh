@@ -1,10 +1,11 @@
 #!/bin/bash
 # The dry run of the paper's reproduction on full-size stand-ins, each step timed. Output: the steps'
 # log lines, progress bars reduced to their final state (tr '\r' '\n', then the last line of each bar).
+# DRYRUN_DIR (default /tmp/dryrun) is where it writes; a .venv in the checkout is used when there is one.
 set -e
-D=/tmp/dryrun; rm -rf $D
-cd /work/main; . .venv/bin/activate
-echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- fusion_jax configs || echo ' (plus uncommitted changes)'); $(date -u)"
+D=${DRYRUN_DIR:-/tmp/dryrun}; rm -rf $D
+cd "$(dirname "$0")/../.."; [ -f .venv/bin/activate ] && . .venv/bin/activate
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo "${COMMIT:-unknown}")$(git diff --quiet HEAD -- fusion_jax configs 2>/dev/null || echo ' (plus uncommitted changes, or no git)'); $(date -u)"
 filter() { tr '\r' '\n' | grep -v "^\s*$" | grep -v "FutureWarning\|deprecated\|warnings.warn" | python -c "
 import re, sys
 lines = sys.stdin.read().splitlines()
