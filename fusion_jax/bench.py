@@ -15,10 +15,10 @@ Two ways, one after the other (`--torch-first` swaps the order), in this process
      sharded over the local devices), the groups compiled ahead by worker threads while earlier
      groups train; no checkpoints. The wall time runs from the first compilation to the last
      evaluation.
-  b. the reference: tests/reference_torch.py's training loop (torch AdamW, CosineAnnealingLR per
-     batch, batch 32), one run after another, on the GPU when jax has one (features moved there
-     once), else on `--torch-threads` CPU threads (default: all cores). Noisy runs get their
-     degraded image features once per run, before training, inside the timing.
+  b. the reference (fusion_jax.bench_torch): tests/reference_torch.py's training loop (torch AdamW,
+     CosineAnnealingLR per batch, batch 32), one run after another, on the GPU when jax has one
+     (features moved there once), else on `--torch-threads` CPU threads (default: all cores). Noisy
+     runs get their degraded image features once per run, before training, inside the timing.
 FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost), times each run's
 own steps, the same count for both ways (fusion_jax also executes the idle steps of the shorter
 runs in a chunk: `executed_flops`); the peak is a large float32 matmul measured here
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import os
 import platform
@@ -42,7 +41,7 @@ import re
 import shlex
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +50,14 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from fusion_jax import cost, sweep
-from fusion_jax import metrics as metrics_lib
+from fusion_jax.bench_torch import accuracy, load_reference, time_torch
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
-from fusion_jax.data import FeatureSet, build_pairs
+from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
 from fusion_jax.sweep import CompiledAhead, Group, RunSpec, compile_workers
 from fusion_jax.train import steps_per_epoch
-
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference_torch.py")
-
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
@@ -137,10 +133,6 @@ def matmul_peak(size: int, reps: int = 5) -> dict:
     return {"size": size, "reps": reps, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
 
 
-def _accuracy(counts) -> float:
-    return float(metrics_lib.binary_metrics(*counts)["accuracy"])
-
-
 @contextlib.contextmanager
 def cache_events():
     """Counts of JAX's persistent compilation cache {hits, misses} while the block runs (jax.monitoring)."""
@@ -183,9 +175,8 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
     compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
 
     Per group: compile_s (its compilation, in a worker thread), wait_s (how long training waited
-    for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start.
-    compilation_cache: the persistent
-    cache's folder (None without one) and its hits and misses meanwhile."""
+    for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start;
+    compilation_cache: the persistent cache's folder (None without one), its hits and misses meanwhile."""
     t_start = time.perf_counter()
     batch, epochs = config.train.batch_size, config.train.epochs
     out = []
@@ -224,7 +215,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                  "executed_flops": step_flops[group.method] * executed_steps,
                  "final_train_loss": float(np.mean([row[:k // epochs].mean()
                                                     for row, k in zip(losses[program.index], run_steps)])),
-                 "accuracy_mean": float(np.mean([_accuracy(c) for c in counts]))}
+                 "accuracy_mean": float(np.mean([accuracy(c) for c in counts]))}
             out.append(r)
             log(f"[jax {i + 1}/{len(groups)}] {group.name}: {r['runs']} runs, compile {r['compile_s']:.2f} s "
                 f"(waited {r['wait_s']:.2f}), train {r['train_s']:.2f} s, eval {r['eval_s']:.2f} s, "
@@ -233,121 +224,6 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
     return {"wall_s": wall, "workers": workers, "groups": out,
             "compilation_cache": {"dir": jax.config.jax_compilation_cache_dir, **cache},
             **{k: sum(g[k] for g in out) for k in ("compile_s", "wait_s", "setup_s", "train_s", "eval_s")}}
-
-
-def load_reference() -> Any:
-    """tests/reference_torch.py of this source checkout, imported now (it imports torch)."""
-    if not os.path.exists(REFERENCE):
-        raise FileNotFoundError(f"the PyTorch reference {REFERENCE} is missing: the benchmark runs from a "
-                                "source checkout of fusion_jax (it lives in tests/, not in the package)")
-    spec = importlib.util.spec_from_file_location("fusion_jax_reference_torch", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _noisy(image: np.ndarray, level: float, seed: int, scale: int) -> np.ndarray:
-    """normalize(v + N(0, level^2 I)), fixed per run: the degraded image features of one run."""
-    if level == 0.0:
-        return image
-    z = np.random.default_rng([seed, scale, round(level * 1e6)]).standard_normal(image.shape, np.float32)
-    x = image + level * z
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: FeatureSet, ref: Any,
-                     step_flops: float, device: str = "cpu", runs_per_scale: int | None = None) -> dict:
-    """Train and evaluate the runs of `group` one after another with the PyTorch reference.
-
-    With `runs_per_scale`, only the first that many runs of each scale are trained; the group's
-    time is then estimated as each scale's measured seconds per step times all its runs' steps."""
-    import torch
-
-    t0 = time.perf_counter()
-    hc, tc = config.head, config.train
-    pairs = {s: build_pairs(features.caption_image, features.n_images, s, config.pairs.split_seed,
-                            config.pairs.train_fraction) for s in group.scales}
-    run_s, losses, accuracies, steps, trained = [], [], [], [], []
-    for spec in group.runs:
-        if runs_per_scale is not None and sum(r.scale == spec.scale for r in trained) >= runs_per_scale:
-            continue
-        trained.append(spec)
-        tr = time.perf_counter()
-        p = pairs[spec.scale]
-        torch.manual_seed(spec.seed)
-        head = ref.make_head_torch(group.method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
-                                   hc.mlp_hidden, tc.dropout, hc.num_heads).to(device)
-        arrays = {"image": _noisy(features.image, spec.level, spec.seed, spec.scale), "text": features.text}
-        orders = [np.random.default_rng([spec.seed, spec.scale, e]).permutation(p.n_train) for e in range(tc.epochs)]
-        step_losses = ref.train_reference(head, arrays, p.split("train"), orders, tc.learning_rate, tc.weight_decay,
-                                          tc.epochs, tc.batch_size, device=device)
-        accuracies.append(_accuracy(ref.evaluate_reference(head, arrays, p.split("val"), device=device)))
-        per_epoch = steps_per_epoch(p.n_train, tc.batch_size)
-        losses.append(float(np.mean(step_losses[-per_epoch:])))
-        steps.append(per_epoch * tc.epochs)
-        run_s.append(time.perf_counter() - tr)
-    wall = time.perf_counter() - t0
-    out = {"group": group.name, "runs": len(group.runs), "trained_runs": len(trained), "steps_per_run": steps,
-           "wall_s": wall, "run_s": run_s, "final_train_loss": float(np.mean(losses)),
-           "accuracy_mean": float(np.mean(accuracies))}
-    all_steps = [steps_per_epoch(pairs[r.scale].n_train, tc.batch_size) * tc.epochs for r in group.runs]
-    if len(trained) < len(group.runs):
-        per_step = {s: np.sum([t for r, t in zip(trained, run_s) if r.scale == s])
-                    / np.sum([k for r, k in zip(trained, steps) if r.scale == s]) for s in group.scales}
-        out.update(measured_wall_s=wall, wall_s=float(sum(per_step[r.scale] * k for r, k in zip(group.runs, all_steps))),
-                   estimated=True, seconds_per_step=per_step)
-    out["train_flops"] = step_flops * sum(all_steps)
-    return out
-
-
-def torch_thread_check(ref: Any, features: FeatureSet, threads: int, steps: int = 30, device: str = "cpu") -> dict:
-    """Reference ms per concat training step (batch 32) on 1 thread and on `threads`: shows contention."""
-    import torch
-
-    pairs = build_pairs(features.caption_image, features.n_images, 32 * steps, 0)
-    train, order = pairs.split("train"), [np.arange(pairs.n_train)]
-    out = {}
-    for n in sorted({1, threads}):
-        torch.set_num_threads(n)
-        head = ref.make_head_torch("concat", features.image.shape[-1], features.text.shape[-1]).to(device)
-        warm = {k: v[:64] for k, v in train.items()}
-        ref.train_reference(head, features.arrays(), warm, [np.arange(64)], 1e-4, 0.01, 1, 32, device)  # warm-up
-        t0 = time.perf_counter()
-        ref.train_reference(head, features.arrays(), train, order, 1e-4, 0.01, 1, 32, device)
-        out[f"{n}_threads_ms_per_step"] = (time.perf_counter() - t0) / math.ceil(pairs.n_train / 32) * 1e3
-    return out
-
-
-def time_torch(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
-               step_flops: dict[str, float], ref: Any, device: str, threads: int, runs_per_scale: int | None,
-               log: Callable[[str], None]) -> dict:
-    """Train and evaluate `groups` with the PyTorch reference, one run after another (`time_torch_group`),
-    on `threads` CPU threads or the GPU, after a thread check (`torch_thread_check`)."""
-    import torch
-
-    threads_before = torch.get_num_threads()
-    out = []
-    try:
-        check = torch_thread_check(ref, features[groups[0].backbone], threads, device=device)
-        log(f"torch ms per concat step ({device}): "
-            + ", ".join(f"{k.split('_')[0]} thread(s) {v:.2f}" for k, v in check.items()))
-        torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        for i, group in enumerate(groups):
-            r = time_torch_group(config, group, features[group.backbone], ref, step_flops[group.method], device,
-                                 runs_per_scale)
-            out.append(r)
-            log(f"[torch {i + 1}/{len(groups)}] {group.name}: {r['trained_runs']} of {r['runs']} runs trained, "
-                f"wall {r['wall_s']:.2f} s{' (estimated)' if r.get('estimated') else ''}, "
-                f"{r['train_flops'] / r['wall_s'] / 1e9:.1f} GFLOP/s, accuracy {r['accuracy_mean']:.3f}")
-        measured = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads_before)
-    side = {"wall_s": measured, "groups": out, "thread_check": check}
-    if runs_per_scale is not None:
-        estimate = measured + sum(r["wall_s"] - r.get("measured_wall_s", r["wall_s"]) for r in out)
-        side.update(wall_s=estimate, measured_wall_s=measured, estimated=True, runs_per_scale=runs_per_scale)
-    return side
 
 
 def _totals(side: dict, peak_gflops: float) -> dict:
@@ -371,14 +247,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
 
     fusion_jax runs first, then the reference (`torch_first`: the other way round); `split_by_scale`
     and `runs_per_chunk` set the config fields of those names; `compilation_cache_dir`: JAX's
-    persistent compilation cache for the benchmark's programs (`persistent_cache`)."""
-    with persistent_cache(compilation_cache_dir):
-        return _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_runs, torch_first,
-                              split_by_scale, runs_per_chunk, compilation_cache_dir is not None)
-
-
-def _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_runs, torch_first, split_by_scale,
-                   runs_per_chunk, cached) -> dict:
+    persistent compilation cache for fusion_jax's programs (`persistent_cache`)."""
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -400,7 +269,11 @@ def _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_ru
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
-    run_jax = lambda: time_jax(config, groups, features, step_flops, workers, log)
+
+    def run_jax():
+        with persistent_cache(compilation_cache_dir):
+            return time_jax(config, groups, features, step_flops, workers, log)
+
     run_torch = lambda: time_torch(config, groups, features, step_flops, ref, torch_device, torch_threads,
                                    torch_runs, log)
     if torch_first:
@@ -434,7 +307,8 @@ def _run_benchmark(grid, out_dir, torch_threads, command, log, workers, torch_ru
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}")
                         + ("-split-by-scale" if split_by_scale else "")
-                        + (f"-chunk{runs_per_chunk}" if runs_per_chunk else "") + ("-cached" if cached else ""))
+                        + (f"-chunk{runs_per_chunk}" if runs_per_chunk else "")
+                        + ("-cached" if compilation_cache_dir else ""))
     atomic_write_json(stem + ".json", result)
     atomic_write_text(stem + ".md", markdown(result))
     log(f"speed-up {result['speedup']['wall']:.2f}x wall ({result['speedup']['excluding_compile']:.2f}x without "
