@@ -40,6 +40,7 @@ import platform
 import re
 import shlex
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -135,37 +136,45 @@ def matmul_peak(size: int, reps: int = 5) -> dict:
 
 @contextlib.contextmanager
 def cache_events():
-    """Counts of JAX's persistent compilation cache {hits, misses} while the block runs (jax.monitoring)."""
-    counts = {"hits": 0, "misses": 0}
-    names = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+    """JAX's persistent compilation cache while the block runs, counted with jax.monitoring: {hits,
+    misses}, filled when the block ends; a miss is a compilation that looked in the cache in vain."""
+    counts, lock = {"requests": 0, "hits": 0}, threading.Lock()
+    names = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
+             "/jax/compilation_cache/cache_hits": "hits"}
 
     def listen(event: str, **_) -> None:
         if event in names:
-            counts[names[event]] += 1
+            with lock:  # compile worker threads report too
+                counts[names[event]] += 1
 
+    out = {"hits": 0, "misses": 0}
     jax.monitoring.register_event_listener(listen)
     try:
-        yield counts
+        yield out
     finally:
         jax.monitoring.unregister_event_listener(listen)
+        out.update(hits=counts["hits"], misses=counts["requests"] - counts["hits"])
 
 
 @contextlib.contextmanager
 def persistent_cache(folder: str | None):
     """JAX's persistent compilation cache at `folder` for every program compiled in the block, however
-    short its compilation; the previous setting afterwards. None: leave the setting as it is."""
+    short its compilation; None: no persistent cache in the block, whatever the process's setting
+    (so a benchmark without one always compiles). The process's setting is back afterwards."""
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
     if folder is None:
-        yield
-        return
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    compilation_cache.set_cache_dir(folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_enable_compilation_cache", False)
+    else:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.set_cache_dir(folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     compilation_cache.reset_cache()  # takes effect even after earlier compilations in this process
     try:
         yield
     finally:
-        compilation_cache.set_cache_dir(before[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        for name, value in before.items():
+            jax.config.update(name, value)
         compilation_cache.reset_cache()
 
 
@@ -222,7 +231,8 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                 f"{r['train_flops'] / r['train_s'] / 1e9:.1f} GFLOP/s training, accuracy {r['accuracy_mean']:.3f}")
     wall = time.perf_counter() - t_start
     return {"wall_s": wall, "workers": workers, "groups": out,
-            "compilation_cache": {"dir": jax.config.jax_compilation_cache_dir, **cache},
+            "compilation_cache": {"dir": jax.config.jax_compilation_cache_dir
+                                  if jax.config.jax_enable_compilation_cache else None, **cache},
             **{k: sum(g[k] for g in out) for k in ("compile_s", "wait_s", "setup_s", "train_s", "eval_s")}}
 
 
@@ -379,8 +389,10 @@ def _cache_note(cache: dict) -> str:
     """The Markdown's sentence on the persistent compilation cache ("" without one)."""
     if not cache.get("dir"):
         return ""
-    warm = "warm: its programs were loaded, not compiled" if cache["hits"] and not cache["misses"] else (
-        "cold: its programs were compiled and stored" if not cache["hits"] else "partly warm")
+    hits, misses = cache["hits"], cache["misses"]
+    warm = ("none of its programs went through it" if not hits and not misses else
+            "warm: its programs were loaded, not compiled" if not misses else
+            "cold: its programs were compiled" if not hits else "partly warm")
     return (f" fusion_jax's programs came through JAX's persistent compilation cache ({cache['hits']} hits, "
             f"{cache['misses']} misses: {warm}); the compilation rows below are then mostly loading.")
 

@@ -11,21 +11,17 @@ sys.path.insert(0, ROOT)
 
 
 def _session_compilation_cache() -> None:
-    """One persistent XLA compilation cache for the test session, in a temporary folder (unless
-    JAX_COMPILATION_CACHE_DIR names one): tests build the same programs many times over (each
-    build_program makes new closures, which jax's in-memory cache does not match), and the
-    subprocesses of tests/test_scale_out.py inherit it. It cut tests/test_sweep.py and
-    tests/test_scale_out.py from 240 s to 192 s on the 2-core CPU. Set before any compilation."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    """One persistent XLA compilation cache for this test process, in a temporary folder: tests build
+    the same programs many times over (each build_program makes new closures, which jax's in-memory
+    cache does not match). Set before any compilation; not passed on to the subprocesses that some
+    tests start (they time a kill against their progress). A killed session leaves the folder in
+    the system's temporary directory."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 _session_compilation_cache()

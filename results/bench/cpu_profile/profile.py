@@ -3,9 +3,10 @@ train_epoch, traced with XLA:CPU's per-kernel trace events, the kernels' time su
 
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python results/bench/cpu_profile/profile.py
 
-Kinds, from the compiled HLO: matmul (XLA's YNNPACK matmul fusions and its own dots), per-parameter
-elementwise (any other kernel whose output has a parameter's shape: AdamW's moment and parameter
-updates), copies, and the rest. Kernel times are each kernel's duration, summed: kernels run side by side, and one kernel may use
+Kinds, from the compiled HLO's instruction names and shapes: matmul (XLA's YNNPACK matmul fusions and
+its own dots), parameter-shaped (any other kernel whose output has a parameter's shape: mostly AdamW's
+moment and parameter updates, also the bias gradients' sums), copies, and the rest. Times are per
+executed run-step: a chunk of runs steps until its longest run is done, and an empty slot steps too. Kernel times are each kernel's duration, summed: kernels run side by side, and one kernel may use
 several threads, so the sums neither add up to the wall time nor count threads.
 The matmul FLOPs are the heads' dense layers counted by hand (forward, weight gradient, input gradient
 where one is needed), to read the matmul kernels' own rate against the measured matmul peak.
@@ -49,7 +50,7 @@ def kinds(hlo: str, param_shapes: set) -> dict:
         elif name.startswith("copy"):
             out[name] = "copies"
         elif shape and tuple(int(x) for x in shape.group(1).split(",") if x) in param_shapes:
-            out[name] = "per-parameter elementwise (AdamW)"
+            out[name] = "parameter-shaped (mostly AdamW)"
     return out
 
 
@@ -72,7 +73,8 @@ def main() -> None:
             state, losses = program.train_epoch(state, runs, data)
             np.asarray(losses)
             epochs.append(time.perf_counter() - t)
-        run_steps = sum(-(-int(n) // BATCH) for n in program.runs["n_train"])
+        slot_steps = np.asarray([-(-int(n) // BATCH) for n in program.runs["n_train"]])
+        run_steps = int(slot_steps.reshape(-1, program.chunk).max(axis=1).sum()) * program.chunk  # executed
         shapes = {(program.chunk, *x.shape[1:]) for x in jax.tree_util.tree_leaves(program.state["params"])}
         kind = kinds(program.train_epoch.as_text(), shapes)
         folder = tempfile.mkdtemp()
@@ -84,13 +86,15 @@ def main() -> None:
         thread_us, other = collections.Counter(), collections.Counter()
         for e in events:
             name = e.get("name", "")
-            if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "while", "call", "conditional", "Pjit")):
+            if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "while", "call", "cond", "Pjit")):
                 continue
-            thread_us[kind.get(name.removeprefix("end: "), "other")] += e["dur"]
+            name = name.removeprefix("end: ")
+            thread_us[kind.get(name, "other")] += e["dur"]
             if name not in kind:
-                other[re.sub(r"\.\d+$", "", name.removeprefix("end: "))] += e["dur"]
+                other[re.sub(r"\.\d+$", "", name)] += e["dur"]
         total = sum(thread_us.values())
-        print(f"\n{group.name}: {run_steps} run-steps per epoch, chunks of {program.chunk}; epoch {min(epochs):.3f} s "
+        print(f"\n{group.name}: {run_steps} run-steps per epoch executed ({int(slot_steps.sum())} useful), "
+              f"chunks of {program.chunk}; epoch {min(epochs):.3f} s "
               f"(best of 3, untraced) = {min(epochs) / run_steps * 1e3:.3f} ms per run-step; kernels "
               f"{total / 1e3 / run_steps:.3f} kernel-ms per run-step (traced epoch; kernels overlap)")
         for k, us in thread_us.most_common():
