@@ -86,7 +86,8 @@ def main() -> None:
         thread_us, other = collections.Counter(), collections.Counter()
         for e in events:
             name = e.get("name", "")
-            if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "while", "call", "cond", "Pjit")):
+            skip = ("ThunkExecutor", "SlinkyThreadPool", "$", "while", "call", "cond", "Pjit")  # not kernels
+            if e.get("ph") != "X" or name.startswith(skip):
                 continue
             name = name.removeprefix("end: ")
             thread_us[kind.get(name, "other")] += e["dur"]
