@@ -279,7 +279,6 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
-
     def run_jax():
         with persistent_cache(compilation_cache_dir):
             return time_jax(config, groups, features, step_flops, workers, log)
@@ -390,11 +389,12 @@ def _cache_note(cache: dict) -> str:
     if not cache.get("dir"):
         return ""
     hits, misses = cache["hits"], cache["misses"]
-    warm = ("none of its programs went through it" if not hits and not misses else
-            "warm: its programs were loaded, not compiled" if not misses else
-            "cold: its programs were compiled" if not hits else "partly warm")
-    return (f" fusion_jax's programs came through JAX's persistent compilation cache ({cache['hits']} hits, "
-            f"{cache['misses']} misses: {warm}); the compilation rows below are then mostly loading.")
+    state = ("none of its programs went through it" if not hits and not misses else
+             "warm: its programs were loaded, not compiled, so the compilation rows below are mostly loading"
+             if not misses else "cold: its programs were compiled" if not hits else
+             "partly warm: some programs were loaded, the others compiled")
+    return (f" fusion_jax's programs went through JAX's persistent compilation cache ({hits} hits, {misses} "
+            f"misses: {state}).")
 
 
 def main(argv: list[str] | None = None) -> int:
