@@ -26,8 +26,7 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-from fusion_jax import bench, sweep  # noqa: E402
+from fusion_jax import bench, sweep
 
 BATCH = 32
 # Dense layers (in, out, input gradient needed) of each head on 512 + 512 pooled features.
