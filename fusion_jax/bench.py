@@ -21,7 +21,8 @@ Two ways, one after the other (`--torch-first` swaps the order), in this process
      runs get their degraded image features once per run, before training, inside the timing.
 FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost), times each run's
 own steps, the same count for both ways (fusion_jax also executes the idle steps of the shorter
-runs in a chunk: `executed_flops`); the peak is a large float32 matmul measured here
+runs in a chunk: `executed_flops`; the reference also computes cross's unused query/key
+projections, fusion.Attention); the peak is a large float32 matmul measured here
 with jax.
 `--compilation-cache=DIR` gives fusion_jax's side JAX's persistent compilation cache at DIR: a second
 run with the same DIR loads its programs instead of compiling them (the file records the hits and misses).
@@ -376,11 +377,13 @@ def markdown(r: dict) -> str:
     lines += ["", "FLOPs: XLA's cost analysis of one compiled training step per run "
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
               + " (forward, backward, AdamW, gather, noise), times each run's steps; the same count for both "
-              f"columns. fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
+              "columns, though on pooled features the reference also computes cross's attention query and key "
+              "projections, which one key leaves unused and XLA drops (a third more FLOPs per cross step). "
+              f"fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
               "is done (on a GPU, through its group's longest run), and empty slots fill chunks (sweep.layout).",
               "", "Each side initialises as its framework does by default (torch's Linear init is about 1.7x "
-              "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; the "
-              "work per step is the same (tests/test_reference_parity.py: same init, same trajectory)."]
+              "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; each "
+              "step computes the same function (tests/test_reference_parity.py: same init, same trajectory)."]
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,9 @@ layers with the heads split by reshape (the same math as flax's MultiHeadDotProd
 
 With pooled inputs each side is one token, and softmax attention over a single key is identically 1:
 the attention output is then a function of the image alone and the query is ignored, so `cross`
-reduces to an MLP on a sum of projections. Token-level features make cross-attention meaningful.
+reduces to an MLP on a sum of projections. `Attention` skips the softmax there (the same numbers),
+and XLA drops the query and key projections; their parameters stay. Token-level features make
+cross-attention meaningful.
 """
 
 from __future__ import annotations
@@ -93,12 +95,17 @@ class Attention(nn.Module):
         q = split(nn.Dense(self.hidden, name="query")(inputs_q))
         k = split(nn.Dense(self.hidden, name="key")(inputs_kv))
         v = split(nn.Dense(self.hidden, name="value")(inputs_kv))
-        q = q / jnp.sqrt(head_dim).astype(q.dtype)
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        a = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        if k.shape[-3] == 1:
+            # Softmax over a single key is exactly 1 (its gradient exactly 0), so every query reads
+            # that key's value: the same numbers, and XLA drops the unused query/key projections.
+            a = jnp.broadcast_to(v, (*q.shape[:-3], q.shape[-3], *v.shape[-2:]))
+        else:
+            q = q / jnp.sqrt(head_dim).astype(q.dtype)
+            logits = jnp.einsum("...qhd,...khd->...hqk", q, k)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            weights = jax.nn.softmax(logits, axis=-1)
+            a = jnp.einsum("...hqk,...khd->...qhd", weights, v)
         return nn.Dense(self.hidden, name="out")(a.reshape(*a.shape[:-2], self.hidden))
 
 

@@ -123,3 +123,23 @@ def test_pooled_cross_attention_ignores_the_query():
     att = inter["intermediates"]["attention"]["__call__"][0]
     att2 = inter2["intermediates"]["attention"]["__call__"][0]
     np.testing.assert_allclose(att, att2, rtol=1e-6)
+
+
+def test_single_key_shortcut_equals_softmax_over_a_masked_pair():
+    """Pooled cross (one key: the softmax is skipped) against the same image as two keys with the
+    second masked (the full softmax, weights exactly 1 and 0): same logits and gradients, and the
+    query/key gradients exactly 0 in both."""
+    head = make_head("cross", hidden=16, mlp_hidden=8, num_heads=4)
+    rng = np.random.default_rng(1)
+    image, text = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32), jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    pair = jnp.stack([image, jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)], 1)
+    mask = jnp.asarray([[1.0, 0.0]] * 5)
+    params = head.init(jax.random.PRNGKey(0), image, text)["params"]
+    loss = lambda p, *x: (head.apply({"params": p}, *x) ** 2).sum()
+    one, g_one = jax.value_and_grad(loss)(params, image, text)
+    two, g_two = jax.value_and_grad(loss)(params, pair, text, mask)
+    np.testing.assert_allclose(one, two, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_one, g_two)
+    for g in (g_one, g_two):
+        for name in ("query", "key"):
+            assert not np.any(np.asarray(g["attention"][name]["kernel"]))
