@@ -158,3 +158,24 @@ def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
     assert {r["method"] for r in results["runs"]} == {"concat", "cross"}
     for r in results["runs"]:
         assert r["metrics"]["accuracy"] > r["majority_baseline"] + 0.25, r
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the lighter compile is used on CPUs only")
+def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
+    """build_program compiles init and evaluate with ONCE_COMPILER_OPTIONS: the same parameters, bit
+    for bit, and the same validation counts as the default compilation."""
+    from fusion_jax import bench, sweep
+
+    grid = bench.GRIDS["tiny"]
+    config, features = bench.bench_config(grid), bench.bench_features(grid, "aligned")
+    for group in bench.plan_groups(grid):
+        program = sweep.build_program(config, group, features)
+        data = sweep.group_data(features, program.replicated)
+        runs = jax.device_put(program.runs, program.by_run)
+        per_run = lambda f, axes: jax.jit(jax.vmap(f, in_axes=axes), out_shardings=program.by_run)
+        state = program.init(runs, data)
+        default = per_run(program.trainer.init, (0, None))(runs, data)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), state, default)
+        state, _ = program.train_epoch(state, runs, data)
+        np.testing.assert_array_equal(program.evaluate(state, runs, data),
+                                      per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
