@@ -210,6 +210,11 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Callable:
+    """f vmapped over the runs axis and jitted, outputs sharded by run (init and evaluate)."""
+    return jax.jit(jax.vmap(f, in_axes=in_axes), out_shardings=by_run)
+
+
 def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
                   mesh: Mesh | None = None) -> GroupProgram:
     """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device data)."""
@@ -229,7 +234,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     shaped = lambda tree, sharding: jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
-    per_run = lambda f, axes: jax.jit(jax.vmap(f, in_axes=axes), out_shardings=by_run)
+    per_run = lambda f, axes: per_run_program(f, axes, by_run)
     once = ONCE_COMPILER_OPTIONS if on_cpu else None
     t0 = time.perf_counter()
     init = per_run(trainer.init, (0, None)).lower(runs_s, data_s).compile(once)

@@ -172,7 +172,7 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
         program = sweep.build_program(config, group, features)
         data = sweep.group_data(features, program.replicated)
         runs = jax.device_put(program.runs, program.by_run)
-        per_run = lambda f, axes: jax.jit(jax.vmap(f, in_axes=axes), out_shardings=program.by_run)
+        per_run = lambda f, axes: sweep.per_run_program(f, axes, program.by_run)  # default compile options
         state = program.init(runs, data)
         default = per_run(program.trainer.init, (0, None))(runs, data)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), state, default)
