@@ -200,7 +200,7 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
         state, losses = jax.lax.map(lambda c: train_epoch(*c, data),
                                     jax.tree_util.tree_map(chunk, (state, runs)))
         return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), (state, losses))
-    # check_vma=False: the trainer's cond and scan need no annotations of what varies across devices.
+    # check_vma=False: the trainer's loops need no annotations of what varies across devices.
     return jax.shard_map(on_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"),
                          check_vma=False)
 

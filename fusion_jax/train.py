@@ -23,6 +23,7 @@ import math
 from typing import Callable, NamedTuple
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -74,21 +75,40 @@ def cosine_lr(peak: float, step: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: jax.Array,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, unread=None):
     """One AdamW step, as optax.adamw and torch.optim.AdamW take it: (params, opt).
 
     With `active` False the step leaves params and moments exactly as they are (decays of 1, a
     step size of 0). This replaces a select between old and new state, which XLA:CPU pays for
-    with copies of the whole state (twice the time of a step)."""
+    with copies of the whole state (twice the time of a step).
+
+    unread: a tree of bools like params (see `unread_leaves`), True where the loss does not read the
+    leaf: its gradient is exactly 0, so its moments stay exactly 0 and the update is weight decay
+    alone, the same numbers without streaming the moments."""
+    unread = unread or jax.tree_util.tree_map(lambda _: False, params)
     d1, d2 = jnp.where(active, b1, 1.0), jnp.where(active, b2, 1.0)
     count = opt["count"] + active.astype(jnp.int32)
-    mu = jax.tree_util.tree_map(lambda m, g: (1 - d1) * g + d1 * m, opt["mu"], grads)
-    nu = jax.tree_util.tree_map(lambda v, g: (1 - d2) * (g * g) + d2 * v, opt["nu"], grads)
+    mu = jax.tree_util.tree_map(lambda m, g, u: m if u else (1 - d1) * g + d1 * m, opt["mu"], grads, unread)
+    nu = jax.tree_util.tree_map(lambda v, g, u: v if u else (1 - d2) * (g * g) + d2 * v, opt["nu"], grads, unread)
     c = jnp.maximum(count, 1).astype(jnp.float32)
     bc1, bc2, step = 1 - b1 ** c, 1 - b2 ** c, jnp.where(active, lr, 0.0)
-    params = jax.tree_util.tree_map(
-        lambda p, m, v: p - step * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p), params, mu, nu)
+    update = lambda p, m, v: p - step * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p)
+    zero = lambda p, m, u: jnp.zeros_like(p) if u else m
+    params = jax.tree_util.tree_map(lambda p, m, v, u: update(p, zero(p, m, u), zero(p, v, u)), params, mu, nu, unread)
     return params, {"count": count, "mu": mu, "nu": nu}
+
+
+def unread_leaves(f: Callable, params, *args):
+    """A tree of bools like params: True where f(params, *args) does not read the leaf at all (in its
+    traced program), as `cross`'s query and key projections on pooled features (fusion.Attention)."""
+    closed = jax.make_jaxpr(f)(params, *args)
+    live = {v for v in closed.jaxpr.outvars if isinstance(v, jax_core.Var)}
+    for eqn in reversed(closed.jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+    n = len(jax.tree_util.tree_leaves(params))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
+                                        [v not in live for v in closed.jaxpr.invars[:n]])
 
 
 def adamw_init(params) -> dict:
@@ -112,8 +132,9 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
 
     noisy=False promises that every run's noise_level is 0: the noise is then not drawn (a level-0
     Gaussian degradation is a plain normalisation, which is kept). skip_idle=False steps a chunk
-    through every step of the epoch, past its longest run too (as exact no-ops), without the cond
-    that skips them: for GPUs, where those steps cost little and a cond can cost a host sync per step."""
+    through every step of the epoch, past its longest run too (as exact no-ops), in a scan of fixed
+    length: for GPUs, where those steps cost little and a loop of data-dependent length can cost a
+    host sync per step."""
     tc, hc, dc = config.train, config.head, config.degradation
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size
@@ -152,15 +173,15 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
     def train_epoch(state, runs, data):
-        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]). With skip_idle, a cond
-        skips the steps past the chunk's longest run (vmapping train_epoch would make it a select)."""
+        """One epoch of a chunk of k runs stepped together (state, runs [k, ...]). With skip_idle, a
+        while loop runs the chunk's own steps and stops after its longest run; without, a scan runs
+        every step of the group's longest run."""
         k, epoch, n_train = runs["n_train"].shape[0], state["epoch"], runs["n_train"]
         run_steps = (n_train + batch - 1) // batch
         order = jax.vmap(epoch_order, (0, 0, 0, None))(runs["key"], epoch, n_train, steps * batch)
         rows = order.reshape(k, steps, batch).swapaxes(0, 1)
         weight = (jnp.arange(steps * batch) < n_train[:, None]).astype(jnp.float32)
         weight = weight.reshape(k, steps, batch).swapaxes(0, 1)
-        chunk_steps = run_steps.max()
 
         def run_step(params, opt_state, run, r, w, t, epoch, run_steps):
             """One run's step on its batch rows r [batch] with weights w [batch]."""
@@ -168,20 +189,31 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
             x = inputs(data, run, pairs["image_idx"][r], pairs["caption_idx"][r])
             done = epoch * run_steps + t
             dropout_key = jax.random.fold_in(jax.random.fold_in(run["key"], _DROPOUT), done)
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, pairs["label"][r], w, dropout_key)
+            args = (x, pairs["label"][r], w, dropout_key)
+            loss, grads = jax.value_and_grad(loss_fn)(params, *args)
             lr = cosine_lr(tc.learning_rate, done, run_steps * tc.epochs)
-            return adamw(params, grads, opt_state, lr, tc.weight_decay, t < run_steps), loss
+            unread = unread_leaves(loss_fn, params, *args)
+            return adamw(params, grads, opt_state, lr, tc.weight_decay, t < run_steps, unread=unread), loss
 
-        def step(carry, xs):
-            r, w, t = xs
-            live = lambda c: jax.vmap(run_step, (0, 0, 0, 0, 0, None, 0, 0))(*c, runs, r, w, t, epoch, run_steps)
-            if not skip_idle:
-                return live(carry)
-            idle = lambda c: (c, jnp.zeros((k,), jnp.float32))
-            return jax.lax.cond(t < chunk_steps, live, idle, carry)
+        def chunk_step(carry, r, w, t):
+            """Step t of every run in the chunk: carry (params, opt_state) [k, ...] -> (carry, losses [k])."""
+            return jax.vmap(run_step, (0, 0, 0, 0, 0, None, 0, 0))(*carry, runs, r, w, t, epoch, run_steps)
 
-        (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
-                                                   (rows, weight, jnp.arange(steps)))
+        carry = (state["params"], state["opt_state"])
+        if skip_idle:
+            # A while loop rather than a scan with a cond per step: XLA:CPU copies part of the
+            # state out of a cond every step, and a while loop needs no idle steps at all.
+            def body(c):
+                t, carry, losses = c
+                carry, loss = chunk_step(carry, rows[t], weight[t], t)
+                return t + 1, carry, losses.at[t].set(loss)
+
+            start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((steps, k), jnp.float32))
+            _, carry, losses = jax.lax.while_loop(lambda c: c[0] < run_steps.max(), body, start)
+        else:
+            carry, losses = jax.lax.scan(lambda c, xs: chunk_step(c, *xs), carry,
+                                         (rows, weight, jnp.arange(steps)))
+        params, opt_state = carry
         return {"params": params, "opt_state": opt_state, "epoch": epoch + 1}, losses.T
 
     def evaluate(state, run, data):

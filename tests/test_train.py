@@ -3,13 +3,15 @@ and a group compiles once."""
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fusion_jax.data import build_pairs
 from fusion_jax.data.sources import load_features
 from fusion_jax.sweep import RunSpec, group_data, stack_runs
-from fusion_jax.train import epoch_order, make_train
+from fusion_jax.fusion import make_head
+from fusion_jax.train import adamw, adamw_init, epoch_order, make_train, unread_leaves
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 
@@ -136,3 +138,48 @@ def test_training_lowers_the_loss(smoke_config):
     state, first = epoch(init, runs, data)
     state, last = epoch(state, runs, data)
     assert last.mean() < first.mean()
+
+
+def _head_loss(method):
+    head = make_head(method)
+    return head, lambda params, image, text: head.apply({"params": params}, image, text).sum()
+
+
+def test_unread_leaves_are_crosss_query_and_key_on_pooled_features():
+    """On pooled features (one key) `cross` never reads its attention's query and key projections;
+    on token features every parameter is read, and so is every one of `concat`'s."""
+    pooled, tokens = (jnp.zeros((4, 16)), jnp.zeros((4, 8))), (jnp.zeros((4, 3, 16)), jnp.zeros((4, 5, 8)))
+    for method, inputs, expected in (("cross", pooled, {"attention/query", "attention/key"}),
+                                     ("cross", tokens, set()), ("concat", pooled, set())):
+        head, loss = _head_loss(method)
+        params = head.init(jax.random.PRNGKey(0), *inputs)["params"]
+        unread = unread_leaves(loss, params, *inputs)
+        paths = jax.tree_util.tree_flatten_with_path(unread)[0]
+        found = {"/".join(k.key for k in path[:-1]) for path, u in paths if u}
+        assert found == expected, (method, found)
+        # An unread leaf's gradient is exactly 0.
+        grads = jax.grad(loss)(params, *[jax.random.normal(jax.random.PRNGKey(1), x.shape) for x in inputs])
+        for u, g in zip(jax.tree_util.tree_leaves(unread), jax.tree_util.tree_leaves(grads)):
+            assert not u or not np.asarray(g).any()
+
+
+def test_adamw_on_unread_leaves_gives_the_same_bits():
+    """AdamW told which leaves have a zero gradient (moments kept at 0, not streamed) gives exactly
+    the parameters and state of the full update, over steps with a cosine schedule, idle steps too."""
+    head, loss = _head_loss("cross")
+    image, text = jax.random.normal(jax.random.PRNGKey(1), (32, 16)), jax.random.normal(jax.random.PRNGKey(2), (32, 8))
+    params = head.init(jax.random.PRNGKey(0), image, text)["params"]
+    unread = unread_leaves(loss, params, image, text)
+    assert any(jax.tree_util.tree_leaves(unread))
+
+    def steps(params, skip):
+        def step(carry, t):
+            p, opt = carry
+            g = jax.grad(loss)(p, image * (1 + t), text)
+            return adamw(p, g, opt, 1e-2 * (1 + jnp.cos(t / 7.0)), 0.01, t % 5 != 4,
+                         unread=unread if skip else None), None
+        return jax.lax.scan(step, (params, adamw_init(params)), jnp.arange(20.0))[0]
+
+    full, skipped = jax.jit(lambda p: steps(p, False))(params), jax.jit(lambda p: steps(p, True))(params)
+    chex.assert_trees_all_equal(full, skipped)
+    assert not np.array_equal(full[0]["attention"]["query"]["kernel"], params["attention"]["query"]["kernel"])  # decayed
