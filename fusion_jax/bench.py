@@ -10,8 +10,8 @@ grid's runs there), 10 epochs, batch 32. `--quick`: the same protocol (10 epochs
 the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 (18 runs).
 
 Two ways, one after the other (`--torch-first` swaps the order), in this process:
-  a. fusion_jax: per (backbone, method) one `jax.jit(jax.vmap(train_epoch))` over all the group's
-     runs (scales x seeds x levels), built by sweep.build_program as a sweep builds it (run axis
+  a. fusion_jax: per (backbone, method) one compiled epoch (train_epoch over chunks of runs) for all
+     the group's runs (scales x seeds x levels), built by sweep.build_program as a sweep builds it (run axis
      sharded over the local devices), the groups compiled ahead by worker threads while earlier
      groups train; no checkpoints. The wall time runs from the first compilation to the last
      evaluation.

@@ -1,7 +1,7 @@
 """FLOP counts of the fusion heads and of a training step, from XLA's cost analysis.
 
 XLA's `cost_analysis()` of a compiled program counts the body of a while loop once, whatever its
-trip count, so the `lax.scan` of a training epoch is counted as one step. `train_step_flops`
+trip count, so the step loop of a training epoch is counted as one step. `train_step_flops`
 therefore compiles an epoch of exactly one step (n_train = batch) and reads it: that is the cost
 of one optimizer step, gather, degradation and AdamW update included (elementwise and integer
 ops count one FLOP per element, as XLA counts them). `analytic_concat_flops` is the textbook

@@ -7,8 +7,8 @@ and the padding carries zero weight, so no pair is dropped (as torch's DataLoade
 
 A run is a small pytree: `key` (derived from the run's own seed and scale, see `run_key`),
 `noise_level` (sigma) and its own pairs, padded to the group's largest scale (`pair_arrays`). Runs of
-different scales therefore share one program: an epoch scans the steps of the group's largest run,
-and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
+different scales therefore share one program: an epoch loops over the steps of the group's largest
+run (on CPUs, of the chunk's largest), and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
 share `data`: the feature arrays, gathered by index inside the compiled step.
 
 Training steps a chunk of runs together (vmapped inside the step) and, on CPUs, skips the steps
@@ -84,7 +84,8 @@ def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: 
 
     unread: a tree of bools like params (see `unread_leaves`), True where the loss does not read the
     leaf: its gradient is exactly 0, so its moments stay exactly 0 and the update is weight decay
-    alone, the same numbers without streaming the moments."""
+    alone, the same numbers without streaming the moments. This takes those moments to be 0 (as
+    `adamw_init` makes them and as every earlier step leaves them): it neither reads nor updates them."""
     unread = unread or jax.tree_util.tree_map(lambda _: False, params)
     d1, d2 = jnp.where(active, b1, 1.0), jnp.where(active, b2, 1.0)
     count = opt["count"] + active.astype(jnp.int32)
@@ -100,8 +101,13 @@ def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: 
 
 def unread_leaves(f: Callable, params, *args):
     """A tree of bools like params: True where f(params, *args) does not read the leaf at all (in its
-    traced program), as `cross`'s query and key projections on pooled features (fusion.Attention)."""
+    traced program), as `cross`'s query and key projections on pooled features (fusion.Attention).
+
+    A backward walk over the program's equations, each taken whole: an equation with an effect or a
+    used output uses all of its inputs. It may call an unread leaf read, never a read leaf unread."""
     closed = jax.make_jaxpr(f)(params, *args)
+    if len(closed.jaxpr.invars) != len(jax.tree_util.tree_leaves((params, *args))):
+        raise AssertionError("the traced program's inputs do not line up with the leaves of (params, *args)")
     live = {v for v in closed.jaxpr.outvars if isinstance(v, jax_core.Var)}
     for eqn in reversed(closed.jaxpr.eqns):
         if eqn.effects or any(v in live for v in eqn.outvars):
@@ -201,15 +207,17 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
 
         carry = (state["params"], state["opt_state"])
         if skip_idle:
-            # A while loop rather than a scan with a cond per step: XLA:CPU copies part of the
-            # state out of a cond every step, and a while loop needs no idle steps at all.
+            # A while loop rather than a scan with a cond per step: XLA:CPU copied part of the
+            # state out of the cond every step, and the loop has no idle iterations.
+            last = jnp.minimum(run_steps.max(), steps)
+
             def body(c):
                 t, carry, losses = c
                 carry, loss = chunk_step(carry, rows[t], weight[t], t)
                 return t + 1, carry, losses.at[t].set(loss)
 
             start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((steps, k), jnp.float32))
-            _, carry, losses = jax.lax.while_loop(lambda c: c[0] < run_steps.max(), body, start)
+            _, carry, losses = jax.lax.while_loop(lambda c: c[0] < last, body, start)
         else:
             carry, losses = jax.lax.scan(lambda c, xs: chunk_step(c, *xs), carry,
                                          (rows, weight, jnp.arange(steps)))

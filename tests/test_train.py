@@ -149,13 +149,13 @@ def test_unread_leaves_are_crosss_query_and_key_on_pooled_features():
     """On pooled features (one key) `cross` never reads its attention's query and key projections;
     on token features every parameter is read, and so is every one of `concat`'s."""
     pooled, tokens = (jnp.zeros((4, 16)), jnp.zeros((4, 8))), (jnp.zeros((4, 3, 16)), jnp.zeros((4, 5, 8)))
-    for method, inputs, expected in (("cross", pooled, {"attention/query", "attention/key"}),
-                                     ("cross", tokens, set()), ("concat", pooled, set())):
+    qk = {f"attention/{p}/{leaf}" for p in ("query", "key") for leaf in ("kernel", "bias")}
+    for method, inputs, expected in (("cross", pooled, qk), ("cross", tokens, set()), ("concat", pooled, set())):
         head, loss = _head_loss(method)
         params = head.init(jax.random.PRNGKey(0), *inputs)["params"]
         unread = unread_leaves(loss, params, *inputs)
         paths = jax.tree_util.tree_flatten_with_path(unread)[0]
-        found = {"/".join(k.key for k in path[:-1]) for path, u in paths if u}
+        found = {"/".join(k.key for k in path) for path, u in paths if u}
         assert found == expected, (method, found)
         # An unread leaf's gradient is exactly 0.
         grads = jax.grad(loss)(params, *[jax.random.normal(jax.random.PRNGKey(1), x.shape) for x in inputs])
@@ -183,3 +183,16 @@ def test_adamw_on_unread_leaves_gives_the_same_bits():
     full, skipped = jax.jit(lambda p: steps(p, False))(params), jax.jit(lambda p: steps(p, True))(params)
     chex.assert_trees_all_equal(full, skipped)
     assert not np.array_equal(full[0]["attention"]["query"]["kernel"], params["attention"]["query"]["kernel"])  # decayed
+
+
+def test_a_chunk_of_empty_slots_is_left_as_it_is(smoke_config):
+    """Empty slots (sweep.layout's padding: no training pairs) take no step: state unchanged but for
+    the epoch counter, losses 0."""
+    specs = (RunSpec("aligned", "concat", 256, 42, "gaussian", 0.0),) * 2
+    trainer, runs, data = _group(smoke_config, "concat", specs)
+    runs = dict(runs, n_train=np.zeros_like(runs["n_train"]))
+    state = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
+    after, losses = jax.jit(trainer.train_epoch)(state, runs, data)
+    chex.assert_trees_all_equal((after["params"], after["opt_state"]), (state["params"], state["opt_state"]))
+    np.testing.assert_array_equal(after["epoch"], state["epoch"] + 1)
+    np.testing.assert_array_equal(losses, 0.0)
