@@ -26,8 +26,10 @@ projections, fusion.Attention); the peak is a large float32 matmul measured here
 with jax.
 `--compilation-cache=DIR` gives fusion_jax's side JAX's persistent compilation cache at DIR: a second
 run with the same DIR loads its programs instead of compiling them (the file records the hits and misses).
-Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids; `-cached`
-with a compilation cache).
+`--repeats=N` runs both ways N times in turn and reports each way's median run, with every wall time
+(with a compilation cache, the rounds after the first load what it compiled).
+Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids; `-xN` with
+repeats, `-cached` with a compilation cache).
 """
 
 from __future__ import annotations
@@ -237,6 +239,11 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             **{k: sum(g[k] for g in out) for k in ("compile_s", "wait_s", "setup_s", "train_s", "eval_s")}}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (of an even number, the faster of the middle two)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def _totals(side: dict, peak_gflops: float) -> dict:
     """Wall time, runs per second, useful GFLOP/s and its fraction of the peak, of one side."""
     groups = side["groups"]
@@ -253,12 +260,16 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
                   torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False,
-                  runs_per_chunk: int = 0, compilation_cache_dir: str | None = None) -> dict:
+                  runs_per_chunk: int = 0, compilation_cache_dir: str | None = None, repeats: int = 1) -> dict:
     """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
 
-    fusion_jax runs first, then the reference (`torch_first`: the other way round); `split_by_scale`
-    and `runs_per_chunk` set the config fields of those names; `compilation_cache_dir`: JAX's
-    persistent compilation cache for fusion_jax's programs (`persistent_cache`)."""
+    fusion_jax runs first, then the reference (`torch_first`: the other way round), `repeats` times
+    in turn; each side reports its median run by wall time, and `repeats` records every wall time
+    (a shared machine's load moves single runs by a third). `split_by_scale` and `runs_per_chunk`
+    set the config fields of those names; `compilation_cache_dir`: JAX's persistent compilation
+    cache for fusion_jax's programs (`persistent_cache`)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -286,10 +297,13 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
 
     run_torch = lambda: time_torch(config, groups, features, step_flops, ref, torch_device, torch_threads,
                                    torch_runs, log)
-    if torch_first:
-        torch_side, jax_side = run_torch(), run_jax()
-    else:
-        jax_side, torch_side = run_jax(), run_torch()
+    jax_rounds, torch_rounds = [], []
+    for i in range(repeats):
+        if repeats > 1:
+            log(f"round {i + 1} of {repeats}")
+        for side in ((run_torch, run_jax) if torch_first else (run_jax, run_torch)):
+            (torch_rounds if side is run_torch else jax_rounds).append(side())
+    jax_side, torch_side = _median_run(jax_rounds), _median_run(torch_rounds)
     peak_after = matmul_peak(g.matmul_size)
     peak_gflops = max(peak["gflops"], peak_after["gflops"])
 
@@ -313,9 +327,13 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "torch": {**torch_total, "device": torch_device, "threads": torch_threads},
         "speedup": {"wall": torch_total["wall_s"] / jax_total["wall_s"],
                     "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["wait_s"])},
+        "repeats": {"rounds": repeats, "jax_wall_s": [x["wall_s"] for x in jax_rounds],
+                    "torch_wall_s": [x["wall_s"] for x in torch_rounds],
+                    "speedup_per_round": [t["wall_s"] / j["wall_s"] for j, t in zip(jax_rounds, torch_rounds)]},
     }
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, device_name() + ("" if grid == "full" else f"-{grid}")
+                        + (f"-x{repeats}" if repeats > 1 else "")
                         + ("-split-by-scale" if split_by_scale else "")
                         + (f"-chunk{runs_per_chunk}" if runs_per_chunk else "")
                         + ("-cached" if compilation_cache_dir else ""))
@@ -366,7 +384,8 @@ def markdown(r: dict) -> str:
     lines += [f"| mean val. accuracy (mean of the groups' means), {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |"
               for m in g["methods"]]
     lines += ["", f"**Speed-up: {r['speedup']['wall']:.2f}x**{' (against the estimated reference time)' if t.get('estimated') else ''} wall time, compilation included "
-              f"({r['speedup']['excluding_compile']:.2f}x without the time spent waiting for it).", "",
+              f"({r['speedup']['excluding_compile']:.2f}x without the time spent waiting for it)."
+              + _repeats_note(r.get("repeats", {})), "",
               "| group | runs | scales | steps, all runs | jax compile (s) | jax waited (s) | jax train (s) "
               "| torch wall (s) |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -385,6 +404,17 @@ def markdown(r: dict) -> str:
               "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; each "
               "step computes the same function (tests/test_reference_parity.py: same init, same trajectory)."]
     return "\n".join(lines) + "\n"
+
+
+def _repeats_note(rep: dict) -> str:
+    """The Markdown's sentence on repeated rounds ("" for one round)."""
+    if rep.get("rounds", 1) == 1:
+        return ""
+    secs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)
+    ratios = rep["speedup_per_round"]
+    return (f" Both sides ran {rep['rounds']} times, in turn; the tables show each side's median run. Wall "
+            f"times: fusion_jax {secs(rep['jax_wall_s'])} s, the reference {secs(rep['torch_wall_s'])} s; "
+            f"per round {', '.join(f'{x:.2f}x' for x in ratios)} (from {min(ratios):.2f}x to {max(ratios):.2f}x).")
 
 
 def _cache_note(cache: dict) -> str:
@@ -418,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-per-chunk", type=int, default=0,
                         help="runs a device steps together, as config.runs_per_chunk (default 0: 2 on a CPU, "
                              "all of a device's runs on a GPU)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="run both sides N times in turn and report each side's median run (a shared "
+                             "machine's load moves single runs); output name gets -xN")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="threads compiling groups ahead (default: half the cores, at least 1)")
     parser.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -430,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
                       workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,
                       split_by_scale=args.split_by_scale, runs_per_chunk=args.runs_per_chunk,
-                      compilation_cache_dir=args.compilation_cache)
-    except (FileNotFoundError, ImportError) as e:
+                      compilation_cache_dir=args.compilation_cache, repeats=args.repeats)
+    except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,17 +17,21 @@ def test_bench_module_does_not_import_torch():
 
 
 def test_tiny_benchmark_writes_timings(tmp_path):
-    """`--tiny` in process: the JSON and Markdown files exist, with positive timings for both ways."""
+    """`--tiny` in process, two rounds: the JSON and Markdown files exist, with positive timings for
+    both ways, each way's median round and every round's wall time."""
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
     from fusion_jax import bench
 
-    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None)
-    path = tmp_path / f"{bench.device_name()}-tiny.json"
-    assert path.exists() and (tmp_path / f"{bench.device_name()}-tiny.md").exists()
+    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None, repeats=2)
+    path = tmp_path / f"{bench.device_name()}-tiny-x2.json"
+    assert path.exists() and "ran 2 times, in turn" in (tmp_path / f"{bench.device_name()}-tiny-x2.md").read_text()
     saved = json.loads(path.read_text())
     # Without --compilation-cache nothing goes through a persistent cache, though this test process has one.
     assert saved["jax"]["compilation_cache"] == {"dir": None, "hits": 0, "misses": 0}
     assert saved["speedup"] == result["speedup"]
+    rounds = saved["repeats"]
+    assert rounds["rounds"] == 2 and len(rounds["jax_wall_s"]) == len(rounds["torch_wall_s"]) == 2
+    assert saved["jax"]["wall_s"] == min(rounds["jax_wall_s"]) and saved["torch"]["wall_s"] == min(rounds["torch_wall_s"])
     for key in ("command", "versions", "device", "env", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
         assert key in saved, key
     assert saved["command"] == "pytest tiny" and saved["versions"]["jax"] and saved["versions"]["torch"]
@@ -76,3 +80,12 @@ def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setti
     note = lambda hits, misses: bench._cache_note({"dir": str(tmp_path), "hits": hits, "misses": misses})
     assert "cold" in note(0, 3) and "warm: " in note(3, 0) and "partly warm" in note(1, 2)
     assert "none of its programs" in note(0, 0) and bench._cache_note({"dir": None}) == ""
+
+
+def test_median_run_and_bad_repeats():
+    from fusion_jax import bench
+
+    runs = [{"wall_s": w} for w in (5.0, 1.0, 3.0)]
+    assert bench._median_run(runs)["wall_s"] == 3.0 and bench._median_run(runs[:2])["wall_s"] == 1.0
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_benchmark("tiny", "/nonexistent", repeats=0)
