@@ -10,9 +10,9 @@ grid's runs there), 10 epochs, batch 32. `--quick`: the same protocol (10 epochs
 the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 (18 runs).
 
 Two ways, one after the other (`--torch-first` swaps the order), in this process:
-  a. fusion_jax: per (backbone, method) one compiled epoch (train_epoch over chunks of runs) for all
-     the group's runs (scales x seeds x levels), built by sweep.build_program as a sweep builds it (run axis
-     sharded over the local devices), the groups compiled ahead by worker threads while earlier
+  a. fusion_jax: per (backbone, method) one compiled epoch (train_epoch over chunks of runs) for
+     all the group's runs (scales x seeds x levels), built by sweep.build_program as a sweep builds
+     it (run axis sharded over the local devices), the groups compiled ahead by worker threads while earlier
      groups train; no checkpoints. The wall time runs from the first compilation to the last
      evaluation.
   b. the reference (fusion_jax.bench_torch): tests/reference_torch.py's training loop (torch AdamW,
@@ -297,12 +297,14 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
 
     run_torch = lambda: time_torch(config, groups, features, step_flops, ref, torch_device, torch_threads,
                                    torch_runs, log)
-    jax_rounds, torch_rounds = [], []
+    sides = {"jax": run_jax, "torch": run_torch}
+    rounds = {name: [] for name in (("torch", "jax") if torch_first else ("jax", "torch"))}
     for i in range(repeats):
         if repeats > 1:
             log(f"round {i + 1} of {repeats}")
-        for side in ((run_torch, run_jax) if torch_first else (run_jax, run_torch)):
-            (torch_rounds if side is run_torch else jax_rounds).append(side())
+        for name in rounds:
+            rounds[name].append(sides[name]())
+    jax_rounds, torch_rounds = rounds["jax"], rounds["torch"]
     jax_side, torch_side = _median_run(jax_rounds), _median_run(torch_rounds)
     peak_after = matmul_peak(g.matmul_size)
     peak_gflops = max(peak["gflops"], peak_after["gflops"])

@@ -8,8 +8,9 @@ and the padding carries zero weight, so no pair is dropped (as torch's DataLoade
 A run is a small pytree: `key` (derived from the run's own seed and scale, see `run_key`),
 `noise_level` (sigma) and its own pairs, padded to the group's largest scale (`pair_arrays`). Runs of
 different scales therefore share one program: an epoch loops over the steps of the group's largest
-run (on CPUs, of the chunk's largest), and a smaller run leaves its state untouched in the steps past its own (`steps_per_epoch`). All runs
-share `data`: the feature arrays, gathered by index inside the compiled step.
+run (on CPUs, of the chunk's largest), and a smaller run leaves its state untouched in the steps
+past its own (`steps_per_epoch`). All runs share `data`: the feature arrays, gathered by index
+inside the compiled step.
 
 Training steps a chunk of runs together (vmapped inside the step) and, on CPUs, skips the steps
 past all of the chunk's runs. Which runs share a chunk, and how many, is the sweep's choice
@@ -94,8 +95,8 @@ def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: 
     c = jnp.maximum(count, 1).astype(jnp.float32)
     bc1, bc2, step = 1 - b1 ** c, 1 - b2 ** c, jnp.where(active, lr, 0.0)
     update = lambda p, m, v: p - step * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p)
-    zero = lambda p, m, u: jnp.zeros_like(p) if u else m
-    params = jax.tree_util.tree_map(lambda p, m, v, u: update(p, zero(p, m, u), zero(p, v, u)), params, mu, nu, unread)
+    params = jax.tree_util.tree_map(lambda p, m, v, u: update(p, *(2 * [jnp.zeros_like(p)] if u else [m, v])),
+                                    params, mu, nu, unread)
     return params, {"count": count, "mu": mu, "nu": nu}
 
 
