@@ -60,7 +60,7 @@ from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
-from fusion_jax.sweep import CompiledAhead, Group, RunSpec, compile_workers
+from fusion_jax.sweep import CompiledAhead, Group, compile_workers
 from fusion_jax.train import steps_per_epoch
 
 @dataclasses.dataclass(frozen=True)
@@ -94,18 +94,9 @@ def bench_config(grid: Grid) -> ml_collections.ConfigDict:
     config = base_config(f"bench_{grid.name}", "synthetic")
     config.backbones, config.scales, config.seeds = grid.backbones, grid.scales, grid.seeds
     config.degradation.levels, config.degradation.backbones = grid.noise_levels, grid.backbones[:1]
+    config.degradation.scales = (grid.noise_scale,)
     config.train.epochs = grid.epochs
     return config
-
-
-def plan_groups(grid: Grid, kind: str = "gaussian", split_by_scale: bool = False) -> list[Group]:
-    """One group per (backbone, method), as sweep.plan makes them: scales x seeds, and the noise
-    study's levels at (first backbone, noise_scale); with `split_by_scale`, one per scale too."""
-    levels = lambda b, s: grid.noise_levels if (b, s) == (grid.backbones[0], grid.noise_scale) else (0.0,)
-    groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, kind, float(level))
-                                for s in grid.scales for seed in grid.seeds for level in levels(b, s)))
-              for b in grid.backbones for m in grid.methods]
-    return sweep.split_by_scale(groups) if split_by_scale else groups
 
 
 def bench_features(grid: Grid, backbone: str) -> FeatureSet:
@@ -278,9 +269,9 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     torch_device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     torch_threads = torch_threads or len(os.sched_getaffinity(0))
     config = bench_config(g)
-    config.runs_per_chunk = runs_per_chunk
+    config.runs_per_chunk, config.split_by_scale = runs_per_chunk, split_by_scale
     workers = workers or compile_workers(config)
-    groups = plan_groups(g, config.degradation.kind, split_by_scale)
+    groups = sweep.plan(config)
     log(f"bench {grid}: {len(groups)} groups, {sum(len(x.runs) for x in groups)} runs, {g.epochs} epochs, "
         f"features {g.n_images} x {g.dim} / {g.n_images * g.captions_per_image} x {g.dim}, device {device_name()}, "
         f"torch on {torch_device}")

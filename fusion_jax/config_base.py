@@ -21,10 +21,10 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config.scales = PAPER_SCALES
     config.seeds = PAPER_SEEDS
     config.pairs = ml_collections.ConfigDict(dict(split_seed=0, train_fraction=0.8))
-    # v' = normalize(v + N(0, sigma^2 I)); `backbones` lists who gets the levels (empty: all),
-    # the others run at level 0 only.
+    # v' = normalize(v + N(0, sigma^2 I)); `backbones` and `scales` list who gets the levels (empty:
+    # all), the other runs are at level 0 only (the paper's noise study is one backbone at one scale).
     config.degradation = ml_collections.ConfigDict(dict(
-        kind="gaussian", modality="image", levels=(0.0,), backbones=()))
+        kind="gaussian", modality="image", levels=(0.0,), backbones=(), scales=()))
     config.train = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, weight_decay=0.01, epochs=10, batch_size=32, dropout=0.1, eval_batch_size=1024))
     config.head = ml_collections.ConfigDict(dict(hidden=256, mlp_hidden=128, num_heads=4))

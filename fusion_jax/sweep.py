@@ -78,12 +78,13 @@ class Group:
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
     """The sweep's groups, in a fixed order; each holds scales x seeds x degradation levels (level 0
-    alone for a backbone outside a non-empty `degradation.backbones`), or with `split_by_scale` the
-    seeds x levels of one scale."""
+    alone for a backbone or scale outside a non-empty `degradation.backbones` or `degradation.scales`),
+    or with `split_by_scale` the seeds x levels of one scale."""
     d = config.degradation
-    levels = {b: d.levels if not d.backbones or b in d.backbones else (0.0,) for b in config.backbones}
+    noisy = lambda b, s: (not d.backbones or b in d.backbones) and (not d.scales or s in d.scales)
     groups = [Group(b, m, tuple(RunSpec(b, m, s, seed, d.kind, float(level))
-                                for s in config.scales for seed in config.seeds for level in levels[b]))
+                                for s in config.scales for seed in config.seeds
+                                for level in (d.levels if noisy(b, s) else (0.0,))))
               for b in config.backbones for m in config.methods]
     if config.split_by_scale:
         groups = split_by_scale(groups)
@@ -276,7 +277,9 @@ class CompiledAhead:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Unstarted builds are dropped; one in progress (after an error) is waited for, so no
+        # compilation outlives the sweep that asked for it.
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
@@ -304,6 +307,8 @@ _MIN_FREE_BYTES = 64 * 2**20
 # Config fields that do not change a sweep's results (split_by_scale and runs_per_chunk: to float rounding,
 # as the device count).
 _NOT_RESULTS = ("workdir", "distributed", "compile_workers", "split_by_scale", "runs_per_chunk")
+# Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
+_ADDED = {"degradation.scales": []}
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
@@ -320,11 +325,11 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    fingerprint = _flatten({k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
+    fingerprint = {**_ADDED, **_flatten({k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})}
     path = os.path.join(workdir, "sweep.json")
     if os.path.exists(path):
         with open(path) as f:
-            previous = _flatten(json.load(f))
+            previous = {**_ADDED, **_flatten(json.load(f))}
         changed = sorted(k for k in set(previous) | set(fingerprint)
                          if json.dumps(previous.get(k)) != json.dumps(fingerprint.get(k)))
         if changed:

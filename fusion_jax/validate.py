@@ -59,6 +59,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  "degradation.levels", f"level {level!r} must be a finite number >= 0")
     for b in d.backbones:
         _require(b in config.backbones, "degradation.backbones", f"{b!r} is not in backbones {tuple(config.backbones)}")
+    for s in d.scales:
+        _require(s in config.scales, "degradation.scales", f"{s!r} is not in scales {tuple(config.scales)}")
     if d.kind == "none":
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
 

@@ -49,11 +49,18 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])
 
 
-def test_split_by_scale_plans_the_same_runs_per_scale():
-    from fusion_jax import bench
+def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
+    """The bench grid is a sweep config: the noise levels at the noise study's scale only; split by
+    scale, the same runs in the same order."""
+    from fusion_jax import bench, sweep
 
     grid = bench.GRIDS["quick"]
-    whole, split = bench.plan_groups(grid), bench.plan_groups(grid, split_by_scale=True)
+    config = bench.bench_config(grid)
+    whole = sweep.plan(config)
+    assert {(r.scale, r.level) for g in whole for r in g.runs} == {(2048, 0.0), (4096, 0.0), (4096, 0.1)}
+    assert sum(len(g.runs) for g in whole) == 18
+    config.split_by_scale = True
+    split = sweep.plan(config)
     assert [g.name for g in split] == [f"aligned-{m}-s{s}" for m in grid.methods for s in grid.scales]
     assert all(len(g.scales) == 1 for g in split)
     for m in grid.methods:

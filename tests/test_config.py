@@ -1,5 +1,6 @@
 """Every invalid config value stops at once with its field named, and writes nothing."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ INVALID = [
     ("backbones", ("alignment=2",), "backbones", "0 <= A <= 1"),
     ("degradation.levels", (0.0, -0.1), "degradation.levels", ">= 0"),
     ("degradation.levels", (), "degradation.levels", "must not be empty"),
+    ("degradation.scales", (512,), "degradation.scales", "not in scales"),
     ("degradation.modality", "audio", "degradation.modality", "allowed: image, text, both"),
     ("degradation.kind", "blur", "degradation.kind", "allowed: none, gaussian"),
     ("train.learning_rate", 0.0, "train.learning_rate", "> 0"),
@@ -112,3 +114,22 @@ def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(claim, range(8)))  # re-raises a worker's error
     assert sorted(os.listdir(tmp_path / "out")) == ["groups", "sweep.json"]
+
+
+def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_is_not(smoke_config, tmp_path):
+    """prepare_workdir names the fields that differ; a sweep.json written before `degradation.scales`
+    existed is the same sweep as one at that field's default."""
+    from fusion_jax.sweep import prepare_workdir
+
+    workdir = str(tmp_path / "out")
+    config = smoke_config.to_dict()
+    prepare_workdir(workdir, config)
+    other = {**config, "seeds": (7,)}
+    with pytest.raises(ConfigError, match=r"differs in seeds\)"):
+        prepare_workdir(workdir, other)
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    del saved["degradation"]["scales"]
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
+    prepare_workdir(workdir, config)
+    with pytest.raises(ConfigError, match=r"differs in degradation.scales\)"):
+        prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "scales": (128,)}})

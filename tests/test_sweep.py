@@ -60,8 +60,39 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert calls == [] and again["runs"] == results["runs"]
 
 
+def test_plan_gives_the_levels_to_the_listed_backbones_and_scales_only(smoke_config):
+    """degradation.backbones and degradation.scales: the levels where both list the run (an empty
+    list is everyone), level 0 alone elsewhere; each group in scale, seed, level order."""
+    config = smoke_config
+    config.degradation.backbones, config.degradation.scales = ("aligned",), (256,)
+    groups = plan(config)
+    assert [g.name for g in groups] == ["aligned-concat", "aligned-cross", "unaligned-concat", "unaligned-cross"]
+    levels = lambda g: [(r.scale, r.seed, r.level) for r in g.runs]
+    assert levels(groups[0]) == [(128, 42, 0.0), (128, 123, 0.0), (256, 42, 0.0), (256, 42, 0.3),
+                                 (256, 123, 0.0), (256, 123, 0.3)]
+    assert levels(groups[2]) == [(s, seed, 0.0) for s in (128, 256) for seed in (42, 123)]
+    config.degradation.scales = ()
+    assert len(plan(config)[0].runs) == 2 * 2 * 2 and len(plan(config)[2].runs) == 2 * 2
+
+
 class Killed(Exception):
     pass
+
+
+def test_compiled_ahead_leaves_no_compilation_running_after_an_error():
+    """An error while groups build (here at once) drops the builds not started and waits for the one
+    in progress: no compile thread outlives the `with` block."""
+    import threading
+
+    from fusion_jax import bench, sweep
+
+    grid = bench.GRIDS["tiny"]
+    config = bench.bench_config(grid)
+    groups = sweep.plan(config)
+    with pytest.raises(Killed):
+        with sweep.CompiledAhead(config, groups, {"aligned": bench.bench_features(grid, "aligned")}, 1):
+            raise Killed
+    assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
 
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
@@ -168,7 +199,7 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
 
     grid = bench.GRIDS["tiny"]
     config, features = bench.bench_config(grid), bench.bench_features(grid, "aligned")
-    for group in bench.plan_groups(grid):
+    for group in sweep.plan(config):
         program = sweep.build_program(config, group, features)
         data = sweep.group_data(features, program.replicated)
         runs = jax.device_put(program.runs, program.by_run)

@@ -62,7 +62,7 @@ def main() -> None:
     peak = bench.matmul_peak(grid.matmul_size)["gflops"]
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} cores; matmul peak "
           f"(4096² float32) {peak:.1f} GFLOP/s")
-    for group in bench.plan_groups(grid):
+    for group in sweep.plan(config):
         program = sweep.build_program(config, group, features)
         data, runs = sweep.group_data(features, program.replicated), jax.device_put(program.runs, program.by_run)
         state = program.init(runs, data)
