@@ -60,7 +60,7 @@ from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
-from fusion_jax.sweep import CompiledAhead, Group, compile_workers
+from fusion_jax.sweep import CompiledAhead, Group, Later, compile_workers
 from fusion_jax.train import steps_per_epoch
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +177,8 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
     """Train and evaluate `groups` as sweep.train_and_evaluate does, without checkpoints: programs
     compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
 
-    Per group: compile_s (its compilation, in a worker thread), wait_s (how long training waited
-    for it), train_s (its epochs), eval_s; the total wall time covers all of it, from the start;
+    Per group: compile_s (its compilation, in worker threads: evaluate's while the group trains),
+    wait_s (how long training waited for its init and train_epoch), train_s (its epochs), eval_s; the total wall time covers all of it, from the start;
     compilation_cache: the persistent cache's folder (None without one), its hits and misses meanwhile."""
     t_start = time.perf_counter()
     batch, epochs = config.train.batch_size, config.train.epochs
@@ -210,7 +210,9 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             executed_steps = int(chunk_steps.sum()) * program.chunk
             r = {"group": group.name, "runs": len(group.runs), "scales": list(group.scales),
                  "steps_per_run": run_steps, "program_steps": program.trainer.steps_per_epoch * epochs,
-                 "compile_s": program.compile_seconds, "wait_s": t1 - t0, "setup_s": t2 - t1,
+                 "compile_s": program.compile_seconds + (program.evaluate.seconds
+                                                         if isinstance(program.evaluate, Later) else 0.0),
+                 "wait_s": t1 - t0, "setup_s": t2 - t1,
                  "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3,
                  "slots": len(slot_steps), "runs_per_chunk": program.chunk,
                  # useful work (each run's own steps), and what the program executed (chunks' idle slots)

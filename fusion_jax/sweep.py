@@ -177,7 +177,9 @@ class GroupProgram:
 
     slots: [slots] the run of each slot (-1: empty), in chunks of `chunk` runs; index: [runs] each
     run's slot; runs: host arrays [slots, ...] (an empty slot has no training or validation pairs);
-    state: the abstract state tree [slots, ...]; init / train_epoch / evaluate: the compiled programs."""
+    state: the abstract state tree [slots, ...]; init / train_epoch / evaluate: the compiled programs
+    (evaluate a `Later` when build_program was given an executor); compile_seconds: of init and
+    train_epoch, and of evaluate when it was compiled then."""
 
     group: Group
     trainer: Trainer
@@ -206,6 +208,24 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
                          check_vma=False)
 
 
+class Later:
+    """A program compiled by `executor` in the background: a call waits for the compilation, whose
+    duration is then in `seconds`."""
+
+    def __init__(self, executor: concurrent.futures.Executor, lowered: Any, options: dict | None):
+        self.seconds = None
+        self._future = executor.submit(self._compile, lowered, options)
+
+    def _compile(self, lowered: Any, options: dict | None) -> Any:
+        t0 = time.perf_counter()
+        compiled = lowered.compile(options)
+        self.seconds = time.perf_counter() - t0
+        return compiled
+
+    def __call__(self, *args):
+        return self._future.result()(*args)
+
+
 # init and evaluate run once per group: on XLA:CPU, LLVM at level 1 compiles them in about half the
 # time of the default 3, with the same bits out (tests/test_sweep.py); level 0 changes init's draws.
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
@@ -217,8 +237,9 @@ def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Calla
 
 
 def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
-                  mesh: Mesh | None = None) -> GroupProgram:
-    """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device data)."""
+                  mesh: Mesh | None = None, later: concurrent.futures.Executor | None = None) -> GroupProgram:
+    """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device
+    data). With `later`, evaluate is compiled there (a `Later`): the group can start training first."""
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
@@ -241,7 +262,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     init = per_run(trainer.init, (0, None)).lower(runs_s, data_s).compile(once)
     state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
     train_epoch = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s).compile()
-    evaluate = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s).compile(once)
+    evaluate = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
+    evaluate = Later(later, evaluate, once) if later else evaluate.compile(once)
     return GroupProgram(group, trainer, slots, k, index, runs, state_s, init, train_epoch, evaluate, by_run,
                         replicated, time.perf_counter() - t0)
 
@@ -254,13 +276,16 @@ def compile_workers(config: ml_collections.ConfigDict) -> int:
 class CompiledAhead:
     """The programs of `groups`, built by worker threads from the start, and each backbone's features
     put on the devices once. Ask in the groups' order: `program(i)` waits for group i's build (and
-    raises what it raised: NonFinite for bad features), `data(program)` gives its features."""
+    raises what it raised: NonFinite for bad features), `data(program)` gives its features. A group's
+    evaluate compiles in one more thread, after its training program, while the group trains."""
 
     def __init__(self, config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
                  workers: int):
         self._features, self._data, mesh = features, (None, None), run_mesh()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
-        self._futures = [self._pool.submit(build_program, config, g, features[g.backbone], mesh) for g in groups]
+        self._later = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fusion_jax-compile-evaluate")
+        self._futures = [self._pool.submit(build_program, config, g, features[g.backbone], mesh, self._later)
+                         for g in groups]
 
     def program(self, i: int) -> GroupProgram:
         future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
@@ -279,7 +304,8 @@ class CompiledAhead:
     def __exit__(self, *exc) -> None:
         # Unstarted builds are dropped; one in progress (after an error) is waited for, so no
         # compilation outlives the sweep that asked for it.
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._pool, self._later):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:

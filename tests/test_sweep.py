@@ -79,18 +79,27 @@ class Killed(Exception):
     pass
 
 
-def test_compiled_ahead_leaves_no_compilation_running_after_an_error():
-    """An error while groups build (here at once) drops the builds not started and waits for the one
-    in progress: no compile thread outlives the `with` block."""
+def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_running_after_an_error():
+    """CompiledAhead compiles a group's evaluate in the background (a Later): the same counts as the
+    program compiled at once. An error while groups build drops the builds not started and waits for
+    the one in progress: no compile thread outlives the `with` block."""
     import threading
 
     from fusion_jax import bench, sweep
 
     grid = bench.GRIDS["tiny"]
     config = bench.bench_config(grid)
-    groups = sweep.plan(config)
+    groups, features = sweep.plan(config), {"aligned": bench.bench_features(grid, "aligned")}
+    with sweep.CompiledAhead(config, groups, features, 1) as ahead:
+        program = ahead.program(0)
+        data, runs = ahead.data(program), jax.device_put(program.runs, program.by_run)
+        state, _ = program.train_epoch(program.init(runs, data), runs, data)
+        assert isinstance(program.evaluate, sweep.Later)
+        at_once = sweep.build_program(config, groups[0], features["aligned"]).evaluate
+        np.testing.assert_array_equal(program.evaluate(state, runs, data), at_once(state, runs, data))
+        assert program.evaluate.seconds > 0
     with pytest.raises(Killed):
-        with sweep.CompiledAhead(config, groups, {"aligned": bench.bench_features(grid, "aligned")}, 1):
+        with sweep.CompiledAhead(config, groups, features, 1):
             raise Killed
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
