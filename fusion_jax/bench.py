@@ -60,7 +60,7 @@ from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
-from fusion_jax.sweep import CompiledAhead, Group, Later, compile_workers
+from fusion_jax.sweep import CompiledAhead, Group, compile_workers
 from fusion_jax.train import steps_per_epoch
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +177,9 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
     """Train and evaluate `groups` as sweep.train_and_evaluate does, without checkpoints: programs
     compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
 
-    Per group: compile_s (its compilation, in worker threads: evaluate's while the group trains),
-    wait_s (how long training waited for its init and train_epoch), train_s (its epochs), eval_s; the total wall time covers all of it, from the start;
+    Per group: compile_s (its compilation, in a worker thread; evaluate's after the group could start
+    training), wait_s (how long the group waited for its programs), train_s (its epochs), eval_s
+    (its evaluation, less any wait for evaluate's compilation); the total wall time covers all of it;
     compilation_cache: the persistent cache's folder (None without one), its hits and misses meanwhile."""
     t_start = time.perf_counter()
     batch, epochs = config.train.batch_size, config.train.epochs
@@ -201,6 +202,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t3 = time.perf_counter()
             counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
+            later = program.evaluate  # a sweep.Later: CompiledAhead compiles it after handing the group over
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()
             # A chunk steps all its slots until its longest run is done, or (skip_idle off) through every step.
@@ -210,10 +212,9 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             executed_steps = int(chunk_steps.sum()) * program.chunk
             r = {"group": group.name, "runs": len(group.runs), "scales": list(group.scales),
                  "steps_per_run": run_steps, "program_steps": program.trainer.steps_per_epoch * epochs,
-                 "compile_s": program.compile_seconds + (program.evaluate.seconds
-                                                         if isinstance(program.evaluate, Later) else 0.0),
-                 "wait_s": t1 - t0, "setup_s": t2 - t1,
-                 "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3,
+                 "compile_s": program.compile_seconds + later.seconds,
+                 "wait_s": t1 - t0 + later.waited, "setup_s": t2 - t1,
+                 "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3 - later.waited,
                  "slots": len(slot_steps), "runs_per_chunk": program.chunk,
                  # useful work (each run's own steps), and what the program executed (chunks' idle slots)
                  "train_flops": step_flops[group.method] * sum(run_steps),

@@ -209,21 +209,32 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
 
 
 class Later:
-    """A program compiled by `executor` in the background: a call waits for the compilation, whose
-    duration is then in `seconds`."""
+    """A program compiled after it is handed over (`compile()`, in the thread that built its group):
+    a call waits for the compilation. `seconds`: the compilation's duration; `waited`: how long calls
+    waited for it."""
 
-    def __init__(self, executor: concurrent.futures.Executor, lowered: Any, options: dict | None):
-        self.seconds = None
-        self._future = executor.submit(self._compile, lowered, options)
+    def __init__(self, name: str, lowered: Any, options: dict | None):
+        self.name, self.seconds, self.waited = name, 0.0, 0.0
+        self._lowered, self._options, self._future = lowered, options, concurrent.futures.Future()
 
-    def _compile(self, lowered: Any, options: dict | None) -> Any:
+    def compile(self) -> None:
         t0 = time.perf_counter()
-        compiled = lowered.compile(options)
-        self.seconds = time.perf_counter() - t0
-        return compiled
+        try:
+            compiled, error = self._lowered.compile(self._options), None
+        except Exception as e:
+            compiled, error = None, RuntimeError(f"{self.name}: compilation failed: {e}")
+            error.__cause__ = e
+        self.seconds, self._lowered = time.perf_counter() - t0, None  # before a waiting call goes on
+        if error is None:
+            self._future.set_result(compiled)
+        else:
+            self._future.set_exception(error)
 
     def __call__(self, *args):
-        return self._future.result()(*args)
+        t0 = time.perf_counter()
+        compiled = self._future.result()
+        self.waited += time.perf_counter() - t0
+        return compiled(*args)
 
 
 # init and evaluate run once per group: on XLA:CPU, LLVM at level 1 compiles them in about half the
@@ -237,9 +248,9 @@ def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Calla
 
 
 def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
-                  mesh: Mesh | None = None, later: concurrent.futures.Executor | None = None) -> GroupProgram:
+                  mesh: Mesh | None = None, evaluate_later: bool = False) -> GroupProgram:
     """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device
-    data). With `later`, evaluate is compiled there (a `Later`): the group can start training first."""
+    data). evaluate_later: evaluate is a `Later`, to compile once the group can start training."""
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
@@ -263,7 +274,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
     train_epoch = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s).compile()
     evaluate = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
-    evaluate = Later(later, evaluate, once) if later else evaluate.compile(once)
+    evaluate = Later(f"group {group.name}: evaluate", evaluate, once) if evaluate_later else evaluate.compile(once)
     return GroupProgram(group, trainer, slots, k, index, runs, state_s, init, train_epoch, evaluate, by_run,
                         replicated, time.perf_counter() - t0)
 
@@ -275,17 +286,30 @@ def compile_workers(config: ml_collections.ConfigDict) -> int:
 
 class CompiledAhead:
     """The programs of `groups`, built by worker threads from the start, and each backbone's features
-    put on the devices once. Ask in the groups' order: `program(i)` waits for group i's build (and
-    raises what it raised: NonFinite for bad features), `data(program)` gives its features. A group's
-    evaluate compiles in one more thread, after its training program, while the group trains."""
+    put on the devices once. Ask in the groups' order: `program(i)` waits for group i's init and
+    train_epoch (and raises what the build raised: NonFinite for bad features); the build's thread
+    then compiles its evaluate (a `Later`) before the next build. `data(program)` gives its features."""
 
     def __init__(self, config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
                  workers: int):
         self._features, self._data, mesh = features, (None, None), run_mesh()
+        jobs = [(g, features[g.backbone], concurrent.futures.Future()) for g in groups]
+        self._futures = [handover for *_, handover in jobs]
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
-        self._later = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fusion_jax-compile-evaluate")
-        self._futures = [self._pool.submit(build_program, config, g, features[g.backbone], mesh, self._later)
-                         for g in groups]
+        for g, fs, handover in jobs:
+            self._pool.submit(self._build, config, g, fs, mesh, handover)
+
+    @staticmethod
+    def _build(config, group, features, mesh, handover: concurrent.futures.Future) -> None:
+        if not handover.set_running_or_notify_cancel():
+            return
+        try:
+            program = build_program(config, group, features, mesh, evaluate_later=True)
+        except BaseException as e:
+            handover.set_exception(e)
+            return
+        handover.set_result(program)
+        program.evaluate.compile()
 
     def program(self, i: int) -> GroupProgram:
         future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
@@ -302,10 +326,12 @@ class CompiledAhead:
         return self
 
     def __exit__(self, *exc) -> None:
-        # Unstarted builds are dropped; one in progress (after an error) is waited for, so no
-        # compilation outlives the sweep that asked for it.
-        for pool in (self._pool, self._later):
-            pool.shutdown(wait=True, cancel_futures=True)
+        # Builds not started are dropped; those in progress (after an error, up to one per worker)
+        # are waited for, so no compilation outlives the sweep that asked for it.
+        for future in self._futures:
+            if future is not None:
+                future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:

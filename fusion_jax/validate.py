@@ -23,11 +23,15 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
-def _distinct_nonempty(values, field: str) -> tuple:
+def _distinct(values, field: str) -> tuple:
     values = tuple(values)
-    _require(len(values) > 0, field, "must not be empty")
     _require(len(set(values)) == len(values), field, f"has duplicates in {values}")
     return values
+
+
+def _distinct_nonempty(values, field: str) -> tuple:
+    _require(len(tuple(values)) > 0, field, "must not be empty")
+    return _distinct(values, field)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -57,9 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for level in _distinct_nonempty(d.levels, "degradation.levels"):
         _require(isinstance(level, (int, float)) and math.isfinite(level) and level >= 0,
                  "degradation.levels", f"level {level!r} must be a finite number >= 0")
-    for b in d.backbones:
+    for b in _distinct(d.backbones, "degradation.backbones"):
         _require(b in config.backbones, "degradation.backbones", f"{b!r} is not in backbones {tuple(config.backbones)}")
-    for s in d.scales:
+    for s in _distinct(d.scales, "degradation.scales"):
         _require(s in config.scales, "degradation.scales", f"{s!r} is not in scales {tuple(config.scales)}")
     if d.kind == "none":
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")

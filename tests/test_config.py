@@ -24,6 +24,8 @@ INVALID = [
     ("degradation.levels", (0.0, -0.1), "degradation.levels", ">= 0"),
     ("degradation.levels", (), "degradation.levels", "must not be empty"),
     ("degradation.scales", (512,), "degradation.scales", "not in scales"),
+    ("degradation.scales", (128, 128), "degradation.scales", "duplicates"),
+    ("degradation.backbones", ("aligned", "aligned"), "degradation.backbones", "duplicates"),
     ("degradation.modality", "audio", "degradation.modality", "allowed: image, text, both"),
     ("degradation.kind", "blur", "degradation.kind", "allowed: none, gaussian"),
     ("train.learning_rate", 0.0, "train.learning_rate", "> 0"),

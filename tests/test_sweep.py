@@ -104,6 +104,19 @@ def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_runni
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
 
+def test_a_later_program_that_fails_to_compile_names_itself_when_called():
+    from fusion_jax.sweep import Later
+
+    class Broken:
+        def compile(self, options):
+            raise ValueError("no such op")
+
+    program = Later("group g: evaluate", Broken(), None)
+    program.compile()
+    with pytest.raises(RuntimeError, match="group g: evaluate: compilation failed: no such op"):
+        program()
+
+
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
     config = _tiny(smoke_config)
     config.train.epochs = 3
