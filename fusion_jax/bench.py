@@ -35,7 +35,6 @@ repeats, `-cached` with a compilation cache).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -43,7 +42,6 @@ import platform
 import re
 import shlex
 import sys
-import threading
 import time
 from typing import Callable
 
@@ -51,7 +49,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 
 from fusion_jax import cost, sweep
 from fusion_jax.bench_torch import accuracy, load_reference, time_torch
@@ -62,6 +59,7 @@ from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
 from fusion_jax.sweep import CompiledAhead, Group, compile_workers
 from fusion_jax.train import steps_per_epoch
+from fusion_jax.xla_cache import cache_events, persistent_cache
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
@@ -126,50 +124,6 @@ def matmul_peak(size: int, reps: int = 5) -> dict:
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return {"size": size, "reps": reps, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
-
-
-@contextlib.contextmanager
-def cache_events():
-    """JAX's persistent compilation cache while the block runs, counted with jax.monitoring: {hits,
-    misses}, filled when the block ends; a miss is a compilation that looked in the cache in vain."""
-    counts, lock = {"requests": 0, "hits": 0}, threading.Lock()
-    names = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
-             "/jax/compilation_cache/cache_hits": "hits"}
-
-    def listen(event: str, **_) -> None:
-        if event in names:
-            with lock:  # compile worker threads report too
-                counts[names[event]] += 1
-
-    out = {"hits": 0, "misses": 0}
-    jax.monitoring.register_event_listener(listen)
-    try:
-        yield out
-    finally:
-        jax.monitoring.unregister_event_listener(listen)
-        out.update(hits=counts["hits"], misses=counts["requests"] - counts["hits"])
-
-
-@contextlib.contextmanager
-def persistent_cache(folder: str | None):
-    """JAX's persistent compilation cache at `folder` for every program compiled in the block, however
-    short its compilation; None: no persistent cache in the block, whatever the process's setting
-    (so a benchmark without one always compiles). The process's setting is back afterwards."""
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {name: getattr(jax.config, name) for name in names}
-    if folder is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-    else:
-        jax.config.update("jax_enable_compilation_cache", True)
-        compilation_cache.set_cache_dir(folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()  # takes effect even after earlier compilations in this process
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],

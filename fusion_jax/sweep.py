@@ -10,6 +10,7 @@ resumes from its last Orbax checkpoint.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +38,7 @@ from fusion_jax.fusion import count_params
 from fusion_jax.report import write_results
 from fusion_jax.train import Trainer, make_train, pair_arrays, run_key, steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
+from fusion_jax.xla_cache import cache_events, persistent_cache
 
 log = logging.getLogger("fusion_jax")
 
@@ -358,9 +360,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 _MIN_FREE_BYTES = 64 * 2**20
 # Config fields that do not change a sweep's results (split_by_scale and runs_per_chunk: to float rounding,
 # as the device count).
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "split_by_scale", "runs_per_chunk")
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "split_by_scale", "runs_per_chunk", "compilation_cache")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
-_ADDED = {"degradation.scales": []}
+_ADDED = {"degradation.scales": []}  # (compilation_cache is not a results field)
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
@@ -496,7 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
     log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
              sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
-    with CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
+    cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
+    with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
         for i, g in enumerate(todo):
             progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
@@ -510,6 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 log.error("%s", e)
                 atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
+    if config.compilation_cache:
+        log.info("compilation cache %s: %d programs loaded, %d compiled", config.compilation_cache,
+                 events["hits"], events["misses"])
     if index != 0:
         return None
 

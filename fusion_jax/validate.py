@@ -96,6 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.runs_per_chunk} must be an integer >= 0 (0: 2 on CPUs, all of a device's runs otherwise)")
     _require(isinstance(config.compile_workers, int) and config.compile_workers >= 0,
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
+    _require(isinstance(config.compilation_cache, str), "compilation_cache",
+             f"{config.compilation_cache!r} must be a folder's path (empty: none)")
     _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
 

@@ -68,19 +68,19 @@ def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
 
 
 def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setting(tmp_path):
-    """bench.persistent_cache: a new function object with the same program is loaded from the folder
+    """xla_cache.persistent_cache: a new function object with the same program is loaded from the folder
     (a hit, no miss); afterwards the process's own cache setting is back."""
     import jax
     import jax.numpy as jnp
 
-    from fusion_jax import bench
+    from fusion_jax import bench, xla_cache
 
     before = jax.config.jax_compilation_cache_dir
     x = jnp.arange(8.0)
-    with bench.persistent_cache(str(tmp_path)):
-        with bench.cache_events() as first:
+    with xla_cache.persistent_cache(str(tmp_path)):
+        with xla_cache.cache_events() as first:
             jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
-        with bench.cache_events() as second:
+        with xla_cache.cache_events() as second:
             jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
     assert first == {"hits": 0, "misses": 1} and second == {"hits": 1, "misses": 0}
     assert jax.config.jax_compilation_cache_dir == before

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 
 import jax
@@ -117,9 +118,12 @@ def test_a_later_program_that_fails_to_compile_names_itself_when_called():
         program()
 
 
-def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
+    """With a compilation cache too: the resumed sweep loads the unfinished group's programs, which
+    the uninterrupted sweep compiled (the killed one laid its runs out otherwise)."""
     config = _tiny(smoke_config)
     config.train.epochs = 3
+    config.compilation_cache = str(tmp_path / "xla")
     clean = train_and_evaluate(config, str(tmp_path / "clean"))
 
     second = plan(config)[1].name
@@ -136,8 +140,10 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path):
     assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
 
     calls = []
-    resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
+    with caplog.at_level(logging.INFO, logger="fusion_jax"):
+        resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
     assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
+    assert f"compilation cache {tmp_path / 'xla'}: 3 programs loaded, 0 compiled" in caplog.text
     a, b = _by_run(clean), _by_run(resumed)
     assert a.keys() == b.keys()
     if jax.devices()[0].platform == "cpu":  # XLA:CPU gives a run the same numbers in any chunk layout
