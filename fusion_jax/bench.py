@@ -11,7 +11,7 @@ the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 
 
 Two ways, one after the other (`--torch-first` swaps the order), in this process:
   a. fusion_jax: per (backbone, method) one compiled epoch (train_epoch over chunks of runs) for
-     all the group's runs (scales x seeds x levels), built by sweep.build_program as a sweep builds
+     all the group's runs (scales x seeds x levels), built by groups.build_program as a sweep builds
      it (run axis sharded over the local devices), the groups compiled ahead by worker threads while earlier
      groups train; no checkpoints. The wall time runs from the first compilation to the last
      evaluation.
@@ -50,14 +50,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fusion_jax import cost, sweep
+from fusion_jax import cost
 from fusion_jax.bench_torch import accuracy, load_reference, time_torch
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.report import device, versions
-from fusion_jax.sweep import CompiledAhead, Group, compile_workers
+from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
@@ -129,7 +129,7 @@ def matmul_peak(size: int, reps: int = 5) -> dict:
 def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
              step_flops: dict[str, float], workers: int, log: Callable[[str], None]) -> dict:
     """Train and evaluate `groups` as sweep.train_and_evaluate does, without checkpoints: programs
-    compiled ahead by `workers` threads (sweep.CompiledAhead), run axis sharded over the local devices.
+    compiled ahead by `workers` threads (groups.CompiledAhead), run axis sharded over the local devices.
 
     Per group: compile_s (its compilation, in a worker thread; evaluate's after the group could start
     training), wait_s (how long the group waited for its programs), train_s (its epochs), eval_s
@@ -156,7 +156,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t3 = time.perf_counter()
             counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
-            later = program.evaluate  # a sweep.Later: CompiledAhead compiles it after handing the group over
+            later = program.evaluate  # a groups.Later: CompiledAhead compiles it after handing the group over
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()
             # A chunk steps all its slots until its longest run is done, or (skip_idle off) through every step.
@@ -228,7 +228,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     config = bench_config(g)
     config.runs_per_chunk, config.split_by_scale = runs_per_chunk, split_by_scale
     workers = workers or compile_workers(config)
-    groups = sweep.plan(config)
+    groups = plan(config)
     log(f"bench {grid}: {len(groups)} groups, {sum(len(x.runs) for x in groups)} runs, {g.epochs} epochs, "
         f"features {g.n_images} x {g.dim} / {g.n_images * g.captions_per_image} x {g.dim}, device {device_name()}, "
         f"torch on {torch_device}")
@@ -349,7 +349,7 @@ def markdown(r: dict) -> str:
               "columns, though on pooled features the reference also computes cross's attention query and key "
               "projections, which one key leaves unused and XLA drops (a third more FLOPs per cross step). "
               f"fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
-              "is done (on a GPU, through its group's longest run), and empty slots fill chunks (sweep.layout).",
+              "is done (on a GPU, through its group's longest run), and empty slots fill chunks (groups.layout).",
               "", "Each side initialises as its framework does by default (torch's Linear init is about 1.7x "
               "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; each "
               "step computes the same function (tests/test_reference_parity.py: same init, same trajectory)."]

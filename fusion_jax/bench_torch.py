@@ -17,7 +17,7 @@ import numpy as np
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.data import FeatureSet, build_pairs
-from fusion_jax.sweep import Group
+from fusion_jax.groups import Group
 from fusion_jax.train import steps_per_epoch
 
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference_torch.py")

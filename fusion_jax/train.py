@@ -14,7 +14,7 @@ inside the compiled step.
 
 Training steps a chunk of runs together (vmapped inside the step) and, on CPUs, skips the steps
 past all of the chunk's runs. Which runs share a chunk, and how many, is the sweep's choice
-(sweep.layout): one chunk of all runs fills an accelerator; on a CPU, chunks of a few runs keep
+(groups.layout): one chunk of all runs fills an accelerator; on a CPU, chunks of a few runs keep
 their parameters and moments in the cache, and the smaller scales' chunks stop early.
 """
 

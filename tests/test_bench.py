@@ -52,15 +52,16 @@ def test_tiny_benchmark_writes_timings(tmp_path):
 def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
     """The bench grid is a sweep config: the noise levels at the noise study's scale only; split by
     scale, the same runs in the same order."""
-    from fusion_jax import bench, sweep
+    from fusion_jax import bench
+    from fusion_jax.groups import plan
 
     grid = bench.GRIDS["quick"]
     config = bench.bench_config(grid)
-    whole = sweep.plan(config)
+    whole = plan(config)
     assert {(r.scale, r.level) for g in whole for r in g.runs} == {(2048, 0.0), (4096, 0.0), (4096, 0.1)}
     assert sum(len(g.runs) for g in whole) == 18
     config.split_by_scale = True
-    split = sweep.plan(config)
+    split = plan(config)
     assert [g.name for g in split] == [f"aligned-{m}-s{s}" for m in grid.methods for s in grid.scales]
     assert all(len(g.scales) == 1 for g in split)
     for m in grid.methods:

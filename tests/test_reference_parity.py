@@ -31,7 +31,7 @@ from scipy import stats  # noqa: E402
 from fusion_jax.data import build_pairs  # noqa: E402
 from fusion_jax.data.sources import load_features  # noqa: E402
 from fusion_jax.fusion import make_head  # noqa: E402
-from fusion_jax.sweep import RunSpec, group_data, stack_runs  # noqa: E402
+from fusion_jax.groups import RunSpec, group_data, stack_runs  # noqa: E402
 from fusion_jax.train import adamw, adamw_init, cosine_lr, epoch_order, make_train  # noqa: E402
 
 BACKBONE = "aligned"

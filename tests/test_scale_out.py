@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from fusion_jax.sweep import plan, train_and_evaluate
+from fusion_jax.groups import plan
+from fusion_jax.sweep import train_and_evaluate
 
 
 def _small(config):

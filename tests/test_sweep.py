@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from fusion_jax.groups import CompiledAhead, Later, build_program, group_data, layout, per_run_program, plan
 from fusion_jax.metrics import METRICS
-from fusion_jax.sweep import layout, plan, train_and_evaluate
+from fusion_jax.sweep import train_and_evaluate
 
 
 def _tiny(config):
@@ -86,28 +87,26 @@ def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_runni
     the one in progress: no compile thread outlives the `with` block."""
     import threading
 
-    from fusion_jax import bench, sweep
+    from fusion_jax import bench
 
     grid = bench.GRIDS["tiny"]
     config = bench.bench_config(grid)
-    groups, features = sweep.plan(config), {"aligned": bench.bench_features(grid, "aligned")}
-    with sweep.CompiledAhead(config, groups, features, 1) as ahead:
+    groups, features = plan(config), {"aligned": bench.bench_features(grid, "aligned")}
+    with CompiledAhead(config, groups, features, 1) as ahead:
         program = ahead.program(0)
         data, runs = ahead.data(program), jax.device_put(program.runs, program.by_run)
         state, _ = program.train_epoch(program.init(runs, data), runs, data)
-        assert isinstance(program.evaluate, sweep.Later)
-        at_once = sweep.build_program(config, groups[0], features["aligned"]).evaluate
+        assert isinstance(program.evaluate, Later)
+        at_once = build_program(config, groups[0], features["aligned"]).evaluate
         np.testing.assert_array_equal(program.evaluate(state, runs, data), at_once(state, runs, data))
         assert program.evaluate.seconds > 0
     with pytest.raises(Killed):
-        with sweep.CompiledAhead(config, groups, features, 1):
+        with CompiledAhead(config, groups, features, 1):
             raise Killed
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
 
 def test_a_later_program_that_fails_to_compile_names_itself_when_called():
-    from fusion_jax.sweep import Later
-
     class Broken:
         def compile(self, options):
             raise ValueError("no such op")
@@ -223,15 +222,15 @@ def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
 def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
     """build_program compiles init and evaluate with ONCE_COMPILER_OPTIONS: the same parameters, bit
     for bit, and the same validation counts as the default compilation."""
-    from fusion_jax import bench, sweep
+    from fusion_jax import bench
 
     grid = bench.GRIDS["tiny"]
     config, features = bench.bench_config(grid), bench.bench_features(grid, "aligned")
-    for group in sweep.plan(config):
-        program = sweep.build_program(config, group, features)
-        data = sweep.group_data(features, program.replicated)
+    for group in plan(config):
+        program = build_program(config, group, features)
+        data = group_data(features, program.replicated)
         runs = jax.device_put(program.runs, program.by_run)
-        per_run = lambda f, axes: sweep.per_run_program(f, axes, program.by_run)  # default compile options
+        per_run = lambda f, axes: per_run_program(f, axes, program.by_run)  # default compile options
         state = program.init(runs, data)
         default = per_run(program.trainer.init, (0, None))(runs, data)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), state, default)

@@ -9,7 +9,7 @@ import pytest
 
 from fusion_jax.data import build_pairs
 from fusion_jax.data.sources import load_features
-from fusion_jax.sweep import RunSpec, group_data, stack_runs
+from fusion_jax.groups import RunSpec, group_data, stack_runs
 from fusion_jax.fusion import make_head
 from fusion_jax.train import adamw, adamw_init, epoch_order, make_train, unread_leaves
 
@@ -186,7 +186,7 @@ def test_adamw_on_unread_leaves_gives_the_same_bits():
 
 
 def test_a_chunk_of_empty_slots_is_left_as_it_is(smoke_config):
-    """Empty slots (sweep.layout's padding: no training pairs) take no step: state unchanged but for
+    """Empty slots (groups.layout's padding: no training pairs) take no step: state unchanged but for
     the epoch counter, losses 0."""
     specs = (RunSpec("aligned", "concat", 256, 42, "gaussian", 0.0),) * 2
     trainer, runs, data = _group(smoke_config, "concat", specs)

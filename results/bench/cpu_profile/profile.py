@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from fusion_jax import bench, sweep
+from fusion_jax import bench, groups
 
 BATCH = 32
 # Dense layers (in, out, input gradient needed) of each head on 512 + 512 pooled features.
@@ -62,9 +62,9 @@ def main() -> None:
     peak = bench.matmul_peak(grid.matmul_size)["gflops"]
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} cores; matmul peak "
           f"(4096² float32) {peak:.1f} GFLOP/s")
-    for group in sweep.plan(config):
-        program = sweep.build_program(config, group, features)
-        data, runs = sweep.group_data(features, program.replicated), jax.device_put(program.runs, program.by_run)
+    for group in groups.plan(config):
+        program = groups.build_program(config, group, features)
+        data, runs = groups.group_data(features, program.replicated), jax.device_put(program.runs, program.by_run)
         state = program.init(runs, data)
         epochs = []
         for _ in range(3):

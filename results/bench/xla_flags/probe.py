@@ -2,10 +2,11 @@
 import json, os, sys, time
 t0 = time.perf_counter()
 import jax
-from fusion_jax import bench, cost, sweep
+from fusion_jax import bench, cost
+from fusion_jax.groups import plan
 g = bench.GRIDS[sys.argv[1] if len(sys.argv) > 1 else "full"]
 config = bench.bench_config(g)
-groups = sweep.plan(config)
+groups = plan(config)
 features = {b: bench.bench_features(g, b) for b in g.backbones}
 step_flops = {m: cost.train_step_flops(config, m, g.dim, g.dim) for m in g.methods}
 t1 = time.perf_counter()
