@@ -40,7 +40,7 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     # Threads that compile the next groups while one trains (0: half the cores).
     config.compile_workers = 0
     # A folder for JAX's persistent compilation cache (empty: the process's own setting, by default
-    # none): a later sweep of the same programs (other seeds or levels, a resume) loads them.
+    # none): a later sweep of the same programs (other seed values, a resume) loads them.
     config.compilation_cache = ""
     # Several processes (hosts): empty / 0 / -1 mean "from the environment" (SLURM, JAX_COORDINATOR_ADDRESS).
     config.distributed = ml_collections.ConfigDict(dict(

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 import time
 from typing import Any, Callable
 
@@ -165,7 +166,7 @@ class GroupProgram:
     slots: [slots] the run of each slot (-1: empty), in chunks of `chunk` runs; index: [runs] each
     run's slot; runs: host arrays [slots, ...] (an empty slot has no training or validation pairs);
     state: the abstract state tree [slots, ...]; init / train_epoch / evaluate: the compiled programs
-    (evaluate a `Later` when build_program was given an executor); compile_seconds: of init and
+    (evaluate a `Later` with build_program's evaluate_later); compile_seconds: of init and
     train_epoch, and of evaluate when it was compiled then."""
 
     group: Group
@@ -196,29 +197,36 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
 
 
 class Later:
-    """A program compiled after it is handed over (`compile()`, in the thread that built its group):
-    a call waits for the compilation. `seconds`: the compilation's duration; `waited`: how long calls
-    waited for it."""
+    """A program compiled after its group is handed over: by `compile()` (CompiledAhead calls it in
+    the thread that built the group), or by the first call if none came before. A call waits for the
+    compilation. `seconds`: the compilation's duration; `waited`: how long calls waited for it."""
 
     def __init__(self, name: str, lowered: Any, options: dict | None):
         self.name, self.seconds, self.waited = name, 0.0, 0.0
         self._lowered, self._options, self._future = lowered, options, concurrent.futures.Future()
+        self._claim = threading.Lock()
 
     def compile(self) -> None:
+        """Compile, unless another thread did or does (then return at once)."""
+        if not self._claim.acquire(blocking=False):
+            return
         t0 = time.perf_counter()
         try:
             compiled, error = self._lowered.compile(self._options), None
-        except Exception as e:
-            compiled, error = None, RuntimeError(f"{self.name}: compilation failed: {e}")
+        except BaseException as e:
+            compiled, error = None, RuntimeError(f"{self.name}: compilation failed: {e!r}")
             error.__cause__ = e
         self.seconds, self._lowered = time.perf_counter() - t0, None  # before a waiting call goes on
         if error is None:
             self._future.set_result(compiled)
         else:
             self._future.set_exception(error)
+            if not isinstance(error.__cause__, Exception):
+                raise error.__cause__
 
     def __call__(self, *args):
         t0 = time.perf_counter()
+        self.compile()
         compiled = self._future.result()
         self.waited += time.perf_counter() - t0
         return compiled(*args)
@@ -300,6 +308,8 @@ class CompiledAhead:
 
     def program(self, i: int) -> GroupProgram:
         future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
+        if future is None:
+            raise RuntimeError(f"group {i}'s program was already taken")
         return future.result()
 
     def data(self, program: GroupProgram) -> dict:

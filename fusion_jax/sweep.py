@@ -110,9 +110,9 @@ def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group):
 
 def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, workdir: str,
                 progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None) -> list[dict]:
-    """Train and evaluate every run of a compiled group (`build_program`); return the run records.
+    """Train and evaluate every run of a compiled group (`groups.build_program`); return the run records.
 
-    `data` is the group's feature arrays on the devices (`group_data`, replicated). Checkpoints hold
+    `data` is the group's feature arrays on the devices (`groups.group_data`, replicated). Checkpoints hold
     the runs' state in the group's order, whatever the slots, so a sweep resumes on other devices.
     """
     group, by_run, batch, index = program.group, program.by_run, config.train.batch_size, program.index
@@ -217,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if config.compilation_cache:
-        log.info("compilation cache %s: %d programs loaded, %d compiled", config.compilation_cache,
+        log.info("compilation cache %s: %d compilations loaded, %d compiled", config.compilation_cache,
                  events["hits"], events["misses"])
     if index != 0:
         return None

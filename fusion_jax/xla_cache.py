@@ -42,14 +42,14 @@ def persistent_cache(folder: str | None):
     (so a benchmark without one always compiles). The process's setting is back afterwards."""
     names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
-    if folder is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-    else:
-        jax.config.update("jax_enable_compilation_cache", True)
-        compilation_cache.set_cache_dir(folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()  # takes effect even after earlier compilations in this process
     try:
+        if folder is None:
+            jax.config.update("jax_enable_compilation_cache", False)
+        else:
+            jax.config.update("jax_enable_compilation_cache", True)
+            compilation_cache.set_cache_dir(folder)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        compilation_cache.reset_cache()  # takes effect even after earlier compilations in this process
         yield
     finally:
         for name, value in before.items():

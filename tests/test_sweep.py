@@ -106,15 +106,28 @@ def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_runni
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
 
-def test_a_later_program_that_fails_to_compile_names_itself_when_called():
-    class Broken:
-        def compile(self, options):
-            raise ValueError("no such op")
+def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
+    """The first of compile() and a call compiles; a failed compilation is raised by every call,
+    naming the program."""
+    class Lowered:
+        calls = 0
 
-    program = Later("group g: evaluate", Broken(), None)
+        def compile(self, options):
+            Lowered.calls += 1
+            if options == "broken":
+                raise ValueError("no such op")
+            return lambda x: x + 1
+
+    program = Later("group g: evaluate", Lowered(), None)
+    assert program(1) == 2 and program(2) == 3
     program.compile()
-    with pytest.raises(RuntimeError, match="group g: evaluate: compilation failed: no such op"):
-        program()
+    assert Lowered.calls == 1 and program.seconds > 0
+    broken = Later("group g: evaluate", Lowered(), "broken")
+    broken.compile()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="group g: evaluate: compilation failed: ValueError.'no such op'"):
+            broken()
+    assert Lowered.calls == 2
 
 
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
@@ -142,7 +155,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
         resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
     assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
-    assert f"compilation cache {tmp_path / 'xla'}: 3 programs loaded, 0 compiled" in caplog.text
+    assert f"compilation cache {tmp_path / 'xla'}: 3 compilations loaded, 0 compiled" in caplog.text
     a, b = _by_run(clean), _by_run(resumed)
     assert a.keys() == b.keys()
     if jax.devices()[0].platform == "cpu":  # XLA:CPU gives a run the same numbers in any chunk layout
