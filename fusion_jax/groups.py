@@ -196,15 +196,39 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
                          check_vma=False)
 
 
-class Later:
-    """A program compiled after its group is handed over: by `compile()` (CompiledAhead calls it in
-    the thread that built the group), or by the first call if none came before. A call waits for the
-    compilation. `seconds`: the compilation's duration; `waited`: how long calls waited for it."""
+class ProgramCache:
+    """Compiled programs by their lowered program text and compiler options: the groups of one sweep
+    that have the same shapes (two backbones of one feature size, both with or both without noise)
+    share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it.
+    `compiled` and `shared` count the programs compiled and those taken from another group."""
 
-    def __init__(self, name: str, lowered: Any, options: dict | None):
+    def __init__(self):
+        self._lock, self._programs, self.compiled, self.shared = threading.Lock(), {}, 0, 0
+
+    def __call__(self, lowered: Any, options: dict | None = None) -> Any:
+        key = (lowered.as_text(), repr(sorted((options or {}).items())))
+        with self._lock:
+            future, mine = self._programs.get(key), key not in self._programs
+            if mine:
+                future = self._programs[key] = concurrent.futures.Future()
+            self.compiled, self.shared = self.compiled + mine, self.shared + (not mine)
+        if mine:
+            try:
+                future.set_result(lowered.compile(options))
+            except BaseException as e:
+                future.set_exception(e)
+        return future.result()
+
+
+class Later:
+    """A program compiled after its group is handed over, by `make()`: in `compile()` (CompiledAhead
+    calls it in the thread that built the group), or in the first call if none came before. A call
+    waits for the compilation. `seconds`: the compilation's duration; `waited`: how long calls
+    waited for it."""
+
+    def __init__(self, name: str, make: Callable[[], Any]):
         self.name, self.seconds, self.waited = name, 0.0, 0.0
-        self._lowered, self._options, self._future = lowered, options, concurrent.futures.Future()
-        self._claim = threading.Lock()
+        self._make, self._future, self._claim = make, concurrent.futures.Future(), threading.Lock()
 
     def compile(self) -> None:
         """Compile, unless another thread did or does (then return at once)."""
@@ -212,11 +236,11 @@ class Later:
             return
         t0 = time.perf_counter()
         try:
-            compiled, error = self._lowered.compile(self._options), None
+            compiled, error = self._make(), None
         except BaseException as e:
             compiled, error = None, RuntimeError(f"{self.name}: compilation failed: {e!r}")
             error.__cause__ = e
-        self.seconds, self._lowered = time.perf_counter() - t0, None  # before a waiting call goes on
+        self.seconds, self._make = time.perf_counter() - t0, None  # before a waiting call goes on
         if error is None:
             self._future.set_result(compiled)
         else:
@@ -243,9 +267,11 @@ def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Calla
 
 
 def build_program(config: ml_collections.ConfigDict, group: Group, features: FeatureSet,
-                  mesh: Mesh | None = None, evaluate_later: bool = False) -> GroupProgram:
+                  mesh: Mesh | None = None, evaluate_later: bool = False,
+                  programs: ProgramCache | None = None) -> GroupProgram:
     """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device
-    data). evaluate_later: evaluate is a `Later`, to compile once the group can start training."""
+    data). evaluate_later: evaluate is a `Later`, to compile once the group can start training;
+    programs: where to take programs that an earlier group of the same shapes compiled."""
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
@@ -264,12 +290,14 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)
     once = ONCE_COMPILER_OPTIONS if on_cpu else None
+    compile_program = programs or (lambda lowered, options=None: lowered.compile(options))
     t0 = time.perf_counter()
-    init = per_run(trainer.init, (0, None)).lower(runs_s, data_s).compile(once)
+    init = compile_program(per_run(trainer.init, (0, None)).lower(runs_s, data_s), once)
     state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
-    train_epoch = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s).compile()
-    evaluate = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
-    evaluate = Later(f"group {group.name}: evaluate", evaluate, once) if evaluate_later else evaluate.compile(once)
+    train_epoch = compile_program(jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s))
+    lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
+    evaluate = (Later(f"group {group.name}: evaluate", lambda: compile_program(lowered, once)) if evaluate_later
+                else compile_program(lowered, once))
     return GroupProgram(group, trainer, slots, k, index, runs, state_s, init, train_epoch, evaluate, by_run,
                         replicated, time.perf_counter() - t0)
 
@@ -283,23 +311,25 @@ class CompiledAhead:
     """The programs of `groups`, built by worker threads from the start, and each backbone's features
     put on the devices once. Ask in the groups' order: `program(i)` waits for group i's init and
     train_epoch (and raises what the build raised: NonFinite for bad features); the build's thread
-    then compiles its evaluate (a `Later`) before the next build. `data(program)` gives its features."""
+    then compiles its evaluate (a `Later`) before the next build. Groups of the same shapes share
+    their programs (`programs`, a ProgramCache). `data(program)` gives its features."""
 
     def __init__(self, config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
                  workers: int):
         self._features, self._data, mesh = features, (None, None), run_mesh()
         jobs = [(g, features[g.backbone], concurrent.futures.Future()) for g in groups]
         self._futures = [handover for *_, handover in jobs]
+        self.programs = ProgramCache()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
         for g, fs, handover in jobs:
-            self._pool.submit(self._build, config, g, fs, mesh, handover)
+            self._pool.submit(self._build, config, g, fs, mesh, handover, self.programs)
 
     @staticmethod
-    def _build(config, group, features, mesh, handover: concurrent.futures.Future) -> None:
+    def _build(config, group, features, mesh, handover: concurrent.futures.Future, programs: ProgramCache) -> None:
         if not handover.set_running_or_notify_cancel():
             return
         try:
-            program = build_program(config, group, features, mesh, evaluate_later=True)
+            program = build_program(config, group, features, mesh, evaluate_later=True, programs=programs)
         except BaseException as e:
             handover.set_exception(e)
             return

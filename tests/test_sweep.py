@@ -81,17 +81,20 @@ class Killed(Exception):
     pass
 
 
-def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_running_after_an_error():
-    """CompiledAhead compiles a group's evaluate in the background (a Later): the same counts as the
+def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_cleanly_after_an_error():
+    """CompiledAhead: groups of the same shapes (two backbones, both with noise) share their three
+    programs; a group's evaluate is compiled in the background (a Later) and gives the counts of the
     program compiled at once. An error while groups build drops the builds not started and waits for
-    the one in progress: no compile thread outlives the `with` block."""
+    those in progress: no compile thread outlives the `with` block."""
     import threading
 
     from fusion_jax import bench
 
     grid = bench.GRIDS["tiny"]
     config = bench.bench_config(grid)
-    groups, features = plan(config), {"aligned": bench.bench_features(grid, "aligned")}
+    config.backbones, config.degradation.backbones = ("aligned", "unaligned"), ()
+    groups = plan(config)
+    features = {b: bench.bench_features(grid, b) for b in config.backbones}
     with CompiledAhead(config, groups, features, 1) as ahead:
         program = ahead.program(0)
         data, runs = ahead.data(program), jax.device_put(program.runs, program.by_run)
@@ -100,6 +103,11 @@ def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_runni
         at_once = build_program(config, groups[0], features["aligned"]).evaluate
         np.testing.assert_array_equal(program.evaluate(state, runs, data), at_once(state, runs, data))
         assert program.evaluate.seconds > 0
+        others = [ahead.program(i) for i in range(1, 4)]
+        assert [g.name for g in groups] == ["aligned-concat", "aligned-cross", "unaligned-concat", "unaligned-cross"]
+        assert others[1].train_epoch is program.train_epoch and others[1].init is program.init
+        assert others[2].train_epoch is others[0].train_epoch and others[0].train_epoch is not program.train_epoch
+    assert (ahead.programs.compiled, ahead.programs.shared) == (6, 6)
     with pytest.raises(Killed):
         with CompiledAhead(config, groups, features, 1):
             raise Killed
@@ -109,25 +117,24 @@ def test_compiled_ahead_evaluates_later_the_same_and_leaves_no_compilation_runni
 def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
     """The first of compile() and a call compiles; a failed compilation is raised by every call,
     naming the program."""
-    class Lowered:
-        calls = 0
+    made = []
 
-        def compile(self, options):
-            Lowered.calls += 1
-            if options == "broken":
-                raise ValueError("no such op")
-            return lambda x: x + 1
+    def make(broken=False):
+        made.append(broken)
+        if broken:
+            raise ValueError("no such op")
+        return lambda x: x + 1
 
-    program = Later("group g: evaluate", Lowered(), None)
+    program = Later("group g: evaluate", make)
     assert program(1) == 2 and program(2) == 3
     program.compile()
-    assert Lowered.calls == 1 and program.seconds > 0
-    broken = Later("group g: evaluate", Lowered(), "broken")
+    assert made == [False] and program.seconds > 0
+    broken = Later("group g: evaluate", lambda: make(broken=True))
     broken.compile()
     for _ in range(2):
         with pytest.raises(RuntimeError, match="group g: evaluate: compilation failed: ValueError.'no such op'"):
             broken()
-    assert Lowered.calls == 2
+    assert made == [False, True]
 
 
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
