@@ -197,7 +197,7 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
 
 
 class ProgramCache:
-    """Compiled programs by their lowered program text and compiler options: the groups of one sweep
+    """Compiled programs by their lowered program, argument types and compiler options: the groups of one sweep
     that have the same shapes (two backbones of one feature size, both with or both without noise)
     share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it.
     `compiled` and `shared` count the programs compiled and those taken from another group."""
@@ -206,7 +206,10 @@ class ProgramCache:
         self._lock, self._programs, self.compiled, self.shared = threading.Lock(), {}, 0, 0
 
     def __call__(self, lowered: Any, options: dict | None = None) -> Any:
-        key = (lowered.as_text(), repr(sorted((options or {}).items())))
+        # The text leaves out the arguments a program does not read (init does not read the pairs),
+        # while the compiled program still checks them: the argument types are part of the key.
+        key = (lowered.as_text(), str(lowered.in_tree), str(lowered.args_info),
+               repr(sorted((options or {}).items())))
         with self._lock:
             future, mine = self._programs.get(key), key not in self._programs
             if mine:

@@ -114,6 +114,20 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
 
 
+def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types():
+    """Two programs of one text (the second argument unread) but other argument shapes do not share."""
+    import jax.numpy as jnp
+
+    from fusion_jax.groups import ProgramCache
+
+    cache, f = ProgramCache(), jax.jit(lambda x, y: x * 2)
+    a = cache(f.lower(jnp.ones(3), jnp.ones((4, 5), jnp.int32)))
+    b = cache(jax.jit(lambda x, y: x * 2).lower(jnp.ones(3), jnp.ones((4, 6), jnp.int32)))
+    c = cache(jax.jit(lambda x, y: x * 2).lower(jnp.ones(3), jnp.ones((4, 5), jnp.int32)))
+    assert a is c and a is not b and (cache.compiled, cache.shared) == (2, 1)
+    np.testing.assert_array_equal(b(jnp.ones(3), jnp.ones((4, 6), jnp.int32)), 2 * np.ones(3))
+
+
 def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
     """The first of compile() and a call compiles; a failed compilation is raised by every call,
     naming the program."""
