@@ -216,8 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 log.error("%s", e)
                 atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
-    log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,
-             ahead.programs.shared)
+    if todo:
+        log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,
+                 ahead.programs.shared)
     if config.compilation_cache:
         log.info("compilation cache %s: %d compilations loaded, %d compiled", config.compilation_cache,
                  events["hits"], events["misses"])
