@@ -262,6 +262,10 @@ class Later:
 # init and evaluate run once per group: on XLA:CPU, LLVM at level 1 compiles them in about half the
 # time of the default 3, with the same bits out (tests/test_sweep.py); level 0 changes init's draws.
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+# On a GPU, choosing and building Triton kernels for the heads' small matmuls is about half of each
+# program's compilation; cuBLAS needs none (results/bench/xla_flags/nvidia-h100-gpu-options.log).
+# XLA's cost analysis misses cuBLAS calls: cost.py's FLOP counts compile apart, with the defaults.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Callable:
@@ -292,12 +296,13 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)
-    once = ONCE_COMPILER_OPTIONS if on_cpu else None
+    once, every = (ONCE_COMPILER_OPTIONS, None) if on_cpu else (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)
     compile_program = programs or (lambda lowered, options=None: lowered.compile(options))
     t0 = time.perf_counter()
     init = compile_program(per_run(trainer.init, (0, None)).lower(runs_s, data_s), once)
     state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
-    train_epoch = compile_program(jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s))
+    train_epoch = compile_program(jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s),
+                                  every)
     lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
     evaluate = (Later(f"group {group.name}: evaluate", lambda: compile_program(lowered, once)) if evaluate_later
                 else compile_program(lowered, once))

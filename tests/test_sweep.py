@@ -271,3 +271,14 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
         state, _ = program.train_epoch(state, runs, data)
         np.testing.assert_array_equal(program.evaluate(state, runs, data),
                                       per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
+
+
+def test_gpu_compiler_options_are_options_this_xla_knows():
+    """GPU_COMPILER_OPTIONS reach every GPU build; XLA refuses a name it does not know on any backend,
+    so a renamed flag fails here, on the CPU, rather than on a user's GPU."""
+    from fusion_jax.groups import GPU_COMPILER_OPTIONS
+
+    lowered = jax.jit(lambda a: a @ a).lower(np.eye(3, dtype=np.float32))
+    np.testing.assert_array_equal(lowered.compile(GPU_COMPILER_OPTIONS)(np.eye(3, dtype=np.float32)), np.eye(3))
+    with pytest.raises(Exception, match="No such compile option"):
+        lowered.compile({"xla_gpu_enable_triton_gemm_renamed": False})
