@@ -282,7 +282,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
-    batch, on_cpu = config.train.batch_size, mesh.devices.flat[0].platform == "cpu"
+    batch, platform = config.train.batch_size, mesh.devices.flat[0].platform
+    on_cpu = platform == "cpu"
     slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size,
                       runs_per_chunk(config, on_cpu))
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
@@ -296,7 +297,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)
-    once, every = (ONCE_COMPILER_OPTIONS, None) if on_cpu else (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)
+    once, every = {"cpu": (ONCE_COMPILER_OPTIONS, None),
+                   "gpu": (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)}.get(platform, (None, None))
     compile_program = programs or (lambda lowered, options=None: lowered.compile(options))
     t0 = time.perf_counter()
     init = compile_program(per_run(trainer.init, (0, None)).lower(runs_s, data_s), once)
