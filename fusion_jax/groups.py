@@ -301,8 +301,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
                    "gpu": (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)}.get(platform, (None, None))
     compile_program = programs or (lambda lowered, options=None: lowered.compile(options))
     t0 = time.perf_counter()
-    init = compile_program(per_run(trainer.init, (0, None)).lower(runs_s, data_s), once)
-    state_s = shaped(jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs_s, data_s), by_run)
+    lowered = per_run(trainer.init, (0, None)).lower(runs_s, data_s)
+    init, state_s = compile_program(lowered, once), shaped(lowered.out_info, by_run)
     train_epoch = compile_program(jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s),
                                   every)
     lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
