@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -33,6 +35,16 @@ class GroupCheckpoints:
 
     def delete(self, epoch: int) -> None:
         self._manager.delete(epoch)
+
+    def move_aside(self, epoch: int, folder: str) -> str:
+        """Move the checkpoint after `epoch` out of the manager's directory into `folder` (kept for
+        a look, never read again); return where it went."""
+        self._manager.wait_until_finished()
+        target = os.path.join(folder, f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
+        os.makedirs(folder, exist_ok=True)
+        shutil.move(os.path.join(str(self._manager.directory), str(epoch)), target)
+        self._manager.reload()
+        return target
 
     def save(self, epoch: int, tree: Any) -> None:
         """Save `tree` as host arrays: a group lives on one process's devices, which Orbax's

@@ -47,10 +47,13 @@ def _panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[plt.Figure
     return fig, list(axes[0])
 
 
-def accuracy_vs_scale(results: dict, path: str) -> str:
-    """Accuracy (level 0) against scale per method, one panel per backbone, with the majority baseline."""
+def accuracy_vs_scale(results: dict, path: str) -> str | None:
+    """Accuracy (level 0) against scale per method, one panel per backbone, with the majority baseline;
+    None when no run finished."""
     summ = [s for s in results["summary"] if tables.level(s) == 0.0]
     names = backbones(results)
+    if not names:
+        return None
     fig, axes = _panels(len(names))
     n_seeds = max((s["n_seeds"] for s in summ), default=0)
     for ax, b in zip(axes, names):
@@ -163,7 +166,13 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
         with np.load(f) as z:
             image, text = z["image"][:TSNE_MAX_PAIRS], z["text"][:TSNE_MAX_PAIRS]
         n = min(len(image), len(text))
-        image, text = image[:n], text[:n]
+        finite = np.isfinite(image[:n]).all(axis=1) & np.isfinite(text[:n]).all(axis=1)
+        image, text, dropped, n = image[:n][finite], text[:n][finite], n - int(finite.sum()), int(finite.sum())
+        note = f"\n{dropped} pairs with NaN or Inf features left out" if dropped else ""
+        if n < 4:
+            ax.set_title(f"backbone {b}: too few pairs with finite features ({n}){note}", fontsize=9)
+            ax.set_axis_off()
+            continue
         img, txt, joint = tsne_embedding(image, text)
         linked = np.random.default_rng(0).choice(n, min(TSNE_LINKED_PAIRS, n), replace=False)
         for j, i in enumerate(linked):
@@ -177,7 +186,7 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
             title = (f"backbone {b}: {n} pairs, d_v = {image.shape[1]}, d_t = {text.shape[1]}\n"
                      f"each modality PCA'd to {min(image.shape[1], text.shape[1], 50, n)}-d separately\n"
                      "separate spaces: positions are not comparable across modalities")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + note, fontsize=9)
         ax.set_xlabel("t-SNE 1 (no units)")
         ax.set_ylabel("t-SNE 2 (no units)")
         ax.legend(fontsize=8, markerscale=2)

@@ -61,11 +61,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 _MIN_FREE_BYTES = 64 * 2**20
-# Config fields that do not change a sweep's results (split_by_scale and runs_per_chunk: to float rounding,
-# as the device count).
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "split_by_scale", "runs_per_chunk", "compilation_cache")
+# Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
+# count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
+# max_runs_per_program change those, so a resume must keep them).
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
-_ADDED = {"degradation.scales": []}  # (compilation_cache is not a results field)
+_ADDED = {"degradation.scales": [], "split_by_scale": False}  # (compilation_cache is not a results field)
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
@@ -96,15 +97,16 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         atomic_write_json(path, {k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
 
 
-def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group):
-    """(epoch, tree) of the newest checkpoint that restores; corrupt ones are reported and deleted."""
+def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
+    """(epoch, tree) of the newest checkpoint that restores. One that does not (damaged, or a passing
+    read error) is reported and moved into `aside`, so that it is neither read again nor lost."""
     for epoch in sorted(ckpt.all_epochs(), reverse=True):
         try:
             return epoch, ckpt.restore(epoch, abstract)
         except Exception as e:  # Orbax raises many types for a damaged checkpoint
-            log.error("group %s: the checkpoint after epoch %d is corrupt or incomplete (%s: %s); "
-                      "falling back to the previous one", group.name, epoch, type(e).__name__, str(e)[:200])
-            ckpt.delete(epoch)
+            where = ckpt.move_aside(epoch, aside)
+            log.error("group %s: the checkpoint after epoch %d is corrupt or incomplete (%s: %s); moved to %s, "
+                      "falling back to the previous one", group.name, epoch, type(e).__name__, str(e)[:200], where)
     return None, None
 
 
@@ -115,18 +117,45 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     `data` is the group's feature arrays on the devices (`groups.group_data`, replicated). Checkpoints hold
     the runs' state in the group's order, whatever the slots, so a sweep resumes on other devices.
     """
-    group, by_run, batch, index = program.group, program.by_run, config.train.batch_size, program.index
-    n_runs = len(group.runs)
+    group, index = program.group, program.index
     n_train = program.runs["n_train"][index]
-    run_steps = np.asarray([steps_per_epoch(int(n), batch) for n in n_train])
-    runs = jax.device_put(program.runs, by_run)
-
+    run_steps = np.asarray([steps_per_epoch(int(n), config.train.batch_size) for n in n_train])
+    runs = jax.device_put(program.runs, program.by_run)
     ckpt = GroupCheckpoints(os.path.join(workdir, "checkpoints", group.name), config.checkpoint.keep)
+    try:
+        state, seconds, last_loss = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch,
+                                                  os.path.join(workdir, "checkpoints-corrupt", group.name))
+    finally:
+        ckpt.close()  # also when training stops (a NaN loss, an interrupt), before its folder is removed
+    counts = np.asarray(program.evaluate(state, runs, data))[index]
+    params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
+
+    records = []
+    for spec, c, loss, n, k in zip(group.runs, counts, last_loss, n_train, run_steps):
+        m = metrics_lib.binary_metrics(*c)
+        records.append({
+            "backbone": spec.backbone, "method": spec.method, "scale": spec.scale, "seed": spec.seed,
+            "degradation": {"kind": spec.kind, "level": spec.level},
+            "metrics": {k: m[k] for k in metrics_lib.METRICS}, "majority_baseline": m["majority_baseline"],
+            # The group's training time, shared among its runs in proportion to their steps.
+            "params": params, "train_seconds": seconds * k / run_steps.sum(),
+            "final_train_loss": float(loss) if np.isfinite(loss) else None,
+            "n_train": int(n), "n_val": spec.scale - int(n),
+        })
+    return records
+
+
+def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, runs: dict,
+                  run_steps: np.ndarray, ckpt: GroupCheckpoints, progress: tqdm,
+                  on_epoch: Callable[[Group, int], None] | None, aside: str) -> tuple[dict, float, np.ndarray]:
+    """The group's epochs from its newest good checkpoint (or from init), each checkpointed:
+    (state [slots, ...], training seconds, last epoch's mean loss per run [runs])."""
+    group, by_run, index, n_runs = program.group, program.by_run, program.index, len(program.group.runs)
     abstract = {"state": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n_runs, *x.shape[1:]), x.dtype),
                                                 program.state),
                 "seconds": jax.ShapeDtypeStruct((), jnp.float32),
                 "last_loss": jax.ShapeDtypeStruct((n_runs,), jnp.float32)}
-    start, tree = _restore_latest_good(ckpt, abstract, group)
+    start, tree = _restore_latest_good(ckpt, abstract, group, aside)
     if start is None:
         state, seconds, last_loss = program.init(runs, data), 0.0, np.full(n_runs, np.nan, np.float32)
     else:
@@ -152,23 +181,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
         if on_epoch is not None:
             ckpt.wait()
             on_epoch(group, epoch + 1)
-    ckpt.close()
-    counts = np.asarray(program.evaluate(state, runs, data))[index]
-    params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
-
-    records = []
-    for spec, c, loss, n, k in zip(group.runs, counts, last_loss, n_train, run_steps):
-        m = metrics_lib.binary_metrics(*c)
-        records.append({
-            "backbone": spec.backbone, "method": spec.method, "scale": spec.scale, "seed": spec.seed,
-            "degradation": {"kind": spec.kind, "level": spec.level},
-            "metrics": {k: m[k] for k in metrics_lib.METRICS}, "majority_baseline": m["majority_baseline"],
-            # The group's training time, shared among its runs in proportion to their steps.
-            "params": params, "train_seconds": seconds * k / run_steps.sum(),
-            "final_train_loss": float(loss) if np.isfinite(loss) else None,
-            "n_train": int(n), "n_val": spec.scale - int(n),
-        })
-    return records
+    return state, seconds, last_loss
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -187,18 +200,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     validate(config)
     index, count = distributed.initialize(config)
     config_dict = config.to_dict()
+    groups = plan(config)
+    done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
+    failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
         dataset = None if config.features == "synthetic" else load_dataset(config)
         features = {b: load_features(config, b, dataset) for b in config.backbones}
         validate_scales(config, features)
         prepare_workdir(workdir, config_dict)
+        todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
+        # A failure recorded by an earlier attempt goes before the processes pass the start together,
+        # so that process 0 never counts it as this attempt's.
+        for g in todo:
+            if os.path.exists(failed(g)):
+                os.unlink(failed(g))
     if index == 0:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs)
-    groups = plan(config)
-    done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
-    failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
-    todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
     log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
              sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
@@ -206,8 +224,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
         for i, g in enumerate(todo):
             progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
-            if os.path.exists(failed(g)):
-                os.unlink(failed(g))
             try:
                 program = ahead.program(i)
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,

@@ -23,6 +23,14 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x, low: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
 def _distinct(values, field: str) -> tuple:
     values = tuple(values)
     _require(len(set(values)) == len(values), field, f"has duplicates in {values}")
@@ -69,8 +77,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
 
     t = config.train
-    _require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be > 0")
-    _require(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
+    _require(_finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
+             f"{t.learning_rate} must be a finite number > 0")
+    _require(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+             f"{t.weight_decay} must be a finite number >= 0")
     _require(isinstance(t.epochs, int) and t.epochs >= 1, "train.epochs", f"{t.epochs} must be an integer >= 1")
     _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size", f"{t.batch_size} must be an integer >= 1")
     _require(isinstance(t.eval_batch_size, int) and t.eval_batch_size >= 1, "train.eval_batch_size",
@@ -78,6 +88,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
     _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
              f"{config.pairs.train_fraction} must be in (0, 1)")
+    _require(_int(config.pairs.split_seed, 0), "pairs.split_seed",
+             f"{config.pairs.split_seed!r} must be an integer >= 0")
+    if config.features == "synthetic":
+        sy = config.synthetic
+        for field, low in (("n_images", 2), ("captions_per_image", 1), ("latent_dim", 1), ("dim", 1),
+                           ("tokens", 0), ("seed", 0)):
+            _require(_int(sy[field], low), f"synthetic.{field}", f"{sy[field]!r} must be an integer >= {low}")
+        for field in ("caption_noise", "view_noise"):
+            _require(_finite(sy[field]) and sy[field] >= 0, f"synthetic.{field}",
+                     f"{sy[field]!r} must be a finite number >= 0")
     if config.features != "synthetic":
         _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction",
                  f"{config.data.max_bad_fraction} must be in [0, 1]")
@@ -100,6 +120,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.compilation_cache!r} must be a folder's path (empty: none)")
     _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
+    for field in ("timeout_seconds", "wait_seconds"):
+        value = config.distributed[field]
+        _require(_finite(value) and value > 0, f"distributed.{field}", f"{value!r} must be a finite number > 0")
 
 
 def validate_scales(config: ml_collections.ConfigDict, features: dict[str, FeatureSet]) -> None:

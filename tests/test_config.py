@@ -37,6 +37,12 @@ INVALID = [
     ("features", "flickr", "features", "allowed: synthetic"),
     ("compile_workers", -1, "compile_workers", ">= 0"),
     ("runs_per_chunk", -2, "runs_per_chunk", ">= 0"),
+    ("pairs.split_seed", -1, "pairs.split_seed", "integer >= 0"),
+    ("train.learning_rate", float("inf"), "train.learning_rate", "finite"),
+    ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
+    ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),
+    ("synthetic.view_noise", -0.5, "synthetic.view_noise", ">= 0"),
+    ("distributed.wait_seconds", 0, "distributed.wait_seconds", "> 0"),
 ]
 
 
@@ -120,7 +126,7 @@ def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
 
 def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_is_not(smoke_config, tmp_path):
     """prepare_workdir names the fields that differ; a sweep.json written before `degradation.scales`
-    existed is the same sweep as one at that field's default."""
+    or `split_by_scale` was saved is the same sweep as one at that field's default."""
     from fusion_jax.sweep import prepare_workdir
 
     workdir = str(tmp_path / "out")
@@ -135,3 +141,12 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     prepare_workdir(workdir, config)
     with pytest.raises(ConfigError, match=r"differs in degradation.scales\)"):
         prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "scales": (128,)}})
+    # The layout fields that name the groups (and so their finished files and checkpoints) must stay;
+    # those that do not may change on a resume.
+    del saved["split_by_scale"]
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
+    prepare_workdir(workdir, config)
+    for field, value in (("split_by_scale", True), ("max_runs_per_program", 3)):
+        with pytest.raises(ConfigError, match=rf"differs in {field}\)"):
+            prepare_workdir(workdir, {**config, field: value})
+    prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "compile_workers": 2})

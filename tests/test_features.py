@@ -64,6 +64,46 @@ def test_interrupted_extraction_resumes(tmp_path):
     np.testing.assert_array_equal(out["x"][:, 0], np.arange(100))
 
 
+def test_resume_with_another_batch_size_recomputes_and_keeps_every_item_in_place(tmp_path):
+    key = {"dataset": "d"}
+    with pytest.raises(KeyboardInterrupt):
+        extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder([], fail_after=3), 4, "t",
+                       batches_per_shard=2)  # one shard of items 0..7 written
+    calls = []
+    out = extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(calls), 2, "t", batches_per_shard=2)
+    assert out["x"].shape == (100, 2) and sum(len(c) for c in calls) == 100  # shards of 4: none reused
+    np.testing.assert_array_equal(out["x"][:, 0], np.arange(100))
+    # A finished entry with another number of items is not taken for this one.
+    assert FeatureCache(str(tmp_path), "t", key).load(101) is None
+    assert FeatureCache(str(tmp_path), "t", key).load(100) is None  # (load(101) deleted it as corrupt)
+
+
+def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
+    """Several extractions of the same entry at once (as the processes of a multi-process sweep on
+    one shared cache) each return every item in place, and the entry is left finished."""
+    import threading
+
+    key, results, errors = {"dataset": "d"}, [None] * 4, []
+
+    def extract(i):
+        try:
+            results[i] = extract_cached(FeatureCache(str(tmp_path), "t", key), 300, _encoder([]), 4, "t",
+                                        batches_per_shard=1)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=extract, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for out in results:
+        np.testing.assert_array_equal(out["x"][:, 0], np.arange(300))
+    assert FeatureCache(str(tmp_path), "t", key).load(300) is not None
+    assert not os.path.exists(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))
+
+
 def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
     from transformers import AutoTokenizer, FlaxCLIPModel
 

@@ -102,6 +102,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     resumed = train_and_evaluate(config, str(tmp_path / "run"), on_epoch=lambda g, e: calls.append(e))
     assert "corrupt or incomplete" in caplog.text
     assert calls == [2, 3]  # epoch 2's checkpoint was bad: retrained from epoch 1's
+    aside = os.listdir(tmp_path / "run" / "checkpoints-corrupt" / "aligned-concat")
+    assert len(aside) == 1 and aside[0].startswith("2-")  # kept for a look, not deleted
     _assert_same(clean, resumed)
 
 
@@ -125,6 +127,34 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
     assert {r["backbone"] for r in results["runs"]} == {"aligned"}
     assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat"]
     assert "NaN or Inf" in results["failed_groups"][0]["error"] and "rows [3]" in results["failed_groups"][0]["error"]
+    # The report is drawn all the same; the t-SNE leaves the pair with the NaN out.
+    assert (tmp_path / "fig_tsne.png").exists() and (tmp_path / "table1.md").exists()
+
+
+def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkeypatch):
+    """A smaller scale's runs are padded to the group's largest with pairs of feature row 0, read
+    with zero weight; a NaN there would turn the loss NaN (0 x NaN), so the check names the row."""
+    import fusion_jax.sweep as sweep
+    from fusion_jax.data import build_pairs
+
+    real = sweep.load_features
+    config = smoke_config
+    config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128, 256), 1
+
+    def poisoned(config, backbone, dataset=None):
+        fs = real(config, backbone, dataset)
+        for scale in config.scales:
+            pairs = build_pairs(fs.caption_image, fs.n_images, scale, config.pairs.split_seed,
+                                config.pairs.train_fraction)
+            assert 0 not in pairs.caption_idx  # row 0 is read by padding alone
+        fs.text[0, :] = np.nan
+        return fs
+
+    monkeypatch.setattr(sweep, "load_features", poisoned)
+    results = train_and_evaluate(config, str(tmp_path))
+    error = results["failed_groups"][0]["error"]
+    assert "text features" in error and "rows [0]" in error
+    assert "aligned-concat" in (tmp_path / "summary.md").read_text()  # a report, though no run finished
 
 
 def _free_port() -> int:

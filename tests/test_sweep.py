@@ -81,7 +81,7 @@ class Killed(Exception):
     pass
 
 
-def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_cleanly_after_an_error():
+def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_cleanly_after_an_error(monkeypatch):
     """CompiledAhead: groups of the same shapes (two backbones, both with noise) share their three
     programs; a group's evaluate is compiled in the background (a Later) and gives the counts of the
     program compiled at once. An error while groups build drops the builds not started and waits for
@@ -108,10 +108,15 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
         assert others[1].train_epoch is program.train_epoch and others[1].init is program.init
         assert others[2].train_epoch is others[0].train_epoch and others[0].train_epoch is not program.train_epoch
     assert (ahead.programs.compiled, ahead.programs.shared) == (6, 6)
+    import fusion_jax.groups as groups_lib
+
+    builds, build = [], groups_lib.build_program
+    monkeypatch.setattr(groups_lib, "build_program", lambda *a, **k: builds.append(1) or build(*a, **k))
     with pytest.raises(Killed):
         with CompiledAhead(config, groups, features, 1):
             raise Killed
     assert not [t for t in threading.enumerate() if t.name.startswith("fusion_jax-compile")]
+    assert len(builds) <= 1  # the one worker's build in progress at most; the other three never start
 
 
 def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types():

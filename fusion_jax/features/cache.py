@@ -1,9 +1,11 @@
 """The feature cache: arrays on disk keyed by what made them, verified by a content hash.
 
 An entry lives in `<root>/<label>-<hash of key>/`: `key.json` (what made it), `features.npz` and
-`meta.json` (its sha256). Extraction writes shards (`shards/00000.npz` + `.sha256`) as it goes,
-so an interrupted extraction resumes from its last shard. A file whose hash does not match is
-reported, deleted and rebuilt, never used.
+`features.sha256`. Extraction writes shards (`shards/<start>-<stop>.npz` + `.sha256`, items
+start..stop-1) as it goes, so an interrupted extraction resumes from its last shard, whatever batch
+size the rerun uses. A file whose hash does not match, or a shard or entry with the wrong number of
+items, is reported, deleted and rebuilt, never used. Processes that share the cache may extract the
+same entry at once: each writes its own temporary files, and the first to finish provides the entry.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -41,26 +44,40 @@ def _sha256(path: str) -> str:
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
-    """Write arrays atomically; return the file's sha256."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """Write arrays atomically (through a temporary file of this writer's own); return the file's sha256."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return _sha256(path)
 
 
-def _load_verified(path: str, digest_path: str) -> dict[str, np.ndarray] | None:
-    """Arrays of `path` if its sha256 matches the one recorded; None (and both files gone) if not."""
+def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[str, np.ndarray] | None:
+    """Arrays of `path` if its sha256 matches the one recorded (and, given `n`, each array has n
+    items); None (and both files gone) if not."""
     if not (os.path.exists(path) and os.path.exists(digest_path)):
         return None
-    with open(digest_path) as f:
-        want = f.read().strip()
     try:
+        with open(digest_path) as f:
+            want = f.read().strip()
         if _sha256(path) == want:
             with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+                arrays = {k: z[k] for k in z.files}
+            if n is None or (arrays and all(len(a) == n for a in arrays.values())):
+                return arrays
+            problem = f"holds {sorted({len(a) for a in arrays.values()})} items instead of {n}"
+        else:
+            problem = "content hash mismatch"
+    except FileNotFoundError:
+        return None  # removed meanwhile by a process that finished the same entry
     except (OSError, ValueError) as e:
-        log.warning("feature cache: cannot read %s (%s)", path, e)
-    log.warning("feature cache: %s is corrupt (content hash mismatch); rebuilding it", path)
+        problem = f"cannot read it: {e}"
+    log.warning("feature cache: %s is corrupt (%s); rebuilding it", path, problem)
     for p in (path, digest_path):
         if os.path.exists(p):
             os.unlink(p)
@@ -76,28 +93,35 @@ class FeatureCache:
         self._final = os.path.join(self.dir, "features.npz")
         self._final_digest = os.path.join(self.dir, "features.sha256")
 
-    def load(self) -> dict[str, np.ndarray] | None:
-        """The finished entry, verified; None if absent or corrupt."""
-        return _load_verified(self._final, self._final_digest)
+    def load(self, n: int | None = None) -> dict[str, np.ndarray] | None:
+        """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""
+        return _load_verified(self._final, self._final_digest, n)
 
-    def _shard(self, i: int) -> tuple[str, str]:
-        base = os.path.join(self.dir, "shards", f"{i:05d}")
+    def _shard(self, start: int, stop: int) -> tuple[str, str]:
+        base = os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}")
         return base + ".npz", base + ".sha256"
 
-    def load_shard(self, i: int) -> dict[str, np.ndarray] | None:
-        return _load_verified(*self._shard(i))
+    def load_shard(self, start: int, stop: int) -> dict[str, np.ndarray] | None:
+        """The shard of items start..stop-1, verified; None if absent or corrupt."""
+        return _load_verified(*self._shard(start, stop), stop - start)
 
-    def save_shard(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+    def save_shard(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
         os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
         atomic_write_json(os.path.join(self.dir, "key.json"), self.key)
-        path, digest = self._shard(i)
+        path, digest = self._shard(start, stop)
         atomic_write_text(digest, _save_npz(path, arrays))
 
-    def finish(self, n_shards: int) -> dict[str, np.ndarray]:
-        """Join shards 0..n_shards-1 into the final entry, drop the shards, return the arrays."""
-        shards = [self.load_shard(i) for i in range(n_shards)]
+    def finish(self, bounds: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Join the shards of `bounds` ((start, stop) in order, covering 0..n-1) into the final entry,
+        drop the shards, return the arrays; or the entry another process finished first."""
+        n = bounds[-1][1]
+        shards = [self.load_shard(*b) for b in bounds]
         if any(s is None for s in shards):
-            raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined")
+            arrays = self.load(n)
+            if arrays is None:
+                raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined")
+            shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
+            return arrays
         arrays = {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
         atomic_write_text(self._final_digest, _save_npz(self._final, arrays))
         shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)

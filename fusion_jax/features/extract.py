@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Callable
 
@@ -19,28 +18,29 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
                    batch_size: int, desc: str, batches_per_shard: int = 16) -> dict[str, np.ndarray]:
     """encode(indices [<= batch_size]) -> arrays [len(indices), ...] over 0..n-1, cached in `cache`.
 
-    A finished entry is reused; otherwise shards of `batches_per_shard` batches are written as they
-    finish, and a rerun after an interruption computes only the missing shards.
+    A finished entry of n items is reused; otherwise shards of `batches_per_shard` batches are written
+    as they finish, and a rerun after an interruption (with the same batch size) computes only the
+    missing shards.
     """
-    hit = cache.load()
+    hit = cache.load(n)
     if hit is not None:
         log.info("%s: reusing cached features %s", desc, cache.dir)
         return hit
     shard_size = batch_size * batches_per_shard
-    n_shards = math.ceil(n / shard_size)
+    bounds = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
     seconds, computed = 0.0, 0
     with tqdm(total=n, desc=desc, unit="item", dynamic_ncols=True) as bar:
-        for i in range(n_shards):
-            idx = np.arange(i * shard_size, min(n, (i + 1) * shard_size))
-            if cache.load_shard(i) is not None:
+        for start, stop in bounds:
+            idx = np.arange(start, stop)
+            if cache.load_shard(start, stop) is not None:
                 bar.update(len(idx))
                 continue
             t0, parts = time.perf_counter(), []
-            for start in range(0, len(idx), batch_size):
-                parts.append(encode(idx[start:start + batch_size]))
+            for b in range(0, len(idx), batch_size):
+                parts.append(encode(idx[b:b + batch_size]))
                 bar.update(len(parts[-1][next(iter(parts[-1]))]))
-            cache.save_shard(i, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
             computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
     log.info("%s: %d of %d items computed in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
-    return cache.finish(n_shards)
+    return cache.finish(bounds)
