@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: `python -m fusion_jax.bench [--quick | --tiny] [--out=DIR] [--torch-threads=N]`."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.bench", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a smaller grid (minutes on a 2-core CPU)")
+    size.add_argument("--quick", action="store_true", help="a smaller grid (about a minute on a 2-core CPU)")
     size.add_argument("--tiny", action="store_true", help="a seconds-long grid (what the tests run)")
     parser.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -34,6 +34,7 @@ def _save(fig: plt.Figure, path: str) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are for everyone to read, as the tables
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -110,11 +111,11 @@ def noise_advantage(results: dict, path: str) -> str | None:
                    if (c := comps.get((b, sc, lv))) and c["p_value"] is not None and c["p_value"] < tables.ALPHA]
             if sig:
                 ax.plot(*zip(*sig), "o", color=color, ls="none")
-        ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s", mfc="none",
+        ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
                 label=f"paper ({paper.SETTING}), Table 2")
         ax.axhline(0.0, color="gray", lw=1)
-        ax.plot([], [], "o", color="gray", label="filled: p < 0.05 (paired t-test)")
-        ax.plot([], [], "o", color="gray", mfc="none", label="hollow: not significant")
+        ax.plot([], [], "o", color="gray", label="ours, filled circle: p < 0.05 (paired t-test)")
+        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow circle: not significant")
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
         ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
         ax.set_title(f"backbone {b}")

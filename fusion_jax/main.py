@@ -23,15 +23,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.
 flags.mark_flags_as_required(["config"])
 
 
+def _override_field(argv: list[str], message: str) -> str:
+    """The --config.FIELD override that names a missing field (ml_collections' KeyError/AttributeError)."""
+    missing = re.match(r"""['"\\]*([A-Za-z_][\w]*)""", message)
+    overrides = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if missing and missing.group(1) in o.split(".")]
+    return named[0] if named else (overrides[0] if overrides else "config")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a failure (a config file that raises, an unknown flag) said in one line."""
+    """absl's flag parsing, with a failure (a config file that raises, an unknown flag, an override of a
+    field the config does not have) said in one line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = next((line for line in reversed(lines) if re.match(r"[A-Za-z_.]*(Error|Exception): ", line)), None)
         print(f"fusion_jax: error: {cause or (lines[0] if lines else e)}", file=sys.stderr)
-        sys.exit(2)
+    except (AttributeError, KeyError) as e:
+        message = str(e.args[0] if e.args else e)
+        hint = re.search(r'Did you mean "[\w]+" instead of "[\w]+"\?', message)
+        field = _override_field(argv, message)
+        print(f"fusion_jax: error: --{field}: the config has no such field{'; ' + hint.group(0) if hint else ''}",
+              file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +74,7 @@ def main(argv: list[str]) -> None:
     if results is None:
         print(f"this process's groups are done; process 0 writes {workdir}/results.json")
         return
-    print(f"results in {workdir}/: results.json, runs.csv, summary.md")
+    print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv), fig_*.png")
     if results["failed_groups"]:
         for failure in results["failed_groups"]:
             print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)

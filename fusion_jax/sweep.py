@@ -83,18 +83,25 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    fingerprint = {**_ADDED, **_flatten({k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})}
-    path = os.path.join(workdir, "sweep.json")
+    results_fields = lambda d: {k: v for k, v in d.items() if k not in _NOT_RESULTS}
+    fingerprint = {**_ADDED, **_flatten(results_fields(config_dict))}
+    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
+    previous = None
     if os.path.exists(path):
         with open(path) as f:
-            previous = {**_ADDED, **_flatten(json.load(f))}
+            previous = json.load(f)
+    elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
+        with open(results) as f:
+            previous = results_fields(json.load(f).get("config") or {})
+    if previous is not None:
+        previous = {**_ADDED, **_flatten(previous)}
         changed = sorted(k for k in set(previous) | set(fingerprint)
                          if json.dumps(previous.get(k)) != json.dumps(fingerprint.get(k)))
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
-    else:
-        atomic_write_json(path, {k: v for k, v in config_dict.items() if k not in _NOT_RESULTS})
+    if not os.path.exists(path):
+        atomic_write_json(path, results_fields(config_dict))
 
 
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
@@ -205,8 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
         dataset = None if config.features == "synthetic" else load_dataset(config)
+        if dataset is not None:  # before any feature is extracted
+            validate_scales(config, {f"dataset {dataset.name!r}": dataset})
         features = {b: load_features(config, b, dataset) for b in config.backbones}
-        validate_scales(config, features)
+        validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
         prepare_workdir(workdir, config_dict)
         todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
         # A failure recorded by an earlier attempt goes before the processes pass the start together,

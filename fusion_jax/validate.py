@@ -8,6 +8,7 @@ import ml_collections
 
 from fusion_jax import degrade, fusion
 from fusion_jax.data import FeatureSet, max_pairs
+from fusion_jax.data.dataset import ImageCaptionDataset
 
 
 class ConfigError(ValueError):
@@ -125,13 +126,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(_finite(value) and value > 0, f"distributed.{field}", f"{value!r} must be a finite number > 0")
 
 
-def validate_scales(config: ml_collections.ConfigDict, features: dict[str, FeatureSet]) -> None:
-    """Every scale must fit the pairs each backbone's features can make, and leave both splits usable."""
-    for backbone, fs in features.items():
+def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSet | ImageCaptionDataset]) -> None:
+    """Every scale must fit the pairs each set (a dataset before extraction, each backbone's features
+    after, keyed by how the error names it) can make, and leave both splits usable."""
+    for label, fs in sets.items():
         limit = max_pairs(fs.caption_image, fs.n_images)
         for scale in config.scales:
             _require(scale <= limit, "scales",
-                     f"scale {scale} is larger than the {limit} pairs available from backbone {backbone!r} "
+                     f"scale {scale} is larger than the {limit} pairs available from {label} "
                      f"({fs.n_captions} captions, {fs.n_images} images); allowed: 2..{limit}")
             n_train = int(round(config.pairs.train_fraction * scale))
             _require(n_train >= config.train.batch_size and scale - n_train >= 2, "scales",

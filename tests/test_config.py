@@ -102,6 +102,9 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/nope.py"],
      "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/synthetic.py", "--bogus=1"], "fusion_jax: error: Unknown command line flag 'bogus'"),
+    (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
+     'fusion_jax: error: --config.train.learningrate: the config has no such field; '
+     'Did you mean "learning_rate" instead of "learningrate"?'),
 ])
 def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],
@@ -150,3 +153,10 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
         with pytest.raises(ConfigError, match=rf"differs in {field}\)"):
             prepare_workdir(workdir, {**config, field: value})
     prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "compile_workers": 2})
+    # Finished results without sweep.json (as committed results folders are) hold their config too.
+    os.remove(tmp_path / "out" / "sweep.json")
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(ConfigError, match=r"differs in seeds\)"):
+        prepare_workdir(workdir, other)
+    prepare_workdir(workdir, config)
+    assert (tmp_path / "out" / "sweep.json").exists()

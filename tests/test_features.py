@@ -143,6 +143,20 @@ def test_missing_model_is_named(tmp_path):
     assert "no-such-org/no-such-clip" in last and "backbone.clip.model" in last
 
 
+def test_scale_beyond_the_dataset_stops_before_models_or_features_are_made(tmp_path, monkeypatch):
+    from conftest import load_config
+    from fusion_jax.sweep import train_and_evaluate
+    from fusion_jax.validate import ConfigError
+
+    monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("demo", "smoke")
+    config.scales = (10**6,)
+    with pytest.raises(ConfigError, match=r"config.scales: scale 1000000 is larger than the \d+ pairs available "
+                                          r"from dataset 'embedded'"):
+        train_and_evaluate(config, str(tmp_path / "out"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     """The demo's pipeline, shrunk: embedded data -> trained tiny backbones -> features -> sweep."""
     from conftest import load_config

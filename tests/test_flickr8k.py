@@ -107,14 +107,17 @@ def assert_both_ways(error: pytest.ExceptionInfo) -> None:
     assert "flickr8k_dir" in str(error.value) and "hub_id" in str(error.value)
 
 
-@pytest.mark.parametrize("remove", ["root", "images", "tokens"])
+@pytest.mark.parametrize("remove", ["root", "images", "tokens", "image files"])
 def test_missing_data(root, remove):
     target = {"root": root + "_nope", "images": os.path.join(root, "Flicker8k_Dataset"),
-              "tokens": os.path.join(root, "Flickr8k.token.txt")}[remove]
+              "tokens": os.path.join(root, "Flickr8k.token.txt")}.get(remove)
     if remove == "images":
         os.rename(target, target + "_moved")
     elif remove == "tokens":
         os.remove(target)
+    elif remove == "image files":  # the folders are there, the images are not
+        for name in os.listdir(os.path.join(root, "Flicker8k_Dataset")):
+            os.remove(os.path.join(root, "Flicker8k_Dataset", name))
     with pytest.raises(DataUnavailableError) as error:
         flickr8k.load_flickr8k(target if remove == "root" else root, "")
     assert_both_ways(error)

@@ -185,6 +185,7 @@ def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
     for name in names:
         if name.endswith(".png"):
             assert_png(tmp_path / name)
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name  # readable by all, as results are
     assert_no_nan(tmp_path)
 
 

@@ -15,6 +15,9 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("clip_sweep", "resnet_sweep", "noise_sweep"):
         assert f"--config=configs/{name}.py --config.data.flickr8k_dir={tmp_path}/flickr8k" in printed
+    # 24 images give 240 pairs: the printed commands run at scales that fit (the paper's start at 2048).
+    assert printed.count("--config.scales='(64,128,)'") == 3
+    assert standins.fitting_scales(8091 * 5) is None
 
     ds, stats = load_flickr8k_folder_with_stats(str(tmp_path / "flickr8k"))
     assert (ds.name, ds.n_images, ds.n_captions) == ("flickr8k-standin", 24, 120)

@@ -130,6 +130,8 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
                           len(files) - len(image_ids))
     skipped = missing_captions or jpg1 or malformed or stats.uncaptioned_images
     logger.log(logging.WARNING if skipped else logging.INFO, stats.summary())
+    if len(image_ids) < 2:
+        raise _unavailable(f"{root!r} has {len(image_ids)} images with captions ({stats.summary()})")
 
     digest = hashlib.sha256(token_bytes)
     for name in image_ids:

