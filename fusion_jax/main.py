@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.distributed import PeerFailed
@@ -49,13 +50,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines above the progress bars (tqdm.write) instead of after a bar's text on its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     log = logging.getLogger("fusion_jax")
     log.setLevel(logging.INFO)
-    log.addHandler(logging.StreamHandler())
+    log.addHandler(_TqdmHandler())
     log.propagate = False
     try:
         config = _CONFIG.value

@@ -190,7 +190,9 @@ def render_report(results: dict, workdir: str) -> list[str]:
 def main(argv: list[str]) -> None:
     """CLI body: read DIR/results.json and render its report."""
     from absl import flags
+    from absl import logging as absl_logging
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend probing logs at INFO
     if len(argv) > 1:
         print(f"fusion_jax.report: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
