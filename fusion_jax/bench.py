@@ -114,7 +114,8 @@ def device_name() -> str:
 
 
 def matmul_peak(size: int, reps: int = 5) -> dict:
-    """Best-of-`reps` GFLOP/s of a float32 [size, size] @ [size, size] matmul, with jax."""
+    """Best-of-`reps` GFLOP/s of a float32 [size, size] @ [size, size] matmul, with jax at the precision
+    its training matmuls use (`matmul_precision`)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
@@ -124,6 +125,18 @@ def matmul_peak(size: int, reps: int = 5) -> dict:
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return {"size": size, "reps": reps, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
+
+
+def matmul_precision(platform: str) -> dict:
+    """The float32 matmul precision of each side: jax's setting (its default runs TF32 on NVIDIA GPUs since
+    Ampere, full float32 on CPUs) and torch's (by default full float32 everywhere)."""
+    import torch
+
+    setting = jax.config.jax_default_matmul_precision
+    return {"jax": f"{setting or 'default'}" + (" (TF32 on NVIDIA GPUs since Ampere)" if platform == "gpu" and not setting
+                                                 else ""),
+            "torch": torch.get_float32_matmul_precision()
+            + (" (TF32)" if platform == "gpu" and torch.backends.cuda.matmul.allow_tf32 else "")}
 
 
 def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
@@ -218,6 +231,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     cache for fusion_jax's programs (`persistent_cache`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}")
+    if torch_runs is not None and torch_runs < 1:
+        raise ValueError(f"--torch-runs must be at least 1 (a reference run per group and scale to time), not {torch_runs}")
     load_start = list(os.getloadavg())
     g = GRIDS[grid]
     ref = load_reference()
@@ -273,6 +288,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "flops": {"train_step_per_run": step_flops, "forward_per_sample": forward,
                   "source": "XLA cost_analysis of one compiled training step (fusion_jax.cost.train_step_flops)"},
         "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops},
+        "matmul_precision": matmul_precision(jax.devices()[0].platform),
         "jax": jax_total,
         "torch": {**torch_total, "device": torch_device, "threads": torch_threads},
         "speedup": {"wall": torch_total["wall_s"] / jax_total["wall_s"],
@@ -295,6 +311,14 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     return result
 
 
+def _precision_note(precision: dict | None) -> str:
+    """The sides' float32 matmul precisions, for the report's first paragraph."""
+    if not precision:
+        return ""
+    return (f" Float32 matmul precision: jax {precision['jax']} (the peak's and the training's), "
+            f"torch {precision['torch']}.")
+
+
 def markdown(r: dict) -> str:
     """The benchmark's Markdown report: the totals and a per-group table."""
     j, t, g = r["jax"], r["torch"], r["grid"]
@@ -309,7 +333,7 @@ def markdown(r: dict) -> str:
              f"on {g['noise_backbone']} at scale {g['noise_scale']}, {g['epochs']} epochs, batch {g['batch_size']}; "
              f"features {g['n_images']} images x {g['captions_per_image']} captions, {g['dim']}-d (synthetic, "
              f"Flickr8k's shape for full/quick). Matmul peak ({g['matmul_size']}² float32, jax): "
-             f"{r['matmul_peak']['gflops']:.1f} GFLOP/s. Load average (1, 5, 15 min) at start "
+             f"{r['matmul_peak']['gflops']:.1f} GFLOP/s." + _precision_note(r.get("matmul_precision")) + " Load average (1, 5, 15 min) at start "
              f"{', '.join(f'{x:.2f}' for x in r['load_average']['start'])}, at end "
              f"{', '.join(f'{x:.2f}' for x in r['load_average']['end'])}. Order: {r.get('order', 'jax, then torch')}."
              + _cache_note(j.get("compilation_cache", {})), "",

@@ -87,8 +87,9 @@ def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: 
     if len(trained) < len(group.runs):
         per_step = {s: np.sum([t for r, t in zip(trained, run_s) if r.scale == s])
                     / np.sum([k for r, k in zip(trained, steps) if r.scale == s]) for s in group.scales}
-        out.update(measured_wall_s=wall, wall_s=float(sum(per_step[r.scale] * k for r, k in zip(group.runs, all_steps))),
-                   estimated=True, seconds_per_step=per_step)
+        overhead = wall - sum(run_s)  # the group's own work outside its runs (pairs), measured once
+        out.update(measured_wall_s=wall, estimated=True, seconds_per_step=per_step,
+                   wall_s=overhead + float(sum(per_step[r.scale] * k for r, k in zip(group.runs, all_steps))))
     out["train_flops"] = step_flops * sum(all_steps)
     return out
 
@@ -137,7 +138,7 @@ def time_torch(config: ml_collections.ConfigDict, groups: list[Group], features:
     finally:
         torch.set_num_threads(threads_before)
     side = {"wall_s": measured, "groups": out, "thread_check": check}
-    if runs_per_scale is not None:
+    if any(r.get("estimated") for r in out):  # runs_per_scale left some runs untrained
         estimate = measured + sum(r["wall_s"] - r.get("measured_wall_s", r["wall_s"]) for r in out)
         side.update(wall_s=estimate, measured_wall_s=measured, estimated=True, runs_per_scale=runs_per_scale)
     return side

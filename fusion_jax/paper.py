@@ -13,6 +13,7 @@ CITATION = ("Zhou & Xie (2026), 'Feature Alignment Determines Fusion Strategy: A
 SETTING = "Flickr8k, CLIP ViT-B/32"  # the data and backbone of the paper's Tables 1 and 2
 BACKBONE = "clip"  # our backbone name for the paper's setting
 FEATURES = "flickr8k"  # our feature source for the paper's setting
+MODEL, DIM = "openai/clip-vit-base-patch32", 512  # its CLIP (pooled, projected features of 512)
 
 # Table 1: CLIP ViT-B/32 features, Flickr8k balanced binary matching, validation metrics in percent.
 TABLE1_COLUMNS = ("scale", "method", "acc_mean", "acc_std", "f1_mean", "f1_std",

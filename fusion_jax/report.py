@@ -123,12 +123,7 @@ def summary_markdown(results: dict) -> str:
                   "| backbone | scale | degradation | concat − cross | p | verdict |", "|---|---:|---|---:|---:|---|"]
         for c in results["comparisons"]:
             d, p = c["degradation"], c["p_value"]
-            if p is None:
-                verdict = f"no test possible ({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''})"
-            elif p < 0.05:
-                verdict = ("concat" if c["concat_minus_cross"] > 0 else "cross") + " better (p < 0.05)"
-            else:
-                verdict = f"not significant at {c['n_seeds']} seeds"
+            verdict = tables.verdict(c["concat_minus_cross"], p, c["n_seeds"])
             lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
                          f"{100 * c['concat_minus_cross']:+.1f} | {'–' if p is None else f'{p:.3g}'} | {verdict} |")
     return "\n".join(lines) + "\n"

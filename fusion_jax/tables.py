@@ -38,8 +38,12 @@ def data_label(features: str, short: bool = False) -> str:
 
 
 def is_paper_setting(results: dict, backbone: str) -> bool:
-    """True when (backbone, features) is the paper's own setting: CLIP features of Flickr8k."""
-    return data_of(results) == paper.FEATURES and backbone == paper.BACKBONE
+    """True when the backbone's features are the paper's own setting: pooled CLIP ViT-B/32 features (the
+    hub's model by its id, 512-d) of Flickr8k. A local model folder cannot be told from another CLIP
+    (the stand-ins' random one has the same sizes), so its rows stay apart from the paper's."""
+    prov = results.get("backbones", {}).get(backbone, {})
+    return (data_of(results) == paper.FEATURES and backbone == paper.BACKBONE and prov.get("model") == paper.MODEL
+            and not prov.get("tokens") and prov.get("dim_image") == prov.get("dim_text") == paper.DIM)
 
 
 def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:
@@ -55,14 +59,20 @@ def p_text(p: float | None) -> str:
 
 
 def verdict(diff: float, p: float | None, n_seeds: int) -> str:
-    """'concat +2.8' / 'cross +1.0' when p < 0.05, else 'tied (not significant at N seeds...)'."""
+    """'concat +2.8' / 'cross +1.0' when p < 0.05, else 'tied (not significant at N seeds...)'. Without
+    a p-value: one seed is untested, and equal differences on every seed (zero variance, where a
+    t-test is undefined) are said as they are, 'tied' only when they are 0."""
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    ahead = f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
+    if p is None and n_seeds < 2:
+        return f"tied (not significant at {seeds}; no test possible)" if diff == 0 else \
+            f"{ahead} on its one seed (no test possible)"
     if p is None:
-        why = "no test possible" if n_seeds < 2 else "no p-value: identical differences"
-        return f"tied (not significant at {seeds}; {why})"
+        return f"tied (the same on all {seeds})" if abs(diff) < 1e-12 else \
+            f"{ahead} on each of {seeds} (no t-test: the same difference on every seed)"
     if p >= ALPHA:
         return f"tied (not significant at {seeds}, p = {p:.2g})"
-    return f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
+    return ahead
 
 
 def level(entry: dict) -> float:
@@ -126,8 +136,10 @@ def _ours_header(results: dict) -> str:
     return (f"**Ours**: {data_label(data_of(results))} (`config.features = {cfg['features']}`), config "
             f"`{cfg.get('name', '?')}`, seeds {seeds}; validation metrics in percent, mean ± sample std over "
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
-            "predicting the larger class). `concat − cross` is the difference of mean accuracy in points with "
-            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} or no p-value reads \"not significant\".")
+            "predicting the larger class). `concat − cross` is the mean over paired seeds of the accuracy "
+            "difference in points (the difference of the two means when both methods have every seed), with "
+            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value, \"no test "
+            "possible\" for one seed, or the difference on each seed when all are the same).")
 
 
 def _paper1_cells(row: dict) -> list[str]:

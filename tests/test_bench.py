@@ -44,6 +44,8 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     for key in ("wall_s", "runs_per_s", "achieved_gflops"):
         assert torch_side[key] > 0, key
     assert saved["matmul_peak"]["gflops"] > 0 and saved["speedup"]["wall"] > 0
+    assert saved["matmul_precision"] == {"jax": "default", "torch": "highest"}  # full float32 on a CPU, both sides
+    assert "Float32 matmul precision: jax default" in (tmp_path / f"{bench.device_name()}-tiny-x2.md").read_text()
     assert jax_side["wall_s"] >= jax_side["wait_s"] + jax_side["train_s"] + jax_side["eval_s"]
     assert all(g["executed_flops"] >= g["train_flops"] for g in jax_side["groups"])
     assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])
@@ -97,3 +99,28 @@ def test_median_run_and_bad_repeats():
     assert bench._median_run(runs)["wall_s"] == 3.0 and bench._median_run(runs[:2])["wall_s"] == 1.0
     with pytest.raises(ValueError, match="repeats"):
         bench.run_benchmark("tiny", "/nonexistent", repeats=0)
+
+
+def test_reference_time_is_estimated_only_when_runs_were_left_out():
+    """--torch-runs N trains N runs per (group, scale): with every run trained the time is measured,
+    not marked estimated; with fewer it is estimated, overhead included; 0 is refused."""
+    pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
+    from fusion_jax import bench, cost
+    from fusion_jax.bench_torch import time_torch
+
+    grid = bench.GRIDS["tiny"]
+    config = bench.bench_config(grid)
+    groups = [g for g in bench.plan(config) if g.method == "concat"]
+    assert len(groups[0].runs) == 2  # one scale: levels 0 and 0.1
+    features = {"aligned": bench.bench_features(grid, "aligned")}
+    flops = {"concat": cost.train_step_flops(config, "concat", grid.dim, grid.dim)}
+    timed = lambda n: time_torch(config, groups, features, flops, bench.load_reference(), "cpu", 1, n, lambda s: None)
+    every = timed(2)
+    assert not every.get("estimated") and not every["groups"][0].get("estimated")
+    one = timed(1)
+    g = one["groups"][0]
+    assert one["estimated"] and g["estimated"] and g["trained_runs"] == 1
+    # The measured group time (its one run and the pairs) plus the left-out run, as long as the trained one.
+    assert g["wall_s"] == pytest.approx(g["measured_wall_s"] + g["run_s"][0])
+    with pytest.raises(ValueError, match="torch-runs must be at least 1"):
+        bench.run_benchmark("tiny", "/nonexistent", torch_runs=0)

@@ -11,7 +11,7 @@ import pytest
 
 from fusion_jax import figures, paper, tables
 from fusion_jax.data.dataset import STANDIN_NAME
-from fusion_jax.report import compare, render_report, summarize
+from fusion_jax.report import compare, render_report, summarize, summary_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = [f"table{i}.{ext}" for i in (1, 2, 3) for ext in ("md", "csv")]
@@ -42,7 +42,8 @@ def fake_results(features="flickr8k", backbones=("clip",), scales=(2048, 4096), 
               "degradation": {"kind": "gaussian", "modality": "image", "levels": list(levels)},
               "head": {"hidden": 256, "mlp_hidden": 128, "num_heads": 4},
               "train": {"dropout": 0.1, "batch_size": 32}}
-    prov = {b: {"dim_image": dims[0], "dim_text": dims[1],
+    prov = {b: {"dim_image": dims[0], "dim_text": dims[1], "tokens": False,
+                "model": "openai/clip-vit-base-patch32" if b == "clip" else "microsoft/resnet-18",
                 "alignment": {"defined": True, "recall@1": 0.4, "recall@5": 0.7, "chance@1": 0.005,
                               "chance@5": 0.025, "n_images": 100}} for b in backbones}
     return {"command": "test", "config": config, "versions": {"jax": "x", "flax": "y"},
@@ -78,8 +79,10 @@ def assert_png(path):
     (0.028, 0.01, 3, "concat +2.8"),
     (-0.010, 0.001, 3, "cross +1.0"),
     (0.028, 0.2, 3, "tied (not significant at 3 seeds"),
-    (0.028, None, 3, "tied (not significant at 3 seeds"),
-    (0.028, None, 1, "tied (not significant at 1 seed;"),
+    (0.028, None, 3, "concat +2.8 on each of 3 seeds (no t-test"),
+    (0.0, None, 3, "tied (the same on all 3 seeds)"),
+    (-0.028, None, 1, "cross +2.8 on its one seed (no test possible)"),
+    (0.0, None, 1, "tied (not significant at 1 seed; no test possible)"),
     (0.028, 0.05, 3, "not significant at 3 seeds"),
 ])
 def test_verdict_words(diff, p, n, want):
@@ -113,6 +116,19 @@ def test_table1_keeps_the_paper_apart_on_other_data():
     assert all(r["data"] == "Flickr8k" for r in rows if r["source"] == "paper")
 
 
+@pytest.mark.parametrize("change", [{"model": "openai/clip-vit-large-patch14", "dim_image": 768, "dim_text": 768},
+                                    {"model": "/models/clip"}, {"tokens": True}])
+def test_other_clip_features_on_flickr8k_are_not_the_papers_setting(change):
+    """Another CLIP, a local folder (it could be a stand-in's random weights) or token features: the
+    paper's rows go to the reference-only block, not beside ours."""
+    results = fake_results("flickr8k", ("clip",))
+    assert tables.is_paper_setting(results, "clip")
+    results["backbones"]["clip"].update(change)
+    assert not tables.is_paper_setting(results, "clip")
+    md, _ = tables.table1(results)
+    assert "**paper**" not in md.split("## For reference only")[0]
+
+
 def test_a_standin_folder_is_never_labelled_flickr8k():
     """config.features is flickr8k, but the provenance names the stand-in folder (features.standins)."""
     results = fake_results("flickr8k", ("clip",))
@@ -124,13 +140,16 @@ def test_a_standin_folder_is_never_labelled_flickr8k():
         assert "**paper**" not in main and "| stand-in (not Flickr8k) |" in main and "| ours | Flickr8k" not in md
 
 
-def test_tables_say_not_significant_when_p_is_none():
+def test_the_same_gap_on_every_seed_is_said_as_it_is_not_called_tied():
+    """Identical per-seed differences leave the t-test undefined (zero variance): the tables and the
+    summary give the gap on each seed, never "tied" for a nonzero one."""
     results = fake_results("synthetic", ("aligned",), identical_diffs=True)
     assert all(c["p_value"] is None for c in results["comparisons"])
     for make in (tables.table1, tables.table2):
         md, rows = make(results)
-        assert "not significant at 3 seeds" in md
-        assert all("not significant at 3 seeds" in r["verdict"] for r in rows if r["source"] == "ours")
+        assert not [line for line in md.splitlines() if "tied" in line and "paper" not in line]  # (the paper's own say tied)
+        assert all("concat +2.0 on each of 3 seeds" in r["verdict"] for r in rows if r["source"] == "ours")
+    assert "concat +2.0 on each of 3 seeds" in summary_markdown(results) and "tied" not in summary_markdown(results)
 
 
 def test_table2_noise_study_with_the_papers_table():
