@@ -24,12 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.
 flags.mark_flags_as_required(["config"])
 
 
-def _override_field(argv: list[str], message: str) -> str:
-    """The --config.FIELD override that names a missing field (ml_collections' KeyError/AttributeError)."""
+def _override_field(argv: list[str], message: str) -> str | None:
+    """The --config.FIELD override whose path holds the field a KeyError/AttributeError names, if any."""
     missing = re.match(r"""['"\\]*([A-Za-z_][\w]*)""", message)
     overrides = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
-    named = [o for o in overrides if missing and missing.group(1) in o.split(".")]
-    return named[0] if named else (overrides[0] if overrides else "config")
+    return next((o for o in overrides if missing and missing.group(1) in o.split(".")[1:]), None)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -45,8 +44,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = str(e.args[0] if e.args else e)
         hint = re.search(r'Did you mean "[\w]+" instead of "[\w]+"\?', message)
         field = _override_field(argv, message)
-        print(f"fusion_jax: error: --{field}: the config has no such field{'; ' + hint.group(0) if hint else ''}",
-              file=sys.stderr)
+        if field is None:  # raised by the config file itself
+            print(f"fusion_jax: error: cannot load --config: {type(e).__name__}: {message}", file=sys.stderr)
+        else:
+            print(f"fusion_jax: error: --{field}: the config has no such field{'; ' + hint.group(0) if hint else ''}",
+                  file=sys.stderr)
     sys.exit(2)
 
 

@@ -176,8 +176,12 @@ def render_report(results: dict, workdir: str) -> list[str]:
         for ext, text in (("md", md), ("csv", tables.to_csv(rows))):
             atomic_write_text(os.path.join(workdir, f"{name}.{ext}"), text)
             written.append(os.path.join(workdir, f"{name}.{ext}"))
-    written.append(figures.accuracy_vs_scale(results, os.path.join(workdir, "fig_accuracy_vs_scale.png")))
-    written.append(figures.noise_advantage(results, os.path.join(workdir, "fig_noise.png")))
+    for name, draw in (("fig_accuracy_vs_scale.png", figures.accuracy_vs_scale), ("fig_noise.png", figures.noise_advantage)):
+        path = os.path.join(workdir, name)
+        written.append(draw(results, path))
+        if written[-1] is None and os.path.exists(path):
+            os.remove(path)  # drawn from an earlier results.json that had what this one lacks
+    # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
     written.append(figures.tsne(workdir, figures.backbones(results), os.path.join(workdir, "fig_tsne.png")))
     return [p for p in written if p is not None]
 

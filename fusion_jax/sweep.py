@@ -66,7 +66,10 @@ _MIN_FREE_BYTES = 64 * 2**20
 # max_runs_per_program change those, so a resume must keep them).
 _NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
-_ADDED = {"degradation.scales": [], "split_by_scale": False}  # (compilation_cache is not a results field)
+_ADDED = {"degradation.scales": []}  # (compilation_cache is not a results field)
+# Fields saved only since a later release, which a sweep.json without them may have had at any value:
+# not compared against such a file.
+_SAVED_LATER = ("split_by_scale",)
 
 
 def prepare_workdir(workdir: str, config_dict: dict) -> None:
@@ -95,7 +98,8 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
             previous = results_fields(json.load(f).get("config") or {})
     if previous is not None:
         previous = {**_ADDED, **_flatten(previous)}
-        changed = sorted(k for k in set(previous) | set(fingerprint)
+        unknown = {k for k in _SAVED_LATER if k not in previous}
+        changed = sorted(k for k in (set(previous) | set(fingerprint)) - unknown
                          if json.dumps(previous.get(k)) != json.dumps(fingerprint.get(k)))
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "

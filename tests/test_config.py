@@ -129,7 +129,8 @@ def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
 
 def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_is_not(smoke_config, tmp_path):
     """prepare_workdir names the fields that differ; a sweep.json written before `degradation.scales`
-    or `split_by_scale` was saved is the same sweep as one at that field's default."""
+    was saved is the same sweep as one at that field's default, and one written before `split_by_scale`
+    was saved is not compared on it."""
     from fusion_jax.sweep import prepare_workdir
 
     workdir = str(tmp_path / "out")
@@ -145,9 +146,13 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     with pytest.raises(ConfigError, match=r"differs in degradation.scales\)"):
         prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "scales": (128,)}})
     # The layout fields that name the groups (and so their finished files and checkpoints) must stay;
-    # those that do not may change on a resume.
+    # those that do not may change on a resume. A sweep.json from before split_by_scale was saved may
+    # have had either value.
     del saved["split_by_scale"]
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
+    prepare_workdir(workdir, config)
+    prepare_workdir(workdir, {**config, "split_by_scale": True})
+    os.remove(tmp_path / "out" / "sweep.json")
     prepare_workdir(workdir, config)
     for field, value in (("split_by_scale", True), ("max_runs_per_program", 3)):
         with pytest.raises(ConfigError, match=rf"differs in {field}\)"):

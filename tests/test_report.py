@@ -194,6 +194,21 @@ def test_table3_without_cost_model_or_dims_writes_na(monkeypatch):
 
 # --- figures --------------------------------------------------------------------------------------
 
+def test_tsne_leaves_out_pairs_with_nan_or_inf(tmp_path, monkeypatch):
+    from fusion_jax import figures
+
+    write_tsne(tmp_path, "clip", 60, 16, 16)
+    z = dict(np.load(tmp_path / "tsne_clip.npz"))
+    z["image"][:3, 0], z["text"][5, 2] = np.nan, np.inf
+    np.savez(tmp_path / "tsne_clip.npz", **z)
+    seen, embed = [], figures.tsne_embedding
+    monkeypatch.setattr(figures, "tsne_embedding", lambda image, text: seen.append((image, text)) or embed(image, text))
+    assert figures.tsne(str(tmp_path), ["clip"], str(tmp_path / "fig.png")) is not None
+    (image, text), = seen
+    assert len(image) == len(text) == 56 and np.isfinite(image).all() and np.isfinite(text).all()
+    assert_png(tmp_path / "fig.png")
+
+
 def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
     results = fake_results("flickr8k", ("clip", "resnet"))

@@ -127,11 +127,12 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
     assert {r["backbone"] for r in results["runs"]} == {"aligned"}
     assert [f["group"] for f in results["failed_groups"]] == ["unaligned-concat"]
     assert "NaN or Inf" in results["failed_groups"][0]["error"] and "rows [3]" in results["failed_groups"][0]["error"]
-    # The report is drawn all the same; the t-SNE leaves the pair with the NaN out.
+    # The report is drawn all the same (the failed backbone has no t-SNE panel: no run of it finished).
     assert (tmp_path / "fig_tsne.png").exists() and (tmp_path / "table1.md").exists()
+    assert "the report" not in caplog.text
 
 
-def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkeypatch):
+def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkeypatch, caplog):
     """A smaller scale's runs are padded to the group's largest with pairs of feature row 0, read
     with zero weight; a NaN there would turn the loss NaN (0 x NaN), so the check names the row."""
     import fusion_jax.sweep as sweep
@@ -154,7 +155,9 @@ def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkey
     results = train_and_evaluate(config, str(tmp_path))
     error = results["failed_groups"][0]["error"]
     assert "text features" in error and "rows [0]" in error
-    assert "aligned-concat" in (tmp_path / "summary.md").read_text()  # a report, though no run finished
+    # A report, though no run finished: the summary names the failure, and no figure of no runs is drawn.
+    assert "aligned-concat" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "fig_accuracy_vs_scale.png").exists() and "the report" not in caplog.text
 
 
 def _free_port() -> int:

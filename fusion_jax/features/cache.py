@@ -5,19 +5,27 @@ An entry lives in `<root>/<label>-<hash of key>/`: `key.json` (what made it), `f
 start..stop-1) as it goes, so an interrupted extraction resumes from its last shard, whatever batch
 size the rerun uses. A file whose hash does not match, or a shard or entry with the wrong number of
 items, is reported, deleted and rebuilt, never used. Processes that share the cache may extract the
-same entry at once: each writes its own temporary files, and the first to finish provides the entry.
+same entry at once: they take turns (a file lock on the entry) to read and write its shards and to
+join them, and the first to finish provides the entry to the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, one process per cache
+    fcntl = None
 
 from fusion_jax.files import atomic_write_json, atomic_write_text
 
@@ -93,9 +101,27 @@ class FeatureCache:
         self._final = os.path.join(self.dir, "features.npz")
         self._final_digest = os.path.join(self.dir, "features.sha256")
 
+    def finished(self) -> bool:
+        """Whether the final entry has been written (not verified: see load)."""
+        return os.path.exists(self._final_digest)
+
     def load(self, n: int | None = None) -> dict[str, np.ndarray] | None:
         """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""
         return _load_verified(self._final, self._final_digest, n)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the entry's shards and files among processes (flock on `<entry>/.lock`):
+        hold it around load_shard, save_shard and finish."""
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, ".lock"), "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_UN)
 
     def _shard(self, start: int, stop: int) -> tuple[str, str]:
         base = os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}")
@@ -115,13 +141,13 @@ class FeatureCache:
         """Join the shards of `bounds` ((start, stop) in order, covering 0..n-1) into the final entry,
         drop the shards, return the arrays; or the entry another process finished first."""
         n = bounds[-1][1]
+        arrays = self.load(n)
+        if arrays is not None:
+            return arrays
         shards = [self.load_shard(*b) for b in bounds]
         if any(s is None for s in shards):
-            arrays = self.load(n)
-            if arrays is None:
-                raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined")
-            shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
-            return arrays
+            raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined; rerun to "
+                               "extract it again")
         arrays = {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
         atomic_write_text(self._final_digest, _save_npz(self._final, arrays))
         shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)

@@ -32,15 +32,24 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
     with tqdm(total=n, desc=desc, unit="item", dynamic_ncols=True) as bar:
         for start, stop in bounds:
             idx = np.arange(start, stop)
-            if cache.load_shard(start, stop) is not None:
+            with cache.lock():
+                done = cache.load(n)  # another process sharing the cache finished the entry meanwhile
+                have = done is not None or cache.load_shard(start, stop) is not None
+            if done is not None:
+                log.info("%s: another process finished %s; reusing it", desc, cache.dir)
+                return done
+            if have:
                 bar.update(len(idx))
                 continue
             t0, parts = time.perf_counter(), []
             for b in range(0, len(idx), batch_size):
                 parts.append(encode(idx[b:b + batch_size]))
                 bar.update(len(parts[-1][next(iter(parts[-1]))]))
-            cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            with cache.lock():
+                if not cache.finished():  # else the next shard's check returns the finished entry
+                    cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
             computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
     log.info("%s: %d of %d items computed in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
-    return cache.finish(bounds)
+    with cache.lock():
+        return cache.finish(bounds)
