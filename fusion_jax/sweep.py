@@ -136,8 +136,13 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     try:
         state, seconds, last_loss = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch,
                                                   os.path.join(workdir, "checkpoints-corrupt", group.name))
-    finally:
-        ckpt.close()  # also when training stops (a NaN loss, an interrupt), before its folder is removed
+    except BaseException:
+        try:  # also when training stops (a NaN loss, an interrupt), before its folder is removed
+            ckpt.close()
+        except Exception:  # noqa: BLE001 - the training error is the one to raise
+            log.exception("group %s: closing its checkpoints failed", group.name)
+        raise
+    ckpt.close()
     counts = np.asarray(program.evaluate(state, runs, data))[index]
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
 

@@ -237,3 +237,20 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     assert "resuming from the checkpoint after epoch" in log and "1 groups to train" in log
     _assert_same(json.loads((tmp_path / "clean" / "results.json").read_text()),
                  json.loads((workdir / "results.json").read_text()))
+
+
+def test_a_failing_checkpoint_close_does_not_hide_the_groups_nan_loss(smoke_config, tmp_path, monkeypatch, caplog):
+    """A training error (here a loss gone NaN at a huge learning rate) is what the group records, even
+    when closing its checkpoints fails too; the close failure is logged."""
+    from fusion_jax.checkpoint import GroupCheckpoints
+
+    def broken_close(self):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(GroupCheckpoints, "close", broken_close)
+    config = smoke_config
+    config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128,), 1
+    config.train.learning_rate = 1e38
+    results = train_and_evaluate(config, str(tmp_path))
+    assert "non-finite training loss" in results["failed_groups"][0]["error"]
+    assert "closing its checkpoints failed" in caplog.text
