@@ -104,6 +104,30 @@ def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
     assert not os.path.exists(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))
 
 
+def test_clip_features_unit_length_and_token_states(tmp_path):
+    """load_clip gives CLIP's projected embeddings L2-normalised and, with tokens, each tower's last hidden
+    states (the vision tower fed channels-last pixels, as get_image_features feeds it)."""
+    from transformers import FlaxCLIPModel
+
+    from fusion_jax.data.embedded import generate_embedded
+    from fusion_jax.features.backbones import load_clip
+    from fusion_jax.features.embedded_models import train_tiny_clip
+
+    ds = generate_embedded(n_images=4, seed=5, image_size=32)
+    train_tiny_clip(ds, str(tmp_path), steps=0, width=32)
+    clip = load_clip(str(tmp_path), None, batch_size=4, tokens=True)
+    images = clip.encode_images([ds.load_image(i) for i in range(4)])
+    texts = clip.encode_texts(list(ds.captions[:4]), clip.text_length(ds.captions[:4]))
+    np.testing.assert_allclose(np.linalg.norm(images["image"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts["text"], axis=1), 1.0, rtol=1e-5)
+    model = FlaxCLIPModel.from_pretrained(str(tmp_path))
+    n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert images["image_tokens"].shape == (4, n_patches + 1, model.config.vision_config.hidden_size)
+    assert images["image_mask"].shape == (4, n_patches + 1)
+    assert texts["text_tokens"].shape[:2] == texts["text_mask"].shape and texts["text_mask"][:, 0].all()
+    assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"]
+
+
 def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
     from transformers import AutoTokenizer, FlaxCLIPModel
 

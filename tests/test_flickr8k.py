@@ -167,6 +167,13 @@ def test_hub_loader_on_local_parquet(tmp_path, offline):
     assert image.dtype == np.uint8 and image.shape == (12, 20, 3)
     again = flickr8k.load_flickr8k_hub(str(folder))
     assert again.fingerprint == ds.fingerprint and len(ds.fingerprint) == 64
+    # Every split is read, train first: the study draws its own pairs from all of Flickr8k's images.
+    more = {k: v[:2] for k, v in hub_rows(5).items()}
+    more = {k: [f"test {c}" for c in v] if k.startswith("caption") else v for k, v in more.items()}
+    datasets.Dataset.from_dict(more, features=features).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    both = flickr8k.load_flickr8k_hub(str(folder))
+    assert both.n_images == 5 and both.captions[:15] == ds.captions and both.captions[15].startswith("test ")
+    assert both.fingerprint != ds.fingerprint
 
 
 def test_hub_loader_unreachable(tmp_path, offline):

@@ -227,19 +227,26 @@ def flickr8k_from_hf_dataset(ds: Any, source: str) -> ImageCaptionDataset:
         load_image=load_image, fingerprint=digest.hexdigest())
 
 
-def load_flickr8k_hub(hub_id: str, revision: str | None = None, split: str = "train") -> ImageCaptionDataset:
-    """Flickr8k from a Hugging Face hub dataset (or a local dataset folder) via datasets.load_dataset."""
+HUB_SPLIT_ORDER = ("train", "validation", "test")
+
+
+def load_flickr8k_hub(hub_id: str, revision: str | None = None) -> ImageCaptionDataset:
+    """Flickr8k from a Hugging Face hub dataset (or a local dataset folder) via datasets.load_dataset: every
+    split the dataset has, joined (train, validation, test, then any others by name), since the study
+    builds its own pairs and split from all of Flickr8k's images, as the folder loader reads them."""
     import datasets
     from huggingface_hub.errors import HFValidationError
 
     try:
-        ds = datasets.load_dataset(hub_id, revision=revision, split=split)
+        splits = datasets.load_dataset(hub_id, revision=revision)
     except (OSError, datasets.exceptions.DatasetsError, HFValidationError) as e:
-        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision}, split {split}): "
-                           f"{type(e).__name__}: {e}") from e
-    source = f"{hub_id}@{revision}" if revision else hub_id
+        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision}): {type(e).__name__}: {e}") from e
+    names = [n for n in HUB_SPLIT_ORDER if n in splits] + sorted(set(splits) - set(HUB_SPLIT_ORDER))
+    ds = datasets.concatenate_datasets([splits[n] for n in names]) if len(names) > 1 else splits[names[0]]
+    source = (f"{hub_id}@{revision}" if revision else hub_id) + ":" + "+".join(names)
     dataset = flickr8k_from_hf_dataset(ds, source)
-    logger.info("flickr8k: %d images, %d captions from hub dataset %s", dataset.n_images, dataset.n_captions, source)
+    logger.info("flickr8k: %d images, %d captions from hub dataset %s (splits %s)", dataset.n_images,
+                dataset.n_captions, source, ", ".join(f"{n} {len(splits[n])}" for n in names))
     return dataset
 
 

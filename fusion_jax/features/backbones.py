@@ -125,7 +125,15 @@ def _auto(kind: str, model: str, revision: str | None, what: str, field: str):
 
 
 def _describe(pre: ImagePreprocessor) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(pre), default=str))
+    """The preprocessing's settings for a cache key (not its thread count, which leaves the pixels alone)."""
+    settings = {k: v for k, v in dataclasses.asdict(pre).items() if k != "num_threads"}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    """L2-normalised rows: CLIP compares its embeddings by cosine, and the paper's noise, normalize(v + σz),
+    is meant for unit vectors."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _folder_stamp(model: str) -> str | None:
@@ -192,7 +200,8 @@ def _mean_pool(h: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
-    """FlaxCLIPModel from `model` (hub id or folder), with its own image processor and tokenizer."""
+    """FlaxCLIPModel from `model` (hub id or folder), with its own image processor and tokenizer: the
+    projected image and text embeddings, L2-normalised (with tokens, also the towers' last hidden states)."""
     from transformers import FlaxCLIPModel
 
     field = "backbone.clip.model"
@@ -203,16 +212,16 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     @jax.jit
     def image_fn(params, pixels):
-        out = {"image": net.get_image_features(pixels, params=params)}
-        if tokens:
-            states = net.module.apply({"params": params}, pixels,
-                                      method=lambda m, x: m.vision_model(pixel_values=x).last_hidden_state)
-            out["image_tokens"] = states
+        out = {"image": _unit(net.get_image_features(pixels, params=params))}
+        if tokens:  # the vision module takes channels last, as get_image_features hands it the pixels
+            out["image_tokens"] = net.module.apply(
+                {"params": params}, jnp.transpose(pixels, (0, 2, 3, 1)),
+                method=lambda m, x: m.vision_model(pixel_values=x).last_hidden_state)
         return out
 
     @jax.jit
     def text_fn(params, ids, mask):
-        out = {"text": net.get_text_features(ids, mask, params=params)}
+        out = {"text": _unit(net.get_text_features(ids, mask, params=params))}
         if tokens:
             out["text_tokens"] = net.module.apply(
                 {"params": params}, ids, mask,
@@ -225,7 +234,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
     encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, net.params, tokenize,
                                             batch_size, tokens)
     key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
-           "preprocess": _describe(pre), "tokens": tokens}
+           "preprocess": _describe(pre), "tokens": tokens, "normalized": True}
     return Backbone("clip", key, encode_images, encode_texts, length)
 
 
