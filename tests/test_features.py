@@ -104,7 +104,7 @@ def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
     assert not os.path.exists(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))
 
 
-def test_clip_features_unit_length_and_token_states(tmp_path):
+def test_clip_features_unit_length_and_token_states(tmp_path, caplog):
     """load_clip gives CLIP's projected embeddings L2-normalised and, with tokens, each tower's last hidden
     states (the vision tower fed channels-last pixels, as get_image_features feeds it)."""
     from transformers import FlaxCLIPModel
@@ -126,6 +126,9 @@ def test_clip_features_unit_length_and_token_states(tmp_path):
     assert images["image_mask"].shape == (4, n_patches + 1)
     assert texts["text_tokens"].shape[:2] == texts["text_mask"].shape and texts["text_mask"][:, 0].all()
     assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"]
+    cap = model.config.text_config.max_position_embeddings
+    long = " ".join(["red circle"] * cap)
+    assert clip.text_length([long, ds.captions[0]]) == cap and "1 of 2 captions are longer" in caplog.text
 
 
 def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):

@@ -164,8 +164,13 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 def _tokenizer_fns(tokenizer, batch_size: int, cap: int):
     def length(texts):
-        ids = tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"]
-        return max(len(i) for i in ids)
+        """The longest caption's token count, at most the model's `cap`; captions cut there are counted."""
+        lengths = [len(i) for i in tokenizer(list(texts), truncation=True, max_length=cap + 1)["input_ids"]]
+        cut = sum(n > cap for n in lengths)
+        if cut:
+            log.warning("%d of %d captions are longer than the model's %d tokens and are cut there", cut,
+                        len(lengths), cap)
+        return min(max(lengths), cap)
 
     def tokenize(texts, max_length):
         t = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
