@@ -125,7 +125,7 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog):
     assert images["image_tokens"].shape == (4, n_patches + 1, model.config.vision_config.hidden_size)
     assert images["image_mask"].shape == (4, n_patches + 1)
     assert texts["text_tokens"].shape[:2] == texts["text_mask"].shape and texts["text_mask"][:, 0].all()
-    assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"]
+    assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"] and "preprocess" not in clip.text_key
     cap = model.config.text_config.max_position_embeddings
     long = " ".join(["red circle"] * cap)
     assert clip.text_length([long, ds.captions[0]]) == cap and "1 of 2 captions are longer" in caplog.text

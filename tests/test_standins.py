@@ -32,6 +32,9 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
     images = resnet.encode_images([ds.load_image(i) for i in range(3)])["image"]
     texts = resnet.encode_texts(list(ds.captions[:5]), 16)["text"]
     assert images.shape == (3, 32) and texts.shape == (5, 32)
+    # Each side's cache key names only its own model: another text encoder leaves the image features cached.
+    assert "text_model" not in resnet.image_key and "preprocess" not in resnet.text_key and "model" not in resnet.text_key
+    assert resnet.image_key["commit"] is None  # a local folder (a hub model records the commit it was loaded at)
     assert np.isfinite(images).all() and np.isfinite(texts).all()
 
     config = load_config("clip_sweep")

@@ -76,7 +76,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     else:
         bb = backbones.load_resnet(models["resnet"], models["text"], revision, b.batch_size, b.tokens)
     root = config.cache_dir or default_root()
-    key = {"dataset": ds.name, "data": ds.fingerprint, **bb.key}
+    data, key = {"dataset": ds.name, "data": ds.fingerprint}, {"dataset": ds.name, "data": ds.fingerprint, **bb.key}
     pool = ThreadPoolExecutor(max_workers=4)
 
     def load(i: int):
@@ -92,11 +92,12 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         stand_in = next((im for im in images if im is not None), np.zeros((8, 8, 3), np.uint8))
         return {**bb.encode_images([im if im is not None else stand_in for im in images]), "valid": valid}
 
-    image = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-image", {**key, "part": "image"}),
+    image = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"}),
                            ds.n_images, encode_images, b.batch_size, f"{backbone} image features")
     length = bb.text_length(ds.captions)
     log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone, length)
-    text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text", {**key, "part": "text", "length": length}),
+    text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text",
+                                       {**data, **bb.text_key, "part": "text", "length": length}),
                           ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
                           b.batch_size, f"{backbone} text features")
     pool.shutdown()

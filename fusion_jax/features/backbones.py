@@ -34,14 +34,27 @@ class Backbone:
     """A loaded backbone: encode_images(uint8 images) and encode_texts(strings, max_length) -> arrays.
 
     Outputs: {"image": [b, d_v]} (+ "image_tokens" [b, T, d], "image_mask" [b, T] with tokens), and
-    {"text": [b, d_t]} (+ "text_tokens", "text_mask"). `key` names what made the features.
+    {"text": [b, d_t]} (+ "text_tokens", "text_mask"). `image_key` and `text_key` name what made each
+    side's features (their cache keys: a new text model leaves the image features cached), `key`
+    both (the provenance).
     """
 
     name: str
-    key: dict
+    image_key: dict
+    text_key: dict
     encode_images: Callable[[Sequence[np.ndarray]], dict[str, np.ndarray]]
     encode_texts: Callable[[Sequence[str], int], dict[str, np.ndarray]]
     text_length: Callable[[Sequence[str]], int]
+
+    @property
+    def key(self) -> dict:
+        return {**self.image_key, **self.text_key}
+
+
+def _commit(net) -> str | None:
+    """The hub commit a model was loaded at (None for a local folder): a hub model keyed by its id alone
+    would reuse features after the hub's branch moved on."""
+    return getattr(net.config, "_commit_hash", None)
 
 
 def _missing(what: str, model: str, field: str, error: Exception) -> DataUnavailableError:
@@ -211,7 +224,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     field = "backbone.clip.model"
     net = _from_pretrained(FlaxCLIPModel, model, revision, "CLIP model", field)
-    pre = ImagePreprocessor.from_pretrained(model)
+    pre = ImagePreprocessor.from_pretrained(model, revision=revision)
     length, tokenize = _tokenizer_fns(_auto("AutoTokenizer", model, revision, "CLIP tokenizer", field), batch_size,
                                       net.config.text_config.max_position_embeddings)
 
@@ -238,9 +251,10 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, net.params, tokenize,
                                             batch_size, tokens)
-    key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
-           "preprocess": _describe(pre), "tokens": tokens, "normalized": True}
-    return Backbone("clip", key, encode_images, encode_texts, length)
+    model_key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
+                 "commit": _commit(net), "tokens": tokens, "normalized": True}
+    return Backbone("clip", {**model_key, "preprocess": _describe(pre)}, model_key, encode_images, encode_texts,
+                    length)
 
 
 def load_resnet(model: str, text_model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
@@ -248,7 +262,7 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
     from transformers import FlaxAutoModel
 
     net = load_flax_resnet(model, revision)
-    pre = ImagePreprocessor.from_pretrained(model)
+    pre = ImagePreprocessor.from_pretrained(model, revision=revision)
     text_net = _from_pretrained(FlaxAutoModel, text_model, None, "text encoder", "backbone.resnet.text_model")
     length, tokenize = _tokenizer_fns(
         _auto("AutoTokenizer", text_model, None, "text tokenizer", "backbone.resnet.text_model"), batch_size,
@@ -273,7 +287,8 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
 
     encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, text_net.params, tokenize,
                                             batch_size, tokens)
-    key = {"kind": "resnet", "model": model, "model_files": _folder_stamp(model), "text_model": text_model,
-           "text_model_files": _folder_stamp(text_model), "revision": revision, "preprocess": _describe(pre),
-           "tokens": tokens}
-    return Backbone("resnet", key, encode_images, encode_texts, length)
+    image_key = {"kind": "resnet", "model": model, "model_files": _folder_stamp(model), "revision": revision,
+                 "commit": _commit(net), "preprocess": _describe(pre), "tokens": tokens}
+    text_key = {"kind": "resnet", "text_model": text_model, "text_model_files": _folder_stamp(text_model),
+                "text_commit": _commit(text_net), "tokens": tokens}
+    return Backbone("resnet", image_key, text_key, encode_images, encode_texts, length)

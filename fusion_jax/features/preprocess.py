@@ -117,11 +117,12 @@ class ImagePreprocessor:
         return cls(shortest_edge=None, resize_hw=(edge, edge), crop_hw=None, **common)
 
     @classmethod
-    def from_pretrained(cls, model_id_or_dir: str, num_threads: int | None = None) -> ImagePreprocessor:
+    def from_pretrained(cls, model_id_or_dir: str, num_threads: int | None = None,
+                        revision: str | None = None) -> ImagePreprocessor:
         """Load the model's image processor (slow, PIL variant) with AutoImageProcessor and mirror it."""
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(model_id_or_dir, use_fast=False)
+        processor = AutoImageProcessor.from_pretrained(model_id_or_dir, use_fast=False, revision=revision)
         return cls.from_processor(processor, num_threads=num_threads)
 
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
