@@ -76,7 +76,8 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     else:
         bb = backbones.load_resnet(models["resnet"], models["text"], revision, b.batch_size, b.tokens)
     root = config.cache_dir or default_root()
-    data, key = {"dataset": ds.name, "data": ds.fingerprint}, {"dataset": ds.name, "data": ds.fingerprint, **bb.key}
+    data = {"dataset": ds.name, "data": ds.fingerprint}
+    key = {**data, **bb.key}  # the provenance; each side's cache entry has its own part of it
     pool = ThreadPoolExecutor(max_workers=4)
 
     def load(i: int):
