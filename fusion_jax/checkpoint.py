@@ -33,9 +33,6 @@ class GroupCheckpoints:
     def all_epochs(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def delete(self, epoch: int) -> None:
-        self._manager.delete(epoch)
-
     def move_aside(self, epoch: int, folder: str) -> str:
         """Move the checkpoint after `epoch` out of the manager's directory into `folder` (kept for
         a look, never read again); return where it went."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 
 import matplotlib
 
@@ -14,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fusion_jax import paper, tables  # noqa: E402
+from fusion_jax.files import atomic_write  # noqa: E402
 
 COLORS = {"concat": "tab:blue", "cross": "tab:red"}
 MODALITY_COLORS = {"image": "tab:blue", "text": "tab:orange"}
@@ -30,16 +30,10 @@ def backbones(results: dict) -> list[str]:
 
 def _save(fig: plt.Figure, path: str) -> str:
     """Save a figure atomically as PNG and close it."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are for everyone to read, as the tables
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

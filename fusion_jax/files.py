@@ -5,24 +5,29 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """write(f) into a temporary file of this writer's own beside `path`, fsync it, make it readable by
+    all (mkstemp makes 0600 files; results are for everyone to read), then rename it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -60,7 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for s in _distinct_nonempty(config.seeds, "seeds"):
         _require(isinstance(s, int) and 0 <= s < 2**31, "seeds", f"seed {s!r} must be an integer in [0, 2^31)")
     for s in _distinct_nonempty(config.scales, "scales"):
-        _require(isinstance(s, int) and s > 0, "scales", f"scale {s!r} must be a positive integer")
+        _require(_int(s, 1), "scales", f"scale {s!r} must be a positive integer")
 
     d = config.degradation
     _require(d.kind in degrade.KINDS, "degradation.kind",
@@ -68,7 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(d.modality in degrade.MODALITIES, "degradation.modality",
              f"unknown modality {d.modality!r}; allowed: {', '.join(degrade.MODALITIES)}")
     for level in _distinct_nonempty(d.levels, "degradation.levels"):
-        _require(isinstance(level, (int, float)) and math.isfinite(level) and level >= 0,
+        _require(_finite(level) and level >= 0,
                  "degradation.levels", f"level {level!r} must be a finite number >= 0")
     for b in _distinct(d.backbones, "degradation.backbones"):
         _require(b in config.backbones, "degradation.backbones", f"{b!r} is not in backbones {tuple(config.backbones)}")
@@ -82,9 +82,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{t.learning_rate} must be a finite number > 0")
     _require(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
              f"{t.weight_decay} must be a finite number >= 0")
-    _require(isinstance(t.epochs, int) and t.epochs >= 1, "train.epochs", f"{t.epochs} must be an integer >= 1")
-    _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size", f"{t.batch_size} must be an integer >= 1")
-    _require(isinstance(t.eval_batch_size, int) and t.eval_batch_size >= 1, "train.eval_batch_size",
+    _require(_int(t.epochs, 1), "train.epochs", f"{t.epochs} must be an integer >= 1")
+    _require(_int(t.batch_size, 1), "train.batch_size", f"{t.batch_size} must be an integer >= 1")
+    _require(_int(t.eval_batch_size, 1), "train.eval_batch_size",
              f"{t.eval_batch_size} must be an integer >= 1")
     _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
     _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
@@ -103,23 +103,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction",
                  f"{config.data.max_bad_fraction} must be in [0, 1]")
         _require(config.data.embedded_images >= 2, "data.embedded_images", "must be >= 2")
-        _require(isinstance(config.backbone.batch_size, int) and config.backbone.batch_size >= 1,
+        _require(_int(config.backbone.batch_size, 1),
                  "backbone.batch_size", "must be an integer >= 1")
     h = config.head
     for field in ("hidden", "mlp_hidden", "num_heads"):
-        _require(isinstance(h[field], int) and h[field] >= 1, f"head.{field}", f"{h[field]} must be an integer >= 1")
+        _require(_int(h[field], 1), f"head.{field}", f"{h[field]} must be an integer >= 1")
     _require(h.hidden % h.num_heads == 0, "head.num_heads", f"{h.num_heads} must divide head.hidden={h.hidden}")
     _require(isinstance(config.split_by_scale, bool), "split_by_scale",
              f"{config.split_by_scale!r} must be True or False")
-    _require(isinstance(config.max_runs_per_program, int) and config.max_runs_per_program >= 0,
+    _require(_int(config.max_runs_per_program, 0),
              "max_runs_per_program", f"{config.max_runs_per_program} must be an integer >= 0 (0: no cap)")
-    _require(isinstance(config.runs_per_chunk, int) and config.runs_per_chunk >= 0, "runs_per_chunk",
+    _require(_int(config.runs_per_chunk, 0), "runs_per_chunk",
              f"{config.runs_per_chunk} must be an integer >= 0 (0: 2 on CPUs, all of a device's runs otherwise)")
-    _require(isinstance(config.compile_workers, int) and config.compile_workers >= 0,
+    _require(_int(config.compile_workers, 0),
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
     _require(isinstance(config.compilation_cache, str), "compilation_cache",
              f"{config.compilation_cache!r} must be a folder's path (empty: none)")
-    _require(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1, "checkpoint.keep",
+    _require(_int(config.checkpoint.keep, 1), "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
     for field in ("timeout_seconds", "wait_seconds"):
         value = config.distributed[field]

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -27,7 +26,7 @@ try:
 except ImportError:  # not POSIX: no lock, one process per cache
     fcntl = None
 
-from fusion_jax.files import atomic_write_json, atomic_write_text
+from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("fusion_jax")
 
@@ -52,16 +51,8 @@ def _sha256(path: str) -> str:
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
-    """Write arrays atomically (through a temporary file of this writer's own); return the file's sha256."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write arrays atomically; return the file's sha256."""
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
     return _sha256(path)
 
 

@@ -34,7 +34,7 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
             idx = np.arange(start, stop)
             with cache.lock():
                 done = cache.load(n)  # another process sharing the cache finished the entry meanwhile
-                have = done is not None or cache.load_shard(start, stop) is not None
+                have = done is None and cache.load_shard(start, stop) is not None
             if done is not None:
                 log.info("%s: another process finished %s; reusing it", desc, cache.dir)
                 return done

@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{paths['clip']} and {paths['resnet']} (random weights), text encoder {paths['text']} ({text})")
     print("the paper's sweeps on them (features mean nothing; time and shapes are real):")
     n_captions = n_images * CAPTIONS_PER_IMAGE
-    if fitting_scales(n_captions):
-        print(f"(at scales {fitting_scales(n_captions)}: {n_images} images give {2 * n_captions} pairs, too few for "
-              f"the paper's {PAPER_SCALES})")
+    if scales := fitting_scales(n_captions):
+        print(f"(at scales {scales}: {n_images} images give {2 * n_captions} pairs, too few for the paper's "
+              f"{PAPER_SCALES})")
     for command in commands(paths, os.path.join(out, "cache"), os.path.join(out, "results"), n_captions):
         print("  " + command)
     return 0
