@@ -58,8 +58,7 @@ def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: 
 
     t0 = time.perf_counter()
     hc, tc = config.head, config.train
-    pairs = {s: build_pairs(features.caption_image, features.n_images, s, config.pairs.split_seed,
-                            config.pairs.train_fraction) for s in group.scales}
+    pairs = {s: build_pairs(features.caption_image, features.n_images, s, **config.pairs) for s in group.scales}
     run_s, losses, accuracies, steps, trained = [], [], [], [], []
     for spec in group.runs:
         if runs_per_scale is not None and sum(r.scale == spec.scale for r in trained) >= runs_per_scale:

@@ -20,7 +20,9 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config.methods = ("concat", "cross")
     config.scales = PAPER_SCALES
     config.seeds = PAPER_SEEDS
-    config.pairs = ml_collections.ConfigDict(dict(split_seed=0, train_fraction=0.8))
+    # split_by "pair": the pairs are split at random (the paper); "image": the images are, and no
+    # validation image or caption is seen in training (data/pairs.py).
+    config.pairs = ml_collections.ConfigDict(dict(split_seed=0, train_fraction=0.8, split_by="pair"))
     # v' = normalize(v + N(0, sigma^2 I)); `backbones` and `scales` list who gets the levels (empty:
     # all), the other runs are at level 0 only (the paper's noise study is one backbone at one scale).
     config.degradation = ml_collections.ConfigDict(dict(

@@ -93,8 +93,7 @@ def split_by_scale(groups: list[Group]) -> list[Group]:
 def group_pairs(config: ml_collections.ConfigDict, group: Group, features: FeatureSet) -> dict[int, Pairs]:
     """The pairs of each scale of `group`, with a NonFinite error for features they would read (row 0
     too: padding pairs read it, with zero weight, and 0 x NaN is NaN)."""
-    pairs = {s: build_pairs(features.caption_image, features.n_images, s, config.pairs.split_seed,
-                            config.pairs.train_fraction) for s in group.scales}
+    pairs = {s: build_pairs(features.caption_image, features.n_images, s, **config.pairs) for s in group.scales}
     for name, x in (("image", features.image), ("text", features.text)):
         rows = np.unique(np.concatenate([[0]] + [p.image_idx if name == "image" else p.caption_idx
                                                  for p in pairs.values()]))

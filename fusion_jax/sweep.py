@@ -66,7 +66,7 @@ _MIN_FREE_BYTES = 64 * 2**20
 # max_runs_per_program change those, so a resume must keep them).
 _NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
-_ADDED = {"degradation.scales": []}  # (compilation_cache is not a results field)
+_ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}  # (compilation_cache is not a results field)
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
 # not compared against such a file.
 _SAVED_LATER = ("split_by_scale",)

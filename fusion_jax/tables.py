@@ -39,11 +39,13 @@ def data_label(features: str, short: bool = False) -> str:
 
 def is_paper_setting(results: dict, backbone: str) -> bool:
     """True when the backbone's features are the paper's own setting: pooled CLIP ViT-B/32 features (the
-    hub's model by its id, 512-d) of Flickr8k. A local model folder cannot be told from another CLIP
-    (the stand-ins' random one has the same sizes), so its rows stay apart from the paper's."""
+    hub's model by its id, 512-d) of Flickr8k, pairs split 80/20 at random. A local model folder cannot be
+    told from another CLIP (the stand-ins' random one has the same sizes), so its rows stay apart."""
     prov = results.get("backbones", {}).get(backbone, {})
+    pairs = results.get("config", {}).get("pairs", {})
     return (data_of(results) == paper.FEATURES and backbone == paper.BACKBONE and prov.get("model") == paper.MODEL
-            and not prov.get("tokens") and prov.get("dim_image") == prov.get("dim_text") == paper.DIM)
+            and not prov.get("tokens") and prov.get("dim_image") == prov.get("dim_text") == paper.DIM
+            and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction") == 0.8)
 
 
 def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:
@@ -130,11 +132,22 @@ def _round(x: float | None, scale: float = 100.0, digits: int = 2) -> float | No
     return None if x is None or not math.isfinite(x) else round(scale * x, digits)
 
 
+def split_text(results: dict) -> str:
+    """How the sweep split its pairs, for labels: '80% train, pairs split at random' or '..., split by image'."""
+    pairs = results["config"].get("pairs", {})
+    share = f"{100 * pairs['train_fraction']:.0f}% train" if "train_fraction" in pairs else "train/validation"
+    by_image = pairs.get("split_by", "pair") == "image"
+    return f"{share}, {'split by image' if by_image else 'pairs split at random'}"
+
+
 def _ours_header(results: dict) -> str:
     cfg = results["config"]
     seeds = ", ".join(str(s) for s in cfg.get("seeds", []))
+    split = ("no validation image or caption is seen in training"
+             if cfg.get("pairs", {}).get("split_by", "pair") == "image" else "as the paper")
     return (f"**Ours**: {data_label(data_of(results))} (`config.features = {cfg['features']}`), config "
-            f"`{cfg.get('name', '?')}`, seeds {seeds}; validation metrics in percent, mean ± sample std over "
+            f"`{cfg.get('name', '?')}`, seeds {seeds}, {split_text(results)} ({split}); "
+            "validation metrics in percent, mean ± sample std over "
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
             "predicting the larger class). `concat − cross` is the mean over paired seeds of the accuracy "
             "difference in points (the difference of the two means when both methods have every seed), with "

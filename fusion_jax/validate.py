@@ -7,7 +7,7 @@ import math
 import ml_collections
 
 from fusion_jax import degrade, fusion
-from fusion_jax.data import FeatureSet, max_pairs
+from fusion_jax.data import SPLITS, FeatureSet, max_pairs
 from fusion_jax.data.dataset import ImageCaptionDataset
 
 
@@ -91,6 +91,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.pairs.train_fraction} must be in (0, 1)")
     _require(_int(config.pairs.split_seed, 0), "pairs.split_seed",
              f"{config.pairs.split_seed!r} must be an integer >= 0")
+    _require(config.pairs.split_by in SPLITS, "pairs.split_by",
+             f"{config.pairs.split_by!r}; allowed: {', '.join(repr(s) for s in SPLITS)}")
     if config.features == "synthetic":
         sy = config.synthetic
         for field, low in (("n_images", 2), ("captions_per_image", 1), ("latent_dim", 1), ("dim", 1),
@@ -130,11 +132,12 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
     """Every scale must fit the pairs each set (a dataset before extraction, each backbone's features
     after, keyed by how the error names it) can make, and leave both splits usable."""
     for label, fs in sets.items():
-        limit = max_pairs(fs.caption_image, fs.n_images)
+        limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
+        by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
         for scale in config.scales:
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "
-                     f"({fs.n_captions} captions, {fs.n_images} images); allowed: 2..{limit}")
+                     f"({fs.n_captions} captions, {fs.n_images} images{by_image}); allowed: 2..{limit}")
             n_train = int(round(config.pairs.train_fraction * scale))
             _require(n_train >= config.train.batch_size and scale - n_train >= 2, "scales",
                      f"scale {scale} leaves {n_train} training and {scale - n_train} validation pairs; "

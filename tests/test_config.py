@@ -38,6 +38,7 @@ INVALID = [
     ("compile_workers", -1, "compile_workers", ">= 0"),
     ("runs_per_chunk", -2, "runs_per_chunk", ">= 0"),
     ("pairs.split_seed", -1, "pairs.split_seed", "integer >= 0"),
+    ("pairs.split_by", "caption", "pairs.split_by", "allowed: 'pair', 'image'"),
     ("train.learning_rate", float("inf"), "train.learning_rate", "finite"),
     ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
     ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),
@@ -58,6 +59,14 @@ def test_invalid_value(smoke_config, tmp_path, field, value, named, allowed):
         train_and_evaluate(smoke_config, str(workdir))
     assert e.value.field == named and str(e.value).startswith(f"config.{named}:") and allowed in str(e.value)
     assert not workdir.exists()
+
+
+def test_split_by_image_names_its_scale_limit(smoke_config, tmp_path):
+    """Split by image, each side holds at most twice its own captions (tests/test_pairs.py); the error says so."""
+    smoke_config.pairs.split_by = "image"
+    smoke_config.scales = (10**6,)
+    with pytest.raises(ConfigError, match=r"larger than the 2000 pairs .*split_by='image'"):
+        train_and_evaluate(smoke_config, str(tmp_path / "out"))
 
 
 def test_none_kind_needs_level_zero(smoke_config, tmp_path):
@@ -143,6 +152,11 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     del saved["degradation"]["scales"]
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
     prepare_workdir(workdir, config)
+    del saved["pairs"]["split_by"]  # saved before the image split: the pairs were split at random
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
+    prepare_workdir(workdir, config)
+    with pytest.raises(ConfigError, match=r"differs in pairs.split_by\)"):
+        prepare_workdir(workdir, {**config, "pairs": {**config["pairs"], "split_by": "image"}})
     with pytest.raises(ConfigError, match=r"differs in degradation.scales\)"):
         prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "scales": (128,)}})
     # The layout fields that name the groups (and so their finished files and checkpoints) must stay;

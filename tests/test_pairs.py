@@ -40,3 +40,58 @@ def test_scale_limits():
     build_pairs(CAPTION_IMAGE, 50, 500, split_seed=0)
     with pytest.raises(ValueError, match="scale 501"):
         build_pairs(CAPTION_IMAGE, 50, 501, split_seed=0)
+
+
+def _images_of(p, part):
+    s = p.split(part)
+    return set(s["image_idx"].tolist()) | set(CAPTION_IMAGE[s["caption_idx"]].tolist())
+
+
+def test_split_by_image_keeps_validation_images_and_captions_out_of_training():
+    limit = max_pairs(CAPTION_IMAGE, 50, 0, 0.8, "image")
+    assert limit == 500  # 40 training images' 200 captions: 400 pairs, 10 validation images': 100
+    for scale in (10, 101, 300, limit):
+        p = build_pairs(CAPTION_IMAGE, 50, scale, 0, 0.8, "image")
+        assert p.n_train == round(0.8 * scale) and not _images_of(p, "train") & _images_of(p, "val")
+        for part in ("train", "val"):
+            s = p.split(part)
+            positive = s["label"] == 1
+            assert positive.sum() == (len(positive) + 1) // 2  # balanced within each split
+            assert (CAPTION_IMAGE[s["caption_idx"][positive]] == s["image_idx"][positive]).all()
+            assert (CAPTION_IMAGE[s["caption_idx"][~positive]] != s["image_idx"][~positive]).all()
+        assert len(set(zip(p.image_idx.tolist(), p.caption_idx.tolist()))) == scale
+    with pytest.raises(ValueError, match="split by image"):
+        build_pairs(CAPTION_IMAGE, 50, limit + 1, 0, 0.8, "image")
+
+
+def test_split_by_image_is_nested_per_split_and_seeded():
+    rows = lambda p, part: set(zip(*(p.split(part)[k].tolist() for k in ("image_idx", "caption_idx", "label"))))
+    small, large = (build_pairs(CAPTION_IMAGE, 50, s, 3, 0.8, "image") for s in (100, 300))
+    assert rows(small, "train") <= rows(large, "train") and rows(small, "val") <= rows(large, "val")
+    assert _images_of(large, "val") != _images_of(build_pairs(CAPTION_IMAGE, 50, 300, 4, 0.8, "image"), "val")
+    again = build_pairs(CAPTION_IMAGE, 50, 300, 3, 0.8, "image")
+    np.testing.assert_array_equal(again.image_idx, large.image_idx)
+
+
+def test_split_by_pair_mixes_images_across_the_split():
+    """The paper's split, for contrast: at this size some validation images are also training images."""
+    p = build_pairs(CAPTION_IMAGE, 50, 300, 0)
+    assert _images_of(p, "train") & _images_of(p, "val")
+    with pytest.raises(ValueError, match="split_by"):
+        build_pairs(CAPTION_IMAGE, 50, 300, 0, split_by="caption")
+
+
+def test_the_configured_split_reaches_each_group(smoke_config):
+    """groups.group_pairs builds every scale's pairs with config.pairs, split_by included."""
+    from fusion_jax.data.sources import load_features
+    from fusion_jax.groups import group_pairs, plan
+
+    smoke_config.pairs.split_by = "image"
+    features = load_features(smoke_config, smoke_config.backbones[0])
+    group = plan(smoke_config)[0]
+    for scale, p in group_pairs(smoke_config, group, features).items():
+        expected = build_pairs(features.caption_image, features.n_images, scale, smoke_config.pairs.split_seed,
+                               smoke_config.pairs.train_fraction, "image")
+        np.testing.assert_array_equal(p.caption_idx, expected.caption_idx)
+        image_of = lambda part: set(features.caption_image[p.split(part)["caption_idx"]].tolist())
+        assert not image_of("train") & image_of("val")

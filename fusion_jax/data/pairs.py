@@ -4,6 +4,12 @@ A positive is an image with one of its own captions, a negative an image with a 
 different image; half and half. Pairs depend only on (split_seed, scale): every run of a scale
 sees the same pairs and split, and a smaller scale's positives and negatives are prefixes of a
 larger scale's, so the scales are nested subsets of one master list.
+
+Two splits (`split_by`):
+- "pair" (the paper's "80% train / 20% validation, fixed seed"): the pairs are split at random, so
+  an image (and a caption, once as a positive and once as a negative) may sit on both sides.
+- "image": the images are split first; training pairs use only training images and their captions,
+  validation pairs only the others, so validation measures matching on unseen images and captions.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+SPLITS = ("pair", "image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,31 +36,105 @@ class Pairs:
         return {"image_idx": self.image_idx[sl], "caption_idx": self.caption_idx[sl], "label": self.label[sl]}
 
 
-def max_pairs(caption_image: np.ndarray, n_images: int) -> int:
-    """Largest scale the pair builder can serve: every caption once as positive and once as negative."""
-    return 2 * len(caption_image) if n_images >= 2 else 0
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """Master lists of one set of images: positives in order, negatives in order (each caption once)."""
+
+    pos_image: np.ndarray
+    pos_caption: np.ndarray
+    neg_image: np.ndarray
+    neg_caption: np.ndarray
+
+    @property
+    def limit(self) -> int:
+        return len(self.pos_caption) + len(self.neg_caption)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image_idx, caption_idx, label) of the first ceil(n/2) positives and floor(n/2) negatives."""
+        n_pos = (n + 1) // 2
+        return (np.concatenate([self.pos_image[:n_pos], self.neg_image[:n - n_pos]]),
+                np.concatenate([self.pos_caption[:n_pos], self.neg_caption[:n - n_pos]]),
+                np.concatenate([np.ones(n_pos), np.zeros(n - n_pos)]))
+
+
+def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.random.Generator) -> _Pool:
+    """The master lists of the captions of `images` (image ids); negatives draw another image of the set."""
+    if len(images) < 2:
+        empty = np.zeros(0, np.int64)
+        return _Pool(empty, empty, empty, empty)
+    position = np.full(n_images, -1)
+    position[images] = np.arange(len(images))
+    captions = np.flatnonzero(position[caption_image] >= 0)
+    pos = captions[rng.permutation(len(captions))]
+    neg = captions[rng.permutation(len(captions))]
+    # A uniform draw among the set's other images: shift the caption's own image by 1..len(images)-1.
+    shift = rng.integers(1, len(images), len(captions))
+    neg_image = images[(position[caption_image[neg]] + shift) % len(images)]
+    return _Pool(caption_image[pos], pos, neg_image, neg)
+
+
+def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
+           ) -> tuple[_Pool, _Pool]:
+    """(training pool, validation pool) of the image split: round(train_fraction * n_images) images train."""
+    rng = np.random.default_rng([split_seed, 0, 1])
+    images = rng.permutation(n_images)
+    n_train = int(round(train_fraction * n_images))
+    return (_pool(caption_image, n_images, np.sort(images[:n_train]), rng),
+            _pool(caption_image, n_images, np.sort(images[n_train:]), rng))
+
+
+def _split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
+    n_train = int(round(train_fraction * scale))
+    return n_train, scale - n_train
+
+
+def max_pairs(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
+              split_by: str = "pair") -> int:
+    """Largest scale the pair builder can serve: every caption once as positive and once as negative
+    (with split_by="image", within each side of the split)."""
+    caption_image = np.asarray(caption_image, np.int64)
+    if n_images < 2:
+        return 0
+    if split_by == "pair":
+        return 2 * len(caption_image)
+    train, val = _pools(caption_image, n_images, split_seed, train_fraction)
+    fits = lambda s: all(n <= p.limit for n, p in zip(_split_sizes(s, train_fraction), (train, val)))
+    low, high = 0, train.limit + val.limit  # fits() is monotone in the scale: bisect for the largest
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed: int,
-                train_fraction: float = 0.8) -> Pairs:
-    """Balanced pairs for `scale`: ceil(scale/2) positives, the rest negatives, split train/val."""
-    limit = max_pairs(caption_image, n_images)
+                train_fraction: float = 0.8, split_by: str = "pair") -> Pairs:
+    """Balanced pairs for `scale`: half positives (ceil), the rest negatives, split train/val."""
+    if split_by not in SPLITS:
+        raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
+    limit = max_pairs(caption_image, n_images, split_seed, train_fraction, split_by)
     if not 2 <= scale <= limit:
-        raise ValueError(f"scale {scale} outside [2, {limit}] for {len(caption_image)} captions")
+        raise ValueError(f"scale {scale} outside [2, {limit}] for {len(caption_image)} captions"
+                         + (" (split by image)" if split_by == "image" else ""))
     caption_image = np.asarray(caption_image, np.int64)
-    rng = np.random.default_rng(split_seed)
-    pos_captions = rng.permutation(len(caption_image))
-    neg_captions = rng.permutation(len(caption_image))
-    # A uniform draw among the other images: shift the caption's own image by 1..n_images-1.
-    neg_images = (caption_image[neg_captions] + rng.integers(1, n_images, len(caption_image))) % n_images
-
-    n_pos = (scale + 1) // 2
-    n_neg = scale - n_pos
-    image_idx = np.concatenate([caption_image[pos_captions[:n_pos]], neg_images[:n_neg]])
-    caption_idx = np.concatenate([pos_captions[:n_pos], neg_captions[:n_neg]])
-    label = np.concatenate([np.ones(n_pos), np.zeros(n_neg)])
-
-    order = np.random.default_rng([split_seed, scale]).permutation(scale)
     n_train = int(round(train_fraction * scale))
+    if split_by == "image":
+        train, val = _pools(caption_image, n_images, split_seed, train_fraction)
+        parts = [pool.take(n) for pool, n in zip((train, val), _split_sizes(scale, train_fraction))]
+        rng = np.random.default_rng([split_seed, scale])
+        order = np.concatenate([rng.permutation(n_train), n_train + rng.permutation(scale - n_train)])
+        image_idx, caption_idx, label = (np.concatenate(a) for a in zip(*parts))
+    else:
+        rng = np.random.default_rng(split_seed)
+        pool = _Pool(*_pair_lists(caption_image, n_images, rng))
+        image_idx, caption_idx, label = pool.take(scale)
+        order = np.random.default_rng([split_seed, scale]).permutation(scale)
     return Pairs(image_idx[order].astype(np.int32), caption_idx[order].astype(np.int32),
                  label[order].astype(np.int32), n_train)
+
+
+def _pair_lists(caption_image: np.ndarray, n_images: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The pair split's master lists over all images (the paper's protocol; kept draw for draw)."""
+    pos_captions = rng.permutation(len(caption_image))
+    neg_captions = rng.permutation(len(caption_image))
+    neg_images = (caption_image[neg_captions] + rng.integers(1, n_images, len(caption_image))) % n_images
+    return caption_image[pos_captions], pos_captions, neg_images, neg_captions
