@@ -71,7 +71,7 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(scales, [str(s) for s in scales])
         ax.minorticks_off()
-        ax.set_xlabel(f"pairs per run (scale; log₂ axis; {tables.split_text(results)})")
+        ax.set_xlabel(f"pairs per run (scale; log₂ axis; {tables.split_text(results, short=True)})")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(f"backbone {b}")
         ax.grid(alpha=0.3)

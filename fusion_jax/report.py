@@ -94,7 +94,8 @@ def summary_markdown(results: dict) -> str:
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "
-             f"flax {results['versions']['flax']}. Validation metrics in percent, mean ± sample std over seeds; "
+             f"flax {results['versions']['flax']}; {tables.split_text(results)}. "
+             "Validation metrics in percent, mean ± sample std over seeds; "
              "`majority` is the majority-class share of the validation set (the accuracy of always "
              "predicting its larger class).", "",
              "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",

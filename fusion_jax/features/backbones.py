@@ -149,16 +149,24 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _folder_stamp(model: str) -> str | None:
-    """For a local model folder, a hash of its files' names, sizes and times (a retrained model changes it)."""
+LOCAL_FOLDER = "<local folder>"
+
+
+def model_key(model: str, field: str = "model") -> dict:
+    """How a cache key names a model: a hub id as itself; a local folder by its files (names, sizes and the
+    SHA-256 of their bytes, about a second per GB), not by its path or times, so a copied folder or a
+    reinstalled package keeps its features and a retrained model gets new ones."""
     if not os.path.isdir(model):
-        return None
+        return {field: model, f"{field}_files": None}
     h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(model)):
+    for root, dirs, files in os.walk(model):
+        dirs.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
-            h.update(f"{os.path.relpath(os.path.join(root, f), model)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:20]
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                h.update(f"{os.path.relpath(path, model)}:{os.fstat(fh.fileno()).st_size}:".encode())
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return {field: LOCAL_FOLDER, f"{field}_files": h.hexdigest()[:20]}
 
 
 def _on_devices(params, batch_size: int):
@@ -251,10 +259,9 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, net.params, tokenize,
                                             batch_size, tokens)
-    model_key = {"kind": "clip", "model": model, "model_files": _folder_stamp(model), "revision": revision,
-                 "commit": _commit(net), "tokens": tokens, "normalized": True}
-    return Backbone("clip", {**model_key, "preprocess": _describe(pre)}, model_key, encode_images, encode_texts,
-                    length)
+    clip_key = {"kind": "clip", **model_key(model), "revision": revision, "commit": _commit(net), "tokens": tokens,
+                "normalized": True}
+    return Backbone("clip", {**clip_key, "preprocess": _describe(pre)}, clip_key, encode_images, encode_texts, length)
 
 
 def load_resnet(model: str, text_model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
@@ -287,8 +294,8 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
 
     encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, text_net.params, tokenize,
                                             batch_size, tokens)
-    image_key = {"kind": "resnet", "model": model, "model_files": _folder_stamp(model), "revision": revision,
-                 "commit": _commit(net), "preprocess": _describe(pre), "tokens": tokens}
-    text_key = {"kind": "resnet", "text_model": text_model, "text_model_files": _folder_stamp(text_model),
-                "text_commit": _commit(text_net), "tokens": tokens}
+    image_key = {"kind": "resnet", **model_key(model), "revision": revision, "commit": _commit(net),
+                 "preprocess": _describe(pre), "tokens": tokens}
+    text_key = {"kind": "resnet", **model_key(text_model, "text_model"), "text_commit": _commit(text_net),
+                "tokens": tokens}
     return Backbone("resnet", image_key, text_key, encode_images, encode_texts, length)
