@@ -45,7 +45,7 @@ def is_paper_setting(results: dict, backbone: str) -> bool:
     pairs = results.get("config", {}).get("pairs", {})
     return (data_of(results) == paper.FEATURES and backbone == paper.BACKBONE and prov.get("model") == paper.MODEL
             and not prov.get("tokens") and prov.get("dim_image") == prov.get("dim_text") == paper.DIM
-            and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction") == 0.8)
+            and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction", 0.8) == 0.8)
 
 
 def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:

@@ -87,6 +87,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(_int(t.eval_batch_size, 1), "train.eval_batch_size",
              f"{t.eval_batch_size} must be an integer >= 1")
     _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
+    fields = ("split_seed", "train_fraction", "split_by")  # data.build_pairs' keywords
+    _require(sorted(config.pairs) == sorted(fields), "pairs",
+             f"has fields {sorted(config.pairs)}; expected exactly {', '.join(fields)}")
     _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
              f"{config.pairs.train_fraction} must be in (0, 1)")
     _require(_int(config.pairs.split_seed, 0), "pairs.split_seed",
@@ -134,6 +137,10 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
     for label, fs in sets.items():
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
+        _require(limit or not by_image, "pairs.split_by",
+                 f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images, or no "
+                 f"captions; {fs.n_images} images, train_fraction {config.pairs.train_fraction}); use 'pair' "
+                 "or more images")
         for scale in config.scales:
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "

