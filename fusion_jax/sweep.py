@@ -121,6 +121,18 @@ def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, a
     return None, None
 
 
+def _report_set_aside(aside: str) -> None:
+    """A warning at the sweep's end for checkpoints moved aside as corrupt (kept for inspection, never read)."""
+    if not os.path.isdir(aside):
+        return
+    sizes = [os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(aside) for f in files]
+    groups = [os.path.join(aside, g) for g in os.listdir(aside) if os.path.isdir(os.path.join(aside, g))]
+    epochs = [e for g in groups for e in os.listdir(g)]
+    log.warning("%d corrupt checkpoint(s) kept in %s (%.1f MiB), set aside during this or an earlier attempt; "
+                "the results do not use them: remove the folder once inspected", len(epochs), aside,
+                sum(sizes) / 2**20)
+
+
 def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, workdir: str,
                 progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None) -> list[dict]:
     """Train and evaluate every run of a compiled group (`groups.build_program`); return the run records.
@@ -272,5 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             (records.extend if os.path.exists(done(g)) else failures.append)(json.load(f))
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
+    _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
     return write_results(workdir, config_dict, records, command,
                          {b: fs.provenance for b, fs in features.items()}, failures)

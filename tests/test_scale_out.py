@@ -104,6 +104,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     assert calls == [2, 3]  # epoch 2's checkpoint was bad: retrained from epoch 1's
     aside = os.listdir(tmp_path / "run" / "checkpoints-corrupt" / "aligned-concat")
     assert len(aside) == 1 and aside[0].startswith("2-")  # kept for a look, not deleted
+    assert "1 corrupt checkpoint(s) kept in" in caplog.text  # and the sweep's end says where
     _assert_same(clean, resumed)
 
 
