@@ -97,8 +97,13 @@ def summary_markdown(results: dict) -> str:
              f"flax {results['versions']['flax']}; {tables.split_text(results)}. "
              "Validation metrics in percent, mean ± sample std over seeds; "
              "`majority` is the majority-class share of the validation set (the accuracy of always "
-             "predicting its larger class).", "",
-             "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
+             "predicting its larger class).", ""]
+    if results["comparisons"]:
+        lines += ["## Concat or cross?", "",
+                  f"What the paired t-tests below favour (p < {tables.ALPHA}), for these features, scales and seeds; "
+                  "not a claim beyond them.", "", *tables.answer(results), ""]
+    lines += ["## Every cell", "",
+              "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["summary"]:
         d = r["degradation"]

@@ -27,7 +27,7 @@ from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet
-from fusion_jax.data.sources import load_dataset, load_features
+from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
     failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
-        dataset = None if config.features == "synthetic" else load_dataset(config)
+        dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
         features = {b: load_features(config, b, dataset) for b in config.backbones}

@@ -19,8 +19,10 @@ from fusion_jax.data.dataset import STANDIN_NAME
 ALPHA = 0.05
 _DATA = {"flickr8k": "Flickr8k", "embedded": "embedded procedural dataset (not Flickr8k)",
          "synthetic": "synthetic latent-variable features (not Flickr8k)",
+         "npz": "your features (.npz files in npz.dir; not known to be Flickr8k)",
          STANDIN_NAME: "a stand-in folder in Flickr8k's layout (features.standins: embedded images; not Flickr8k)"}
 _DATA_SHORT = {"flickr8k": "Flickr8k", "embedded": "embedded (not Flickr8k)", "synthetic": "synthetic (not Flickr8k)",
+               "npz": "npz files",
                STANDIN_NAME: "stand-in (not Flickr8k)"}
 PAPER_REFERENCE = f"paper ({paper.SETTING})"
 
@@ -75,6 +77,40 @@ def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     if p >= ALPHA:
         return f"tied (not significant at {seeds}, p = {p:.2g})"
     return ahead
+
+
+def answer(results: dict) -> list[str]:
+    """Per backbone, which head the sweep's paired tests favour without noise (p < ALPHA counts),
+    with every scale's difference, and a count of the noisy comparisons: Markdown bullet lines."""
+    out = []
+    for b in dict.fromkeys(c["backbone"] for c in results["comparisons"]):
+        clean = sorted((c for c in results["comparisons"] if c["backbone"] == b and level(c) == 0), key=lambda c: c["scale"])
+        noisy = [c for c in results["comparisons"] if c["backbone"] == b and level(c) > 0]
+        wins = lambda cs, sign: [c for c in cs if c["p_value"] is not None and c["p_value"] < ALPHA
+                                 and sign * c["concat_minus_cross"] > 0]
+        concat, cross = wins(clean, 1), wins(clean, -1)
+        if not clean:
+            choice = "no comparison without noise"
+        elif concat and cross:
+            choice = (f"it depends on the scale: concat at {', '.join(str(c['scale']) for c in concat)}, "
+                      f"cross at {', '.join(str(c['scale']) for c in cross)} pairs")
+        elif concat or cross:
+            choice = f"{'concat' if concat else 'cross'} (significant at {len(concat or cross)} of {len(clean)} scales)"
+        else:
+            choice = f"no difference significant at {clean[0]['n_seeds']} seeds (concat is the cheaper head)"
+        a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
+        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, chance {100 * a['chance@1']:.1f}%"
+                   if a.get("defined") else "no shared space")
+        gaps = "; ".join(f"{c['scale']}: {100 * c['concat_minus_cross']:+.1f} (p = {p_text(c['p_value'])})"
+                         for c in clean)
+        line = f"- **{b}** ({aligned}): **{choice}**." + (f" concat − cross without noise, by scale: {gaps}." if gaps else "")
+        if noisy:
+            n_concat, n_cross = len(wins(noisy, 1)), len(wins(noisy, -1))
+            line += (f" With noise (σ {min(level(c) for c in noisy):g}-{max(level(c) for c in noisy):g}): concat ahead in "
+                     f"{n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross} of {len(noisy)} "
+                     "comparisons (table2.md).")
+        out.append(line)
+    return out
 
 
 def level(entry: dict) -> float:
@@ -303,9 +339,12 @@ def feature_dims(results: dict, backbone: str) -> tuple[int, int] | None:
     return None
 
 
-def _uses_tokens(config: dict) -> bool:
-    """True when the config trains on token features rather than pooled vectors."""
-    return bool((config.get("synthetic") or {}).get("tokens")) or bool((config.get("backbone") or {}).get("tokens"))
+def _uses_tokens(results: dict) -> bool:
+    """True when the sweep trained on token features rather than pooled vectors (its config says so, or
+    a backbone's provenance: an npz file's)."""
+    config = results["config"]
+    return (bool((config.get("synthetic") or {}).get("tokens")) or bool((config.get("backbone") or {}).get("tokens"))
+            or any(p.get("tokens") for p in (results.get("backbones") or {}).values()))
 
 
 def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], str]:
@@ -313,7 +352,7 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
     how = ("XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on pooled "
            "[batch, d] inputs, divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not "
            "counted by hand")
-    if _uses_tokens(results["config"]):
+    if _uses_tokens(results):
         how += " (this sweep trained on token features; the FLOPs are for pooled inputs)"
     try:
         from fusion_jax.cost import forward_flops_per_sample

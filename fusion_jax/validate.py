@@ -45,11 +45,14 @@ def _distinct_nonempty(values, field: str) -> tuple:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field that does not need the features; raise ConfigError on the first mistake."""
-    from fusion_jax.data.sources import SOURCES, check_backbone
+    from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
 
     _require(bool(config.name) and "/" not in config.name, "name", "must be a non-empty name without '/'")
     _require(config.features in SOURCES, "features",
              f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
+    _require(config.features != "npz" or "npz" in config, "npz.dir",
+             "features 'npz' needs the field npz.dir (the folder of <backbone>.npz files): start from "
+             "configs/own_features.py")
     for b in _distinct_nonempty(config.backbones, "backbones"):
         try:
             check_backbone(config, b)
@@ -104,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for field in ("caption_noise", "view_noise"):
             _require(_finite(sy[field]) and sy[field] >= 0, f"synthetic.{field}",
                      f"{sy[field]!r} must be a finite number >= 0")
-    if config.features != "synthetic":
+    if config.features in IMAGE_SOURCES:
         _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction",
                  f"{config.data.max_bad_fraction} must be in [0, 1]")
         _require(config.data.embedded_images >= 2, "data.embedded_images", "must be >= 2")

@@ -155,6 +155,26 @@ def test_the_same_gap_on_every_seed_is_said_as_it_is_not_called_tied():
     assert "concat +2.0 on each of 3 seeds" in summary_markdown(results) and "tied" not in summary_markdown(results)
 
 
+def test_the_summary_answers_concat_or_cross_per_backbone():
+    """The answer counts only significant differences, names a scale-dependent one, and says so when
+    no difference is significant."""
+    results = fake_results("synthetic", ("aligned", "unaligned"), scales=(1024, 2048), levels=(0.0, 0.1, 0.2))
+    by_backbone = {c["backbone"]: c for c in results["comparisons"]}
+    assert len(by_backbone) == 2
+    flip = next(c for c in results["comparisons"] if c["backbone"] == "unaligned" and c["scale"] == 2048
+                and tables.level(c) == 0)
+    flip["concat_minus_cross"], flip["p_value"] = -0.04, 0.01
+    aligned, unaligned = tables.answer(results)
+    assert aligned.startswith("- **aligned** (") and "**concat (significant at 2 of 2 scales)**" in aligned
+    assert "1024: +" in aligned and "2048: +" in aligned and "of 4 comparisons (table2.md)" in aligned
+    assert "**it depends on the scale: concat at 1024, cross at 2048 pairs**" in unaligned
+    for c in results["comparisons"]:
+        c["p_value"] = 0.5
+    assert "**no difference significant at 3 seeds" in tables.answer(results)[0]
+    summary = summary_markdown(results)
+    assert summary.index("## Concat or cross?") < summary.index("## Every cell")
+
+
 def test_table2_noise_study_with_the_papers_table():
     md, rows = tables.table2(fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2)))
     ours = [r for r in rows if r["source"] == "ours"]

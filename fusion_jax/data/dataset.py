@@ -18,7 +18,7 @@ class BadImageError(OSError):
 
 
 class DataUnavailableError(RuntimeError):
-    """The configured data cannot be found; the message names every way to provide it."""
+    """The configured data cannot be found or used; the message names the problem and how to mend it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 - `synthetic`: latent-variable features (fusion_jax/data/synthetic.py), no backbone at all;
 - `embedded`: the package's procedural image-caption dataset through real Flax backbones;
-- `flickr8k`: Flickr8k (a local folder or the hub) through real Flax backbones.
+- `flickr8k`: Flickr8k (a local folder or the hub) through real Flax backbones;
+- `npz`: your own features, one file per backbone (fusion_jax/data/npz.py).
 Every FeatureSet's provenance records its alignment (zero-shot retrieval), measured here.
 """
 
@@ -16,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_collections
 import numpy as np
 
-from fusion_jax.data import synthetic
+from fusion_jax.data import npz, synthetic
 from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
 from fusion_jax.data.featureset import FeatureSet
 
-SOURCES = ("synthetic", "embedded", "flickr8k")
+SOURCES = ("synthetic", "embedded", "flickr8k", "npz")
+IMAGE_SOURCES = ("embedded", "flickr8k")  # the sources with images, captions and backbones
 BACKBONES = ("clip", "resnet")
 log = logging.getLogger("fusion_jax")
 
@@ -29,6 +31,8 @@ def check_backbone(config: ml_collections.ConfigDict, backbone: str) -> None:
     """Raise ValueError if `backbone` is not one the configured source can provide."""
     if config.features == "synthetic":
         synthetic.alignment_of(backbone)
+    elif config.features == "npz":
+        npz.check(config.npz.dir, backbone)
     elif backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r} for features {config.features!r}; "
                          f"allowed: {', '.join(BACKBONES)}")
@@ -150,7 +154,9 @@ def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: Ima
         s = config.synthetic
         fs = synthetic.generate(backbone, s.n_images, s.captions_per_image, s.latent_dim, s.dim,
                                 s.caption_noise, s.view_noise, s.seed, s.tokens)
-    elif config.features in SOURCES:
+    elif config.features == "npz":
+        fs = npz.load(npz.feature_file(config.npz.dir, backbone))
+    elif config.features in IMAGE_SOURCES:
         fs = extract_features(config, dataset or load_dataset(config), backbone)
     else:
         raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")

@@ -1,0 +1,81 @@
+"""Your own features: one `.npz` file per backbone, `<npz.dir>/<backbone>.npz` (config.features = "npz").
+
+Arrays, as `np.savez(path, image=..., text=..., caption_image=...)` writes them:
+- `image`: [n_images, d_v] pooled, or [n_images, tokens, d_v] token features (floating point);
+- `text`: [n_captions, d_t] or [n_captions, tokens, d_t];
+- `caption_image`: [n_captions] integers, the row of `image` that each caption describes;
+- `image_mask`, `text_mask` (optional, token features only): [n, tokens], 1 for a real token.
+Features go in as they are (no normalisation); the paper's noise, normalize(v + σz), is meant for
+unit vectors, so L2-normalise CLIP-like embeddings before saving them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+
+import numpy as np
+
+from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.data.featureset import FeatureSet
+
+REQUIRED = ("image", "text", "caption_image")
+OPTIONAL = ("image_mask", "text_mask")
+
+
+def feature_file(directory: str, backbone: str) -> str:
+    """The file that holds `backbone`'s features."""
+    return os.path.join(directory, f"{backbone}.npz")
+
+
+def check(directory: str, backbone: str) -> None:
+    """Raise ValueError unless `backbone` names a features file in `directory` (a name, not a path)."""
+    if not directory:
+        raise ValueError("features 'npz' needs npz.dir, the folder of <backbone>.npz files")
+    if not backbone or os.sep in backbone or backbone.endswith(".npz"):
+        raise ValueError(f"backbone {backbone!r}: name a file of npz.dir without its .npz ending")
+    if not os.path.isfile(feature_file(directory, backbone)):
+        names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz")) if os.path.isdir(directory) else []
+        raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
+                         + (f"npz.dir holds: {', '.join(names)}" if names else f"npz.dir {directory!r} holds no .npz file"))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:20]
+
+
+def load(path: str) -> FeatureSet:
+    """The FeatureSet in `path`, checked (DataUnavailableError names the file and what is wrong)."""
+    bad = lambda why: DataUnavailableError(f"features file {path}: {why}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if missing := [n for n in REQUIRED if n not in names]:
+                raise bad(f"missing array(s) {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
+            if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
+                raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+            arrays = {n: z[n] for n in names}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise bad(f"cannot be read as .npz ({type(e).__name__}: {e})") from None
+    for n in ("image", "text"):
+        if not np.issubdtype(arrays[n].dtype, np.floating):
+            raise bad(f"{n} has dtype {arrays[n].dtype}; expected floating point")
+        mask = arrays.get(f"{n}_mask")
+        if mask is not None and arrays[n].ndim != 3:
+            raise bad(f"{n}_mask is given, but {n} is not token features [n, tokens, d]")
+        if mask is not None and not np.isin(mask, (0, 1)).all():
+            raise bad(f"{n}_mask must hold 0 and 1 only")
+    if not np.issubdtype(arrays["caption_image"].dtype, np.integer):
+        raise bad(f"caption_image has dtype {arrays['caption_image'].dtype}; expected integers")
+    masks = {n: arrays[n].astype(np.float32) for n in OPTIONAL if n in arrays}
+    try:  # the index checked before it is narrowed to int32
+        fs = FeatureSet(image=arrays["image"].astype(np.float32), text=arrays["text"].astype(np.float32),
+                        caption_image=arrays["caption_image"].astype(np.int64), **masks)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    tokens = fs.image.ndim == 3 or fs.text.ndim == 3
+    return FeatureSet(fs.image, fs.text, fs.caption_image.astype(np.int32), fs.image_mask, fs.text_mask,
+                      provenance={"dataset": "npz", "file": os.path.basename(path), "sha256": _sha256(path),
+                                  "tokens": tokens, "n_images": fs.n_images, "n_captions": fs.n_captions})

@@ -1,0 +1,112 @@
+"""Your own features (config.features = "npz"): a sweep on .npz files, and clear errors for bad ones."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.data.npz import load
+from fusion_jax.sweep import train_and_evaluate
+from fusion_jax.validate import ConfigError
+
+
+def _features(n_images=150, captions=3, d=16, seed=0, tokens=0):
+    """Aligned features: image and captions noisy views of one latent through one map."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_images, 8))
+    caption_image = np.repeat(np.arange(n_images), captions)
+    w = rng.standard_normal((8, d))
+    image, text = z @ w, z[caption_image] @ w + 0.3 * rng.standard_normal((len(caption_image), d))
+    if tokens:
+        image = image[:, None, :] + 0.1 * rng.standard_normal((n_images, tokens, d))
+    return {"image": image.astype(np.float32), "text": text.astype(np.float32), "caption_image": caption_image}
+
+
+def _config(folder, backbones=("mine",)):
+    config = load_config("own_features")
+    config.npz.dir = str(folder)
+    config.backbones = backbones
+    config.scales = (128, 256)
+    config.seeds = (42, 123)
+    config.train.epochs = 2
+    return config
+
+
+def test_a_sweep_on_your_own_features(tmp_path):
+    np.savez(tmp_path / "mine.npz", **_features())
+    results = train_and_evaluate(_config(tmp_path), str(tmp_path / "out"))
+    prov = results["backbones"]["mine"]
+    assert prov["dataset"] == "npz" and prov["file"] == "mine.npz" and len(prov["sha256"]) == 20
+    assert (prov["n_images"], prov["n_captions"], prov["dim_image"], prov["tokens"]) == (150, 450, 16, False)
+    assert prov["alignment"]["recall@1"] > 5 * prov["alignment"]["chance@1"]  # measured on the file's features
+    assert len(results["runs"]) == 2 * 2 * 2 and all(np.isfinite(r["metrics"]["accuracy"]) for r in results["runs"])
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "your features (.npz files in npz.dir" in summary and "- **mine** (zero-shot recall@1" in summary
+
+
+def test_token_features_with_masks_load_as_token_features(tmp_path):
+    f = _features(tokens=4)
+    f["image_mask"] = np.ones(f["image"].shape[:2], np.int8)
+    np.savez(tmp_path / "tok.npz", **f)
+    fs = load(str(tmp_path / "tok.npz"))
+    assert fs.image.shape == (150, 4, 16) and fs.image_mask.dtype == np.float32 and fs.text_mask is None
+    assert fs.provenance["tokens"] and fs.caption_image.dtype == np.int32
+
+
+BAD = [
+    (lambda f: f.pop("caption_image"), "missing array(s) caption_image"),
+    (lambda f: f.update(labels=np.zeros(3)), "unknown array(s) labels"),
+    (lambda f: f.update(image=(10 * f["image"]).astype(np.int32)), "image has dtype int32; expected floating point"),
+    (lambda f: f.update(caption_image=f["caption_image"] + 1), "indices outside [0, 150)"),
+    (lambda f: f.update(caption_image=f["caption_image"].astype(np.float32)), "expected integers"),
+    (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
+    (lambda f: f.update(text=f["text"][:10]), "caption_image has shape (450,), expected (10,)"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m.split(";")[0][:30] for _, m in BAD])
+def test_a_bad_file_is_named_with_what_is_wrong(tmp_path, change, message):
+    f = _features()
+    change(f)
+    np.savez(tmp_path / "bad.npz", **f)
+    with pytest.raises(DataUnavailableError) as e:
+        load(str(tmp_path / "bad.npz"))
+    assert str(e.value).startswith(f"features file {tmp_path / 'bad.npz'}: ") and message in str(e.value)
+
+
+def test_not_an_npz_file(tmp_path):
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataUnavailableError, match="cannot be read as .npz"):
+        load(str(tmp_path / "broken.npz"))
+
+
+def test_config_errors_name_the_field_and_the_files_there(tmp_path):
+    np.savez(tmp_path / "a.npz", **_features())
+    np.savez(tmp_path / "b.npz", **_features(seed=1))
+    with pytest.raises(ConfigError, match=r"config.backbones: no features file .*'c'; npz.dir holds: a, b"):
+        train_and_evaluate(_config(tmp_path, ("a", "c")), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="config.backbones: features 'npz' needs npz.dir"):
+        train_and_evaluate(_config("", ("a",)), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="without its .npz ending"):
+        train_and_evaluate(_config(tmp_path, ("a.npz",)), str(tmp_path / "out"))
+    synthetic = load_config("synthetic", "smoke")
+    synthetic.features = "npz"
+    with pytest.raises(ConfigError, match="config.npz.dir: features 'npz' needs the field npz.dir"):
+        train_and_evaluate(synthetic, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_says_a_bad_file_in_one_line(tmp_path):
+    f = _features()
+    f.pop("text")
+    np.savez(tmp_path / "mine.npz", **f)
+    out = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/own_features.py",
+                          f"--config.npz.dir={tmp_path}", "--config.backbones=('mine',)",
+                          f"--workdir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"fusion_jax: error: features file {tmp_path / 'mine.npz'}: missing array(s) text; "
+        "it needs image, text, caption_image")
