@@ -100,8 +100,10 @@ def summary_markdown(results: dict) -> str:
              "predicting its larger class).", ""]
     if results["comparisons"]:
         lines += ["## Concat or cross?", "",
-                  f"What the paired t-tests below favour (p < {tables.ALPHA}), for these features, scales and seeds; "
-                  "not a claim beyond them.", "", *tables.answer(results), ""]
+                  f"What the paired t-tests below favour (p < {tables.ALPHA}; or the same gap on every seed, where "
+                  "no t-test is possible), for these features, scales and seeds, not beyond them. Each scale is "
+                  "its own test, not corrected for multiple comparisons: one favourable scale of several is weak "
+                  "evidence.", "", *tables.answer(results), ""]
     lines += ["## Every cell", "",
               "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]

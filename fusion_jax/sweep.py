@@ -64,7 +64,8 @@ _MIN_FREE_BYTES = 64 * 2**20
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
 # count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
 # max_runs_per_program change those, so a resume must keep them).
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
+# npz.dir: an npz file is compared by its content (features.json), wherever its folder is.
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache", "npz")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
 _ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}  # (compilation_cache is not a results field)
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
@@ -72,8 +73,39 @@ _ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}  # (compilation_ca
 _SAVED_LATER = ("split_by_scale",)
 
 
-def prepare_workdir(workdir: str, config_dict: dict) -> None:
-    """Create the workdir and claim it for this config; refuse one that holds a different sweep."""
+def feature_identity(provenance: dict) -> dict:
+    """What made a backbone's features, for the workdir: the provenance without what is measured from
+    them (alignment) and without a local model's name where its files' hash identifies it."""
+    out = {k: v for k, v in provenance.items() if k != "alignment"}
+    for field in ("model", "text_model"):
+        if out.get(f"{field}_files"):
+            out.pop(field, None)
+    return out
+
+
+def _claim_features(workdir: str, features: dict[str, dict]) -> None:
+    """Record each backbone's feature identity in features.json, or refuse a workdir whose sweep
+    began on other features (a regenerated npz file, another model commit or dataset)."""
+    path = os.path.join(workdir, "features.json")
+    if not os.path.exists(path):
+        atomic_write_json(path, features)
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    short = lambda v: (s if len(s := json.dumps(v)) <= 24 else s[:21] + "...")
+    changes = [f"backbone {b!r}: " + ", ".join(f"{k} {short(previous[b].get(k))} -> {short(ident.get(k))}"
+                                               for k in sorted(set(previous[b]) | set(ident))
+                                               if not same(previous[b].get(k), ident.get(k)))
+               for b, ident in features.items() if b in previous and not same(previous[b], ident)]
+    if changes:
+        raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features ({'; '.join(changes)}); "
+                          "use a new workdir or remove that one")
+
+
+def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
+    """Create the workdir and claim it for this config (and these backbones' feature identities,
+    `feature_identity`); refuse one that holds a different sweep."""
     try:
         os.makedirs(os.path.join(workdir, "groups"), exist_ok=True)
         # A probe of this process's own: the processes of a multi-process sweep probe at once.
@@ -104,6 +136,8 @@ def prepare_workdir(workdir: str, config_dict: dict) -> None:
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
+    if features is not None:
+        _claim_features(workdir, features)
     if not os.path.exists(path):
         atomic_write_json(path, results_fields(config_dict))
 
@@ -237,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
         features = {b: load_features(config, b, dataset) for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
-        prepare_workdir(workdir, config_dict)
+        prepare_workdir(workdir, config_dict, {b: feature_identity(fs.provenance) for b, fs in features.items()})
         todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.

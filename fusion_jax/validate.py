@@ -50,9 +50,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(bool(config.name) and "/" not in config.name, "name", "must be a non-empty name without '/'")
     _require(config.features in SOURCES, "features",
              f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
-    _require(config.features != "npz" or "npz" in config, "npz.dir",
-             "features 'npz' needs the field npz.dir (the folder of <backbone>.npz files): start from "
-             "configs/own_features.py")
+    if config.features == "npz":
+        from fusion_jax.data import npz
+
+        _require("npz" in config, "npz.dir", "features 'npz' needs the field npz.dir (the folder of "
+                 "<backbone>.npz files): start from configs/own_features.py")
+        try:
+            npz.check_dir(config.npz.dir)
+        except ValueError as e:
+            raise ConfigError("npz.dir", str(e)) from None
     for b in _distinct_nonempty(config.backbones, "backbones"):
         try:
             check_backbone(config, b)

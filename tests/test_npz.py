@@ -39,7 +39,7 @@ def test_a_sweep_on_your_own_features(tmp_path):
     np.savez(tmp_path / "mine.npz", **_features())
     results = train_and_evaluate(_config(tmp_path), str(tmp_path / "out"))
     prov = results["backbones"]["mine"]
-    assert prov["dataset"] == "npz" and prov["file"] == "mine.npz" and len(prov["sha256"]) == 20
+    assert prov["dataset"] == "npz" and prov["file"] == "mine.npz" and len(prov["sha256"]) == 64
     assert (prov["n_images"], prov["n_captions"], prov["dim_image"], prov["tokens"]) == (150, 450, 16, False)
     assert prov["alignment"]["recall@1"] > 5 * prov["alignment"]["chance@1"]  # measured on the file's features
     assert len(results["runs"]) == 2 * 2 * 2 and all(np.isfinite(r["metrics"]["accuracy"]) for r in results["runs"])
@@ -64,6 +64,10 @@ BAD = [
     (lambda f: f.update(caption_image=f["caption_image"].astype(np.float32)), "expected integers"),
     (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
     (lambda f: f.update(text=f["text"][:10]), "caption_image has shape (450,), expected (10,)"),
+    (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
+    (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
+    (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.eye(150, 2)),
+     "image_mask has rows with no real token (rows [2, 3, 4, 5, 6])"),
 ]
 
 
@@ -77,10 +81,17 @@ def test_a_bad_file_is_named_with_what_is_wrong(tmp_path, change, message):
     assert str(e.value).startswith(f"features file {tmp_path / 'bad.npz'}: ") and message in str(e.value)
 
 
-def test_not_an_npz_file(tmp_path):
-    (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataUnavailableError, match="cannot be read as .npz"):
-        load(str(tmp_path / "broken.npz"))
+@pytest.mark.parametrize("content,message", [(b"not a zip", "cannot be read as .npz"),
+                                             (b"", "cannot be read as .npz"), (None, "holds one array")])
+def test_not_an_npz_file(tmp_path, content, message):
+    path = tmp_path / "broken.npz"
+    if content is None:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataUnavailableError, match=message):
+        load(str(path))
 
 
 def test_config_errors_name_the_field_and_the_files_there(tmp_path):
@@ -88,8 +99,10 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
     np.savez(tmp_path / "b.npz", **_features(seed=1))
     with pytest.raises(ConfigError, match=r"config.backbones: no features file .*'c'; npz.dir holds: a, b"):
         train_and_evaluate(_config(tmp_path, ("a", "c")), str(tmp_path / "out"))
-    with pytest.raises(ConfigError, match="config.backbones: features 'npz' needs npz.dir"):
+    with pytest.raises(ConfigError, match="config.npz.dir: is empty; features 'npz' needs the folder"):
         train_and_evaluate(_config("", ("a",)), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="config.npz.dir: '.*nowhere' is not a folder"):
+        train_and_evaluate(_config(tmp_path / "nowhere", ("a",)), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="without its .npz ending"):
         train_and_evaluate(_config(tmp_path, ("a.npz",)), str(tmp_path / "out"))
     synthetic = load_config("synthetic", "smoke")
@@ -110,3 +123,25 @@ def test_the_command_line_says_a_bad_file_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         f"fusion_jax: error: features file {tmp_path / 'mine.npz'}: missing array(s) text; "
         "it needs image, text, caption_image")
+
+
+def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_path, caplog):
+    """The workdir records each file's SHA-256 (features.json): a regenerated file cannot mix with the
+    groups trained on the old one; the same file in another folder resumes the sweep."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    (tmp_path / "a").mkdir()
+    np.savez(tmp_path / "a" / "mine.npz", **_features())
+    config = _config(tmp_path / "a")
+    config.scales, config.seeds, config.train.epochs = (128,), (42,), 1
+    first = train_and_evaluate(config, str(tmp_path / "out"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    config.npz.dir = str(tmp_path / "b")
+    again = train_and_evaluate(config, str(tmp_path / "out"))
+    assert "0 groups to train" in caplog.text and again["runs"] == first["runs"]
+    np.savez(tmp_path / "b" / "mine.npz", **_features(seed=1))
+    with pytest.raises(ConfigError, match=r"config.workdir: .* holds a sweep begun on other features "
+                                          r"\(backbone 'mine': sha256 \""):
+        train_and_evaluate(config, str(tmp_path / "out"))

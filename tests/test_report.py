@@ -165,14 +165,25 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
                 and tables.level(c) == 0)
     flip["concat_minus_cross"], flip["p_value"] = -0.04, 0.01
     aligned, unaligned = tables.answer(results)
-    assert aligned.startswith("- **aligned** (") and "**concat (significant at 2 of 2 scales)**" in aligned
-    assert "1024: +" in aligned and "2048: +" in aligned and "of 4 comparisons (table2.md)" in aligned
+    assert aligned.startswith("- **aligned** (") and "**concat (at 2 of 2 scales)**" in aligned
+    assert "1024: concat +" in aligned and "2048: concat +" in aligned
+    assert "(σ 0.1-0.2): concat ahead in" in aligned and "of 4 comparisons (table2.md)" in aligned
     assert "**it depends on the scale: concat at 1024, cross at 2048 pairs**" in unaligned
+    results["failed_groups"] = [{"group": "unaligned-cross", "error": "NaN"}]
+    assert "Group(s) unaligned-cross failed" in tables.answer(results)[1]
     for c in results["comparisons"]:
         c["p_value"] = 0.5
-    assert "**no difference significant at 3 seeds" in tables.answer(results)[0]
+    assert "**no difference significant at 3 seeds (concat is the cheaper head)**" in tables.answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
+
+
+def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps():
+    same = tables.answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
+    assert "**concat (at 2 of 2 scales)**" in same and "concat +2.0 on each of 3 seeds" in same
+    assert "(σ 0.3): concat ahead in 2, cross in 0, neither in 0 of 2" in same
+    one = tables.answer(fake_results("synthetic", ("aligned",), levels=(0.0,), seeds=(42,)))[0]
+    assert "**untested (one seed: run 2 or more for a paired test)**" in one and "on its one seed" in one
 
 
 def test_table2_noise_study_with_the_papers_table():

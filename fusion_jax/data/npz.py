@@ -29,35 +29,44 @@ def feature_file(directory: str, backbone: str) -> str:
     return os.path.join(directory, f"{backbone}.npz")
 
 
+def check_dir(directory: str) -> None:
+    """Raise ValueError unless `directory` (npz.dir) is a folder."""
+    if not directory:
+        raise ValueError("is empty; features 'npz' needs the folder of <backbone>.npz files")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is not a folder")
+
+
 def check(directory: str, backbone: str) -> None:
     """Raise ValueError unless `backbone` names a features file in `directory` (a name, not a path)."""
-    if not directory:
-        raise ValueError("features 'npz' needs npz.dir, the folder of <backbone>.npz files")
     if not backbone or os.sep in backbone or backbone.endswith(".npz"):
         raise ValueError(f"backbone {backbone!r}: name a file of npz.dir without its .npz ending")
     if not os.path.isfile(feature_file(directory, backbone)):
-        names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz")) if os.path.isdir(directory) else []
+        names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
                          + (f"npz.dir holds: {', '.join(names)}" if names else f"npz.dir {directory!r} holds no .npz file"))
 
 
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:20]
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load(path: str) -> FeatureSet:
     """The FeatureSet in `path`, checked (DataUnavailableError names the file and what is wrong)."""
     bad = lambda why: DataUnavailableError(f"features file {path}: {why}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise bad("holds one array (.npy), not named arrays (.npz): save it with np.savez")
+        with z:
             names = set(z.files)
             if missing := [n for n in REQUIRED if n not in names]:
                 raise bad(f"missing array(s) {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
             if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
                 raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
             arrays = {n: z[n] for n in names}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise bad(f"cannot be read as .npz ({type(e).__name__}: {e})") from None
     for n in ("image", "text"):
         if not np.issubdtype(arrays[n].dtype, np.floating):
@@ -67,14 +76,21 @@ def load(path: str) -> FeatureSet:
             raise bad(f"{n}_mask is given, but {n} is not token features [n, tokens, d]")
         if mask is not None and not np.isin(mask, (0, 1)).all():
             raise bad(f"{n}_mask must hold 0 and 1 only")
+        if mask is not None and mask.ndim == 2 and (empty := np.flatnonzero(mask.sum(axis=1) == 0)).size:
+            raise bad(f"{n}_mask has rows with no real token (rows {empty[:5].tolist()}): every row needs one")
     if not np.issubdtype(arrays["caption_image"].dtype, np.integer):
         raise bad(f"caption_image has dtype {arrays['caption_image'].dtype}; expected integers")
     masks = {n: arrays[n].astype(np.float32) for n in OPTIONAL if n in arrays}
-    try:  # the index checked before it is narrowed to int32
-        fs = FeatureSet(image=arrays["image"].astype(np.float32), text=arrays["text"].astype(np.float32),
-                        caption_image=arrays["caption_image"].astype(np.int64), **masks)
+    try:  # the index checked before it is narrowed to int32; values beyond float32 become Inf, refused below
+        with np.errstate(over="ignore"):
+            image, text = arrays["image"].astype(np.float32), arrays["text"].astype(np.float32)
+        fs = FeatureSet(image=image, text=text, caption_image=arrays["caption_image"].astype(np.int64), **masks)
     except ValueError as e:
         raise bad(str(e)) from None
+    for n, x in (("image", fs.image), ("text", fs.text)):
+        rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
+        if rows.size:
+            raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
     tokens = fs.image.ndim == 3 or fs.text.ndim == 3
     return FeatureSet(fs.image, fs.text, fs.caption_image.astype(np.int32), fs.image_mask, fs.text_mask,
                       provenance={"dataset": "npz", "file": os.path.basename(path), "sha256": _sha256(path),
