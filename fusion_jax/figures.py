@@ -102,13 +102,14 @@ def noise_advantage(results: dict, path: str) -> str | None:
             ax.errorbar(x, mean, yerr=err, color=color, marker="o", mfc="none", capsize=4,
                         label=f"ours, scale {sc}")
             sig = [(xi, y) for xi, lv, y in zip(x, levels, mean)
-                   if (c := comps.get((b, sc, lv))) and c["p_value"] is not None and c["p_value"] < tables.ALPHA]
+                   if (c := comps.get((b, sc, lv))) and tables.favoured(c["concat_minus_cross"], c["p_value"],
+                                                                        c["n_seeds"])]
             if sig:
                 ax.plot(*zip(*sig), "o", color=color, ls="none")
         ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
                 label=f"paper ({paper.SETTING}), Table 2")
         ax.axhline(0.0, color="gray", lw=1)
-        ax.plot([], [], "o", color="gray", label="ours, filled circle: p < 0.05 (paired t-test)")
+        ax.plot([], [], "o", color="gray", label="ours, filled circle: p < 0.05 (paired t-test), or the same gap on every seed")
         ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow circle: not significant")
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
         ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")

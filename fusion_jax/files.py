@@ -1,11 +1,18 @@
-"""Atomic file writes: a reader (or a restart after a kill) never sees a half-written file."""
+"""Atomic file writes (a reader, or a restart after a kill, never sees a half-written file), and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from typing import IO, Any, Callable
+
+
+def sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:

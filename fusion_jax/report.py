@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 
 import jax
@@ -86,6 +87,56 @@ def _pct(mean: float, std: float | None) -> str:
     return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
 
+def _seeds(comparisons: list[dict]) -> str:
+    """'3 seeds', or '2-3 seeds' when the comparisons' seed counts differ."""
+    n = sorted({c["n_seeds"] for c in comparisons})
+    return f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+
+
+def answer(results: dict) -> list[str]:
+    """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
+    verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
+    out = []
+    favours = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
+    for b in results["config"].get("backbones") or dict.fromkeys(c["backbone"] for c in results["comparisons"]):
+        mine = [c for c in results["comparisons"] if c["backbone"] == b]
+        clean = sorted((c for c in mine if tables.level(c) == 0), key=lambda c: c["scale"])
+        noisy = [c for c in mine if tables.level(c) > 0]
+        a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
+        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, chance {100 * a['chance@1']:.1f}%"
+                   if a.get("defined") else "no shared space" if a else "alignment not measured")
+        lost = [f["group"] for f in results.get("failed_groups") or []  # older records lack "backbone"
+                if f.get("backbone") == b or ("backbone" not in f and re.match(rf"{re.escape(b)}-(concat|cross)(-|$)",
+                                                                               f["group"]))]
+        missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
+        if not clean:
+            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}")
+            continue
+        concat = [c["scale"] for c in clean if favours(c) == "concat"]
+        cross = [c["scale"] for c in clean if favours(c) == "cross"]
+        if all(c["n_seeds"] < 2 for c in clean):
+            choice = "untested (one seed: run 2 or more for a paired test)"
+        elif concat and cross:
+            choice = (f"it depends on the scale: concat at {', '.join(map(str, concat))}, "
+                      f"cross at {', '.join(map(str, cross))} pairs")
+        elif concat or cross:
+            choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
+        else:
+            choice = f"no difference significant at {_seeds(clean)} (concat is the cheaper head)"
+        gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
+                         + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
+                         for c in clean)
+        line = f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{missing}"
+        if noisy:
+            sigmas = sorted({tables.level(c) for c in noisy})
+            n_concat, n_cross = (sum(favours(c) == side for c in noisy) for side in ("concat", "cross"))
+            line += (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
+                     + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in "
+                     f"{len(noisy) - n_concat - n_cross} of {len(noisy)} comparisons (table2.md).")
+        out.append(line)
+    return out
+
+
 def summary_markdown(results: dict) -> str:
     """Human-readable tables of a results dict."""
     cfg = results["config"]
@@ -103,7 +154,7 @@ def summary_markdown(results: dict) -> str:
                   f"What the paired t-tests below favour (p < {tables.ALPHA}; or the same gap on every seed, where "
                   "no t-test is possible), for these features, scales and seeds, not beyond them. Each scale is "
                   "its own test, not corrected for multiple comparisons: one favourable scale of several is weak "
-                  "evidence.", "", *tables.answer(results), ""]
+                  "evidence.", "", *answer(results), ""]
     lines += ["## Every cell", "",
               "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -133,7 +184,7 @@ def summary_markdown(results: dict) -> str:
             d, p = c["degradation"], c["p_value"]
             verdict = tables.verdict(c["concat_minus_cross"], p, c["n_seeds"])
             lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
-                         f"{100 * c['concat_minus_cross']:+.1f} | {'–' if p is None else f'{p:.3g}'} | {verdict} |")
+                         f"{100 * c['concat_minus_cross']:+.1f} | {tables.p_text(p)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,15 +92,17 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
         return
     with open(path) as f:
         previous = json.load(f)
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    short = lambda v: (s if len(s := json.dumps(v)) <= 24 else s[:21] + "...")
-    changes = [f"backbone {b!r}: " + ", ".join(f"{k} {short(previous[b].get(k))} -> {short(ident.get(k))}"
-                                               for k in sorted(set(previous[b]) | set(ident))
-                                               if not same(previous[b].get(k), ident.get(k)))
-               for b, ident in features.items() if b in previous and not same(previous[b], ident)]
-    if changes:
-        raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features ({'; '.join(changes)}); "
-                          "use a new workdir or remove that one")
+    changed = _differing(_flatten({b: previous[b] for b in features if b in previous}),
+                         _flatten({b: features[b] for b in features if b in previous}))
+    if changed:
+        raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features (differs in "
+                          f"{', '.join(changed)}); use a new workdir or remove that one")
+
+
+def _differing(previous: dict, current: dict, skip: set[str] = frozenset()) -> list[str]:
+    """The keys of two flat dicts whose values differ (compared as JSON), but those in `skip`."""
+    return sorted(k for k in (set(previous) | set(current)) - skip
+                  if json.dumps(previous.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
 
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
@@ -130,9 +132,7 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
             previous = results_fields(json.load(f).get("config") or {})
     if previous is not None:
         previous = {**_ADDED, **_flatten(previous)}
-        unknown = {k for k in _SAVED_LATER if k not in previous}
-        changed = sorted(k for k in (set(previous) | set(fingerprint)) - unknown
-                         if json.dumps(previous.get(k)) != json.dumps(fingerprint.get(k)))
+        changed = _differing(previous, fingerprint, {k for k in _SAVED_LATER if k not in previous})
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
@@ -294,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                        on_epoch))
             except NonFinite as e:
                 log.error("%s", e)
-                atomic_write_json(failed(g), {"group": g.name, "error": str(e)})
+                atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": str(e)})
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if todo:
         log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,

@@ -62,79 +62,25 @@ def p_text(p: float | None) -> str:
     return "–" if p is None else f"{p:.3g}"
 
 
-def verdict(diff: float, p: float | None, n_seeds: int) -> str:
-    """'concat +2.8' / 'cross +1.0' when p < 0.05, else 'tied (not significant at N seeds...)'. Without
-    a p-value: one seed is untested, and equal differences on every seed (zero variance, where a
-    t-test is undefined) are said as they are, 'tied' only when they are 0."""
-    seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    ahead = f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
-    if p is None and n_seeds < 2:
-        return f"tied (not significant at {seeds}; no test possible)" if diff == 0 else \
-            f"{ahead} on its one seed (no test possible)"
-    if p is None:
-        return f"tied (the same on all {seeds})" if abs(diff) < 1e-12 else \
-            f"{ahead} on each of {seeds} (no t-test: the same difference on every seed)"
-    if p >= ALPHA:
-        return f"tied (not significant at {seeds}, p = {p:.2g})"
-    return ahead
-
-
-def _favours(c: dict) -> str | None:
-    """'concat' or 'cross' when a comparison favours one: p < ALPHA, or (no t-test possible) the same
-    nonzero gap on each of 2 or more seeds, as `verdict` says it; else None."""
-    diff, p = c["concat_minus_cross"], c["p_value"]
-    if diff == 0 or (p is None and c["n_seeds"] < 2) or (p is not None and p >= ALPHA):
+def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
+    """'concat' or 'cross' when a concat − cross difference favours one: p < ALPHA, or (no t-test
+    possible) the same nonzero gap on each of 2 or more seeds; None when tied or untested (one seed)."""
+    if abs(diff) < 1e-12 or n_seeds < 2 or (p is not None and p >= ALPHA):
         return None
     return "concat" if diff > 0 else "cross"
 
 
-def _seeds(cs: list[dict]) -> str:
-    n = sorted({c["n_seeds"] for c in cs})
-    return f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
-
-
-def answer(results: dict) -> list[str]:
-    """Per backbone, which head the sweep's comparisons favour without noise (`_favours`), with every
-    scale's verdict, and a count of the noisy comparisons: Markdown bullet lines."""
-    out = []
-    failed = results.get("failed_groups") or []
-    for b in results["config"].get("backbones") or dict.fromkeys(c["backbone"] for c in results["comparisons"]):
-        mine = [c for c in results["comparisons"] if c["backbone"] == b]
-        clean, noisy = (sorted((c for c in mine if (level(c) == 0) == want), key=lambda c: (c["scale"], level(c)))
-                        for want in (True, False))
-        a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
-        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, chance {100 * a['chance@1']:.1f}%"
-                   if a.get("defined") else "no shared space" if a else "alignment not measured")
-        lost = [f["group"] for f in failed if f["group"].startswith(f"{b}-")]
-        missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
-        if not clean:
-            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}")
-            continue
-        favoured = {c["scale"]: _favours(c) for c in clean}
-        concat = [s for s, f in favoured.items() if f == "concat"]
-        cross = [s for s, f in favoured.items() if f == "cross"]
-        if all(c["n_seeds"] < 2 for c in clean):
-            choice = "untested (one seed: run 2 or more for a paired test)"
-        elif concat and cross:
-            choice = (f"it depends on the scale: concat at {', '.join(map(str, concat))}, "
-                      f"cross at {', '.join(map(str, cross))} pairs")
-        elif concat or cross:
-            choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
-        else:
-            choice = f"no difference significant at {_seeds(clean)} (concat is the cheaper head)"
-        gaps = "; ".join(f"{c['scale']}: {verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
-                         + (f", p = {p_text(c['p_value'])}" if c["p_value"] is not None and c["p_value"] < ALPHA
-                            else "") for c in clean)
-        line = f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{missing}"
-        if noisy:
-            sigmas = sorted({level(c) for c in noisy})
-            n_concat = sum(_favours(c) == "concat" for c in noisy)
-            n_cross = sum(_favours(c) == "cross" for c in noisy)
-            line += (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
-                     + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in "
-                     f"{len(noisy) - n_concat - n_cross} of {len(noisy)} comparisons (table2.md).")
-        out.append(line)
-    return out
+def verdict(diff: float, p: float | None, n_seeds: int) -> str:
+    """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'concat +2.0 on each of 3 seeds (no t-test: ...)'
+    for equal gaps (zero variance, where a t-test is undefined), 'tied (...)', or one seed's untested gap."""
+    seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    ahead = f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
+    if n_seeds < 2:
+        return f"tied (not significant at {seeds}; no test possible)" if diff == 0 else \
+            f"{ahead} on its one seed (no test possible)"
+    if favoured(diff, p, n_seeds) is None:
+        return f"tied (the same on all {seeds})" if p is None else f"tied (not significant at {seeds}, p = {p_text(p)})"
+    return ahead if p is not None else f"{ahead} on each of {seeds} (no t-test: the same difference on every seed)"
 
 
 def level(entry: dict) -> float:

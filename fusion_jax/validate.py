@@ -7,7 +7,7 @@ import math
 import ml_collections
 
 from fusion_jax import degrade, fusion
-from fusion_jax.data import SPLITS, FeatureSet, max_pairs
+from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
 
 
@@ -96,9 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(_int(t.eval_batch_size, 1), "train.eval_batch_size",
              f"{t.eval_batch_size} must be an integer >= 1")
     _require(0 <= t.dropout < 1, "train.dropout", f"{t.dropout} must be in [0, 1)")
-    fields = ("split_seed", "train_fraction", "split_by")  # data.build_pairs' keywords
-    _require(sorted(config.pairs) == sorted(fields), "pairs",
-             f"has fields {sorted(config.pairs)}; expected exactly {', '.join(fields)}")
+    _require(sorted(config.pairs) == sorted(PAIR_FIELDS), "pairs",
+             f"has fields {sorted(config.pairs)}; expected exactly {', '.join(PAIR_FIELDS)}")
     _require(0 < config.pairs.train_fraction < 1, "pairs.train_fraction",
              f"{config.pairs.train_fraction} must be in (0, 1)")
     _require(_int(config.pairs.split_seed, 0), "pairs.split_seed",
@@ -154,7 +153,7 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "
                      f"({fs.n_captions} captions, {fs.n_images} images{by_image}); allowed: 2..{limit}")
-            n_train = int(round(config.pairs.train_fraction * scale))
-            _require(n_train >= config.train.batch_size and scale - n_train >= 2, "scales",
-                     f"scale {scale} leaves {n_train} training and {scale - n_train} validation pairs; "
+            n_train, n_val = split_sizes(scale, config.pairs.train_fraction)
+            _require(n_train >= config.train.batch_size and n_val >= 2, "scales",
+                     f"scale {scale} leaves {n_train} training and {n_val} validation pairs; "
                      f"need at least train.batch_size={config.train.batch_size} and 2")

@@ -105,6 +105,9 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
         train_and_evaluate(_config(tmp_path / "nowhere", ("a",)), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="without its .npz ending"):
         train_and_evaluate(_config(tmp_path, ("a.npz",)), str(tmp_path / "out"))
+    np.savez(tmp_path / "clip l14.npz", **_features())  # would share group names with clip_l14
+    with pytest.raises(ConfigError, match=r"backbone 'clip l14': a file name of letters, digits and _ . = - only"):
+        train_and_evaluate(_config(tmp_path, ("clip l14",)), str(tmp_path / "out"))
     synthetic = load_config("synthetic", "smoke")
     synthetic.features = "npz"
     with pytest.raises(ConfigError, match="config.npz.dir: features 'npz' needs the field npz.dir"):
@@ -143,5 +146,5 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     assert "0 groups to train" in caplog.text and again["runs"] == first["runs"]
     np.savez(tmp_path / "b" / "mine.npz", **_features(seed=1))
     with pytest.raises(ConfigError, match=r"config.workdir: .* holds a sweep begun on other features "
-                                          r"\(backbone 'mine': sha256 \""):
+                                          r"\(differs in mine.sha256\)"):
         train_and_evaluate(config, str(tmp_path / "out"))

@@ -11,7 +11,7 @@ import pytest
 
 from fusion_jax import figures, paper, tables
 from fusion_jax.data.dataset import STANDIN_NAME
-from fusion_jax.report import compare, render_report, summarize, summary_markdown
+from fusion_jax.report import answer, compare, render_report, summarize, summary_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = [f"table{i}.{ext}" for i in (1, 2, 3) for ext in ("md", "csv")]
@@ -164,25 +164,27 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     flip = next(c for c in results["comparisons"] if c["backbone"] == "unaligned" and c["scale"] == 2048
                 and tables.level(c) == 0)
     flip["concat_minus_cross"], flip["p_value"] = -0.04, 0.01
-    aligned, unaligned = tables.answer(results)
+    aligned, unaligned = answer(results)
     assert aligned.startswith("- **aligned** (") and "**concat (at 2 of 2 scales)**" in aligned
     assert "1024: concat +" in aligned and "2048: concat +" in aligned
     assert "(σ 0.1-0.2): concat ahead in" in aligned and "of 4 comparisons (table2.md)" in aligned
     assert "**it depends on the scale: concat at 1024, cross at 2048 pairs**" in unaligned
-    results["failed_groups"] = [{"group": "unaligned-cross", "error": "NaN"}]
-    assert "Group(s) unaligned-cross failed" in tables.answer(results)[1]
+    results["failed_groups"] = [{"group": "unaligned-cross", "backbone": "unaligned", "error": "NaN"}]
+    assert "Group(s) unaligned-cross failed" in answer(results)[1] and "failed" not in answer(results)[0]
+    results["failed_groups"] = [{"group": "unaligned-cross-s2048", "error": "NaN"}]  # a record before "backbone"
+    assert "Group(s) unaligned-cross-s2048 failed" in answer(results)[1] and "failed" not in answer(results)[0]
     for c in results["comparisons"]:
         c["p_value"] = 0.5
-    assert "**no difference significant at 3 seeds (concat is the cheaper head)**" in tables.answer(results)[0]
+    assert "**no difference significant at 3 seeds (concat is the cheaper head)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
 
 
 def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps():
-    same = tables.answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
+    same = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
     assert "**concat (at 2 of 2 scales)**" in same and "concat +2.0 on each of 3 seeds" in same
     assert "(σ 0.3): concat ahead in 2, cross in 0, neither in 0 of 2" in same
-    one = tables.answer(fake_results("synthetic", ("aligned",), levels=(0.0,), seeds=(42,)))[0]
+    one = answer(fake_results("synthetic", ("aligned",), levels=(0.0,), seeds=(42,)))[0]
     assert "**untested (one seed: run 2 or more for a paired test)**" in one and "on its one seed" in one
 
 

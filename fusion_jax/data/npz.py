@@ -11,14 +11,16 @@ unit vectors, so L2-normalise CLIP-like embeddings before saving them.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import re
 import zipfile
+import zlib
 
 import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.featureset import FeatureSet
+from fusion_jax.files import sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
@@ -30,7 +32,7 @@ def feature_file(directory: str, backbone: str) -> str:
 
 
 def check_dir(directory: str) -> None:
-    """Raise ValueError unless `directory` (npz.dir) is a folder."""
+    """Raise ValueError unless `directory` (npz.dir) is a folder; the message completes "config.npz.dir: "."""
     if not directory:
         raise ValueError("is empty; features 'npz' needs the folder of <backbone>.npz files")
     if not os.path.isdir(directory):
@@ -39,17 +41,15 @@ def check_dir(directory: str) -> None:
 
 def check(directory: str, backbone: str) -> None:
     """Raise ValueError unless `backbone` names a features file in `directory` (a name, not a path)."""
-    if not backbone or os.sep in backbone or backbone.endswith(".npz"):
+    if backbone.endswith(".npz"):
         raise ValueError(f"backbone {backbone!r}: name a file of npz.dir without its .npz ending")
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]+", backbone):
+        # Group, checkpoint and result names are made from it: other characters could make two collide.
+        raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
     if not os.path.isfile(feature_file(directory, backbone)):
         names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
                          + (f"npz.dir holds: {', '.join(names)}" if names else f"npz.dir {directory!r} holds no .npz file"))
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load(path: str) -> FeatureSet:
@@ -66,7 +66,7 @@ def load(path: str) -> FeatureSet:
             if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
                 raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
             arrays = {n: z[n] for n in names}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise bad(f"cannot be read as .npz ({type(e).__name__}: {e})") from None
     for n in ("image", "text"):
         if not np.issubdtype(arrays[n].dtype, np.floating):
@@ -93,5 +93,5 @@ def load(path: str) -> FeatureSet:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
     tokens = fs.image.ndim == 3 or fs.text.ndim == 3
     return FeatureSet(fs.image, fs.text, fs.caption_image.astype(np.int32), fs.image_mask, fs.text_mask,
-                      provenance={"dataset": "npz", "file": os.path.basename(path), "sha256": _sha256(path),
+                      provenance={"dataset": "npz", "file": os.path.basename(path), "sha256": sha256(path),
                                   "tokens": tokens, "n_images": fs.n_images, "n_captions": fs.n_captions})

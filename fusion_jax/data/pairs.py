@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 SPLITS = ("pair", "image")
+PAIR_FIELDS = ("split_seed", "train_fraction", "split_by")  # build_pairs' keywords: config.pairs' fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Pool:
 
     @property
     def limit(self) -> int:
+        """Pairs the pool holds: each caption once as a positive and once as a negative."""
         return len(self.pos_caption) + len(self.neg_caption)
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,8 +75,8 @@ def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.
     return _Pool(caption_image[pos], pos, neg_image, neg)
 
 
-def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
-           ) -> tuple[_Pool, _Pool]:
+def _image_pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
+                 ) -> tuple[_Pool, _Pool]:
     """(training pool, validation pool) of the image split: round(train_fraction * n_images) images train."""
     rng = np.random.default_rng([split_seed, 0, 1])
     images = rng.permutation(n_images)
@@ -83,54 +85,67 @@ def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_frac
             _pool(caption_image, n_images, np.sort(images[n_train:]), rng))
 
 
-def _split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
+def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float, split_by: str
+           ) -> tuple[_Pool, ...]:
+    """The master lists: one pool over all images (split_by="pair"), or the image split's (training,
+    validation) pools; none with fewer than 2 images."""
+    if split_by not in SPLITS:
+        raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
+    if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
+        raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
+    if n_images < 2:
+        return ()
+    if split_by == "image":
+        return _image_pools(caption_image, n_images, split_seed, train_fraction)
+    return (_Pool(*_pair_lists(caption_image, n_images, np.random.default_rng(split_seed))),)
+
+
+def split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
+    """(training, validation) pairs of a scale: round(train_fraction * scale) train, the rest validation."""
     n_train = int(round(train_fraction * scale))
     return n_train, scale - n_train
 
 
-def max_pairs(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
-              split_by: str = "pair") -> int:
-    """Largest scale the pair builder can serve: every caption once as positive and once as negative
-    (with split_by="image", within each side of the split; 0 when a side has fewer than 2 images)."""
-    caption_image = np.asarray(caption_image, np.int64)
-    if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
-        raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
-    if n_images < 2:
+def _limit(pools: tuple[_Pool, ...], train_fraction: float) -> int:
+    """Largest scale the pools serve: the one pool's limit, or the largest scale whose training and
+    validation parts fit their pools (0 when a pool is empty)."""
+    if not pools or not all(p.limit for p in pools):
         return 0
-    if split_by == "pair":
-        return 2 * len(caption_image)
-    train, val = _pools(caption_image, n_images, split_seed, train_fraction)
-    if not (train.limit and val.limit):
-        return 0
-    fits = lambda s: all(n <= p.limit for n, p in zip(_split_sizes(s, train_fraction), (train, val)))
-    low, high = 0, train.limit + val.limit  # fits() is monotone in the scale: bisect for the largest
+    if len(pools) == 1:
+        return pools[0].limit
+    fits = lambda s: all(n <= p.limit for n, p in zip(split_sizes(s, train_fraction), pools))
+    low, high = 0, sum(p.limit for p in pools)  # fits() is monotone in the scale: bisect for the largest
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
 
 
+def max_pairs(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
+              split_by: str = "pair") -> int:
+    """Largest scale the pair builder can serve: every caption once as positive and once as negative
+    (with split_by="image", within each side of the split; 0 when a side has fewer than 2 images)."""
+    return _limit(_pools(np.asarray(caption_image, np.int64), n_images, split_seed, train_fraction, split_by),
+                  train_fraction)
+
+
 def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed: int,
                 train_fraction: float = 0.8, split_by: str = "pair") -> Pairs:
     """Balanced pairs for `scale`: half positives (ceil), the rest negatives, split train/val."""
-    if split_by not in SPLITS:
-        raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
-    limit = max_pairs(caption_image, n_images, split_seed, train_fraction, split_by)
+    caption_image = np.asarray(caption_image, np.int64)
+    pools = _pools(caption_image, n_images, split_seed, train_fraction, split_by)
+    limit = _limit(pools, train_fraction)
     if not 2 <= scale <= limit:
         raise ValueError(f"scale {scale} outside [2, {limit}] for {len(caption_image)} captions"
                          + (" (split by image)" if split_by == "image" else ""))
-    caption_image = np.asarray(caption_image, np.int64)
-    n_train = int(round(train_fraction * scale))
+    n_train, n_val = split_sizes(scale, train_fraction)
     if split_by == "image":
-        train, val = _pools(caption_image, n_images, split_seed, train_fraction)
-        parts = [pool.take(n) for pool, n in zip((train, val), _split_sizes(scale, train_fraction))]
+        parts = [pool.take(n) for pool, n in zip(pools, (n_train, n_val))]
         rng = np.random.default_rng([split_seed, scale])
-        order = np.concatenate([rng.permutation(n_train), n_train + rng.permutation(scale - n_train)])
+        order = np.concatenate([rng.permutation(n_train), n_train + rng.permutation(n_val)])
         image_idx, caption_idx, label = (np.concatenate(a) for a in zip(*parts))
     else:
-        rng = np.random.default_rng(split_seed)
-        pool = _Pool(*_pair_lists(caption_image, n_images, rng))
-        image_idx, caption_idx, label = pool.take(scale)
+        image_idx, caption_idx, label = pools[0].take(scale)
         order = np.random.default_rng([split_seed, scale]).permutation(scale)
     return Pairs(image_idx[order].astype(np.int32), caption_idx[order].astype(np.int32),
                  label[order].astype(np.int32), n_train)

@@ -24,6 +24,7 @@ import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.features.preprocess import ImagePreprocessor
+from fusion_jax.files import sha256
 
 log = logging.getLogger("fusion_jax")
 KINDS = ("clip", "resnet")
@@ -163,9 +164,7 @@ def model_key(model: str, field: str = "model") -> dict:
         dirs.sort()
         for f in sorted(files):
             path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                h.update(f"{os.path.relpath(path, model)}:{os.fstat(fh.fileno()).st_size}:".encode())
-                h.update(hashlib.file_digest(fh, "sha256").digest())
+            h.update(f"{os.path.relpath(path, model)}:{os.path.getsize(path)}:{sha256(path)};".encode())
     return {field: LOCAL_FOLDER, f"{field}_files": h.hexdigest()[:20]}
 
 

@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX: no lock, one process per cache
     fcntl = None
 
-from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text
+from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, sha256
 
 log = logging.getLogger("fusion_jax")
 
@@ -42,18 +42,10 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
     """Write arrays atomically; return the file's sha256."""
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
-    return _sha256(path)
+    return sha256(path)
 
 
 def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[str, np.ndarray] | None:
@@ -64,7 +56,7 @@ def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[st
     try:
         with open(digest_path) as f:
             want = f.read().strip()
-        if _sha256(path) == want:
+        if sha256(path) == want:
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
             if n is None or (arrays and all(len(a) == n for a in arrays.values())):
