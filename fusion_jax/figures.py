@@ -109,13 +109,13 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
                 label=f"paper ({paper.SETTING}), Table 2")
         ax.axhline(0.0, color="gray", lw=1)
-        ax.plot([], [], "o", color="gray", label="ours, filled circle: p < 0.05 (paired t-test), or the same gap on every seed")
-        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow circle: not significant")
+        ax.plot([], [], "o", color="gray", label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")
+        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant")
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
         ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
         ax.set_title(f"backbone {b}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the data stay clear
     n_seeds = max(c["n_seeds"] for c in results["comparisons"])
     fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(tables.data_of(results))}\n"
                  f"error bars: std of the per-seed paired differences ({n_seeds} seeds)", fontsize=11)
