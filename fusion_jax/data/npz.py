@@ -20,7 +20,7 @@ import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.featureset import FeatureSet
-from fusion_jax.files import sha256
+from fusion_jax.files import atomic_write, sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
@@ -50,6 +50,14 @@ def check(directory: str, backbone: str) -> None:
         names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
                          + (f"npz.dir holds: {', '.join(names)}" if names else f"npz.dir {directory!r} holds no .npz file"))
+
+
+def save(path: str, fs: FeatureSet) -> None:
+    """Write `fs` in this format (atomically), for example features another source made, to share them or
+    to run them again as `npz`; `load` reads back the same arrays."""
+    arrays = {"image": fs.image, "text": fs.text, "caption_image": fs.caption_image}
+    arrays.update({n: m for n, m in (("image_mask", fs.image_mask), ("text_mask", fs.text_mask)) if m is not None})
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def load(path: str) -> FeatureSet:
