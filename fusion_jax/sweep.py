@@ -64,8 +64,12 @@ _MIN_FREE_BYTES = 64 * 2**20
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
 # count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
 # max_runs_per_program change those, so a resume must keep them).
-# npz.dir: an npz file is compared by its content (features.json), wherever its folder is.
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache", "npz")
+_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
+# Where the data, models and caches are: once features.json records what the features are made of
+# (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
+# a resume may find them in other places.
+_LOCATIONS = ("cache_dir", "data.flickr8k_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model",
+              "backbone.resnet.text_model")
 # Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
 _ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}  # (compilation_cache is not a results field)
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
@@ -132,7 +136,10 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
             previous = results_fields(json.load(f).get("config") or {})
     if previous is not None:
         previous = {**_ADDED, **_flatten(previous)}
-        changed = _differing(previous, fingerprint, {k for k in _SAVED_LATER if k not in previous})
+        skip = {k for k in _SAVED_LATER if k not in previous}
+        if features is not None and os.path.exists(os.path.join(workdir, "features.json")):
+            skip |= set(_LOCATIONS)
+        changed = _differing(previous, fingerprint, skip)
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
