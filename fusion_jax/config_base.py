@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 PAPER_SCALES = (2048, 4096, 8192, 16384)
@@ -68,3 +70,23 @@ def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
         # "embedded" as a model id: the package's tiny models, trained on an embedded dataset of their own seed.
         embedded=dict(n_images=4000, seed=1, clip_steps=600, resnet_steps=400, text_steps=300),
     ))
+
+
+# Fields added since the first release, at their defaults: a config saved without them (a sweep.json, a
+# results.json) is the same as one with them at these values.
+ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's to_dict(), say) as one level with dotted keys: {"train.epochs": 10, ...}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differing(previous: dict, current: dict, skip: set[str] = frozenset()) -> list[str]:
+    """The keys of two flat dicts whose values differ (compared as JSON), but those in `skip`."""
+    return sorted(k for k in (set(previous) | set(current)) - skip
+                  if json.dumps(previous.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
+

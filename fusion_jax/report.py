@@ -16,12 +16,14 @@ import logging
 import os
 import platform
 import re
+import shlex
 import sys
 
 import jax
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
+from fusion_jax.config_base import ADDED, differing, flatten
 from fusion_jax.files import atomic_write_json, atomic_write_text
 
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
@@ -177,6 +179,16 @@ def summary_markdown(results: dict) -> str:
                              f"{100 * a['chance@1']:.2f} | {100 * a['chance@5']:.2f} | {a['n_images']} |")
             else:
                 lines.append(f"| {name} | – | – | – | – | {a.get('reason', 'not measured')} |")
+    overlaps = {b: prov["split_overlap"] for b, prov in results["backbones"].items() if prov.get("split_overlap")}
+    if overlaps:
+        lines += ["", f"## What validation shares with training ({tables.split_text(results)})", "",
+                  "Percent of the validation pairs that show an image a training pair shows (their own or their "
+                  "caption's), and whose caption a training pair has.", "",
+                  "| backbone | scale | pairs with a training image | pairs with a training caption |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {b} | {s} | {100 * o['val_pairs_with_a_training_image']:.1f} | "
+                  f"{100 * o['val_pairs_with_a_training_caption']:.1f} |"
+                  for b, by_scale in overlaps.items() for s, o in by_scale.items()]
     if results["comparisons"]:
         lines += ["", "## concat minus cross (accuracy points, paired t-test over seeds)", "",
                   "| backbone | scale | degradation | concat − cross | p | verdict |", "|---|---:|---|---:|---:|---|"]
@@ -245,6 +257,42 @@ def render_report(results: dict, workdir: str) -> list[str]:
     return [p for p in written if p is not None]
 
 
+def against_markdown(results: dict, other: dict, name: str, other_name: str, command: str) -> str:
+    """`results` (sweep `name`) against `other`: their config differences, each backbone's accuracy shifts
+    over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both, every cell."""
+    skip = {"workdir", "name", "compile_workers", "runs_per_chunk", "compilation_cache"}
+    configs = [{**ADDED, **flatten(r["config"])} for r in (other, results)]
+    changed = [k for k in differing(*configs) if k.split(".")[0] not in skip]
+    mine, theirs = tables.summary_index(results), tables.summary_index(other)
+    shared = [k for k in mine if k in theirs]
+    lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
+             "Config differences (" + other_name + " → " + name + "): "
+             + ("; ".join(f"`{k}` {json.dumps(configs[0].get(k))} → {json.dumps(configs[1].get(k))}"
+                          for k in changed) or "none") + ".", "",
+             f"## Mean validation accuracy, {name} − {other_name} (points), over the cells both hold", "",
+             "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
+    for b in dict.fromkeys(k[0] for k in shared):
+        d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
+        lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+.2f} | {min(d):+.2f} | {max(d):+.2f} |")
+    comps = [tables.comparison_index(r) for r in (results, other)]
+    both = [k for k in comps[0] if k in comps[1]]
+    side = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither"
+    count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in ("concat", "cross", "neither"))
+    lines += ["", "## Who is ahead (p < 0.05, or the same gap on every seed), over the comparisons both hold", "",
+              f"| backbone | comparisons | {other_name}: concat / cross / neither | {name}: concat / cross / neither "
+              "| changed side |", "|---|---:|---|---|---:|"]
+    for b in dict.fromkeys(k[0] for k in both):
+        keys = [k for k in both if k[0] == b]
+        lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "
+                     f"| {sum(side(comps[0][k]) != side(comps[1][k]) for k in keys)} |")
+    lines += ["", "## Every cell (mean validation accuracy, percent)", "",
+              f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {b} | {m} | {s} | {lv:g} | {100 * theirs[k]['accuracy_mean']:.1f} | {100 * mine[k]['accuracy_mean']:.1f} "
+              f"| {100 * (mine[k]['accuracy_mean'] - theirs[k]['accuracy_mean']):+.1f} |"
+              for k in shared for b, m, s, lv in [k]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> None:
     """CLI body: read DIR/results.json and render its report."""
     from absl import flags
@@ -261,6 +309,19 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     with open(path) as f:
         results = json.load(f)
+    if flags.FLAGS.against:
+        other_path = os.path.join(flags.FLAGS.against, "results.json")
+        if not os.path.isfile(other_path):
+            print(f"fusion_jax.report: error: no results.json in {flags.FLAGS.against!r}", file=sys.stderr)
+            sys.exit(2)
+        with open(other_path) as f:
+            other = json.load(f)
+        name, other_name = (os.path.basename(os.path.normpath(d)) for d in (workdir, flags.FLAGS.against))
+        out = os.path.join(workdir, f"against_{other_name}.md")
+        command = shlex.join(["python", "-m", "fusion_jax.report", *sys.argv[1:]])
+        atomic_write_text(out, against_markdown(results, other, name, other_name, command))
+        print(out)
+        return
     for p in render_report(results, workdir):
         print(p)
 
@@ -269,5 +330,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A folder with a results.json (a finished sweep).")
+    flags.DEFINE_string("against", None, "Another finished sweep's folder: write <workdir>/against_<its name>.md "
+                        "(config differences, accuracy shifts, who is ahead in both) instead of the report.")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

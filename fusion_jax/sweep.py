@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.data import FeatureSet
+from fusion_jax.config_base import ADDED, differing, flatten
+from fusion_jax.data import FeatureSet, build_pairs, overlap
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
@@ -53,13 +54,6 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
     np.savez(path, image=pooled(image, image_mask), text=pooled(fs.text[captions], text_mask))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 _MIN_FREE_BYTES = 64 * 2**20
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
 # count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
@@ -70,8 +64,6 @@ _NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "
 # a resume may find them in other places.
 _LOCATIONS = ("cache_dir", "data.flickr8k_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model",
               "backbone.resnet.text_model")
-# Fields added since the first release, at their defaults: a sweep.json saved without them is the same sweep.
-_ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}  # (compilation_cache is not a results field)
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
 # not compared against such a file.
 _SAVED_LATER = ("split_by_scale",)
@@ -96,17 +88,11 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
         return
     with open(path) as f:
         previous = json.load(f)
-    changed = _differing(_flatten({b: previous[b] for b in features if b in previous}),
-                         _flatten({b: features[b] for b in features if b in previous}))
+    changed = differing(flatten({b: previous[b] for b in features if b in previous}),
+                        flatten({b: features[b] for b in features if b in previous}))
     if changed:
         raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features (differs in "
                           f"{', '.join(changed)}); use a new workdir or remove that one")
-
-
-def _differing(previous: dict, current: dict, skip: set[str] = frozenset()) -> list[str]:
-    """The keys of two flat dicts whose values differ (compared as JSON), but those in `skip`."""
-    return sorted(k for k in (set(previous) | set(current)) - skip
-                  if json.dumps(previous.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
 
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
@@ -125,7 +111,7 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
     results_fields = lambda d: {k: v for k, v in d.items() if k not in _NOT_RESULTS}
-    fingerprint = {**_ADDED, **_flatten(results_fields(config_dict))}
+    fingerprint = {**ADDED, **flatten(results_fields(config_dict))}
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     previous = None
     if os.path.exists(path):
@@ -135,11 +121,11 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
         with open(results) as f:
             previous = results_fields(json.load(f).get("config") or {})
     if previous is not None:
-        previous = {**_ADDED, **_flatten(previous)}
+        previous = {**ADDED, **flatten(previous)}
         skip = {k for k in _SAVED_LATER if k not in previous}
         if features is not None and os.path.exists(os.path.join(workdir, "features.json")):
             skip |= set(_LOCATIONS)
-        changed = _differing(previous, fingerprint, skip)
+        changed = differing(previous, fingerprint, skip)
         if changed:
             raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                               f"{', '.join(changed)}); use a new workdir or remove that one")
@@ -327,4 +313,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
     return write_results(workdir, config_dict, records, command,
-                         {b: fs.provenance for b, fs in features.items()}, failures)
+                         {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
+                         failures)
+
+
+def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:
+    """Per scale (as a string, for JSON), what its validation pairs share with its training pairs
+    (`data.overlap`): how much the pair split lets validation see training's images and captions."""
+    return {str(s): overlap(build_pairs(fs.caption_image, fs.n_images, s, **config.pairs), fs.caption_image)
+            for s in config.scales}

@@ -1,5 +1,6 @@
 """The side-by-side report: tables 1-3 beside the paper's, figures, and `python -m fusion_jax.report`."""
 
+import json
 import os
 import re
 import subprocess
@@ -324,3 +325,32 @@ def test_cli_without_results_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: no results.json")
+
+
+def test_against_another_sweep(tmp_path):
+    """--against writes one sweep beside another: config differences (with the defaults of fields added
+    later), accuracy shifts per backbone, who is ahead in both, every shared cell."""
+    from fusion_jax.report import against_markdown
+
+    base = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    del base["config"]["pairs"]["split_by"]  # saved before the field existed: reads as "pair"
+    other = json.loads(json.dumps(base))
+    other["config"]["pairs"]["split_by"] = "image"
+    for s in other["summary"]:
+        s["accuracy_mean"] += 0.01 if s["scale"] == 1024 else -0.03
+    other["comparisons"][0]["p_value"] = 0.5  # concat no longer significantly ahead at 1024
+    md = against_markdown(other, base, "b", "a", "cmd")
+    assert "Config differences (a → b): `pairs.split_by` \"pair\" → \"image\"." in md
+    assert "| aligned | 4 | -1.00 | -3.00 | +1.00 |" in md
+    assert "| aligned | 2 | 2 / 0 / 0 | 1 / 0 / 1 | 1 |" in md
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(base))
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path / 'b'}",
+                           f"--against={tmp_path / 'a'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "b" / "against_a.md").read_text()
+    assert written.startswith("# b against a") and "| aligned | concat | 1024 | 0 |" in written

@@ -31,6 +31,11 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "failed_groups", "runs", "summary", "comparisons"}
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
+    for prov in on_disk["backbones"].values():  # what each scale's validation shares with training
+        assert set(prov["split_overlap"]) == {str(s) for s in smoke_config.scales}
+        assert all(0 < o["val_pairs_with_a_training_image"] <= 1 for o in prov["split_overlap"].values())
+    assert "## What validation shares with training (80% train, pairs split at random" in \
+        (tmp_path / "summary.md").read_text()
 
     n_runs = len(smoke_config.backbones) * 2 * len(smoke_config.scales) * 2 * len(smoke_config.degradation.levels)
     assert len(on_disk["runs"]) == n_runs
