@@ -181,7 +181,7 @@ def summary_markdown(results: dict) -> str:
                 lines.append(f"| {name} | – | – | – | – | {a.get('reason', 'not measured')} |")
     overlaps = {b: prov["split_overlap"] for b, prov in results["backbones"].items() if prov.get("split_overlap")}
     if overlaps:
-        lines += ["", f"## What validation shares with training ({tables.split_text(results)})", "",
+        lines += ["", f"## What validation shares with training ({tables.split_text(results, short=True)})", "",
                   "Percent of the validation pairs that show an image a training pair shows (their own or their "
                   "caption's), and whose caption a training pair has.", "",
                   "| backbone | scale | pairs with a training image | pairs with a training caption |",
