@@ -210,7 +210,9 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert sum("cached features" in m for m in reused) == 4  # image and text, both backbones
     assert any("tiny CLIP" in m for m in reused) and any("tiny ResNet" in m for m in reused)
-    assert again == results["backbones"]
+    # The results add what each scale's validation shares with training to the features' provenance.
+    assert again == {b: {k: v for k, v in p.items() if k != "split_overlap"} for b, p in results["backbones"].items()}
+    assert all(set(p["split_overlap"]) == {"128"} for p in results["backbones"].values())
 
 
 @pytest.mark.slow
