@@ -72,6 +72,13 @@ def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
     ))
 
 
+# Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
+# count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
+# max_runs_per_program change those, so a resume must keep them).
+NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
+# Fields saved only since a later release, which a sweep.json without them may have had at any value:
+# not compared against such a file.
+SAVED_LATER = ("split_by_scale",)
 # Fields added since the first release, at their defaults: a config saved without them (a sweep.json, a
 # results.json) is the same as one with them at these values.
 ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}

@@ -23,7 +23,8 @@ import jax
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
-from fusion_jax.config_base import ADDED, differing, flatten
+from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten
+from fusion_jax.data.featureset import feature_identity
 from fusion_jax.files import atomic_write_json, atomic_write_text
 
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
@@ -182,12 +183,14 @@ def summary_markdown(results: dict) -> str:
     overlaps = {b: prov["split_overlap"] for b, prov in results["backbones"].items() if prov.get("split_overlap")}
     if overlaps:
         lines += ["", f"## What validation shares with training ({tables.split_text(results, short=True)})", "",
-                  "Percent of the validation pairs that show an image a training pair shows (their own or their "
-                  "caption's), and whose caption a training pair has.", "",
+                  "Two separate shares of the validation pairs, in percent: those whose image, or whose caption's "
+                  "image, a training pair also shows (as its image or its caption's image); and those whose "
+                  "caption a training pair has.", "",
                   "| backbone | scale | pairs with a training image | pairs with a training caption |",
                   "|---|---:|---:|---:|"]
-        lines += [f"| {b} | {s} | {100 * o['val_pairs_with_a_training_image']:.1f} | "
-                  f"{100 * o['val_pairs_with_a_training_caption']:.1f} |"
+        share = lambda x: "–" if x is None else f"{100 * x:.1f}"
+        lines += [f"| {b} | {s} | {share(o['val_pairs_with_a_training_image'])} | "
+                  f"{share(o['val_pairs_with_a_training_caption'])} |"
                   for b, by_scale in overlaps.items() for s, o in by_scale.items()]
     if results["comparisons"]:
         lines += ["", "## concat minus cross (accuracy points, paired t-test over seeds)", "",
@@ -257,20 +260,38 @@ def render_report(results: dict, workdir: str) -> list[str]:
     return [p for p in written if p is not None]
 
 
+def _changes(before: dict, after: dict) -> str:
+    """'`k` before → after; ...' over two flat dicts' differing keys, or 'none'."""
+    keys = differing(before, after)
+    return "; ".join(f"`{k}` {json.dumps(before.get(k))} → {json.dumps(after.get(k))}" for k in keys) or "none"
+
+
 def against_markdown(results: dict, other: dict, name: str, other_name: str, command: str) -> str:
-    """`results` (sweep `name`) against `other`: their config differences, each backbone's accuracy shifts
-    over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both, every cell."""
-    skip = {"workdir", "name", "compile_workers", "runs_per_chunk", "compilation_cache"}
+    """`results` (sweep `name`) against `other`: their config and feature differences, each backbone's
+    accuracy shifts over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both,
+    what only one holds or lost to a failed group, and every shared cell."""
     configs = [{**ADDED, **flatten(r["config"])} for r in (other, results)]
-    changed = [k for k in differing(*configs) if k.split(".")[0] not in skip]
+    skip = {k for k in set(configs[0]) | set(configs[1]) if k.split(".")[0] in (*NOT_RESULTS, "name")
+            or (k in SAVED_LATER and not all(k in c for c in configs))}
+    configs = [{k: v for k, v in c.items() if k not in skip} for c in configs]
+    shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]
+    features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
     shared = [k for k in mine if k in theirs]
+    pct = lambda s: round(100 * s["accuracy_mean"], 1)
     lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
-             "Config differences (" + other_name + " → " + name + "): "
-             + ("; ".join(f"`{k}` {json.dumps(configs[0].get(k))} → {json.dumps(configs[1].get(k))}"
-                          for k in changed) or "none") + ".", "",
-             f"## Mean validation accuracy, {name} − {other_name} (points), over the cells both hold", "",
-             "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
+             f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
+             f"Feature differences of the backbones both have ({', '.join(shared_backbones) or 'none'}): "
+             f"{_changes(*features)}."]
+    only = [(n, len([k for k in a if k not in b])) for n, a, b in ((other_name, theirs, mine), (name, mine, theirs))]
+    for note in ([f"Cells only in {n}: {c}." for n, c in only if c]
+                 + [f"Failed groups in {n}: {', '.join(f['group'] for f in r['failed_groups'])}."
+                    for n, r in ((other_name, other), (name, results)) if r.get("failed_groups")]):
+        lines += ["", note]
+    if not shared:
+        return "\n".join(lines + ["", "The two sweeps hold no cell in common: nothing to compare."]) + "\n"
+    lines += ["", f"## Mean validation accuracy, {name} − {other_name} (points), over the cells both hold", "",
+              "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
     for b in dict.fromkeys(k[0] for k in shared):
         d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
         lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+.2f} | {min(d):+.2f} | {max(d):+.2f} |")
@@ -287,10 +308,23 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
                      f"| {sum(side(comps[0][k]) != side(comps[1][k]) for k in keys)} |")
     lines += ["", "## Every cell (mean validation accuracy, percent)", "",
               f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {b} | {m} | {s} | {lv:g} | {100 * theirs[k]['accuracy_mean']:.1f} | {100 * mine[k]['accuracy_mean']:.1f} "
-              f"| {100 * (mine[k]['accuracy_mean'] - theirs[k]['accuracy_mean']):+.1f} |"
+    lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | {pct(mine[k]) - pct(theirs[k]):+.1f} |"
               for k in shared for b, m, s, lv in [k]]
     return "\n".join(lines) + "\n"
+
+
+def _read_results(folder: str) -> dict:
+    """FOLDER/results.json, or exit 2 with one line saying why not."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        print(f"fusion_jax.report: error: no results.json in {folder!r}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        print(f"fusion_jax.report: error: {path} is not valid JSON ({e})", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -303,21 +337,14 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax.report: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
     workdir = flags.FLAGS.workdir
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
-        print(f"fusion_jax.report: error: no results.json in {workdir!r}", file=sys.stderr)
-        sys.exit(2)
-    with open(path) as f:
-        results = json.load(f)
+    results = _read_results(workdir)
     if flags.FLAGS.against:
-        other_path = os.path.join(flags.FLAGS.against, "results.json")
-        if not os.path.isfile(other_path):
-            print(f"fusion_jax.report: error: no results.json in {flags.FLAGS.against!r}", file=sys.stderr)
-            sys.exit(2)
-        with open(other_path) as f:
-            other = json.load(f)
-        name, other_name = (os.path.basename(os.path.normpath(d)) for d in (workdir, flags.FLAGS.against))
-        out = os.path.join(workdir, f"against_{other_name}.md")
+        other = _read_results(flags.FLAGS.against)
+        dirs = [os.path.normpath(os.path.abspath(d)) for d in (workdir, flags.FLAGS.against)]
+        name, other_name = (os.path.basename(d) for d in dirs)
+        if name == other_name:  # two sweeps of the same folder name: name them by their paths
+            name, other_name = (os.path.relpath(d) for d in dirs)
+        out = os.path.join(workdir, f"against_{re.sub(r'[^A-Za-z0-9_.=-]', '_', other_name)}.md")
         command = shlex.join(["python", "-m", "fusion_jax.report", *sys.argv[1:]])
         atomic_write_text(out, against_markdown(results, other, name, other_name, command))
         print(out)

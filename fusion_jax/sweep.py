@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.config_base import ADDED, differing, flatten
+from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten
 from fusion_jax.data import FeatureSet, build_pairs, overlap
+from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
@@ -55,28 +56,11 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
 
 
 _MIN_FREE_BYTES = 64 * 2**20
-# Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
-# count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
-# max_runs_per_program change those, so a resume must keep them).
-_NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
 # Where the data, models and caches are: once features.json records what the features are made of
 # (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
 # a resume may find them in other places.
 _LOCATIONS = ("cache_dir", "data.flickr8k_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model",
               "backbone.resnet.text_model")
-# Fields saved only since a later release, which a sweep.json without them may have had at any value:
-# not compared against such a file.
-_SAVED_LATER = ("split_by_scale",)
-
-
-def feature_identity(provenance: dict) -> dict:
-    """What made a backbone's features, for the workdir: the provenance without what is measured from
-    them (alignment) and without a local model's name where its files' hash identifies it."""
-    out = {k: v for k, v in provenance.items() if k != "alignment"}
-    for field in ("model", "text_model"):
-        if out.get(f"{field}_files"):
-            out.pop(field, None)
-    return out
 
 
 def _claim_features(workdir: str, features: dict[str, dict]) -> None:
@@ -110,7 +94,7 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    results_fields = lambda d: {k: v for k, v in d.items() if k not in _NOT_RESULTS}
+    results_fields = lambda d: {k: v for k, v in d.items() if k not in NOT_RESULTS}
     fingerprint = {**ADDED, **flatten(results_fields(config_dict))}
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     previous = None
@@ -122,7 +106,7 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
             previous = results_fields(json.load(f).get("config") or {})
     if previous is not None:
         previous = {**ADDED, **flatten(previous)}
-        skip = {k for k in _SAVED_LATER if k not in previous}
+        skip = {k for k in SAVED_LATER if k not in previous}
         if features is not None and os.path.exists(os.path.join(workdir, "features.json")):
             skip |= set(_LOCATIONS)
         changed = differing(previous, fingerprint, skip)

@@ -142,6 +142,9 @@ def test_overlap_of_validation_with_training():
     assert large["val_pairs_with_a_training_caption"] > 0
     image = overlap(build_pairs(CAPTION_IMAGE, 50, 400, 0, 0.8, "image"), CAPTION_IMAGE)
     assert image == {"val_pairs_with_a_training_image": 0.0, "val_pairs_with_a_training_caption": 0.0}
+    no_val = build_pairs(CAPTION_IMAGE, 50, 2, 0)  # both pairs train: no share to give
+    assert overlap(no_val, CAPTION_IMAGE) == {"val_pairs_with_a_training_image": None,
+                                              "val_pairs_with_a_training_caption": None}
     p = build_pairs(CAPTION_IMAGE, 50, 50, 0)
     train, val = p.split("train"), p.split("val")
     shown = set(train["image_idx"]) | set(CAPTION_IMAGE[train["caption_idx"]])

@@ -339,10 +339,18 @@ def test_against_another_sweep(tmp_path):
     for s in other["summary"]:
         s["accuracy_mean"] += 0.01 if s["scale"] == 1024 else -0.03
     other["comparisons"][0]["p_value"] = 0.5  # concat no longer significantly ahead at 1024
+    other["config"]["distributed"] = {"num_processes": 4}  # how it ran, not what: left out
+    other["backbones"]["aligned"]["model"] = "openai/clip-vit-large-patch14"
+    other["summary"].append({**other["summary"][0], "scale": 8192})
+    other["failed_groups"] = [{"group": "aligned-cross-s8192", "backbone": "aligned", "error": "NaN"}]
     md = against_markdown(other, base, "b", "a", "cmd")
     assert "Config differences (a → b): `pairs.split_by` \"pair\" → \"image\"." in md
+    assert "Feature differences of the backbones both have (aligned): `aligned.model` " in md
+    assert "Cells only in b: 1." in md and "Failed groups in b: aligned-cross-s8192." in md
     assert "| aligned | 4 | -1.00 | -3.00 | +1.00 |" in md
     assert "| aligned | 2 | 2 / 0 / 0 | 1 / 0 / 1 | 1 |" in md
+    apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
+    assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "results.json").write_text(json.dumps(base))

@@ -51,3 +51,15 @@ class FeatureSet:
         if self.text_mask is not None:
             out["text_mask"] = self.text_mask
         return out
+
+
+def feature_identity(provenance: dict) -> dict:
+    """What made a backbone's features, for comparing two sweeps or a resume: the provenance without
+    what is measured from the features or the pairs (alignment, split_overlap) and without a local
+    model's name where its files' hash identifies it."""
+    out = {k: v for k, v in provenance.items() if k not in ("alignment", "split_overlap")}
+    for field in ("model", "text_model"):
+        if out.get(f"{field}_files"):
+            out.pop(field, None)
+    return out
+

@@ -159,16 +159,17 @@ def _pair_lists(caption_image: np.ndarray, n_images: int, rng: np.random.Generat
     return caption_image[pos_captions], pos_captions, neg_images, neg_captions
 
 
-def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float]:
-    """How much validation shares with training: the fraction of validation pairs that show an image (their
-    own, or their caption's) that a training pair shows, and of those whose caption a training pair has.
-    Both are 0 with split_by="image"; with the paper's split they grow with the scale."""
+def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float | None]:
+    """How much validation shares with training, as two separate shares of the validation pairs: those
+    whose image, or whose caption's image, a training pair also shows (as its image or its caption's
+    image), and those whose caption a training pair has. Both are 0 with split_by="image"; with the
+    paper's split they grow with the scale. None without validation pairs."""
     caption_image = np.asarray(caption_image)
     train, val = pairs.split("train"), pairs.split("val")
     seen_images = np.union1d(train["image_idx"], caption_image[train["caption_idx"]])
     seen = np.isin(val["image_idx"], seen_images) | np.isin(caption_image[val["caption_idx"]], seen_images)
     caption_seen = np.isin(val["caption_idx"], train["caption_idx"])
-    n = max(len(val["label"]), 1)
-    return {"val_pairs_with_a_training_image": float(seen.sum() / n),
-            "val_pairs_with_a_training_caption": float(caption_seen.sum() / n)}
+    n = len(val["label"])
+    return {"val_pairs_with_a_training_image": float(seen.sum() / n) if n else None,
+            "val_pairs_with_a_training_caption": float(caption_seen.sum() / n) if n else None}
 
