@@ -59,8 +59,9 @@ _MIN_FREE_BYTES = 64 * 2**20
 # Where the data, models and caches are: once features.json records what the features are made of
 # (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
 # a resume may find them in other places.
-_LOCATIONS = ("cache_dir", "data.flickr8k_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model",
-              "backbone.resnet.text_model")
+# (Not data.flickr8k_dir: a Flickr8k folder's fingerprint hashes its captions and its images' names and
+# sizes, not their bytes, so its path stays part of what a resume must match.)
+_LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model", "backbone.resnet.text_model")
 
 
 def _claim_features(workdir: str, features: dict[str, dict]) -> None:

@@ -183,16 +183,20 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
 
 
 def test_a_resume_may_find_data_and_models_elsewhere_once_their_identity_is_recorded(smoke_config, tmp_path):
-    """Locations (cache_dir, data and model folders, npz.dir) must match only in a workdir without
-    features.json; with it, the features' identity is compared instead."""
+    """Locations (cache_dir, model folders, npz.dir) must match only in a workdir without features.json;
+    with it, the features' identity is compared instead. A Flickr8k folder (fingerprinted by its
+    images' names and sizes, not bytes) must always match."""
     from fusion_jax.sweep import prepare_workdir
 
-    workdir, config = str(tmp_path / "out"), {**smoke_config.to_dict(), "cache_dir": "/a"}
+    workdir = str(tmp_path / "out")
+    config = {**smoke_config.to_dict(), "cache_dir": "/a", "data": {"flickr8k_dir": "/f"}}
     moved = {**config, "cache_dir": "/b"}
     prepare_workdir(workdir, config)
     with pytest.raises(ConfigError, match=r"differs in cache_dir\)"):
         prepare_workdir(workdir, moved, {"aligned": {"data": "x"}})
     prepare_workdir(workdir, config, {"aligned": {"data": "x"}})  # records features.json
     prepare_workdir(workdir, moved, {"aligned": {"data": "x"}})
+    with pytest.raises(ConfigError, match=r"differs in data.flickr8k_dir\)"):
+        prepare_workdir(workdir, {**moved, "data": {"flickr8k_dir": "/g"}}, {"aligned": {"data": "x"}})
     with pytest.raises(ConfigError, match=r"other features \(differs in aligned.data\)"):
         prepare_workdir(workdir, moved, {"aligned": {"data": "y"}})
