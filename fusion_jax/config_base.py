@@ -96,4 +96,3 @@ def differing(previous: dict, current: dict, skip: set[str] = frozenset()) -> li
     """The keys of two flat dicts whose values differ (compared as JSON), but those in `skip`."""
     return sorted(k for k in (set(previous) | set(current)) - skip
                   if json.dumps(previous.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 
 import matplotlib
 
@@ -13,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fusion_jax import paper, tables  # noqa: E402
-from fusion_jax.files import atomic_write  # noqa: E402
+from fusion_jax.files import atomic_write, safe_name  # noqa: E402
 
 COLORS = {"concat": "tab:blue", "cross": "tab:red"}
 MODALITY_COLORS = {"image": "tab:blue", "text": "tab:orange"}
@@ -125,7 +124,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
 def tsne_files(workdir: str, names: list[str]) -> list[tuple[str, str]]:
     """(backbone, path) of each `tsne_<backbone>.npz` in workdir, backbones of the results first."""
     found = {os.path.basename(p)[len("tsne_"):-len(".npz")]: p for p in glob.glob(os.path.join(workdir, "tsne_*.npz"))}
-    safe = {re.sub(r"[^A-Za-z0-9_.=-]", "_", b): b for b in names}
+    safe = {safe_name(b): b for b in names}
     order = [s for s in safe if s in found] + sorted(set(found) - set(safe))
     return [(safe.get(s, s), found[s]) for s in order]
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import IO, Any, Callable
+
+
+def safe_name(name: str) -> str:
+    """`name` for a file or group name: every character but letters, digits and _ . = - as '_'."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", name)
 
 
 def sha256(path: str) -> str:

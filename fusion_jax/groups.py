@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from fusion_jax.data import FeatureSet, Pairs, build_pairs
+from fusion_jax.files import safe_name
 from fusion_jax.train import Trainer, make_train, pair_arrays, run_key, steps_per_epoch
 
 log = logging.getLogger("fusion_jax")
@@ -57,7 +57,7 @@ class Group:
     def name(self) -> str:
         scale = "" if self.scale is None else f"-s{self.scale}"
         part = "" if self.part is None else f"-part{self.part[0] + 1}of{self.part[1]}"
-        return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.backbone}-{self.method}{scale}{part}")
+        return safe_name(f"{self.backbone}-{self.method}{scale}{part}")
 
     @property
     def scales(self) -> tuple[int, ...]:

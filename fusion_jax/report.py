@@ -25,7 +25,7 @@ from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten
 from fusion_jax.data.featureset import feature_identity
-from fusion_jax.files import atomic_write_json, atomic_write_text
+from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
 
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
              "transformers": "transformers"}
@@ -344,7 +344,7 @@ def main(argv: list[str]) -> None:
         name, other_name = (os.path.basename(d) for d in dirs)
         if name == other_name:  # two sweeps of the same folder name: name them by their paths
             name, other_name = (os.path.relpath(d) for d in dirs)
-        out = os.path.join(workdir, f"against_{re.sub(r'[^A-Za-z0-9_.=-]', '_', other_name)}.md")
+        out = os.path.join(workdir, f"against_{safe_name(other_name)}.md")
         command = shlex.join(["python", "-m", "fusion_jax.report", *sys.argv[1:]])
         atomic_write_text(out, against_markdown(results, other, name, other_name, command))
         print(out)

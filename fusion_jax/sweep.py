@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, f
 from fusion_jax.data import FeatureSet, build_pairs, overlap
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
 from fusion_jax.report import write_results
@@ -51,7 +50,7 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
     image = fs.image[fs.caption_image[captions]]
     image_mask = None if fs.image_mask is None else fs.image_mask[fs.caption_image[captions]]
     text_mask = None if fs.text_mask is None else fs.text_mask[captions]
-    path = os.path.join(workdir, f"tsne_{re.sub(r'[^A-Za-z0-9_.=-]', '_', backbone)}.npz")
+    path = os.path.join(workdir, f"tsne_{safe_name(backbone)}.npz")
     np.savez(path, image=pooled(image, image_mask), text=pooled(fs.text[captions], text_mask))
 
 

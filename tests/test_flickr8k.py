@@ -216,4 +216,3 @@ def test_write_folder_marks_a_standin_and_never_overwrites_real_data(tmp_path):
         flickr8k.write_flickr8k_folder(generate_embedded(n_images=2, image_size=16), real)
     assert (tmp_path / "real" / "Flickr8k.token.txt").read_bytes() == before
     assert flickr8k.load_flickr8k_folder_with_stats(real)[0].name == "flickr8k"
-

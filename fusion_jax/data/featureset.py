@@ -62,4 +62,3 @@ def feature_identity(provenance: dict) -> dict:
         if out.get(f"{field}_files"):
             out.pop(field, None)
     return out
-

@@ -11,8 +11,8 @@ unit vectors, so L2-normalise CLIP-like embeddings before saving them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 import zipfile
 import zlib
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.featureset import FeatureSet
-from fusion_jax.files import atomic_write, sha256
+from fusion_jax.files import atomic_write, safe_name, sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
@@ -43,7 +43,7 @@ def check(directory: str, backbone: str) -> None:
     """Raise ValueError unless `backbone` names a features file in `directory` (a name, not a path)."""
     if backbone.endswith(".npz"):
         raise ValueError(f"backbone {backbone!r}: name a file of npz.dir without its .npz ending")
-    if not re.fullmatch(r"[A-Za-z0-9_.=-]+", backbone):
+    if not backbone or safe_name(backbone) != backbone:
         # Group, checkpoint and result names are made from it: other characters could make two collide.
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
     if not os.path.isfile(feature_file(directory, backbone)):
@@ -99,7 +99,6 @@ def load(path: str) -> FeatureSet:
         rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
-    tokens = fs.image.ndim == 3 or fs.text.ndim == 3
-    return FeatureSet(fs.image, fs.text, fs.caption_image.astype(np.int32), fs.image_mask, fs.text_mask,
-                      provenance={"dataset": "npz", "file": os.path.basename(path), "sha256": sha256(path),
-                                  "tokens": tokens, "n_images": fs.n_images, "n_captions": fs.n_captions})
+    return dataclasses.replace(fs, caption_image=fs.caption_image.astype(np.int32), provenance={
+        "dataset": "npz", "file": os.path.basename(path), "sha256": sha256(path),
+        "tokens": fs.image.ndim == 3 or fs.text.ndim == 3, "n_images": fs.n_images, "n_captions": fs.n_captions})

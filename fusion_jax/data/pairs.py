@@ -172,4 +172,3 @@ def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float | None]:
     n = len(val["label"])
     return {"val_pairs_with_a_training_image": float(seen.sum() / n) if n else None,
             "val_pairs_with_a_training_caption": float(caption_seen.sum() / n) if n else None}
-
