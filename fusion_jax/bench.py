@@ -56,7 +56,7 @@ from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
 from fusion_jax.files import atomic_write_json, atomic_write_text
-from fusion_jax.report import device, versions
+from fusion_jax.report import device, source, source_text, versions
 from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.xla_cache import cache_events, persistent_cache
@@ -275,7 +275,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     jax_total = {**jax_side, **_totals(jax_side, peak_gflops)}
     torch_total = {**torch_side, **_totals(torch_side, peak_gflops)}
     result = {
-        "command": command, "grid_name": grid, "versions": {**versions(), "torch": torch.__version__},
+        "command": command, "source": source(), "grid_name": grid,
+        "versions": {**versions(), "torch": torch.__version__},
         "order": "torch, then jax" if torch_first else "jax, then torch", "split_by_scale": split_by_scale,
         "runs_per_chunk": runs_per_chunk,
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
@@ -326,7 +327,7 @@ def markdown(r: dict) -> str:
     env = r.get("env", {})
     devices_env = f" (JAX_NUM_CPU_DEVICES={env['JAX_NUM_CPU_DEVICES']})" if "JAX_NUM_CPU_DEVICES" in env else ""
     lines = [f"# Benchmark `{r['grid_name']}` on {r['device']['name']} ({r['device']['device_kind']})", "",
-             f"Made by `{r['command']}`; jax {r['versions']['jax']}, torch {r['versions']['torch']} "
+             f"Made by `{r['command']}`{source_text(r)}; jax {r['versions']['jax']}, torch {r['versions']['torch']} "
              f"(on {t['device']}). {g['runs']} runs in {len(g['groups'])} groups: backbones "
              f"{', '.join(g['backbones'])}, scales {', '.join(map(str, g['scales']))}, seeds "
              f"{', '.join(map(str, g['seeds']))}, noise levels {', '.join(f'{x:g}' for x in g['noise_levels'])} "

@@ -45,11 +45,10 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
     """Accuracy (level 0) against scale per method, one panel per backbone, with the majority baseline;
     None when no run finished."""
     summ = [s for s in results["summary"] if tables.level(s) == 0.0]
-    names = backbones(results)
+    names = [b for b in backbones(results) if any(s["backbone"] == b for s in summ)]
     if not names:
         return None
     fig, axes = _panels(len(names))
-    n_seeds = max((s["n_seeds"] for s in summ), default=0)
     for ax, b in zip(axes, names):
         rows = [s for s in summ if s["backbone"] == b]
         scales = sorted({s["scale"] for s in rows})
@@ -59,7 +58,7 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
                         yerr=[100 * (s["accuracy_std"] or 0.0) for s in pts], color=COLORS.get(m), marker="o",
                         capsize=4, label=f"{m} (ours)")
         base = [100 * np.mean([s["majority_baseline_mean"] for s in rows if s["scale"] == sc]) for sc in scales]
-        ax.plot(scales, base, "k--", lw=1.2, label="majority-class baseline (ours)")
+        ax.plot(scales, base, "k--", marker="_", ms=14, lw=1.2, label="majority-class baseline (ours)")
         if tables.is_paper_setting(results, b):
             for m in ("concat", "cross"):
                 pts = [r for r in paper.table1() if r["method"] == m]
@@ -76,12 +75,13 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(tables.data_of(results))}\n"
-                 f"mean ± std over {n_seeds} seeds", fontsize=11)
+                 f"mean ± std over {tables.seeds_text(summ)}", fontsize=11)
     return _save(fig, path)
 
 
 def noise_advantage(results: dict, path: str) -> str | None:
-    """Concat − cross accuracy (points) against noise sigma per backbone and scale; None without a noise study."""
+    """Concat − cross accuracy (points) against noise sigma per backbone and scale, the paper's Table 2 beside
+    ours only in its setting (`tables.is_paper_setting`); None without a noise study."""
     settings = tables.noise_settings(results)
     if not settings:
         return None
@@ -105,19 +105,21 @@ def noise_advantage(results: dict, path: str) -> str | None:
                                                                         c["n_seeds"])]
             if sig:
                 ax.plot(*zip(*sig), "o", color=color, ls="none")
-        ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
-                label=f"paper ({paper.SETTING}), Table 2")
+        if tables.is_paper_setting(results, b):
+            ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
+                    label=f"paper ({paper.SETTING}), Table 2")
         ax.axhline(0.0, color="gray", lw=1)
         ax.plot([], [], "o", color="gray", label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")
-        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant")
+        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant"
+                + (" or untested (one seed)" if any(c["n_seeds"] < 2 for c in results["comparisons"]) else ""))
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
         ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
         ax.set_title(f"backbone {b}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the data stay clear
-    n_seeds = max(c["n_seeds"] for c in results["comparisons"])
     fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(tables.data_of(results))}\n"
-                 f"error bars: std of the per-seed paired differences ({n_seeds} seeds)", fontsize=11)
+                 f"error bars: std of the per-seed paired differences ({tables.seeds_text(results['comparisons'])})",
+                 fontsize=11)
     return _save(fig, path)
 
 
@@ -139,8 +141,8 @@ def tsne_embedding(image: np.ndarray, text: np.ndarray, seed: int = 0) -> tuple[
     joint = image.shape[1] == text.shape[1]
     if joint:
         x = np.concatenate([image, text]).astype(np.float64)
-        if x.shape[1] > 50:
-            x = PCA(50, random_state=seed).fit_transform(x)
+        if x.shape[1] > 50:  # to at most 50 dims, and no more than the rows
+            x = PCA(min(50, len(x)), random_state=seed).fit_transform(x)
     else:
         k = min(image.shape[1], text.shape[1], 50, n)
         x = np.concatenate([PCA(k, random_state=seed).fit_transform(image.astype(np.float64)),

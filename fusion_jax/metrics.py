@@ -42,10 +42,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
     """Mean of a - b over paired seeds and the two-sided paired t-test p-value.
 
-    The p-value is None when it is undefined: fewer than two pairs, or identical differences
-    (zero variance; float round-off would otherwise turn it into a spurious tiny p).
+    The p-value is None when it is undefined: fewer than two pairs, a difference that is not a
+    number, or identical differences (zero variance; float round-off would otherwise turn it into a
+    spurious tiny p).
     """
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.size < 2 or np.ptp(d) <= 1e-12:
+    if d.size < 2 or not np.isfinite(d).all() or np.ptp(d) <= 1e-12:
         return float(d.mean()), None
     return float(d.mean()), float(stats.ttest_rel(a, b).pvalue)

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 
 import jax
@@ -40,6 +41,28 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[key] = None
     return out
+
+
+def source() -> dict:
+    """The code that ran: {"commit", "dirty"} of the git checkout fusion_jax is imported from (dirty: its
+    tracked files differ from the commit), both None outside one (an installed wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                                       check=True).stdout.strip()
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return {"commit": None, "dirty": None}  # a checkout around an installed copy is not its source
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def source_text(results: dict) -> str:
+    """' at commit 1a2b3c4d5e (with uncommitted changes)' from results["source"], or ''."""
+    src = results.get("source") or {}
+    if not src.get("commit"):
+        return ""
+    return f" at commit {src['commit'][:10]}" + (" (with uncommitted changes)" if src.get("dirty") else "")
 
 
 def device() -> dict:
@@ -90,12 +113,6 @@ def _pct(mean: float, std: float | None) -> str:
     return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
 
-def _seeds(comparisons: list[dict]) -> str:
-    """'3 seeds', or '2-3 seeds' when the comparisons' seed counts differ."""
-    n = sorted({c["n_seeds"] for c in comparisons})
-    return f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
-
-
 def answer(results: dict) -> list[str]:
     """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
     verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
@@ -106,14 +123,15 @@ def answer(results: dict) -> list[str]:
         clean = sorted((c for c in mine if tables.level(c) == 0), key=lambda c: c["scale"])
         noisy = [c for c in mine if tables.level(c) > 0]
         a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
-        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, chance {100 * a['chance@1']:.1f}%"
+        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, "
+                   f"chance {tables.one_decimal(100 * a['chance@1'])}%"
                    if a.get("defined") else "no shared space" if a else "alignment not measured")
         lost = [f["group"] for f in results.get("failed_groups") or []  # older records lack "backbone"
                 if f.get("backbone") == b or ("backbone" not in f and re.match(rf"{re.escape(b)}-(concat|cross)(-|$)",
                                                                                f["group"]))]
         missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
         if not clean:
-            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}")
+            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy)}")
             continue
         concat = [c["scale"] for c in clean if favours(c) == "concat"]
         cross = [c["scale"] for c in clean if favours(c) == "cross"]
@@ -125,26 +143,44 @@ def answer(results: dict) -> list[str]:
         elif concat or cross:
             choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
         else:
-            choice = f"no difference significant at {_seeds(clean)} (concat is the cheaper head)"
+            choice = f"no difference significant at {tables.seeds_text(clean)} (concat is the cheaper head here)"
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
-        line = f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{missing}"
-        if noisy:
-            sigmas = sorted({tables.level(c) for c in noisy})
-            n_concat, n_cross = (sum(favours(c) == side for c in noisy) for side in ("concat", "cross"))
-            line += (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
-                     + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in "
-                     f"{len(noisy) - n_concat - n_cross} of {len(noisy)} comparisons (table2.md).")
-        out.append(line)
+        out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{missing}"
+                   + _noise_counts(noisy))
     return out
+
+
+def _noise_counts(noisy: list[dict]) -> str:
+    """' With noise (σ a-b): concat ahead in i, cross in j, neither in k[, untested (one seed) in u] of n
+    comparisons (table2.md).', or '' without noisy comparisons."""
+    if not noisy:
+        return ""
+    sigmas = sorted({tables.level(c) for c in noisy})
+    sides = [tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy]
+    untested = sum(c["n_seeds"] < 2 for c in noisy)
+    n_concat, n_cross = sides.count("concat"), sides.count("cross")
+    return (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
+            + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross - untested}"
+            + (f", untested (one seed) in {untested}" if untested else "") + f" of {len(noisy)} comparisons (table2.md).")
+
+
+def _timing_text(results: dict) -> str:
+    """', in 224 s by the process that wrote it (4 of 4 groups trained there)' from results["timing"], or ''."""
+    t = results.get("timing")
+    if not t:
+        return ""
+    return (f", in {t['seconds']:.0f} s by the process that wrote it ({t['groups_trained']} of {t['groups']} "
+            "groups trained there)")
 
 
 def summary_markdown(results: dict) -> str:
     """Human-readable tables of a results dict."""
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
-             f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`.", "",
+             f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
+             f"{_timing_text(results)}.", "",
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "
@@ -218,15 +254,17 @@ def runs_csv(runs: list[dict]) -> str:
 
 
 def write_results(workdir: str, config_dict: dict, runs: list[dict], command: str | None = None,
-                  backbones: dict | None = None, failures: list[dict] | None = None) -> dict:
+                  backbones: dict | None = None, failures: list[dict] | None = None,
+                  timing: dict | None = None) -> dict:
     """Assemble and write results.json and runs.csv (each atomically), then the report (render_report:
     summary.md, tables, figures); return the dict.
 
-    `backbones` maps each backbone to its features' provenance, including the measured alignment.
+    `backbones` maps each backbone to its features' provenance, including the measured alignment;
+    `timing`: {"seconds", "groups_trained", "groups"} of the process that wrote the results.
     """
-    results = {"command": command, "config": config_dict, "versions": versions(), "device": device(),
-               "backbones": backbones or {}, "failed_groups": failures or [], "runs": runs,
-               "summary": summarize(runs), "comparisons": compare(runs)}
+    results = {"command": command, "source": source(), "config": config_dict, "versions": versions(),
+               "device": device(), "timing": timing, "backbones": backbones or {}, "failed_groups": failures or [],
+               "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
     try:

@@ -236,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; `command`
     (the command line that started the sweep) is recorded in the results.
     """
+    start = time.perf_counter()
     validate(config)
     index, count = distributed.initialize(config)
     config_dict = config.to_dict()
@@ -298,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
-                         failures)
+                         failures, {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo),
+                                    "groups": len(groups)})
 
 
 def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:

@@ -57,26 +57,50 @@ def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> s
     return f"{scale * mean:.1f}" + ("" if std is None or not math.isfinite(std) else f" ± {scale * std:.1f}")
 
 
+def one_decimal(v: float) -> str:
+    """v with one decimal, or two significant digits where that would write a nonzero v as 0.0 (a
+    significant gap of 0.02 points; Flickr8k's recall@1 chance, about 0.012%)."""
+    return f"{v:.1f}" if abs(v) >= 0.05 or v == 0 else f"{v:.2g}"
+
+
 def p_text(p: float | None) -> str:
-    """A p-value for a table cell."""
-    return "–" if p is None else f"{p:.3g}"
+    """A p-value for a table cell: 3 significant digits, more where 3 would round it across ALPHA
+    (0.04996 is not written "0.05" beside a significant verdict)."""
+    if p is None or not math.isfinite(p):
+        return "–"
+    for digits in (3, 4, 5, 6):
+        text = f"{p:.{digits}g}"
+        if (float(text) < ALPHA) == (p < ALPHA):
+            return text
+    return f"< {ALPHA:g}" if p < ALPHA else text
 
 
 def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
     """'concat' or 'cross' when a concat − cross difference favours one: p < ALPHA, or (no t-test
-    possible) the same nonzero gap on each of 2 or more seeds; None when tied or untested (one seed)."""
+    possible) the same nonzero gap on each of 2 or more seeds; None when tied, untested (one seed) or
+    not a number (a NaN metric decides nothing)."""
+    if not math.isfinite(diff) or (p is not None and not math.isfinite(p)):
+        return None
     if abs(diff) < 1e-12 or n_seeds < 2 or (p is not None and p >= ALPHA):
         return None
     return "concat" if diff > 0 else "cross"
+
+
+def seeds_text(entries: list[dict]) -> str:
+    """'3 seeds', '1 seed', or '2-3 seeds' when the entries' (summary cells' or comparisons') seed counts differ."""
+    n = sorted({e["n_seeds"] for e in entries}) or [0]
+    return f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
 
 
 def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'concat +2.0 on each of 3 seeds (no t-test: ...)'
     for equal gaps (zero variance, where a t-test is undefined), 'tied (...)', or one seed's untested gap."""
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    ahead = f"{'concat' if diff > 0 else 'cross'} +{100 * abs(diff):.1f}"
+    if not math.isfinite(diff) or (p is not None and not math.isfinite(p)):
+        return "untested (not a number: a NaN metric)"
+    ahead = f"{'concat' if diff > 0 else 'cross'} +{one_decimal(100 * abs(diff))}"
     if n_seeds < 2:
-        return f"tied (not significant at {seeds}; no test possible)" if diff == 0 else \
+        return "untested (no gap on its one seed; no test possible)" if diff == 0 else \
             f"{ahead} on its one seed (no test possible)"
     if favoured(diff, p, n_seeds) is None:
         return f"tied (the same on all {seeds})" if p is None else f"tied (not significant at {seeds}, p = {p_text(p)})"
@@ -185,7 +209,7 @@ def _alignment_lines(results: dict) -> list[str]:
         a = prov.get("alignment", {})
         dims = f"{prov.get('dim_image', '?')} / {prov.get('dim_text', '?')}"
         if isinstance(a, dict) and a.get("defined"):
-            rows.append([name, dims, pct(a["recall@1"]), pct(a["chance@1"])])
+            rows.append([name, dims, pct(a["recall@1"]), one_decimal(100 * a["chance@1"])])
         else:
             reason = a.get("reason", "not measured") if isinstance(a, dict) else f"dial {a}"
             rows.append([name, dims, "–", reason])
@@ -207,7 +231,10 @@ def table1(results: dict) -> tuple[str, list[dict]]:
     for s in level0:
         c = comps.get((s["backbone"], s["scale"], 0.0))
         diff, p, n = (c["concat_minus_cross"], c["p_value"], c["n_seeds"]) if c else (None, None, s["n_seeds"])
-        verdict_text = verdict(diff, p, n) if c else "no comparison (one method only)"
+        verdict_text = verdict(diff, p, n) if c else (
+            "no comparison (one method only)" if len({t["method"] for t in level0 if t["backbone"] == s["backbone"]
+                                                      and t["scale"] == s["scale"]}) < 2
+            else "no comparison (no seed trained both methods)")
         md_rows.append(["ours", data, s["backbone"], s["scale"], s["method"], pct(s["accuracy_mean"], s["accuracy_std"]),
                         pct(s["majority_baseline_mean"]), pct(s["f1_mean"], s["f1_std"]),
                         pct(s["precision_mean"], s["precision_std"]), pct(s["recall_mean"], s["recall_std"]),
@@ -236,7 +263,10 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         lines += ["", f"## For reference only: {PAPER_REFERENCE}, Table 1", "",
                   f"The paper's own figures on its own data ({paper.SETTING}); "
                   + ("our rows above are on other data, so these are not comparable with them."
-                     if data_of(results) != paper.FEATURES else "scales or backbones our sweep does not have.")
+                     if data_of(results) != paper.FEATURES else "scales our sweep does not have."
+                     if any(is_paper_setting(results, b) for b in results.get("backbones") or {}) else
+                     "our rows above are not its exact setting (pooled features of the hub's CLIP ViT-B/32, pairs "
+                     "split 80/20 at random), so these are not placed beside them.")
                   + " Percent, mean ± std over 3 seeds.", "",
                   *markdown_table(["source", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
                                    "seeds"], [[PAPER_REFERENCE, r["scale"], r["method"], *_paper1_cells(r)]
@@ -369,7 +399,7 @@ def table3(results: dict) -> tuple[str, list[dict]]:
         csv_rows.append({"block": "ours", "source": "ours", "backbone": b, "dim_image": dims and dims[0],
                          "dim_text": dims and dims[1], "method": m, "scale": sc, "params": params[0],
                          "rel_params": None if rel_p is None else round(rel_p, 4),
-                         "flops_per_sample": f if f is not None else "n/a",
+                         "flops_per_sample": f,
                          "rel_flops": None if rel_f is None else round(rel_f, 4),
                          "train_seconds_per_run": round(seconds, 6), "runs": len(group)})
     lines = ["# Table 3: efficiency", "",

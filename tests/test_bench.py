@@ -32,7 +32,8 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     rounds = saved["repeats"]
     assert rounds["rounds"] == 2 and len(rounds["jax_wall_s"]) == len(rounds["torch_wall_s"]) == 2
     assert saved["jax"]["wall_s"] == min(rounds["jax_wall_s"]) and saved["torch"]["wall_s"] == min(rounds["torch_wall_s"])
-    for key in ("command", "versions", "device", "env", "grid", "flops", "matmul_peak", "jax", "torch", "speedup"):
+    for key in ("command", "source", "versions", "device", "env", "grid", "flops", "matmul_peak", "jax", "torch",
+                "speedup"):
         assert key in saved, key
     assert saved["command"] == "pytest tiny" and saved["versions"]["jax"] and saved["versions"]["torch"]
     jax_side, torch_side = saved["jax"], saved["torch"]

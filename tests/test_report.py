@@ -84,11 +84,40 @@ def assert_png(path):
     (0.028, None, 3, "concat +2.8 on each of 3 seeds (no t-test"),
     (0.0, None, 3, "tied (the same on all 3 seeds)"),
     (-0.028, None, 1, "cross +2.8 on its one seed (no test possible)"),
-    (0.0, None, 1, "tied (not significant at 1 seed; no test possible)"),
+    (0.0, None, 1, "untested (no gap on its one seed; no test possible)"),
     (0.028, 0.05, 3, "not significant at 3 seeds"),
+    (0.0002, 1e-6, 3, "concat +0.02"),
+    (float("nan"), float("nan"), 3, "untested (not a number"),
 ])
 def test_verdict_words(diff, p, n, want):
     assert want in tables.verdict(diff, p, n)
+
+
+def test_p_text_never_rounds_across_alpha_and_nan_decides_nothing():
+    assert tables.p_text(0.04996) == "0.04996" and tables.p_text(0.0500001) == "0.05"
+    assert tables.p_text(0.0123456) == "0.0123" and tables.p_text(float("nan")) == "–"
+    assert tables.favoured(float("nan"), None, 3) is None and tables.favoured(0.03, float("nan"), 3) is None
+    from fusion_jax import metrics
+    assert metrics.paired_difference([float("nan"), 0.8, 0.9], [0.7, 0.7, 0.7])[1] is None
+
+
+def test_no_clean_runs_no_scale_figure_and_the_answer_keeps_the_noise(tmp_path):
+    results = fake_results("synthetic", ("aligned",), levels=(0.0, 0.3))
+    runs = [r for r in results["runs"] if r["degradation"]["level"] > 0]
+    results.update(runs=runs, summary=summarize(runs), comparisons=compare(runs))
+    assert figures.accuracy_vs_scale(results, str(tmp_path / "fig.png")) is None
+    line, = answer(results)
+    assert "no comparison without noise" in line and "(σ 0.3): concat ahead in" in line
+
+
+def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
+    labels = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: labels.setdefault(path, [
+        t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]) and path)
+    for name, results in (("paper", fake_results("flickr8k", ("clip",))),
+                          ("other", fake_results("synthetic", ("clip",)))):
+        figures.noise_advantage(results, name)
+    assert any("Table 2" in t for t in labels["paper"]) and not any("Table 2" in t for t in labels["other"])
 
 
 def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
@@ -176,7 +205,7 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     assert "Group(s) unaligned-cross-s2048 failed" in answer(results)[1] and "failed" not in answer(results)[0]
     for c in results["comparisons"]:
         c["p_value"] = 0.5
-    assert "**no difference significant at 3 seeds (concat is the cheaper head)**" in answer(results)[0]
+    assert "**no difference significant at 3 seeds (concat is the cheaper head here)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
 
@@ -217,16 +246,33 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
     assert f"## {tables.PAPER_REFERENCE}, Table 3" in md and "| 757,000 |" in md
 
 
-def test_table3_without_cost_model_or_dims_writes_na(monkeypatch):
+def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeypatch):
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)  # import raises ImportError
     md, rows = tables.table3(fake_results())
-    assert all(r["flops_per_sample"] == "n/a" for r in rows if r["source"] == "ours") and "n/a" in md
+    assert all(r["flops_per_sample"] is None for r in rows if r["source"] == "ours") and "n/a" in md  # CSV: empty
     monkeypatch.delitem(sys.modules, "fusion_jax.cost")
     results = fake_results()
     results["backbones"] = {}
     md, rows = tables.table3(results)
-    assert all(r["flops_per_sample"] == "n/a" for r in rows if r["source"] == "ours")
+    assert all(r["flops_per_sample"] is None for r in rows if r["source"] == "ours")
     assert "feature dims not recorded" in md
+
+
+def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
+    from fusion_jax import report
+    src = report.source()
+    if os.path.isdir(os.path.join(ROOT, ".git")):
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert src["commit"] == head and isinstance(src["dirty"], bool)
+        assert report.source_text({"source": src}) == f" at commit {head[:10]}" + \
+            (" (with uncommitted changes)" if src["dirty"] else "")
+    else:
+        assert src == {"commit": None, "dirty": None}
+    # A copy installed inside some other checkout (a venv in a project's repository) is not that checkout's code.
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "venv" / "fusion_jax").mkdir(parents=True)
+    monkeypatch.setattr(report, "__file__", str(tmp_path / "venv" / "fusion_jax" / "report.py"))
+    assert report.source() == {"commit": None, "dirty": None} and report.source_text({}) == ""
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -282,6 +328,8 @@ def test_one_method_only_has_no_comparison_and_no_nan(tmp_path, monkeypatch):
 
 def test_tsne_embedding_joint_and_separate():
     rng = np.random.default_rng(0)
+    img, txt, joint = figures.tsne_embedding(rng.standard_normal((10, 64)), rng.standard_normal((10, 64)))
+    assert joint and img.shape == (10, 2)  # fewer rows than PCA's 50 dims
     img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)))
     assert joint and img.shape == txt.shape == (40, 2) and np.isfinite(img).all()
     img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 12)), rng.standard_normal((40, 6)))

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from fusion_jax import report
 from fusion_jax.groups import CompiledAhead, Later, build_program, group_data, layout, per_run_program, plan
 from fusion_jax.metrics import METRICS
 from fusion_jax.sweep import train_and_evaluate
@@ -28,7 +29,10 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     smoke_config, results, tmp_path = smoke_sweep
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk) == {"command", "config", "versions", "device", "backbones", "failed_groups", "runs", "summary", "comparisons"}
+    assert set(on_disk) == {"command", "source", "config", "versions", "device", "timing", "backbones", "failed_groups",
+                            "runs", "summary", "comparisons"}
+    assert on_disk["source"] == report.source()
+    assert on_disk["timing"]["groups_trained"] == on_disk["timing"]["groups"] > 0 and on_disk["timing"]["seconds"] > 0
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
     for prov in on_disk["backbones"].values():  # what each scale's validation shares with training
