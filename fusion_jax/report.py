@@ -45,24 +45,25 @@ def versions() -> dict[str, str | None]:
 
 def source() -> dict:
     """The code that ran: {"commit", "dirty"} of the git checkout fusion_jax is imported from (dirty: its
-    tracked files differ from the commit), both None outside one (an installed wheel)."""
+    tracked files under fusion_jax/ or configs/ differ from the commit), both None outside one (a wheel)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
                                        check=True).stdout.strip()
     try:
         if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
             return {"commit": None, "dirty": None}  # a checkout around an installed copy is not its source
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "fusion_jax", "configs")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
 
 def source_text(results: dict) -> str:
-    """' at commit 1a2b3c4d5e (with uncommitted changes)' from results["source"], or ''."""
+    """' at commit 1a2b3c4d5e (with uncommitted changes to its code or configs)' from results["source"], or ''."""
     src = results.get("source") or {}
     if not src.get("commit"):
         return ""
-    return f" at commit {src['commit'][:10]}" + (" (with uncommitted changes)" if src.get("dirty") else "")
+    return f" at commit {src['commit'][:10]}" + (" (with uncommitted changes to its code or configs)" if src.get("dirty") else "")
 
 
 def device() -> dict:

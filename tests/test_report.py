@@ -265,7 +265,7 @@ def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert src["commit"] == head and isinstance(src["dirty"], bool)
         assert report.source_text({"source": src}) == f" at commit {head[:10]}" + \
-            (" (with uncommitted changes)" if src["dirty"] else "")
+            (" (with uncommitted changes to its code or configs)" if src["dirty"] else "")
     else:
         assert src == {"commit": None, "dirty": None}
     # A copy installed inside some other checkout (a venv in a project's repository) is not that checkout's code.
