@@ -75,13 +75,19 @@ def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
 # count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
 # max_runs_per_program change those, so a resume must keep them).
-NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache")
+# checkpoint.keep: how many epochs' checkpoints stay on disk.
+NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache", "checkpoint.keep")
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
 # not compared against such a file.
 SAVED_LATER = ("split_by_scale",)
 # Fields added since the first release, at their defaults: a config saved without them (a sweep.json, a
 # results.json) is the same as one with them at these values.
 ADDED = {"degradation.scales": [], "pairs.split_by": "pair"}
+
+
+def not_result(key: str) -> bool:
+    """Whether a (dotted) config field is, or lies inside, one of NOT_RESULTS."""
+    return any(key == name or key.startswith(name + ".") for name in NOT_RESULTS)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -92,7 +98,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _canonical(value: Any) -> Any:
+    """A value as compared: numbers as floats (`levels=(0,0.1)` is `(0.0,0.1)`), lists and dicts inside too."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
 def differing(previous: dict, current: dict, skip: set[str] = frozenset()) -> list[str]:
-    """The keys of two flat dicts whose values differ (compared as JSON), but those in `skip`."""
-    return sorted(k for k in (set(previous) | set(current)) - skip
-                  if json.dumps(previous.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
+    """The keys of two flat dicts whose values differ (compared as JSON, numbers by value), but those in `skip`."""
+    text = lambda d, k: json.dumps(_canonical(d.get(k)), sort_keys=True)
+    return sorted(k for k in (set(previous) | set(current)) - skip if text(previous, k) != text(current, k))

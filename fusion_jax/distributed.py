@@ -20,21 +20,33 @@ import ml_collections
 log = logging.getLogger("fusion_jax")
 
 
+def in_cluster() -> bool:
+    """Whether the environment starts several processes (SLURM_NTASKS > 1, or JAX_COORDINATOR_ADDRESS)."""
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
 def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """Start jax.distributed when the config or the environment asks for several processes.
 
     Config fields win; otherwise JAX's own detection runs where a cluster environment is present
-    (SLURM_JOB_ID with SLURM_NTASKS > 1, or JAX_COORDINATOR_ADDRESS). Returns (index, count).
+    (`in_cluster`), unless distributed.num_processes is 1. Returns (index, count).
+
+    Each process uses every device it sees (JAX's SLURM detection would give a task only the device
+    numbered like its rank on the node: one GPU per node for one task per node); JAX_LOCAL_DEVICE_IDS
+    narrows that. A process that finishes its groups waits at JAX's shutdown barrier for the others,
+    up to distributed.wait_seconds (JAX's default, 300 s, ends the whole sweep when one process
+    finishes that much earlier than another).
     """
     d = config.distributed
-    in_cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
-    if d.num_processes > 1 or in_cluster:
+    if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
             jax.distributed.initialize(
                 coordinator_address=d.coordinator_address or None,
                 num_processes=d.num_processes if d.num_processes > 1 else None,
                 process_id=d.process_id if d.process_id >= 0 else None,
-                initialization_timeout=d.timeout_seconds)
+                local_device_ids=None if os.environ.get("JAX_LOCAL_DEVICE_IDS") else [],
+                initialization_timeout=int(d.timeout_seconds),
+                shutdown_timeout_seconds=int(d.wait_seconds))
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()

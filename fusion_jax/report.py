@@ -24,7 +24,7 @@ import jax
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
-from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten
+from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
 
@@ -310,7 +310,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     accuracy shifts over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both,
     what only one holds or lost to a failed group, and every shared cell."""
     configs = [{**ADDED, **flatten(r["config"])} for r in (other, results)]
-    skip = {k for k in set(configs[0]) | set(configs[1]) if k.split(".")[0] in (*NOT_RESULTS, "name")
+    skip = {k for k in set(configs[0]) | set(configs[1]) if not_result(k) or k == "name"
             or (k in SAVED_LATER and not all(k in c for c in configs))}
     configs = [{k: v for k, v in c.items() if k not in skip} for c in configs]
     shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]

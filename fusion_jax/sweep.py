@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten
+from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten, not_result
 from fusion_jax.data import FeatureSet, build_pairs, overlap
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
-from fusion_jax.files import atomic_write_json, safe_name
+from fusion_jax.files import atomic_write, atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
 from fusion_jax.report import write_results
@@ -51,7 +51,8 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
     image_mask = None if fs.image_mask is None else fs.image_mask[fs.caption_image[captions]]
     text_mask = None if fs.text_mask is None else fs.text_mask[captions]
     path = os.path.join(workdir, f"tsne_{safe_name(backbone)}.npz")
-    np.savez(path, image=pooled(image, image_mask), text=pooled(fs.text[captions], text_mask))
+    arrays = {"image": pooled(image, image_mask), "text": pooled(fs.text[captions], text_mask)}
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 _MIN_FREE_BYTES = 64 * 2**20
@@ -94,8 +95,9 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    results_fields = lambda d: {k: v for k, v in d.items() if k not in NOT_RESULTS}
-    fingerprint = {**ADDED, **flatten(results_fields(config_dict))}
+    results_fields = lambda d: {k: v for k, v in d.items() if k not in NOT_RESULTS}  # what sweep.json keeps
+    compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
+    fingerprint = compared(config_dict)
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     previous = None
     if os.path.exists(path):
@@ -103,9 +105,9 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
             previous = json.load(f)
     elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
         with open(results) as f:
-            previous = results_fields(json.load(f).get("config") or {})
+            previous = json.load(f).get("config") or {}
     if previous is not None:
-        previous = {**ADDED, **flatten(previous)}
+        previous = compared(previous)
         skip = {k for k in SAVED_LATER if k not in previous}
         if features is not None and os.path.exists(os.path.join(workdir, "features.json")):
             skip |= set(_LOCATIONS)

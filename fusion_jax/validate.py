@@ -9,6 +9,7 @@ import ml_collections
 from fusion_jax import degrade, fusion
 from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
+from fusion_jax.distributed import in_cluster
 
 
 class ConfigError(ValueError):
@@ -136,7 +137,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.checkpoint.keep} must be an integer >= 1")
     for field in ("timeout_seconds", "wait_seconds"):
         value = config.distributed[field]
-        _require(_finite(value) and value > 0, f"distributed.{field}", f"{value!r} must be a finite number > 0")
+        _require(_finite(value) and value >= 1, f"distributed.{field}", f"{value!r} must be a finite number >= 1")
+    d = config.distributed
+    _require(_int(d.num_processes, 0), "distributed.num_processes",
+             f"{d.num_processes!r} must be an integer >= 0 (0: one, or the cluster's count under SLURM)")
+    _require(_int(d.process_id, -1) and (d.process_id < d.num_processes or d.num_processes == 0),
+             "distributed.process_id", f"{d.process_id!r} must be an integer from 0 to num_processes - 1 "
+             "(-1: from the cluster)")
+    _require(d.num_processes > 0 or not (d.coordinator_address or d.process_id >= 0), "distributed.num_processes",
+             "is 0 while distributed.coordinator_address or process_id is set: set it to the number of processes "
+             "(each would otherwise run the whole sweep alone)")
+    if d.num_processes > 1 and not in_cluster():
+        _require(bool(d.coordinator_address), "distributed.coordinator_address",
+                 "must be HOST:PORT (process 0's) with num_processes > 1 outside a cluster (SLURM)")
+        _require(d.process_id >= 0, "distributed.process_id",
+                 "must be this process's index with num_processes > 1 outside a cluster (SLURM)")
 
 
 def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSet | ImageCaptionDataset]) -> None:

@@ -44,7 +44,10 @@ INVALID = [
     ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
     ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),
     ("synthetic.view_noise", -0.5, "synthetic.view_noise", ">= 0"),
-    ("distributed.wait_seconds", 0, "distributed.wait_seconds", "> 0"),
+    ("distributed.wait_seconds", 0, "distributed.wait_seconds", ">= 1"),
+    ("distributed.num_processes", -1, "distributed.num_processes", "integer >= 0"),
+    ("distributed.coordinator_address", "127.0.0.1:1234", "distributed.num_processes", "whole sweep alone"),
+    ("distributed.num_processes", 2, "distributed.coordinator_address", "HOST:PORT"),
 ]
 
 
@@ -60,6 +63,12 @@ def test_invalid_value(smoke_config, tmp_path, field, value, named, allowed):
         train_and_evaluate(smoke_config, str(workdir))
     assert e.value.field == named and str(e.value).startswith(f"config.{named}:") and allowed in str(e.value)
     assert not workdir.exists()
+
+
+def test_process_id_out_of_range(smoke_config, tmp_path):
+    smoke_config.distributed.update(num_processes=2, process_id=2, coordinator_address="127.0.0.1:1234")
+    with pytest.raises(ConfigError, match=r"distributed.process_id: 2 must be an integer from 0 to num_processes - 1"):
+        train_and_evaluate(smoke_config, str(tmp_path / "out"))
 
 
 def test_split_by_image_names_its_scale_limit(smoke_config, tmp_path):
@@ -172,7 +181,11 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     for field, value in (("split_by_scale", True), ("max_runs_per_program", 3)):
         with pytest.raises(ConfigError, match=rf"differs in {field}\)"):
             prepare_workdir(workdir, {**config, field: value})
-    prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "compile_workers": 2})
+    prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "compile_workers": 2,
+                              "checkpoint": {**config["checkpoint"], "keep": 1}})
+    levels = config["degradation"]["levels"]  # the same numbers written as ints: the same sweep
+    prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "levels": [int(x) if x == int(x)
+                                                                                           else x for x in levels]}})
     # Finished results without sweep.json (as committed results folders are) hold their config too.
     os.remove(tmp_path / "out" / "sweep.json")
     (tmp_path / "out" / "results.json").write_text(json.dumps({"config": config}))

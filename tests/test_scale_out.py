@@ -178,6 +178,28 @@ def _main(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def test_initialize_uses_every_visible_device_and_waits_for_late_processes(smoke_config, monkeypatch):
+    """JAX's SLURM detection alone would give one task per node one GPU (local_device_ids=[SLURM_LOCALID]) and
+    end every process 300 s after the first one finished (its shutdown barrier)."""
+    import jax
+    from fusion_jax import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    distributed.initialize(smoke_config)
+    assert calls[-1]["local_device_ids"] == [] and calls[-1]["shutdown_timeout_seconds"] == 86400
+    assert calls[-1]["num_processes"] is None and calls[-1]["process_id"] is None  # from SLURM
+    monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,1")
+    distributed.initialize(smoke_config)
+    assert calls[-1]["local_device_ids"] is None  # JAX reads the variable
+    smoke_config.distributed.num_processes = 1  # one task of an allocation runs alone
+    distributed.initialize(smoke_config)
+    assert len(calls) == 2
+
+
 def test_two_processes_equal_one(tmp_path):
     single = _main([f"--workdir={tmp_path / 'one'}"])
     assert single.wait(timeout=300) == 0, single.stderr.read()[-2000:]
