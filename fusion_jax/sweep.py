@@ -14,7 +14,12 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +230,31 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
     return state, seconds, last_loss
 
 
+@contextlib.contextmanager
+def sweep_lock(workdir: str, index: int) -> Iterator[None]:
+    """Hold `<workdir>/.lock-<index>` (flock) while process `index` sweeps: the same command started twice
+    is refused rather than training the same groups into the same checkpoints at once."""
+    if fcntl is None:  # no flock (Windows): unguarded
+        yield
+        return
+    with open(os.path.join(workdir, f".lock-{index}"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError("workdir", f"{workdir!r} is in use: another sweep (process {index}, pid "
+                              f"{f.read().strip() or '?'}) is training in it; wait for it or use another "
+                              "workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        on_epoch: Callable[[Group, int], None] | None = None, command: str | None = None
                        ) -> dict | None:
@@ -241,6 +271,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = time.perf_counter()
     validate(config)
     index, count = distributed.initialize(config)
+    with contextlib.ExitStack() as held:
+        return _sweep(config, workdir, index, count, held, start, on_epoch, command)
+
+
+def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,
+           start: float, on_epoch: Callable[[Group, int], None] | None, command: str | None) -> dict | None:
+    """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`."""
     config_dict = config.to_dict()
     groups = plan(config)
     done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
@@ -251,7 +288,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
         features = {b: load_features(config, b, dataset) for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
-        prepare_workdir(workdir, config_dict, {b: feature_identity(fs.provenance) for b, fs in features.items()})
+        identities = {b: feature_identity(fs.provenance) for b, fs in features.items()}
+        if index == 0:  # process 0 claims a new workdir; the others then check their config and features
+            prepare_workdir(workdir, config_dict, identities)
+    with distributed.checked_start(index, count, config.distributed.wait_seconds):
+        if index != 0:
+            prepare_workdir(workdir, config_dict, identities)
+        held.enter_context(sweep_lock(workdir, index))
         todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.

@@ -65,6 +65,19 @@ def test_invalid_value(smoke_config, tmp_path, field, value, named, allowed):
     assert not workdir.exists()
 
 
+def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
+    from fusion_jax.sweep import prepare_workdir, sweep_lock
+
+    workdir = str(tmp_path / "out")
+    prepare_workdir(workdir, smoke_config.to_dict())
+    with sweep_lock(workdir, 0):
+        with pytest.raises(ConfigError, match=rf"is in use: another sweep \(process 0, pid {os.getpid()}\)"):
+            train_and_evaluate(smoke_config, workdir)
+        with sweep_lock(workdir, 1):  # another process index of a multi-process sweep
+            pass
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
 def test_process_id_out_of_range(smoke_config, tmp_path):
     smoke_config.distributed.update(num_processes=2, process_id=2, coordinator_address="127.0.0.1:1234")
     with pytest.raises(ConfigError, match=r"distributed.process_id: 2 must be an integer from 0 to num_processes - 1"):
