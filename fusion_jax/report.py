@@ -7,6 +7,7 @@ figures); it runs at the end of `write_results` and on its own: `python -m fusio
 
 from __future__ import annotations
 
+import collections
 import csv
 import importlib.metadata
 import io
@@ -60,10 +61,24 @@ def source() -> dict:
 
 def source_text(results: dict) -> str:
     """' at commit 1a2b3c4d5e (with uncommitted changes to its code or configs)' from results["source"], or ''."""
-    src = results.get("source") or {}
+    return _commit_text(results.get("source") or {}, " at commit ")
+
+
+def _commit_text(src: dict, prefix: str) -> str:
     if not src.get("commit"):
         return ""
-    return f" at commit {src['commit'][:10]}" + (" (with uncommitted changes to its code or configs)" if src.get("dirty") else "")
+    return prefix + src["commit"][:10] + (" (with uncommitted changes to its code or configs)" if src.get("dirty") else "")
+
+
+def mixed_sources(results: dict) -> str:
+    """A warning when runs were trained by other code than the process that wrote the results (a resume
+    after a change: the workdir checks the config and the features, not the code), else ''."""
+    counts = collections.Counter(json.dumps(r.get("source") or {}, sort_keys=True) for r in results["runs"])
+    if len(counts) < 2 and json.loads(next(iter(counts), "{}")) in ({}, results.get("source") or {}):
+        return ""
+    parts = [(_commit_text(json.loads(k), "commit ") or "code of unknown commit") + f": {n} runs"
+             for k, n in counts.most_common()]
+    return f"**Runs trained by different code** (a resume after a change): {'; '.join(parts)}."
 
 
 def device() -> dict:
@@ -181,7 +196,7 @@ def summary_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
              f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
-             f"{_timing_text(results)}.", "",
+             f"{_timing_text(results)}.", "", *([mixed_sources(results), ""] if mixed_sources(results) else []),
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "

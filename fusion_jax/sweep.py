@@ -37,7 +37,7 @@ from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write, atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
-from fusion_jax.report import write_results
+from fusion_jax.report import source, write_results
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
 from fusion_jax.xla_cache import cache_events, persistent_cache
@@ -176,7 +176,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     counts = np.asarray(program.evaluate(state, runs, data))[index]
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
 
-    records = []
+    records, code = [], source()
     for spec, c, loss, n, k in zip(group.runs, counts, last_loss, n_train, run_steps):
         m = metrics_lib.binary_metrics(*c)
         records.append({
@@ -186,7 +186,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
             # The group's training time, shared among its runs in proportion to their steps.
             "params": params, "train_seconds": seconds * k / run_steps.sum(),
             "final_train_loss": float(loss) if np.isfinite(loss) else None,
-            "n_train": int(n), "n_val": spec.scale - int(n),
+            "n_train": int(n), "n_val": spec.scale - int(n), "source": code,
         })
     return records
 

@@ -275,6 +275,22 @@ def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
     assert report.source() == {"commit": None, "dirty": None} and report.source_text({}) == ""
 
 
+def test_runs_trained_by_other_code_are_named_in_the_summary():
+    from fusion_jax import report
+    results = fake_results("synthetic", ("aligned",), levels=(0.0,))
+    a, b = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
+    results["source"] = a
+    assert report.mixed_sources(results) == ""  # runs without a source (older results) say nothing
+    for i, r in enumerate(results["runs"]):
+        r["source"] = a if i < 4 else b
+    line = report.mixed_sources(results)
+    assert f"commit {'b' * 10} (with uncommitted changes to its code or configs): {len(results['runs']) - 4} runs" in line
+    assert f"commit {'a' * 10}: 4 runs" in line and line in summary_markdown(results)
+    for r in results["runs"]:
+        r["source"] = a
+    assert report.mixed_sources(results) == ""
+
+
 # --- figures --------------------------------------------------------------------------------------
 
 def test_tsne_leaves_out_pairs_with_nan_or_inf(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk) == {"command", "source", "config", "versions", "device", "timing", "backbones", "failed_groups",
                             "runs", "summary", "comparisons"}
-    assert on_disk["source"] == report.source()
+    assert on_disk["source"] == report.source() and all(r["source"] == on_disk["source"] for r in on_disk["runs"])
     assert on_disk["timing"]["groups_trained"] == on_disk["timing"]["groups"] > 0 and on_disk["timing"]["seconds"] > 0
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
