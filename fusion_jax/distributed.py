@@ -31,11 +31,7 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     Config fields win; otherwise JAX's own detection runs where a cluster environment is present
     (`in_cluster`), unless distributed.num_processes is 1. Returns (index, count).
 
-    Each process uses every device it sees (JAX's SLURM detection would give a task only the device
-    numbered like its rank on the node: one GPU per node for one task per node); JAX_LOCAL_DEVICE_IDS
-    narrows that. A process that finishes its groups waits at JAX's shutdown barrier for the others,
-    up to distributed.wait_seconds (JAX's default, 300 s, ends the whole sweep when one process
-    finishes that much earlier than another).
+    Devices: see `local_device_ids`.
     """
     d = config.distributed
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
@@ -44,12 +40,38 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
                 coordinator_address=d.coordinator_address or None,
                 num_processes=d.num_processes if d.num_processes > 1 else None,
                 process_id=d.process_id if d.process_id >= 0 else None,
-                local_device_ids=None if os.environ.get("JAX_LOCAL_DEVICE_IDS") else [],
-                initialization_timeout=int(d.timeout_seconds),
-                shutdown_timeout_seconds=int(d.wait_seconds))
+                local_device_ids=local_device_ids(),
+                initialization_timeout=int(d.timeout_seconds))
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()
+
+
+def local_device_ids() -> list[int] | None:
+    """[] (every device this process sees) where it is the only task on its node (SLURM_TASKS_PER_NODE
+    all 1) or CUDA_VISIBLE_DEVICES shows it one device; else None: JAX's default, which under SLURM
+    gives each task the device numbered like its rank on the node (right for one task per GPU, but
+    one GPU per node for one task per node). JAX_LOCAL_DEVICE_IDS, when set, wins (None: JAX reads it)."""
+    if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    per_node = os.environ.get("SLURM_TASKS_PER_NODE", "1")  # e.g. "1(x2)" or "4(x2),2"
+    alone = all(part.split("(")[0].strip() == "1" for part in per_node.split(","))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [] if alone or (visible is not None and len(visible.split(",")) == 1) else None
+
+
+_ends = itertools.count()
+
+
+def wait_for_all(count: int, timeout_seconds: float) -> None:
+    """With several processes, wait until every one has come here: a process that is done waits for the
+    others rather than exit (JAX's shutdown barrier, where it would wait otherwise, gives up after 5
+    minutes and then ends every process of the sweep)."""
+    if count == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(f"fusion_jax/end/{next(_ends)}", int(timeout_seconds * 1000))
 
 
 class PeerFailed(RuntimeError):

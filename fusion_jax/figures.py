@@ -111,7 +111,8 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.axhline(0.0, color="gray", lw=1)
         ax.plot([], [], "o", color="gray", label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")
         ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant"
-                + (" or untested (one seed)" if any(c["n_seeds"] < 2 for c in results["comparisons"]) else ""))
+                + (" or untested" if any(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
+                                         for c in results["comparisons"]) else ""))
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
         ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
         ax.set_title(f"backbone {b}")

@@ -169,17 +169,18 @@ def answer(results: dict) -> list[str]:
 
 
 def _noise_counts(noisy: list[dict]) -> str:
-    """' With noise (σ a-b): concat ahead in i, cross in j, neither in k[, untested (one seed) in u] of n
+    """' With noise (σ a-b): concat ahead in i, cross in j, neither in k[, untested (...) in u] of n
     comparisons (table2.md).', or '' without noisy comparisons."""
     if not noisy:
         return ""
     sigmas = sorted({tables.level(c) for c in noisy})
     sides = [tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy]
-    untested = sum(c["n_seeds"] < 2 for c in noisy)
+    untested = sum(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy)
     n_concat, n_cross = sides.count("concat"), sides.count("cross")
     return (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
             + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross - untested}"
-            + (f", untested (one seed) in {untested}" if untested else "") + f" of {len(noisy)} comparisons (table2.md).")
+            + (f", untested (one seed, or not a number) in {untested}" if untested else "")
+            + f" of {len(noisy)} comparisons (table2.md).")
 
 
 def _timing_text(results: dict) -> str:

@@ -240,19 +240,25 @@ def sweep_lock(workdir: str, index: int) -> Iterator[None]:
     with open(os.path.join(workdir, f".lock-{index}"), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             f.seek(0)
             raise ConfigError("workdir", f"{workdir!r} is in use: another sweep (process {index}, pid "
                               f"{f.read().strip() or '?'}) is training in it; wait for it or use another "
                               "workdir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        except OSError as e:  # a filesystem without flock (some NFS or Lustre mounts)
+            log.warning("cannot lock %s (%s): a second start of this sweep would not be refused", f.name, e)
+            locked = False
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -272,7 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     validate(config)
     index, count = distributed.initialize(config)
     with contextlib.ExitStack() as held:
-        return _sweep(config, workdir, index, count, held, start, on_epoch, command)
+        results = _sweep(config, workdir, index, count, held, start, on_epoch, command)
+    distributed.wait_for_all(count, config.distributed.wait_seconds)
+    return results
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,

@@ -57,10 +57,16 @@ def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> s
     return f"{scale * mean:.1f}" + ("" if std is None or not math.isfinite(std) else f" ± {scale * std:.1f}")
 
 
+def untested(diff: float, p: float | None, n_seeds: int) -> bool:
+    """A concat − cross difference no test can decide: one seed, or a difference or p-value that is not a
+    number (a NaN metric)."""
+    return n_seeds < 2 or not math.isfinite(diff) or (p is not None and not math.isfinite(p))
+
+
 def one_decimal(v: float) -> str:
     """v with one decimal, or two significant digits where that would write a nonzero v as 0.0 (a
     significant gap of 0.02 points; Flickr8k's recall@1 chance, about 0.012%)."""
-    return f"{v:.1f}" if abs(v) >= 0.05 or v == 0 else f"{v:.2g}"
+    return f"{v:.1f}" if abs(v) >= 0.05 or v == 0 else np.format_float_positional(v, precision=2, fractional=False)
 
 
 def p_text(p: float | None) -> str:
@@ -68,20 +74,18 @@ def p_text(p: float | None) -> str:
     (0.04996 is not written "0.05" beside a significant verdict)."""
     if p is None or not math.isfinite(p):
         return "–"
-    for digits in (3, 4, 5, 6):
+    for digits in range(3, 18):
         text = f"{p:.{digits}g}"
         if (float(text) < ALPHA) == (p < ALPHA):
             return text
-    return f"< {ALPHA:g}" if p < ALPHA else text
+    return repr(p)
 
 
 def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
     """'concat' or 'cross' when a concat − cross difference favours one: p < ALPHA, or (no t-test
     possible) the same nonzero gap on each of 2 or more seeds; None when tied, untested (one seed) or
     not a number (a NaN metric decides nothing)."""
-    if not math.isfinite(diff) or (p is not None and not math.isfinite(p)):
-        return None
-    if abs(diff) < 1e-12 or n_seeds < 2 or (p is not None and p >= ALPHA):
+    if untested(diff, p, n_seeds) or abs(diff) < 1e-12 or (p is not None and p >= ALPHA):
         return None
     return "concat" if diff > 0 else "cross"
 

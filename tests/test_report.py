@@ -214,8 +214,9 @@ def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps()
     same = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
     assert "**concat (at 2 of 2 scales)**" in same and "concat +2.0 on each of 3 seeds" in same
     assert "(σ 0.3): concat ahead in 2, cross in 0, neither in 0 of 2" in same
-    one = answer(fake_results("synthetic", ("aligned",), levels=(0.0,), seeds=(42,)))[0]
+    one = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), seeds=(42,)))[0]
     assert "**untested (one seed: run 2 or more for a paired test)**" in one and "on its one seed" in one
+    assert "neither in 0, untested (one seed, or not a number) in 2 of 2 comparisons" in one
 
 
 def test_table2_noise_study_with_the_papers_table():
@@ -261,7 +262,7 @@ def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeyp
 def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
     from fusion_jax import report
     src = report.source()
-    if os.path.isdir(os.path.join(ROOT, ".git")):
+    if os.path.exists(os.path.join(ROOT, ".git")):  # a folder, or a file in a worktree
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert src["commit"] == head and isinstance(src["dirty"], bool)
         assert report.source_text({"source": src}) == f" at commit {head[:10]}" + \

@@ -178,26 +178,49 @@ def _main(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_initialize_uses_every_visible_device_and_waits_for_late_processes(smoke_config, monkeypatch):
-    """JAX's SLURM detection alone would give one task per node one GPU (local_device_ids=[SLURM_LOCALID]) and
-    end every process 300 s after the first one finished (its shutdown barrier)."""
+def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config, monkeypatch):
+    """JAX's SLURM detection alone gives each task the device numbered like its rank on the node: one GPU per
+    node for one task per node."""
     import jax
     from fusion_jax import distributed
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS", raising=False)
+    for name in ("JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    distributed.initialize(smoke_config)
-    assert calls[-1]["local_device_ids"] == [] and calls[-1]["shutdown_timeout_seconds"] == 86400
-    assert calls[-1]["num_processes"] is None and calls[-1]["process_id"] is None  # from SLURM
+    for per_node, visible, want in (("1(x4)", None, []), ("4", None, None), ("2,1,1", None, None),
+                                    ("4", "3", []), ("4", "0,1,2,3", None)):
+        monkeypatch.setenv("SLURM_TASKS_PER_NODE", per_node)
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        distributed.initialize(smoke_config)
+        assert calls[-1]["local_device_ids"] == want, (per_node, visible)
+        assert calls[-1]["num_processes"] is None and calls[-1]["process_id"] is None  # from SLURM
     monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,1")
     distributed.initialize(smoke_config)
     assert calls[-1]["local_device_ids"] is None  # JAX reads the variable
     smoke_config.distributed.num_processes = 1  # one task of an allocation runs alone
     distributed.initialize(smoke_config)
-    assert len(calls) == 2
+    assert len(calls) == 6
+
+
+def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
+    """Not at JAX's shutdown barrier, which ends every process 5 minutes after the first arrives there."""
+    from jax._src import distributed as jax_distributed
+    from fusion_jax import distributed
+
+    barriers = []
+    client = type("Client", (), {"wait_at_barrier": lambda self, name, ms: barriers.append((name, ms))})()
+    monkeypatch.setattr(jax_distributed.global_state, "client", client)
+    distributed.wait_for_all(1, 60)
+    distributed.wait_for_all(2, 86400)
+    distributed.wait_for_all(2, 86400)
+    (first, ms), (second, _) = barriers
+    assert ms == 86_400_000 and first != second  # one barrier per sweep of the process
 
 
 def test_two_processes_equal_one(tmp_path):
