@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     if results is None:
-        print(f"this process's groups are done; process 0 writes {workdir}/results.json")
+        print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         return
     print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv), fig_*.png")
     if results["failed_groups"]:
