@@ -65,8 +65,8 @@ _ends = itertools.count()
 
 def wait_for_all(count: int, timeout_seconds: float) -> None:
     """With several processes, wait until every one has come here: a process that is done waits for the
-    others rather than exit (JAX's shutdown barrier, where it would wait otherwise, gives up after 5
-    minutes and then ends every process of the sweep)."""
+    others rather than exit (at JAX's shutdown barrier, where it would wait otherwise, its client gives
+    up after 5 minutes and aborts the process: results/multiprocess/)."""
     if count == 1:
         return
     from jax._src import distributed as jax_distributed

@@ -209,7 +209,7 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
 
 
 def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
-    """Not at JAX's shutdown barrier, which ends every process 5 minutes after the first arrives there."""
+    """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/)."""
     from jax._src import distributed as jax_distributed
     from fusion_jax import distributed
 
