@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -33,7 +36,12 @@ def _override_field(argv: list[str], message: str) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a failure (a config file that raises, an unknown flag, an override of a
-    field the config does not have) said in one line."""
+    field the config does not have, a flag given twice) said in one line."""
+    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # ml_collections appends a repeated tuple override to the first instead of replacing it
+        print(f"fusion_jax: error: {', '.join(repeated)} given more than once; give each flag once", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -62,6 +70,15 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _first_ctrl_c(stop: threading.Event, signum: int, frame) -> None:
+    """Ctrl-C: the first stops the sweep before its next epoch (the running epoch's checkpoint is then
+    complete), a second at once."""
+    if stop.is_set():
+        raise KeyboardInterrupt
+    stop.set()
+    tqdm.write("fusion_jax: stopping after this epoch (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -78,12 +95,19 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
         sys.exit(2)
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
+    stop = threading.Event()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, functools.partial(_first_ctrl_c, stop))
     try:
-        results = train_and_evaluate(config, workdir,
+        results = train_and_evaluate(config, workdir, stop=stop,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
     except (ConfigError, DataUnavailableError, PeerFailed) as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/) and each unfinished group's last "
+              "epoch (checkpoints/) are kept: run the same command to resume.", file=sys.stderr)
+        sys.exit(130)
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         return

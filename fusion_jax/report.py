@@ -163,7 +163,14 @@ def answer(results: dict) -> list[str]:
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
-        out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{missing}"
+        cells = tables.summary_index(results)
+        idle = [c["scale"] for c in clean
+                if all((s := cells.get((b, m, c["scale"], 0.0))) and s["accuracy_mean"] <= s["majority_baseline_mean"]
+                       for m in ("concat", "cross"))]
+        unlearned = (f" **At {', '.join(map(str, idle))} pairs neither head beats the majority-class baseline**: "
+                     "nothing was learned there, so no verdict means anything (more pairs or epochs?)."
+                     if idle else "")
+        out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
                    + _noise_counts(noisy))
     return out
 
@@ -368,11 +375,12 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     return "\n".join(lines) + "\n"
 
 
-def _read_results(folder: str) -> dict:
+def _read_results(folder: str, flag: str = "--workdir") -> dict:
     """FOLDER/results.json, or exit 2 with one line saying why not."""
     path = os.path.join(folder, "results.json")
     if not os.path.isfile(path):
-        print(f"fusion_jax.report: error: no results.json in {folder!r}", file=sys.stderr)
+        why = "no results.json in" if os.path.isdir(folder) else "no such folder:"
+        print(f"fusion_jax.report: error: {flag}: {why} {folder!r}", file=sys.stderr)
         sys.exit(2)
     try:
         with open(path) as f:
@@ -394,8 +402,11 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     results = _read_results(workdir)
     if flags.FLAGS.against:
-        other = _read_results(flags.FLAGS.against)
-        dirs = [os.path.normpath(os.path.abspath(d)) for d in (workdir, flags.FLAGS.against)]
+        other = _read_results(flags.FLAGS.against, "--against")
+        dirs = [os.path.realpath(d) for d in (workdir, flags.FLAGS.against)]
+        if dirs[0] == dirs[1]:
+            print("fusion_jax.report: error: --against names the --workdir itself", file=sys.stderr)
+            sys.exit(2)
         name, other_name = (os.path.basename(d) for d in dirs)
         if name == other_name:  # two sweeps of the same folder name: name them by their paths
             name, other_name = (os.path.relpath(d) for d in dirs)

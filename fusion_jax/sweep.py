@@ -11,8 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -61,6 +63,9 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
 
 
 _MIN_FREE_BYTES = 64 * 2**20
+# What a sweep writes into its workdir (a folder with other files and no sweep is refused).
+_OWN_FILES = re.compile(r"(groups|checkpoints|checkpoints-corrupt|sweep\.json|features\.json|results\.json|runs\.csv"
+                        r"|summary\.md|table\d\.(md|csv)|fig_\w+\.png|tsne_.+\.npz|against_.+\.md)$")
 # Where the data, models and caches are: once features.json records what the features are made of
 # (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
 # a resume may find them in other places.
@@ -87,7 +92,13 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
     """Create the workdir and claim it for this config (and these backbones' feature identities,
-    `feature_identity`); refuse one that holds a different sweep."""
+    `feature_identity`); refuse one that holds a different sweep, or other files and no sweep."""
+    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
+    if os.path.isdir(workdir) and not (os.path.exists(path) or os.path.exists(results)):
+        foreign = sorted(n for n in os.listdir(workdir) if not n.startswith(".") and not _OWN_FILES.match(n))
+        if foreign:
+            raise ConfigError("workdir", f"{workdir!r} holds other files ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}) and no sweep: use a new or empty folder")
     try:
         os.makedirs(os.path.join(workdir, "groups"), exist_ok=True)
         # A probe of this process's own: the processes of a multi-process sweep probe at once.
@@ -103,7 +114,6 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     results_fields = lambda d: {k: v for k, v in d.items() if k not in NOT_RESULTS}  # what sweep.json keeps
     compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
     fingerprint = compared(config_dict)
-    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     previous = None
     if os.path.exists(path):
         with open(path) as f:
@@ -152,7 +162,8 @@ def _report_set_aside(aside: str) -> None:
 
 
 def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, workdir: str,
-                progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None) -> list[dict]:
+                progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None,
+                stop: threading.Event | None = None) -> list[dict]:
     """Train and evaluate every run of a compiled group (`groups.build_program`); return the run records.
 
     `data` is the group's feature arrays on the devices (`groups.group_data`, replicated). Checkpoints hold
@@ -164,7 +175,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     runs = jax.device_put(program.runs, program.by_run)
     ckpt = GroupCheckpoints(os.path.join(workdir, "checkpoints", group.name), config.checkpoint.keep)
     try:
-        state, seconds, last_loss = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch,
+        state, seconds, last_loss = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch, stop,
                                                   os.path.join(workdir, "checkpoints-corrupt", group.name))
     except BaseException:
         try:  # also when training stops (a NaN loss, an interrupt), before its folder is removed
@@ -193,7 +204,8 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
 
 def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, runs: dict,
                   run_steps: np.ndarray, ckpt: GroupCheckpoints, progress: tqdm,
-                  on_epoch: Callable[[Group, int], None] | None, aside: str) -> tuple[dict, float, np.ndarray]:
+                  on_epoch: Callable[[Group, int], None] | None, stop: threading.Event | None,
+                  aside: str) -> tuple[dict, float, np.ndarray]:
     """The group's epochs from its newest good checkpoint (or from init), each checkpointed:
     (state [slots, ...], training seconds, last epoch's mean loss per run [runs])."""
     group, by_run, index, n_runs = program.group, program.by_run, program.index, len(program.group.runs)
@@ -211,6 +223,8 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
         state, seconds, last_loss = jax.device_put(in_slots, by_run), float(tree["seconds"]), tree["last_loss"]
 
     for epoch in range(start or 0, config.train.epochs):
+        if stop is not None and stop.is_set():
+            raise Stopped(f"group {group.name}: stopped after epoch {epoch}")
         t0 = time.perf_counter()
         state, losses = program.train_epoch(state, runs, data)
         losses = np.asarray(losses)[index]
@@ -228,6 +242,10 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
             ckpt.wait()
             on_epoch(group, epoch + 1)
     return state, seconds, last_loss
+
+
+class Stopped(KeyboardInterrupt):
+    """The sweep stopped between epochs because it was asked to (`stop`, Ctrl-C on the command line)."""
 
 
 @contextlib.contextmanager
@@ -262,8 +280,8 @@ def sweep_lock(workdir: str, index: int) -> Iterator[None]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_epoch: Callable[[Group, int], None] | None = None, command: str | None = None
-                       ) -> dict | None:
+                       on_epoch: Callable[[Group, int], None] | None = None, command: str | None = None,
+                       stop: threading.Event | None = None) -> dict | None:
     """Run (or resume) the whole sweep of `config` in `workdir`; write and return the results.
 
     With several processes, each trains its share of the groups; process 0 gathers every group,
@@ -271,20 +289,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Raises ConfigError, before anything is written, for an invalid config or workdir; with several
     processes, the others then raise distributed.PeerFailed instead of waiting for the failed one.
-    `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; `command`
+    `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; once `stop` is set,
+    the sweep raises Stopped before its next epoch (the checkpoints written so far are complete); `command`
     (the command line that started the sweep) is recorded in the results.
     """
     start = time.perf_counter()
     validate(config)
     index, count = distributed.initialize(config)
     with contextlib.ExitStack() as held:
-        results = _sweep(config, workdir, index, count, held, start, on_epoch, command)
+        results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
     distributed.wait_for_all(count, config.distributed.wait_seconds)
     return results
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,
-           start: float, on_epoch: Callable[[Group, int], None] | None, command: str | None) -> dict | None:
+           start: float, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event | None,
+           command: str | None) -> dict | None:
     """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`."""
     config_dict = config.to_dict()
     groups = plan(config)
@@ -312,8 +332,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if index == 0:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs)
-    log.info("sweep %s: %d groups, %d runs; %d groups to train%s", config.name, len(groups),
-             sum(len(g.runs) for g in groups), len(todo), f" in process {index} of {count}" if count > 1 else "")
+    n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
+    log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
+             n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
+             f" in process {index} of {count}" if count > 1 else "")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
@@ -322,7 +344,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
             try:
                 program = ahead.program(i)
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
-                                                       on_epoch))
+                                                       on_epoch, stop))
             except NonFinite as e:
                 log.error("%s", e)
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": str(e)})
@@ -350,10 +372,13 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
+    timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo), "groups": len(groups)}
+    if count == 1 and not todo and os.path.exists(os.path.join(workdir, "results.json")):
+        with open(os.path.join(workdir, "results.json")) as f:  # a rerun that trains nothing keeps the timing
+            timing = json.load(f).get("timing") or timing
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
-                         failures, {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo),
-                                    "groups": len(groups)})
+                         failures, timing)
 
 
 def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:

@@ -117,6 +117,15 @@ def test_command_line_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and not workdir.exists()
 
 
+def test_a_folder_of_other_files_is_refused_as_workdir(smoke_config, tmp_path):
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "mine.npz").write_bytes(b"")
+    (tmp_path / "feats" / ".hidden").write_text("")
+    with pytest.raises(ConfigError, match=r"holds other files \(mine.npz\) and no sweep: use a new or empty folder"):
+        train_and_evaluate(smoke_config, str(tmp_path / "feats"))
+    assert sorted(os.listdir(tmp_path / "feats")) == [".hidden", "mine.npz"]
+
+
 def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatch):
     import collections
     import shutil
@@ -137,6 +146,8 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '
      'Did you mean "learning_rate" instead of "learningrate"?'),
+    (["--config=configs/synthetic.py", "--config.scales=512", "--config.scales=1024"],  # ml_collections appends
+     "fusion_jax: error: --config.scales given more than once; give each flag once"),
 ])
 def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],

@@ -238,6 +238,18 @@ def test_fully_trained_tiny_clip_retrieves_far_above_chance(tmp_path):
     assert recall["recall@5"] > 10 * recall["chance@5"], recall
 
 
+def test_retrieval_leaves_out_images_without_a_caption():
+    from fusion_jax.data.featureset import FeatureSet
+    from fusion_jax.features.alignment import retrieval_recall
+
+    image = np.eye(10, dtype=np.float32)
+    caption_image = np.repeat(np.arange(8), 2)  # images 8 and 9 have no caption
+    recall = retrieval_recall(FeatureSet(image, image[caption_image], caption_image))
+    assert recall["n_images"] == 8 and recall["recall@1"] == 1.0, recall
+    full = np.repeat(np.arange(10), 2)  # every image captioned: the same sample as before the change
+    assert retrieval_recall(FeatureSet(image, image[full], full), max_images=6)["n_images"] == 6
+
+
 EXTRACT = """
 import sys, numpy as np
 from fusion_jax.data.embedded import generate_embedded

@@ -96,6 +96,8 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
     np.savez(tmp_path / "clip l14.npz", **_features())  # would share group names with clip_l14
     with pytest.raises(ConfigError, match=r"backbone 'clip l14': a file name of letters, digits and _ . = - only"):
         train_and_evaluate(_config(tmp_path, ("clip l14",)), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"several names must be a quoted tuple of strings"):
+        train_and_evaluate(_config(tmp_path, ("(a,b)",)), str(tmp_path / "out"))  # --config.backbones=(a,b)
     synthetic = load_config("synthetic", "smoke")
     synthetic.features = "npz"
     with pytest.raises(ConfigError, match="config.npz.dir: features 'npz' needs the field npz.dir"):
@@ -113,7 +115,7 @@ def test_the_command_line_says_a_bad_file_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"fusion_jax: error: features file {tmp_path / 'mine.npz'}: missing array(s) text; "
-        "it needs image, text, caption_image")
+        "it needs image, text, caption_image (it holds caption_image, image)")
 
 
 def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_path, caplog):
@@ -132,6 +134,7 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     config.npz.dir = str(tmp_path / "b")
     again = train_and_evaluate(config, str(tmp_path / "out"))
     assert "0 groups to train" in caplog.text and again["runs"] == first["runs"]
+    assert again["timing"] == first["timing"]  # a rerun that trains nothing keeps the sweep's timing
     np.savez(tmp_path / "b" / "mine.npz", **_features(seed=1))
     with pytest.raises(ConfigError, match=r"config.workdir: .* holds a sweep begun on other features "
                                           r"\(differs in mine.sha256\)"):

@@ -101,6 +101,15 @@ def test_p_text_never_rounds_across_alpha_and_nan_decides_nothing():
     assert metrics.paired_difference([float("nan"), 0.8, 0.9], [0.7, 0.7, 0.7])[1] is None
 
 
+def test_the_answer_says_when_neither_head_beats_the_majority_baseline():
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    for s in results["summary"]:
+        if s["scale"] == 1024:
+            s["majority_baseline_mean"] = 0.9  # above both heads' accuracy
+    line, = answer(results)
+    assert "**At 1024 pairs neither head beats the majority-class baseline**" in line and "2048 pairs neither" not in line
+
+
 def test_no_clean_runs_no_scale_figure_and_the_answer_keeps_the_noise(tmp_path):
     results = fake_results("synthetic", ("aligned",), levels=(0.0, 0.3))
     runs = [r for r in results["runs"] if r["degradation"]["level"] > 0]
@@ -389,7 +398,7 @@ def test_cli_without_results_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: no results.json")
+    assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: --workdir: no results.json in")
 
 
 def test_against_another_sweep(tmp_path):
@@ -427,3 +436,9 @@ def test_against_another_sweep(tmp_path):
     assert done.returncode == 0, done.stderr
     written = (tmp_path / "b" / "against_a.md").read_text()
     assert written.startswith("# b against a") and "| aligned | concat | 1024 | 0 |" in written
+    for against, message in ((tmp_path / "b", "--against names the --workdir itself"),
+                             (tmp_path / "nope", f"--against: no such folder: '{tmp_path / 'nope'}'")):
+        done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path / 'b'}",
+                               f"--against={against}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and done.stderr.strip() == f"fusion_jax.report: error: {message}", done.stderr

@@ -261,28 +261,58 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
     assert not (tmp_path / "good" / "results.json").exists()
 
 
+def _wait_for_a_checkpoint(proc, folder, timeout=240):
+    """Wait until a running sweep has saved a checkpoint step into `folder`."""
+    import time
+
+    deadline = time.time() + timeout
+    while not (folder.exists() and any(p.name.isdigit() for p in folder.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its checkpoint"
+        time.sleep(0.05)
+
+
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     import signal
-    import time
 
     clean = _main([f"--workdir={tmp_path / 'clean'}"])
     assert clean.wait(timeout=300) == 0, clean.stderr.read()[-2000:]
     workdir = tmp_path / "killed"
-    victim = _main([f"--workdir={workdir}", "--config.train.epochs=2"])
-    second = workdir / "checkpoints" / "aligned-cross"
-    deadline = time.time() + 240
-    while not (second.exists() and any(p.name.isdigit() for p in second.iterdir())):
-        assert victim.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
-        time.sleep(0.05)
+    victim = _main([f"--workdir={workdir}"])
+    _wait_for_a_checkpoint(victim, workdir / "checkpoints" / "aligned-cross")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert not (workdir / "results.json").exists()
     restarted = _main([f"--workdir={workdir}"])
     assert restarted.wait(timeout=300) == 0
     log = restarted.stderr.read()
-    assert "resuming from the checkpoint after epoch" in log and "1 groups to train" in log
+    assert "resuming from the checkpoint after epoch" in log and "1 group to train" in log
     _assert_same(json.loads((tmp_path / "clean" / "results.json").read_text()),
                  json.loads((workdir / "results.json").read_text()))
+
+
+def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoints(tmp_path):
+    import signal
+
+    workdir = tmp_path / "interrupted"
+    # Python's own SIGINT handler in the child, whatever the test runner inherited (a background job ignores
+    # SIGINT); set in the child itself, as a fork-time hook could deadlock a parent that runs JAX's threads.
+    argv = ["fusion_jax.main", *SMALL, f"--workdir={workdir}"]
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         f"sys.argv = {argv!r}; runpy.run_module('fusion_jax.main', run_name='__main__')"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = workdir / "checkpoints" / "aligned-concat"
+    _wait_for_a_checkpoint(victim, first)
+    victim.send_signal(signal.SIGINT)
+    assert victim.wait(timeout=120) == 130
+    err = victim.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("fusion_jax: interrupted.") and "run the same command" in err
+    assert "stopping after this epoch" in err and "Traceback" not in err, err[-3000:]
+    # The signal came after epoch 1 of `concat`: it stopped before its epoch 2, or (the signal landing after
+    # that check) finished `concat` and stopped before `cross`'s first epoch.
+    kept = first.exists() and any(p.name.isdigit() for p in first.iterdir())
+    assert kept or (workdir / "groups" / "aligned-concat.json").exists()
+    assert not (workdir / "results.json").exists()
 
 
 def test_a_failing_checkpoint_close_does_not_hide_the_groups_nan_loss(smoke_config, tmp_path, monkeypatch, caplog):

@@ -45,6 +45,9 @@ def check(directory: str, backbone: str) -> None:
         raise ValueError(f"backbone {backbone!r}: name a file of npz.dir without its .npz ending")
     if not backbone or safe_name(backbone) != backbone:
         # Group, checkpoint and result names are made from it: other characters could make two collide.
+        if any(c in backbone for c in "(),'\""):
+            raise ValueError(f"backbone {backbone!r}: several names must be a quoted tuple of strings, "
+                             f"\"--config.backbones=('a','b')\"")
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
     if not os.path.isfile(feature_file(directory, backbone)):
         names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
@@ -70,7 +73,8 @@ def load(path: str) -> FeatureSet:
         with z:
             names = set(z.files)
             if missing := [n for n in REQUIRED if n not in names]:
-                raise bad(f"missing array(s) {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
+                raise bad(f"missing array(s) {', '.join(missing)}; it needs {', '.join(REQUIRED)} "
+                          f"(it holds {', '.join(sorted(names)) or 'none'})")
             if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
                 raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
             arrays = {n: z[n] for n in names}

@@ -22,14 +22,16 @@ def retrieval_recall(fs: FeatureSet, ks: tuple[int, ...] = (1, 5), max_images: i
     """Recall@k of image -> caption retrieval over `max_images` images and all their captions.
 
     An image counts as retrieved at k when one of its own captions is among the k captions most
-    cosine-similar to it. `chance@k` is the expected recall of a random ranking.
+    cosine-similar to it; images without a caption are left out (none of their captions can be
+    retrieved). `chance@k` is the expected recall of a random ranking.
     """
     image, text = _pooled(fs.image, fs.image_mask), _pooled(fs.text, fs.text_mask)
     if image.shape[-1] != text.shape[-1]:
         return {"defined": False, "reason": f"image features are {image.shape[-1]}-d and text features "
                 f"{text.shape[-1]}-d: no shared space, so zero-shot retrieval is undefined"}
     rng = np.random.default_rng(seed)
-    images = np.sort(rng.permutation(fs.n_images)[:max_images])
+    captioned = np.flatnonzero(np.bincount(fs.caption_image, minlength=fs.n_images) > 0)
+    images = np.sort(rng.permutation(captioned)[:max_images])
     captions = np.flatnonzero(np.isin(fs.caption_image, images))
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     sims = unit(image[images].astype(np.float64)) @ unit(text[captions].astype(np.float64)).T
