@@ -51,7 +51,7 @@ BAD = [
     (lambda f: f.update(caption_image=f["caption_image"] + 1), "indices outside [0, 150)"),
     (lambda f: f.update(caption_image=f["caption_image"].astype(np.float32)), "expected integers"),
     (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
-    (lambda f: f.update(text=f["text"][:10]), "caption_image has shape (450,), expected (10,)"),
+    (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
     (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
     (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.eye(150, 2)),
@@ -96,6 +96,8 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
     np.savez(tmp_path / "clip l14.npz", **_features())  # would share group names with clip_l14
     with pytest.raises(ConfigError, match=r"backbone 'clip l14': a file name of letters, digits and _ . = - only"):
         train_and_evaluate(_config(tmp_path, ("clip l14",)), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"config.backbones: must not be empty; npz.dir holds: .*clip l14"):
+        train_and_evaluate(_config(tmp_path, ()), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"several names must be a quoted tuple of strings"):
         train_and_evaluate(_config(tmp_path, ("(a,b)",)), str(tmp_path / "out"))  # --config.backbones=(a,b)
     synthetic = load_config("synthetic", "smoke")

@@ -39,6 +39,11 @@ def check_dir(directory: str) -> None:
         raise ValueError(f"{directory!r} is not a folder")
 
 
+def names(directory: str) -> list[str]:
+    """The backbone names of npz.dir: its .npz files without the ending."""
+    return sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
+
+
 def check(directory: str, backbone: str) -> None:
     """Raise ValueError unless `backbone` names a features file in `directory` (a name, not a path)."""
     if backbone.endswith(".npz"):
@@ -50,9 +55,9 @@ def check(directory: str, backbone: str) -> None:
                              f"\"--config.backbones=('a','b')\"")
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
     if not os.path.isfile(feature_file(directory, backbone)):
-        names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
+        found = names(directory)
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
-                         + (f"npz.dir holds: {', '.join(names)}" if names else f"npz.dir {directory!r} holds no .npz file"))
+                         + (f"npz.dir holds: {', '.join(found)}" if found else f"npz.dir {directory!r} holds no .npz file"))
 
 
 def save(path: str, fs: FeatureSet) -> None:
@@ -92,6 +97,9 @@ def load(path: str) -> FeatureSet:
             raise bad(f"{n}_mask has rows with no real token (rows {empty[:5].tolist()}): every row needs one")
     if not np.issubdtype(arrays["caption_image"].dtype, np.integer):
         raise bad(f"caption_image has dtype {arrays['caption_image'].dtype}; expected integers")
+    if arrays["caption_image"].shape != arrays["text"].shape[:1]:
+        raise bad(f"text has {len(arrays['text'])} rows but caption_image has shape "
+                  f"{arrays['caption_image'].shape}: one image row per caption, [n_captions]")
     masks = {n: arrays[n].astype(np.float32) for n in OPTIONAL if n in arrays}
     try:  # the index checked before it is narrowed to int32; values beyond float32 become Inf, refused below
         with np.errstate(over="ignore"):
