@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -34,13 +35,28 @@ def _override_field(argv: list[str], message: str) -> str | None:
     return next((o for o in overrides if missing and missing.group(1) in o.split(".")[1:]), None)
 
 
+def _repeated_flags(argv: list[str]) -> list[str]:
+    """Names of the flags given more than once, --flagfile contents included (-x and --x alike), up to a bare
+    `--`; --flagfile itself may repeat."""
+    names = []
+    for arg in flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False):
+        if arg == "--":
+            break
+        if arg.startswith("-"):
+            names.append(arg.lstrip("-").split("=", 1)[0])
+    return sorted({n for n in names if names.count(n) > 1 and n != "flagfile"})
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a failure (a config file that raises, an unknown flag, an override of a
     field the config does not have, a flag given twice) said in one line."""
-    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    try:
+        repeated = _repeated_flags(argv)
+    except flags.Error:  # an unreadable --flagfile: the parse below says so
+        repeated = []
     if repeated:  # ml_collections appends a repeated tuple override to the first instead of replacing it
-        print(f"fusion_jax: error: {', '.join(repeated)} given more than once; give each flag once", file=sys.stderr)
+        print(f"fusion_jax: error: {', '.join('--' + n for n in repeated)} given more than once; give each flag "
+              "once", file=sys.stderr)
         sys.exit(2)
     try:
         return flags.FLAGS(argv)
@@ -72,11 +88,11 @@ class _TqdmHandler(logging.StreamHandler):
 
 def _first_ctrl_c(stop: threading.Event, signum: int, frame) -> None:
     """Ctrl-C: the first stops the sweep before its next epoch (the running epoch's checkpoint is then
-    complete), a second at once."""
-    if stop.is_set():
-        raise KeyboardInterrupt
+    complete); a second ends the process (SIGINT's default action: like a kill, which a resume survives)."""
     stop.set()
-    tqdm.write("fusion_jax: stopping after this epoch (Ctrl-C again to stop at once)", file=sys.stderr)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once, even inside an epoch
+    tqdm.write("fusion_jax: stopping before the next epoch (Ctrl-C again to end at once; the epoch in "
+               "progress is then lost)", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
@@ -106,7 +122,10 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/) and each unfinished group's last "
-              "epoch (checkpoints/) are kept: run the same command to resume.", file=sys.stderr)
+              "epoch (checkpoints/) are kept: run the same command to resume.", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
+            sys.stdout.flush()
+            os._exit(130)
         sys.exit(130)
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")

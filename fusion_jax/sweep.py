@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -63,9 +62,6 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
 
 
 _MIN_FREE_BYTES = 64 * 2**20
-# What a sweep writes into its workdir (a folder with other files and no sweep is refused).
-_OWN_FILES = re.compile(r"(groups|checkpoints|checkpoints-corrupt|sweep\.json|features\.json|results\.json|runs\.csv"
-                        r"|summary\.md|table\d\.(md|csv)|fig_\w+\.png|tsne_.+\.npz|against_.+\.md)$")
 # Where the data, models and caches are: once features.json records what the features are made of
 # (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
 # a resume may find them in other places.
@@ -95,9 +91,10 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     `feature_identity`); refuse one that holds a different sweep, or other files and no sweep."""
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     if os.path.isdir(workdir) and not (os.path.exists(path) or os.path.exists(results)):
-        foreign = sorted(n for n in os.listdir(workdir) if not n.startswith(".") and not _OWN_FILES.match(n))
+        # Features files (an npz.dir, say): the sweep's own tsne_*.npz would join them as backbones.
+        foreign = sorted(n for n in os.listdir(workdir) if n.endswith(".npz") and not n.startswith("tsne_"))
         if foreign:
-            raise ConfigError("workdir", f"{workdir!r} holds other files ({', '.join(foreign[:3])}"
+            raise ConfigError("workdir", f"{workdir!r} holds features files ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}) and no sweep: use a new or empty folder")
     try:
         os.makedirs(os.path.join(workdir, "groups"), exist_ok=True)
@@ -336,10 +333,15 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
              n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
              f" in process {index} of {count}" if count > 1 else "")
+    stopped = lambda: stop is not None and stop.is_set()
+    if stopped():
+        raise Stopped("stopped before training")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
         for i, g in enumerate(todo):
+            if stopped():
+                raise Stopped(f"stopped before group {g.name}")
             progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
             try:
                 program = ahead.program(i)
@@ -363,6 +365,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         if waited >= config.distributed.wait_seconds:
             missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
             raise TimeoutError(f"groups {missing} not finished by the other processes after {waited:.0f} s")
+        if stopped():
+            raise Stopped("stopped while waiting for the other processes' groups")
         time.sleep(1.0)
         waited += 1.0
     records, failures = [], []
@@ -373,9 +377,12 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
     timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo), "groups": len(groups)}
-    if count == 1 and not todo and os.path.exists(os.path.join(workdir, "results.json")):
-        with open(os.path.join(workdir, "results.json")) as f:  # a rerun that trains nothing keeps the timing
-            timing = json.load(f).get("timing") or timing
+    if count == 1 and not todo:  # a rerun that trains nothing keeps the timing of the results it rewrites
+        try:
+            with open(os.path.join(workdir, "results.json")) as f:
+                timing = json.load(f).get("timing") or timing
+        except (OSError, ValueError):
+            pass
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
                          failures, timing)

@@ -60,8 +60,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             npz.check_dir(config.npz.dir)
         except ValueError as e:
             raise ConfigError("npz.dir", str(e)) from None
-        _require(len(tuple(config.backbones)) > 0, "backbones",
-                 f"must not be empty; npz.dir holds: {', '.join(npz.names(config.npz.dir)) or 'no .npz file'}")
+        if not tuple(config.backbones):
+            raise ConfigError("backbones", f"must not be empty; npz.dir holds: "
+                              f"{', '.join(npz.names(config.npz.dir)) or 'no .npz file'}")
     for b in _distinct_nonempty(config.backbones, "backbones"):
         try:
             check_backbone(config, b)

@@ -117,13 +117,16 @@ def test_command_line_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and not workdir.exists()
 
 
-def test_a_folder_of_other_files_is_refused_as_workdir(smoke_config, tmp_path):
+def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):
     (tmp_path / "feats").mkdir()
     (tmp_path / "feats" / "mine.npz").write_bytes(b"")
-    (tmp_path / "feats" / ".hidden").write_text("")
-    with pytest.raises(ConfigError, match=r"holds other files \(mine.npz\) and no sweep: use a new or empty folder"):
+    with pytest.raises(ConfigError, match=r"holds features files \(mine.npz\) and no sweep: use a new or empty"):
         train_and_evaluate(smoke_config, str(tmp_path / "feats"))
-    assert sorted(os.listdir(tmp_path / "feats")) == [".hidden", "mine.npz"]
+    assert sorted(os.listdir(tmp_path / "feats")) == ["mine.npz"]
+    from fusion_jax.sweep import prepare_workdir
+    (tmp_path / "logged").mkdir()
+    (tmp_path / "logged" / "sweep.log").write_text("")  # `... | tee DIR/sweep.log` makes it first
+    prepare_workdir(str(tmp_path / "logged"), smoke_config.to_dict())
 
 
 def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatch):
@@ -146,13 +149,26 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '
      'Did you mean "learning_rate" instead of "learningrate"?'),
-    (["--config=configs/synthetic.py", "--config.scales=512", "--config.scales=1024"],  # ml_collections appends
+    (["--config=configs/synthetic.py", "--config.scales=512", "-config.scales=1024"],  # ml_collections appends
      "fusion_jax: error: --config.scales given more than once; give each flag once"),
 ])
 def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]
+
+
+def test_a_flag_repeated_through_a_flagfile_is_refused_and_two_flagfiles_are_not(tmp_path):
+    (tmp_path / "a.flags").write_text("--config.scales=512\n")
+    (tmp_path / "b.flags").write_text("--config.train.epochs=0\n")  # invalid: stops at validation
+    run = lambda *args: subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke",
+                                        *args, f"--workdir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=120)
+    proc = run(f"--flagfile={tmp_path / 'a.flags'}", "--config.scales=1024")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fusion_jax: error: --config.scales given more than once; give each flag once"), proc.stderr[-2000:]
+    proc = run(f"--flagfile={tmp_path / 'a.flags'}", f"--flagfile={tmp_path / 'b.flags'}")
+    assert proc.returncode == 2 and "config.train.epochs: 0 must be" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):

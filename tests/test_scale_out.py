@@ -307,7 +307,7 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     assert victim.wait(timeout=120) == 130
     err = victim.stderr.read()
     assert err.strip().splitlines()[-1].startswith("fusion_jax: interrupted.") and "run the same command" in err
-    assert "stopping after this epoch" in err and "Traceback" not in err, err[-3000:]
+    assert "stopping before the next epoch" in err and "Traceback" not in err, err[-3000:]
     # The signal came after epoch 1 of `concat`: it stopped before its epoch 2, or (the signal landing after
     # that check) finished `concat` and stopped before `cross`'s first epoch.
     kept = first.exists() and any(p.name.isdigit() for p in first.iterdir())
