@@ -132,7 +132,7 @@ def _pct(mean: float, std: float | None) -> str:
 def answer(results: dict) -> list[str]:
     """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
     verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
-    out = []
+    out, cells = [], tables.summary_index(results)
     favours = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
     for b in results["config"].get("backbones") or dict.fromkeys(c["backbone"] for c in results["comparisons"]):
         mine = [c for c in results["comparisons"] if c["backbone"] == b]
@@ -163,7 +163,6 @@ def answer(results: dict) -> list[str]:
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
-        cells = tables.summary_index(results)
         idle = [c["scale"] for c in clean
                 if all((s := cells.get((b, m, c["scale"], 0.0))) and s["accuracy_mean"] <= s["majority_baseline_mean"]
                        for m in ("concat", "cross"))]
@@ -204,7 +203,7 @@ def summary_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
              f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
-             f"{_timing_text(results)}.", "", *([mixed_sources(results), ""] if mixed_sources(results) else []),
+             f"{_timing_text(results)}.", "", *([mixed, ""] if (mixed := mixed_sources(results)) else []),
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "

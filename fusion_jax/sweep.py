@@ -88,7 +88,7 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
     """Create the workdir and claim it for this config (and these backbones' feature identities,
-    `feature_identity`); refuse one that holds a different sweep, or other files and no sweep."""
+    `feature_identity`); refuse one that holds a different sweep, or features files and no sweep."""
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     if os.path.isdir(workdir) and not (os.path.exists(path) or os.path.exists(results)):
         # Features files (an npz.dir, say): the sweep's own tsne_*.npz would join them as backbones.
@@ -159,8 +159,7 @@ def _report_set_aside(aside: str) -> None:
 
 
 def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, workdir: str,
-                progress: tqdm, on_epoch: Callable[[Group, int], None] | None = None,
-                stop: threading.Event | None = None) -> list[dict]:
+                progress: tqdm, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event) -> list[dict]:
     """Train and evaluate every run of a compiled group (`groups.build_program`); return the run records.
 
     `data` is the group's feature arrays on the devices (`groups.group_data`, replicated). Checkpoints hold
@@ -201,7 +200,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
 
 def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data: dict, runs: dict,
                   run_steps: np.ndarray, ckpt: GroupCheckpoints, progress: tqdm,
-                  on_epoch: Callable[[Group, int], None] | None, stop: threading.Event | None,
+                  on_epoch: Callable[[Group, int], None] | None, stop: threading.Event,
                   aside: str) -> tuple[dict, float, np.ndarray]:
     """The group's epochs from its newest good checkpoint (or from init), each checkpointed:
     (state [slots, ...], training seconds, last epoch's mean loss per run [runs])."""
@@ -220,7 +219,7 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
         state, seconds, last_loss = jax.device_put(in_slots, by_run), float(tree["seconds"]), tree["last_loss"]
 
     for epoch in range(start or 0, config.train.epochs):
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             raise Stopped(f"group {group.name}: stopped after epoch {epoch}")
         t0 = time.perf_counter()
         state, losses = program.train_epoch(state, runs, data)
@@ -290,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     the sweep raises Stopped before its next epoch (the checkpoints written so far are complete); `command`
     (the command line that started the sweep) is recorded in the results.
     """
-    start = time.perf_counter()
+    start, stop = time.perf_counter(), stop or threading.Event()
     validate(config)
     index, count = distributed.initialize(config)
     with contextlib.ExitStack() as held:
@@ -300,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,
-           start: float, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event | None,
+           start: float, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event,
            command: str | None) -> dict | None:
     """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`."""
     config_dict = config.to_dict()
@@ -333,14 +332,13 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
              n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
              f" in process {index} of {count}" if count > 1 else "")
-    stopped = lambda: stop is not None and stop.is_set()
-    if stopped():
+    if stop.is_set():
         raise Stopped("stopped before training")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
         for i, g in enumerate(todo):
-            if stopped():
+            if stop.is_set():
                 raise Stopped(f"stopped before group {g.name}")
             progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
             try:
@@ -365,7 +363,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         if waited >= config.distributed.wait_seconds:
             missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
             raise TimeoutError(f"groups {missing} not finished by the other processes after {waited:.0f} s")
-        if stopped():
+        if stop.is_set():
             raise Stopped("stopped while waiting for the other processes' groups")
         time.sleep(1.0)
         waited += 1.0

@@ -57,10 +57,14 @@ def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> s
     return f"{scale * mean:.1f}" + ("" if std is None or not math.isfinite(std) else f" ± {scale * std:.1f}")
 
 
+def not_a_number(diff: float, p: float | None) -> bool:
+    """A concat − cross difference or p-value that is not a number (from a NaN metric)."""
+    return not math.isfinite(diff) or (p is not None and not math.isfinite(p))
+
+
 def untested(diff: float, p: float | None, n_seeds: int) -> bool:
-    """A concat − cross difference no test can decide: one seed, or a difference or p-value that is not a
-    number (a NaN metric)."""
-    return n_seeds < 2 or not math.isfinite(diff) or (p is not None and not math.isfinite(p))
+    """A concat − cross difference no test can decide: one seed, or not a number."""
+    return n_seeds < 2 or not_a_number(diff, p)
 
 
 def one_decimal(v: float) -> str:
@@ -100,7 +104,7 @@ def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'concat +2.0 on each of 3 seeds (no t-test: ...)'
     for equal gaps (zero variance, where a t-test is undefined), 'tied (...)', or one seed's untested gap."""
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    if not math.isfinite(diff) or (p is not None and not math.isfinite(p)):
+    if not_a_number(diff, p):
         return "untested (not a number: a NaN metric)"
     ahead = f"{'concat' if diff > 0 else 'cross'} +{one_decimal(100 * abs(diff))}"
     if n_seeds < 2:
