@@ -37,6 +37,11 @@ def load_config(name: str, arg: str = ""):
     return module.get_config(arg)
 
 
+def host_devices(n: int) -> dict:
+    """The environment of a subprocess that runs on n CPU devices, also on a machine with an accelerator."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
 @pytest.fixture
 def smoke_config():
     return load_config("synthetic", "smoke")

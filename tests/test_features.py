@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, host_devices
 from fusion_jax.features.cache import FeatureCache
 from fusion_jax.features.extract import extract_cached
 
@@ -269,9 +269,8 @@ def test_extraction_splits_batches_over_devices(tmp_path):
     train_tiny_clip(generate_embedded(n_images=32, seed=5, image_size=32), str(tmp_path / "clip"), steps=0, width=32)
     outs = {}
     for n in (1, 4):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
         proc = subprocess.run([sys.executable, "-c", EXTRACT, str(tmp_path / "clip"), str(tmp_path / f"{n}.npz")],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, env=host_devices(n), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[n] = np.load(tmp_path / f"{n}.npz")
     for k in ("image", "text"):

@@ -31,6 +31,7 @@ NO_TORCH_BERT = """
 import sys
 sys.modules["torch"] = None
 import json, jax, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on a GPU too (not TF32)
 from transformers import FlaxBertModel
 from transformers.utils import is_torch_available
 assert not is_torch_available()

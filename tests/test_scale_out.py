@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, host_devices
 from fusion_jax.groups import plan
 from fusion_jax.sweep import train_and_evaluate
 
@@ -36,7 +36,7 @@ def _assert_same(a, b):
 
 
 def _sweep_on_devices(n_devices, workdir):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"}
+    env = host_devices(n_devices)
     args = ["--config=configs/synthetic.py:smoke", f"--workdir={workdir}", "--config.backbones=aligned",
             "--config.scales=128", "--config.seeds=(42,123,456)", "--config.methods=cross"]
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args], cwd=ROOT, env=env,
@@ -224,12 +224,13 @@ def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
 
 
 def test_two_processes_equal_one(tmp_path):
-    single = _main([f"--workdir={tmp_path / 'one'}"])
+    # On CPUs: two processes on one GPU would share it, and a GPU's numbers depend on the chunk layout.
+    single = _main([f"--workdir={tmp_path / 'one'}"], env=host_devices(1))
     assert single.wait(timeout=300) == 0, single.stderr.read()[-2000:]
     port = _free_port()
     common = [f"--workdir={tmp_path / 'two'}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
               "--config.distributed.num_processes=2"]
-    procs = [_main([*common, f"--config.distributed.process_id={i}"]) for i in (0, 1)]
+    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -251,7 +252,7 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
               "--config.distributed.timeout_seconds=240"]
     t0 = time.perf_counter()
     procs = [_main([*common, f"--workdir={blocker / 'sub' if i == bad else tmp_path / 'good'}",
-                    f"--config.distributed.process_id={i}"]) for i in (0, 1)]
+                    f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     codes = [p.wait(timeout=200) for p in procs]
     errors = [p.stderr.read() for p in procs]
     assert codes == [2, 2], errors

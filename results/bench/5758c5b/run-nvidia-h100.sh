@@ -1,5 +1,5 @@
 #!/bin/bash
-# One call on the lent GPU machine (results/gpu-tests/nvidia-h100.log, results/bench/nvidia-h100-80gb-hbm3*): full and quick benchmark, the GPU-path tests between them. Needs the wheels in .whl/ (ml_collections; transformers 4.x) and .scratch/commit holding the commit.
+# One call on the lent GPU machine at commit 5758c5b (now in results/bench/5758c5b/: nvidia-h100-tests.log, nvidia-h100-80gb-hbm3*): full and quick benchmark, the GPU-path tests between them. Needs the wheels in .whl/ (ml_collections; transformers 4.x) and .scratch/commit holding the commit. Superseded by results/gpu-tests/run.sh.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
