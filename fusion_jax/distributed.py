@@ -36,12 +36,21 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     d = config.distributed
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
-            jax.distributed.initialize(
-                coordinator_address=d.coordinator_address or None,
-                num_processes=d.num_processes if d.num_processes > 1 else None,
-                process_id=d.process_id if d.process_id >= 0 else None,
-                local_device_ids=local_device_ids(),
-                initialization_timeout=int(d.timeout_seconds))
+            try:
+                jax.distributed.initialize(
+                    coordinator_address=d.coordinator_address or None,
+                    num_processes=d.num_processes if d.num_processes > 1 else None,
+                    process_id=d.process_id if d.process_id >= 0 else None,
+                    local_device_ids=local_device_ids(),
+                    initialization_timeout=int(d.timeout_seconds))
+            except ValueError as e:  # what neither the config nor a detected cluster gave (JAX's message)
+                from fusion_jax.validate import ConfigError
+
+                address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+                alone = f", or unset JAX_COORDINATOR_ADDRESS (={address}) to run alone" if address else ""
+                raise ConfigError("distributed.num_processes", f"is {d.num_processes} and jax.distributed cannot "
+                                  f"start: {e} Set distributed.num_processes, process_id and coordinator_address"
+                                  f"{alone}") from e
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()

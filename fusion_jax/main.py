@@ -91,8 +91,8 @@ def _first_ctrl_c(stop: threading.Event, signum: int, frame) -> None:
     complete); a second ends the process (SIGINT's default action: like a kill, which a resume survives)."""
     stop.set()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once, even inside an epoch
-    tqdm.write("fusion_jax: stopping before the next epoch (Ctrl-C again to end at once; the epoch in "
-               "progress is then lost)", file=sys.stderr)
+    tqdm.write("fusion_jax: stopping before the next epoch, or after the current shard of features (Ctrl-C "
+               "again to end at once; the epoch or shard in progress is then lost)", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
@@ -121,8 +121,9 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/) and each unfinished group's last "
-              "epoch (checkpoints/) are kept: run the same command to resume.", file=sys.stderr, flush=True)
+        print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/), each unfinished group's last epoch "
+              "(checkpoints/) and the features extracted so far are kept: run the same command to resume.",
+              file=sys.stderr, flush=True)
         if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
             sys.stdout.flush()
             os._exit(130)

@@ -8,9 +8,11 @@ compiled ahead, in worker threads, while earlier groups train. Finished groups a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -241,13 +243,43 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
 
 
 class Stopped(KeyboardInterrupt):
-    """The sweep stopped between epochs because it was asked to (`stop`, Ctrl-C on the command line)."""
+    """The sweep stopped between epochs (or shards of extracted features) because it was asked to
+    (`stop`, Ctrl-C on the command line)."""
+
+
+def _stop_if_set(stop: threading.Event, backbone: str) -> None:
+    if stop.is_set():
+        raise Stopped(f"stopped while extracting {backbone}'s features (the shards done are cached)")
+
+
+def _held_by(path: str) -> str | None:
+    """The pid written in the lock file `path` if another open file holds its flock, else None."""
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        except OSError:
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _in_use(workdir: str, who: str, pid: str) -> ConfigError:
+    return ConfigError("workdir", f"{workdir!r} is in use: another sweep ({who}, pid {pid}) is training in it; "
+                                  "wait for it or use another workdir")
 
 
 @contextlib.contextmanager
-def sweep_lock(workdir: str, index: int) -> Iterator[None]:
-    """Hold `<workdir>/.lock-<index>` (flock) while process `index` sweeps: the same command started twice
-    is refused rather than training the same groups into the same checkpoints at once."""
+def sweep_lock(workdir: str, index: int, count: int = 1) -> Iterator[None]:
+    """Hold `<workdir>/.lock-<index>` (flock) while process `index` of `count` sweeps: the same command
+    started twice is refused rather than training the same groups into the same checkpoints at once.
+    Process 0 also refuses while a process beyond `count` of an earlier start (one with more processes)
+    still holds its lock."""
     if fcntl is None:  # no flock (Windows): unguarded
         yield
         return
@@ -257,9 +289,7 @@ def sweep_lock(workdir: str, index: int) -> Iterator[None]:
             locked = True
         except BlockingIOError:
             f.seek(0)
-            raise ConfigError("workdir", f"{workdir!r} is in use: another sweep (process {index}, pid "
-                              f"{f.read().strip() or '?'}) is training in it; wait for it or use another "
-                              "workdir") from None
+            raise _in_use(workdir, f"process {index}", f.read().strip() or "?") from None
         except OSError as e:  # a filesystem without flock (some NFS or Lustre mounts)
             log.warning("cannot lock %s (%s): a second start of this sweep would not be refused", f.name, e)
             locked = False
@@ -269,6 +299,11 @@ def sweep_lock(workdir: str, index: int) -> Iterator[None]:
             f.write(f"{os.getpid()}\n")
             f.flush()
         try:
+            if locked and index == 0:
+                for name in sorted(os.listdir(workdir)):
+                    other = re.fullmatch(r"\.lock-(\d+)", name)
+                    if other and int(other[1]) >= count and (pid := _held_by(os.path.join(workdir, name))):
+                        raise _in_use(workdir, f"process {other[1]} of an earlier start", pid)
             yield
         finally:
             if locked:
@@ -310,7 +345,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
-        features = {b: load_features(config, b, dataset) for b in config.backbones}
+        features = {b: load_features(config, b, dataset, after_shard=functools.partial(_stop_if_set, stop, b))
+                    for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
         identities = {b: feature_identity(fs.provenance) for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
@@ -318,7 +354,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
         if index != 0:
             prepare_workdir(workdir, config_dict, identities)
-        held.enter_context(sweep_lock(workdir, index))
+        held.enter_context(sweep_lock(workdir, index, count))
         todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.

@@ -76,6 +76,11 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
         with sweep_lock(workdir, 1):  # another process index of a multi-process sweep
             pass
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+    with sweep_lock(workdir, 1, 2):  # process 1 of an earlier start with two processes, still training
+        with pytest.raises(ConfigError, match=r"in use: another sweep \(process 1 of an earlier start, pid"):
+            train_and_evaluate(smoke_config, workdir)  # one process
+    with sweep_lock(workdir, 0, 1):  # process 1's lock released: a start with one process goes on
+        pass
 
 
 def test_process_id_out_of_range(smoke_config, tmp_path):

@@ -64,6 +64,23 @@ def test_interrupted_extraction_resumes(tmp_path):
     np.testing.assert_array_equal(out["x"][:, 0], np.arange(100))
 
 
+def test_extraction_stops_after_a_cached_shard_when_asked(tmp_path):
+    """The sweep's first Ctrl-C stops extraction once the current shard is cached (after_shard raises)."""
+    key, calls = {"dataset": "d"}, []
+
+    def after_shard():
+        if len(calls) >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(calls), 8, "t", batches_per_shard=2,
+                       after_shard=after_shard)
+    assert len(calls) == 4  # two shards, both written before the stop
+    resumed = []
+    extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(resumed), 8, "t", batches_per_shard=2)
+    assert resumed[0][0] == 32 and sum(len(c) for c in resumed) == 100 - 32
+
+
 def test_resume_with_another_batch_size_recomputes_and_keeps_every_item_in_place(tmp_path):
     key = {"dataset": "d"}
     with pytest.raises(KeyboardInterrupt):

@@ -208,6 +208,19 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
     assert len(calls) == 6
 
 
+def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
+    """JAX_COORDINATOR_ADDRESS without a cluster that says how many processes: a one-line config error
+    (JAX's ValueError, before any connection, was a traceback), and no workdir made."""
+    env = {k: v for k, v in host_devices(1).items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    proc = _main([f"--workdir={tmp_path / 'out'}"], env={**env, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("fusion_jax: error: config.distributed.num_processes: is 0 and "
+                                                    "jax.distributed cannot start"), err[-2000:]
+    assert "unset JAX_COORDINATOR_ADDRESS (=127.0.0.1:1)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
     """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/)."""
     from jax._src import distributed as jax_distributed
@@ -308,7 +321,7 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     assert victim.wait(timeout=120) == 130
     err = victim.stderr.read()
     assert err.strip().splitlines()[-1].startswith("fusion_jax: interrupted.") and "run the same command" in err
-    assert "stopping before the next epoch" in err and "Traceback" not in err, err[-3000:]
+    assert "stopping before the next epoch, or after the current shard" in err and "Traceback" not in err, err[-3000:]
     # The signal came after epoch 1 of `concat`: it stopped before its epoch 2, or (the signal landing after
     # that check) finished `concat` and stopped before `cross`'s first epoch.
     kept = first.exists() and any(p.name.isdigit() for p in first.iterdir())

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -67,8 +68,10 @@ def _model_dirs(config: ml_collections.ConfigDict, backbone: str) -> dict[str, s
     return wanted
 
 
-def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset, backbone: str) -> FeatureSet:
-    """Frozen features of `ds` through `backbone`, via the on-disk cache; unreadable images dropped."""
+def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset, backbone: str,
+                     after_shard: Callable[[], None] = lambda: None) -> FeatureSet:
+    """Frozen features of `ds` through `backbone`, via the on-disk cache; unreadable images dropped.
+    after_shard: see `extract_cached` (the sweep stops there when asked to)."""
     from fusion_jax.features import backbones
     from fusion_jax.features.cache import FeatureCache, default_root
     from fusion_jax.features.extract import extract_cached
@@ -97,15 +100,19 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         stand_in = next((im for im in images if im is not None), np.zeros((8, 8, 3), np.uint8))
         return {**bb.encode_images([im if im is not None else stand_in for im in images]), "valid": valid}
 
-    image = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"}),
-                           ds.n_images, encode_images, b.batch_size, f"{backbone} image features")
-    length = bb.text_length(ds.captions)
-    log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone, length)
-    text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text",
-                                       {**data, **bb.text_key, "part": "text", "length": length}),
-                          ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
-                          b.batch_size, f"{backbone} text features")
-    pool.shutdown()
+    try:
+        image_cache = FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"})
+        image = extract_cached(image_cache, ds.n_images, encode_images, b.batch_size, f"{backbone} image features",
+                               after_shard=after_shard)
+        length = bb.text_length(ds.captions)
+        log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone,
+                 length)
+        text = extract_cached(FeatureCache(root, f"{ds.name}-{backbone}-text",
+                                           {**data, **bb.text_key, "part": "text", "length": length}),
+                              ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
+                              b.batch_size, f"{backbone} text features", after_shard=after_shard)
+    finally:
+        pool.shutdown()
 
     valid = image.pop("valid").astype(bool)
     n_bad = int((~valid).sum())
@@ -145,9 +152,10 @@ def _model_names(root: str, models: dict[str, str]) -> dict:
     return out
 
 
-def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: ImageCaptionDataset | None = None
-                  ) -> FeatureSet:
-    """The FeatureSet of `backbone` under the configured source, with its measured alignment."""
+def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: ImageCaptionDataset | None = None,
+                  after_shard: Callable[[], None] = lambda: None) -> FeatureSet:
+    """The FeatureSet of `backbone` under the configured source, with its measured alignment.
+    after_shard: called after each shard of extracted features is cached (`extract_cached`)."""
     from fusion_jax.features.alignment import retrieval_recall
 
     if config.features == "synthetic":
@@ -157,7 +165,7 @@ def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: Ima
     elif config.features == "npz":
         fs = npz.load(npz.feature_file(config.npz.dir, backbone))
     elif config.features in IMAGE_SOURCES:
-        fs = extract_features(config, dataset or load_dataset(config), backbone)
+        fs = extract_features(config, dataset or load_dataset(config), backbone, after_shard)
     else:
         raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
     dims = {"dim_image": int(fs.image.shape[-1]), "dim_text": int(fs.text.shape[-1])}

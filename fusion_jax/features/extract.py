@@ -15,12 +15,13 @@ log = logging.getLogger("fusion_jax")
 
 
 def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], dict[str, np.ndarray]],
-                   batch_size: int, desc: str, batches_per_shard: int = 16) -> dict[str, np.ndarray]:
+                   batch_size: int, desc: str, batches_per_shard: int = 16,
+                   after_shard: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:
     """encode(indices [<= batch_size]) -> arrays [len(indices), ...] over 0..n-1, cached in `cache`.
 
     A finished entry of n items is reused; otherwise shards of `batches_per_shard` batches are written
     as they finish, and a rerun after an interruption (with the same batch size) computes only the
-    missing shards.
+    missing shards. after_shard() runs after each computed shard is cached: it may raise to stop there.
     """
     hit = cache.load(n)
     if hit is not None:
@@ -49,6 +50,7 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
                 if not cache.finished():  # else the next shard's check returns the finished entry
                     cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
             computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
+            after_shard()
     log.info("%s: %d of %d items computed in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
     with cache.lock():
