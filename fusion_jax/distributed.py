@@ -43,14 +43,17 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
                     process_id=d.process_id if d.process_id >= 0 else None,
                     local_device_ids=local_device_ids(),
                     initialization_timeout=int(d.timeout_seconds))
-            except ValueError as e:  # what neither the config nor a detected cluster gave (JAX's message)
+            except ValueError as e:
+                if d.num_processes > 1:
+                    raise
+                # The environment asked for several processes, and no cluster JAX detects said how many.
                 from fusion_jax.validate import ConfigError
 
                 address = os.environ.get("JAX_COORDINATOR_ADDRESS")
                 alone = f", or unset JAX_COORDINATOR_ADDRESS (={address}) to run alone" if address else ""
-                raise ConfigError("distributed.num_processes", f"is {d.num_processes} and jax.distributed cannot "
-                                  f"start: {e} Set distributed.num_processes, process_id and coordinator_address"
-                                  f"{alone}") from e
+                raise ConfigError("distributed.num_processes", f"is 0 (from the cluster) and jax.distributed "
+                                  f"cannot start: {e} Set distributed.num_processes, process_id and "
+                                  f"coordinator_address{alone}") from e
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()
@@ -108,7 +111,7 @@ def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[No
     own = None
     try:
         yield
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:  # a stop (Ctrl-C) too: the others then stop with it
         own = e
     client.key_value_set(f"fusion_jax/start/{call}/{index}",
                          "ok" if own is None else f"{type(own).__name__}: {own}".replace("\n", " ")[:2000])

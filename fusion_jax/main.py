@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/), each unfinished group's last epoch "
-              "(checkpoints/) and the features extracted so far are kept: run the same command to resume.",
+              "(checkpoints/) and any features extracted so far are kept: run the same command to resume.",
               file=sys.stderr, flush=True)
         if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
             sys.stdout.flush()

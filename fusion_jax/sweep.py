@@ -248,6 +248,7 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop_if_set(stop: threading.Event, backbone: str) -> None:
+    """Stop feature extraction once asked to (called after each cached shard)."""
     if stop.is_set():
         raise Stopped(f"stopped while extracting {backbone}'s features (the shards done are cached)")
 
@@ -262,14 +263,21 @@ def _held_by(path: str) -> str | None:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read().strip() or "?"
+            return _pid(f)
         except OSError:
             return None
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
+def _pid(lock_file) -> str:
+    """The pid that the holder of a lock file wrote into it ('?' before it has)."""
+    lock_file.seek(0)
+    return lock_file.read().strip() or "?"
+
+
 def _in_use(workdir: str, who: str, pid: str) -> ConfigError:
+    """The error of a start refused because `who` (pid) sweeps in `workdir`."""
     return ConfigError("workdir", f"{workdir!r} is in use: another sweep ({who}, pid {pid}) is training in it; "
                                   "wait for it or use another workdir")
 
@@ -288,8 +296,7 @@ def sweep_lock(workdir: str, index: int, count: int = 1) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
         except BlockingIOError:
-            f.seek(0)
-            raise _in_use(workdir, f"process {index}", f.read().strip() or "?") from None
+            raise _in_use(workdir, f"process {index}", _pid(f)) from None
         except OSError as e:  # a filesystem without flock (some NFS or Lustre mounts)
             log.warning("cannot lock %s (%s): a second start of this sweep would not be refused", f.name, e)
             locked = False
@@ -300,7 +307,7 @@ def sweep_lock(workdir: str, index: int, count: int = 1) -> Iterator[None]:
             f.flush()
         try:
             if locked and index == 0:
-                for name in sorted(os.listdir(workdir)):
+                for name in os.listdir(workdir):
                     other = re.fullmatch(r"\.lock-(\d+)", name)
                     if other and int(other[1]) >= count and (pid := _held_by(os.path.join(workdir, name))):
                         raise _in_use(workdir, f"process {other[1]} of an earlier start", pid)
@@ -321,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Raises ConfigError, before anything is written, for an invalid config or workdir; with several
     processes, the others then raise distributed.PeerFailed instead of waiting for the failed one.
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; once `stop` is set,
-    the sweep raises Stopped before its next epoch (the checkpoints written so far are complete); `command`
+    the sweep raises Stopped before its next epoch, or after the current shard of features it extracts (what
+    was written so far is complete); `command`
     (the command line that started the sweep) is recorded in the results.
     """
     start, stop = time.perf_counter(), stop or threading.Event()

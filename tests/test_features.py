@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, host_devices
+from conftest import ROOT, host_devices, load_config
 from fusion_jax.features.cache import FeatureCache
 from fusion_jax.features.extract import extract_cached
 
@@ -79,6 +79,29 @@ def test_extraction_stops_after_a_cached_shard_when_asked(tmp_path):
     resumed = []
     extract_cached(FeatureCache(str(tmp_path), "t", key), 100, _encoder(resumed), 8, "t", batches_per_shard=2)
     assert resumed[0][0] == 32 and sum(len(c) for c in resumed) == 100 - 32
+
+
+def test_a_stop_reaches_feature_extraction(tmp_path, monkeypatch):
+    """The sweep passes its stop to the extraction of image features (a stand-in extraction here)."""
+    import threading
+
+    from fusion_jax import sweep
+    from fusion_jax.data import sources
+
+    calls = []
+
+    def extract(config, ds, backbone, after_shard):
+        calls.append(backbone)
+        after_shard()
+        raise AssertionError("after_shard did not stop the sweep")
+
+    monkeypatch.setattr(sources, "extract_features", extract)
+    stop = threading.Event()
+    stop.set()
+    config = load_config("demo", "smoke")
+    with pytest.raises(sweep.Stopped, match=f"while extracting {config.backbones[0]}'s features"):
+        sweep.train_and_evaluate(config, str(tmp_path / "out"), stop=stop)
+    assert calls == [config.backbones[0]] and not (tmp_path / "out").exists()
 
 
 def test_resume_with_another_batch_size_recomputes_and_keeps_every_item_in_place(tmp_path):

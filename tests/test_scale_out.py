@@ -1,5 +1,6 @@
 """Scale-out behaviour: sharding over devices, split programs, corrupt checkpoints, NaN groups."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -113,8 +114,8 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
 
     real = sweep.load_features
 
-    def poisoned(config, backbone, dataset=None):
-        fs = real(config, backbone, dataset)
+    def poisoned(config, backbone, dataset=None, **kw):
+        fs = real(config, backbone, dataset, **kw)
         if backbone == "unaligned":
             fs.image[3, 0] = np.nan
         return fs
@@ -143,8 +144,8 @@ def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkey
     config = smoke_config
     config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128, 256), 1
 
-    def poisoned(config, backbone, dataset=None):
-        fs = real(config, backbone, dataset)
+    def poisoned(config, backbone, dataset=None, **kw):
+        fs = real(config, backbone, dataset, **kw)
         for scale in config.scales:
             pairs = build_pairs(fs.caption_image, fs.n_images, scale, config.pairs.split_seed,
                                 config.pairs.train_fraction)
@@ -215,8 +216,9 @@ def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     proc = _main([f"--workdir={tmp_path / 'out'}"], env={**env, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
     assert proc.wait(timeout=120) == 2
     err = proc.stderr.read()
-    assert err.strip().splitlines()[-1].startswith("fusion_jax: error: config.distributed.num_processes: is 0 and "
-                                                    "jax.distributed cannot start"), err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fusion_jax: error: config.distributed.num_processes: is 0 (from the cluster) and "
+                           "jax.distributed cannot start"), err[-2000:]
     assert "unset JAX_COORDINATOR_ADDRESS (=127.0.0.1:1)" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -235,6 +237,29 @@ def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
     (first, ms), (second, _) = barriers
     assert ms == 86_400_000 and first != second  # one barrier per sweep of the process
 
+
+def test_a_stop_during_start_up_is_shared_with_the_other_processes(monkeypatch):
+    """A stop (Ctrl-C) while a process loads its data is posted like an error, so the others stop with it
+    (PeerFailed) instead of waiting for a status that never comes."""
+    from jax._src import distributed as jax_distributed
+    from fusion_jax import distributed
+    from fusion_jax.sweep import Stopped
+
+    store = {}
+    client = type("Client", (), {"key_value_set": lambda self, k, v: store.__setitem__(k, v),
+                                 "blocking_key_value_get": lambda self, k, ms: store[k],
+                                 "wait_at_barrier": lambda self, name, ms: None})()
+    monkeypatch.setattr(jax_distributed.global_state, "client", client)
+    monkeypatch.setattr(distributed, "_starts", itertools.count())
+    store["fusion_jax/start/0/0"] = "ok"  # process 0's start-up went well
+    with pytest.raises(Stopped):
+        with distributed.checked_start(1, 2, 60):
+            raise Stopped("stopped while extracting clip's features")
+    assert store["fusion_jax/start/0/1"] == "Stopped: stopped while extracting clip's features"
+    monkeypatch.setattr(distributed, "_starts", itertools.count())  # process 0 of the same start reads it
+    with pytest.raises(distributed.PeerFailed, match="process 1: Stopped: stopped while extracting"):
+        with distributed.checked_start(0, 2, 60):
+            pass
 
 def test_two_processes_equal_one(tmp_path):
     # On CPUs: two processes on one GPU would share it, and a GPU's numbers depend on the chunk layout.

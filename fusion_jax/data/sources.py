@@ -85,7 +85,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     root = config.cache_dir or default_root()
     data = {"dataset": ds.name, "data": ds.fingerprint}
     key = {**data, **bb.key}  # the provenance; each side's cache entry has its own part of it
-    pool = ThreadPoolExecutor(max_workers=4)
+    pool = ThreadPoolExecutor(max_workers=4)  # reads a batch's images in parallel
 
     def load(i: int):
         try:
@@ -100,7 +100,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         stand_in = next((im for im in images if im is not None), np.zeros((8, 8, 3), np.uint8))
         return {**bb.encode_images([im if im is not None else stand_in for im in images]), "valid": valid}
 
-    try:
+    with pool:
         image_cache = FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"})
         image = extract_cached(image_cache, ds.n_images, encode_images, b.batch_size, f"{backbone} image features",
                                after_shard=after_shard)
@@ -111,8 +111,6 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
                                            {**data, **bb.text_key, "part": "text", "length": length}),
                               ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
                               b.batch_size, f"{backbone} text features", after_shard=after_shard)
-    finally:
-        pool.shutdown()
 
     valid = image.pop("valid").astype(bool)
     n_bad = int((~valid).sum())
