@@ -270,6 +270,16 @@ def _held_by(path: str) -> str | None:
     return None
 
 
+def _recorded_error(path: str) -> str:
+    """The error a failed group's record holds, shortened to one line."""
+    try:
+        with open(path) as f:
+            error = str(json.load(f).get("error", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "its record is unreadable"
+    return error if len(error) <= 200 else error[:200] + "..."
+
+
 def _pid(lock_file) -> str:
     """The pid that the holder of a lock file wrote into it ('?' before it has)."""
     lock_file.seek(0)
@@ -368,6 +378,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         # so that process 0 never counts it as this attempt's.
         for g in todo:
             if os.path.exists(failed(g)):
+                log.info("training group %s again, which failed in an earlier attempt: %s", g.name,
+                         _recorded_error(failed(g)))
                 os.unlink(failed(g))
     if index == 0:
         for b, fs in features.items():
