@@ -16,14 +16,17 @@ Two ways, one after the other (`--torch-first` swaps the order), in this process
      groups train; no checkpoints. The wall time runs from the first compilation to the last
      evaluation.
   b. the reference (fusion_jax.bench_torch): tests/reference_torch.py's training loop (torch AdamW,
-     CosineAnnealingLR per batch, batch 32), one run after another, on the GPU when jax has one
-     (features moved there once), else on `--torch-threads` CPU threads (default: all cores). Noisy
-     runs get their degraded image features once per run, before training, inside the timing.
-FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost), times each run's
-own steps, the same count for both ways (fusion_jax also executes the idle steps of the shorter
-runs in a chunk: `executed_flops`; the reference also computes cross's unused query/key
-projections, fusion.Attention); the peak is a large float32 matmul measured here
-with jax.
+     CosineAnnealingLR per batch, batch 32), one run after another, on one GPU when jax has one
+     (each run moves its features there, inside its timing), else on `--torch-threads` CPU threads
+     (default: all cores). Noisy runs get their degraded image features once per run, before
+     training, inside the timing.
+FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost; per method, with the
+noise draw for groups that have a nonzero level), times each run's own steps, the same count for
+both ways (fusion_jax also executes the idle steps of the shorter runs in a chunk: `executed_flops`;
+the reference also computes cross's unused query/key projections, fusion.Attention); the peak is a
+large float32 matmul measured here with jax, back to back (times the local devices on accelerators,
+for fusion_jax's share; the reference uses one). Outside the timed walls on both sides: jax's
+start-up (the first peak measurement) and torch's warm-up (its thread check).
 `--compilation-cache=DIR` gives fusion_jax's side JAX's persistent compilation cache at DIR: a second
 run with the same DIR loads its programs instead of compiling them (the file records the hits and misses).
 `--repeats=N` runs both ways N times in turn and reports each way's median run, with every wall time
@@ -51,7 +54,7 @@ import ml_collections
 import numpy as np
 
 from fusion_jax import cost
-from fusion_jax.bench_torch import accuracy, load_reference, time_torch
+from fusion_jax.bench_torch import accuracy, flops_key, load_reference, time_torch
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
@@ -104,27 +107,40 @@ def bench_features(grid: Grid, backbone: str) -> FeatureSet:
 
 
 def device_name() -> str:
-    """A file-name-safe device label: "cpu-<cores>core-<machine>[-<n>devices]" (n jax CPU devices, when
-    JAX_NUM_CPU_DEVICES asks for several) or the accelerator's device_kind."""
+    """A file-name-safe device label: "cpu-<cores>core-<machine>" or the accelerator's device_kind, with
+    "-<n>devices" when jax has several (CPU devices when JAX_NUM_CPU_DEVICES asks for them)."""
     d = jax.devices()[0]
     name = f"cpu-{len(os.sched_getaffinity(0))}core-{platform.machine()}" if d.platform == "cpu" else d.device_kind
-    if d.platform == "cpu" and jax.device_count() > 1:
+    if jax.device_count() > 1:
         name += f"-{jax.device_count()}devices"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower()
 
 
-def matmul_peak(size: int, reps: int = 5) -> dict:
-    """Best-of-`reps` GFLOP/s of a float32 [size, size] @ [size, size] matmul, with jax at the precision
-    its training matmuls use (`matmul_precision`)."""
+def matmul_peak(size: int, reps: int = 5, round_seconds: float = 0.05) -> dict:
+    """GFLOP/s of a float32 [size, size] @ [size, size] matmul on one device, with jax at the precision its
+    training matmuls use (`matmul_precision`): the best of `reps` rounds, each of `calls` matmuls issued
+    back to back and waited for once (enough for `round_seconds`, so that a GPU's fast matmul is not
+    timed with its dispatch)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    calls = max(1, min(1000, math.ceil(round_seconds / (time.perf_counter() - t0))))
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return {"size": size, "reps": reps, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
+        for _ in range(calls):
+            out = f(a, a)  # a device runs its queue in order: the last one done, all are
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return {"size": size, "reps": reps, "calls": calls, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
+
+
+def cublas_only(xla_flags: str, platform: str) -> bool:
+    """Whether `xla_flags` (XLA_FLAGS) set --xla_gpu_enable_triton_gemm=false on a GPU: XLA's cost analysis then
+    misses the matmuls, so cost.py's counts read low (results/bench/xla_flags/)."""
+    return platform == "gpu" and bool(re.search(r"xla_gpu_enable_triton_gemm=(false|0)\b", xla_flags, re.I))
 
 
 def matmul_precision(platform: str) -> dict:
@@ -184,10 +200,11 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                  "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3 - later.waited,
                  "slots": len(slot_steps), "runs_per_chunk": program.chunk,
                  # useful work (each run's own steps), and what the program executed (chunks' idle slots)
-                 "train_flops": step_flops[group.method] * sum(run_steps),
-                 "executed_flops": step_flops[group.method] * executed_steps,
+                 "train_flops": step_flops[flops_key(group)] * sum(run_steps),
+                 "executed_flops": step_flops[flops_key(group)] * executed_steps,
                  "final_train_loss": float(np.mean([row[:k // epochs].mean()
                                                     for row, k in zip(losses[program.index], run_steps)])),
+                 "accuracy_per_run": [accuracy(c) for c in counts],  # in the group's run order
                  "accuracy_mean": float(np.mean([accuracy(c) for c in counts]))}
             out.append(r)
             log(f"[jax {i + 1}/{len(groups)}] {group.name}: {r['runs']} runs, compile {r['compile_s']:.2f} s "
@@ -248,9 +265,13 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         f"features {g.n_images} x {g.dim} / {g.n_images * g.captions_per_image} x {g.dim}, device {device_name()}, "
         f"torch on {torch_device}")
     features = {b: bench_features(g, b) for b in g.backbones}
-    step_flops = {m: cost.train_step_flops(config, m, g.dim, g.dim) for m in g.methods}
+    step_flops = {k: cost.train_step_flops(config, k.split(",")[0], g.dim, g.dim, noisy=not k.endswith("noise-free"))
+                  for k in sorted({flops_key(x) for x in groups})}
     forward = {m: cost.forward_flops_per_sample(m, g.dim, g.dim, config) for m in g.methods}
     peak = matmul_peak(g.matmul_size)
+    if cublas_only(os.environ.get("XLA_FLAGS", ""), jax.devices()[0].platform):
+        log("warning: XLA_FLAGS turns XLA's Triton matmuls off for the whole process: XLA's cost analysis does not "
+            "count cuBLAS calls, so the FLOP counts (and FLOP/s) read low")
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
@@ -271,8 +292,10 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     jax_side, torch_side = _median_run(jax_rounds), _median_run(torch_rounds)
     peak_after = matmul_peak(g.matmul_size)
     peak_gflops = max(peak["gflops"], peak_after["gflops"])
+    # Each accelerator has its own matmul units and fusion_jax trains on all local ones; CPU devices share the cores.
+    jax_devices = 1 if jax.devices()[0].platform == "cpu" else jax.local_device_count()
 
-    jax_total = {**jax_side, **_totals(jax_side, peak_gflops)}
+    jax_total = {**jax_side, **_totals(jax_side, peak_gflops * jax_devices)}
     torch_total = {**torch_side, **_totals(torch_side, peak_gflops)}
     result = {
         "command": command, "source": source(), "grid_name": grid,
@@ -288,12 +311,13 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                  "learning_rate": config.train.learning_rate, "noise_backbone": g.backbones[0]},
         "flops": {"train_step_per_run": step_flops, "forward_per_sample": forward,
                   "source": "XLA cost_analysis of one compiled training step (fusion_jax.cost.train_step_flops)"},
-        "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops},
+        "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops, "jax_devices": jax_devices},
         "matmul_precision": matmul_precision(jax.devices()[0].platform),
         "jax": jax_total,
         "torch": {**torch_total, "device": torch_device, "threads": torch_threads},
         "speedup": {"wall": torch_total["wall_s"] / jax_total["wall_s"],
-                    "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["wait_s"])},
+                    "excluding_compile": torch_total["wall_s"] / (jax_total["wall_s"] - jax_total["wait_s"]),
+                    "estimated": bool(torch_total.get("estimated"))},
         "repeats": {"rounds": repeats, "jax_wall_s": [x["wall_s"] for x in jax_rounds],
                     "torch_wall_s": [x["wall_s"] for x in torch_rounds],
                     "speedup_per_round": [t["wall_s"] / j["wall_s"] for j, t in zip(jax_rounds, torch_rounds)]},
@@ -317,13 +341,22 @@ def _precision_note(precision: dict | None) -> str:
     if not precision:
         return ""
     return (f" Float32 matmul precision: jax {precision['jax']} (the peak's and the training's), "
-            f"torch {precision['torch']}.")
+            f"torch {precision['torch']} (both columns' % of peak are against this jax peak).")
 
 
 def markdown(r: dict) -> str:
     """The benchmark's Markdown report: the totals and a per-group table."""
     j, t, g = r["jax"], r["torch"], r["grid"]
-    acc = lambda side, m: np.mean([x["accuracy_mean"] for x in side["groups"] if f"-{m}" in x["group"]])
+    est = " (est.)" if t.get("estimated") else ""
+    # With an estimated reference, both columns average the runs the reference trained (fewer seeds and levels).
+    same = t.get("estimated") and all("trained_index" in x and "accuracy_per_run" in y for x, y in zip(t["groups"],
+                                                                                                 j["groups"]))
+    jax_acc = lambda x, y: (np.mean([x["accuracy_per_run"][i] for i in y["trained_index"]]) if same
+                            else x["accuracy_mean"])
+    acc = lambda m: (np.mean([jax_acc(x, y) for x, y in zip(j["groups"], t["groups"]) if f"-{m}" in x["group"]]),
+                     np.mean([y["accuracy_mean"] for y in t["groups"] if f"-{m}" in y["group"]]))
+    peak_devices = r["matmul_peak"].get("jax_devices", 1)
+    peak_of = f" (fusion_jax: against {peak_devices} devices' peak)" if peak_devices > 1 else ""
     env = r.get("env", {})
     devices_env = f" (JAX_NUM_CPU_DEVICES={env['JAX_NUM_CPU_DEVICES']})" if "JAX_NUM_CPU_DEVICES" in env else ""
     lines = [f"# Benchmark `{r['grid_name']}` on {r['device']['name']} ({r['device']['device_kind']})", "",
@@ -346,9 +379,10 @@ def markdown(r: dict) -> str:
              f"| compilation, in {j['workers']} worker thread(s) (s) | {j['compile_s']:.1f} | – |",
              f"| of the wall time, waiting for compilation (s) | {j['wait_s']:.1f} | – |",
              f"| of the wall time, training epochs (s) | {j['train_s']:.1f} | – |",
-             f"| runs per second | {j['runs_per_s']:.3f} | {t['runs_per_s']:.3f} |",
-             f"| achieved GFLOP/s (wall) | {j['achieved_gflops']:.1f} | {t['achieved_gflops']:.1f} |",
-             f"| % of matmul peak (wall) | {100 * j['fraction_of_peak']:.1f} | {100 * t['fraction_of_peak']:.1f} |",
+             f"| runs per second | {j['runs_per_s']:.3f} | {t['runs_per_s']:.3f}{est} |",
+             f"| achieved GFLOP/s (wall) | {j['achieved_gflops']:.1f} | {t['achieved_gflops']:.1f}{est} |",
+             f"| % of matmul peak (wall){peak_of} | {100 * j['fraction_of_peak']:.1f} | "
+             f"{100 * t['fraction_of_peak']:.1f}{est} |",
              f"| achieved GFLOP/s, % of peak (training epochs only) | {j['achieved_gflops_steady']:.1f}, "
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
              f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s){devices_env}, "
@@ -356,7 +390,8 @@ def markdown(r: dict) -> str:
              f"runs | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
-    lines += [f"| mean val. accuracy (mean of the groups' means), {m} | {acc(j, m):.3f} | {acc(t, m):.3f} |"
+    over = "the runs the reference trained" if same else "all runs"
+    lines += [f"| mean val. accuracy (mean of the groups' means, {over}), {m} | {acc(m)[0]:.3f} | {acc(m)[1]:.3f} |"
               for m in g["methods"]]
     lines += ["", f"**Speed-up: {r['speedup']['wall']:.2f}x**{' (against the estimated reference time)' if t.get('estimated') else ''} wall time, compilation included "
               f"({r['speedup']['excluding_compile']:.2f}x without the time spent waiting for it)."
@@ -366,18 +401,27 @@ def markdown(r: dict) -> str:
               "|---|---:|---|---:|---:|---:|---:|---:|"]
     for a, b in zip(j["groups"], t["groups"]):
         lines.append(f"| {a['group']} | {a['runs']} | {', '.join(map(str, a['scales']))} | {sum(a['steps_per_run'])} | "
-                     f"{a['compile_s']:.2f} | {a['wait_s']:.2f} | {a['train_s']:.2f} | {b['wall_s']:.2f} |")
+                     f"{a['compile_s']:.2f} | {a['wait_s']:.2f} | {a['train_s']:.2f} | {b['wall_s']:.2f}"
+                     f"{' (est.)' if b.get('estimated') else ''} |")
     executed = sum(x["executed_flops"] for x in j["groups"]) / j["train_flops"]
     lines += ["", "FLOPs: XLA's cost analysis of one compiled training step per run "
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
-              + " (forward, backward, AdamW, gather, noise), times each run's steps; the same count for both "
+              + " (forward, backward, AdamW, gather, and the noise draw where a group has a nonzero level), times "
+              "each run's steps; the same count for both "
               "columns, though on pooled features the reference also computes cross's attention query and key "
               "projections, which one key leaves unused and XLA drops (a third more FLOPs per cross step). "
               f"fusion_jax executed {executed:.2f}x that work: a chunk of runs steps until its longest run "
               "is done (on a GPU, through its group's longest run), and empty slots fill chunks (groups.layout).",
               "", "Each side initialises as its framework does by default (torch's Linear init is about 1.7x "
               "smaller than flax's lecun-normal), which moves the accuracies at lr 1e-4 and few epochs; each "
-              "step computes the same function (tests/test_reference_parity.py: same init, same trajectory)."]
+              "step computes the same function (tests/test_reference_parity.py: same init, same trajectory).",
+              "", "Outside both timed walls: jax's start-up (the first matmul-peak measurement) and torch's warm-up "
+              "(the thread check)."
+              + (f" fusion_jax trains on {r['device']['count']} jax devices; the reference on one GPU or on the CPU's "
+                 "threads." if r['device'].get('count', 1) > 1 else "")
+              + (" XLA_FLAGS turned XLA's Triton matmuls off for the whole process: XLA's cost analysis does not "
+                 "count cuBLAS calls, so the FLOP counts and FLOP/s above read low."
+                 if cublas_only(r.get("env", {}).get("XLA_FLAGS", ""), r["device"].get("platform", "")) else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,12 @@ from fusion_jax.train import steps_per_epoch
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference_torch.py")
 
 
+def flops_key(group: Group) -> str:
+    """Which training-step FLOP count a group's runs take: its method's, with the noise draw or without
+    (a group whose runs are all at level 0 draws no noise)."""
+    return group.method + ("" if any(r.level != 0 for r in group.runs) else ", noise-free")
+
+
 def accuracy(counts) -> float:
     """Accuracy of (tp, fp, fn, tn) counts."""
     return float(metrics_lib.binary_metrics(*counts)["accuracy"])
@@ -59,11 +65,12 @@ def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: 
     t0 = time.perf_counter()
     hc, tc = config.head, config.train
     pairs = {s: build_pairs(features.caption_image, features.n_images, s, **config.pairs) for s in group.scales}
-    run_s, losses, accuracies, steps, trained = [], [], [], [], []
-    for spec in group.runs:
+    run_s, losses, accuracies, steps, trained, trained_index = [], [], [], [], [], []
+    for i, spec in enumerate(group.runs):
         if runs_per_scale is not None and sum(r.scale == spec.scale for r in trained) >= runs_per_scale:
             continue
         trained.append(spec)
+        trained_index.append(i)
         tr = time.perf_counter()
         p = pairs[spec.scale]
         torch.manual_seed(spec.seed)
@@ -79,7 +86,8 @@ def time_torch_group(config: ml_collections.ConfigDict, group: Group, features: 
         steps.append(per_epoch * tc.epochs)
         run_s.append(time.perf_counter() - tr)
     wall = time.perf_counter() - t0
-    out = {"group": group.name, "runs": len(group.runs), "trained_runs": len(trained), "steps_per_run": steps,
+    out = {"group": group.name, "runs": len(group.runs), "trained_runs": len(trained), "trained_index": trained_index,
+           "steps_per_run": steps,
            "wall_s": wall, "run_s": run_s, "final_train_loss": float(np.mean(losses)),
            "accuracy_mean": float(np.mean(accuracies))}
     all_steps = [steps_per_epoch(pairs[r.scale].n_train, tc.batch_size) * tc.epochs for r in group.runs]
@@ -127,7 +135,7 @@ def time_torch(config: ml_collections.ConfigDict, groups: list[Group], features:
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         for i, group in enumerate(groups):
-            r = time_torch_group(config, group, features[group.backbone], ref, step_flops[group.method], device,
+            r = time_torch_group(config, group, features[group.backbone], ref, step_flops[flops_key(group)], device,
                                  runs_per_scale)
             out.append(r)
             log(f"[torch {i + 1}/{len(groups)}] {group.name}: {r['trained_runs']} of {r['runs']} runs trained, "

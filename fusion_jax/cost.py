@@ -58,16 +58,18 @@ def analytic_concat_flops(d_v: int, d_t: int, hidden: int = 256, mlp_hidden: int
     return 2 * ((d_v + d_t) * hidden + hidden * mlp_hidden + mlp_hidden * 2)
 
 
-def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int = 1, tokens: int = 0) -> float:
+def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int = 1, tokens: int = 0,
+                     noisy: bool = True) -> float:
     """FLOPs of one training step of a chunk of `n_runs` runs (batch config.train.batch_size each).
 
     From the cost analysis of a compiled one-step epoch of the trainer (`make_train`): forward,
-    backward, gather, degradation (config.degradation.kind) and the AdamW update.
+    backward, gather, degradation (config.degradation.kind; the noise draw only when `noisy`, as in
+    a group with a nonzero level) and the AdamW update.
     """
     if not isinstance(config, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(config)
     batch = config.train.batch_size
-    trainer = make_train(config, method, max_train=batch, max_val=1)
+    trainer = make_train(config, method, max_train=batch, max_val=1, noisy=noisy)
     n_images, n_captions = 2 * batch, 2 * batch
     image, image_mask = _features(n_images, d_v, tokens)
     text, text_mask = _features(n_captions, d_t, tokens)

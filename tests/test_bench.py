@@ -22,9 +22,15 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
     from fusion_jax import bench
 
-    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None, repeats=2)
+    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None, repeats=2,
+                                 torch_runs=1)
     path = tmp_path / f"{bench.device_name()}-tiny-x2.json"
-    assert path.exists() and "ran 2 times, in turn" in (tmp_path / f"{bench.device_name()}-tiny-x2.md").read_text()
+    md = (tmp_path / f"{bench.device_name()}-tiny-x2.md").read_text()
+    assert path.exists() and "ran 2 times, in turn" in md
+    # One reference run of each group's two: its time is an estimate, marked so, and the accuracies compare those runs.
+    assert result["speedup"]["estimated"] and "| runs per second |" in md and md.count("(est.)") >= 5
+    assert "mean val. accuracy (mean of the groups' means, the runs the reference trained), concat" in md
+    assert all(g["trained_index"] == [0] for g in result["torch"]["groups"])
     saved = json.loads(path.read_text())
     # Without --compilation-cache nothing goes through a persistent cache, though this test process has one.
     assert saved["jax"]["compilation_cache"] == {"dir": None, "hits": 0, "misses": 0}
@@ -54,6 +60,8 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert jax_side["wall_s"] >= jax_side["wait_s"] + jax_side["train_s"] + jax_side["eval_s"]
     assert all(g["executed_flops"] >= g["train_flops"] for g in jax_side["groups"])
     assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])
+    assert all(len(g["accuracy_per_run"]) == g["runs"] for g in jax_side["groups"])
+    assert saved["matmul_peak"]["before"]["calls"] >= 1 and set(saved["flops"]["train_step_per_run"]) == {"concat", "cross"}
 
 
 def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
@@ -129,3 +137,13 @@ def test_reference_time_is_estimated_only_when_runs_were_left_out():
     assert g["wall_s"] == pytest.approx(g["measured_wall_s"] + g["run_s"][0])
     with pytest.raises(ValueError, match="torch-runs must be at least 1"):
         bench.run_benchmark("tiny", "/nonexistent", torch_runs=0)
+
+
+def test_a_process_without_tritons_matmuls_is_named():
+    """XLA_FLAGS that turn XLA's Triton matmuls off on a GPU hide the matmuls from the FLOP counts: flagged."""
+    from fusion_jax.bench import cublas_only
+
+    assert cublas_only("--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false", "gpu")
+    assert cublas_only("--xla_gpu_enable_triton_gemm=0", "gpu")
+    assert not cublas_only("--xla_gpu_enable_triton_gemm=false", "cpu")
+    assert not cublas_only("--xla_gpu_enable_triton_gemm=true", "gpu") and not cublas_only("", "gpu")

@@ -34,3 +34,5 @@ def test_train_step_flops_scale_with_runs(smoke_config):
     assert two == pytest.approx(2 * one, rel=0.05)
     forward = cost.forward_flops_per_sample("concat", 64, 64, smoke_config) * smoke_config.train.batch_size
     assert one > 2 * forward
+    # A group whose runs are all at level 0 draws no noise: its step costs less (the benchmark counts it so).
+    assert 2 * forward < cost.train_step_flops(smoke_config, "concat", 64, 64, noisy=False) < one

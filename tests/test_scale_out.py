@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -132,19 +133,13 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
     # The report is drawn all the same (the failed backbone has no t-SNE panel: no run of it finished).
     assert (tmp_path / "fig_tsne.png").exists() and (tmp_path / "table1.md").exists()
     assert "the report" not in caplog.text
-
-
-def test_a_resume_says_which_failure_it_trains_again(tmp_path):
-    """A failed group is trained again on resume (its cause may have gone); the log gives the old error."""
-    from fusion_jax.sweep import _recorded_error
-
-    record = tmp_path / "g.failed.json"
-    record.write_text(json.dumps({"group": "g", "error": "group g: loss is NaN"}))
-    assert _recorded_error(str(record)) == "group g: loss is NaN"
-    record.write_text(json.dumps({"error": "x" * 500}))
-    assert _recorded_error(str(record)) == "x" * 200 + "..."
-    record.write_text("{not json")
-    assert _recorded_error(str(record)) == "its record is unreadable"
+    # Resumed with the NaN gone, the failed group is trained again (and the log says what it was).
+    monkeypatch.setattr(sweep, "load_features", real)
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    again = train_and_evaluate(config, str(tmp_path))
+    assert again["failed_groups"] == [] and {r["backbone"] for r in again["runs"]} == {"aligned", "unaligned"}
+    assert "training group unaligned-concat again, which failed in an earlier attempt: group unaligned-concat: " \
+           "image features of backbone 'unaligned' hold NaN or Inf" in caplog.text
 
 
 def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkeypatch, caplog):

@@ -107,6 +107,10 @@ def test_runs_differ_where_their_specs_differ(smoke_config):
     init = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[0], init["params"]),
                                 jax.tree_util.tree_map(lambda x: x[2], init["params"]))  # levels share the init
+    # Validation sees the run's noise too: run 0's parameters score other counts on run 2's (noisier) inputs.
+    run0 = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x.shape), state)
+    counts = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(run0, runs, data)  # _train_group's program
+    assert not np.array_equal(counts[0], counts[2])
 
 
 def test_noise_free_program_equals_level_zero(smoke_config):
@@ -137,7 +141,33 @@ def test_training_lowers_the_loss(smoke_config):
     epoch = jax.jit(trainer.train_epoch)
     state, first = epoch(init, runs, data)
     state, last = epoch(state, runs, data)
-    assert last.mean() < first.mean()
+    # The initial parameters on epoch 2's batches and dropout keys: the drop is the training's, not the order's.
+    _, frozen = epoch(dict(init, epoch=state["epoch"] - 1), runs, data)
+    assert last.mean() < first.mean() and last[0, 0] < frozen[0, 0]
+
+
+def test_padding_tokens_do_not_reach_training(smoke_config):
+    """Token features with masks of varying length: what the padding holds changes no training loss (the
+    trainer hands each batch its masks; the heads' own masking is tests/test_fusion.py's)."""
+    smoke_config.synthetic.tokens = 4
+    trainer, runs, data = _group(smoke_config, "cross", (RunSpec("aligned", "cross", 128, 0, "gaussian", 0.0),))
+    assert all(float(data[f"{n}_mask"].min()) == 0.0 for n in ("image", "text"))  # some rows are padded
+    filled = dict(data, **{n: jnp.where(data[f"{n}_mask"][..., None] > 0, data[n], 100.0) for n in ("image", "text")})
+    epoch = jax.jit(trainer.train_epoch)
+    init = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
+    np.testing.assert_allclose(epoch(init, runs, filled)[1], epoch(init, runs, data)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_drawn_in_training(smoke_config):
+    """Step 0 of a run with dropout 0.5 and of the same run without: same parameters and batch, other loss."""
+    spec = (RunSpec("aligned", "concat", 128, 0, "gaussian", 0.0),)
+    losses = {}
+    for rate in (0.0, 0.5):
+        smoke_config.train.dropout = rate
+        trainer, runs, data = _group(smoke_config, "concat", spec)
+        _, loss = trainer.train_epoch(jax.vmap(trainer.init, in_axes=(0, None))(runs, data), runs, data)
+        losses[rate] = float(loss[0, 0])
+    assert losses[0.0] != pytest.approx(losses[0.5], rel=1e-4)
 
 
 def _head_loss(method):
