@@ -399,6 +399,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
             progress.set_description(f"group {i + 1}/{len(todo)} {g.name}")
             try:
                 program = ahead.program(i)
+                if stop.is_set():  # asked while the program compiled
+                    raise Stopped(f"stopped before group {g.name}")
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
                                                        on_epoch, stop))
             except NonFinite as e:

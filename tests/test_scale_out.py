@@ -347,6 +347,24 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
                  json.loads((workdir / "results.json").read_text()))
 
 
+def test_a_stop_asked_while_a_group_compiles_trains_no_epoch(smoke_config, tmp_path, monkeypatch):
+    import threading
+
+    from fusion_jax import groups, sweep
+
+    stop, build = threading.Event(), groups.CompiledAhead.program
+
+    def program(self, i):
+        out = build(self, i)
+        stop.set()  # as a Ctrl-C while the main thread waited for the build
+        return out
+
+    monkeypatch.setattr(groups.CompiledAhead, "program", program)
+    with pytest.raises(sweep.Stopped, match="stopped before group aligned-concat"):
+        train_and_evaluate(_small(smoke_config), str(tmp_path), stop=stop)
+    assert not (tmp_path / "checkpoints" / "aligned-concat").exists()
+
+
 def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoints(tmp_path):
     import signal
 
