@@ -274,7 +274,7 @@ def _recorded_error(path: str) -> str:
     """The error a failed group's record holds, shortened to one line."""
     try:
         with open(path) as f:
-            error = str(json.load(f).get("error", "?"))
+            error = " ".join(str(json.load(f).get("error", "?")).split())
     except (OSError, ValueError, AttributeError):
         return "its record is unreadable"
     return error if len(error) <= 200 else error[:200] + "..."

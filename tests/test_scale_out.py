@@ -148,6 +148,8 @@ def test_a_failed_groups_record_is_read_for_the_log(tmp_path):
     record = tmp_path / "g.failed.json"
     record.write_text(json.dumps({"error": "x" * 500}))
     assert _recorded_error(str(record)) == "x" * 200 + "..."
+    record.write_text(json.dumps({"error": "group g: loss\n  is NaN"}))
+    assert _recorded_error(str(record)) == "group g: loss is NaN"
     record.write_text("{not json")
     assert _recorded_error(str(record)) == "its record is unreadable"
 
