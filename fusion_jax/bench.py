@@ -191,6 +191,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t3 = time.perf_counter()
             counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
+            accuracies = [accuracy(c) for c in counts]  # in the group's run order
             later = program.evaluate  # a groups.Later: CompiledAhead compiles it after handing the group over
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()
@@ -210,8 +211,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                  "executed_flops": step_flops[flops_key(group)] * executed_steps,
                  "final_train_loss": float(np.mean([row[:k // epochs].mean()
                                                     for row, k in zip(losses[program.index], run_steps)])),
-                 "accuracy_per_run": [accuracy(c) for c in counts],  # in the group's run order
-                 "accuracy_mean": float(np.mean([accuracy(c) for c in counts]))}
+                 "accuracy_per_run": accuracies, "accuracy_mean": float(np.mean(accuracies))}
             out.append(r)
             log(f"[jax {i + 1}/{len(groups)}] {group.name}: {r['runs']} runs, compile {r['compile_s']:.2f} s "
                 f"(waited {r['wait_s']:.2f}), train {r['train_s']:.2f} s, eval {r['eval_s']:.2f} s, "
@@ -271,8 +271,9 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         f"features {g.n_images} x {g.dim} / {g.n_images * g.captions_per_image} x {g.dim}, device {device_name()}, "
         f"torch on {torch_device}")
     features = {b: bench_features(g, b) for b in g.backbones}
-    step_flops = {k: cost.train_step_flops(config, k.split(",")[0], g.dim, g.dim, noisy=not k.endswith("noise-free"))
-                  for k in sorted({flops_key(x) for x in groups})}
+    kinds = {flops_key(x): (x.method, x.noisy) for x in groups}
+    step_flops = {k: cost.train_step_flops(config, method, g.dim, g.dim, noisy=noisy)
+                  for k, (method, noisy) in sorted(kinds.items())}
     forward = {m: cost.forward_flops_per_sample(m, g.dim, g.dim, config) for m in g.methods}
     peak = matmul_peak(g.matmul_size)
     if cublas_only(os.environ.get("XLA_FLAGS", ""), jax.devices()[0].platform):

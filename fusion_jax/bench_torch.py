@@ -26,7 +26,7 @@ REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def flops_key(group: Group) -> str:
     """Which training-step FLOP count a group's runs take: its method's, with the noise draw or without
     (a group whose runs are all at level 0 draws no noise)."""
-    return group.method + ("" if any(r.level != 0 for r in group.runs) else ", noise-free")
+    return group.method + ("" if group.noisy else ", noise-free")
 
 
 def accuracy(counts) -> float:

@@ -63,6 +63,11 @@ class Group:
     def scales(self) -> tuple[int, ...]:
         return tuple(sorted({r.scale for r in self.runs}))
 
+    @property
+    def noisy(self) -> bool:
+        """Whether a run has a nonzero noise level: only then does the group's program draw noise."""
+        return any(r.level != 0 for r in self.runs)
+
 
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
     """The sweep's groups, in a fixed order; each holds scales x seeds x degradation levels (level 0
@@ -293,7 +298,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     index = np.empty(len(group.runs), np.int64)
     index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
-                         noisy=any(r.level != 0 for r in group.runs), skip_idle=on_cpu)
+                         noisy=group.noisy, skip_idle=on_cpu)
     shaped = lambda tree, sharding: jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
