@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -10,22 +11,53 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+# Orbax's own serialization internals, for the one method _OwnProcessNumpyHandler rewrites (the
+# package's versions are pinned below 0.13; tests/test_scale_out.py restores what both processes wrote).
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+
+class _OwnProcessNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's NumpyHandler, writing from the process that saves. Orbax takes host arrays for copies
+    that every process holds and writes them from process 0 alone, so a group that process 1 trained
+    was saved without its arrays. Here a manager is only ever called by the process whose group it
+    checkpoints (GroupCheckpoints), and that process writes."""
+
+    async def _background_serialize(self, values, infos, args=None):
+        writes = []
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint, metadata_key=self._metadata_key,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
+            writes.append(self._open_and_write(value, spec.json, info.ts_context))
+        await asyncio.gather(*writes)
 
 
 class GroupCheckpoints:
     """A CheckpointManager over `directory`; the step number is the count of finished epochs."""
 
     def __init__(self, directory: str, keep: int):
+        me = jax.process_index()
+        # Each process checkpoints its own groups: no barrier with the other processes.
+        processes = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me},
+            barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory)))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         if jax.process_count() > 1:
-            # Each process checkpoints its own groups: no barrier with the other processes.
-            me = jax.process_index()
             os.makedirs(directory, exist_ok=True)
+            # Directories made in the background signal through keys that carry a per-process operation
+            # count, the same in every process: two processes saving at once read each other's signals.
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=me, active_processes={me},
-                    barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+                max_to_keep=keep, create=False, multiprocessing_options=processes,
+                async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+        handler = ocp.PyTreeCheckpointHandler(
+            multiprocessing_options=processes,
+            type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+                # jax.Array's too, though save() gives host arrays: without one Orbax warns on every save.
+                (np.ndarray, _OwnProcessNumpyHandler()), (jax.Array, ocp.type_handlers.ArrayHandler())))
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handler)
 
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
@@ -44,14 +76,23 @@ class GroupCheckpoints:
         return target
 
     def save(self, epoch: int, tree: Any) -> None:
-        """Save `tree` as host arrays: a group lives on one process's devices, which Orbax's
-        multi-process mode would refuse as host-local jax.Arrays."""
-        self._manager.save(epoch, args=ocp.args.StandardSave(jax.device_get(tree)))
+        """Save `tree` as host arrays (numpy scalars too): a group lives on one process's devices, which
+        Orbax's multi-process mode would refuse as host-local jax.Arrays."""
+        tree = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+        self._manager.save(epoch, args=ocp.args.PyTreeSave(tree))
 
     def restore(self, epoch: int, abstract_tree: Any) -> Any:
-        """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays; shapes and dtypes are checked."""
+        """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays; a leaf of another shape or
+        dtype than the tree's is a ValueError."""
         target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract_tree)
-        return self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
+        tree = self._manager.restore(epoch, args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree_util.tree_leaves(tree)):
+            got = np.asarray(got)
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(f"{jax.tree_util.keystr(path)}: {got.dtype}{list(got.shape)} in the checkpoint, "
+                                 f"{want.dtype}{list(want.shape)} expected")
+        return tree
 
     def wait(self) -> None:
         """Block until every save has reached the disk."""

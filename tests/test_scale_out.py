@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, host_devices
+from conftest import ROOT, host_devices, load_config
 from fusion_jax.groups import plan
 from fusion_jax.sweep import train_and_evaluate
 
@@ -281,20 +281,88 @@ def test_a_stop_during_start_up_is_shared_with_the_other_processes(monkeypatch):
         with distributed.checked_start(0, 2, 60):
             pass
 
-def test_two_processes_equal_one(tmp_path):
-    # On CPUs: two processes on one GPU would share it, and a GPU's numbers depend on the chunk layout.
-    single = _main([f"--workdir={tmp_path / 'one'}"], env=host_devices(1))
+@pytest.fixture(scope="module")
+def small_sweep_results(tmp_path_factory):
+    """The results of the SMALL sweep in one process on one CPU device, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("one")
+    single = _main([f"--workdir={workdir}"], env=host_devices(1))
     assert single.wait(timeout=300) == 0, single.stderr.read()[-2000:]
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_two_processes_equal_one(tmp_path, small_sweep_results):
+    # On CPUs: two processes on one GPU would share it, and a GPU's numbers depend on the chunk layout.
     port = _free_port()
     common = [f"--workdir={tmp_path / 'two'}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
               "--config.distributed.num_processes=2"]
     procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    _assert_same(one, two)
+    _assert_same(small_sweep_results, json.loads((tmp_path / "two" / "results.json").read_text()))
     assert "process 1 of 2" in procs[1].stderr.read()
+
+
+def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep_results):
+    """Process 1's groups resume from their own checkpoints (Orbax had written them without arrays)."""
+    import signal
+
+    port = _free_port()
+    common = [f"--workdir={tmp_path}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2"]
+    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
+    from fusion_jax import distributed
+
+    config = load_config("synthetic", "smoke")  # as SMALL sets it
+    config.backbones, config.scales, config.train.epochs = ("aligned",), (128,), 2
+    second = distributed.mine(plan(config), 1, 2)
+    _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    restarted = _main([f"--workdir={tmp_path}"], env=host_devices(1))
+    assert restarted.wait(timeout=300) == 0
+    log = restarted.stderr.read()
+    assert f"group {second[0].name}: resuming from the checkpoint after epoch" in log, log[-3000:]
+    assert "corrupt" not in log
+    _assert_same(small_sweep_results, json.loads((tmp_path / "results.json").read_text()))
+
+
+SAVE_IN_TWO_PROCESSES = """
+import sys, jax, numpy as np
+port, me, out = sys.argv[1:]
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=int(me))
+from fusion_jax.checkpoint import GroupCheckpoints
+ckpt = GroupCheckpoints(out + "/group" + me, keep=2)
+for epoch in (1, 2, 3):  # both processes at once, as a sweep's do
+    ckpt.save(epoch, {"state": {"w": np.arange(6, dtype=np.float32).reshape(2, 3) + int(me)},
+                      "seconds": np.float32(me)})
+ckpt.close()
+"""
+
+
+def test_each_process_writes_its_own_groups_checkpoints(tmp_path):
+    """Orbax writes host arrays from process 0 alone; a group that process 1 trained was saved without
+    them, and could not resume. (Processes that saved at once also read each other's signals of a
+    made directory, and failed a save now and then: checkpoint.py makes directories in the foreground.)"""
+    import jax
+    from fusion_jax.checkpoint import GroupCheckpoints
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", SAVE_IN_TWO_PROCESSES, str(port), str(i), str(tmp_path)],
+                              cwd=ROOT, env=host_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    abstract = {"state": {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}, "seconds": jax.ShapeDtypeStruct((), np.float32)}
+    for me in (0, 1):
+        ckpt = GroupCheckpoints(str(tmp_path / f"group{me}"), keep=2)
+        tree = ckpt.restore(ckpt.latest_epoch(), abstract)
+        np.testing.assert_array_equal(tree["state"]["w"], np.arange(6).reshape(2, 3) + me)
+        assert tree["seconds"] == me
+        ckpt.close()
+    with pytest.raises(ValueError, match=r"\['seconds'\]: float32\[\] in the checkpoint, float32\[2\] expected"):
+        GroupCheckpoints(str(tmp_path / "group0"), keep=2).restore(
+            3, {**abstract, "seconds": jax.ShapeDtypeStruct((2,), np.float32)})
 
 
 @pytest.mark.parametrize("bad", [0, 1])
@@ -330,23 +398,20 @@ def _wait_for_a_checkpoint(proc, folder, timeout=240):
         time.sleep(0.05)
 
 
-def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
+def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results):
     import signal
 
-    clean = _main([f"--workdir={tmp_path / 'clean'}"])
-    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-2000:]
     workdir = tmp_path / "killed"
-    victim = _main([f"--workdir={workdir}"])
+    victim = _main([f"--workdir={workdir}"], env=host_devices(1))
     _wait_for_a_checkpoint(victim, workdir / "checkpoints" / "aligned-cross")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert not (workdir / "results.json").exists()
-    restarted = _main([f"--workdir={workdir}"])
+    restarted = _main([f"--workdir={workdir}"], env=host_devices(1))
     assert restarted.wait(timeout=300) == 0
     log = restarted.stderr.read()
     assert "resuming from the checkpoint after epoch" in log and "1 group to train" in log
-    _assert_same(json.loads((tmp_path / "clean" / "results.json").read_text()),
-                 json.loads((workdir / "results.json").read_text()))
+    _assert_same(small_sweep_results, json.loads((workdir / "results.json").read_text()))
 
 
 def test_a_stop_asked_while_a_group_compiles_trains_no_epoch(smoke_config, tmp_path, monkeypatch):
