@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import importlib.metadata
 import io
 import itertools
@@ -46,17 +47,22 @@ def versions() -> dict[str, str | None]:
 
 def source() -> dict:
     """The code that ran: {"commit", "dirty"} of the git checkout fusion_jax is imported from (dirty: its
-    tracked files under fusion_jax/ or configs/ differ from the commit), both None outside one (a wheel)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tracked files under fusion_jax/ or configs/ differ from the commit), both None outside one (a wheel).
+    Read once per process (per checkout): the code a process runs is the code it imported."""
+    return dict(_source_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+@functools.cache
+def _source_of(root: str) -> tuple:
     git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
                                        check=True).stdout.strip()
     try:
         if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
-            return {"commit": None, "dirty": None}  # a checkout around an installed copy is not its source
+            return ("commit", None), ("dirty", None)  # a checkout around an installed copy is not its source
         changed = git("status", "--porcelain", "--untracked-files=no", "--", "fusion_jax", "configs")
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
+        return ("commit", git("rev-parse", "HEAD")), ("dirty", bool(changed))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return ("commit", None), ("dirty", None)
 
 
 def source_text(results: dict) -> str:
