@@ -22,9 +22,11 @@ def sha256(path: str) -> str:
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
-    """write(f) into a temporary file of this writer's own beside `path`, fsync it, make it readable by
-    all (mkstemp makes 0600 files; results are for everyone to read), then rename it over `path`."""
+    """write(f) into a temporary file of this writer's own beside `path` (its folder made if missing),
+    fsync it, make it readable by all (mkstemp makes 0600 files; results are for everyone to read),
+    then rename it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:

@@ -72,6 +72,11 @@ def load(path: str) -> FeatureSet:
     """The FeatureSet in `path`, checked (DataUnavailableError names the file and what is wrong)."""
     bad = lambda why: DataUnavailableError(f"features file {path}: {why}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head.startswith((b"PK", b"\x93NUMPY")):  # a zip archive (.npz) or one array (.npy)
+            raise bad("cannot be read as .npz: it is not a zip archive of arrays as np.savez writes "
+                      + (f"(it begins {head!r})" if head else "(it is empty)"))
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise bad("holds one array (.npy), not named arrays (.npz): save it with np.savez")
