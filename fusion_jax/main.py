@@ -131,7 +131,9 @@ def main(argv: list[str]) -> None:
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         return
-    print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv), fig_*.png")
+    figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png"))
+    print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv)"
+          + "".join(f", {f}" for f in figures))
     if results["failed_groups"]:
         for failure in results["failed_groups"]:
             print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)

@@ -366,9 +366,12 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     both = [k for k in comps[0] if k in comps[1]]
     side = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither"
     count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in ("concat", "cross", "neither"))
-    lines += ["", "## Who is ahead (p < 0.05, or the same gap on every seed), over the comparisons both hold", "",
-              f"| backbone | comparisons | {other_name}: concat / cross / neither | {name}: concat / cross / neither "
-              "| changed side |", "|---|---:|---|---|---:|"]
+    lines += ["", "## Who is ahead (p < 0.05, or the same gap on every seed), over the comparisons both hold", ""]
+    if not both:
+        lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
+    else:
+        lines += [f"| backbone | comparisons | {other_name}: concat / cross / neither | {name}: concat / cross / "
+                  "neither | changed side |", "|---|---:|---|---|---:|"]
     for b in dict.fromkeys(k[0] for k in both):
         keys = [k for k in both if k[0] == b]
         lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "

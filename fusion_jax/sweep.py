@@ -392,7 +392,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         raise Stopped("stopped before training")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
-            tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True) as progress:
+            tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True, disable=not todo) as progress:
         for i, g in enumerate(todo):
             if stop.is_set():
                 raise Stopped(f"stopped before group {g.name}")
@@ -411,7 +411,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,
                  ahead.programs.shared)
     if config.compilation_cache:
-        log.info("compilation cache %s: %d compilations loaded, %d compiled", config.compilation_cache,
+        log.info("compilation cache %s: %d XLA compilations loaded, %d compiled (each program is several: init, "
+                 "train, evaluate)", config.compilation_cache,
                  events["hits"], events["misses"])
     if index != 0:
         return None

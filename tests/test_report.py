@@ -426,6 +426,9 @@ def test_against_another_sweep(tmp_path):
     assert "| aligned | 2 | 2 / 0 / 0 | 1 / 0 / 1 | 1 |" in md
     apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
     assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
+    no_comparisons = {**other, "comparisons": []}  # one method only, say
+    md = against_markdown(no_comparisons, base, "b", "a", "cmd")
+    assert "No concat − cross comparison is in both sweeps" in md and "changed side" not in md
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "results.json").write_text(json.dumps(base))

@@ -190,7 +190,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
         resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
     assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
-    assert f"compilation cache {tmp_path / 'xla'}: 3 compilations loaded, 0 compiled" in caplog.text
+    assert f"compilation cache {tmp_path / 'xla'}: 3 XLA compilations loaded, 0 compiled" in caplog.text
     a, b = _by_run(clean), _by_run(resumed)
     assert a.keys() == b.keys()
     if jax.devices()[0].platform == "cpu":  # XLA:CPU gives a run the same numbers in any chunk layout
