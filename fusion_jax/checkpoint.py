@@ -17,6 +17,10 @@ from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 
+if not hasattr(ocp.type_handlers.NumpyHandler, "_background_serialize"):  # what the handler below replaces
+    raise ImportError(f"fusion_jax's checkpoints need orbax-checkpoint 0.12 (installed: {ocp.__version__})")
+
+
 class _OwnProcessNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Orbax's NumpyHandler, writing from the process that saves. Orbax takes host arrays for copies
     that every process holds and writes them from process 0 alone, so a group that process 1 trained
@@ -85,8 +89,9 @@ class GroupCheckpoints:
         """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays; a leaf of another shape or
         dtype than the tree's is a ValueError."""
         target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract_tree)
-        tree = self._manager.restore(epoch, args=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        # Read as stored (Orbax would cast to a dtype given here), then compared.
+        as_stored = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        tree = self._manager.restore(epoch, args=ocp.args.PyTreeRestore(target, restore_args=as_stored))
         for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree_util.tree_leaves(tree)):
             got = np.asarray(got)
             if got.shape != want.shape or got.dtype != want.dtype:

@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 
 import jax
 from absl import app, flags
@@ -114,6 +115,7 @@ def main(argv: list[str]) -> None:
     stop = threading.Event()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, functools.partial(_first_ctrl_c, stop))
+    started = time.time()
     try:
         results = train_and_evaluate(config, workdir, stop=stop,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
@@ -131,7 +133,10 @@ def main(argv: list[str]) -> None:
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         return
-    figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png"))
+    # The figures this sweep drew: a report draws no figure that its results cannot fill, and keeps an
+    # earlier t-SNE when the sweep's sample files are gone.
+    figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png")
+                     and os.path.getmtime(os.path.join(workdir, f)) >= started)
     print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv)"
           + "".join(f", {f}" for f in figures))
     if results["failed_groups"]:

@@ -48,7 +48,8 @@ def versions() -> dict[str, str | None]:
 def source() -> dict:
     """The code that ran: {"commit", "dirty"} of the git checkout fusion_jax is imported from (dirty: its
     tracked files under fusion_jax/ or configs/ differ from the commit), both None outside one (a wheel).
-    Read once per process (per checkout): the code a process runs is the code it imported."""
+    Read once per process (per checkout), when first asked: the code a process runs is the code it
+    imported, and a later edit to the files does not change it."""
     return dict(_source_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 

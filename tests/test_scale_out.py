@@ -315,13 +315,20 @@ def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep
     config = load_config("synthetic", "smoke")  # as SMALL sets it
     config.backbones, config.scales, config.train.epochs = ("aligned",), (128,), 2
     second = distributed.mine(plan(config), 1, 2)
-    _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
+    try:
+        _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name)
+    finally:
+        for p in reversed(procs):  # process 1 first: its group is the one to catch mid-way
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=60)
     restarted = _main([f"--workdir={tmp_path}"], env=host_devices(1))
-    assert restarted.wait(timeout=300) == 0
+    try:
+        code = restarted.wait(timeout=300)
+    finally:
+        restarted.kill()
     log = restarted.stderr.read()
+    assert code == 0, log[-3000:]
     assert f"group {second[0].name}: resuming from the checkpoint after epoch" in log, log[-3000:]
     assert "corrupt" not in log
     _assert_same(small_sweep_results, json.loads((tmp_path / "results.json").read_text()))
@@ -351,18 +358,23 @@ def test_each_process_writes_its_own_groups_checkpoints(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SAVE_IN_TWO_PROCESSES, str(port), str(i), str(tmp_path)],
                               cwd=ROOT, env=host_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in (0, 1)]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
     abstract = {"state": {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}, "seconds": jax.ShapeDtypeStruct((), np.float32)}
     for me in (0, 1):
         ckpt = GroupCheckpoints(str(tmp_path / f"group{me}"), keep=2)
         tree = ckpt.restore(ckpt.latest_epoch(), abstract)
         np.testing.assert_array_equal(tree["state"]["w"], np.arange(6).reshape(2, 3) + me)
         assert tree["seconds"] == me
+        for shape, dtype, message in (((2,), np.float32, r"float32\[\] in the checkpoint, float32\[2\] expected"),
+                                      ((), np.float64, r"float32\[\] in the checkpoint, float64\[\] expected")):
+            with pytest.raises(ValueError, match=r"\['seconds'\]: " + message):  # not cast, not reshaped
+                ckpt.restore(3, {**abstract, "seconds": jax.ShapeDtypeStruct(shape, dtype)})
         ckpt.close()
-    with pytest.raises(ValueError, match=r"\['seconds'\]: float32\[\] in the checkpoint, float32\[2\] expected"):
-        GroupCheckpoints(str(tmp_path / "group0"), keep=2).restore(
-            3, {**abstract, "seconds": jax.ShapeDtypeStruct((2,), np.float32)})
 
 
 @pytest.mark.parametrize("bad", [0, 1])
