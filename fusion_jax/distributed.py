@@ -36,6 +36,10 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     d = config.distributed
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
+            # JAX's preemption service takes SIGTERM for a sync point of steps that every process
+            # reaches; a sweep's processes checkpoint their own groups' epochs and never agree on one,
+            # so SIGTERM (`kill`, a scheduler's cancel) was ignored. It now ends a process, as alone.
+            jax.config.update("jax_enable_preemption_service", False)
             try:
                 jax.distributed.initialize(
                     coordinator_address=d.coordinator_address or None,

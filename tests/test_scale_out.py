@@ -303,7 +303,8 @@ def test_two_processes_equal_one(tmp_path, small_sweep_results):
 
 
 def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep_results):
-    """Process 1's groups resume from their own checkpoints (Orbax had written them without arrays)."""
+    """Process 1's groups resume from their own checkpoints (Orbax had written them without arrays).
+    SIGTERM ends process 1 (JAX's preemption service had taken it, and the process trained on)."""
     import signal
 
     port = _free_port()
@@ -318,10 +319,14 @@ def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep
     try:
         _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name)
     finally:
-        for p in reversed(procs):  # process 1 first: its group is the one to catch mid-way
-            p.send_signal(signal.SIGKILL)
-        for p in procs:
-            p.wait(timeout=60)
+        procs[1].send_signal(signal.SIGTERM)  # first: its group is the one to catch mid-way
+        procs[0].send_signal(signal.SIGKILL)
+        try:
+            assert procs[1].wait(timeout=30) == -signal.SIGTERM
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait(timeout=60)
     restarted = _main([f"--workdir={tmp_path}"], env=host_devices(1))
     try:
         code = restarted.wait(timeout=300)
