@@ -215,7 +215,8 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
     if start is None:
         state, seconds, last_loss = program.init(runs, data), 0.0, np.full(n_runs, np.nan, np.float32)
     else:
-        log.info("group %s: resuming from the checkpoint after epoch %d", group.name, start)
+        log.info("group %s: resuming from the checkpoint after epoch %d of %d", group.name, start,
+                 config.train.epochs)
         progress.update(start)
         in_slots = jax.tree_util.tree_map(lambda x: x[np.maximum(program.slots, 0)], tree["state"])
         state, seconds, last_loss = jax.device_put(in_slots, by_run), float(tree["seconds"]), tree["last_loss"]
