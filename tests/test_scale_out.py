@@ -318,9 +318,10 @@ def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep
     config.backbones, config.scales, config.train.epochs = ("aligned",), (128,), 2
     second = distributed.mine(plan(config), 1, 2)
     try:
-        _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name)
+        _wait_for_a_checkpoint(procs[1], tmp_path / "checkpoints" / second[0].name, freeze=True)
     finally:
-        procs[1].send_signal(signal.SIGTERM)  # first: its group is the one to catch mid-way
+        procs[1].send_signal(signal.SIGTERM)
+        procs[1].send_signal(signal.SIGCONT)
         procs[0].send_signal(signal.SIGKILL)
         try:
             assert procs[1].wait(timeout=30) == -signal.SIGTERM
@@ -406,14 +407,19 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
     assert not (tmp_path / "good" / "results.json").exists()
 
 
-def _wait_for_a_checkpoint(proc, folder, timeout=240):
-    """Wait until a running sweep has saved a checkpoint step into `folder`."""
+def _wait_for_a_checkpoint(proc, folder, timeout=240, freeze=False):
+    """Wait until a running sweep has saved a checkpoint step into `folder`. freeze: then stop the process
+    (SIGSTOP) at once, so that the caller's signal finds the group mid-way (a small group's epochs take
+    tens of milliseconds); SIGKILL ends a stopped process, other signals wait for SIGCONT."""
+    import signal
     import time
 
     deadline = time.time() + timeout
     while not (folder.exists() and any(p.name.isdigit() for p in folder.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.01)
+    if freeze:
+        proc.send_signal(signal.SIGSTOP)
 
 
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results):
@@ -421,7 +427,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results
 
     workdir = tmp_path / "killed"
     victim = _main([f"--workdir={workdir}"], env=host_devices(1))
-    _wait_for_a_checkpoint(victim, workdir / "checkpoints" / "aligned-cross")
+    _wait_for_a_checkpoint(victim, workdir / "checkpoints" / "aligned-cross", freeze=True)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert not (workdir / "results.json").exists()
