@@ -91,6 +91,12 @@ def not_result(key: str) -> bool:
     return any(key == name or key.startswith(name + ".") for name in NOT_RESULTS)
 
 
+def results_fields(d: dict, prefix: str = "") -> dict:
+    """A nested config dict without its NOT_RESULTS fields, at any depth (what a sweep.json keeps)."""
+    return {k: results_fields(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in d.items() if not not_result(prefix + k)}
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """A nested dict (a config's to_dict(), say) as one level with dotted keys: {"train.epochs": 10, ...}."""
     out = {}

@@ -75,13 +75,14 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(tables.data_of(results))}\n"
-                 f"mean ± std over {tables.seeds_text(summ)}", fontsize=11)
+                 + ("mean of 1 seed (no std)" if all(s["n_seeds"] == 1 for s in summ)
+                    else f"mean ± std over {tables.seeds_text(summ)}"), fontsize=11)
     return _save(fig, path)
 
 
 def noise_advantage(results: dict, path: str) -> str | None:
     """Concat − cross accuracy (points) against noise sigma per backbone and scale, the paper's Table 2 beside
-    ours only in its setting (`tables.is_paper_setting`); None without a noise study."""
+    ours only in its setting (`tables.is_paper_noise`); None without a noise study."""
     settings = tables.noise_settings(results)
     if not settings:
         return None
@@ -105,9 +106,9 @@ def noise_advantage(results: dict, path: str) -> str | None:
                                                                         c["n_seeds"])]
             if sig:
                 ax.plot(*zip(*sig), "o", color=color, ls="none")
-        if tables.is_paper_setting(results, b):
+        if tables.is_paper_noise(results, b):
             ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
-                    label=f"paper ({paper.SETTING}), Table 2")
+                    label=f"paper ({paper.SETTING}), Table 2 (scale not stated)")
         ax.axhline(0.0, color="gray", lw=1)
         ax.plot([], [], "o", color="gray", label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")
         ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant"

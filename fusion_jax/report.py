@@ -166,7 +166,7 @@ def answer(results: dict) -> list[str]:
         elif concat or cross:
             choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
         else:
-            choice = f"no difference significant at {tables.seeds_text(clean)} (concat is the cheaper head here)"
+            choice = f"no difference significant at {tables.seeds_text(clean)}{_fewer_params(results, b)}"
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
@@ -179,6 +179,16 @@ def answer(results: dict) -> list[str]:
         out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
                    + _noise_counts(noisy))
     return out
+
+
+def _fewer_params(results: dict, backbone: str) -> str:
+    """' (concat has fewer parameters: 295,554 against 559,490)' from the backbone's run records, or ''."""
+    params = {r["method"]: r["params"] for r in results.get("runs") or [] if r["backbone"] == backbone
+              and r.get("params")}
+    if len(params) < 2 or len(set(params.values())) < 2:
+        return ""
+    (small, p), (_, q) = sorted(params.items(), key=lambda mp: mp[1])
+    return f" ({small} has fewer parameters: {p:,} against {q:,})"
 
 
 def _noise_counts(noisy: list[dict]) -> str:
@@ -346,7 +356,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
     shared = [k for k in mine if k in theirs]
-    pct = lambda s: round(100 * s["accuracy_mean"], 1)
+    pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values
     lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
              f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
              f"Feature differences of the backbones both have ({', '.join(shared_backbones) or 'none'}): "
@@ -379,8 +389,8 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
                      f"| {sum(side(comps[0][k]) != side(comps[1][k]) for k in keys)} |")
     lines += ["", "## Every cell (mean validation accuracy, percent)", "",
               f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | {pct(mine[k]) - pct(theirs[k]):+.1f} |"
-              for k in shared for b, m, s, lv in [k]]
+    lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | "
+              f"{pct(mine[k]) - pct(theirs[k]):+.1f} |" for k in shared for b, m, s, lv in [k]]
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.config_base import ADDED, NOT_RESULTS, SAVED_LATER, differing, flatten, not_result
+from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
 from fusion_jax.data import FeatureSet, build_pairs, overlap
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
@@ -110,7 +110,6 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    results_fields = lambda d: {k: v for k, v in d.items() if k not in NOT_RESULTS}  # what sweep.json keeps
     compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
     fingerprint = compared(config_dict)
     previous = None
@@ -367,6 +366,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         features = {b: load_features(config, b, dataset, after_shard=functools.partial(_stop_if_set, stop, b))
                     for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
+        if index == 0:
+            warn_noise_off_unit_norm(config, groups, features)
         identities = {b: feature_identity(fs.provenance) for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
@@ -444,6 +445,29 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
                          failures, timing)
+
+
+def warn_noise_off_unit_norm(config: ml_collections.ConfigDict, groups: list[Group],
+                             features: dict[str, FeatureSet]) -> list[str]:
+    """Warn (and return the warnings) where a noise study degrades features that are not unit vectors: σ
+    is meant relative to unit norm, and levels > 0 are re-normalised while level 0 stays as it is, so
+    their gap mixes the noise with a change of scale. Real tokens only (by mask) for token features."""
+    d = config.degradation
+    modalities = {"image": ("image",), "text": ("text",), "both": ("image", "text")}[d.modality]
+    out = []
+    for b in dict.fromkeys(g.backbone for g in groups if g.noisy):
+        for m in modalities:
+            x, mask = getattr(features[b], m)[:4096], getattr(features[b], f"{m}_mask")  # a sample is enough
+            norms = np.sqrt(np.einsum("...d,...d->...", x, x, dtype=np.float64))
+            norms = norms[mask[:4096].astype(bool)] if mask is not None else norms.ravel()
+            if norms.size and not np.allclose(norms, 1.0, atol=1e-3):
+                span = dict.fromkeys((f"{norms.min():.3g}", f"{norms.max():.3g}"))
+                out.append(f"the noise study degrades backbone {b!r}'s {m} features, whose norms are "
+                           f"{'-'.join(span)}, not 1: σ is meant for unit vectors and levels "
+                           "> 0 are re-normalised while level 0 is used as it is (L2-normalise the features "
+                           "first to study the noise alone)")
+                log.warning("%s", out[-1])
+    return out
 
 
 def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:

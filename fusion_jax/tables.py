@@ -50,6 +50,13 @@ def is_paper_setting(results: dict, backbone: str) -> bool:
             and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction", 0.8) == 0.8)
 
 
+def is_paper_noise(results: dict, backbone: str) -> bool:
+    """is_paper_setting, with the paper's noise: Gaussian, on the image features (its v)."""
+    deg = results.get("config", {}).get("degradation", {})
+    return (is_paper_setting(results, backbone) and deg.get("kind", "gaussian") == "gaussian"
+            and deg.get("modality", "image") == "image")
+
+
 def pct(mean: float | None, std: float | None = None, scale: float = 100.0) -> str:
     """'65.0 ± 3.7' from fractions (scale 100) or points (scale 1); '–' for a missing mean."""
     if mean is None or not math.isfinite(mean):
@@ -181,21 +188,22 @@ def split_text(results: dict, short: bool = False) -> str:
                                       else " (the paper's split)")
 
 
-def _ours_header(results: dict) -> str:
+def _ours_header(results: dict, difference: str = "`concat − cross`") -> str:
+    """What our rows are; `difference`: the name of the table's concat − cross column."""
     cfg = results["config"]
     seeds = ", ".join(str(s) for s in cfg.get("seeds", []))
     return (f"**Ours**: {data_label(data_of(results))} (`config.features = {cfg['features']}`), config "
             f"`{cfg.get('name', '?')}`, seeds {seeds}, {split_text(results)}; "
             "validation metrics in percent, mean ± sample std over "
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
-            "predicting the larger class). `concat − cross` is the mean over paired seeds of the accuracy "
+            f"predicting the larger class). {difference} is the mean over paired seeds of the accuracy "
             "difference in points (the difference of the two means when both methods have every seed), with "
             f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value, \"no test "
             "possible\" for one seed, or the difference on each seed when all are the same).")
 
 
 def _paper1_cells(row: dict) -> list[str]:
-    return [f"{row['acc_mean']:.1f} ± {row['acc_std']:.1f}", "50 (balanced by design)",
+    return [f"{row['acc_mean']:.1f} ± {row['acc_std']:.1f}", "not reported",
             f"{row['f1_mean']:.1f} ± {row['f1_std']:.1f}", f"{row['precision_mean']:.1f} ± {row['precision_std']:.1f}",
             f"{row['recall_mean']:.1f} ± {row['recall_std']:.1f}", len(paper.PROTOCOL["seeds"])]
 
@@ -258,11 +266,12 @@ def table1(results: dict) -> tuple[str, list[dict]]:
             placed.add((theirs["scale"], theirs["method"]))
             md_rows.append(["**paper**", "Flickr8k", "CLIP ViT-B/32", theirs["scale"], theirs["method"],
                             *_paper1_cells(theirs), "–", "–", "p not reported by the paper"])
-            csv_rows.append(_paper1_csv(theirs, "paper beside ours (same setting)"))
+            csv_rows.append(_paper1_csv(theirs, "paper beside ours (same backbone, data and scale)"))
     lines = ["# Table 1: accuracy, F1, precision, recall by scale (no degradation)", "", _ours_header(results), ""]
     if placed:
         lines += [f"Rows marked **paper** are the paper's Table 1 ({paper.SETTING}) for the same backbone, data "
-                  "and scale, placed beside ours.", ""]
+                  "and scale, placed beside ours. The paper does not say whether its std is the sample std (ours is).",
+                  ""]
     lines += markdown_table(header, md_rows, "lllrlrrrrrrrrl") if md_rows else ["(no runs at degradation level 0)"]
     lines += _alignment_lines(results)
     rest = [r for r in paper.table1() if (r["scale"], r["method"]) not in placed]
@@ -271,7 +280,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         lines += ["", f"## For reference only: {PAPER_REFERENCE}, Table 1", "",
                   f"The paper's own figures on its own data ({paper.SETTING}); "
                   + ("our rows above are on other data, so these are not comparable with them."
-                     if data_of(results) != paper.FEATURES else "scales our sweep does not have."
+                     if data_of(results) != paper.FEATURES else "the scales and methods our rows above do not hold."
                      if any(is_paper_setting(results, b) for b in results.get("backbones") or {}) else
                      "our rows above are not its exact setting (pooled features of the hub's CLIP ViT-B/32, pairs "
                      "split 80/20 at random), so these are not placed beside them.")
@@ -291,10 +300,10 @@ def table2(results: dict) -> tuple[str, list[dict]]:
     summ, comps = summary_index(results), comparison_index(results)
     deg = cfg.get("degradation", {})
     lines = ["# Table 2: accuracy under Gaussian feature noise", "",
-             _ours_header(results), "",
+             _ours_header(results, "`advantage` (concat − cross)"), "",
              f"Noise: v' = normalize(v + N(0, σ²I)) on the `{deg.get('modality', 'image')}` features "
-             f"(`degradation.kind = {deg.get('kind', '?')}`). `advantage` is concat − cross accuracy in points, "
-             "± the sample std of the per-seed paired differences.", ""]
+             f"(`degradation.kind = {deg.get('kind', '?')}`); at σ = 0 the features as they are. `advantage` is "
+             "concat − cross accuracy in points, ± the sample std of the per-seed paired differences.", ""]
     md_rows, csv_rows = [], []
     for b, sc, levels in noise_settings(results):
         for lv in levels:
@@ -325,7 +334,8 @@ def table2(results: dict) -> tuple[str, list[dict]]:
               f"The paper's figures on its own data ({paper.SETTING}); "
               + ("not comparable with ours (other data)." if data_of(results) != paper.FEATURES
                  else "the paper does not state the scale of this study.")
-              + " Percent, mean ± std over 3 seeds; advantage as printed in the paper.", "",
+              + " Percent, mean ± std over 3 seeds; advantage as printed in the paper"
+              + _paper_advantage_note() + ".", "",
               *markdown_table(["source", "σ", "concat accuracy", "cross accuracy", "advantage"],
                               [[PAPER_REFERENCE, f"{r['sigma']:g}", f"{r['concat_mean']:.1f} ± {r['concat_std']:.1f}",
                                 f"{r['cross_mean']:.1f} ± {r['cross_std']:.1f}", r["advantage"]]
@@ -337,6 +347,15 @@ def table2(results: dict) -> tuple[str, list[dict]]:
                   "advantage_pts": r["advantage_pp"], "advantage_std_pts": None, "p_value": None, "n_seeds": 3,
                   "verdict": r["advantage"]} for r in paper.table2()]
     return "\n".join(lines) + "\n", csv_rows
+
+
+def _paper_advantage_note() -> str:
+    """Where the paper's printed advantage is not the difference of its printed means: said, not mended."""
+    off = [r for r in paper.table2()
+           if r["advantage_pp"] is not None and abs(r["concat_mean"] - r["cross_mean"] - r["advantage_pp"]) > 0.05]
+    return "" if not off else " (" + "; ".join(
+        f"at σ = {r['sigma']:g} {r['advantage_pp']:+.1f}, where its means differ by "
+        f"{r['concat_mean'] - r['cross_mean']:+.1f}" for r in off) + ")"
 
 
 def feature_dims(results: dict, backbone: str) -> tuple[int, int] | None:
@@ -424,8 +443,8 @@ def table3(results: dict) -> tuple[str, list[dict]]:
               "The paper's figures (rounded as printed; 512 + 512 input dims; how FLOPs were counted is not stated). "
               "The paper reports no training time.", "",
               *markdown_table(["source", "method", "params", "params ÷ concat", "FLOPs / sample", "FLOPs ÷ concat"],
-                              [[PAPER_REFERENCE, r["method"], f"{r['params']:,}", f"{r['rel_params']:.2f}",
-                                f"{r['flops_per_sample']:,}", f"{r['rel_flops']:.2f}"] for r in paper.table3()],
+                              [[PAPER_REFERENCE, r["method"], f"{r['params']:,}", str(r["rel_params"]),
+                                f"{r['flops_per_sample']:,}", str(r["rel_flops"])] for r in paper.table3()],
                               "llrrrr"),
               "", f"Paper: {paper.CITATION}."]
     csv_rows += [{"block": block, "source": "paper", "backbone": "CLIP ViT-B/32", "dim_image": 512, "dim_text": 512,

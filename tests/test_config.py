@@ -207,6 +207,7 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     with pytest.raises(ConfigError, match=r"differs in seeds\)"):
         prepare_workdir(workdir, other)
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert "keep" not in saved["checkpoint"] and "workdir" not in saved  # no field that may change on a resume
     del saved["degradation"]["scales"]
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(saved))
     prepare_workdir(workdir, config)

@@ -123,10 +123,13 @@ def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
     labels = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: labels.setdefault(path, [
         t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]) and path)
+    text_noise = fake_results("flickr8k", ("clip",))
+    text_noise["config"]["degradation"]["modality"] = "text"  # the paper's noise is on the image features
     for name, results in (("paper", fake_results("flickr8k", ("clip",))),
-                          ("other", fake_results("synthetic", ("clip",)))):
+                          ("other", fake_results("synthetic", ("clip",))), ("text", text_noise)):
         figures.noise_advantage(results, name)
-    assert any("Table 2" in t for t in labels["paper"]) and not any("Table 2" in t for t in labels["other"])
+    assert any("Table 2 (scale not stated)" in t for t in labels["paper"])
+    assert not any("Table 2" in t for t in labels["other"] + labels["text"])
 
 
 def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
@@ -141,10 +144,11 @@ def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
     assert f"## For reference only: {tables.PAPER_REFERENCE}, Table 1" in md
     ref = md[md.index("## For reference only"):]
     assert "| 8192 | concat | 89.2 ± 0.6 |" in ref and "| 2048 | concat |" not in ref
-    assert {r["block"] for r in rows} == {"ours", "paper beside ours (same setting)",
+    assert {r["block"] for r in rows} == {"ours", "paper beside ours (same backbone, data and scale)",
                                           f"reference only: {tables.PAPER_REFERENCE}, not comparable with ours"}
     assert all(r["source"] == "paper" for r in rows if r["block"] != "ours")
     assert "majority" in md and "| 50.0 |" in md  # the majority baseline beside every accuracy (ours: 0.5)
+    assert "| 77.9 ± 2.2 | not reported |" in md  # the paper gives none
 
 
 def test_table1_keeps_the_paper_apart_on_other_data():
@@ -214,7 +218,11 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     assert "Group(s) unaligned-cross-s2048 failed" in answer(results)[1] and "failed" not in answer(results)[0]
     for c in results["comparisons"]:
         c["p_value"] = 0.5
-    assert "**no difference significant at 3 seeds (concat is the cheaper head here)**" in answer(results)[0]
+    assert ("**no difference significant at 3 seeds (concat has fewer parameters: 295,554 against 559,490)**"
+            in answer(results)[0])
+    for r in results["runs"]:  # the note comes from the run records, never assumed
+        r["params"] = 1000 if r["method"] == "cross" else 2000
+    assert "(cross has fewer parameters: 1,000 against 2,000)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
 
@@ -389,6 +397,8 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     assert "**paper**" not in t1  # synthetic data: never beside ours
     assert f"## {tables.PAPER_REFERENCE}, Table 2" in t2 and "| ours | synthetic (not Flickr8k) | aligned | 128 | 0.3 |" in t2
     assert f"{results['runs'][0]['params']:,}" in t3 and f"## {tables.PAPER_REFERENCE}, Table 3" in t3
+    assert "| 757,000 | 2.6 | 400,000 | 0.75 |" in t3  # the paper's ratios as printed, no digit added
+    assert "+1.3, where its means differ by +1.4" in t2  # the paper's own rounding, said
     assert "n/a" not in t3.split("## ")[0], t3  # every FLOPs cell from the real cost model
     if any(c["p_value"] is None or c["p_value"] >= 0.05 for c in results["comparisons"]):
         assert "not significant at 2 seeds" in t1 + t2
@@ -416,13 +426,16 @@ def test_against_another_sweep(tmp_path):
     other["comparisons"][0]["p_value"] = 0.5  # concat no longer significantly ahead at 1024
     other["config"]["distributed"] = {"num_processes": 4}  # how it ran, not what: left out
     other["backbones"]["aligned"]["model"] = "openai/clip-vit-large-patch14"
+    base["summary"][1]["accuracy_mean"], other["summary"][1]["accuracy_mean"] = 0.7836, 0.7844  # 78.4 both
     other["summary"].append({**other["summary"][0], "scale": 8192})
     other["failed_groups"] = [{"group": "aligned-cross-s8192", "backbone": "aligned", "error": "NaN"}]
     md = against_markdown(other, base, "b", "a", "cmd")
     assert "Config differences (a → b): `pairs.split_by` \"pair\" → \"image\"." in md
     assert "Feature differences of the backbones both have (aligned): `aligned.model` " in md
     assert "Cells only in b: 1." in md and "Failed groups in b: aligned-cross-s8192." in md
-    assert "| aligned | 4 | -1.00 | -3.00 | +1.00 |" in md
+    cell = base["summary"][1]
+    assert f"| aligned | {cell['method']} | {cell['scale']} | 0 | 78.4 | 78.4 | +0.1 |" in md  # rounded after subtracting
+    assert f"| aligned | 4 | {(1 + 0.08 + 1 - 3) / 4:+.2f} | -3.00 | +1.00 |" in md
     assert "| aligned | 2 | 2 / 0 / 0 | 1 / 0 / 1 | 1 |" in md
     apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
     assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
