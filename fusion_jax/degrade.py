@@ -21,12 +21,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def gaussian(x: jax.Array, index: jax.Array, key: jax.Array, sigma: jax.Array) -> jax.Array:
-    """normalize(x + sigma * z), z ~ N(0, I) fixed per vector by (key, index).
+    """normalize(x + sigma * z), z ~ N(0, I) fixed per vector by (key, index); x itself at sigma 0.
 
+    Level 0 is the features as they are, the same as a run without a noise study: on unit vectors (the
+    protocol's, CLIP's) normalize(x) is x, and other features are not rescaled behind the user's back.
     x: [batch, d] or [batch, tokens, d]; index: [batch] positions of the vectors in their set.
     """
     z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], x.dtype))(index)
-    return l2_normalize(x + sigma * z)
+    return jnp.where(sigma > 0, l2_normalize(x + sigma * z), x)
 
 
 def degrade(x: jax.Array, index: jax.Array, key: jax.Array, sigma: jax.Array, kind: str) -> jax.Array:

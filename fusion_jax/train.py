@@ -137,8 +137,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
                noisy: bool = True, skip_idle: bool = True) -> Trainer:
     """Build the trainer of `method` for runs of at most max_train / max_val pairs.
 
-    noisy=False promises that every run's noise_level is 0: the noise is then not drawn (a level-0
-    Gaussian degradation is a plain normalisation, which is kept). skip_idle=False steps a chunk
+    noisy=False promises that every run's noise_level is 0: the noise is then not drawn (level 0 is
+    the features as they are, `degrade.gaussian`). skip_idle=False steps a chunk
     through every step of the epoch, past its longest run too (as exact no-ops), in a scan of fixed
     length: for GPUs, where those steps cost little and a loop of data-dependent length can cost a
     host sync per step."""
@@ -155,12 +155,9 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         out = []
         for tag, (name, idx) in enumerate((("image", image_idx), ("text", caption_idx))):
             x = data[name][idx]
-            if degraded[name] and dc.kind != "none":
-                if noisy:
-                    key = jax.random.fold_in(jax.random.fold_in(run["key"], _NOISE), tag)
-                    x = degrade_lib.degrade(x, idx, key, run["noise_level"], dc.kind)
-                else:
-                    x = degrade_lib.l2_normalize(x)
+            if noisy and degraded[name] and dc.kind != "none":
+                key = jax.random.fold_in(jax.random.fold_in(run["key"], _NOISE), tag)
+                x = degrade_lib.degrade(x, idx, key, run["noise_level"], dc.kind)
             out.append(x)
         masks = [data[f"{n}_mask"][i] if f"{n}_mask" in data else None
                  for n, i in (("image", image_idx), ("text", caption_idx))]

@@ -124,6 +124,20 @@ def test_noise_free_program_equals_level_zero(smoke_config):
     np.testing.assert_allclose(quiet[2], loud[2], rtol=1e-6)
 
 
+def test_training_reads_the_features_as_they_are(smoke_config):
+    """Without noise, no modality is rescaled: image features 3x larger train differently (a head is not
+    scale-invariant), in a noise-free program and at level 0 of a noisy one."""
+    specs = (RunSpec("aligned", "concat", 256, 42, "gaussian", 0.0),)
+    trainer, runs, data = _group(smoke_config, "concat", specs)
+    noisy = make_train(smoke_config, "concat", int(runs["n_train"].max()), int(runs["n_val"].max()), noisy=True)
+    louder = {**data, "image": 3.0 * data["image"]}
+    for t in (trainer, noisy):
+        state = jax.vmap(t.init, in_axes=(0, None))(runs, data)
+        _, losses = jax.jit(t.train_epoch)(state, runs, data)
+        _, louder_losses = jax.jit(t.train_epoch)(state, runs, louder)
+        assert not np.allclose(losses, louder_losses, rtol=1e-3)
+
+
 def test_group_compiles_once(smoke_config):
     specs = tuple(RunSpec("aligned", "cross", scale, s, "gaussian", 0.1) for scale in (128, 256) for s in (1, 2))
     trainer, runs, data = _group(smoke_config, "cross", specs)
