@@ -150,3 +150,14 @@ def test_overlap_of_validation_with_training():
     shown = set(train["image_idx"]) | set(CAPTION_IMAGE[train["caption_idx"]])
     by_hand = np.mean([i in shown or CAPTION_IMAGE[c] in shown for i, c in zip(val["image_idx"], val["caption_idx"])])
     assert small["val_pairs_with_a_training_image"] == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("split_by", ["pair", "image"])
+def test_an_image_without_a_caption_is_never_drawn(split_by):
+    """Images 30-39 have no caption: as negatives alone they would give their label away."""
+    caption_image = np.repeat(np.arange(30), 4)
+    limit = max_pairs(caption_image, 40, 0, 0.8, split_by)
+    p = build_pairs(caption_image, 40, limit, 0, split_by=split_by)
+    assert p.image_idx.max() < 30 and len(p.label) == limit and 0 < p.label.mean() < 1
+    assert (p.image_idx[p.label == 0] != caption_image[p.caption_idx[p.label == 0]]).all()
+    assert max_pairs(np.zeros(5, np.int64), 40, 0, 0.8, split_by) == 0  # one captioned image: no negative

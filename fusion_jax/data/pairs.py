@@ -77,12 +77,14 @@ def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.
 
 def _image_pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
                  ) -> tuple[_Pool, _Pool]:
-    """(training pool, validation pool) of the image split: round(train_fraction * n_images) images train."""
+    """(training pool, validation pool) of the image split: round(train_fraction * n_images) images train.
+    An image without a caption is in no pool: as a negative alone its label would show."""
     rng = np.random.default_rng([split_seed, 0, 1])
     images = rng.permutation(n_images)
     n_train = int(round(train_fraction * n_images))
-    return (_pool(caption_image, n_images, np.sort(images[:n_train]), rng),
-            _pool(caption_image, n_images, np.sort(images[n_train:]), rng))
+    captioned = lambda part: np.intersect1d(part, caption_image)  # sorted
+    return (_pool(caption_image, n_images, captioned(images[:n_train]), rng),
+            _pool(caption_image, n_images, captioned(images[n_train:]), rng))
 
 
 def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float, split_by: str
@@ -93,7 +95,7 @@ def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_frac
         raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
     if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
         raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
-    if n_images < 2:
+    if n_images < 2 or len(np.unique(caption_image)) < 2:
         return ()
     if split_by == "image":
         return _image_pools(caption_image, n_images, split_seed, train_fraction)
@@ -152,10 +154,16 @@ def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed
 
 
 def _pair_lists(caption_image: np.ndarray, n_images: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """The pair split's master lists over all images (the paper's protocol; kept draw for draw)."""
+    """The pair split's master lists over all images that have a caption (the paper's protocol; kept draw for
+    draw where every image has one). A negative's image is drawn among the others with a caption: an image
+    without one would only ever be a negative, and a head could learn that instead of matching."""
+    captioned = np.unique(caption_image)
+    position = np.zeros(n_images, np.int64)
+    position[captioned] = np.arange(len(captioned))
     pos_captions = rng.permutation(len(caption_image))
     neg_captions = rng.permutation(len(caption_image))
-    neg_images = (caption_image[neg_captions] + rng.integers(1, n_images, len(caption_image))) % n_images
+    shift = rng.integers(1, len(captioned), len(caption_image))
+    neg_images = captioned[(position[caption_image[neg_captions]] + shift) % len(captioned)]
     return caption_image[pos_captions], pos_captions, neg_images, neg_captions
 
 
