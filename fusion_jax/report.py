@@ -89,9 +89,11 @@ def mixed_sources(results: dict) -> str:
 
 
 def device() -> dict:
+    """The device that ran, with jax's float32 matmul precision ("default": TF32 on NVIDIA GPUs since Ampere)."""
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "count": jax.device_count(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
 
 
 def _cell(run: dict, *fields: str) -> tuple:

@@ -378,7 +378,8 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
     """FLOPs per sample per (backbone, method) from XLA's cost analysis, and a note on how (or why not)."""
     how = ("XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on pooled "
            "[batch, d] inputs, divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not "
-           "counted by hand")
+           "counted by hand; on pooled inputs XLA drops `cross`'s query and key projections, which attention "
+           "over a single key does not read")
     if _uses_tokens(results):
         how += " (this sweep trained on token features; the FLOPs are for pooled inputs)"
     try:

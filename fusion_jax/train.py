@@ -142,6 +142,9 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
     through every step of the epoch, past its longest run too (as exact no-ops), in a scan of fixed
     length: for GPUs, where those steps cost little and a loop of data-dependent length can cost a
     host sync per step."""
+    if not jax.config.jax_threefry_partitionable:
+        raise ValueError("fusion_jax needs jax_threefry_partitionable=True (JAX's default): without it a run's "
+                         "batch order depends on the size of its group")
     tc, hc, dc = config.train, config.head, config.degradation
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size

@@ -35,6 +35,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert on_disk["timing"]["groups_trained"] == on_disk["timing"]["groups"] > 0 and on_disk["timing"]["seconds"] > 0
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
+    assert on_disk["device"]["matmul_precision"] == (jax.config.jax_default_matmul_precision or "default")
     for prov in on_disk["backbones"].values():  # what each scale's validation shares with training
         assert set(prov["split_overlap"]) == {str(s) for s in smoke_config.scales}
         assert all(0 < o["val_pairs_with_a_training_image"] <= 1 for o in prov["split_overlap"].values())

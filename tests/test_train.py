@@ -97,6 +97,20 @@ def test_epoch_order_is_a_permutation_independent_of_padding():
     assert not np.array_equal(alone, np.asarray(epoch_order(key, 4, 100, 100)))  # reshuffled each epoch
 
 
+def test_a_batch_order_that_would_depend_on_the_group_is_refused(smoke_config):
+    """Without partitionable threefry, a uniform draw's first entries depend on its length."""
+    key = jax.random.PRNGKey(7)
+    before = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", False)
+        assert not np.array_equal(epoch_order(key, 3, 50, 64)[:50], epoch_order(key, 3, 50, 4096)[:50])
+        with pytest.raises(ValueError, match="jax_threefry_partitionable=True"):
+            make_train(smoke_config, "concat", 256, 64)
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
+    make_train(smoke_config, "concat", 256, 64)
+
+
 def test_runs_differ_where_their_specs_differ(smoke_config):
     specs = tuple(RunSpec("aligned", "concat", 256, seed, "gaussian", level)
                   for seed, level in ((42, 0.0), (123, 0.0), (42, 0.5)))
