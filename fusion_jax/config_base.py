@@ -36,8 +36,8 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
     # Cap on the runs one compiled program trains at once (0: no cap); larger groups are split.
     config.max_runs_per_program = 0
-    # One program per (backbone, method, scale) instead of per (backbone, method): no idle steps
-    # for the smaller scales' runs, more programs to compile (pays on CPUs for long sweeps).
+    # One program per (backbone, method, scale) instead of per (backbone, method): more programs to
+    # compile, and more groups to spread over the processes of a multi-process sweep.
     config.split_by_scale = False
     # Runs a device steps together, chunk after chunk (0: all of its runs on accelerators, 2 on CPUs,
     # whose caches then hold a chunk's parameters and moments). Results agree to float rounding.

@@ -88,6 +88,47 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
                           f"{', '.join(changed)}); use a new workdir or remove that one")
 
 
+def _other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> ConfigError | None:
+    """The error for a workdir that holds a sweep of another config (its sweep.json, or a finished
+    results.json), or None. skip_locations: leave the data and model folders uncompared."""
+    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
+    compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+    elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
+        with open(results) as f:
+            previous = json.load(f).get("config") or {}
+    else:
+        return None
+    previous = compared(previous)
+    skip = {k for k in SAVED_LATER if k not in previous} | (set(_LOCATIONS) if skip_locations else set())
+    changed = differing(previous, compared(config_dict), skip)
+    if changed:
+        return ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
+                           f"{', '.join(changed)}); use a new workdir or remove that one")
+    return None
+
+
+def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
+    """Before any data is loaded: refuse, without writing anything, a workdir that another start of
+    this sweep holds, that holds another config's sweep (the data and model folders are compared once
+    the features are known, by `prepare_workdir`), or that cannot be written."""
+    lock = os.path.join(workdir, f".lock-{index}")
+    if fcntl is not None and (pid := _held_by(lock)):
+        raise _in_use(workdir, f"process {index}", pid)
+    error = _other_sweep(workdir, config_dict, skip_locations=True)
+    if error is not None:
+        raise error
+    folder = os.path.abspath(workdir)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        raise ConfigError("workdir", f"cannot write to {workdir!r}: "
+                          + (f"{folder!r} is not a folder" if not os.path.isdir(folder) else
+                             f"{folder!r} is not writable"))
+
+
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
     """Create the workdir and claim it for this config (and these backbones' feature identities,
     `feature_identity`); refuse one that holds a different sweep, or features files and no sweep."""
@@ -110,24 +151,10 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
-    fingerprint = compared(config_dict)
-    previous = None
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-    elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
-        with open(results) as f:
-            previous = json.load(f).get("config") or {}
-    if previous is not None:
-        previous = compared(previous)
-        skip = {k for k in SAVED_LATER if k not in previous}
-        if features is not None and os.path.exists(os.path.join(workdir, "features.json")):
-            skip |= set(_LOCATIONS)
-        changed = differing(previous, fingerprint, skip)
-        if changed:
-            raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
-                              f"{', '.join(changed)}); use a new workdir or remove that one")
+    error = _other_sweep(workdir, config_dict, skip_locations=features is not None
+                         and os.path.exists(os.path.join(workdir, "features.json")))
+    if error is not None:
+        raise error
     if features is not None:
         _claim_features(workdir, features)
     if not os.path.exists(path):
@@ -360,6 +387,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
     failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
+        check_workdir(workdir, config_dict, index)  # before minutes of feature extraction
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})

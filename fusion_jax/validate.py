@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import ml_collections
+import numpy as np
 
 from fusion_jax import degrade, fusion
 from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, max_pairs, split_sizes
@@ -67,7 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         try:
             check_backbone(config, b)
         except ValueError as e:
-            raise ConfigError("backbones", str(e)) from None
+            hint = ("" if "quoted tuple" in str(e) or not any(c in str(b) for c in ",()'\"") else
+                    "; several names are a quoted tuple of strings, \"--config.backbones=('a','b')\"")
+            raise ConfigError("backbones", str(e) + hint) from None
     for m in _distinct_nonempty(config.methods, "methods"):
         _require(m in fusion.METHODS, "methods", f"unknown method {m!r}; allowed: {', '.join(fusion.METHODS)}")
     for s in _distinct_nonempty(config.seeds, "seeds"):
@@ -119,7 +122,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.features in IMAGE_SOURCES:
         _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction",
                  f"{config.data.max_bad_fraction} must be in [0, 1]")
-        _require(config.data.embedded_images >= 2, "data.embedded_images", "must be >= 2")
+        for field, low in (("embedded_images", 2), ("embedded_seed", 0), ("image_size", 8)):
+            _require(_int(config.data[field], low), f"data.{field}",
+                     f"{config.data[field]!r} must be an integer >= {low}")
+        emb = config.backbone.embedded
+        for field, low in (("n_images", 2), ("seed", 0), ("clip_steps", 1), ("resnet_steps", 1), ("text_steps", 1)):
+            _require(_int(emb[field], low), f"backbone.embedded.{field}", f"{emb[field]!r} must be an integer >= {low}")
         _require(_int(config.backbone.batch_size, 1),
                  "backbone.batch_size", "must be an integer >= 1")
     h = config.head
@@ -167,6 +175,9 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
                  f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images, or no "
                  f"captions; {fs.n_images} images, train_fraction {config.pairs.train_fraction}); use 'pair' "
                  "or more images")
+        _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
+                 f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
+                 f"{len(np.unique(fs.caption_image))} image(s), {fs.n_images} images{by_image})")
         for scale in config.scales:
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_config
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
 
@@ -43,6 +43,7 @@ INVALID = [
     ("train.learning_rate", float("inf"), "train.learning_rate", "finite"),
     ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
     ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),
+    ("backbones", ("aligned,unaligned",), "backbones", "several names are a quoted tuple"),
     ("synthetic.view_noise", -0.5, "synthetic.view_noise", ">= 0"),
     ("distributed.wait_seconds", 0, "distributed.wait_seconds", ">= 1"),
     ("distributed.num_processes", -1, "distributed.num_processes", "integer >= 0"),
@@ -84,6 +85,26 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
             pass
     with sweep_lock(workdir, 0, 1):  # process 1's lock released: a start with one process goes on
         pass
+
+
+def test_a_busy_foreign_or_unwritable_workdir_is_refused_before_any_data_loads(smoke_config, tmp_path, monkeypatch):
+    """Feature extraction can take minutes: the workdir checks that need no features come first."""
+    from fusion_jax import sweep
+
+    monkeypatch.setattr(sweep, "load_features", lambda *a, **k: pytest.fail("features loaded before the check"))
+    workdir = str(tmp_path / "out")
+    sweep.prepare_workdir(workdir, smoke_config.to_dict())
+    with sweep.sweep_lock(workdir, 0):
+        with pytest.raises(ConfigError, match=r"is in use: another sweep \(process 0"):
+            train_and_evaluate(smoke_config, workdir)
+    other = smoke_config.copy_and_resolve_references()
+    other.seeds = (7,)
+    with pytest.raises(ConfigError, match=r"differs in seeds\)"):
+        train_and_evaluate(other, workdir)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="config.workdir: cannot write to .*/file' is not a folder"):
+        train_and_evaluate(smoke_config, str(tmp_path / "file" / "out"))
+    assert sorted(os.listdir(workdir)) == [".lock-0", "groups", "sweep.json"]  # nothing written by the refusals
 
 
 def test_process_id_out_of_range(smoke_config, tmp_path):
@@ -262,3 +283,18 @@ def test_a_resume_may_find_data_and_models_elsewhere_once_their_identity_is_reco
         prepare_workdir(workdir, {**moved, "data": {"flickr8k_dir": "/g"}}, {"aligned": {"data": "x"}})
     with pytest.raises(ConfigError, match=r"other features \(differs in aligned.data\)"):
         prepare_workdir(workdir, moved, {"aligned": {"data": "y"}})
+
+
+@pytest.mark.parametrize("field,value", [("data.image_size", 4), ("data.embedded_seed", -1), ("data.embedded_images", 1),
+                                         ("backbone.embedded.clip_steps", 0), ("backbone.embedded.n_images", 1)])
+def test_invalid_embedded_values_are_one_line_errors(tmp_path, field, value):
+    """The embedded dataset's and tiny backbones' sizes are checked before anything runs."""
+    config = load_config("demo", "smoke")
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"config\.{field}: {value!r} must be an integer >= "):
+        train_and_evaluate(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -57,6 +57,8 @@ BAD = [
     (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
     (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.eye(150, 2)),
      "image_mask has rows with no real token (rows [2, 3, 4, 5, 6])"),
+    (lambda f: f.update(image=f["image"][:, :0]), "image has shape (150, 0): it needs rows, and features of at"),
+    (lambda f: f.update(text=f["text"][:0], caption_image=f["caption_image"][:0]), "text has shape (0, 16): it needs"),
 ]
 
 
@@ -103,6 +105,11 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
         train_and_evaluate(_config(tmp_path, ()), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"several names must be a quoted tuple of strings"):
         train_and_evaluate(_config(tmp_path, ("(a,b)",)), str(tmp_path / "out"))  # --config.backbones=(a,b)
+    one_image = {**_features(), "caption_image": np.zeros(450, np.int64)}
+    np.savez(tmp_path / "one.npz", **one_image)
+    with pytest.raises(ConfigError, match=r"config.scales: backbone 'one' makes no pairs: .* at least 2 images are "
+                                          r"needed \(450 captions of 1 image\(s\), 150 images\)"):
+        train_and_evaluate(_config(tmp_path, ("one",)), str(tmp_path / "out"))
     synthetic = load_config("synthetic", "smoke")
     synthetic.features = "npz"
     with pytest.raises(ConfigError, match="config.npz.dir: features 'npz' needs the field npz.dir"):

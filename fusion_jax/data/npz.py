@@ -93,6 +93,8 @@ def load(path: str) -> FeatureSet:
     for n in ("image", "text"):
         if not np.issubdtype(arrays[n].dtype, np.floating):
             raise bad(f"{n} has dtype {arrays[n].dtype}; expected floating point")
+        if arrays[n].ndim in (2, 3) and 0 in arrays[n].shape:
+            raise bad(f"{n} has shape {arrays[n].shape}: it needs rows, and features of at least one dimension")
         mask = arrays.get(f"{n}_mask")
         if mask is not None and arrays[n].ndim != 3:
             raise bad(f"{n}_mask is given, but {n} is not token features [n, tokens, d]")
