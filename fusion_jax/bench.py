@@ -484,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JAX's persistent compilation cache for fusion_jax's programs: run twice with the same "
                              "DIR to time them loaded instead of compiled (output name gets -cached)")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--runs-per-chunk", args.runs_per_chunk, 0), ("--compile-workers", args.compile_workers, 1),
+                             ("--torch-threads", args.torch_threads, 1)):
+        if value is not None and value < low:
+            parser.error(f"{flag} must be at least {low}, not {value}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:

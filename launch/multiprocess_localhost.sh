@@ -14,7 +14,10 @@ for ((i = 1; i < n; i++)); do
     --config.distributed.num_processes="$n" --config.distributed.process_id="$i" &
   pids+=("$!")
 done
+status=0
 python -m fusion_jax.main --config="$config" "$@" \
   --config.distributed.coordinator_address="127.0.0.1:$port" \
-  --config.distributed.num_processes="$n" --config.distributed.process_id=0
-for pid in "${pids[@]}"; do wait "$pid"; done
+  --config.distributed.num_processes="$n" --config.distributed.process_id=0 || status=$?
+# The others' exit status too (a failed process 0 makes them stop): the first failure is the script's.
+for pid in "${pids[@]}"; do wait "$pid" || { code=$?; [ "$status" -ne 0 ] || status=$code; }; done
+exit "$status"

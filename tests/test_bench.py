@@ -114,6 +114,15 @@ def test_median_run_and_bad_repeats():
         bench.run_benchmark("tiny", "/nonexistent", repeats=0)
 
 
+@pytest.mark.parametrize("flag", ["--runs-per-chunk=-1", "--compile-workers=0", "--torch-threads=0"])
+def test_bad_flags_are_refused_before_anything_runs(flag, capsys):
+    from fusion_jax import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", "--out=/nonexistent", flag])
+    assert e.value.code == 2 and f"{flag.split('=')[0]} must be at least" in capsys.readouterr().err
+
+
 def test_reference_time_is_estimated_only_when_runs_were_left_out():
     """--torch-runs N trains N runs per (group, scale): with every run trained the time is measured,
     not marked estimated; with fewer it is estimated, overhead included; 0 is refused."""
