@@ -220,6 +220,66 @@ def test_token_inputs_forward_and_gradients_match(smoke_config, method):
                                    err_msg=name)
 
 
+class _FixedDropout(torch.nn.Module):
+    """Dropout with a given keep mask: x * mask / keep (torch's and flax's scaling)."""
+
+    def __init__(self, mask: np.ndarray, keep: float):
+        super().__init__()
+        self.mask, self.keep = torch.from_numpy(mask.astype(np.float32)), keep
+
+    def forward(self, x):
+        return x * self.mask / self.keep
+
+
+@pytest.mark.parametrize("method", ["concat", "cross"])
+def test_dropout_sits_and_scales_as_in_the_reference(smoke_config, method):
+    """Dropout on, the same mask on both sides (flax's, read off its dropout layer's output): the
+    logits, the loss and every gradient agree. A dropout elsewhere in the head, or another scaling of
+    the kept units, on either side would not."""
+    rate = 0.5  # many dropped units: a misplaced mask moves the logits far
+    features, pairs, _ = _setup(smoke_config, method, scale=256, epochs=1, lr=1e-3, dropout=rate)
+    hc = smoke_config.head
+    head = make_head(method, hc.hidden, hc.mlp_hidden, rate, hc.num_heads)
+    train = pairs.split("train")
+    rows = np.arange(32)
+    x = (features.image[train["image_idx"][rows]], features.text[train["caption_idx"][rows]])
+    label = train["label"][rows]
+    params = head.init(jax.random.PRNGKey(0), *map(jnp.asarray, x))["params"]
+    dropout_key = jax.random.PRNGKey(1)
+
+    def loss_fn(p):
+        logits, seen = head.apply({"params": p}, *map(jnp.asarray, x), train=True, rngs={"dropout": dropout_key},
+                                  capture_intermediates=True, mutable=["intermediates"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean(), (logits, seen["intermediates"])
+
+    (loss, (logits, seen)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    units = np.maximum(np.asarray(seen["Classifier_0"]["Dense_0"]["__call__"][0]), 0.0)  # ReLU: dropout's input
+    dropped = np.asarray(seen["Classifier_0"]["Dropout_0"]["__call__"][0])
+    mask = dropped != 0
+    assert 0.3 < mask[units > 0].mean() < 0.7  # about half of the live units kept
+    np.testing.assert_allclose(dropped[mask], units[mask] / (1 - rate), rtol=1e-6)
+
+    torch_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
+                                     hc.mlp_hidden, rate, hc.num_heads)
+    ref.load_flax_params(torch_head, jax.tree_util.tree_map(np.asarray, params))
+    torch_head.classifier.dropout = _FixedDropout(mask, 1 - rate)
+    torch_head.train()
+    torch_logits = torch_head(*map(torch.from_numpy, x))
+    torch_loss = torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(label).long())
+    torch_loss.backward()
+    np.testing.assert_allclose(torch_logits.detach().numpy(), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
+    grad_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
+                                    hc.mlp_hidden, rate, hc.num_heads)
+    ref.load_flax_params(grad_head, jax.tree_util.tree_map(np.asarray, grads))
+    torch_grads = dict(torch_head.named_parameters())
+    for name, g in grad_head.named_parameters():
+        np.testing.assert_allclose(torch_grads[name].grad.numpy(), g.detach().numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    torch_head.classifier.dropout = _FixedDropout(mask, 1.0)  # the kept units not rescaled: another function
+    assert not np.allclose(torch_head(*map(torch.from_numpy, x)).detach().numpy(), np.asarray(logits), rtol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["concat", "cross"])
 def test_dropout_training_agrees_statistically(smoke_config, method):
     """With dropout 0.1 the two implementations reach statistically indistinguishable results.
