@@ -168,6 +168,29 @@ def test_training_matches_reference_step_by_step(smoke_config, method):
     np.testing.assert_array_equal(torch_counts, jax_counts[0])
 
 
+def _torch_head(method, features, hc, dropout, flax_params):
+    """The reference head of `method` holding flax_params."""
+    head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden, hc.mlp_hidden,
+                               dropout, hc.num_heads)
+    return ref.load_flax_params(head, jax.tree_util.tree_map(np.asarray, flax_params))
+
+
+def _assert_same_step(torch_head, x, label, logits, loss, grads, method, features, hc, atol, loss_rtol):
+    """One reference forward and backward on batch x: its logits and loss are flax's, and the flax gradient
+    tree, copied into a second torch head, lines up with the torch gradients."""
+    torch_head.train()
+    torch_logits = torch_head(*map(torch.from_numpy, x))
+    torch_loss = torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(label).long())
+    torch_loss.backward()
+    np.testing.assert_allclose(torch_logits.detach().numpy(), np.asarray(logits), rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=loss_rtol)
+    grad_head = _torch_head(method, features, hc, 0.0, grads)
+    torch_grads = dict(torch_head.named_parameters())
+    for name, g in grad_head.named_parameters():
+        np.testing.assert_allclose(torch_grads[name].grad.numpy(), g.detach().numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("method", ["concat", "cross"])
 def test_token_inputs_forward_and_gradients_match(smoke_config, method):
     """Token features with masks: logits and the gradient of the mean loss agree (one batch).
@@ -201,23 +224,8 @@ def test_token_inputs_forward_and_gradients_match(smoke_config, method):
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    torch_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
-                                     hc.mlp_hidden, 0.0, hc.num_heads)
-    ref.load_flax_params(torch_head, jax.tree_util.tree_map(np.asarray, params))
-    torch_logits = torch_head(*map(torch.from_numpy, x))
-    torch_loss = torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(label).long())
-    torch_loss.backward()
-    np.testing.assert_allclose(torch_logits.detach().numpy(), np.asarray(logits), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-6)
-
-    # The flax gradient tree, copied into a second torch head, lines up with the torch gradients.
-    grad_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
-                                    hc.mlp_hidden, 0.0, hc.num_heads)
-    ref.load_flax_params(grad_head, jax.tree_util.tree_map(np.asarray, grads))
-    torch_grads = dict(torch_head.named_parameters())
-    for name, g in grad_head.named_parameters():
-        np.testing.assert_allclose(torch_grads[name].grad.numpy(), g.detach().numpy(), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
+    torch_head = _torch_head(method, features, hc, 0.0, params)
+    _assert_same_step(torch_head, x, label, logits, loss, grads, method, features, hc, atol=1e-6, loss_rtol=1e-6)
 
 
 class _FixedDropout(torch.nn.Module):
@@ -259,23 +267,9 @@ def test_dropout_sits_and_scales_as_in_the_reference(smoke_config, method):
     assert 0.3 < mask[units > 0].mean() < 0.7  # about half of the live units kept
     np.testing.assert_allclose(dropped[mask], units[mask] / (1 - rate), rtol=1e-6)
 
-    torch_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
-                                     hc.mlp_hidden, rate, hc.num_heads)
-    ref.load_flax_params(torch_head, jax.tree_util.tree_map(np.asarray, params))
+    torch_head = _torch_head(method, features, hc, rate, params)
     torch_head.classifier.dropout = _FixedDropout(mask, 1 - rate)
-    torch_head.train()
-    torch_logits = torch_head(*map(torch.from_numpy, x))
-    torch_loss = torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(label).long())
-    torch_loss.backward()
-    np.testing.assert_allclose(torch_logits.detach().numpy(), np.asarray(logits), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
-    grad_head = ref.make_head_torch(method, features.image.shape[-1], features.text.shape[-1], hc.hidden,
-                                    hc.mlp_hidden, rate, hc.num_heads)
-    ref.load_flax_params(grad_head, jax.tree_util.tree_map(np.asarray, grads))
-    torch_grads = dict(torch_head.named_parameters())
-    for name, g in grad_head.named_parameters():
-        np.testing.assert_allclose(torch_grads[name].grad.numpy(), g.detach().numpy(), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
+    _assert_same_step(torch_head, x, label, logits, loss, grads, method, features, hc, atol=1e-5, loss_rtol=1e-5)
     torch_head.classifier.dropout = _FixedDropout(mask, 1.0)  # the kept units not rescaled: another function
     assert not np.allclose(torch_head(*map(torch.from_numpy, x)).detach().numpy(), np.asarray(logits), rtol=1e-3)
 
