@@ -421,6 +421,10 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax.report: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
     workdir = flags.FLAGS.workdir
+    if not workdir:
+        print("fusion_jax.report: error: --workdir=DIR is required: a folder with a results.json (a finished "
+              "sweep)", file=sys.stderr)
+        sys.exit(2)
     results = _read_results(workdir)
     if flags.FLAGS.against:
         other = _read_results(flags.FLAGS.against, "--against")
@@ -446,5 +450,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A folder with a results.json (a finished sweep).")
     flags.DEFINE_string("against", None, "Another finished sweep's folder: write <workdir>/against_<its name>.md "
                         "(config differences, accuracy shifts, who is ahead in both) instead of the report.")
-    flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -410,6 +410,10 @@ def test_cli_without_results_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: --workdir: no results.json in")
+    done = subprocess.run([sys.executable, "-m", "fusion_jax.report"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == ("fusion_jax.report: error: --workdir=DIR is required: a "
+                                                            "folder with a results.json (a finished sweep)")
 
 
 def test_against_another_sweep(tmp_path):
