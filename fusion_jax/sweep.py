@@ -12,17 +12,10 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 import threading
 import time
-from typing import Callable, Iterator
-
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +26,6 @@ from tqdm.auto import tqdm
 from fusion_jax import distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
 from fusion_jax.data import FeatureSet, build_pairs, overlap
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
@@ -42,7 +34,8 @@ from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
 from fusion_jax.report import source, write_results
 from fusion_jax.train import steps_per_epoch
-from fusion_jax.validate import ConfigError, validate, validate_scales
+from fusion_jax.validate import validate, validate_scales
+from fusion_jax.workdir import check_workdir, prepare_workdir, sweep_lock
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
 log = logging.getLogger("fusion_jax")
@@ -61,104 +54,6 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
     path = os.path.join(workdir, f"tsne_{safe_name(backbone)}.npz")
     arrays = {"image": pooled(image, image_mask), "text": pooled(fs.text[captions], text_mask)}
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
-
-
-_MIN_FREE_BYTES = 64 * 2**20
-# Where the data, models and caches are: once features.json records what the features are made of
-# (the dataset's content fingerprint, a model's id and commit or its files' hash, an npz file's hash),
-# a resume may find them in other places.
-# (Not data.flickr8k_dir: a Flickr8k folder's fingerprint hashes its captions and its images' names and
-# sizes, not their bytes, so its path stays part of what a resume must match.)
-_LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model", "backbone.resnet.text_model")
-
-
-def _claim_features(workdir: str, features: dict[str, dict]) -> None:
-    """Record each backbone's feature identity in features.json, or refuse a workdir whose sweep
-    began on other features (a regenerated npz file, another model commit or dataset)."""
-    path = os.path.join(workdir, "features.json")
-    if not os.path.exists(path):
-        atomic_write_json(path, features)
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    changed = differing(flatten({b: previous[b] for b in features if b in previous}),
-                        flatten({b: features[b] for b in features if b in previous}))
-    if changed:
-        raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features (differs in "
-                          f"{', '.join(changed)}); use a new workdir or remove that one")
-
-
-def _other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> ConfigError | None:
-    """The error for a workdir that holds a sweep of another config (its sweep.json, or a finished
-    results.json), or None. skip_locations: leave the data and model folders uncompared."""
-    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
-    compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-    elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
-        with open(results) as f:
-            previous = json.load(f).get("config") or {}
-    else:
-        return None
-    previous = compared(previous)
-    skip = {k for k in SAVED_LATER if k not in previous} | (set(_LOCATIONS) if skip_locations else set())
-    changed = differing(previous, compared(config_dict), skip)
-    if changed:
-        return ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
-                           f"{', '.join(changed)}); use a new workdir or remove that one")
-    return None
-
-
-def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
-    """Before any data is loaded: refuse, without writing anything, a workdir that another start of
-    this sweep holds, that holds another config's sweep (the data and model folders are compared once
-    the features are known, by `prepare_workdir`), or that cannot be written."""
-    lock = os.path.join(workdir, f".lock-{index}")
-    if fcntl is not None and (pid := _held_by(lock)):
-        raise _in_use(workdir, f"process {index}", pid)
-    error = _other_sweep(workdir, config_dict, skip_locations=True)
-    if error is not None:
-        raise error
-    folder = os.path.abspath(workdir)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-        raise ConfigError("workdir", f"cannot write to {workdir!r}: "
-                          + (f"{folder!r} is not a folder" if not os.path.isdir(folder) else
-                             f"{folder!r} is not writable"))
-
-
-def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
-    """Create the workdir and claim it for this config (and these backbones' feature identities,
-    `feature_identity`); refuse one that holds a different sweep, or features files and no sweep."""
-    path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
-    if os.path.isdir(workdir) and not (os.path.exists(path) or os.path.exists(results)):
-        # Features files (an npz.dir, say): the sweep's own tsne_*.npz would join them as backbones.
-        foreign = sorted(n for n in os.listdir(workdir) if n.endswith(".npz") and not n.startswith("tsne_"))
-        if foreign:
-            raise ConfigError("workdir", f"{workdir!r} holds features files ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}) and no sweep: use a new or empty folder")
-    try:
-        os.makedirs(os.path.join(workdir, "groups"), exist_ok=True)
-        # A probe of this process's own: the processes of a multi-process sweep probe at once.
-        fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror or e}") from None
-    free = shutil.disk_usage(workdir).free
-    if free < _MIN_FREE_BYTES:
-        raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
-                          f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    error = _other_sweep(workdir, config_dict, skip_locations=features is not None
-                         and os.path.exists(os.path.join(workdir, "features.json")))
-    if error is not None:
-        raise error
-    if features is not None:
-        _claim_features(workdir, features)
-    if not os.path.exists(path):
-        atomic_write_json(path, results_fields(config_dict))
 
 
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
@@ -280,23 +175,6 @@ def _stop_if_set(stop: threading.Event, backbone: str) -> None:
         raise Stopped(f"stopped while extracting {backbone}'s features (the shards done are cached)")
 
 
-def _held_by(path: str) -> str | None:
-    """The pid written in the lock file `path` if another open file holds its flock, else None."""
-    try:
-        f = open(path)
-    except OSError:
-        return None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _pid(f)
-        except OSError:
-            return None
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
 def _recorded_error(path: str) -> str:
     """The error a failed group's record holds, shortened to one line."""
     try:
@@ -305,53 +183,6 @@ def _recorded_error(path: str) -> str:
     except (OSError, ValueError, AttributeError):
         return "its record is unreadable"
     return error if len(error) <= 200 else error[:200] + "..."
-
-
-def _pid(lock_file) -> str:
-    """The pid that the holder of a lock file wrote into it ('?' before it has)."""
-    lock_file.seek(0)
-    return lock_file.read().strip() or "?"
-
-
-def _in_use(workdir: str, who: str, pid: str) -> ConfigError:
-    """The error of a start refused because `who` (pid) sweeps in `workdir`."""
-    return ConfigError("workdir", f"{workdir!r} is in use: another sweep ({who}, pid {pid}) is training in it; "
-                                  "wait for it or use another workdir")
-
-
-@contextlib.contextmanager
-def sweep_lock(workdir: str, index: int, count: int = 1) -> Iterator[None]:
-    """Hold `<workdir>/.lock-<index>` (flock) while process `index` of `count` sweeps: the same command
-    started twice is refused rather than training the same groups into the same checkpoints at once.
-    Process 0 also refuses while a process beyond `count` of an earlier start (one with more processes)
-    still holds its lock."""
-    if fcntl is None:  # no flock (Windows): unguarded
-        yield
-        return
-    with open(os.path.join(workdir, f".lock-{index}"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            raise _in_use(workdir, f"process {index}", _pid(f)) from None
-        except OSError as e:  # a filesystem without flock (some NFS or Lustre mounts)
-            log.warning("cannot lock %s (%s): a second start of this sweep would not be refused", f.name, e)
-            locked = False
-        if locked:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        try:
-            if locked and index == 0:
-                for name in os.listdir(workdir):
-                    other = re.fullmatch(r"\.lock-(\d+)", name)
-                    if other and int(other[1]) >= count and (pid := _held_by(os.path.join(workdir, name))):
-                        raise _in_use(workdir, f"process {other[1]} of an earlier start", pid)
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

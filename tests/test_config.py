@@ -67,7 +67,7 @@ def test_invalid_value(smoke_config, tmp_path, field, value, named, allowed):
 
 
 def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
-    from fusion_jax.sweep import prepare_workdir, sweep_lock
+    from fusion_jax.workdir import prepare_workdir, sweep_lock
 
     workdir = str(tmp_path / "out")
     prepare_workdir(workdir, smoke_config.to_dict())
@@ -90,11 +90,12 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
 def test_a_busy_foreign_or_unwritable_workdir_is_refused_before_any_data_loads(smoke_config, tmp_path, monkeypatch):
     """Feature extraction can take minutes: the workdir checks that need no features come first."""
     from fusion_jax import sweep
+    from fusion_jax.workdir import prepare_workdir, sweep_lock
 
     monkeypatch.setattr(sweep, "load_features", lambda *a, **k: pytest.fail("features loaded before the check"))
     workdir = str(tmp_path / "out")
-    sweep.prepare_workdir(workdir, smoke_config.to_dict())
-    with sweep.sweep_lock(workdir, 0):
+    prepare_workdir(workdir, smoke_config.to_dict())
+    with sweep_lock(workdir, 0):
         with pytest.raises(ConfigError, match=r"is in use: another sweep \(process 0"):
             train_and_evaluate(smoke_config, workdir)
     other = smoke_config.copy_and_resolve_references()
@@ -152,7 +153,7 @@ def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_
     with pytest.raises(ConfigError, match=r"holds features files \(mine.npz\) and no sweep: use a new or empty"):
         train_and_evaluate(smoke_config, str(tmp_path / "feats"))
     assert sorted(os.listdir(tmp_path / "feats")) == ["mine.npz"]
-    from fusion_jax.sweep import prepare_workdir
+    from fusion_jax.workdir import prepare_workdir
     (tmp_path / "logged").mkdir()
     (tmp_path / "logged" / "sweep.log").write_text("")  # `... | tee DIR/sweep.log` makes it first
     prepare_workdir(str(tmp_path / "logged"), smoke_config.to_dict())
@@ -204,7 +205,7 @@ def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
     """The processes of a multi-process sweep all probe the workdir at start: each with its own probe."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fusion_jax.sweep import prepare_workdir
+    from fusion_jax.workdir import prepare_workdir
 
     def claim(_):
         for _ in range(25):
@@ -219,7 +220,7 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     """prepare_workdir names the fields that differ; a sweep.json written before `degradation.scales`
     was saved is the same sweep as one at that field's default, and one written before `split_by_scale`
     was saved is not compared on it."""
-    from fusion_jax.sweep import prepare_workdir
+    from fusion_jax.workdir import prepare_workdir
 
     workdir = str(tmp_path / "out")
     config = smoke_config.to_dict()
@@ -269,7 +270,7 @@ def test_a_resume_may_find_data_and_models_elsewhere_once_their_identity_is_reco
     """Locations (cache_dir, model folders, npz.dir) must match only in a workdir without features.json;
     with it, the features' identity is compared instead. A Flickr8k folder (fingerprinted by its
     images' names and sizes, not bytes) must always match."""
-    from fusion_jax.sweep import prepare_workdir
+    from fusion_jax.workdir import prepare_workdir
 
     workdir = str(tmp_path / "out")
     config = {**smoke_config.to_dict(), "cache_dir": "/a", "data": {"flickr8k_dir": "/f"}}
