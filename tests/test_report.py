@@ -463,3 +463,17 @@ def test_against_another_sweep(tmp_path):
                                f"--against={against}"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 2 and done.stderr.strip() == f"fusion_jax.report: error: {message}", done.stderr
+
+
+def test_a_resume_across_a_code_change_is_named_in_the_summary():
+    """Runs of one workdir trained by two commits (a sweep resumed after an update) are counted by commit."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0,))
+    results["source"] = {"commit": "b" * 40, "dirty": False}
+    for i, r in enumerate(results["runs"]):
+        r["source"] = {"commit": ("a" if i < 2 else "b") * 40, "dirty": False}
+    n = len(results["runs"])
+    assert (f"**Runs trained by different code** (a resume after a change): commit bbbbbbbbbb: {n - 2} runs; "
+            f"commit aaaaaaaaaa: 2 runs.") in summary_markdown(results)
+    for r in results["runs"]:
+        r["source"] = results["source"]
+    assert "different code" not in summary_markdown(results)
