@@ -74,7 +74,22 @@ def parse_flags(argv: list[str]) -> list[str]:
         else:
             print(f"fusion_jax: error: --{field}: the config has no such field{'; ' + hint.group(0) if hint else ''}",
                   file=sys.stderr)
+    except OSError as e:  # an override applied to a config file that did not load: say why it did not
+        print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _load_failure(e: BaseException) -> str:
+    """The last line of the first failure in e's chain (ml_collections wraps a missing file twice), with
+    where a relative config path was looked for."""
+    while e.__context__ is not None and isinstance(e.__context__, OSError):
+        e = e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[-1] if lines else repr(e)
+    missing = re.search(r"No such file or directory: '([^']+)'", reason)
+    if missing and not os.path.isabs(missing[1]):
+        reason += f" (a relative path is read from the current folder, {os.getcwd()})"
+    return reason
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -108,8 +123,7 @@ def main(argv: list[str]) -> None:
         config = _CONFIG.value
         config.name  # noqa: B018  (a config file that failed to load raises on first use)
     except OSError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        print(f"fusion_jax: error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
+        print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
         sys.exit(2)
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
     stop = threading.Event()

@@ -230,6 +230,9 @@ def summary_markdown(results: dict) -> str:
              "Validation metrics in percent, mean ± sample std over seeds; "
              "`majority` is the majority-class share of the validation set (the accuracy of always "
              "predicting its larger class).", ""]
+    notes = [(b, n) for b, prov in (results.get("backbones") or {}).items() for n in prov.get("notes") or []]
+    if notes:
+        lines += ["## Notes on the features", "", *[f"- **{b}**: {n}." for b, n in notes], ""]
     if results["comparisons"]:
         lines += ["## Concat or cross?", "",
                   f"What the paired t-tests below favour (p < {tables.ALPHA}; or the same gap on every seed, where "

@@ -225,8 +225,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         features = {b: load_features(config, b, dataset, after_shard=functools.partial(_stop_if_set, stop, b))
                     for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
-        if index == 0:
-            warn_noise_off_unit_norm(config, groups, features)
+        notes = feature_notes(config, groups, features) if index == 0 else {}
         identities = {b: feature_identity(fs.provenance) for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
@@ -302,31 +301,38 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         except (OSError, ValueError):
             pass
     return write_results(workdir, config_dict, records, command,
-                         {b: {**fs.provenance, "split_overlap": split_overlap(config, fs)} for b, fs in features.items()},
+                         {b: {**fs.provenance, "split_overlap": split_overlap(config, fs),
+                              **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
                          failures, timing)
 
 
-def warn_noise_off_unit_norm(config: ml_collections.ConfigDict, groups: list[Group],
-                             features: dict[str, FeatureSet]) -> list[str]:
-    """Warn (and return the warnings) where a noise study degrades features that are not unit vectors: σ
-    is meant relative to unit norm, and levels > 0 are re-normalised while level 0 stays as it is, so
-    their gap mixes the noise with a change of scale. Real tokens only (by mask) for token features."""
-    d = config.degradation
-    modalities = {"image": ("image",), "text": ("text",), "both": ("image", "text")}[d.modality]
-    out = []
-    for b in dict.fromkeys(g.backbone for g in groups if g.noisy):
-        for m in modalities:
-            x, mask = getattr(features[b], m)[:4096], getattr(features[b], f"{m}_mask")  # a sample is enough
+def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
+                  features: dict[str, FeatureSet]) -> dict[str, list[str]]:
+    """What a reader of the results should know about each backbone's features, logged as warnings and
+    kept in results.json (summary.md shows them): images without a caption (never drawn), and a noise
+    study on features that are not unit vectors (σ is meant relative to unit norm, and levels > 0 are
+    re-normalised while level 0 stays as it is, so their gap mixes the noise with a change of scale;
+    real tokens only, by mask, for token features)."""
+    modalities = {"image": ("image",), "text": ("text",), "both": ("image", "text")}[config.degradation.modality]
+    noisy = {g.backbone for g in groups if g.noisy}
+    out = {}
+    for b, fs in features.items():
+        notes = out.setdefault(b, [])
+        uncaptioned = fs.n_images - len(np.unique(fs.caption_image))
+        if uncaptioned:
+            notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
+        for m in modalities if b in noisy else ():
+            x, mask = getattr(fs, m)[:4096], getattr(fs, f"{m}_mask")  # a sample is enough
             norms = np.sqrt(np.einsum("...d,...d->...", x, x, dtype=np.float64))
             norms = norms[mask[:4096].astype(bool)] if mask is not None else norms.ravel()
             if norms.size and not np.allclose(norms, 1.0, atol=1e-3):
                 span = dict.fromkeys((f"{norms.min():.3g}", f"{norms.max():.3g}"))
-                out.append(f"the noise study degrades backbone {b!r}'s {m} features, whose norms are "
-                           f"{'-'.join(span)}, not 1: σ is meant for unit vectors and levels "
-                           "> 0 are re-normalised while level 0 is used as it is (L2-normalise the features "
-                           "first to study the noise alone)")
-                log.warning("%s", out[-1])
-    return out
+                notes.append(f"the noise study degrades its {m} features, whose norms are {'-'.join(span)}, not 1: "
+                             "σ is meant for unit vectors, and levels > 0 are re-normalised while level 0 is used "
+                             "as it is (L2-normalise the features first to study the noise alone)")
+        for note in notes:
+            log.warning("backbone %r: %s", b, note)
+    return {b: notes for b, notes in out.items() if notes}
 
 
 def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:

@@ -174,7 +174,11 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/synthetic.py:bogus"],
      "fusion_jax: error: ValueError: unknown variant 'bogus' of configs/synthetic.py; allowed: '' or 'smoke'"),
     (["--config=configs/nope.py"],
-     "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+     "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py' (a relative "
+     f"path is read from the current folder, {ROOT})"),
+    (["--config=configs/nope.py", "--config.seeds=(1,)"],  # an override of a config that did not load
+     "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py' (a relative "
+     f"path is read from the current folder, {ROOT})"),
     (["--config=configs/synthetic.py", "--bogus=1"], "fusion_jax: error: Unknown command line flag 'bogus'"),
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '

@@ -477,3 +477,15 @@ def test_a_resume_across_a_code_change_is_named_in_the_summary():
     for r in results["runs"]:
         r["source"] = results["source"]
     assert "different code" not in summary_markdown(results)
+
+
+def test_notes_on_the_features_open_the_summary_and_do_not_make_features_differ():
+    from fusion_jax.data.featureset import feature_identity
+
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0,))
+    assert "Notes on the features" not in summary_markdown(results)
+    results["backbones"]["aligned"]["notes"] = ["5 of its 300 images have no caption: pairs never draw them"]
+    summary = summary_markdown(results)
+    assert "## Notes on the features\n\n- **aligned**: 5 of its 300 images have no caption: pairs never draw them." in summary
+    assert summary.index("## Notes on the features") < summary.index("## Concat or cross?")
+    assert "notes" not in feature_identity(results["backbones"]["aligned"])

@@ -87,30 +87,37 @@ def test_plan_gives_the_levels_to_the_listed_backbones_and_scales_only(smoke_con
     assert len(plan(config)[0].runs) == 2 * 2 * 2 and len(plan(config)[2].runs) == 2 * 2
 
 
-def test_a_noise_study_on_features_off_unit_norm_is_warned_of(smoke_config, caplog):
-    """Only for a backbone that has noise levels, and only for the degraded modality (real tokens by mask)."""
+def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_captions(smoke_config, caplog):
+    """The noise note only for a backbone that has noise levels and only for the degraded modality (real
+    tokens by mask); logged, and returned for results.json."""
     import dataclasses
 
     from fusion_jax.data.sources import load_features
-    from fusion_jax.sweep import warn_noise_off_unit_norm
+    from fusion_jax.sweep import feature_notes
 
     config = smoke_config
     config.degradation.backbones = ("aligned",)
     groups = plan(config)
-    features = {b: load_features(config, b) for b in config.backbones}  # unit vectors
-    assert warn_noise_off_unit_norm(config, groups, features) == []
+    features = {b: load_features(config, b) for b in config.backbones}  # unit vectors, every image captioned
+    assert feature_notes(config, groups, features) == {}
     larger = lambda fs, m: dataclasses.replace(fs, **{m: 3.0 * getattr(fs, m)})
-    assert warn_noise_off_unit_norm(config, groups, {**features, "unaligned": larger(features["unaligned"], "image"),
-                                                     "aligned": larger(features["aligned"], "text")}) == []
+    assert feature_notes(config, groups, {**features, "unaligned": larger(features["unaligned"], "image"),
+                                          "aligned": larger(features["aligned"], "text")}) == {}
     with caplog.at_level(logging.WARNING, logger="fusion_jax"):
-        (warning,) = warn_noise_off_unit_norm(config, groups, {**features, "aligned": larger(features["aligned"], "image")})
-    assert "backbone 'aligned''s image features, whose norms are 3, not 1" in warning and warning in caplog.text
+        notes = feature_notes(config, groups, {**features, "aligned": larger(features["aligned"], "image")})
+    (note,) = notes["aligned"]
+    assert note.startswith("the noise study degrades its image features, whose norms are 3, not 1") and list(notes) == [
+        "aligned"] and f"backbone 'aligned': {note}" in caplog.text
     tokens = np.ones((features["aligned"].n_images, 3, 4), np.float32) / 2  # the real tokens unit vectors
     mask = np.ones(tokens.shape[:2], np.int32)
     mask[:, 2] = 0
     tokens[:, 2] = 0.0  # padding
     fs = dataclasses.replace(features["aligned"], image=tokens, image_mask=mask)
-    assert warn_noise_off_unit_norm(config, groups, {**features, "aligned": fs}) == []
+    assert feature_notes(config, groups, {**features, "aligned": fs}) == {}
+    more = features["unaligned"]
+    more = dataclasses.replace(more, image=np.concatenate([more.image, more.image[:5]]))  # 5 images, no caption
+    assert feature_notes(config, groups, {**features, "unaligned": more}) == {
+        "unaligned": [f"5 of its {more.n_images} images have no caption: pairs never draw them"]}
 
 
 class Killed(Exception):
