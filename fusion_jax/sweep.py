@@ -312,7 +312,7 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
     kept in results.json (summary.md shows them): images without a caption (never drawn), and a noise
     study on features that are not unit vectors (σ is meant relative to unit norm, and levels > 0 are
     re-normalised while level 0 stays as it is, so their gap mixes the noise with a change of scale;
-    real tokens only, by mask, for token features)."""
+    up to 4096 rows spread over the set, real tokens only, by mask, for token features)."""
     modalities = {"image": ("image",), "text": ("text",), "both": ("image", "text")}[config.degradation.modality]
     noisy = {g.backbone for g in groups if g.noisy}
     out = {}
@@ -322,9 +322,11 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
         if uncaptioned:
             notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
         for m in modalities if b in noisy else ():
-            x, mask = getattr(fs, m)[:4096], getattr(fs, f"{m}_mask")  # a sample is enough
-            norms = np.sqrt(np.einsum("...d,...d->...", x, x, dtype=np.float64))
-            norms = norms[mask[:4096].astype(bool)] if mask is not None else norms.ravel()
+            n = len(getattr(fs, m))
+            rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, 4096)).astype(np.int64))  # spread over all
+            x, mask = getattr(fs, m)[rows], getattr(fs, f"{m}_mask")
+            norms = np.sqrt(np.einsum("...d,...d->...", x, x))
+            norms = norms[mask[rows].astype(bool)] if mask is not None else norms.ravel()
             if norms.size and not np.allclose(norms, 1.0, atol=1e-3):
                 span = dict.fromkeys((f"{norms.min():.3g}", f"{norms.max():.3g}"))
                 notes.append(f"the noise study degrades its {m} features, whose norms are {'-'.join(span)}, not 1: "

@@ -172,9 +172,9 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
         _require(limit or not by_image, "pairs.split_by",
-                 f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images, or no "
-                 f"captions; {fs.n_images} images, train_fraction {config.pairs.train_fraction}); use 'pair' "
-                 "or more images")
+                 f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images with a "
+                 f"caption; {len(np.unique(fs.caption_image))} of its {fs.n_images} images have one, "
+                 f"train_fraction {config.pairs.train_fraction}); use 'pair' or more images")
         _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
                  f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
                  f"{len(np.unique(fs.caption_image))} image(s), {fs.n_images} images{by_image})")

@@ -7,6 +7,7 @@ from fusion_jax.data import build_pairs, max_pairs
 
 CAPTION_IMAGE = np.repeat(np.arange(50), 5)
 PAIR_SPLIT_DIGEST = "fbbc18b617406375"  # as at 71af439, before split_by
+IMAGE_SPLIT_DIGEST = "193f671f6776c928"  # as at 84a6cfe, before images without a caption were left out
 
 
 def test_balanced_and_correct():
@@ -45,6 +46,15 @@ def test_the_pair_split_is_pinned():
         p = build_pairs(CAPTION_IMAGE, 50, scale, seed)
         h.update(np.stack([p.image_idx, p.caption_idx, p.label]).astype("<i4").tobytes() + bytes([p.n_train % 256]))
     assert h.hexdigest()[:16] == PAIR_SPLIT_DIGEST
+
+
+def test_the_image_split_is_pinned():
+    """Where every image has a caption, the image split draws as it did before such images were left out."""
+    h = hashlib.sha256()
+    for scale, seed in ((100, 0), (160, 3), (200, 7)):
+        p = build_pairs(CAPTION_IMAGE, 50, scale, seed, split_by="image")
+        h.update(np.stack([p.image_idx, p.caption_idx, p.label]).astype("<i4").tobytes() + bytes([p.n_train % 256]))
+    assert h.hexdigest()[:16] == IMAGE_SPLIT_DIGEST
 
 
 def test_scale_limits():
@@ -161,3 +171,9 @@ def test_an_image_without_a_caption_is_never_drawn(split_by):
     assert p.image_idx.max() < 30 and len(p.label) == limit and 0 < p.label.mean() < 1
     assert (p.image_idx[p.label == 0] != caption_image[p.caption_idx[p.label == 0]]).all()
     assert max_pairs(np.zeros(5, np.int64), 40, 0, 0.8, split_by) == 0  # one captioned image: no negative
+
+
+def test_the_image_split_divides_the_images_with_a_caption():
+    """10 captioned images among 100: each side gets its share of those 10, whatever the seed."""
+    caption_image = np.repeat(np.arange(10), 5)
+    assert all(max_pairs(caption_image, 100, seed, 0.8, "image") == 20 / 0.2 for seed in range(20))

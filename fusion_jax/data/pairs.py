@@ -77,20 +77,21 @@ def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.
 
 def _image_pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
                  ) -> tuple[_Pool, _Pool]:
-    """(training pool, validation pool) of the image split: round(train_fraction * n_images) images train.
-    An image without a caption is in no pool: as a negative alone its label would show."""
+    """(training pool, validation pool) of the image split: of the images with a caption,
+    round(train_fraction * their number) train. An image without a caption is in no pool: as a negative
+    alone its label would show. (Where every image has a caption, the draws of the split before this.)"""
     rng = np.random.default_rng([split_seed, 0, 1])
-    images = rng.permutation(n_images)
-    n_train = int(round(train_fraction * n_images))
-    captioned = lambda part: np.intersect1d(part, caption_image)  # sorted
-    return (_pool(caption_image, n_images, captioned(images[:n_train]), rng),
-            _pool(caption_image, n_images, captioned(images[n_train:]), rng))
+    captioned = np.unique(caption_image)
+    images = captioned[rng.permutation(len(captioned))]
+    n_train = int(round(train_fraction * len(captioned)))
+    return (_pool(caption_image, n_images, np.sort(images[:n_train]), rng),
+            _pool(caption_image, n_images, np.sort(images[n_train:]), rng))
 
 
 def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float, split_by: str
            ) -> tuple[_Pool, ...]:
     """The master lists: one pool over all images (split_by="pair"), or the image split's (training,
-    validation) pools; none with fewer than 2 images."""
+    validation) pools; none with fewer than 2 images that have a caption."""
     if split_by not in SPLITS:
         raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
     if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
@@ -126,7 +127,8 @@ def _limit(pools: tuple[_Pool, ...], train_fraction: float) -> int:
 def max_pairs(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
               split_by: str = "pair") -> int:
     """Largest scale the pair builder can serve: every caption once as positive and once as negative
-    (with split_by="image", within each side of the split; 0 when a side has fewer than 2 images)."""
+    (with split_by="image", within each side of the split; 0 when a side has fewer than 2 images with a
+    caption)."""
     return _limit(_pools(np.asarray(caption_image, np.int64), n_images, split_seed, train_fraction, split_by),
                   train_fraction)
 
