@@ -15,6 +15,11 @@ KINDS = ("none", "gaussian")
 MODALITIES = ("image", "text", "both")
 
 
+def degraded(modality: str) -> tuple[str, ...]:
+    """The feature sets `degradation.modality` degrades: ("image",), ("text",) or both."""
+    return {"image": ("image",), "text": ("text",), "both": ("image", "text")}[modality]
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Unit L2 norm along the last axis."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

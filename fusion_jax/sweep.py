@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusion_jax import distributed
+from fusion_jax import degrade, distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet, build_pairs, overlap
@@ -313,7 +313,6 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
     study on features that are not unit vectors (σ is meant relative to unit norm, and levels > 0 are
     re-normalised while level 0 stays as it is, so their gap mixes the noise with a change of scale;
     up to 4096 rows spread over the set, real tokens only, by mask, for token features)."""
-    modalities = {"image": ("image",), "text": ("text",), "both": ("image", "text")}[config.degradation.modality]
     noisy = {g.backbone for g in groups if g.noisy}
     out = {}
     for b, fs in features.items():
@@ -321,7 +320,7 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
         uncaptioned = fs.n_images - len(np.unique(fs.caption_image))
         if uncaptioned:
             notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
-        for m in modalities if b in noisy else ():
+        for m in degrade.degraded(config.degradation.modality) if b in noisy else ():
             n = len(getattr(fs, m))
             rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, 4096)).astype(np.int64))  # spread over all
             x, mask = getattr(fs, m)[rows], getattr(fs, f"{m}_mask")

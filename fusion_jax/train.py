@@ -149,7 +149,7 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
     head = make_head(method, hc.hidden, hc.mlp_hidden, tc.dropout, hc.num_heads)
     batch = tc.batch_size
     steps = steps_per_epoch(max_train, batch)
-    degraded = {"image": dc.modality in ("image", "both"), "text": dc.modality in ("text", "both")}
+    degraded = degrade_lib.degraded(dc.modality)
     eval_batch = min(tc.eval_batch_size, max_val)
     eval_chunks = math.ceil(max_val / eval_batch)
 
@@ -158,7 +158,7 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
         out = []
         for tag, (name, idx) in enumerate((("image", image_idx), ("text", caption_idx))):
             x = data[name][idx]
-            if noisy and degraded[name] and dc.kind != "none":
+            if noisy and name in degraded and dc.kind != "none":
                 key = jax.random.fold_in(jax.random.fold_in(run["key"], _NOISE), tag)
                 x = degrade_lib.degrade(x, idx, key, run["noise_level"], dc.kind)
             out.append(x)

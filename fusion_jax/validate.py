@@ -171,13 +171,14 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
     for label, fs in sets.items():
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
+        captioned = len(np.unique(fs.caption_image))
         _require(limit or not by_image, "pairs.split_by",
                  f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images with a "
-                 f"caption; {len(np.unique(fs.caption_image))} of its {fs.n_images} images have one, "
+                 f"caption; {captioned} of its {fs.n_images} images have one, "
                  f"train_fraction {config.pairs.train_fraction}); use 'pair' or more images")
         _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
                  f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
-                 f"{len(np.unique(fs.caption_image))} image(s), {fs.n_images} images{by_image})")
+                 f"{captioned} image(s), {fs.n_images} images{by_image})")
         for scale in config.scales:
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "

@@ -75,13 +75,12 @@ def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.
     return _Pool(caption_image[pos], pos, neg_image, neg)
 
 
-def _image_pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_fraction: float
-                 ) -> tuple[_Pool, _Pool]:
+def _image_pools(caption_image: np.ndarray, n_images: int, captioned: np.ndarray, split_seed: int,
+                 train_fraction: float) -> tuple[_Pool, _Pool]:
     """(training pool, validation pool) of the image split: of the images with a caption,
     round(train_fraction * their number) train. An image without a caption is in no pool: as a negative
     alone its label would show. (Where every image has a caption, the draws of the split before this.)"""
     rng = np.random.default_rng([split_seed, 0, 1])
-    captioned = np.unique(caption_image)
     images = captioned[rng.permutation(len(captioned))]
     n_train = int(round(train_fraction * len(captioned)))
     return (_pool(caption_image, n_images, np.sort(images[:n_train]), rng),
@@ -96,11 +95,12 @@ def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_frac
         raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
     if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
         raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
-    if n_images < 2 or len(np.unique(caption_image)) < 2:
+    captioned = np.unique(caption_image)  # the images pairs may draw, sorted
+    if len(captioned) < 2:
         return ()
     if split_by == "image":
-        return _image_pools(caption_image, n_images, split_seed, train_fraction)
-    return (_Pool(*_pair_lists(caption_image, n_images, np.random.default_rng(split_seed))),)
+        return _image_pools(caption_image, n_images, captioned, split_seed, train_fraction)
+    return (_Pool(*_pair_lists(caption_image, n_images, captioned, np.random.default_rng(split_seed))),)
 
 
 def split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
@@ -155,11 +155,11 @@ def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed
                  label[order].astype(np.int32), n_train)
 
 
-def _pair_lists(caption_image: np.ndarray, n_images: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _pair_lists(caption_image: np.ndarray, n_images: int, captioned: np.ndarray,
+                rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """The pair split's master lists over all images that have a caption (the paper's protocol; kept draw for
     draw where every image has one). A negative's image is drawn among the others with a caption: an image
     without one would only ever be a negative, and a head could learn that instead of matching."""
-    captioned = np.unique(caption_image)
     position = np.zeros(n_images, np.int64)
     position[captioned] = np.arange(len(captioned))
     pos_captions = rng.permutation(len(caption_image))
