@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.data.sources import IMAGE_SOURCES
 from fusion_jax.distributed import PeerFailed
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
@@ -102,13 +103,15 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def _first_ctrl_c(stop: threading.Event, signum: int, frame) -> None:
+def _first_ctrl_c(stop: threading.Event, extracts: bool, signum: int, frame) -> None:
     """Ctrl-C: the first stops the sweep before its next epoch (the running epoch's checkpoint is then
-    complete); a second ends the process (SIGINT's default action: like a kill, which a resume survives)."""
+    complete); a second ends the process (SIGINT's default action: like a kill, which a resume survives).
+    extracts: whether the sweep extracts features (an image source), which then stop after a shard."""
     stop.set()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once, even inside an epoch
-    tqdm.write("fusion_jax: stopping before the next epoch, or after the current shard of features (Ctrl-C "
-               "again to end at once; the epoch or shard in progress is then lost)", file=sys.stderr)
+    where, lost = (", or after the current shard of features", "epoch or shard") if extracts else ("", "epoch")
+    tqdm.write(f"fusion_jax: stopping before the next epoch{where} (Ctrl-C again to end at once; the {lost} in "
+               "progress is then lost)", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
@@ -126,20 +129,25 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
         sys.exit(2)
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
+    extracts = config.features in IMAGE_SOURCES
     stop = threading.Event()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, functools.partial(_first_ctrl_c, stop))
+        signal.signal(signal.SIGINT, functools.partial(_first_ctrl_c, stop, extracts))
     started = time.time()
     try:
         results = train_and_evaluate(config, workdir, stop=stop,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
     except (ConfigError, DataUnavailableError, PeerFailed) as e:
-        print(f"fusion_jax: error: {e}", file=sys.stderr)
+        message = str(e)
+        if _WORKDIR.value:  # the workdir came from the flag (the other processes' errors too: same command)
+            message = message.replace("config.workdir:", "--workdir:")
+        print(f"fusion_jax: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"fusion_jax: interrupted. Finished groups ({workdir}/groups/), each unfinished group's last epoch "
-              "(checkpoints/) and any features extracted so far are kept: run the same command to resume.",
-              file=sys.stderr, flush=True)
+        kept = [f"Finished groups ({workdir}/groups/)", "each unfinished group's last epoch (checkpoints/)"]
+        kept += ["any features extracted so far"] if extracts else []
+        print(f"fusion_jax: interrupted. {', '.join(kept[:-1])} and {kept[-1]} are kept: run the same command to "
+              "resume.", file=sys.stderr, flush=True)
         if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
             sys.stdout.flush()
             os._exit(130)

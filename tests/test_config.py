@@ -147,6 +147,31 @@ def test_command_line_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and not workdir.exists()
 
 
+def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for where, named in ((f"--workdir={blocker / 'a'}", "--workdir"), (f"--config.workdir={blocker / 'b'}",
+                                                                       "config.workdir")):
+        proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke", where],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"fusion_jax: error: {named}: cannot write to ")
+
+
+@pytest.mark.parametrize("extracts", [True, False])
+def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monkeypatch, capsys, extracts):
+    import threading
+
+    from fusion_jax import main
+
+    monkeypatch.setattr(main.signal, "signal", lambda *a: None)  # leave the test runner's own handler
+    stop = threading.Event()
+    main._first_ctrl_c(stop, extracts, 2, None)
+    err = capsys.readouterr().err
+    assert stop.is_set() and err.startswith("fusion_jax: stopping before the next epoch")
+    assert ("shard of features" in err) is extracts
+
+
 def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):
     (tmp_path / "feats").mkdir()
     (tmp_path / "feats" / "mine.npz").write_bytes(b"")

@@ -144,12 +144,13 @@ def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
     assert not os.path.exists(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))
 
 
-def test_clip_features_unit_length_and_token_states(tmp_path, caplog):
+def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatch):
     """load_clip gives CLIP's projected embeddings L2-normalised and, with tokens, each tower's last hidden
     states (the vision tower fed channels-last pixels, as get_image_features feeds it)."""
     from transformers import FlaxCLIPModel
 
     from fusion_jax.data.embedded import generate_embedded
+    from fusion_jax.features import backbones
     from fusion_jax.features.backbones import load_clip
     from fusion_jax.features.embedded_models import train_tiny_clip
 
@@ -166,6 +167,13 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog):
     assert images["image_mask"].shape == (4, n_patches + 1)
     assert texts["text_tokens"].shape[:2] == texts["text_mask"].shape and texts["text_mask"][:, 0].all()
     assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"] and "preprocess" not in clip.text_key
+    # The keys' fields as the caches made so far have them (a new field would orphan every entry), and a
+    # new extractor version in both sides' keys.
+    assert set(clip.image_key) == {"kind", "model", "model_files", "revision", "commit", "tokens", "normalized",
+                                   "preprocess"}
+    monkeypatch.setattr(backbones, "EXTRACTOR_VERSION", 2)
+    bumped = load_clip(str(tmp_path), None, batch_size=4, tokens=True)
+    assert bumped.image_key == {**clip.image_key, "extractor": 2} and bumped.text_key == {**clip.text_key, "extractor": 2}
     cap = model.config.text_config.max_position_embeddings
     long = " ".join(["red circle"] * cap)
     assert clip.text_length([long, ds.captions[0]]) == cap and "1 of 2 captions are longer" in caplog.text

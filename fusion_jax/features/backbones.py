@@ -28,6 +28,16 @@ from fusion_jax.files import sha256
 
 log = logging.getLogger("fusion_jax")
 KINDS = ("clip", "resnet")
+# What the encoders below compute from a model's outputs (pooling, normalisation, token states). Bump it
+# when a change here alters the features of an unchanged model: the cache keys then change, and no entry
+# extracted by the old code is used. Version 1 is left out of the keys, which are older than it, so the
+# caches and workdirs made before it stay valid.
+EXTRACTOR_VERSION = 1
+
+
+def _versioned(key: dict) -> dict:
+    """A side's cache key with the extractor's version (none for version 1)."""
+    return key if EXTRACTOR_VERSION == 1 else {**key, "extractor": EXTRACTOR_VERSION}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +270,8 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
                                             batch_size, tokens)
     clip_key = {"kind": "clip", **model_key(model), "revision": revision, "commit": _commit(net), "tokens": tokens,
                 "normalized": True}
-    return Backbone("clip", {**clip_key, "preprocess": _describe(pre)}, clip_key, encode_images, encode_texts, length)
+    return Backbone("clip", _versioned({**clip_key, "preprocess": _describe(pre)}), _versioned(clip_key), encode_images,
+                    encode_texts, length)
 
 
 def load_resnet(model: str, text_model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
@@ -297,4 +308,4 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
                  "preprocess": _describe(pre), "tokens": tokens}
     text_key = {"kind": "resnet", **model_key(text_model, "text_model"), "text_commit": _commit(text_net),
                 "tokens": tokens}
-    return Backbone("resnet", image_key, text_key, encode_images, encode_texts, length)
+    return Backbone("resnet", _versioned(image_key), _versioned(text_key), encode_images, encode_texts, length)
