@@ -103,15 +103,27 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _stopping_message(extracts: bool) -> str:
+    """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source)."""
+    where, lost = (", or after the current shard of features", "epoch or shard") if extracts else ("", "epoch")
+    return (f"fusion_jax: stopping before the next epoch{where} (Ctrl-C again to end at once; the {lost} in "
+            "progress is then lost)")
+
+
+def _interrupted_message(workdir: str, extracts: bool) -> str:
+    """What an interrupted sweep says on its way out: what is kept, and how to resume."""
+    kept = [f"Finished groups ({workdir}/groups/)", "each unfinished group's last epoch (checkpoints/)"]
+    kept += ["any features extracted so far"] if extracts else []
+    return f"fusion_jax: interrupted. {', '.join(kept[:-1])} and {kept[-1]} are kept: run the same command to resume."
+
+
 def _first_ctrl_c(stop: threading.Event, extracts: bool, signum: int, frame) -> None:
     """Ctrl-C: the first stops the sweep before its next epoch (the running epoch's checkpoint is then
-    complete); a second ends the process (SIGINT's default action: like a kill, which a resume survives).
-    extracts: whether the sweep extracts features (an image source), which then stop after a shard."""
+    complete), or extraction after its current shard; a second ends the process (SIGINT's default
+    action: like a kill, which a resume survives)."""
     stop.set()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once, even inside an epoch
-    where, lost = (", or after the current shard of features", "epoch or shard") if extracts else ("", "epoch")
-    tqdm.write(f"fusion_jax: stopping before the next epoch{where} (Ctrl-C again to end at once; the {lost} in "
-               "progress is then lost)", file=sys.stderr)
+    tqdm.write(_stopping_message(extracts), file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
@@ -144,10 +156,7 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        kept = [f"Finished groups ({workdir}/groups/)", "each unfinished group's last epoch (checkpoints/)"]
-        kept += ["any features extracted so far"] if extracts else []
-        print(f"fusion_jax: interrupted. {', '.join(kept[:-1])} and {kept[-1]} are kept: run the same command to "
-              "resume.", file=sys.stderr, flush=True)
+        print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
         if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
             sys.stdout.flush()
             os._exit(130)

@@ -170,6 +170,10 @@ def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monke
     err = capsys.readouterr().err
     assert stop.is_set() and err.startswith("fusion_jax: stopping before the next epoch")
     assert ("shard of features" in err) is extracts
+    out = main._interrupted_message("w", extracts)
+    assert out.startswith("fusion_jax: interrupted. Finished groups (w/groups/)") and out.endswith("to resume.")
+    assert ("any features extracted so far are kept" in out) is extracts
+    assert ("checkpoints/) are kept" in out) is not extracts
 
 
 def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):

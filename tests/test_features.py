@@ -171,6 +171,7 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     # new extractor version in both sides' keys.
     assert set(clip.image_key) == {"kind", "model", "model_files", "revision", "commit", "tokens", "normalized",
                                    "preprocess"}
+    assert set(clip.text_key) == set(clip.image_key) - {"preprocess"}
     monkeypatch.setattr(backbones, "EXTRACTOR_VERSION", 2)
     bumped = load_clip(str(tmp_path), None, batch_size=4, tokens=True)
     assert bumped.image_key == {**clip.image_key, "extractor": 2} and bumped.text_key == {**clip.text_key, "extractor": 2}

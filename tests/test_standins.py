@@ -10,7 +10,7 @@ from fusion_jax.features import backbones, standins
 from fusion_jax.sweep import train_and_evaluate
 
 
-def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
+def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch):
     assert standins.main(["--out", str(tmp_path), "--tiny", "--images", "24"]) == 0
     printed = capsys.readouterr().out
     for name in ("clip_sweep", "resnet_sweep", "noise_sweep"):
@@ -35,6 +35,14 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys):
     # Each side's cache key names only its own model: another text encoder leaves the image features cached.
     assert "text_model" not in resnet.image_key and "preprocess" not in resnet.text_key and "model" not in resnet.text_key
     assert resnet.image_key["commit"] is None  # a local folder (a hub model records the commit it was loaded at)
+    # The keys' fields as the caches made so far have them (a new field would orphan every entry).
+    assert set(resnet.image_key) == {"kind", "model", "model_files", "revision", "commit", "preprocess", "tokens"}
+    assert set(resnet.text_key) == {"kind", "text_model", "text_model_files", "text_commit", "tokens"}
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "EXTRACTOR_VERSION", 2)
+        bumped = backbones.load_resnet(str(models / "resnet"), str(models / "text"), None, batch_size=8, tokens=False)
+    assert bumped.image_key == {**resnet.image_key, "extractor": 2} and bumped.text_key == {**resnet.text_key,
+                                                                                          "extractor": 2}
     assert np.isfinite(images).all() and np.isfinite(texts).all()
 
     config = load_config("clip_sweep")
