@@ -1,8 +1,10 @@
 """How fast can a training step's matmuls run here at all? Each dense-layer product of a chunk of 2 runs
 at batch 32 (forward, weight gradient, input gradient where one is needed), timed alone at its own shape,
-in jax (XLA:CPU) and in torch (bmm), against the 4096² matmul peak the benchmark measures.
+in jax (XLA:CPU) and in torch (bmm, on 1 and on 2 threads), against the 4096² matmul peak the benchmark
+measures.
 
     python results/bench/cpu_profile/ceiling.py
+    taskset -c 0 python results/bench/cpu_profile/ceiling.py   # one core: which products jax spreads over two
 
 A step that did nothing but these products, each at its own best rate, would reach their FLOPs over the
 sum of their times: the "all dots" line per head. The shapes are the dense layers each head's compiled
@@ -10,6 +12,7 @@ step computes on 512 + 512 pooled features: profile.py's LAYERS less `cross`'s q
 which XLA drops there. Each product counts 2 x m x k x n FLOPs per run.
 """
 
+import os
 import time
 
 import jax
@@ -57,8 +60,10 @@ def jax_seconds(m: int, k: int, n: int, iters: int) -> float:
     return best / iters
 
 
-def torch_seconds(m: int, k: int, n: int, iters: int) -> float:
-    """Seconds per torch.bmm of the same shapes (best of ROUNDS Python loops, a call's overhead included)."""
+def torch_seconds(m: int, k: int, n: int, iters: int, threads: int) -> float:
+    """Seconds per torch.bmm of the same shapes on `threads` threads (best of ROUNDS Python loops, a call's
+    overhead included)."""
+    torch.set_num_threads(threads)
     a, b = torch.randn(RUNS, m, k), torch.randn(RUNS, k, n)
     out = torch.empty(RUNS, m, n)
     for _ in range(10):
@@ -72,26 +77,30 @@ def torch_seconds(m: int, k: int, n: int, iters: int) -> float:
     return best / iters
 
 
+SIDES = {"jax": jax_seconds, "torch 1 thread": lambda *a: torch_seconds(*a, threads=1),
+         "torch 2 threads": lambda *a: torch_seconds(*a, threads=2)}
+
+
 def main() -> None:
-    torch.set_num_threads(2)
     peak = bench.matmul_peak(4096)["gflops"]
-    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{jax.device_count()} jax cpu device(s); matmul peak (4096² float32, jax) {peak:.1f} GFLOP/s")
+    print(f"jax {jax.__version__}, torch {torch.__version__}, {jax.device_count()} jax cpu device(s), "
+          f"{len(os.sched_getaffinity(0))} core(s) this process may use; matmul peak (4096² float32, jax) "
+          f"{peak:.1f} GFLOP/s")
     for method in LAYERS:
-        print(f"\n{method}: products of a chunk of {RUNS} runs at batch {BATCH}")
-        print(f"  {'product':<16} {'MFLOP':>7} {'jax us':>8} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'torch us':>9} {'GFLOP/s':>8} {'% peak':>7}")
-        total = {"flops": 0.0, "jax": 0.0, "torch": 0.0}
+        print(f"\n{method}: products of a chunk of {RUNS} runs at batch {BATCH}; per side: us, GFLOP/s, % of the peak")
+        print(f"  {'product':<16} {'MFLOP':>6}" + "".join(f" | {side:^23}" for side in SIDES))
+        total = {"flops": 0.0, **{side: 0.0 for side in SIDES}}
         for name, m, k, n in products(method):
             flops = 2.0 * RUNS * m * k * n
             iters = max(50, int(2e10 / flops))  # about 0.1 s per round at 200 GFLOP/s
-            tj, tt = jax_seconds(m, k, n, iters), torch_seconds(m, k, n, iters)
             total["flops"] += flops
-            total["jax"] += tj
-            total["torch"] += tt
-            print(f"  {name:<16} {flops / 1e6:7.2f} {tj * 1e6:8.1f} {flops / tj / 1e9:8.1f} {100 * flops / tj / 1e9 / peak:7.1f} "
-                  f"{tt * 1e6:9.1f} {flops / tt / 1e9:8.1f} {100 * flops / tt / 1e9 / peak:7.1f}")
-        for side in ("jax", "torch"):
+            cells = []
+            for side, seconds in SIDES.items():
+                t = seconds(m, k, n, iters)
+                total[side] += t
+                cells.append(f" | {t * 1e6:7.1f} {flops / t / 1e9:7.1f} {100 * flops / t / 1e9 / peak:6.1f}")
+            print(f"  {name:<16} {flops / 1e6:6.2f}" + "".join(cells))
+        for side in SIDES:
             rate = total["flops"] / total[side] / 1e9
             print(f"  all dots, {side}: {total['flops'] / 1e6:.1f} MFLOP in {total[side] * 1e6:.0f} us per chunk-step "
                   f"= {rate:.1f} GFLOP/s, {100 * rate / peak:.1f}% of the peak")
