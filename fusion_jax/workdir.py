@@ -48,9 +48,9 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
                           f"{', '.join(changed)}); use a new workdir or remove that one")
 
 
-def _other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> ConfigError | None:
-    """The error for a workdir that holds a sweep of another config (its sweep.json, or a finished
-    results.json), or None. skip_locations: leave the data and model folders uncompared."""
+def _refuse_other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> None:
+    """Raise ConfigError for a workdir that holds a sweep of another config (its sweep.json, or a finished
+    results.json). skip_locations: leave the data and model folders uncompared."""
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
     if os.path.exists(path):
@@ -60,14 +60,13 @@ def _other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> Confi
         with open(results) as f:
             previous = json.load(f).get("config") or {}
     else:
-        return None
+        return
     previous = compared(previous)
     skip = {k for k in SAVED_LATER if k not in previous} | (set(_LOCATIONS) if skip_locations else set())
     changed = differing(previous, compared(config_dict), skip)
     if changed:
-        return ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
-                           f"{', '.join(changed)}); use a new workdir or remove that one")
-    return None
+        raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
+                          f"{', '.join(changed)}); use a new workdir or remove that one")
 
 
 def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
@@ -77,9 +76,7 @@ def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
     lock = os.path.join(workdir, f".lock-{index}")
     if fcntl is not None and (pid := _held_by(lock)):
         raise _in_use(workdir, f"process {index}", pid)
-    error = _other_sweep(workdir, config_dict, skip_locations=True)
-    if error is not None:
-        raise error
+    _refuse_other_sweep(workdir, config_dict, skip_locations=True)
     folder = os.path.abspath(workdir)
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
@@ -111,10 +108,8 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    error = _other_sweep(workdir, config_dict, skip_locations=features is not None
-                         and os.path.exists(os.path.join(workdir, "features.json")))
-    if error is not None:
-        raise error
+    _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
+                        and os.path.exists(os.path.join(workdir, "features.json")))
     if features is not None:
         _claim_features(workdir, features)
     if not os.path.exists(path):
