@@ -12,9 +12,9 @@ the aligned backbone at scales 2048 and 4096 and noise levels 0 and 0.1 at 4096 
 Two ways, one after the other (`--torch-first` swaps the order), in this process:
   a. fusion_jax: per (backbone, method) one compiled epoch (train_epoch over chunks of runs) for
      all the group's runs (scales x seeds x levels), built by groups.build_program as a sweep builds
-     it (run axis sharded over the local devices), the groups compiled ahead by worker threads while earlier
-     groups train; no checkpoints. The wall time runs from the first compilation to the last
-     evaluation.
+     it (run axis sharded over the local devices; on one CPU device, lanes of chunks side by side),
+     the groups compiled ahead by worker threads while earlier groups train; no checkpoints. The wall
+     time runs from the first compilation to the last evaluation.
   b. the reference (fusion_jax.bench_torch): tests/reference_torch.py's training loop (torch AdamW,
      CosineAnnealingLR per batch, batch 32), one run after another, on one GPU when jax has one
      (each run moves its features there, inside its timing), else on `--torch-threads` CPU threads
@@ -205,7 +205,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
                  "compile_s": program.compile_seconds + later.seconds,
                  "wait_s": t1 - t0 + later.waited, "setup_s": t2 - t1,
                  "train_s": t3 - t2, "epoch_s": epoch_s, "eval_s": t4 - t3 - later.waited,
-                 "slots": len(slot_steps), "runs_per_chunk": program.chunk,
+                 "slots": len(slot_steps), "runs_per_chunk": program.chunk, "lanes": program.train_epoch.lanes,
                  # useful work (each run's own steps), and what the program executed (chunks' idle slots)
                  "train_flops": step_flops[flops_key(group)] * sum(run_steps),
                  "executed_flops": step_flops[flops_key(group)] * executed_steps,
@@ -394,7 +394,8 @@ def markdown(r: dict) -> str:
              f"{100 * j['fraction_of_peak_steady']:.1f} | – |",
              f"| devices, threads | {r['device']['count']} jax {r['device']['platform']} device(s){devices_env}, "
              f"XLA's threads, chunks of {'/'.join(sorted({str(x.get('runs_per_chunk', '-')) for x in j['groups']}))} "
-             f"runs | {t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
+             f"runs, lanes {'/'.join(sorted({str(x.get('lanes', 1)) for x in j['groups']}))} | "
+             f"{t['threads'] if t['device'] == 'cpu' else '– (GPU)'} |",
              "| torch ms per concat step, 1 thread / all | – | "
              + " / ".join(f"{v:.2f}" for v in t["thread_check"].values()) + " |"]
     over = ("the runs the reference trained" if same else

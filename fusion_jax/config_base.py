@@ -42,6 +42,9 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     # Runs a device steps together, chunk after chunk (0: all of its runs on accelerators, 2 on CPUs,
     # whose caches then hold a chunk's parameters and moments). Results agree to float rounding.
     config.runs_per_chunk = 0
+    # On a CPU with one device: programs that each train a share of a group's chunks, side by side
+    # (0: one per core, at most one per chunk). The same numbers, bit for bit.
+    config.lanes = 0
     # Threads that compile the next groups while one trains (0: half the cores).
     config.compile_workers = 0
     # A folder for JAX's persistent compilation cache (empty: the process's own setting, by default
@@ -74,10 +77,11 @@ def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
 
 
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
-# count) nor its groups' names, which finished groups and checkpoints go by (split_by_scale and
-# max_runs_per_program change those, so a resume must keep them).
+# count; lanes: not at all) nor its groups' names, which finished groups and checkpoints go by
+# (split_by_scale and max_runs_per_program change those, so a resume must keep them).
 # checkpoint.keep: how many epochs' checkpoints stay on disk.
-NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "compilation_cache", "checkpoint.keep")
+NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "lanes", "compilation_cache",
+               "checkpoint.keep")
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
 # not compared against such a file.
 SAVED_LATER = ("split_by_scale",)

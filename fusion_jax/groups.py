@@ -4,20 +4,23 @@ A group is one (backbone, method) of the sweep (`plan`); its runs are all scales
 degradation levels, each run carrying its own pairs (see train.py). `build_program` lays a group's
 runs out on the devices in chunks (`layout`) and compiles its three programs (init, train_epoch,
 evaluate) from shapes alone; `CompiledAhead` builds the groups in worker threads while earlier
-groups train.
+groups train. On a CPU with one device, `Lanes` trains shares of the chunks side by side.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
+import math
 import os
 import threading
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -143,6 +146,15 @@ def runs_per_chunk(config: ml_collections.ConfigDict, on_cpu: bool) -> int:
     return 2 if on_cpu else 0
 
 
+def lanes(config: ml_collections.ConfigDict, platform: str, n_devices: int, n_runs: int, k: int) -> int:
+    """Programs that train shares of a device's chunks side by side (`Lanes`): on a CPU with one device,
+    config.lanes or (0) one per core, at most one per chunk of k runs; 1 on accelerators and on
+    several devices, whose programs already fill them."""
+    if platform != "cpu" or n_devices > 1:
+        return 1
+    return max(1, min(config.lanes or os.cpu_count() or 1, math.ceil(n_runs / k)))
+
+
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
     """A group's slots on `n_devices` devices in chunks of `k` runs: (run indices [n_devices * chunks
     * k], device after device, -1 for an empty slot; the chunk size used). k is at most a device's
@@ -171,9 +183,9 @@ class GroupProgram:
 
     slots: [slots] the run of each slot (-1: empty), in chunks of `chunk` runs; index: [runs] each
     run's slot; runs: host arrays [slots, ...] (an empty slot has no training or validation pairs);
-    state: the abstract state tree [slots, ...]; init / train_epoch / evaluate: the compiled programs
-    (evaluate a `Later` with build_program's evaluate_later); compile_seconds: of init and
-    train_epoch, and of evaluate when it was compiled then."""
+    state: the abstract state tree [slots, ...]; init / evaluate: the compiled programs (evaluate a
+    `Later` with build_program's evaluate_later); train_epoch: a `Lanes` over the compiled epoch
+    program; compile_seconds: of init and train_epoch, and of evaluate when it was compiled then."""
 
     group: Group
     trainer: Trainer
@@ -188,6 +200,38 @@ class GroupProgram:
     by_run: NamedSharding
     replicated: NamedSharding
     compile_seconds: float
+
+
+class Lanes:
+    """train_epoch over all slots as `lanes` calls of `program` side by side, one thread each, on equal
+    contiguous shares of the slots (layout's devices): (state, runs, data) -> (state, losses) [slots, ...].
+
+    XLA:CPU runs a program's kernels one after another and spreads only the large ones over the
+    cores, so a CPU's cores idle through a chunk's many small kernels; programs side by side fill
+    them. Each chunk computes what it computes in one program: the same numbers, bit for bit."""
+
+    def __init__(self, program: Callable, lanes: int):
+        self.program, self.lanes = program, lanes
+
+    def __call__(self, state, runs, data):
+        if self.lanes == 1:
+            return self.program(state, runs, data)
+        run = lambda share: jax.block_until_ready(self.program(*share, data))
+        with concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="fusion_jax-lane") as pool:
+            return _joined(list(pool.map(run, _shares((state, runs), self.lanes))))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shares(tree, n: int) -> list:
+    """tree's leaves cut into n equal shares along the slots axis: [n trees], in one program (one
+    dispatch, one compilation per group's shapes, where a slice per leaf compiles one program each)."""
+    return [jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:])[i], tree) for i in range(n)]
+
+
+@jax.jit
+def _joined(shares: list):
+    """The inverse of _shares: the shares' leaves concatenated along the slots axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *shares)
 
 
 def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
@@ -289,9 +333,9 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     batch, platform = config.train.batch_size, mesh.devices.flat[0].platform
-    on_cpu = platform == "cpu"
-    slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size,
-                      runs_per_chunk(config, on_cpu))
+    on_cpu, k = platform == "cpu", runs_per_chunk(config, platform == "cpu")
+    n_lanes = lanes(config, platform, mesh.size, len(group.runs), k)
+    slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size * n_lanes, k)
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
     for name in ("n_train", "n_val"):
         runs[name][slots < 0] = 0
@@ -309,8 +353,10 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     t0 = time.perf_counter()
     lowered = per_run(trainer.init, (0, None)).lower(runs_s, data_s)
     init, state_s = compile_program(lowered, once), shaped(lowered.out_info, by_run)
-    train_epoch = compile_program(jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(state_s, runs_s, data_s),
-                                  every)
+    share = lambda tree: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] // n_lanes, *x.shape[1:]), x.dtype, sharding=by_run), tree)
+    lowered = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(share(state_s), share(runs_s), data_s)
+    train_epoch = Lanes(compile_program(lowered, every), n_lanes)
     lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
     evaluate = (Later(f"group {group.name}: evaluate", lambda: compile_program(lowered, once)) if evaluate_later
                 else compile_program(lowered, once))

@@ -140,6 +140,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "max_runs_per_program", f"{config.max_runs_per_program} must be an integer >= 0 (0: no cap)")
     _require(_int(config.runs_per_chunk, 0), "runs_per_chunk",
              f"{config.runs_per_chunk} must be an integer >= 0 (0: 2 on CPUs, all of a device's runs otherwise)")
+    _require(_int(config.lanes, 0), "lanes",
+             f"{config.lanes} must be an integer >= 0 (0: one per core on a CPU with one device)")
     _require(_int(config.compile_workers, 0),
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
     _require(isinstance(config.compilation_cache, str), "compilation_cache",

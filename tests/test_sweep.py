@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -148,8 +149,9 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
         assert program.evaluate.seconds > 0
         others = [ahead.program(i) for i in range(1, 4)]
         assert [g.name for g in groups] == ["aligned-concat", "aligned-cross", "unaligned-concat", "unaligned-cross"]
-        assert others[1].train_epoch is program.train_epoch and others[1].init is program.init
-        assert others[2].train_epoch is others[0].train_epoch and others[0].train_epoch is not program.train_epoch
+        epoch = lambda p: p.train_epoch.program
+        assert epoch(others[1]) is epoch(program) and others[1].init is program.init
+        assert epoch(others[2]) is epoch(others[0]) and epoch(others[0]) is not epoch(program)
     assert (ahead.programs.compiled, ahead.programs.shared) == (6, 6)
     import fusion_jax.groups as groups_lib
 
@@ -319,6 +321,42 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
         state, _ = program.train_epoch(state, runs, data)
         np.testing.assert_array_equal(program.evaluate(state, runs, data),
                                       per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
+
+
+@pytest.mark.skipif(jax.device_count() > 1 or jax.devices()[0].platform != "cpu",
+                    reason="lanes run on a CPU with one device")
+def test_lanes_train_every_run_to_the_same_bits_as_one_program():
+    """Two lanes (two programs side by side, each over half of the chunks) give every run the state and
+    losses of one program over all chunks, bit for bit, in both heads, noise study included."""
+    from fusion_jax import bench
+
+    grid = bench.GRIDS["tiny"]
+    config, features = bench.bench_config(grid), bench.bench_features(grid, "aligned")
+    config.seeds = (42, 123)  # 4 runs in each group: 2 chunks of 2
+    for group in plan(config):
+        trained = []
+        for n in (1, 2):
+            config.lanes = n
+            program = build_program(config, group, features)
+            assert program.train_epoch.lanes == n
+            data, runs = group_data(features, program.replicated), jax.device_put(program.runs, program.by_run)
+            state = program.init(runs, data)
+            for _ in range(2):
+                state, losses = program.train_epoch(state, runs, data)
+            trained.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[program.index], (state, losses)))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, *trained)
+
+
+def test_lanes_by_default_one_per_core_and_chunk_on_a_one_device_cpu_only(monkeypatch):
+    from fusion_jax.groups import lanes
+
+    config = ml_collections.ConfigDict({"lanes": 0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert lanes(config, "cpu", 1, 9, 2) == 4 and lanes(config, "cpu", 1, 5, 2) == 3
+    assert lanes(config, "cpu", 1, 2, 2) == 1 and lanes(config, "cpu", 2, 9, 2) == 1
+    assert lanes(config, "gpu", 1, 9, 2) == 1
+    config.lanes = 2
+    assert lanes(config, "cpu", 1, 9, 2) == 2 and lanes(config, "cpu", 1, 9, 9) == 1
 
 
 def test_gpu_compiler_options_are_options_this_xla_knows():

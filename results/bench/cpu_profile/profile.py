@@ -58,6 +58,7 @@ def main() -> None:
         sys.exit("set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true (XLA:CPU's per-kernel trace events)")
     grid = bench.GRIDS["quick"]
     config = bench.bench_config(grid)
+    config.lanes = 1  # one program's kernels, one chunk after another (lanes would run two side by side)
     features = bench.bench_features(grid, "aligned")
     peak = bench.matmul_peak(grid.matmul_size)["gflops"]
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} cores; matmul peak "
@@ -75,7 +76,7 @@ def main() -> None:
         slot_steps = np.asarray([-(-int(n) // BATCH) for n in program.runs["n_train"]])
         run_steps = int(slot_steps.reshape(-1, program.chunk).max(axis=1).sum()) * program.chunk  # executed
         shapes = {(program.chunk, *x.shape[1:]) for x in jax.tree_util.tree_leaves(program.state["params"])}
-        kind = kinds(program.train_epoch.as_text(), shapes)
+        kind = kinds(program.train_epoch.program.as_text(), shapes)
         folder = tempfile.mkdtemp()
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             state, losses = program.train_epoch(state, runs, data)
