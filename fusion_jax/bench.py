@@ -244,13 +244,14 @@ def _totals(side: dict, peak_gflops: float) -> dict:
 def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_threads: int | None = None,
                   command: str | None = None, log: Callable[[str], None] = print, workers: int | None = None,
                   torch_runs: int | None = None, torch_first: bool = False, split_by_scale: bool = False,
-                  runs_per_chunk: int = 0, compilation_cache_dir: str | None = None, repeats: int = 1) -> dict:
+                  runs_per_chunk: int = 0, compilation_cache_dir: str | None = None, repeats: int = 1,
+                  lanes: int = 0) -> dict:
     """Time `grid` both ways, write <out_dir>/<device>[-grid].json and .md, and return the result.
 
     fusion_jax runs first, then the reference (`torch_first`: the other way round), `repeats` times
     in turn; each side reports its median run by wall time, and `repeats` records every wall time
-    (a shared machine's load moves single runs by a third). `split_by_scale` and `runs_per_chunk`
-    set the config fields of those names; `compilation_cache_dir`: JAX's persistent compilation
+    (a shared machine's load moves single runs by a third). `split_by_scale`, `runs_per_chunk` and
+    `lanes` set the config fields of those names; `compilation_cache_dir`: JAX's persistent compilation
     cache for fusion_jax's programs (`persistent_cache`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}")
@@ -264,7 +265,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     torch_device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     torch_threads = torch_threads or len(os.sched_getaffinity(0))
     config = bench_config(g)
-    config.runs_per_chunk, config.split_by_scale = runs_per_chunk, split_by_scale
+    config.runs_per_chunk, config.split_by_scale, config.lanes = runs_per_chunk, split_by_scale, lanes
     workers = workers or compile_workers(config)
     groups = plan(config)
     log(f"bench {grid}: {len(groups)} groups, {sum(len(x.runs) for x in groups)} runs, {g.epochs} epochs, "
@@ -308,7 +309,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "command": command, "source": source(), "grid_name": grid,
         "versions": {**versions(), "torch": torch.__version__},
         "order": "torch, then jax" if torch_first else "jax, then torch", "split_by_scale": split_by_scale,
-        "runs_per_chunk": runs_per_chunk,
+        "runs_per_chunk": runs_per_chunk, "lanes": lanes,
         "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
@@ -334,6 +335,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                         + (f"-x{repeats}" if repeats > 1 else "")
                         + ("-split-by-scale" if split_by_scale else "")
                         + (f"-chunk{runs_per_chunk}" if runs_per_chunk else "")
+                        + (f"-lanes{lanes}" if lanes else "")
                         + ("-cached" if compilation_cache_dir else ""))
     atomic_write_json(stem + ".json", result)
     atomic_write_text(stem + ".md", markdown(result))
@@ -476,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-per-chunk", type=int, default=0,
                         help="runs a device steps together, as config.runs_per_chunk (default 0: 2 on a CPU, "
                              "all of a device's runs on a GPU)")
+    parser.add_argument("--lanes", type=int, default=0,
+                        help="on a CPU with one jax device, programs side by side over shares of a group's "
+                             "chunks, as config.lanes (default 0: one per core, at most one per chunk)")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run both sides N times in turn and report each side's median run (a shared "
                              "machine's load moves single runs); output name gets -xN")
@@ -485,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="JAX's persistent compilation cache for fusion_jax's programs: run twice with the same "
                              "DIR to time them loaded instead of compiled (output name gets -cached)")
     args = parser.parse_args(argv)
-    for flag, value, low in (("--runs-per-chunk", args.runs_per_chunk, 0), ("--compile-workers", args.compile_workers, 1),
-                             ("--torch-threads", args.torch_threads, 1)):
+    for flag, value, low in (("--runs-per-chunk", args.runs_per_chunk, 0), ("--lanes", args.lanes, 0),
+                             ("--compile-workers", args.compile_workers, 1), ("--torch-threads", args.torch_threads, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, not {value}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
@@ -495,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
                       workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,
                       split_by_scale=args.split_by_scale, runs_per_chunk=args.runs_per_chunk,
-                      compilation_cache_dir=args.compilation_cache, repeats=args.repeats)
+                      compilation_cache_dir=args.compilation_cache, repeats=args.repeats, lanes=args.lanes)
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"fusion_jax.bench: error: {e}", file=sys.stderr)
         return 2

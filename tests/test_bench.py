@@ -114,7 +114,7 @@ def test_median_run_and_bad_repeats():
         bench.run_benchmark("tiny", "/nonexistent", repeats=0)
 
 
-@pytest.mark.parametrize("flag", ["--runs-per-chunk=-1", "--compile-workers=0", "--torch-threads=0"])
+@pytest.mark.parametrize("flag", ["--runs-per-chunk=-1", "--lanes=-1", "--compile-workers=0", "--torch-threads=0"])
 def test_bad_flags_are_refused_before_anything_runs(flag, capsys):
     from fusion_jax import bench
 
