@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                              "all of a device's runs on a GPU)")
     parser.add_argument("--lanes", type=int, default=0,
                         help="on a CPU with one jax device, programs side by side over shares of a group's "
-                             "chunks, as config.lanes (default 0: one per core, at most one per chunk)")
+                             "chunks, as config.lanes (default 0: one per core, at most one per full chunk)")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run both sides N times in turn and report each side's median run (a shared "
                              "machine's load moves single runs); output name gets -xN")
@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                              "DIR to time them loaded instead of compiled (output name gets -cached)")
     args = parser.parse_args(argv)
     for flag, value, low in (("--runs-per-chunk", args.runs_per_chunk, 0), ("--lanes", args.lanes, 0),
-                             ("--compile-workers", args.compile_workers, 1), ("--torch-threads", args.torch_threads, 1)):
+                             ("--compile-workers", args.compile_workers, 1),
+                             ("--torch-threads", args.torch_threads, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, not {value}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"

@@ -43,7 +43,7 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     # whose caches then hold a chunk's parameters and moments). Results agree to float rounding.
     config.runs_per_chunk = 0
     # On a CPU with one device: programs that each train a share of a group's chunks, side by side
-    # (0: one per core, at most one per chunk). The same numbers, bit for bit.
+    # (0: one per core, at most one per full chunk). The same numbers, bit for bit.
     config.lanes = 0
     # Threads that compile the next groups while one trains (0: half the cores).
     config.compile_workers = 0

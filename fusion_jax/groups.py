@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -148,11 +147,12 @@ def runs_per_chunk(config: ml_collections.ConfigDict, on_cpu: bool) -> int:
 
 def lanes(config: ml_collections.ConfigDict, platform: str, n_devices: int, n_runs: int, k: int) -> int:
     """Programs that train shares of a device's chunks side by side (`Lanes`): on a CPU with one device,
-    config.lanes or (0) one per core, at most one per chunk of k runs; 1 on accelerators and on
-    several devices, whose programs already fill them."""
+    config.lanes or (0) one per core this process may use, at most one per full chunk of k runs (so
+    that `layout` keeps chunks of k, and each chunk its bits); 1 on accelerators and on several
+    devices, whose programs already fill them."""
     if platform != "cpu" or n_devices > 1:
         return 1
-    return max(1, min(config.lanes or os.cpu_count() or 1, math.ceil(n_runs / k)))
+    return max(1, min(config.lanes or len(os.sched_getaffinity(0)), n_runs // k))
 
 
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
@@ -205,33 +205,31 @@ class GroupProgram:
 class Lanes:
     """train_epoch over all slots as `lanes` calls of `program` side by side, one thread each, on equal
     contiguous shares of the slots (layout's devices): (state, runs, data) -> (state, losses) [slots, ...].
+    split and join: compiled `shares` and `joined` of the group's shapes (None with one lane).
 
     XLA:CPU runs a program's kernels one after another and spreads only the large ones over the
     cores, so a CPU's cores idle through a chunk's many small kernels; programs side by side fill
     them. Each chunk computes what it computes in one program: the same numbers, bit for bit."""
 
-    def __init__(self, program: Callable, lanes: int):
-        self.program, self.lanes = program, lanes
+    def __init__(self, program: Callable, lanes: int, split: Callable | None = None, join: Callable | None = None):
+        self.program, self.lanes, self.split, self.join = program, lanes, split, join
 
     def __call__(self, state, runs, data):
         if self.lanes == 1:
             return self.program(state, runs, data)
         run = lambda share: jax.block_until_ready(self.program(*share, data))
         with concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="fusion_jax-lane") as pool:
-            return _joined(list(pool.map(run, _shares((state, runs), self.lanes))))
+            return self.join(list(pool.map(run, self.split((state, runs)))))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _shares(tree, n: int) -> list:
-    """tree's leaves cut into n equal shares along the slots axis: [n trees], in one program (one
-    dispatch, one compilation per group's shapes, where a slice per leaf compiles one program each)."""
+def shares(tree, n: int) -> list:
+    """tree's leaves [slots, ...] cut into n equal contiguous shares: n trees of [slots / n, ...]."""
     return [jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:])[i], tree) for i in range(n)]
 
 
-@jax.jit
-def _joined(shares: list):
-    """The inverse of _shares: the shares' leaves concatenated along the slots axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *shares)
+def joined(parts: list):
+    """The inverse of `shares`: n trees of [slots / n, ...] -> one of [slots, ...]."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
@@ -343,8 +341,9 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
                          noisy=group.noisy, skip_idle=on_cpu)
-    shaped = lambda tree, sharding: jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    shaped = lambda tree, sharding, lanes=1: jax.tree_util.tree_map(  # lanes: a lane's share of the slots
+        lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // lanes, *np.shape(x)[1:]), x.dtype, sharding=sharding),
+        tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)
     once, every = {"cpu": (ONCE_COMPILER_OPTIONS, None),
@@ -353,10 +352,13 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     t0 = time.perf_counter()
     lowered = per_run(trainer.init, (0, None)).lower(runs_s, data_s)
     init, state_s = compile_program(lowered, once), shaped(lowered.out_info, by_run)
-    share = lambda tree: jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct((x.shape[0] // n_lanes, *x.shape[1:]), x.dtype, sharding=by_run), tree)
-    lowered = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(share(state_s), share(runs_s), data_s)
+    lowered = jax.jit(_chunked(trainer.train_epoch, k, mesh)).lower(
+        shaped(state_s, by_run, n_lanes), shaped(runs_s, by_run, n_lanes), data_s)
     train_epoch = Lanes(compile_program(lowered, every), n_lanes)
+    if n_lanes > 1:  # compiled here, ahead, not in the first epoch
+        split = jax.jit(functools.partial(shares, n=n_lanes)).lower((state_s, runs_s))
+        join = jax.jit(joined).lower([shaped(lowered.out_info, by_run)] * n_lanes)
+        train_epoch.split, train_epoch.join = compile_program(split, once), compile_program(join, once)
     lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
     evaluate = (Later(f"group {group.name}: evaluate", lambda: compile_program(lowered, once)) if evaluate_later
                 else compile_program(lowered, once))
