@@ -152,7 +152,9 @@ def lanes(config: ml_collections.ConfigDict, platform: str, n_devices: int, n_ru
     devices, whose programs already fill them."""
     if platform != "cpu" or n_devices > 1:
         return 1
-    return max(1, min(config.lanes or len(os.sched_getaffinity(0)), n_runs // k))
+    # The cores this process may use (taskset, cgroups, SLURM); macOS has no affinity call.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(config.lanes or cores, n_runs // k))
 
 
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
