@@ -333,7 +333,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     mesh = mesh or run_mesh()
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     batch, platform = config.train.batch_size, mesh.devices.flat[0].platform
-    on_cpu, k = platform == "cpu", runs_per_chunk(config, platform == "cpu")
+    on_cpu = platform == "cpu"
+    k = runs_per_chunk(config, on_cpu)
     n_lanes = lanes(config, platform, mesh.size, len(group.runs), k)
     slots, k = layout([steps_per_epoch(pairs[r.scale].n_train, batch) for r in group.runs], mesh.size * n_lanes, k)
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
@@ -343,8 +344,8 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
                          noisy=group.noisy, skip_idle=on_cpu)
-    shaped = lambda tree, sharding, lanes=1: jax.tree_util.tree_map(  # lanes: a lane's share of the slots
-        lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // lanes, *np.shape(x)[1:]), x.dtype, sharding=sharding),
+    shaped = lambda tree, sharding, parts=1: jax.tree_util.tree_map(  # parts > 1: a lane's share of the slots
+        lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // parts, *np.shape(x)[1:]), x.dtype, sharding=sharding),
         tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)

@@ -272,7 +272,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                  ahead.programs.shared)
     if config.compilation_cache:
         log.info("compilation cache %s: %d XLA compilations loaded, %d compiled (each program is several: init, "
-                 "train, evaluate, and the lanes' split and join)", config.compilation_cache,
+                 "train, evaluate, and with lanes their split and join)", config.compilation_cache,
                  events["hits"], events["misses"])
     if index != 0:
         return None
