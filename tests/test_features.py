@@ -195,6 +195,19 @@ def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
     assert ids[0, -1] == len(tok) - 1 == model.config.text_config.eos_token_id
 
 
+@pytest.mark.parametrize("steps", [1, 2, 11])
+def test_fit_takes_any_number_of_steps_the_config_allows(steps):
+    """backbone.embedded.*_steps may be 1: the warm-up then leaves the cosine a step (it needs one)."""
+    import jax.numpy as jnp
+
+    from fusion_jax.features.embedded_models import fit
+
+    loss_fn = lambda params, state, data, key: (((params["w"] - data) ** 2).sum(), state)
+    params, _, losses = fit(loss_fn, {"w": jnp.zeros(3)}, jnp.ones(3), steps, 0.1, 0, "test")
+    assert losses.shape == (steps,) and np.isfinite(losses).all()
+    assert float(losses[0]) == 3.0 and float(((params["w"] - 1) ** 2).sum()) < 3.0
+
+
 def _main(args, env_extra, cwd=ROOT, timeout=120):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env_extra}
     return subprocess.run([sys.executable, "-m", "fusion_jax.main", *args], cwd=cwd, env=env,

@@ -87,8 +87,8 @@ def fit(loss_fn: Callable, params, data, steps: int, learning_rate: float, seed:
     """
     if steps == 0:
         return params, state, np.zeros(0, np.float32)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps),
-                     weight_decay=1e-4)
+    warmup = min(max(1, steps // 10), steps - 1)  # the cosine needs a step after the warmup
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, steps), weight_decay=1e-4)
 
     @jax.jit
     def step(params, opt_state, state, key):
