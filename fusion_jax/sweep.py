@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fusion_jax import degrade, distributed
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.data import FeatureSet, build_pairs, overlap
+from fusion_jax.data import FeatureSet, build_pairs, captioned_images, overlap
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write, atomic_write_json, safe_name
@@ -317,7 +317,7 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
     out = {}
     for b, fs in features.items():
         notes = out.setdefault(b, [])
-        uncaptioned = fs.n_images - len(np.unique(fs.caption_image))
+        uncaptioned = fs.n_images - len(captioned_images(fs.caption_image))
         if uncaptioned:
             notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
         for m in degrade.degraded(config.degradation.modality) if b in noisy else ():

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import ml_collections
-import numpy as np
 
 from fusion_jax import degrade, fusion
-from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, max_pairs, split_sizes
+from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, captioned_images, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.distributed import in_cluster
 
@@ -173,7 +172,7 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
     for label, fs in sets.items():
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
-        captioned = len(np.unique(fs.caption_image))
+        captioned = len(captioned_images(fs.caption_image))
         _require(limit or not by_image, "pairs.split_by",
                  f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images with a "
                  f"caption; {captioned} of its {fs.n_images} images have one, "

@@ -59,6 +59,11 @@ class _Pool:
                 np.concatenate([np.ones(n_pos), np.zeros(n - n_pos)]))
 
 
+def captioned_images(caption_image: np.ndarray) -> np.ndarray:
+    """The images that have a caption, sorted [n_captioned]: the only ones pairs and retrieval draw."""
+    return np.unique(caption_image)
+
+
 def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.random.Generator) -> _Pool:
     """The master lists of the captions of `images` (image ids); negatives draw another image of the set."""
     if len(images) < 2:
@@ -95,7 +100,7 @@ def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_frac
         raise ValueError(f"split_by {split_by!r}; allowed: {', '.join(SPLITS)}")
     if len(caption_image) and not 0 <= caption_image.min() <= caption_image.max() < n_images:
         raise ValueError(f"caption_image holds image ids outside [0, {n_images})")
-    captioned = np.unique(caption_image)  # the images pairs may draw, sorted
+    captioned = captioned_images(caption_image)
     if len(captioned) < 2:
         return ()
     if split_by == "image":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusion_jax.data.featureset import FeatureSet
+from fusion_jax.data.pairs import captioned_images
 
 
 def _pooled(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -30,8 +31,7 @@ def retrieval_recall(fs: FeatureSet, ks: tuple[int, ...] = (1, 5), max_images: i
         return {"defined": False, "reason": f"image features are {image.shape[-1]}-d and text features "
                 f"{text.shape[-1]}-d: no shared space, so zero-shot retrieval is undefined"}
     rng = np.random.default_rng(seed)
-    captioned = np.flatnonzero(np.bincount(fs.caption_image, minlength=fs.n_images) > 0)
-    images = np.sort(rng.permutation(captioned)[:max_images])
+    images = np.sort(rng.permutation(captioned_images(fs.caption_image))[:max_images])
     captions = np.flatnonzero(np.isin(fs.caption_image, images))
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     sims = unit(image[images].astype(np.float64)) @ unit(text[captions].astype(np.float64)).T
