@@ -191,7 +191,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             t3 = time.perf_counter()
             counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
-            accuracies = [accuracy(c) for c in counts]  # in the group's run order
+            accuracies = [accuracy(c[:4]) for c in counts]  # in the group's run order
             later = program.evaluate  # a groups.Later: CompiledAhead compiles it after handing the group over
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 
 KINDS = ("none", "gaussian")
 MODALITIES = ("image", "text", "both")
+# The largest noise level: far past pure noise (the paper's largest is 0.5), and far below where the float32
+# norm of a noisy feature vector overflows (about 1e19 / sqrt(d)).
+MAX_LEVEL = 1e6
 
 
 def degraded(modality: str) -> tuple[str, ...]:

@@ -104,11 +104,13 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
         raise
     ckpt.close()
     counts = np.asarray(program.evaluate(state, runs, data))[index]
+    # A step's loss comes before its update: the last update can diverge with every loss finite.
+    _stop_unless_finite(group, counts[:, 4] == 0, "validation logits after training")
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
 
     records, code = [], source()
     for spec, c, loss, n, k in zip(group.runs, counts, last_loss, n_train, run_steps):
-        m = metrics_lib.binary_metrics(*c)
+        m = metrics_lib.binary_metrics(*c[:4])
         records.append({
             "backbone": spec.backbone, "method": spec.method, "scale": spec.scale, "seed": spec.seed,
             "degradation": {"kind": spec.kind, "level": spec.level},
@@ -149,10 +151,7 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
         state, losses = program.train_epoch(state, runs, data)
         losses = np.asarray(losses)[index]
         seconds += time.perf_counter() - t0
-        bad = [r for r, ok in zip(group.runs, np.isfinite(losses).all(axis=1)) if not ok]
-        if bad:
-            raise NonFinite(f"group {group.name}: non-finite training loss in epoch {epoch + 1} of runs "
-                            + ", ".join(f"(scale {r.scale}, seed {r.seed}, level {r.level:g})" for r in bad))
+        _stop_unless_finite(group, np.isfinite(losses).all(axis=1), f"training loss in epoch {epoch + 1}")
         last_loss = np.asarray([row[:k].mean() for row, k in zip(losses, run_steps)], np.float32)
         by_group = jax.tree_util.tree_map(lambda x: x[index], jax.device_get(state))
         ckpt.save(epoch + 1, {"state": by_group, "seconds": np.float32(seconds), "last_loss": last_loss})
@@ -162,6 +161,14 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
             ckpt.wait()
             on_epoch(group, epoch + 1)
     return state, seconds, last_loss
+
+
+def _stop_unless_finite(group: Group, finite: np.ndarray, what: str) -> None:
+    """Raise NonFinite naming the runs of `group` where `finite` [runs] is False."""
+    bad = [r for r, ok in zip(group.runs, finite) if not ok]
+    if bad:
+        raise NonFinite(f"group {group.name}: non-finite {what} of runs "
+                        + ", ".join(f"(scale {r.scale}, seed {r.seed}, level {r.level:g})" for r in bad))
 
 
 class Stopped(KeyboardInterrupt):

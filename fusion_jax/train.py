@@ -40,9 +40,10 @@ _INIT, _SHUFFLE, _DROPOUT, _NOISE = range(4)
 class Trainer(NamedTuple):
     """Pure functions of one method, to jit.
 
-    init(run, data) -> state and evaluate(state, run, data) -> counts [4] = (tp, fp, fn, tn) on the
-    run's validation pairs take one run: vmap them over runs. train_epoch(state, runs, data) ->
-    (state, losses [k, steps_per_epoch]) takes a chunk of k runs (state and runs stacked [k, ...]);
+    init(run, data) -> state and evaluate(state, run, data) -> counts [5] = (tp, fp, fn, tn, pairs
+    with a non-finite logit) on the run's validation pairs take one run: vmap them over runs.
+    train_epoch(state, runs, data) -> (state, losses [k, steps_per_epoch]) takes a chunk of k runs
+    (state and runs stacked [k, ...]);
     the losses of steps past a run's own are 0; skip_idle: whether it skips the steps past a chunk's
     longest run (see make_train).
     """
@@ -236,7 +237,8 @@ def make_train(config: ml_collections.ConfigDict, method: str, max_train: int, m
                                 *inputs(data, run, pairs["image_idx"][r], pairs["caption_idx"][r]))
             pred, label = jnp.argmax(logits, -1) == 1, pairs["label"][r] == 1
             return jnp.stack([(valid & pred & label).sum(), (valid & pred & ~label).sum(),
-                              (valid & ~pred & label).sum(), (valid & ~pred & ~label).sum()])
+                              (valid & ~pred & label).sum(), (valid & ~pred & ~label).sum(),
+                              (valid & ~jnp.isfinite(logits).all(-1)).sum()])
 
         return jax.lax.map(chunk, rows).sum(0)
 

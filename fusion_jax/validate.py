@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
+import numpy as np
 
 from fusion_jax import degrade, fusion
 from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, captioned_images, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.distributed import in_cluster
+from fusion_jax.files import safe_name
 
 
 class ConfigError(ValueError):
@@ -48,7 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field that does not need the features; raise ConfigError on the first mistake."""
     from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
 
-    _require(bool(config.name) and "/" not in config.name, "name", "must be a non-empty name without '/'")
+    _require(bool(config.name) and "/" not in config.name and config.name not in (".", ".."), "name",
+             f"{config.name!r} must be a non-empty name without '/', not '.' or '..' (results/<name> is its folder)")
     _require(config.features in SOURCES, "features",
              f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
     if config.features == "npz":
@@ -70,10 +74,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             hint = ("" if "quoted tuple" in str(e) or not any(c in str(b) for c in ",()'\"") else
                     "; several names are a quoted tuple of strings, \"--config.backbones=('a','b')\"")
             raise ConfigError("backbones", str(e) + hint) from None
+    files = {}  # groups/, checkpoints/ and t-SNE samples are named by safe_name(backbone)
+    for b in config.backbones:
+        other = files.setdefault(safe_name(b), b)
+        _require(other == b, "backbones", f"{other!r} and {b!r} are the same file name, {safe_name(b)!r} (a "
+                 "backbone's groups, checkpoints and t-SNE sample are named by it): rename one")
     for m in _distinct_nonempty(config.methods, "methods"):
         _require(m in fusion.METHODS, "methods", f"unknown method {m!r}; allowed: {', '.join(fusion.METHODS)}")
     for s in _distinct_nonempty(config.seeds, "seeds"):
-        _require(isinstance(s, int) and 0 <= s < 2**31, "seeds", f"seed {s!r} must be an integer in [0, 2^31)")
+        _require(_int(s, 0) and s < 2**31, "seeds", f"seed {s!r} must be an integer in [0, 2^31)")
     for s in _distinct_nonempty(config.scales, "scales"):
         _require(_int(s, 1), "scales", f"scale {s!r} must be a positive integer")
 
@@ -83,8 +92,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(d.modality in degrade.MODALITIES, "degradation.modality",
              f"unknown modality {d.modality!r}; allowed: {', '.join(degrade.MODALITIES)}")
     for level in _distinct_nonempty(d.levels, "degradation.levels"):
-        _require(_finite(level) and level >= 0,
-                 "degradation.levels", f"level {level!r} must be a finite number >= 0")
+        _require(_finite(level) and 0 <= level <= degrade.MAX_LEVEL, "degradation.levels",
+                 f"level {level!r} must be a number >= 0 and <= {degrade.MAX_LEVEL:g} (sigma, against unit-norm features)")
+    in_runs = [float(np.float32(level)) for level in d.levels]
+    _require(len(set(in_runs)) == len(in_runs), "degradation.levels",
+             f"{tuple(d.levels)} are not distinct in float32, the precision of a run's level")
     for b in _distinct(d.backbones, "degradation.backbones"):
         _require(b in config.backbones, "degradation.backbones", f"{b!r} is not in backbones {tuple(config.backbones)}")
     for s in _distinct(d.scales, "degradation.scales"):
@@ -143,8 +155,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.lanes} must be an integer >= 0 (0: one per core on a CPU with one device)")
     _require(_int(config.compile_workers, 0),
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
-    _require(isinstance(config.compilation_cache, str), "compilation_cache",
-             f"{config.compilation_cache!r} must be a folder's path (empty: none)")
+    cache = config.compilation_cache
+    _require(isinstance(cache, str) and not (cache and os.path.exists(cache) and not os.path.isdir(cache)),
+             "compilation_cache", f"{cache!r} must be a folder's path (empty: none), not a file's")
     _require(_int(config.checkpoint.keep, 1), "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
     for field in ("timeout_seconds", "wait_seconds"):

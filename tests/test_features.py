@@ -316,6 +316,20 @@ def test_retrieval_leaves_out_images_without_a_caption():
     assert retrieval_recall(FeatureSet(image, image[full], full), max_images=6)["n_images"] == 6
 
 
+def test_retrieval_chance_over_fewer_captions_than_k():
+    """k past the gallery's size: chance is 1 (every caption drawn), with no division by zero."""
+    import warnings
+
+    from fusion_jax.data.featureset import FeatureSet
+    from fusion_jax.features.alignment import retrieval_recall
+
+    image = np.eye(3, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recall = retrieval_recall(FeatureSet(image, image, np.arange(3)), ks=(1, 5))
+    assert recall["chance@5"] == 1.0 and recall["recall@5"] == 1.0 and abs(recall["chance@1"] - 1 / 3) < 1e-12
+
+
 EXTRACT = """
 import sys, numpy as np
 from fusion_jax.data.embedded import generate_embedded

@@ -65,8 +65,9 @@ def _train_jax(trainer, runs, data, epochs):
     for _ in range(epochs):
         state, epoch_losses = train_epoch(state, runs, data)
         losses.append(np.asarray(epoch_losses))
-    counts = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(state, runs, data)
-    return init_params, np.concatenate(losses, axis=1), np.asarray(counts)
+    counts = np.asarray(jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(state, runs, data))
+    assert not counts[:, 4].any()  # every validation logit finite
+    return init_params, np.concatenate(losses, axis=1), counts[:, :4]
 
 
 def _epoch_orders(key, n_train, epochs):

@@ -486,6 +486,19 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     assert not (workdir / "results.json").exists()
 
 
+def test_a_last_update_that_diverges_fails_its_group_instead_of_scoring_nan_logits(smoke_config, tmp_path):
+    """A step's loss comes before its update: one step at a huge learning rate leaves every loss finite and
+    the head's logits NaN. Its group fails, naming the runs, rather than reporting NaN logits as negatives."""
+    config = smoke_config
+    config.backbones, config.methods, config.scales, config.seeds = ("aligned",), ("concat",), (128,), (42,)
+    config.degradation.levels, config.train.epochs, config.train.batch_size = (0.0,), 1, 102  # one step
+    config.train.learning_rate = 1e38
+    results = train_and_evaluate(config, str(tmp_path))
+    assert not results["runs"] and len(results["failed_groups"]) == 1, results
+    assert "non-finite validation logits after training of runs (scale 128, seed 42, level 0)" in \
+        results["failed_groups"][0]["error"]
+
+
 def test_a_failing_checkpoint_close_does_not_hide_the_groups_nan_loss(smoke_config, tmp_path, monkeypatch, caplog):
     """A training error (here a loss gone NaN at a huge learning rate) is what the group records, even
     when closing its checkpoints fails too; the close failure is logged."""

@@ -44,7 +44,7 @@ def retrieval_recall(fs: FeatureSet, ks: tuple[int, ...] = (1, 5), max_images: i
         out[f"recall@{k}"] = float(hits[:, :k].any(axis=1).mean())
         # 1 - P(no own caption among k random draws without replacement from the gallery)
         p_miss = np.ones(len(images))
-        for j in range(k):
+        for j in range(min(k, g)):  # all g drawn: p_miss is then 0
             p_miss *= np.clip((g - own - j) / (g - j), 0, 1)
         out[f"chance@{k}"] = float((1 - p_miss).mean())
     return out
