@@ -460,6 +460,20 @@ def _cache_note(cache: dict) -> str:
             f"misses: {state}).")
 
 
+def _unwritable_folder(path: str) -> str | None:
+    """Why `path` cannot be a folder to write into, made if missing (None: it can)."""
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK) else "is a folder this user cannot write to"
+    if os.path.exists(path):
+        return "is a file, not a folder"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be made: {parent!r} is a file"
+    return None if os.access(parent, os.W_OK) else f"cannot be made: {parent!r} is not writable"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: `python -m fusion_jax.bench [--quick | --tiny] [--out=DIR] [--torch-threads=N]`."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.bench", description=__doc__.splitlines()[0])
@@ -495,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                              ("--torch-threads", args.torch_threads, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, not {value}")
+    for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
+        problem = folder is not None and _unwritable_folder(folder)
+        if problem:  # now, not after the run
+            parser.error(f"{flag}: {folder!r} {problem}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:

@@ -77,6 +77,8 @@ def parse_flags(argv: list[str]) -> list[str]:
                   file=sys.stderr)
     except OSError as e:  # an override applied to a config file that did not load: say why it did not
         print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - anything else the config file raised (an import, its syntax)
+        print(f"fusion_jax: error: cannot load --config: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+from typing import Any
 
 import jax
 
@@ -380,14 +381,16 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
         lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+.2f} | {min(d):+.2f} | {max(d):+.2f} |")
     comps = [tables.comparison_index(r) for r in (results, other)]
     both = [k for k in comps[0] if k in comps[1]]
-    side = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither"
-    count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in ("concat", "cross", "neither"))
+    sides = ("concat", "cross", "neither", "untested")
+    side = lambda c: ("untested" if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else
+                      tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither")
+    count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in sides)
     lines += ["", "## Who is ahead (p < 0.05, or the same gap on every seed), over the comparisons both hold", ""]
     if not both:
         lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
     else:
-        lines += [f"| backbone | comparisons | {other_name}: concat / cross / neither | {name}: concat / cross / "
-                  "neither | changed side |", "|---|---:|---|---|---:|"]
+        lines += [f"| backbone | comparisons | {other_name}: {' / '.join(sides)} | {name}: {' / '.join(sides)} "
+                  "| changed side |", "|---|---:|---|---|---:|"]
     for b in dict.fromkeys(k[0] for k in both):
         keys = [k for k in both if k[0] == b]
         lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "
@@ -399,19 +402,57 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     return "\n".join(lines) + "\n"
 
 
+_NUMBER = (int, float)
+# What the report reads of results.json (as write_results writes it), checked before anything is written.
+_TOP_FIELDS = {"config": dict, "runs": list, "summary": list, "comparisons": list, "backbones": dict, "device": dict,
+               "versions": dict}
+_RUN_FIELDS = {"backbone": str, "method": str, "scale": int, "seed": int, "degradation": dict, "metrics": dict,
+               "majority_baseline": _NUMBER, "params": int, "train_seconds": _NUMBER}
+
+
+def results_problem(results: Any) -> str | None:
+    """What keeps a report from being drawn from `results` (a results.json's content, hand-edited or from
+    another tool), in a few words; None when it has every field the report reads, of its type."""
+    kind = lambda types: " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+    wrong = lambda x, types: not isinstance(x, types) or isinstance(x, bool)
+    if not isinstance(results, dict):
+        return f"holds a JSON {type(results).__name__}, not an object"
+    for name, types in _TOP_FIELDS.items():
+        if wrong(results.get(name), types):
+            return f"has no {name!r} {kind(types)}"
+    for i, run in enumerate(results["runs"]):
+        if not isinstance(run, dict):
+            return f"run {i} is not an object"
+        for name, types in _RUN_FIELDS.items():
+            if wrong(run.get(name), types):
+                return f"run {i} has no {name!r} {kind(types)}"
+        for name in metrics_lib.METRICS:
+            if wrong(run["metrics"].get(name), _NUMBER):
+                return f"run {i} has no number metrics.{name}"
+        if not isinstance(run["degradation"].get("kind"), str) or wrong(run["degradation"].get("level"), _NUMBER):
+            return f"run {i} has no degradation kind and level"
+    return None
+
+
 def _read_results(folder: str, flag: str = "--workdir") -> dict:
-    """FOLDER/results.json, or exit 2 with one line saying why not."""
+    """FOLDER/results.json, or exit 2 with one line saying why not (results_problem: before anything is
+    written)."""
     path = os.path.join(folder, "results.json")
     if not os.path.isfile(path):
-        why = "no results.json in" if os.path.isdir(folder) else "no such folder:"
+        why = ("no results.json in" if os.path.isdir(folder) else "not a folder:" if os.path.exists(folder)
+               else "no such folder:")
         print(f"fusion_jax.report: error: {flag}: {why} {folder!r}", file=sys.stderr)
         sys.exit(2)
     try:
         with open(path) as f:
-            return json.load(f)
+            results = json.load(f)
     except json.JSONDecodeError as e:
         print(f"fusion_jax.report: error: {path} is not valid JSON ({e})", file=sys.stderr)
         sys.exit(2)
+    if problem := results_problem(results):
+        print(f"fusion_jax.report: error: {path} {problem}, as a sweep writes it", file=sys.stderr)
+        sys.exit(2)
+    return results
 
 
 def main(argv: list[str]) -> None:

@@ -123,6 +123,19 @@ def test_bad_flags_are_refused_before_anything_runs(flag, capsys):
     assert e.value.code == 2 and f"{flag.split('=')[0]} must be at least" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--compilation-cache"])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(flag, tmp_path, capsys):
+    from fusion_jax import bench
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", f"--out={tmp_path / 'out'}", f"{flag}={tmp_path / 'a_file'}"])
+    assert e.value.code == 2 and f"{flag}: '{tmp_path / 'a_file'}' is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", f"--out={tmp_path / 'out'}", f"{flag}={tmp_path / 'a_file' / 'below'}"])
+    assert "cannot be made: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_reference_time_is_estimated_only_when_runs_were_left_out():
     """--torch-runs N trains N runs per (group, scale): with every run trained the time is measured,
     not marked estimated; with fewer it is estimated, overhead included; 0 is refused."""

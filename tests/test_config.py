@@ -228,6 +228,15 @@ def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]
 
 
+def test_a_config_file_that_fails_to_import_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import not_a_module_of_fusion_jax\n\ndef get_config():\n    return None\n")
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", f"--config={tmp_path / 'broken.py'}",
+                           f"--workdir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == ("fusion_jax: error: cannot load --config: ModuleNotFoundError: "
+                                                            "No module named 'not_a_module_of_fusion_jax'"), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_flag_repeated_through_a_flagfile_is_refused_and_two_flagfiles_are_not(tmp_path):
     (tmp_path / "a.flags").write_text("--config.scales=512\n")
     (tmp_path / "b.flags").write_text("--config.train.epochs=0\n")  # invalid: stops at validation

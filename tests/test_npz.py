@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -59,6 +60,8 @@ BAD = [
      "image_mask has rows with no real token (rows [2, 3, 4, 5, 6])"),
     (lambda f: f.update(image=f["image"][:, :0]), "image has shape (150, 0): it needs rows, and features of at"),
     (lambda f: f.update(text=f["text"][:0], caption_image=f["caption_image"][:0]), "text has shape (0, 16): it needs"),
+    (lambda f: f.update(image=np.float32(1)), "image has shape (); expected [n, d] (pooled) or [n, tokens, d]"),
+    (lambda f: f.update(text=f["text"][:, 0]), "text has shape (450,); expected [n, d] (pooled) or [n, tokens, d]"),
 ]
 
 
@@ -77,6 +80,7 @@ def test_a_bad_file_is_named_with_what_is_wrong(tmp_path, change, message):
     (b"", "cannot be read as .npz: it is not a zip archive of arrays as np.savez writes (it is empty)"),
     (b"PK\x03\x04broken", "cannot be read as .npz ("), (None, "holds one array")])
 def test_not_an_npz_file(tmp_path, content, message):
+    """Files that np.load cannot read as np.savez writes them: one line naming the file, never a traceback."""
     path = tmp_path / "broken.npz"
     if content is None:
         with open(path, "wb") as f:
@@ -84,6 +88,15 @@ def test_not_an_npz_file(tmp_path, content, message):
     else:
         path.write_bytes(content)
     with pytest.raises(DataUnavailableError, match=re.escape(message)):
+        load(str(path))
+
+
+def test_a_zip_of_other_files_is_not_npz(tmp_path):
+    path = tmp_path / "zipped.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for name in ("image", "text", "caption_image"):
+            z.writestr(f"{name}.npy", b"not an array")
+    with pytest.raises(DataUnavailableError, match=re.escape("array(s) caption_image, image, text: not .npy data")):
         load(str(path))
 
 
@@ -98,6 +111,11 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
         train_and_evaluate(_config(tmp_path / "nowhere", ("a",)), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="without its .npz ending"):
         train_and_evaluate(_config(tmp_path, ("a.npz",)), str(tmp_path / "out"))
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ConfigError, match=r"config.backbones: '.*d.npz' \(backbone 'd'\) is a folder, not a file"):
+        train_and_evaluate(_config(tmp_path, ("d",)), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"config.backbones: no features file .*'c'; npz.dir holds: a, b$"):
+        train_and_evaluate(_config(tmp_path, ("c",)), str(tmp_path / "out"))  # a folder is not a backbone
     np.savez(tmp_path / "clip l14.npz", **_features())  # would share group names with clip_l14
     with pytest.raises(ConfigError, match=r"backbone 'clip l14': a file name of letters, digits and _ . = - only"):
         train_and_evaluate(_config(tmp_path, ("clip l14",)), str(tmp_path / "out"))

@@ -404,12 +404,40 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
         assert "not significant at 2 seeds" in t1 + t2
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r["runs"][3].pop("metrics"), "run 3 has no 'metrics' dict"),
+    (lambda r: r["runs"][0]["metrics"].update(accuracy=None), "run 0 has no number metrics.accuracy"),
+    (lambda r: r["runs"][1]["metrics"].update(f1="0.5"), "run 1 has no number metrics.f1"),
+    (lambda r: r["runs"][2].pop("train_seconds"), "run 2 has no 'train_seconds' int or float"),
+    (lambda r: r["runs"][2].update(seed=True), "run 2 has no 'seed' int"),
+    (lambda r: r["runs"][0]["degradation"].pop("level"), "run 0 has no degradation kind and level"),
+    (lambda r: r.pop("summary"), "has no 'summary' list"),
+    (lambda r: r.update(device=None), "has no 'device' dict"),
+    (lambda r: r.clear(), "has no 'config' dict"),
+])
+def test_results_a_report_cannot_be_drawn_from_are_named(edit, problem):
+    from fusion_jax.report import results_problem
+
+    results = fake_results()
+    assert results_problem(results) is None and results_problem([]) == "holds a JSON list, not an object"
+    edit(results)
+    assert results_problem(results) == problem
+
+
 def test_cli_without_results_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("fusion_jax.report: error: --workdir: no results.json in")
+    results = fake_results()
+    results["runs"][0].pop("params")
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"fusion_jax.report: error: {tmp_path / 'results.json'} run 0 has no 'params' int, as a sweep writes it")
+    assert os.listdir(tmp_path) == ["results.json"]  # nothing written
     done = subprocess.run([sys.executable, "-m", "fusion_jax.report"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == ("fusion_jax.report: error: --workdir=DIR is required: a "
@@ -440,7 +468,10 @@ def test_against_another_sweep(tmp_path):
     cell = base["summary"][1]
     assert f"| aligned | {cell['method']} | {cell['scale']} | 0 | 78.4 | 78.4 | +0.1 |" in md  # rounded after subtracting
     assert f"| aligned | 4 | {(1 + 0.08 + 1 - 3) / 4:+.2f} | -3.00 | +1.00 |" in md
-    assert "| aligned | 2 | 2 / 0 / 0 | 1 / 0 / 1 | 1 |" in md
+    assert "| aligned | 2 | 2 / 0 / 0 / 0 | 1 / 0 / 1 / 0 | 1 |" in md
+    one_seed = json.loads(json.dumps(other))
+    one_seed["comparisons"][1]["n_seeds"] = 1  # untested, not "neither" (as summary.md says)
+    assert "| aligned | 2 | 2 / 0 / 0 / 0 | 0 / 0 / 1 / 1 | 2 |" in against_markdown(one_seed, base, "b", "a", "cmd")
     apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
     assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
     no_comparisons = {**other, "comparisons": []}  # one method only, say

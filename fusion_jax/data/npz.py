@@ -41,7 +41,8 @@ def check_dir(directory: str) -> None:
 
 def names(directory: str) -> list[str]:
     """The backbone names of npz.dir: its .npz files without the ending."""
-    return sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npz"))
+    return sorted(f[:-4] for f in os.listdir(directory)
+                  if f.endswith(".npz") and os.path.isfile(os.path.join(directory, f)))
 
 
 def check(directory: str, backbone: str) -> None:
@@ -54,6 +55,8 @@ def check(directory: str, backbone: str) -> None:
             raise ValueError(f"backbone {backbone!r}: several names must be a quoted tuple of strings, "
                              f"\"--config.backbones=('a','b')\"")
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
+    if os.path.isdir(feature_file(directory, backbone)):
+        raise ValueError(f"{feature_file(directory, backbone)!r} (backbone {backbone!r}) is a folder, not a file")
     if not os.path.isfile(feature_file(directory, backbone)):
         found = names(directory)
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
@@ -88,9 +91,13 @@ def load(path: str) -> FeatureSet:
             if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
                 raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
             arrays = {n: z[n] for n in names}
+        if not_arrays := sorted(n for n, x in arrays.items() if not isinstance(x, np.ndarray)):
+            raise bad(f"array(s) {', '.join(not_arrays)}: not .npy data (np.savez writes each array as .npy)")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise bad(f"cannot be read as .npz ({type(e).__name__}: {e})") from None
     for n in ("image", "text"):
+        if arrays[n].ndim not in (2, 3):
+            raise bad(f"{n} has shape {arrays[n].shape}; expected [n, d] (pooled) or [n, tokens, d]")
         if not np.issubdtype(arrays[n].dtype, np.floating):
             raise bad(f"{n} has dtype {arrays[n].dtype}; expected floating point")
         if arrays[n].ndim in (2, 3) and 0 in arrays[n].shape:
