@@ -139,6 +139,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         emb = config.backbone.embedded
         for field, low in (("n_images", 2), ("seed", 0), ("clip_steps", 1), ("resnet_steps", 1), ("text_steps", 1)):
             _require(_int(emb[field], low), f"backbone.embedded.{field}", f"{emb[field]!r} must be an integer >= {low}")
+        b = config.backbone
+        trains_embedded = "embedded" in (b.clip.model, b.resnet.model, b.resnet.text_model)
+        _require(not (config.features == "embedded" and trains_embedded and emb.seed == config.data.embedded_seed),
+                 "backbone.embedded.seed", f"{emb.seed} must differ from data.embedded_seed: the embedded backbones "
+                 "would train on the sweep's own images")
         _require(_int(config.backbone.batch_size, 1),
                  "backbone.batch_size", "must be an integer >= 1")
     h = config.head

@@ -348,3 +348,13 @@ def test_invalid_embedded_values_are_one_line_errors(tmp_path, field, value):
     with pytest.raises(ConfigError, match=rf"config\.{field}: {value!r} must be an integer >= "):
         train_and_evaluate(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_embedded_backbones_never_train_on_the_sweeps_own_images(tmp_path):
+    """The embedded dataset of one seed is a prefix of the same seed's larger one: the backbones' seed must
+    differ from the sweep's (the demo: 1 and 0)."""
+    config = load_config("demo", "smoke")
+    config.backbone.embedded.seed = config.data.embedded_seed
+    with pytest.raises(ConfigError, match=r"config\.backbone\.embedded\.seed: 0 must differ from data.embedded_seed"):
+        train_and_evaluate(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

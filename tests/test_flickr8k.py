@@ -79,6 +79,14 @@ def test_load_image(root):
         assert image.dtype == np.uint8 and image.shape == (h, w, 3)
 
 
+@pytest.mark.parametrize("pixels", [np.zeros((4, 4), np.uint16), np.zeros((4, 4), np.int32),
+                                    np.zeros((4, 4), np.float32)])
+def test_images_of_more_than_8_bits_are_unreadable_not_clipped_white(pixels):
+    with pytest.raises(BadImageError, match="not 8-bit"):
+        flickr8k._decode("x.jpg", lambda: Image.fromarray(pixels))
+    assert flickr8k._decode("x.jpg", lambda: Image.fromarray(pixels.astype(np.uint8))).shape == (4, 4, 3)
+
+
 def test_load_image_file_removed_after_load(root):
     ds = flickr8k.load_flickr8k_folder(root)
     os.remove(os.path.join(root, "Flicker8k_Dataset", ds.image_ids[0]))

@@ -1,9 +1,14 @@
 """The stand-ins (features.standins): a Flickr8k-shaped folder and models that the paper's own configs
 load and run end to end, as `python -m fusion_jax.features.standins` prints."""
 
+import os
+import shutil
+
 import numpy as np
+import pytest
 
 from conftest import load_config
+from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import load_flickr8k_folder_with_stats
 from fusion_jax.features import backbones, standins
@@ -45,6 +50,23 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
                                                                                           "extractor": 2}
     assert np.isfinite(images).all() and np.isfinite(texts).all()
 
+    # A model of another kind is refused, naming the field (transformers would load a CLIP folder as a random
+    # ResNet-50 with a warning); so is a folder without its image processor.
+    clip, resnet_dir, text = (str(models / n) for n in ("clip", "resnet", "text"))
+    for load, field, message in (
+            (lambda: backbones.load_resnet(clip, text, None, 8, False), "resnet.model", "'clip' model, not a ResNet"),
+            (lambda: backbones.load_resnet(resnet_dir, clip, None, 8, False), "resnet.text_model",
+             "'clip' model, not a text encoder such as BERT"),
+            (lambda: backbones.load_resnet(resnet_dir, resnet_dir, None, 8, False), "resnet.text_model", "'resnet'"),
+            (lambda: backbones.load_clip(resnet_dir, None, 8, False), "clip.model", "'resnet' model, not a CLIP"),
+            (lambda: backbones.load_clip(text, None, 8, False), "clip.model", "'bert' model, not a CLIP model")):
+        with pytest.raises(DataUnavailableError, match=f"--config.backbone.{field}: .*{message}"):
+            load()
+    shutil.copytree(clip, tmp_path / "no_processor")
+    os.remove(tmp_path / "no_processor" / "preprocessor_config.json")
+    with pytest.raises(DataUnavailableError, match="cannot load the CLIP image processor .*backbone.clip.model"):
+        backbones.load_clip(str(tmp_path / "no_processor"), None, 8, False)
+
     config = load_config("clip_sweep")
     config.data.flickr8k_dir = str(tmp_path / "flickr8k")
     config.backbone.clip.model = str(models / "clip")
@@ -59,3 +81,11 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     assert "| stand-in (not Flickr8k) | clip | 64 |" in table1 and "For reference only" in table1
     assert "| **paper** |" not in table1
     assert "Features: a stand-in folder" in (tmp_path / "results" / "summary.md").read_text()
+
+
+def test_the_writer_never_overwrites_a_model_it_did_not_write(tmp_path):
+    (tmp_path / "models" / "resnet").mkdir(parents=True)
+    (tmp_path / "models" / "resnet" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"models/resnet' holds files but no fusion_jax_standin.json"):
+        standins.write_standins(str(tmp_path), n_images=8, tiny=True)
+    assert sorted(os.listdir(tmp_path)) == ["models"] and os.listdir(tmp_path / "models") == ["resnet"]

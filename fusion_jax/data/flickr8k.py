@@ -71,6 +71,8 @@ def _decode(path: str, open_image: Callable[[], Any]) -> np.ndarray:
         if image is None:
             raise ValueError("no image")
         with image:
+            if image.mode.startswith(("I", "F")):  # Pillow's RGB conversion clips these to 255, not scales
+                raise ValueError(f"pixels of mode {image.mode} (16-bit, 32-bit or float), not 8-bit")
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except _DECODE_ERRORS as e:
         raise BadImageError(f"{path}: {type(e).__name__}: {e}") from e
@@ -240,7 +242,10 @@ def load_flickr8k_hub(hub_id: str, revision: str | None = None) -> ImageCaptionD
     try:
         splits = datasets.load_dataset(hub_id, revision=revision)
     except (OSError, datasets.exceptions.DatasetsError, HFValidationError) as e:
-        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision}): {type(e).__name__}: {e}") from e
+        offline = (", with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set, from the datasets cache"
+                   if hub_offline() and not os.path.isdir(hub_id) else "")
+        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision}){offline}: "
+                           f"{type(e).__name__}: {e}") from e
     names = [n for n in HUB_SPLIT_ORDER if n in splits] + sorted(set(splits) - set(HUB_SPLIT_ORDER))
     ds = datasets.concatenate_datasets([splits[n] for n in names]) if len(names) > 1 else splits[names[0]]
     source = (f"{hub_id}@{revision}" if revision else hub_id) + ":" + "+".join(names)
@@ -260,9 +265,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds.
 
     Without it a missing network shows up only after the hub clients' long retries."""
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):
             return True
     except OSError:
         return False
@@ -272,10 +277,9 @@ def load_flickr8k(flickr8k_dir: str, hub_id: str, revision: str | None = None) -
     """Flickr8k from the folder if `flickr8k_dir` is set, else from the hub if `hub_id` is set."""
     if flickr8k_dir:
         return load_flickr8k_folder(flickr8k_dir)
-    if hub_id:
-        if hub_offline() and not os.path.isdir(hub_id):
-            raise _unavailable(f"hub dataset {hub_id!r} requested but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
-        if not os.path.isdir(hub_id) and not hub_reachable():
-            raise _unavailable(f"hub dataset {hub_id!r} requested but the Hugging Face hub cannot be reached")
+    if hub_id:  # offline, only a copy in the datasets cache loads (datasets looks there alone)
+        if not os.path.isdir(hub_id) and not hub_offline() and not hub_reachable():
+            raise _unavailable(f"hub dataset {hub_id!r} requested but the Hugging Face hub cannot be reached (with "
+                               "HF_HUB_OFFLINE=1 a copy in the datasets cache loads)")
         return load_flickr8k_hub(hub_id, revision)
     raise _unavailable("neither flickr8k_dir nor hub_id is configured")

@@ -114,11 +114,13 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
 
     valid = image.pop("valid").astype(bool)
     n_bad = int((~valid).sum())
+    # Named here too: a rerun reads the cached features and logs no skipped file.
+    bad = ", ".join(ds.image_ids[i] for i in np.flatnonzero(~valid)[:5]) + (", ..." if n_bad > 5 else "")
     if n_bad > config.data.max_bad_fraction * ds.n_images:
-        raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable, more than "
+        raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable ({bad}), more than "
                                    f"data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
     if n_bad:
-        log.warning("%s: dropped %d unreadable images and their captions", ds.name, n_bad)
+        log.warning("%s: dropped %d unreadable images (%s) and their captions", ds.name, n_bad, bad)
     new_index = np.cumsum(valid) - 1
     keep = valid[ds.caption_image]
     tokens = b.tokens

