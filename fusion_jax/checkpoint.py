@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import time
@@ -15,6 +16,8 @@ import orbax.checkpoint as ocp
 # package's versions are pinned below 0.13; tests/test_scale_out.py restores what both processes wrote).
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from fusion_jax.validate import ConfigError
 
 
 if not hasattr(ocp.type_handlers.NumpyHandler, "_background_serialize"):  # what the handler below replaces
@@ -39,23 +42,39 @@ class _OwnProcessNumpyHandler(ocp.type_handlers.NumpyHandler):
         await asyncio.gather(*writes)
 
 
+def _writes(method):
+    """A GroupCheckpoints method whose OSError (a full disk, a file where a folder goes) becomes one line."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {e.strerror or e}{where}; "
+                              "mend that, then rerun the same command to resume") from e
+    return wrapped
+
+
 class GroupCheckpoints:
     """A CheckpointManager over `directory`; the step number is the count of finished epochs."""
 
+    @_writes
     def __init__(self, directory: str, keep: int):
+        self.directory = directory
         me = jax.process_index()
         # Each process checkpoints its own groups: no barrier with the other processes.
         processes = ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me},
             barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory)))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Directories made in the background signal through keys: one that cannot be made (a full disk) left
+        # Orbax's threads, and the process, waiting for its signal; and those keys carry a per-process
+        # operation count, the same in every process, so two processes saving at once read each other's.
+        now = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, async_options=now)
         if jax.process_count() > 1:
             os.makedirs(directory, exist_ok=True)
-            # Directories made in the background signal through keys that carry a per-process operation
-            # count, the same in every process: two processes saving at once read each other's signals.
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=False, multiprocessing_options=processes,
-                async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, multiprocessing_options=processes,
+                                                   async_options=now)
         handler = ocp.PyTreeCheckpointHandler(
             multiprocessing_options=processes,
             type_handler_registry=ocp.type_handlers.create_type_handler_registry(
@@ -79,6 +98,7 @@ class GroupCheckpoints:
         self._manager.reload()
         return target
 
+    @_writes
     def save(self, epoch: int, tree: Any) -> None:
         """Save `tree` as host arrays (numpy scalars too): a group lives on one process's devices, which
         Orbax's multi-process mode would refuse as host-local jax.Arrays."""
@@ -99,10 +119,12 @@ class GroupCheckpoints:
                                  f"{want.dtype}{list(want.shape)} expected")
         return tree
 
+    @_writes
     def wait(self) -> None:
         """Block until every save has reached the disk."""
         self._manager.wait_until_finished()
 
+    @_writes
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

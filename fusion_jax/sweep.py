@@ -34,8 +34,8 @@ from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
 from fusion_jax.report import source, write_results
 from fusion_jax.train import steps_per_epoch
-from fusion_jax.validate import validate, validate_scales
-from fusion_jax.workdir import check_workdir, prepare_workdir, sweep_lock
+from fusion_jax.validate import ConfigError, validate, validate_scales
+from fusion_jax.workdir import check_workdir, prepare_workdir, read_state, sweep_lock
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
 log = logging.getLogger("fusion_jax")
@@ -59,13 +59,16 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
     """(epoch, tree) of the newest checkpoint that restores. One that does not (damaged, or a passing
     read error) is reported and moved into `aside`, so that it is neither read again nor lost."""
-    for epoch in sorted(ckpt.all_epochs(), reverse=True):
+    epochs = sorted(ckpt.all_epochs(), reverse=True)
+    for i, epoch in enumerate(epochs):
         try:
             return epoch, ckpt.restore(epoch, abstract)
         except Exception as e:  # Orbax raises many types for a damaged checkpoint
             where = ckpt.move_aside(epoch, aside)
-            log.error("group %s: the checkpoint after epoch %d is corrupt or incomplete (%s: %s); moved to %s, "
-                      "falling back to the previous one", group.name, epoch, type(e).__name__, str(e)[:200], where)
+            then = (f"falling back to the one after epoch {epochs[i + 1]}" if i + 1 < len(epochs) else
+                    "training the group from its start (no other checkpoint is left)")
+            log.error("group %s: the checkpoint after epoch %d is corrupt or incomplete (%s: %s); moved to %s, %s",
+                      group.name, epoch, type(e).__name__, str(e)[:200], where, then)
     return None, None
 
 
@@ -163,6 +166,23 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
     return state, seconds, last_loss
 
 
+def _group_records(path: str, group: Group) -> list[dict]:
+    """The run records of a finished group (groups/<name>.json), or ConfigError naming the file when it
+    cannot be read or holds other runs than `group`'s."""
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        have = sorted((r["backbone"], r["method"], r["scale"], r["seed"], float(r["degradation"]["level"]))
+                      for r in records)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError("workdir", f"{path!r} cannot be read as a finished group's runs ({type(e).__name__}: "
+                          f"{e}); remove it to train group {group.name} again") from None
+    if have != sorted((r.backbone, r.method, r.scale, r.seed, r.level) for r in group.runs):
+        raise ConfigError("workdir", f"{path!r} holds other runs than group {group.name} has in this config; use a "
+                          "new workdir, or remove the file to train the group again")
+    return records
+
+
 def _stop_unless_finite(group: Group, finite: np.ndarray, what: str) -> None:
     """Raise NonFinite naming the runs of `group` where `finite` [runs] is False."""
     bad = [r for r, ok in zip(group.runs, finite) if not ok]
@@ -240,7 +260,13 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         if index != 0:
             prepare_workdir(workdir, config_dict, identities)
         held.enter_context(sweep_lock(workdir, index, count))
-        todo = [g for g in distributed.mine(groups, index, count) if not os.path.exists(done(g))]
+        finished = [g for g in groups if os.path.exists(done(g))]
+        for g in finished:  # before any training: a workdir of another config is refused, not mixed in
+            _group_records(done(g), g)
+        todo = [g for g in distributed.mine(groups, index, count) if g not in finished]
+        for g in distributed.mine(groups, index, count):
+            if g in finished:  # checkpoints left by a stop between its record and their removal
+                shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.
         for g in todo:
@@ -295,8 +321,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         waited += 1.0
     records, failures = [], []
     for g in groups:
-        with open(done(g) if os.path.exists(done(g)) else failed(g)) as f:
-            (records.extend if os.path.exists(done(g)) else failures.append)(json.load(f))
+        if os.path.exists(done(g)):
+            records.extend(_group_records(done(g), g))
+        else:
+            failures.append(read_state(failed(g)))
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))

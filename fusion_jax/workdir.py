@@ -32,6 +32,21 @@ _MIN_FREE_BYTES = 64 * 2**20
 _LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model", "backbone.resnet.text_model")
 
 
+def read_state(path: str) -> dict:
+    """A JSON file the sweep wrote (sweep.json, features.json, results.json, groups/*.json), or ConfigError
+    naming it when it cannot be read: the sweep writes each atomically, so only damage from outside gets here."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError("workdir", f"{path!r} cannot be read ({type(e).__name__}: {e}); the sweep did not write "
+                          "it so: remove the workdir, or restore the file") from None
+    if not isinstance(state, dict):
+        raise ConfigError("workdir", f"{path!r} holds a JSON {type(state).__name__}, not what the sweep wrote; "
+                          "remove the workdir, or restore the file")
+    return state
+
+
 def _claim_features(workdir: str, features: dict[str, dict]) -> None:
     """Record each backbone's feature identity in features.json, or refuse a workdir whose sweep
     began on other features (a regenerated npz file, another model commit or dataset)."""
@@ -39,8 +54,7 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
     if not os.path.exists(path):
         atomic_write_json(path, features)
         return
-    with open(path) as f:
-        previous = json.load(f)
+    previous = read_state(path)
     changed = differing(flatten({b: previous[b] for b in features if b in previous}),
                         flatten({b: features[b] for b in features if b in previous}))
     if changed:
@@ -54,11 +68,12 @@ def _refuse_other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -
     path, results = os.path.join(workdir, "sweep.json"), os.path.join(workdir, "results.json")
     compared = lambda d: {k: v for k, v in {**ADDED, **flatten(d)}.items() if not not_result(k)}
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = read_state(path)
     elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
-        with open(results) as f:
-            previous = json.load(f).get("config") or {}
+        previous = read_state(results).get("config") or {}
+    elif _holds_training(workdir):
+        raise ConfigError("workdir", f"{workdir!r} holds a sweep's groups or checkpoints but no sweep.json, which "
+                          "names its config: use a new workdir or remove that one")
     else:
         return
     previous = compared(previous)
@@ -67,6 +82,12 @@ def _refuse_other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -
     if changed:
         raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
                           f"{', '.join(changed)}); use a new workdir or remove that one")
+
+
+def _holds_training(workdir: str) -> bool:
+    """Whether `workdir` holds what training writes (finished or failed groups, checkpoints, features.json)."""
+    nonempty = lambda name: os.path.isdir(os.path.join(workdir, name)) and bool(os.listdir(os.path.join(workdir, name)))
+    return nonempty("groups") or nonempty("checkpoints") or os.path.exists(os.path.join(workdir, "features.json"))
 
 
 def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
@@ -110,10 +131,10 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
     _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
                         and os.path.exists(os.path.join(workdir, "features.json")))
+    if not os.path.exists(path):  # first: what training writes never stands without it
+        atomic_write_json(path, results_fields(config_dict))
     if features is not None:
         _claim_features(workdir, features)
-    if not os.path.exists(path):
-        atomic_write_json(path, results_fields(config_dict))
 
 
 def _held_by(path: str) -> str | None:

@@ -103,12 +103,54 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     assert damaged
     calls = []
     resumed = train_and_evaluate(config, str(tmp_path / "run"), on_epoch=lambda g, e: calls.append(e))
-    assert "corrupt or incomplete" in caplog.text
+    assert "corrupt or incomplete" in caplog.text and "falling back to the one after epoch 1" in caplog.text
     assert calls == [2, 3]  # epoch 2's checkpoint was bad: retrained from epoch 1's
     aside = os.listdir(tmp_path / "run" / "checkpoints-corrupt" / "aligned-concat")
     assert len(aside) == 1 and aside[0].startswith("2-")  # kept for a look, not deleted
     assert "1 corrupt checkpoint(s) kept in" in caplog.text  # and the sweep's end says where
     _assert_same(clean, resumed)
+
+
+def test_a_workdir_mended_by_hand_is_refused_naming_what_not_mixed_into(smoke_config, tmp_path):
+    """Between attempts a workdir's state files may be edited or removed by hand: a group's record of other
+    runs, a sweep.json gone from a sweep that has trained, a damaged one. Each is refused in one line
+    before any training, rather than mixed into this config's results. A finished group's checkpoints
+    (left by a stop before their removal) go on the next attempt."""
+    from fusion_jax.validate import ConfigError
+
+    config = _small(smoke_config)
+    config.methods, config.seeds, config.train.epochs = ("concat", "cross"), (42,), 1
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    record = workdir / "groups" / "aligned-concat.json"
+    runs = json.loads(record.read_text())
+    record.write_text(json.dumps([{**r, "seed": 7} for r in runs]))
+    with pytest.raises(ConfigError, match=r"aligned-concat.json' holds other runs than group aligned-concat has"):
+        train_and_evaluate(config, str(workdir))
+    record.write_text(json.dumps(runs))
+    (workdir / "checkpoints" / "aligned-concat" / "1").mkdir(parents=True)  # as a stop would leave them
+    train_and_evaluate(config, str(workdir))  # trains nothing
+    assert not (workdir / "checkpoints").exists()
+
+    (workdir / "results.json").unlink()
+    (workdir / "sweep.json").unlink()
+    more = _small(load_config("synthetic", "smoke"))
+    more.methods, more.seeds, more.train.epochs = ("concat", "cross"), (42, 123), 1
+    with pytest.raises(ConfigError, match=r"holds a sweep's groups or checkpoints but no sweep.json"):
+        train_and_evaluate(more, str(workdir))
+    (workdir / "sweep.json").write_text('{"name": ')
+    with pytest.raises(ConfigError, match=r"sweep.json' cannot be read \(JSONDecodeError"):
+        train_and_evaluate(config, str(workdir))
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_one_line(smoke_config, tmp_path):
+    """Orbax once made checkpoint folders in the background, and a folder it could not make (a full disk)
+    left its threads, and the sweep, waiting forever."""
+    from fusion_jax.validate import ConfigError
+
+    (tmp_path / "checkpoints").write_text("")  # a file where the folder goes
+    with pytest.raises(ConfigError, match=r"cannot write checkpoints in .*aligned-concat': Not a directory"):
+        train_and_evaluate(_small(smoke_config), str(tmp_path))
 
 
 def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_path, monkeypatch, caplog):
