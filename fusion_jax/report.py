@@ -281,7 +281,7 @@ def summary_markdown(results: dict) -> str:
             d, p = c["degradation"], c["p_value"]
             verdict = tables.verdict(c["concat_minus_cross"], p, c["n_seeds"])
             lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
-                         f"{100 * c['concat_minus_cross']:+.1f} | {tables.p_text(p)} | {verdict} |")
+                         f"{100 * c['concat_minus_cross']:+z.1f} | {tables.p_text(p)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +378,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
               "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
     for b in dict.fromkeys(k[0] for k in shared):
         d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
-        lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+.2f} | {min(d):+.2f} | {max(d):+.2f} |")
+        lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+z.2f} | {min(d):+z.2f} | {max(d):+z.2f} |")
     comps = [tables.comparison_index(r) for r in (results, other)]
     both = [k for k in comps[0] if k in comps[1]]
     sides = ("concat", "cross", "neither", "untested")
@@ -398,7 +398,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     lines += ["", "## Every cell (mean validation accuracy, percent)", "",
               f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | "
-              f"{pct(mine[k]) - pct(theirs[k]):+.1f} |" for k in shared for b, m, s, lv in [k]]
+              f"{pct(mine[k]) - pct(theirs[k]):+z.1f} |" for k in shared for b, m, s, lv in [k]]
     return "\n".join(lines) + "\n"
 
 

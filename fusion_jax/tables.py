@@ -254,7 +254,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         md_rows.append(["ours", data, s["backbone"], s["scale"], s["method"], pct(s["accuracy_mean"], s["accuracy_std"]),
                         pct(s["majority_baseline_mean"]), pct(s["f1_mean"], s["f1_std"]),
                         pct(s["precision_mean"], s["precision_std"]), pct(s["recall_mean"], s["recall_std"]),
-                        s["n_seeds"], "–" if diff is None else f"{100 * diff:+.1f}", p_text(p), verdict_text])
+                        s["n_seeds"], "–" if diff is None else f"{100 * diff:+z.1f}", p_text(p), verdict_text])
         row = {"block": "ours", "source": "ours", "data": data, "backbone": s["backbone"], "scale": s["scale"],
                "method": s["method"], "majority_baseline_pct": _round(s["majority_baseline_mean"])}
         for m in ("accuracy", "f1", "precision", "recall"):
@@ -315,7 +315,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
             words = verdict(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
             md_rows.append(["ours", data, b, sc, f"{lv:g}", pct(cc["accuracy_mean"], cc["accuracy_std"]),
                             pct(cr["accuracy_mean"], cr["accuracy_std"]), pct(cc["majority_baseline_mean"]),
-                            (f"{100 * c['concat_minus_cross']:+.1f}" + ("" if d_std is None else f" ± {100 * d_std:.1f}")),
+                            (f"{100 * c['concat_minus_cross']:+z.1f}" + ("" if d_std is None else f" ± {100 * d_std:.1f}")),
                             p_text(c["p_value"]), words])
             csv_rows.append({"block": "ours", "source": "ours", "data": data, "backbone": b, "scale": sc, "sigma": lv,
                              "concat_mean_pct": _round(cc["accuracy_mean"]), "concat_std_pct": _round(cc["accuracy_std"]),

@@ -1,5 +1,6 @@
 """The side-by-side report: tables 1-3 beside the paper's, figures, and `python -m fusion_jax.report`."""
 
+import itertools
 import json
 import os
 import re
@@ -245,6 +246,17 @@ def test_table2_noise_study_with_the_papers_table():
     assert [r["advantage_pts"] for r in rows if r["source"] == "paper"] == [1.3, 1.9, 2.8, 0.0, 0.0, 0.0]
     md1, _ = tables.table2(fake_results("synthetic", ("aligned",), levels=(0.0,)))
     assert "No noise study" in md1 and "Table 2 (scale not stated)" in md1
+
+
+def test_a_gap_that_rounds_to_zero_is_never_written_minus_zero():
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1))
+    for r, gap in zip([r for r in results["runs"] if r["method"] == "concat"], itertools.cycle((-1e-4, 2e-4, -4e-4))):
+        r["metrics"] = {k: v for k, v in next(c for c in results["runs"] if c["method"] == "cross" and all(
+            c[f] == r[f] for f in ("scale", "seed", "degradation")))["metrics"].items()}
+        r["metrics"]["accuracy"] += gap
+    results["summary"], results["comparisons"] = summarize(results["runs"]), compare(results["runs"])
+    text = "".join(tables.table1(results)[0] + tables.table2(results)[0] + summary_markdown(results))
+    assert "-0.0" not in text and "| +0.0 |" in text
 
 
 def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
