@@ -9,9 +9,11 @@ Before training, the processes tell each other whether their start-up worked (`c
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import socket
 from typing import Iterator
 
 import jax
@@ -36,6 +38,8 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     d = config.distributed
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
+            if d.process_id == 0 and d.coordinator_address:
+                _refuse_a_taken_port(d.coordinator_address)
             # JAX's preemption service takes SIGTERM for a sync point of steps that every process
             # reaches; a sweep's processes checkpoint their own groups' epochs and never agree on one,
             # so SIGTERM (`kill`, a scheduler's cancel) was ignored. It now ends a process, as alone.
@@ -61,6 +65,28 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
         log.info("process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
     return jax.process_index(), jax.process_count()
+
+
+def _refuse_a_taken_port(address: str) -> None:
+    """ConfigError when process 0 cannot have the coordinator's port: gRPC's server then crashed the process
+    (a segfault), and the others waited out their timeout; a coordinator of another sweep on the port shares
+    it, and the two sweeps' processes meet and kill each other."""
+    port = address.rpartition(":")[2]
+    if not port.isdigit():
+        return  # jax.distributed says what is wrong with the address
+    port = int(port)
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # as gRPC binds: all addresses
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                from fusion_jax.validate import ConfigError
+
+                raise ConfigError("distributed.coordinator_address", f"port {port} is in use on this host (another "
+                                  "sweep's coordinator?): give each sweep a port of its own") from None
+    # Neither family binds for another reason (no IPv6, say): jax.distributed says what it is.
 
 
 def local_device_ids() -> list[int] | None:

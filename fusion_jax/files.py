@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, one process at a time
+    fcntl = None
 
 
 def safe_name(name: str) -> str:
     """`name` for a file or group name: every character but letters, digits and _ . = - as '_'."""
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", name)
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Exclusive among processes while the block runs: an flock on the file `path` (made if missing), which
+    the system releases when a holder dies."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sha256(path: str) -> str:

@@ -432,3 +432,31 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
     assert "reusing cached features" in caplog.text and "skipping" not in caplog.text
     assert "dropped 2 unreadable images (im2.jpg, im5.jpg) and their captions" in caplog.text
     assert (fs.n_images, fs.n_captions) == (8, 16) and fs.image[:, 0].tolist() == [0, 1, 3, 4, 6, 7, 8, 9]
+
+
+def test_an_embedded_model_is_built_once_by_processes_sharing_the_cache(tmp_path):
+    """Two builders at once (the processes of a multi-process sweep, here threads with their own locks):
+    one builds, the other waits and reuses; neither sees the other's half-built folder."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusion_jax.features.embedded_models import _cached
+
+    builds, started = [], threading.Event()
+
+    def build(folder):
+        started.set()
+        time.sleep(0.3)  # long enough for the other to arrive meanwhile
+        with open(os.path.join(folder, "weights"), "w") as f:
+            f.write(str(len(builds)))
+        builds.append(folder)
+
+    target = str(tmp_path / "models" / "tiny-x")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_cached, target, build, "tiny x")
+        started.wait()
+        second = pool.submit(_cached, target, build, "tiny x")
+        assert first.result() == second.result() == target
+    assert len(builds) == 1 and sorted(os.listdir(target)) == ["DONE", "weights"]
+    assert not os.path.exists(target + ".partial")

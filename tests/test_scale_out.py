@@ -272,6 +272,26 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
     assert len(calls) == 6
 
 
+def test_a_coordinator_port_in_use_is_refused_before_jax_distributed_starts(smoke_config):
+    """gRPC's coordinator crashed process 0 (a segfault) on a taken port; another sweep's coordinator shares
+    it, and the two sweeps' processes met and killed each other."""
+    import socket
+
+    import jax
+
+    from fusion_jax import distributed
+    from fusion_jax.validate import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        smoke_config.distributed.update(num_processes=2, process_id=0, coordinator_address=f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=rf"config.distributed.coordinator_address: port {port} is in use"):
+            distributed.initialize(smoke_config)
+    assert not jax.distributed.is_initialized()
+
+
 def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     """JAX_COORDINATOR_ADDRESS without a cluster that says how many processes: a one-line config error
     (JAX's ValueError, before any connection, was a traceback), and no workdir made."""

@@ -17,16 +17,10 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterator
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, one process per cache
-    fcntl = None
-
-from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, sha256
+from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, locked, sha256
 
 log = logging.getLogger("fusion_jax")
 
@@ -92,19 +86,10 @@ class FeatureCache:
         """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""
         return _load_verified(self._final, self._final_digest, n)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager:
         """Exclusive use of the entry's shards and files among processes (flock on `<entry>/.lock`):
         hold it around load_shard, save_shard and finish."""
-        os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, ".lock"), "a") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+        return locked(os.path.join(self.dir, ".lock"))
 
     def _shard(self, start: int, stop: int) -> tuple[str, str]:
         base = os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.data.embedded import generate_embedded
+from fusion_jax.files import locked
 
 log = logging.getLogger("fusion_jax")
 VERSION = "v1"
@@ -41,18 +42,22 @@ def _spec_dir(root: str, name: str, spec: dict) -> str:
 
 
 def _cached(directory: str, build: Callable[[str], None], what: str) -> str:
-    """Return `directory` once it holds a finished model; build it (in a temporary folder) if not."""
-    if os.path.exists(os.path.join(directory, "DONE")):
-        log.info("%s: reusing %s", what, directory)
-        return directory
-    tmp = directory + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    build(tmp)
-    with open(os.path.join(tmp, "DONE"), "w") as f:
-        f.write("ok\n")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    """Return `directory` once it holds a finished model; build it (in a temporary folder) if not. Processes
+    sharing the cache (a multi-process sweep) build it once: the others wait for it, then reuse it."""
+    done = os.path.join(directory, "DONE")
+    if not os.path.exists(done):
+        with locked(directory + ".lock"):
+            if not os.path.exists(done):  # else another process built it while this one waited
+                tmp = directory + ".partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                build(tmp)
+                with open(os.path.join(tmp, "DONE"), "w") as f:
+                    f.write("ok\n")
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(tmp, directory)
+                return directory
+    log.info("%s: reusing %s", what, directory)
     return directory
 
 
