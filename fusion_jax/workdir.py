@@ -33,8 +33,9 @@ _LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.mo
 
 
 def read_state(path: str) -> dict:
-    """A JSON file the sweep wrote (sweep.json, features.json, results.json, groups/*.json), or ConfigError
-    naming it when it cannot be read: the sweep writes each atomically, so only damage from outside gets here."""
+    """A JSON object the sweep wrote (sweep.json, features.json, results.json, a failed group's record), or
+    ConfigError naming the file when it cannot be read: the sweep writes each atomically, so only damage from
+    outside gets here."""
     try:
         with open(path) as f:
             state = json.load(f)
