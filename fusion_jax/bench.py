@@ -58,9 +58,9 @@ from fusion_jax.bench_torch import accuracy, flops_key, load_reference, time_tor
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
-from fusion_jax.files import atomic_write_json, atomic_write_text
+from fusion_jax.files import atomic_write_json, atomic_write_text, blocked_at
 from fusion_jax.report import device, source, source_text, versions
-from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan
+from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan, usable_cores
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
@@ -110,7 +110,7 @@ def device_name() -> str:
     """A file-name-safe device label: "cpu-<cores>core-<machine>" or the accelerator's device_kind, with
     "-<n>devices" when jax has several (CPU devices when JAX_NUM_CPU_DEVICES asks for them)."""
     d = jax.devices()[0]
-    name = f"cpu-{len(os.sched_getaffinity(0))}core-{platform.machine()}" if d.platform == "cpu" else d.device_kind
+    name = f"cpu-{usable_cores()}core-{platform.machine()}" if d.platform == "cpu" else d.device_kind
     if jax.device_count() > 1:
         name += f"-{jax.device_count()}devices"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower()
@@ -263,7 +263,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     import torch
 
     torch_device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
-    torch_threads = torch_threads or len(os.sched_getaffinity(0))
+    torch_threads = torch_threads or usable_cores()
     config = bench_config(g)
     config.runs_per_chunk, config.split_by_scale, config.lanes = runs_per_chunk, split_by_scale, lanes
     workers = workers or compile_workers(config)
@@ -310,7 +310,7 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "versions": {**versions(), "torch": torch.__version__},
         "order": "torch, then jax" if torch_first else "jax, then torch", "split_by_scale": split_by_scale,
         "runs_per_chunk": runs_per_chunk, "lanes": lanes,
-        "device": {**device(), "name": device_name(), "cpu_cores": len(os.sched_getaffinity(0))},
+        "device": {**device(), "name": device_name(), "cpu_cores": usable_cores()},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
                 if k in os.environ},
@@ -462,16 +462,11 @@ def _cache_note(cache: dict) -> str:
 
 def _unwritable_folder(path: str) -> str | None:
     """Why `path` cannot be a folder to write into, made if missing (None: it can)."""
-    if os.path.isdir(path):
-        return None if os.access(path, os.W_OK) else "is a folder this user cannot write to"
-    if os.path.exists(path):
-        return "is a file, not a folder"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be made: {parent!r} is a file"
-    return None if os.access(parent, os.W_OK) else f"cannot be made: {parent!r} is not writable"
+    if (found := blocked_at(path)) is None:
+        return None
+    if found == os.path.abspath(path):
+        return "is a folder this user cannot write to" if os.path.isdir(found) else "is a file, not a folder"
+    return f"cannot be made: {found!r} is " + ("not writable" if os.path.isdir(found) else "a file")
 
 
 def main(argv: list[str] | None = None) -> int:

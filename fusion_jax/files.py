@@ -36,6 +36,15 @@ def locked(path: str) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def blocked_at(path: str) -> str | None:
+    """The nearest existing path at or above `path` (absolute) when it keeps a folder at `path` from being
+    written, made if missing: a file, or a folder this user cannot write to; None when nothing does."""
+    found = os.path.abspath(path)
+    while not os.path.exists(found) and os.path.dirname(found) != found:
+        found = os.path.dirname(found)
+    return None if os.path.isdir(found) and os.access(found, os.W_OK | os.X_OK) else found
+
+
 def sha256(path: str) -> str:
     """The SHA-256 of a file's bytes, as 64 hex digits."""
     with open(path, "rb") as f:

@@ -145,6 +145,12 @@ def runs_per_chunk(config: ml_collections.ConfigDict, on_cpu: bool) -> int:
     return 2 if on_cpu else 0
 
 
+def usable_cores() -> int:
+    """The cores this process may use (taskset, cgroups, SLURM); all of them where the platform has no
+    affinity call (macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def lanes(config: ml_collections.ConfigDict, platform: str, n_devices: int, n_runs: int, k: int) -> int:
     """Programs that train shares of a device's chunks side by side (`Lanes`): on a CPU with one device,
     config.lanes or (0) one per core this process may use, at most one per full chunk of k runs (so
@@ -152,9 +158,7 @@ def lanes(config: ml_collections.ConfigDict, platform: str, n_devices: int, n_ru
     devices, whose programs already fill them."""
     if platform != "cpu" or n_devices > 1:
         return 1
-    # The cores this process may use (taskset, cgroups, SLURM); macOS has no affinity call.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(config.lanes or cores, n_runs // k))
+    return max(1, min(config.lanes or usable_cores(), n_runs // k))
 
 
 def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, int]:
@@ -371,7 +375,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
 
 def compile_workers(config: ml_collections.ConfigDict) -> int:
     """Threads that compile groups ahead: config.compile_workers, or (0) half the cores, at least 1."""
-    return config.compile_workers or max(1, (os.cpu_count() or 2) // 2)
+    return config.compile_workers or max(1, usable_cores() // 2)
 
 
 class CompiledAhead:

@@ -169,14 +169,14 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
 def _group_records(path: str, group: Group) -> list[dict]:
     """The run records of a finished group (groups/<name>.json), or ConfigError naming the file when it
     cannot be read or holds other runs than `group`'s."""
+    fix = f"remove it to train group {group.name} again"
+    records = read_state(path, list, fix)
     try:
-        with open(path) as f:
-            records = json.load(f)
         have = sorted((r["backbone"], r["method"], r["scale"], r["seed"], float(r["degradation"]["level"]))
                       for r in records)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ConfigError("workdir", f"{path!r} cannot be read as a finished group's runs ({type(e).__name__}: "
-                          f"{e}); remove it to train group {group.name} again") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError("workdir", f"{path!r} does not hold a finished group's runs ({type(e).__name__}: {e}); "
+                          f"{fix}") from None
     if have != sorted((r.backbone, r.method, r.scale, r.seed, r.level) for r in group.runs):
         raise ConfigError("workdir", f"{path!r} holds other runs than group {group.name} has in this config; use a "
                           "new workdir, or remove the file to train the group again")

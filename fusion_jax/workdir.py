@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 try:
     import fcntl
@@ -18,7 +18,7 @@ except ImportError:  # not on Windows
     fcntl = None
 
 from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import atomic_write_json, blocked_at
 from fusion_jax.validate import ConfigError
 
 log = logging.getLogger("fusion_jax")
@@ -32,19 +32,18 @@ _MIN_FREE_BYTES = 64 * 2**20
 _LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model", "backbone.resnet.text_model")
 
 
-def read_state(path: str) -> dict:
-    """A JSON object the sweep wrote (sweep.json, features.json, results.json, a failed group's record), or
-    ConfigError naming the file when it cannot be read: the sweep writes each atomically, so only damage from
-    outside gets here."""
+def read_state(path: str, kind: type = dict, fix: str = "remove the workdir, or restore the file") -> Any:
+    """A JSON `kind` the sweep wrote (sweep.json, features.json, results.json, a group's record), or
+    ConfigError naming the file and `fix` when it cannot be read as one: the sweep writes each atomically,
+    so only damage from outside gets here."""
     try:
         with open(path) as f:
             state = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError("workdir", f"{path!r} cannot be read ({type(e).__name__}: {e}); the sweep did not write "
-                          "it so: remove the workdir, or restore the file") from None
-    if not isinstance(state, dict):
-        raise ConfigError("workdir", f"{path!r} holds a JSON {type(state).__name__}, not what the sweep wrote; "
-                          "remove the workdir, or restore the file")
+                          f"it so: {fix}") from None
+    if not isinstance(state, kind):
+        raise ConfigError("workdir", f"{path!r} holds a JSON {type(state).__name__}, not what the sweep wrote; {fix}")
     return state
 
 
@@ -99,13 +98,9 @@ def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
     if fcntl is not None and (pid := _held_by(lock)):
         raise _in_use(workdir, f"process {index}", pid)
     _refuse_other_sweep(workdir, config_dict, skip_locations=True)
-    folder = os.path.abspath(workdir)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-        raise ConfigError("workdir", f"cannot write to {workdir!r}: "
-                          + (f"{folder!r} is not a folder" if not os.path.isdir(folder) else
-                             f"{folder!r} is not writable"))
+    if (folder := blocked_at(workdir)) is not None:
+        raise ConfigError("workdir", f"cannot write to {workdir!r}: {folder!r} is "
+                          + ("not writable" if os.path.isdir(folder) else "not a folder"))
 
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
