@@ -161,15 +161,21 @@ def answer(results: dict) -> list[str]:
             continue
         concat = [c["scale"] for c in clean if favours(c) == "concat"]
         cross = [c["scale"] for c in clean if favours(c) == "cross"]
+        untested = [c["scale"] for c in clean if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"])]
         if all(c["n_seeds"] < 2 for c in clean):
             choice = "untested (one seed: run 2 or more for a paired test)"
+        elif len(untested) == len(clean):
+            choice = "untested (see each scale)"
         elif concat and cross:
             choice = (f"it depends on the scale: concat at {', '.join(map(str, concat))}, "
                       f"cross at {', '.join(map(str, cross))} pairs")
         elif concat or cross:
             choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
         else:
-            choice = f"no difference significant at {tables.seeds_text(clean)}{_fewer_params(results, b)}"
+            tested = [c for c in clean if c["scale"] not in untested]
+            choice = (f"no difference significant at {tables.seeds_text(tested)}"
+                      + (f", untested at {', '.join(map(str, untested))} pairs" if untested else "")
+                      + _fewer_params(results, b))
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)

@@ -224,6 +224,13 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     for r in results["runs"]:  # the note comes from the run records, never assumed
         r["params"] = 1000 if r["method"] == "cross" else 2000
     assert "(cross has fewer parameters: 1,000 against 2,000)**" in answer(results)[0]
+    one_seed = next(c for c in results["comparisons"] if c["backbone"] == "aligned" and c["scale"] == 1024
+                    and tables.level(c) == 0)
+    one_seed["n_seeds"], one_seed["p_value"] = 1, None  # a scale with one seed names itself, not "1-3 seeds"
+    assert "**no difference significant at 3 seeds, untested at 1024 pairs (cross has" in answer(results)[0]
+    for c in results["comparisons"]:
+        c["concat_minus_cross"] = float("nan")
+    assert "**untested (see each scale)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
 
