@@ -53,7 +53,20 @@ def test_stats_and_summary_log(root, caplog):
                                            jpg1_lines=2, malformed_lines=3, uncaptioned_images=1)
     summaries = [r for r in caplog.records if r.getMessage().startswith("flickr8k:")]
     assert len(summaries) == 1 and summaries[0].levelno == logging.WARNING
-    assert "7 images, 35 captions" in summaries[0].getMessage()
+    assert "7 images, 35 captions" in summaries[0].getMessage() and "kept" not in summaries[0].getMessage()
+
+
+def test_repeated_keys_and_bytes_that_are_not_utf8_are_kept_and_counted(tmp_path, caplog):
+    root = write_fixture(tmp_path)
+    token = os.path.join(root, "Flickr8k.token.txt")
+    with open(token, "ab") as f:
+        f.write(b"a_img.jpg#0\tThe same key again .\r\nb_img.jpg#7\tA caf\xe9 in Latin-1 .\r\n")
+    with caplog.at_level(logging.INFO, logger="fusion_jax"):
+        ds, stats = flickr8k.load_flickr8k_folder_with_stats(root)
+    assert (stats.n_captions, stats.repeated_keys, stats.undecodable_lines) == (37, 1, 1)
+    assert "The same key again ." in ds.captions and "A caf\ufffd in Latin-1 ." in ds.captions
+    message = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("flickr8k:"))
+    assert message.endswith("; kept 1 lines repeating an earlier <image>#<k>, 1 lines with bytes that are not UTF-8")
 
 
 def test_captions_kept_with_their_images(root):
@@ -115,7 +128,7 @@ def assert_both_ways(error: pytest.ExceptionInfo) -> None:
     assert "flickr8k_dir" in str(error.value) and "hub_id" in str(error.value)
 
 
-@pytest.mark.parametrize("remove", ["root", "images", "tokens", "image files"])
+@pytest.mark.parametrize("remove", ["root", "images", "tokens", "image files", "nested"])
 def test_missing_data(root, remove):
     target = {"root": root + "_nope", "images": os.path.join(root, "Flicker8k_Dataset"),
               "tokens": os.path.join(root, "Flickr8k.token.txt")}.get(remove)
@@ -126,9 +139,14 @@ def test_missing_data(root, remove):
     elif remove == "image files":  # the folders are there, the images are not
         for name in os.listdir(os.path.join(root, "Flicker8k_Dataset")):
             os.remove(os.path.join(root, "Flicker8k_Dataset", name))
+    elif remove == "nested":  # an archive unpacked one level too deep
+        os.rename(os.path.join(root, "Flicker8k_Dataset"), os.path.join(root, "inner"))
+        os.makedirs(os.path.join(root, "Flicker8k_Dataset"))
+        os.rename(os.path.join(root, "inner"), os.path.join(root, "Flicker8k_Dataset", "Flicker8k_Dataset"))
     with pytest.raises(DataUnavailableError) as error:
         flickr8k.load_flickr8k(target if remove == "root" else root, "")
     assert_both_ways(error)
+    assert ("one folder deeper, in " in str(error.value)) == (remove == "nested")
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 Folder layout: `root/Flicker8k_Dataset/*.jpg` (or `root/Flickr8k_Dataset/`) and
 `root/Flickr8k.token.txt` with lines `<image>.jpg#<k>\\t<caption>`. The token file's known quirks
 (captions of images absent from the folder, `.jpg.1` lines, CRLF, blank and malformed lines) are
-skipped and counted in Flickr8kStats, logged in one summary line. Images are not decoded at load
-time; load_image raises BadImageError for an unreadable one. The official split files
+skipped and counted in Flickr8kStats, logged in one summary line; lines that repeat an earlier
+`<image>#<k>` and lines with bytes that are not UTF-8 are kept, and counted in it too. Images are
+not decoded at load time; load_image raises BadImageError for an unreadable one. The official split files
 (`Flickr_8k.trainImages.txt` etc.) are ignored: the study draws its own splits.
 Hub: offline users set HF_HUB_OFFLINE=1 (and HF_DATASETS_OFFLINE=1) so that a hub id fails at once.
 """
@@ -50,13 +51,23 @@ class Flickr8kStats:
     jpg1_lines: int  # lines naming `<image>.jpg.1`
     malformed_lines: int  # no tab, no `#k`, a non-integer k or an empty caption
     uncaptioned_images: int  # image files with no caption, left out
+    repeated_keys: int = 0  # kept lines whose `<image>#<k>` an earlier kept line has
+    undecodable_lines: int = 0  # kept lines holding U+FFFD, as bytes that are not UTF-8 are read
 
     def summary(self) -> str:
-        """One log line with every count."""
+        """One log line with every count (the kept oddities only where there are some)."""
+        kept = [f"{n} {what}" for n, what in ((self.repeated_keys, "lines repeating an earlier <image>#<k>"),
+                                               (self.undecodable_lines, "lines with bytes that are not UTF-8"))
+                if n]
         return (f"flickr8k: {self.n_images} images, {self.n_captions} captions; skipped "
                 f"{self.missing_image_captions} captions of {self.missing_images} missing images, "
                 f"{self.jpg1_lines} '.jpg.1' lines, {self.malformed_lines} malformed, "
-                f"{self.uncaptioned_images} uncaptioned images")
+                f"{self.uncaptioned_images} uncaptioned images" + (f"; kept {', '.join(kept)}" if kept else ""))
+
+    def odd(self) -> bool:
+        """Whether anything was skipped or kept with a quirk: the summary is then a warning."""
+        return any((self.missing_image_captions, self.jpg1_lines, self.malformed_lines, self.uncaptioned_images,
+                    self.repeated_keys, self.undecodable_lines))
 
 
 def _unavailable(what: str) -> DataUnavailableError:
@@ -91,6 +102,18 @@ def _parse_line(line: str) -> tuple[str, int, str] | None:
         return None
 
 
+def _nested_hint(image_dir: str, files: dict) -> str:
+    """A hint where the image folder holds no images but a folder inside it does (an archive unpacked
+    one level too deep, as `Flickr8k_Dataset/Flicker8k_Dataset/`); '' otherwise."""
+    if files:
+        return ""
+    with os.scandir(image_dir) as entries:
+        inner = sorted(e.path for e in entries if e.is_dir() and any(
+            n.lower().endswith(IMAGE_SUFFIXES) for n in os.listdir(e.path)))
+    return (f"; the images seem to be one folder deeper, in {inner[0]!r}: move its contents up into "
+            f"{image_dir!r}" if inner else "")
+
+
 def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Flickr8kStats]:
     """Flickr8k from its classic local layout under `root`, with the counts of what was skipped."""
     if not root or not os.path.isdir(root):
@@ -110,7 +133,7 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
 
     rows: list[tuple[str, int, int, str]] = []  # (image name, k, line number, caption)
     missing: set[str] = set()
-    missing_captions = jpg1 = malformed = 0
+    missing_captions = jpg1 = malformed = undecodable = 0
     for number, line in enumerate(token_bytes.decode("utf-8-sig", errors="replace").splitlines()):
         if not line.strip():
             continue
@@ -124,16 +147,17 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
             missing.add(parsed[0])
         else:
             rows.append((parsed[0], parsed[1], number, parsed[2]))
+            undecodable += "\ufffd" in line
 
     image_ids = tuple(sorted({r[0] for r in rows}))
     index = {name: i for i, name in enumerate(image_ids)}
     rows.sort(key=lambda r: (index[r[0]], r[1], r[2]))
     stats = Flickr8kStats(len(image_ids), len(rows), missing_captions, len(missing), jpg1, malformed,
-                          len(files) - len(image_ids))
-    skipped = missing_captions or jpg1 or malformed or stats.uncaptioned_images
-    logger.log(logging.WARNING if skipped else logging.INFO, stats.summary())
+                          len(files) - len(image_ids), len(rows) - len({r[:2] for r in rows}), undecodable)
+    logger.log(logging.WARNING if stats.odd() else logging.INFO, stats.summary())
     if len(image_ids) < 2:
-        raise _unavailable(f"{root!r} has {len(image_ids)} images with captions ({stats.summary()})")
+        raise _unavailable(f"{root!r} has {len(image_ids)} images with captions ({stats.summary()})"
+                           + _nested_hint(image_dir, files))
 
     digest = hashlib.sha256(token_bytes)
     for name in image_ids:
