@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -165,7 +166,7 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     texts = clip.encode_texts(list(ds.captions[:4]), clip.text_length(ds.captions[:4]))
     np.testing.assert_allclose(np.linalg.norm(images["image"], axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(texts["text"], axis=1), 1.0, rtol=1e-5)
-    model = FlaxCLIPModel.from_pretrained(str(tmp_path))
+    model, saved = FlaxCLIPModel.from_pretrained(str(tmp_path), _do_init=False)
     n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     assert images["image_tokens"].shape == (4, n_patches + 1, model.config.vision_config.hidden_size)
     assert images["image_mask"].shape == (4, n_patches + 1)
@@ -182,6 +183,12 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     cap = model.config.text_config.max_position_embeddings
     long = " ".join(["red circle"] * cap)
     assert clip.text_length([long, ds.captions[0]]) == cap and "1 of 2 captions are longer" in caplog.text
+    # A weight the checkpoint lacks is initialised (randomly, as from_pretrained does) and named.
+    shutil.copytree(tmp_path, tmp_path / "partial", ignore=shutil.ignore_patterns("partial"))
+    model.save_pretrained(tmp_path / "partial", params={k: v for k, v in saved.items() if k != "logit_scale"})
+    partial = load_clip(str(tmp_path / "partial"), None, batch_size=4, tokens=False)
+    assert "1 weights missing from the checkpoint are initialised randomly: logit_scale" in caplog.text
+    np.testing.assert_array_equal(partial.encode_images([ds.load_image(i) for i in range(4)])["image"], images["image"])
 
 
 def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
@@ -193,7 +200,7 @@ def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):
     ds = generate_embedded(n_images=40, seed=3, image_size=32)  # fewer images than a batch: all of them
     losses = train_tiny_clip(ds, str(tmp_path), steps=40, batch=128, learning_rate=1e-3, width=32)
     assert losses[-10:].mean() < losses[:5].mean() - 0.05
-    model = FlaxCLIPModel.from_pretrained(str(tmp_path))  # the same path as openai/clip-vit-base-patch32
+    model, _ = FlaxCLIPModel.from_pretrained(str(tmp_path), _do_init=False)  # as openai/clip-vit-base-patch32
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     ids = tok(["a red circle"], return_tensors="np")["input_ids"]
     assert ids[0, -1] == len(tok) - 1 == model.config.text_config.eos_token_id
@@ -363,7 +370,6 @@ def test_extraction_splits_batches_over_devices(tmp_path):
 
 def test_a_local_model_is_keyed_by_its_files_not_its_path_or_times(tmp_path):
     """A copied model folder (new path, new times) keeps its cached features; a changed weight does not."""
-    import shutil
 
     from fusion_jax.features.backbones import LOCAL_FOLDER, model_key
 

@@ -135,13 +135,13 @@ def test_resnet_flax_matches_torch_in_eval_mode(tmp_path):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     pt_model.eval().save_pretrained(tmp_path, safe_serialization=True)
-    fx_model, plain_params = _load_flax_resnet(tmp_path)
+    (fx_model, fx_params), plain_params = _load_flax_resnet(tmp_path)
 
     pixels = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         pt_out = pt_model(torch.tensor(pixels))
     forward = jax.jit(lambda params, x: fx_model(x, params=params, train=False))
-    fx_out = forward(fx_model.params, pixels)
+    fx_out = forward(fx_params, pixels)
     assert fx_out.last_hidden_state.shape == (2, 64, 2, 2) and fx_out.pooler_output.shape == (2, 64, 1, 1)
     np.testing.assert_allclose(_np(fx_out.last_hidden_state), _np(pt_out.last_hidden_state), **TOL)
     np.testing.assert_allclose(_np(fx_out.pooler_output), _np(pt_out.pooler_output), **TOL)

@@ -103,21 +103,53 @@ def _image_processor(model: str, revision: str | None, what: str, field: str) ->
         raise _missing(what, model, field, e) from e
 
 
-def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str):
-    """cls.from_pretrained, reading PyTorch safetensors (no torch needed) when there are no Flax weights."""
+def _load(cls, model: str, revision: str | None, from_pt: bool = False) -> tuple:
+    """(model, params) of cls.from_pretrained.
+
+    Flax weights load without the random initialisation that from_pretrained otherwise runs op by
+    op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights
+    the checkpoint lacks are initialised randomly, as from_pretrained does, in one compiled program.
+    PyTorch weights take from_pretrained's own path: its conversion reads the initialised model."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    if from_pt:
+        net = cls.from_pretrained(model, revision=revision, from_pt=True)
+        return net, net.params
+    net, params = cls.from_pretrained(model, revision=revision, _do_init=False)
+    flat = flatten_dict(params)
+    missing = sorted(net.required_params - set(flat))
+    if missing:
+        log.warning("%s: %d weights missing from the checkpoint are initialised randomly: %s", model,
+                    len(missing), ", ".join("/".join(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        fresh = flatten_dict(jax.jit(lambda key: net.init_weights(key, net.input_shape))(net.key))
+        params = unflatten_dict({**flat, **{k: fresh[k] for k in missing}})
+    return net, params
+
+
+def _has_flax_weights(model: str, revision: str | None) -> bool:
+    """Whether `model` (a folder or a hub id) has Flax weights, one file or shards."""
+    from transformers.utils import cached_file
+
+    names = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+    if os.path.isdir(model):
+        return any(os.path.exists(os.path.join(model, n)) for n in names)
     try:
-        try:
-            return cls.from_pretrained(model, revision=revision)
-        except OSError as e:
-            if "flax" not in str(e).lower() and "msgpack" not in str(e).lower():
-                raise
-            return cls.from_pretrained(model, revision=revision, from_pt=True)
+        return any(cached_file(model, n, revision=revision, _raise_exceptions_for_missing_entries=False) is not None
+                   for n in names)
+    except OSError:
+        return False
+
+
+def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str) -> tuple:
+    """(model, params) from `_load`, reading PyTorch safetensors (no torch needed) when there are no Flax weights."""
+    try:
+        return _load(cls, model, revision, from_pt=not _has_flax_weights(model, revision))
     except (OSError, ValueError) as e:
         raise _missing(what, model, field, e) from e
 
 
-def load_flax_resnet(model: str, revision: str | None):
-    """FlaxResNetModel from `model`, also from PyTorch-only checkpoints of basic-block ResNets.
+def load_flax_resnet(model: str, revision: str | None) -> tuple:
+    """(FlaxResNetModel, params) from `model`, also from PyTorch-only checkpoints of basic-block ResNets.
 
     transformers' Flax basic block names its two convs `layer_0`/`layer_1` where the PyTorch
     checkpoint says `layer.0`/`layer.1`, so `from_pretrained(from_pt=True)` leaves every block of a
@@ -132,25 +164,18 @@ def load_flax_resnet(model: str, revision: str | None):
 
     field = "backbone.resnet.model"
     _check_kind(model, revision, "ResNet model", field, "resnet")
-    if os.path.isdir(model):
-        native = os.path.exists(os.path.join(model, "flax_model.msgpack"))
-    else:
-        try:
-            native = cached_file(model, "flax_model.msgpack", revision=revision,
-                                 _raise_exceptions_for_missing_entries=False) is not None
-        except OSError:
-            native = False
+    native = _has_flax_weights(model, revision)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the bug's warning lists every block key
     try:
-        net = FlaxResNetModel.from_pretrained(model, revision=revision, from_pt=not native)
+        net, params = _load(FlaxResNetModel, model, revision, from_pt=not native)
     except (OSError, ValueError) as e:
         raise _missing("ResNet model", model, field, e) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
     if native:
-        return net
-    if any("layer_0" in "/".join(k) for k in flatten_dict(net.params)):  # basic blocks: the buggy mapping
+        return net, params
+    if any("layer_0" in "/".join(k) for k in flatten_dict(params)):  # basic blocks: the buggy mapping
         from safetensors.numpy import load_file
 
         try:
@@ -159,8 +184,8 @@ def load_flax_resnet(model: str, revision: str | None):
             raise _missing("ResNet safetensors weights (model.safetensors)", model, field, e) from e
         state = {re.sub(r"(\.layers\.\d+\.layer)\.(\d+)\.", r"\1.layer_\2.", k): v
                  for k, v in load_file(path).items()}
-        net.params = convert_pytorch_state_dict_to_flax(state, net)
-    return net
+        params = convert_pytorch_state_dict_to_flax(state, net)
+    return net, params
 
 
 def _auto(kind: str, model: str, revision: str | None, what: str, field: str):
@@ -265,7 +290,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     field = "backbone.clip.model"
     _check_kind(model, revision, "CLIP model", field, "clip")
-    net = _from_pretrained(FlaxCLIPModel, model, revision, "CLIP model", field)
+    net, params = _from_pretrained(FlaxCLIPModel, model, revision, "CLIP model", field)
     pre = _image_processor(model, revision, "CLIP image processor", field)
     length, tokenize = _tokenizer_fns(_auto("AutoTokenizer", model, revision, "CLIP tokenizer", field), batch_size,
                                       net.config.text_config.max_position_embeddings)
@@ -291,7 +316,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
             out["text_mask"] = mask
         return out
 
-    encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, net.params, tokenize,
+    encode_images, encode_texts = _encoders(image_fn, params, pre, text_fn, params, tokenize,
                                             batch_size, tokens)
     clip_key = {"kind": "clip", **model_key(model), "revision": revision, "commit": _commit(net), "tokens": tokens,
                 "normalized": True}
@@ -303,10 +328,11 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
     """FlaxResNetModel pooled features plus a separate FlaxBertModel-family text encoder, mean pooled."""
     from transformers import FlaxAutoModel
 
-    net = load_flax_resnet(model, revision)
+    net, params = load_flax_resnet(model, revision)
     pre = _image_processor(model, revision, "ResNet image processor", "backbone.resnet.model")
     _check_kind(text_model, None, "text encoder", "backbone.resnet.text_model", None)
-    text_net = _from_pretrained(FlaxAutoModel, text_model, None, "text encoder", "backbone.resnet.text_model")
+    text_net, text_params = _from_pretrained(FlaxAutoModel, text_model, None, "text encoder",
+                                             "backbone.resnet.text_model")
     length, tokenize = _tokenizer_fns(
         _auto("AutoTokenizer", text_model, None, "text tokenizer", "backbone.resnet.text_model"), batch_size,
         text_net.config.max_position_embeddings)
@@ -328,7 +354,7 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
             out["text_tokens"], out["text_mask"] = h, mask
         return out
 
-    encode_images, encode_texts = _encoders(image_fn, net.params, pre, text_fn, text_net.params, tokenize,
+    encode_images, encode_texts = _encoders(image_fn, params, pre, text_fn, text_params, tokenize,
                                             batch_size, tokens)
     image_key = {"kind": "resnet", **model_key(model), "revision": revision, "commit": _commit(net),
                  "preprocess": _describe(pre), "tokens": tokens}
