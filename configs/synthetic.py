@@ -34,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.seeds = (42, 123)
         config.degradation.levels = (0.0, 0.3)
         config.train.epochs = 2
+        config.tsne_pairs = 100
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/synthetic.py; allowed: '' or 'smoke'")
     return config

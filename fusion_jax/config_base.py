@@ -34,6 +34,8 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
         learning_rate=1e-4, weight_decay=0.01, epochs=10, batch_size=32, dropout=0.1, eval_batch_size=1024))
     config.head = ml_collections.ConfigDict(dict(hidden=256, mlp_hidden=128, num_heads=4))
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+    # Matched pairs per backbone in the report's t-SNE figure (0: no t-SNE); its time grows with them.
+    config.tsne_pairs = 800
     # Cap on the runs one compiled program trains at once (0: no cap); larger groups are split.
     config.max_runs_per_program = 0
     # One program per (backbone, method, scale) instead of per (backbone, method): more programs to
@@ -79,9 +81,9 @@ def add_image_caption_data(config: ml_collections.ConfigDict) -> None:
 # Config fields that neither change a sweep's results (runs_per_chunk: to float rounding, as the device
 # count; lanes: not at all) nor its groups' names, which finished groups and checkpoints go by
 # (split_by_scale and max_runs_per_program change those, so a resume must keep them).
-# checkpoint.keep: how many epochs' checkpoints stay on disk.
+# checkpoint.keep: how many epochs' checkpoints stay on disk; tsne_pairs: a figure's sample.
 NOT_RESULTS = ("workdir", "distributed", "compile_workers", "runs_per_chunk", "lanes", "compilation_cache",
-               "checkpoint.keep")
+               "checkpoint.keep", "tsne_pairs")
 # Fields saved only since a later release, which a sweep.json without them may have had at any value:
 # not compared against such a file.
 SAVED_LATER = ("split_by_scale",)

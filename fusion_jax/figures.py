@@ -16,7 +16,6 @@ from fusion_jax.files import atomic_write, safe_name  # noqa: E402
 
 COLORS = {"concat": "tab:blue", "cross": "tab:red"}
 MODALITY_COLORS = {"image": "tab:blue", "text": "tab:orange"}
-TSNE_MAX_PAIRS = 800
 TSNE_LINKED_PAIRS = 40
 
 
@@ -163,7 +162,7 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
     fig, axes = _panels(len(files), 5.6, 5.4)
     for ax, (b, f) in zip(axes, files):
         with np.load(f) as z:
-            image, text = z["image"][:TSNE_MAX_PAIRS], z["text"][:TSNE_MAX_PAIRS]
+            image, text = z["image"], z["text"]
         n = min(len(image), len(text))
         finite = np.isfinite(image[:n]).all(axis=1) & np.isfinite(text[:n]).all(axis=1)
         image, text, dropped, n = image[:n][finite], text[:n][finite], n - int(finite.sum()), int(finite.sum())

@@ -274,9 +274,9 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                 log.info("training group %s again, which failed in an earlier attempt: %s", g.name,
                          _recorded_error(failed(g)))
                 os.unlink(failed(g))
-    if index == 0:
+    if index == 0 and config.tsne_pairs:
         for b, fs in features.items():
-            write_tsne_sample(workdir, b, fs)
+            write_tsne_sample(workdir, b, fs, config.tsne_pairs)
     n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
     log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
              n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),

@@ -165,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "compilation_cache", f"{cache!r} must be a folder's path (empty: none), not a file's")
     _require(_int(config.checkpoint.keep, 1), "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
+    _require(_int(config.tsne_pairs, 0), "tsne_pairs", f"{config.tsne_pairs!r} must be an integer >= 0 (0: no t-SNE)")
     for field in ("timeout_seconds", "wait_seconds"):
         value = config.distributed[field]
         _require(_finite(value) and value >= 1, f"distributed.{field}", f"{value!r} must be a finite number >= 1")

@@ -48,18 +48,6 @@ def smoke_config():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def small_tsne():
-    """The report's t-SNE on at most 100 pairs (a sweep's: 800) in this process, session fixtures
-    included: at 800 it took about 2 s per backbone of every sweep a test runs; what the figure shows
-    is tests/test_report.py's."""
-    from fusion_jax import figures
-
-    before, figures.TSNE_MAX_PAIRS = figures.TSNE_MAX_PAIRS, 100
-    yield
-    figures.TSNE_MAX_PAIRS = before
-
-
-@pytest.fixture(autouse=True, scope="session")
 def full_float32_matmuls_on_gpu():
     """On a GPU, float32 matmuls run at full precision in the tests (XLA's default there is TF32,
     ~1e-3 relative): the tests compare against NumPy and PyTorch references in float32 or float64."""

@@ -44,6 +44,7 @@ INVALID = [
     ("compile_workers", -1, "compile_workers", ">= 0"),
     ("runs_per_chunk", -2, "runs_per_chunk", ">= 0"),
     ("lanes", -1, "lanes", ">= 0"),
+    ("tsne_pairs", -1, "tsne_pairs", "integer >= 0"),
     ("pairs.split_seed", -1, "pairs.split_seed", "integer >= 0"),
     ("pairs.split_by", "caption", "pairs.split_by", "allowed: 'pair', 'image'"),
     ("pairs.split", "image", "pairs", "expected exactly split_seed, train_fraction, split_by"),
@@ -301,7 +302,7 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     for field, value in (("split_by_scale", True), ("max_runs_per_program", 3)):
         with pytest.raises(ConfigError, match=rf"differs in {field}\)"):
             prepare_workdir(workdir, {**config, field: value})
-    prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "lanes": 2, "compile_workers": 2,
+    prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "lanes": 2, "compile_workers": 2, "tsne_pairs": 10,
                               "checkpoint": {**config["checkpoint"], "keep": 1}})
     levels = config["degradation"]["levels"]  # the same numbers written as ints: the same sweep
     prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "levels": [int(x) if x == int(x)

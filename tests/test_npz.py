@@ -34,6 +34,7 @@ def _config(folder, backbones=("mine",)):
     config.scales = (128, 256)
     config.seeds = (42, 123)
     config.train.epochs = 2
+    config.tsne_pairs = 100
     return config
 
 

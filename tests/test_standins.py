@@ -71,7 +71,7 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     config.data.flickr8k_dir = str(tmp_path / "flickr8k")
     config.backbone.clip.model = str(models / "clip")
     config.cache_dir = str(tmp_path / "cache")
-    config.scales, config.seeds, config.train.epochs = (64,), (42,), 1
+    config.scales, config.seeds, config.train.epochs, config.tsne_pairs = (64,), (42,), 1, 100
     results = train_and_evaluate(config, str(tmp_path / "results"))
     assert [(r["method"], r["scale"]) for r in results["runs"]] == [("concat", 64), ("cross", 64)]
     assert all(np.isfinite(r["metrics"]["accuracy"]) for r in results["runs"])

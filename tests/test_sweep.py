@@ -299,9 +299,10 @@ def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
     config.backbones = ("aligned",)
     config.scales = (config.scales[-1],)
     config.seeds = (42,)
-    config.degradation.levels = (0.0,)
+    config.degradation.levels, config.tsne_pairs = (0.0,), 0
     results = train_and_evaluate(config, str(tmp_path))
     assert {r["method"] for r in results["runs"]} == {"concat", "cross"}
+    assert not any(f.startswith(("tsne_", "fig_tsne")) for f in os.listdir(tmp_path))  # tsne_pairs = 0: none
     for r in results["runs"]:
         assert r["metrics"]["accuracy"] > r["majority_baseline"] + 0.25, r
 
