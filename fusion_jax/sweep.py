@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import logging
 import os
@@ -277,6 +278,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if index == 0 and config.tsne_pairs:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs, config.tsne_pairs)
+    elif index == 0:  # an earlier run's sample would still draw the figure that 0 turns off
+        for name in glob.glob(os.path.join(workdir, "tsne_*.npz")) + [os.path.join(workdir, "fig_tsne.png")]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
     n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
     log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
              n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),

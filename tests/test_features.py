@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -183,12 +184,22 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     cap = model.config.text_config.max_position_embeddings
     long = " ".join(["red circle"] * cap)
     assert clip.text_length([long, ds.captions[0]]) == cap and "1 of 2 captions are longer" in caplog.text
-    # A weight the checkpoint lacks is initialised (randomly, as from_pretrained does) and named.
-    shutil.copytree(tmp_path, tmp_path / "partial", ignore=shutil.ignore_patterns("partial"))
-    model.save_pretrained(tmp_path / "partial", params={k: v for k, v in saved.items() if k != "logit_scale"})
-    partial = load_clip(str(tmp_path / "partial"), None, batch_size=4, tokens=False)
-    assert "1 weights missing from the checkpoint are initialised randomly: logit_scale" in caplog.text
-    np.testing.assert_array_equal(partial.encode_images([ds.load_image(i) for i in range(4)])["image"], images["image"])
+    # The same weights saved in shards, or as Flax safetensors, load to the same features.
+    for name, kwargs in (("sharded", {"max_shard_size": "100KB"}), ("safetensors", {"safe_serialization": True})):
+        shutil.copytree(tmp_path, tmp_path / name, ignore=shutil.ignore_patterns("flax_model.msgpack", "s*"))
+        model.save_pretrained(tmp_path / name, params=saved, **kwargs)
+        assert backbones._has_flax_weights(str(tmp_path / name), None), os.listdir(tmp_path / name)
+        again = load_clip(str(tmp_path / name), None, batch_size=4, tokens=True)
+        np.testing.assert_array_equal(again.encode_images([ds.load_image(i) for i in range(4)])["image"],
+                                      images["image"])
+    assert any(f.startswith("flax_model-00002") for f in os.listdir(tmp_path / "sharded"))
+    # A weight the checkpoint lacks is initialised and named: the bits from_pretrained gives it.
+    shutil.copytree(tmp_path, tmp_path / "partial", ignore=shutil.ignore_patterns("flax_model.msgpack", "s*"))
+    model.save_pretrained(tmp_path / "partial", params={k: v for k, v in saved.items() if k != "visual_projection"})
+    _, partial = backbones._load(FlaxCLIPModel, str(tmp_path / "partial"), None)
+    assert "1 weights missing from the checkpoint are initialised randomly: visual_projection/kernel" in caplog.text
+    reference = FlaxCLIPModel.from_pretrained(str(tmp_path / "partial")).params
+    chex.assert_trees_all_equal(partial, reference)
 
 
 def test_tiny_clip_lowers_its_contrastive_loss(tmp_path):

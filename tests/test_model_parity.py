@@ -148,6 +148,17 @@ def test_resnet_flax_matches_torch_in_eval_mode(tmp_path):
     if plain_params is not None:  # the unpatched load really is wrong (not just differently named)
         plain = forward(plain_params, pixels).pooler_output
         assert np.abs(_np(plain) - _np(pt_out.pooler_output)).max() > 1e-2
+    # A checkpoint without one of the weights stops the load rather than leaving it out.
+    from safetensors.numpy import load_file, save_file
+
+    from fusion_jax.data.dataset import DataUnavailableError
+    from fusion_jax.features.backbones import load_flax_resnet
+
+    state = load_file(tmp_path / "model.safetensors")
+    del state[next(k for k in state if k.endswith("layer.0.convolution.weight"))]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DataUnavailableError, match="1 of its weights are not in model.safetensors"):
+        load_flax_resnet(str(tmp_path), None)
 
 
 def test_bert_loads_from_torch_safetensors_without_torch(tmp_path):

@@ -399,6 +399,8 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     shutil.copytree(workdir, tmp_path)
     for name in TABLES + ["fig_accuracy_vs_scale.png", "fig_noise.png"]:
         assert (tmp_path / name).exists(), name
+    with np.load(tmp_path / "tsne_aligned.npz") as sample:  # the smoke variant's tsne_pairs
+        assert sample["image"].shape == (100, 32) and sample["text"].shape == (100, 32)
     # Small stand-ins for the sweep's t-SNE samples (one with d_v != d_t), then the CLI once.
     write_tsne(tmp_path, "aligned", 80, 32, 32)
     write_tsne(tmp_path, "unaligned", 80, 32, 16, seed=1)

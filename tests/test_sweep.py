@@ -300,6 +300,8 @@ def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
     config.scales = (config.scales[-1],)
     config.seeds = (42,)
     config.degradation.levels, config.tsne_pairs = (0.0,), 0
+    for name in ("tsne_aligned.npz", "fig_tsne.png"):  # as an earlier run with a t-SNE left them
+        (tmp_path / name).write_bytes(b"")
     results = train_and_evaluate(config, str(tmp_path))
     assert {r["method"] for r in results["runs"]} == {"concat", "cross"}
     assert not any(f.startswith(("tsne_", "fig_tsne")) for f in os.listdir(tmp_path))  # tsne_pairs = 0: none

@@ -107,9 +107,14 @@ def _nested_hint(image_dir: str, files: dict) -> str:
     one level too deep, as `Flickr8k_Dataset/Flicker8k_Dataset/`); '' otherwise."""
     if files:
         return ""
+    def has_images(folder: str) -> bool:
+        try:
+            return any(n.lower().endswith(IMAGE_SUFFIXES) for n in os.listdir(folder))
+        except OSError:  # unreadable: no hint from it
+            return False
+
     with os.scandir(image_dir) as entries:
-        inner = sorted(e.path for e in entries if e.is_dir() and any(
-            n.lower().endswith(IMAGE_SUFFIXES) for n in os.listdir(e.path)))
+        inner = sorted(e.path for e in entries if e.is_dir() and has_images(e.path))
     return (f"; the images seem to be one folder deeper, in {inner[0]!r}: move its contents up into "
             f"{image_dir!r}" if inner else "")
 

@@ -107,9 +107,10 @@ def _load(cls, model: str, revision: str | None, from_pt: bool = False) -> tuple
     """(model, params) of cls.from_pretrained.
 
     Flax weights load without the random initialisation that from_pretrained otherwise runs op by
-    op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights
-    the checkpoint lacks are initialised randomly, as from_pretrained does, in one compiled program.
-    PyTorch weights take from_pretrained's own path: its conversion reads the initialised model."""
+    op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights the
+    checkpoint lacks are initialised as from_pretrained does (randomly, by the same op-by-op init,
+    so to the same bits) and named in a warning. PyTorch weights take from_pretrained's own path:
+    its conversion reads the initialised model."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     if from_pt:
@@ -121,21 +122,30 @@ def _load(cls, model: str, revision: str | None, from_pt: bool = False) -> tuple
     if missing:
         log.warning("%s: %d weights missing from the checkpoint are initialised randomly: %s", model,
                     len(missing), ", ".join("/".join(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else ""))
-        fresh = flatten_dict(jax.jit(lambda key: net.init_weights(key, net.input_shape))(net.key))
+        fresh = flatten_dict(net.init_weights(net.key, net.input_shape))
         params = unflatten_dict({**flat, **{k: fresh[k] for k in missing}})
     return net, params
 
 
 def _has_flax_weights(model: str, revision: str | None) -> bool:
-    """Whether `model` (a folder or a hub id) has Flax weights, one file or shards."""
+    """Whether `model` (a folder or a hub id) has Flax weights: msgpack (one file or shards), or a
+    `model.safetensors` saved from Flax, which from_pretrained reads as it is (format "flax")."""
+    from safetensors import safe_open
     from transformers.utils import cached_file
 
-    names = ("flax_model.msgpack", "flax_model.msgpack.index.json")
-    if os.path.isdir(model):
-        return any(os.path.exists(os.path.join(model, n)) for n in names)
+    def path(name: str) -> str | None:
+        if os.path.isdir(model):
+            return os.path.join(model, name) if os.path.exists(os.path.join(model, name)) else None
+        return cached_file(model, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+
     try:
-        return any(cached_file(model, n, revision=revision, _raise_exceptions_for_missing_entries=False) is not None
-                   for n in names)
+        if path("flax_model.msgpack") or path("flax_model.msgpack.index.json"):
+            return True
+        tensors = path("model.safetensors")
+        if tensors is None:
+            return False
+        with safe_open(tensors, framework="np") as f:
+            return (f.metadata() or {}).get("format") == "flax"
     except OSError:
         return False
 
@@ -185,6 +195,10 @@ def load_flax_resnet(model: str, revision: str | None) -> tuple:
         state = {re.sub(r"(\.layers\.\d+\.layer)\.(\d+)\.", r"\1.layer_\2.", k): v
                  for k, v in load_file(path).items()}
         params = convert_pytorch_state_dict_to_flax(state, net)
+        missing = sorted(net.required_params - set(flatten_dict(params)))
+        if missing:
+            raise _missing("ResNet model", model, field, ValueError(
+                f"{len(missing)} of its weights are not in model.safetensors, such as {'/'.join(missing[0])}"))
     return net, params
 
 
