@@ -188,7 +188,7 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     for name, kwargs in (("sharded", {"max_shard_size": "100KB"}), ("safetensors", {"safe_serialization": True})):
         shutil.copytree(tmp_path, tmp_path / name, ignore=shutil.ignore_patterns("flax_model.msgpack", "s*"))
         model.save_pretrained(tmp_path / name, params=saved, **kwargs)
-        assert backbones._has_flax_weights(str(tmp_path / name), None), os.listdir(tmp_path / name)
+        assert backbones._weights(str(tmp_path / name), None) == "flax", os.listdir(tmp_path / name)
         again = load_clip(str(tmp_path / name), None, batch_size=4, tokens=True)
         np.testing.assert_array_equal(again.encode_images([ds.load_image(i) for i in range(4)])["image"],
                                       images["image"])
@@ -196,7 +196,7 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     # A weight the checkpoint lacks is initialised and named: the bits from_pretrained gives it.
     shutil.copytree(tmp_path, tmp_path / "partial", ignore=shutil.ignore_patterns("flax_model.msgpack", "s*"))
     model.save_pretrained(tmp_path / "partial", params={k: v for k, v in saved.items() if k != "visual_projection"})
-    _, partial = backbones._load(FlaxCLIPModel, str(tmp_path / "partial"), None)
+    _, partial = backbones._load(FlaxCLIPModel, str(tmp_path / "partial"), None, "flax")
     assert "1 weights missing from the checkpoint are initialised randomly: visual_projection/kernel" in caplog.text
     reference = FlaxCLIPModel.from_pretrained(str(tmp_path / "partial")).params
     chex.assert_trees_all_equal(partial, reference)

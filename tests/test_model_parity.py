@@ -10,11 +10,14 @@ magnitude of headroom and still catches any wrong or missing weight.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from conftest import ROOT
 
 torch = pytest.importorskip("torch", reason="torch (dev extra) is needed for the PyTorch parity tests")
 jax = pytest.importorskip("jax")
@@ -32,13 +35,14 @@ import sys
 sys.modules["torch"] = None
 import json, jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on a GPU too (not TF32)
-from transformers import FlaxBertModel
+from transformers import FlaxAutoModel
 from transformers.utils import is_torch_available
+from fusion_jax.features.backbones import _from_pretrained
 assert not is_torch_available()
-path, ids, mask = sys.argv[1], np.array(json.loads(sys.argv[2])), np.array(json.loads(sys.argv[3]))
-model = FlaxBertModel.from_pretrained(path, from_pt=True)
-out = jax.jit(lambda p: model(input_ids=ids, attention_mask=mask, params=p))(model.params)
-np.savez(path + "/flax_out.npz", last=np.asarray(out.last_hidden_state), pooled=np.asarray(out.pooler_output))
+model, out_path, ids, mask = sys.argv[1], sys.argv[2], np.array(json.loads(sys.argv[3])), np.array(json.loads(sys.argv[4]))
+net, params = _from_pretrained(FlaxAutoModel, model, None, "text encoder", "backbone.resnet.text_model")
+out = jax.jit(lambda p: net(input_ids=ids, attention_mask=mask, params=p))(params)
+np.savez(out_path, last=np.asarray(out.last_hidden_state), pooled=np.asarray(out.pooler_output))
 """
 
 
@@ -161,7 +165,28 @@ def test_resnet_flax_matches_torch_in_eval_mode(tmp_path):
         load_flax_resnet(str(tmp_path), None)
 
 
+def _offline_hub_copy(cache: str, repo_id: str, folder: str) -> None:
+    """`folder` as the hub's cache holds a download of `repo_id`, every file the loader asks for
+    and the folder lacks marked as absent (what huggingface_hub records after a lookup)."""
+    import shutil
+
+    commit = "0" * 40
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
+    absent = os.path.join(repo, ".no_exist", commit)
+    os.makedirs(absent)
+    for name in ("flax_model.msgpack", "flax_model.msgpack.index.json", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json", "generation_config.json", "adapter_config.json",
+                 "custom_generate/generate.py"):
+        os.makedirs(os.path.dirname(os.path.join(absent, name)), exist_ok=True)
+        open(os.path.join(absent, name), "w").close()
+
+
 def test_bert_loads_from_torch_safetensors_without_torch(tmp_path):
+    """A hub model with PyTorch weights in both formats loads from its safetensors in a process without torch."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -169,20 +194,25 @@ def test_bert_loads_from_torch_safetensors_without_torch(tmp_path):
     )
     torch.manual_seed(0)
     pt_model = BertModel(config).eval()
-    pt_model.save_pretrained(tmp_path, safe_serialization=True)
-    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "pytorch_model.bin").exists()
+    pt_model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    pt_model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    shutil.copy(tmp_path / "bin" / "pytorch_model.bin", tmp_path / "model")  # which would need torch
+    _offline_hub_copy(str(tmp_path / "hub"), "someone/bert", str(tmp_path / "model"))
 
     ids = np.random.default_rng(2).integers(0, 100, (2, 10))
     mask = np.ones_like(ids)
     mask[1, 6:] = 0
-    args = [str(tmp_path), json.dumps(ids.tolist()), json.dumps(mask.tolist())]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_BERT, *args], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    fx_out = np.load(tmp_path / "flax_out.npz")
+    outputs = []
+    for model, env in ((str(tmp_path / "model"), {}),
+                       ("someone/bert", {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")})):
+        outputs.append(tmp_path / f"flax_out{len(outputs)}.npz")
+        args = [model, str(outputs[-1]), json.dumps(ids.tolist()), json.dumps(mask.tolist())]
+        run = subprocess.run([sys.executable, "-c", NO_TORCH_BERT, *args], capture_output=True, text=True,
+                             timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         pt_out = pt_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    np.testing.assert_allclose(fx_out["last"], _np(pt_out.last_hidden_state), **TOL)
-    np.testing.assert_allclose(fx_out["pooled"], _np(pt_out.pooler_output), **TOL)
+    for path in outputs:
+        fx_out = np.load(path)
+        np.testing.assert_allclose(fx_out["last"], _np(pt_out.last_hidden_state), **TOL)
+        np.testing.assert_allclose(fx_out["pooled"], _np(pt_out.pooler_output), **TOL)

@@ -103,18 +103,20 @@ def _image_processor(model: str, revision: str | None, what: str, field: str) ->
         raise _missing(what, model, field, e) from e
 
 
-def _load(cls, model: str, revision: str | None, from_pt: bool = False) -> tuple:
-    """(model, params) of cls.from_pretrained.
+def _load(cls, model: str, revision: str | None, weights: str) -> tuple:
+    """(model, params) of cls.from_pretrained, for `weights` as `_weights` names them.
 
     Flax weights load without the random initialisation that from_pretrained otherwise runs op by
     op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights the
     checkpoint lacks are initialised as from_pretrained does (randomly, by the same op-by-op init,
-    so to the same bits) and named in a warning. PyTorch weights take from_pretrained's own path:
-    its conversion reads the initialised model."""
+    so to the same bits) and named in a warning. PyTorch weights take from_pretrained's own path (its
+    conversion reads the initialised model): from model.safetensors without torch where there is one,
+    which transformers takes only when it is not asked for PyTorch weights (then it reads
+    pytorch_model.bin first, which needs torch)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    if from_pt:
-        net = cls.from_pretrained(model, revision=revision, from_pt=True)
+    if weights != "flax":
+        net = cls.from_pretrained(model, revision=revision, from_pt=weights == "pytorch")
         return net, net.params
     net, params = cls.from_pretrained(model, revision=revision, _do_init=False)
     flat = flatten_dict(params)
@@ -127,9 +129,10 @@ def _load(cls, model: str, revision: str | None, from_pt: bool = False) -> tuple
     return net, params
 
 
-def _has_flax_weights(model: str, revision: str | None) -> bool:
-    """Whether `model` (a folder or a hub id) has Flax weights: msgpack (one file or shards), or a
-    `model.safetensors` saved from Flax, which from_pretrained reads as it is (format "flax")."""
+def _weights(model: str, revision: str | None) -> str:
+    """Which weights `model` (a folder or a hub id) has, in transformers' order: "flax" (msgpack, one
+    file or shards, or a model.safetensors saved from Flax), "safetensors" (saved from PyTorch) or
+    "pytorch" (anything else: from_pretrained then looks for pytorch_model.bin, or says what is missing)."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
@@ -140,20 +143,20 @@ def _has_flax_weights(model: str, revision: str | None) -> bool:
 
     try:
         if path("flax_model.msgpack") or path("flax_model.msgpack.index.json"):
-            return True
+            return "flax"
         tensors = path("model.safetensors")
         if tensors is None:
-            return False
+            return "pytorch"
         with safe_open(tensors, framework="np") as f:
-            return (f.metadata() or {}).get("format") == "flax"
+            return "flax" if (f.metadata() or {}).get("format") == "flax" else "safetensors"
     except OSError:
-        return False
+        return "pytorch"
 
 
 def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str) -> tuple:
     """(model, params) from `_load`, reading PyTorch safetensors (no torch needed) when there are no Flax weights."""
     try:
-        return _load(cls, model, revision, from_pt=not _has_flax_weights(model, revision))
+        return _load(cls, model, revision, _weights(model, revision))
     except (OSError, ValueError) as e:
         raise _missing(what, model, field, e) from e
 
@@ -174,16 +177,16 @@ def load_flax_resnet(model: str, revision: str | None) -> tuple:
 
     field = "backbone.resnet.model"
     _check_kind(model, revision, "ResNet model", field, "resnet")
-    native = _has_flax_weights(model, revision)
+    weights = _weights(model, revision)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the bug's warning lists every block key
     try:
-        net, params = _load(FlaxResNetModel, model, revision, from_pt=not native)
+        net, params = _load(FlaxResNetModel, model, revision, weights)
     except (OSError, ValueError) as e:
         raise _missing("ResNet model", model, field, e) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
-    if native:
+    if weights == "flax":
         return net, params
     if any("layer_0" in "/".join(k) for k in flatten_dict(params)):  # basic blocks: the buggy mapping
         from safetensors.numpy import load_file
