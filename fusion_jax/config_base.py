@@ -17,7 +17,7 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = name
     config.workdir = ""  # empty: results/<name>/
-    config.cache_dir = ""  # empty: $FUSION_JAX_CACHE, else ~/.cache/fusion_jax
+    config.cache_dir = ""  # empty: $FUSION_JAX_CACHE, else $XDG_CACHE_HOME/fusion_jax, else ~/.cache/fusion_jax
     config.features = features
     config.backbones = ()
     config.methods = ("concat", "cross")

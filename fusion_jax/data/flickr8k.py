@@ -273,7 +273,7 @@ def load_flickr8k_hub(hub_id: str, revision: str | None = None) -> ImageCaptionD
     except (OSError, datasets.exceptions.DatasetsError, HFValidationError) as e:
         offline = (", with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set, from the datasets cache"
                    if hub_offline() and not os.path.isdir(hub_id) else "")
-        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision}){offline}: "
+        raise _unavailable(f"cannot load hub dataset {hub_id!r} (revision {revision or 'newest'}){offline}: "
                            f"{type(e).__name__}: {e}") from e
     names = [n for n in HUB_SPLIT_ORDER if n in splits] + sorted(set(splits) - set(HUB_SPLIT_ORDER))
     ds = datasets.concatenate_datasets([splits[n] for n in names]) if len(names) > 1 else splits[names[0]]
