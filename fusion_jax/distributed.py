@@ -38,8 +38,9 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     d = config.distributed
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
-            if d.process_id == 0 and d.coordinator_address:
-                _refuse_a_taken_port(d.coordinator_address)
+            port = _coordinator_port(d)
+            if port is not None:
+                _refuse_a_taken_port(*port)
             # JAX's preemption service takes SIGTERM for a sync point of steps that every process
             # reaches; a sweep's processes checkpoint their own groups' epochs and never agree on one,
             # so SIGTERM (`kill`, a scheduler's cancel) was ignored. It now ends a process, as alone.
@@ -67,14 +68,27 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _refuse_a_taken_port(address: str) -> None:
+def _coordinator_port(d: ml_collections.ConfigDict) -> tuple[int, str] | None:
+    """(port, what chooses another) of the coordinator that this process is to start, where it is process 0:
+    the config's, or under SLURM JAX's (JAX_COORDINATOR_PORT, else SLURM_JOB_ID % 4096 + 61440, which two
+    jobs on one node can share); None otherwise (an address that is not HOST:PORT: jax.distributed says why)."""
+    if d.coordinator_address:
+        port = d.coordinator_address.rpartition(":")[2]
+        return (int(port), "give each sweep a port of its own") if d.process_id == 0 and port.isdigit() else None
+    env = os.environ
+    if ("JAX_COORDINATOR_ADDRESS" in env or d.process_id > 0 or env.get("SLURM_PROCID") != "0"
+            or not env.get("SLURM_JOB_ID", "").isdigit()):
+        return None
+    if env.get("JAX_COORDINATOR_PORT", "").isdigit():
+        return int(env["JAX_COORDINATOR_PORT"]), "set JAX_COORDINATOR_PORT to another (free) port"
+    return (int(env["SLURM_JOB_ID"]) % 4096 + 61440,
+            f"JAX's port for SLURM job {env['SLURM_JOB_ID']}; set JAX_COORDINATOR_PORT to a free one")
+
+
+def _refuse_a_taken_port(port: int, advice: str) -> None:
     """ConfigError when process 0 cannot have the coordinator's port: gRPC's server then crashed the process
     (a segfault), and the others waited out their timeout; a coordinator of another sweep on the port shares
     it, and the two sweeps' processes meet and kill each other."""
-    port = address.rpartition(":")[2]
-    if not port.isdigit():
-        return  # jax.distributed says what is wrong with the address
-    port = int(port)
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # as gRPC binds: all addresses
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -85,7 +99,7 @@ def _refuse_a_taken_port(address: str) -> None:
                 from fusion_jax.validate import ConfigError
 
                 raise ConfigError("distributed.coordinator_address", f"port {port} is in use on this host (another "
-                                  "sweep's coordinator?): give each sweep a port of its own") from None
+                                  f"sweep's coordinator?): {advice}") from None
     # Neither family binds for another reason (no IPv6, say): jax.distributed says what it is.
 
 

@@ -292,6 +292,39 @@ def test_a_coordinator_port_in_use_is_refused_before_jax_distributed_starts(smok
     assert not jax.distributed.is_initialized()
 
 
+def test_under_slurm_process_0_refuses_jaxs_port_when_another_job_has_it(smoke_config, monkeypatch):
+    """JAX's SLURM port, SLURM_JOB_ID % 4096 + 61440, is the same for jobs 4096 apart on one node."""
+    import socket
+
+    import jax
+
+    from fusion_jax import distributed
+    from fusion_jax.validate import ConfigError
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail("jax.distributed started"))
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_PORT", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with socket.socket() as taken:
+        for job in range(4096):  # a port of JAX's SLURM range that this test can take
+            try:
+                taken.bind(("127.0.0.1", job + 61440))
+                break
+            except OSError:
+                continue
+        taken.listen()
+        monkeypatch.setenv("SLURM_JOB_ID", str(job + 3 * 4096))
+        with pytest.raises(ConfigError, match=rf"port {job + 61440} is in use .*JAX's port for SLURM job {job + 3 * 4096}"):
+            distributed.initialize(smoke_config)
+        monkeypatch.setenv("JAX_COORDINATOR_PORT", str(job + 61440))
+        with pytest.raises(ConfigError, match="set JAX_COORDINATOR_PORT to another"):
+            distributed.initialize(smoke_config)
+        monkeypatch.setenv("SLURM_PROCID", "1")  # not the coordinator's process: nothing to check here
+        monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: None)
+        distributed.initialize(smoke_config)
+
+
 def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     """JAX_COORDINATOR_ADDRESS without a cluster that says how many processes: a one-line config error
     (JAX's ValueError, before any connection, was a traceback), and no workdir made."""
