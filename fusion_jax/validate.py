@@ -95,6 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(_finite(level) and 0 <= level <= degrade.MAX_LEVEL, "degradation.levels",
                  f"level {level!r} must be a number >= 0 and <= {degrade.MAX_LEVEL:g} (sigma, against unit-norm features)")
     in_runs = [float(np.float32(level)) for level in d.levels]
+    for level, kept in zip(d.levels, in_runs):
+        _require(kept > 0 or level == 0, "degradation.levels",
+                 f"level {level!r} is 0 in float32, the precision of a run's level: no noise would be drawn")
     _require(len(set(in_runs)) == len(in_runs), "degradation.levels",
              f"{tuple(d.levels)} are not distinct in float32, the precision of a run's level")
     for b in _distinct(d.backbones, "degradation.backbones"):

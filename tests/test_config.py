@@ -24,6 +24,7 @@ INVALID = [
     ("degradation.levels", (0.0, -0.1), "degradation.levels", ">= 0"),
     ("degradation.levels", (0.0, 1e7), "degradation.levels", "<= 1e+06"),
     ("degradation.levels", (0.1, 0.1000000001), "degradation.levels", "not distinct in float32"),
+    ("degradation.levels", (0.0, 1e-50), "degradation.levels", "is 0 in float32"),
     ("seeds", (True,), "seeds", "integer in [0, 2^31)"),
     ("name", "..", "name", "not '.' or '..'"),
     ("backbones", ("alignment=+0.5", "alignment= 0.5"), "backbones", "the same file name, 'alignment=_0.5'"),

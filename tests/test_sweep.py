@@ -233,7 +233,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
     assert loaded and int(loaded[1]) >= 3, caplog.text  # init, train and evaluate at least (JAX counts)
     a, b = _by_run(clean), _by_run(resumed)
     assert a.keys() == b.keys()
-    if jax.devices()[0].platform == "cpu":  # XLA:CPU gives a run the same numbers in any chunk layout
+    if jax.devices()[0].platform == "cpu":  # on XLA:CPU another chunk layout moves a loss by an ulp or so
         for k in a:
             assert a[k]["metrics"] == b[k]["metrics"]
             assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
