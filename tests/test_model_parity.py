@@ -39,7 +39,8 @@ from transformers import FlaxAutoModel
 from transformers.utils import is_torch_available
 from fusion_jax.features.backbones import _from_pretrained
 assert not is_torch_available()
-model, out_path, ids, mask = sys.argv[1], sys.argv[2], np.array(json.loads(sys.argv[3])), np.array(json.loads(sys.argv[4]))
+model, out_path = sys.argv[1], sys.argv[2]
+ids, mask = np.array(json.loads(sys.argv[3])), np.array(json.loads(sys.argv[4]))
 net, params = _from_pretrained(FlaxAutoModel, model, None, "text encoder", "backbone.resnet.text_model")
 out = jax.jit(lambda p: net(input_ids=ids, attention_mask=mask, params=p))(params)
 np.savez(out_path, last=np.asarray(out.last_hidden_state), pooled=np.asarray(out.pooler_output))

@@ -315,7 +315,8 @@ def test_under_slurm_process_0_refuses_jaxs_port_when_another_job_has_it(smoke_c
                 continue
         taken.listen()
         monkeypatch.setenv("SLURM_JOB_ID", str(job + 3 * 4096))
-        with pytest.raises(ConfigError, match=rf"port {job + 61440} is in use .*JAX's port for SLURM job {job + 3 * 4096}"):
+        port_of_job = rf"port {job + 61440} is in use .*JAX's port for SLURM job {job + 3 * 4096}"
+        with pytest.raises(ConfigError, match=port_of_job):
             distributed.initialize(smoke_config)
         monkeypatch.setenv("JAX_COORDINATOR_PORT", str(job + 61440))
         with pytest.raises(ConfigError, match="set JAX_COORDINATOR_PORT to another"):
