@@ -1,12 +1,16 @@
-"""Orbax checkpoints of a group's stacked train state, saved at epoch boundaries."""
+"""Orbax checkpoints of a group's stacked train state, saved at epoch boundaries, each with a CRC-32
+of every array beside it (`digests/<epoch>.json`): Orbax stores none, and a flipped bit that still
+decompresses would restore silently."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import os
+import json
 import shutil
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -17,6 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from fusion_jax.files import atomic_write_json
 from fusion_jax.validate import ConfigError
 
 
@@ -40,6 +45,15 @@ class _OwnProcessNumpyHandler(ocp.type_handlers.NumpyHandler):
                 process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
             writes.append(self._open_and_write(value, spec.json, info.ts_context))
         await asyncio.gather(*writes)
+
+
+DIGESTS = "digests"  # beside the epochs' folders, which Orbax's step listing ignores
+
+
+def digest(tree: Any) -> dict[str, str]:
+    """CRC-32 of each leaf's bytes (host arrays), by its path in the tree."""
+    return {jax.tree_util.keystr(path): f"{zlib.crc32(np.ascontiguousarray(leaf)):08x}"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _writes(method):
@@ -98,11 +112,20 @@ class GroupCheckpoints:
         self._manager.reload()
         return target
 
+    def _digest_path(self, epoch: int) -> str:
+        return os.path.join(self.directory, DIGESTS, f"{epoch}.json")
+
     @_writes
     def save(self, epoch: int, tree: Any) -> None:
         """Save `tree` as host arrays (numpy scalars too): a group lives on one process's devices, which
-        Orbax's multi-process mode would refuse as host-local jax.Arrays."""
+        Orbax's multi-process mode would refuse as host-local jax.Arrays. Its digest goes first, so
+        that a checkpoint never lacks one; digests of epochs no longer kept go."""
         tree = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+        folder = os.path.join(self.directory, DIGESTS)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(self._digest_path(epoch), digest(tree))
+        for name in set(os.listdir(folder)) - {f"{e}.json" for e in (*self.all_epochs(), epoch)}:
+            os.remove(os.path.join(folder, name))
         self._manager.save(epoch, args=ocp.args.PyTreeSave(tree))
 
     def restore(self, epoch: int, abstract_tree: Any) -> Any:
@@ -117,6 +140,14 @@ class GroupCheckpoints:
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise ValueError(f"{jax.tree_util.keystr(path)}: {got.dtype}{list(got.shape)} in the checkpoint, "
                                  f"{want.dtype}{list(want.shape)} expected")
+        if os.path.exists(self._digest_path(epoch)):  # checkpoints saved before digests have none
+            with open(self._digest_path(epoch)) as f:
+                saved = json.load(f)
+            read = digest(jax.tree_util.tree_map(np.asarray, tree))
+            changed = [k for k in read if read[k] != saved.get(k)]
+            if changed or set(saved) != set(read):
+                raise ValueError(f"{len(changed) or 'the'} arrays differ from those saved (CRC-32), such as "
+                                 f"{(changed or sorted(set(saved) ^ set(read)))[0]}")
         return tree
 
     @_writes

@@ -111,6 +111,34 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     _assert_same(clean, resumed)
 
 
+def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
+    """Orbax keeps no checksum: arrays that still decompress, but are not those saved (here another save's
+    files in their place, as a flipped bit that decodes would be), restored silently before digests."""
+    import shutil
+
+    from fusion_jax.checkpoint import DIGESTS, GroupCheckpoints
+
+    trees = [{"params": {"w": np.full((8, 4), v, np.float32)}, "epoch": np.int32(1)} for v in (1.0, 2.0)]
+    saved = []
+    for i, tree in enumerate(trees):
+        ckpt = GroupCheckpoints(str(tmp_path / f"c{i}"), keep=2)
+        ckpt.save(1, tree)
+        ckpt.save(2, tree)
+        ckpt.close()
+        saved.append(ckpt)
+    assert sorted(os.listdir(tmp_path / "c0" / DIGESTS)) == ["1.json", "2.json"]
+    np.testing.assert_array_equal(saved[0].restore(2, trees[0])["params"]["w"], trees[0]["params"]["w"])
+    shutil.rmtree(tmp_path / "c0" / "2")
+    shutil.copytree(tmp_path / "c1" / "2", tmp_path / "c0" / "2")
+    again = GroupCheckpoints(str(tmp_path / "c0"), keep=2)
+    with pytest.raises(ValueError, match=r"1 arrays differ from those saved \(CRC-32\), such as \['params'\]\['w'\]"):
+        again.restore(2, trees[0])
+    np.testing.assert_array_equal(again.restore(1, trees[0])["params"]["w"], trees[0]["params"]["w"])
+    os.remove(tmp_path / "c0" / DIGESTS / "2.json")  # saved before digests: read as it is
+    np.testing.assert_array_equal(again.restore(2, trees[0])["params"]["w"], trees[1]["params"]["w"])
+    again.close()
+
+
 def test_a_workdir_mended_by_hand_is_refused_naming_what_not_mixed_into(smoke_config, tmp_path):
     """Between attempts a workdir's state files may be edited or removed by hand: a group's record of other
     runs, a sweep.json gone from a sweep that has trained, a damaged one. Each is refused in one line
