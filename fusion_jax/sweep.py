@@ -264,9 +264,11 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         finished = [g for g in groups if os.path.exists(done(g))]
         for g in finished:  # before any training: a workdir of another config is refused, not mixed in
             _group_records(done(g), g)
-        todo = [g for g in distributed.mine(groups, index, count) if g not in finished]
+        todo = []
         for g in distributed.mine(groups, index, count):
-            if g in finished:  # checkpoints left by a stop between its record and their removal
+            if g not in finished:
+                todo.append(g)
+            else:  # checkpoints left by a stop between its record and their removal
                 shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.
