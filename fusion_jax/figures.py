@@ -15,6 +15,7 @@ from fusion_jax import paper, tables  # noqa: E402
 from fusion_jax.files import atomic_write, safe_name  # noqa: E402
 
 COLORS = {"concat": "tab:blue", "cross": "tab:red"}
+MARKERS = {"concat": "o", "cross": "^"}  # the methods apart in greyscale too
 MODALITY_COLORS = {"image": "tab:blue", "text": "tab:orange"}
 TSNE_LINKED_PAIRS = 40
 
@@ -35,9 +36,43 @@ def _save(fig: plt.Figure, path: str) -> str:
     return path
 
 
-def _panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[plt.Figure, list]:
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained")
+def _panels(n: int, width: float = 5.6, height: float = 4.4, sharey: bool = False) -> tuple[plt.Figure, list]:
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained", sharey=sharey)
     return fig, list(axes[0])
+
+
+def _apart(n: int, step: float) -> list[float]:
+    """Offsets that set n series side by side around their x values, `step` apart (their error bars
+    would hide each other otherwise)."""
+    return [step * (i - (n - 1) / 2) for i in range(n)]
+
+
+def _short(name: str) -> str:
+    """A model's name for a title: a local folder's last part, a hub id whole."""
+    name = str(name).rstrip("/")
+    return os.path.basename(name) if name.startswith(("<cache>", "/", ".", "~")) else name
+
+
+def panel_title(results: dict, backbone: str) -> str:
+    """'backbone clip (pooled, d_v 512, d_t 512)' and its models' names below: what a panel's features
+    are, so that two sweeps' figures (or a tiny model and the paper's) are not taken for each other."""
+    prov = results.get("backbones", {}).get(backbone, {})
+    what = ["token states" if prov.get("tokens") else "pooled"]
+    if "dim_image" in prov:
+        what.append(f"d_v {prov['dim_image']}, d_t {prov['dim_text']}")
+    names = " + ".join(_short(prov[k]) for k in ("model", "text_model", "file") if prov.get(k))
+    return f"backbone {backbone} ({', '.join(what)})" + (f"\n{names}" if names else "")
+
+
+def _legend_below(fig: plt.Figure, axes: list, extra: list = ()) -> None:
+    """One legend for all panels, below them: each label once, in the order first drawn."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    for handle in extra:
+        seen.setdefault(handle.get_label(), handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(3, len(seen)), fontsize=8)
 
 
 def accuracy_vs_scale(results: dict, path: str) -> str | None:
@@ -47,33 +82,38 @@ def accuracy_vs_scale(results: dict, path: str) -> str | None:
     names = [b for b in backbones(results) if any(s["backbone"] == b for s in summ)]
     if not names:
         return None
-    fig, axes = _panels(len(names))
+    fig, axes = _panels(len(names), sharey=True)
     for ax, b in zip(axes, names):
         rows = [s for s in summ if s["backbone"] == b]
         scales = sorted({s["scale"] for s in rows})
+        methods = sorted({s["method"] for s in rows} | ({"concat", "cross"} if tables.is_paper_setting(results, b)
+                                                         else set()))
+        shift = dict(zip(methods, _apart(len(methods), 0.05)))  # in octaves, on the log₂ axis
         for m in sorted({s["method"] for s in rows}):
             pts = sorted((s for s in rows if s["method"] == m), key=lambda s: s["scale"])
-            ax.errorbar([s["scale"] for s in pts], [100 * s["accuracy_mean"] for s in pts],
-                        yerr=[100 * (s["accuracy_std"] or 0.0) for s in pts], color=COLORS.get(m), marker="o",
-                        capsize=4, label=f"{m} (ours)")
+            ax.errorbar([s["scale"] * 2 ** shift[m] for s in pts], [100 * s["accuracy_mean"] for s in pts],
+                        yerr=[100 * (s["accuracy_std"] or 0.0) for s in pts], color=COLORS.get(m),
+                        marker=MARKERS.get(m, "o"), capsize=4, label=f"{m} (ours)")
         base = [100 * np.mean([s["majority_baseline_mean"] for s in rows if s["scale"] == sc]) for sc in scales]
-        ax.plot(scales, base, "k--", marker="_", ms=14, lw=1.2, label="majority-class baseline (ours)")
+        ax.plot(scales, base, "k--", lw=1.2, label="majority-class baseline (ours)")
         if tables.is_paper_setting(results, b):
             for m in ("concat", "cross"):
                 pts = [r for r in paper.table1() if r["method"] == m]
-                ax.errorbar([r["scale"] for r in pts], [r["acc_mean"] for r in pts], yerr=[r["acc_std"] for r in pts],
-                            color=COLORS[m], ls=":", marker="s", mfc="none", capsize=3,
-                            label=f"{m}: paper, Flickr8k CLIP")
+                ax.errorbar([r["scale"] * 2 ** shift[m] for r in pts], [r["acc_mean"] for r in pts],
+                            yerr=[r["acc_std"] for r in pts], color=COLORS[m], ls=":", marker=MARKERS[m], mfc="none",
+                            capsize=3,
+                            label=f"{m}: paper, Flickr8k CLIP (hollow, dotted)")
                 scales = sorted(set(scales) | {r["scale"] for r in pts})
         ax.set_xscale("log", base=2)
         ax.set_xticks(scales, [str(s) for s in scales])
         ax.minorticks_off()
-        ax.set_xlabel(f"pairs per run (scale; log₂ axis; {tables.split_text(results, short=True)})")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title(f"backbone {b}")
+        ax.set_xlabel("pairs per run (scale; log₂ axis)")
+        ax.set_title(panel_title(results, b), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(tables.data_of(results))}\n"
+    axes[0].set_ylabel("validation accuracy (%)")
+    _legend_below(fig, axes)
+    fig.suptitle(f"Accuracy vs data scale, no noise: {tables.data_label(tables.data_of(results))}, "
+                 f"{tables.split_text(results, short=True)}\n"
                  + ("mean of 1 seed (no std)" if all(s["n_seeds"] == 1 for s in summ)
                     else f"mean ± std over {tables.seeds_text(summ)}"), fontsize=11)
     return _save(fig, path)
@@ -87,8 +127,15 @@ def noise_advantage(results: dict, path: str) -> str | None:
         return None
     cfg = results["config"]
     comps = tables.comparison_index(results)
+    cells = [comps[(b, sc, lv)] for b, sc, levels in settings for lv in levels if (b, sc, lv) in comps]
+    one_seed = all(c["n_seeds"] < 2 for c in cells)
+    untested = any(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in cells)
+    scales = sorted({sc for _, sc, _ in settings})  # one colour per scale in every panel
+    color = {sc: plt.cm.viridis(i / max(1, len(scales) - 1) * 0.85) for i, sc in enumerate(scales)}
+    levels_all = sorted({lv for _, _, levels in settings for lv in levels})
+    step = 0.12 * (min(np.diff(levels_all)) if len(levels_all) > 1 else max(0.1, levels_all[0]))
     names = [b for b in backbones(results) if any(s[0] == b for s in settings)]
-    fig, axes = _panels(len(names))
+    fig, axes = _panels(len(names), sharey=True)
     p_sig = paper.table2()
     for ax, b in zip(axes, names):
         mine = sorted(s for s in settings if s[0] == b)
@@ -96,31 +143,32 @@ def noise_advantage(results: dict, path: str) -> str | None:
             diffs = [tables.paired_differences(results, b, sc, lv) for lv in levels]
             mean = [100 * np.mean(d) for d in diffs]
             err = [100 * np.std(d, ddof=1) if len(d) > 1 else 0.0 for d in diffs]
-            x = [lv + 0.006 * (i - (len(mine) - 1) / 2) for lv in levels]  # small offsets: bars stay apart
-            color = plt.cm.viridis(i / max(1, len(mine) - 1) * 0.85)
-            ax.errorbar(x, mean, yerr=err, color=color, marker="o", mfc="none", capsize=4,
-                        label=f"ours, scale {sc}")
+            x = [lv + _apart(len(mine), step)[i] for lv in levels]
+            ax.errorbar(x, mean, yerr=err if any(len(d) > 1 for d in diffs) else None, color=color[sc],
+                        marker="o", mfc="none", capsize=4, label=f"ours, scale {sc}")
             sig = [(xi, y) for xi, lv, y in zip(x, levels, mean)
                    if (c := comps.get((b, sc, lv))) and tables.favoured(c["concat_minus_cross"], c["p_value"],
                                                                         c["n_seeds"])]
             if sig:
-                ax.plot(*zip(*sig), "o", color=color, ls="none")
+                ax.plot(*zip(*sig), "o", color=color[sc], ls="none")
         if tables.is_paper_noise(results, b):
             ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
                     label=f"paper ({paper.SETTING}), Table 2 (scale not stated)")
         ax.axhline(0.0, color="gray", lw=1)
-        ax.plot([], [], "o", color="gray", label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")
-        ax.plot([], [], "o", color="gray", mfc="none", label="ours, hollow: not significant"
-                + (" or untested" if any(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
-                                         for c in results["comparisons"]) else ""))
         ax.set_xlabel(f"noise σ on {cfg.get('degradation', {}).get('modality', 'image')} features (std, before re-normalizing)")
-        ax.set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
-        ax.set_title(f"backbone {b}")
+        ax.set_title(panel_title(results, b), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the data stay clear
-    fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(tables.data_of(results))}\n"
-                 f"error bars: std of the per-seed paired differences ({tables.seeds_text(results['comparisons'])})",
-                 fontsize=11)
+    axes[0].set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
+    marks = [] if one_seed else [plt.Line2D([], [], marker="o", color="gray", ls="none",
+                                            label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")]
+    marks.append(plt.Line2D([], [], marker="o", color="gray", mfc="none", ls="none",
+                            label="ours, hollow: untested (1 seed)" if one_seed else
+                            "ours, hollow: not significant" + (" or untested" if untested else "")))
+    _legend_below(fig, axes, marks)
+    fig.suptitle(f"Concat advantage under Gaussian noise: {tables.data_label(tables.data_of(results))}, "
+                 f"{tables.split_text(results, short=True)}\n"
+                 + ("1 seed: the differences of single runs, no error bars" if one_seed else
+                    f"error bars: std of the per-seed paired differences ({tables.seeds_text(cells)})"), fontsize=11)
     return _save(fig, path)
 
 
@@ -154,9 +202,9 @@ def tsne_embedding(image: np.ndarray, text: np.ndarray, seed: int = 0) -> tuple[
     return y[:n], y[n:], joint
 
 
-def tsne(workdir: str, names: list[str], path: str) -> str | None:
+def tsne(workdir: str, results: dict, path: str) -> str | None:
     """t-SNE of matched image-text pairs, one panel per `tsne_<backbone>.npz`; None when there is none."""
-    files = tsne_files(workdir, names)
+    files = tsne_files(workdir, backbones(results))
     if not files:
         return None
     fig, axes = _panels(len(files), 5.6, 5.4)
@@ -167,26 +215,30 @@ def tsne(workdir: str, names: list[str], path: str) -> str | None:
         finite = np.isfinite(image[:n]).all(axis=1) & np.isfinite(text[:n]).all(axis=1)
         image, text, dropped, n = image[:n][finite], text[:n][finite], n - int(finite.sum()), int(finite.sum())
         note = f"\n{dropped} pairs with NaN or Inf features left out" if dropped else ""
+        # the sample holds a token sweep's masked means (`sweep.write_tsne_sample`)
+        what = "means of token states" if results.get("backbones", {}).get(b, {}).get("tokens") else "pooled"
         if n < 4:
             ax.set_title(f"backbone {b}: too few pairs with finite features ({n}){note}", fontsize=9)
             ax.set_axis_off()
             continue
         img, txt, joint = tsne_embedding(image, text)
-        linked = np.random.default_rng(0).choice(n, min(TSNE_LINKED_PAIRS, n), replace=False)
-        for j, i in enumerate(linked):
-            ax.plot([img[i, 0], txt[i, 0]], [img[i, 1], txt[i, 1]], color="black", lw=0.8, alpha=0.6, zorder=3,
-                    label=f"matched pair ({len(linked)} of {n} shown)" if j == 0 else None)
+        if joint:  # apart, a pair's two positions are in two unrelated maps: no line between them
+            linked = np.random.default_rng(0).choice(n, min(TSNE_LINKED_PAIRS, n), replace=False)
+            for j, i in enumerate(linked):
+                ax.plot([img[i, 0], txt[i, 0]], [img[i, 1], txt[i, 1]], color="black", lw=0.8, alpha=0.6, marker=".",
+                        ms=5, zorder=3, label=f"matched pair ({len(linked)} of {n} marked)" if j == 0 else None)
         ax.scatter(img[:, 0], img[:, 1], s=6, color=MODALITY_COLORS["image"], alpha=0.6, label="image features")
         ax.scatter(txt[:, 0], txt[:, 1], s=6, color=MODALITY_COLORS["text"], alpha=0.6, label="text features")
         if joint:
-            title = f"backbone {b}: joint t-SNE, {n} pairs (d = {image.shape[1]})"
+            title = f"backbone {b}: joint t-SNE of {n} pairs ({what}, d = {image.shape[1]})"
         else:
-            title = (f"backbone {b}: {n} pairs, d_v = {image.shape[1]}, d_t = {text.shape[1]}\n"
+            title = (f"backbone {b}: {n} pairs ({what}), d_v = {image.shape[1]}, d_t = {text.shape[1]}\n"
                      f"each modality PCA'd to {min(image.shape[1], text.shape[1], 50, n)}-d separately\n"
                      "separate spaces: positions are not comparable across modalities")
         ax.set_title(title + note, fontsize=9)
         ax.set_xlabel("t-SNE 1 (no units)")
         ax.set_ylabel("t-SNE 2 (no units)")
         ax.legend(fontsize=8, markerscale=2)
-    fig.suptitle("t-SNE of image and text features of matched pairs (pooled), coloured by modality", fontsize=11)
+    fig.suptitle("t-SNE of image and text features of matched pairs, coloured by modality: "
+                 f"{tables.data_label(tables.data_of(results))}", fontsize=11)
     return _save(fig, path)

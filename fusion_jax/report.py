@@ -346,7 +346,7 @@ def render_report(results: dict, workdir: str) -> list[str]:
         if written[-1] is None and os.path.exists(path):
             os.remove(path)  # drawn from an earlier results.json that had what this one lacks
     # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
-    written.append(figures.tsne(workdir, figures.backbones(results), os.path.join(workdir, "fig_tsne.png")))
+    written.append(figures.tsne(workdir, results, os.path.join(workdir, "fig_tsne.png")))
     return [p for p in written if p is not None]
 
 

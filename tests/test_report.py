@@ -123,7 +123,7 @@ def test_no_clean_runs_no_scale_figure_and_the_answer_keeps_the_noise(tmp_path):
 def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
     labels = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: labels.setdefault(path, [
-        t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]) and path)
+        t.get_text() for t in fig.legends[0].get_texts()]) and path)
     text_noise = fake_results("flickr8k", ("clip",))
     text_noise["config"]["degradation"]["modality"] = "text"  # the paper's noise is on the image features
     for name, results in (("paper", fake_results("flickr8k", ("clip",))),
@@ -339,10 +339,56 @@ def test_tsne_leaves_out_pairs_with_nan_or_inf(tmp_path, monkeypatch):
     np.savez(tmp_path / "tsne_clip.npz", **z)
     seen, embed = [], figures.tsne_embedding
     monkeypatch.setattr(figures, "tsne_embedding", lambda image, text: seen.append((image, text)) or embed(image, text))
-    assert figures.tsne(str(tmp_path), ["clip"], str(tmp_path / "fig.png")) is not None
+    assert figures.tsne(str(tmp_path), fake_results(), str(tmp_path / "fig.png")) is not None
     (image, text), = seen
     assert len(image) == len(text) == 56 and np.isfinite(image).all() and np.isfinite(text).all()
     assert_png(tmp_path / "fig.png")
+
+
+def _drawn(monkeypatch) -> dict:
+    """path -> the figure `figures` would have saved there (kept open, for its artists)."""
+    figs = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.setdefault(path, fig) and path)
+    return figs
+
+
+def test_figures_say_what_features_they_show_and_keep_series_apart(tmp_path, monkeypatch):
+    figs = _drawn(monkeypatch)
+    results = fake_results("synthetic", ("aligned", "unaligned"), scales=(1024, 2048, 4096), levels=(0.0, 0.01, 0.05))
+    results["backbones"]["unaligned"]["tokens"] = 4
+    figures.accuracy_vs_scale(results, "acc")
+    titles = [ax.get_title() for ax in figs["acc"].axes]
+    assert "(pooled, d_v 512, d_t 512)" in titles[0] and "(token states, d_v 512, d_t 512)" in titles[1]
+    assert "pairs split at random" in figs["acc"].get_suptitle()
+    concat, cross = (next(c.lines[0] for c in figs["acc"].axes[0].containers if c.get_label() == f"{m} (ours)")
+                     for m in ("concat", "cross"))
+    assert concat.get_marker() != cross.get_marker()
+    assert all(a < s < b for a, s, b in zip(concat.get_xdata(), (1024, 2048, 4096), cross.get_xdata()))
+    figures.noise_advantage(results, "noise")  # three scales' series side by side, each at its own level
+    for ax in figs["noise"].axes:
+        xs = np.concatenate([c.lines[0].get_xdata() for c in ax.containers if "scale" in c.get_label()])
+        assert len(xs) == 9 and all(abs(x - min((0.0, 0.01, 0.05), key=lambda lv: abs(x - lv))) < 0.005 for x in xs)
+    assert "error bars: std of the per-seed paired differences (3 seeds)" in figs["noise"].get_suptitle()
+    one = fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), seeds=(42,))
+    figures.noise_advantage(one, "one seed")
+    labels = [t.get_text() for t in figs["one seed"].legends[0].get_texts()]
+    assert "1 seed: the differences of single runs, no error bars" in figs["one seed"].get_suptitle()
+    assert not any("filled" in t for t in labels) and "ours, hollow: untested (1 seed)" in labels
+
+
+def test_tsne_links_pairs_only_in_a_joint_map_and_names_token_means(tmp_path, monkeypatch):
+    figs = _drawn(monkeypatch)
+    results = fake_results("synthetic", ("aligned", "unaligned"))
+    results["backbones"]["aligned"]["tokens"] = 4
+    write_tsne(tmp_path, "aligned", 60, 16, 16)
+    write_tsne(tmp_path, "unaligned", 60, 16, 8, seed=1)
+    figures.tsne(str(tmp_path), results, "tsne")
+    joint, apart = figs["tsne"].axes
+    assert "joint t-SNE of 60 pairs (means of token states, d = 16)" in joint.get_title()
+    assert sum(line.get_label().startswith("matched pair") for line in joint.get_lines()) == 1
+    assert len(joint.get_lines()) == figures.TSNE_LINKED_PAIRS
+    assert "(pooled)" in apart.get_title() and not apart.get_lines()
+    assert "synthetic" in figs["tsne"].get_suptitle()
 
 
 def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
