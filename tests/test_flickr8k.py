@@ -61,10 +61,12 @@ def test_repeated_keys_and_bytes_that_are_not_utf8_are_kept_and_counted(tmp_path
     token = os.path.join(root, "Flickr8k.token.txt")
     with open(token, "ab") as f:
         f.write(b"a_img.jpg#0\tThe same key again .\r\nb_img.jpg#7\tA caf\xe9 in Latin-1 .\r\n")
+        f.write("b_img.jpg#8\tA valid U+FFFD \ufffd in UTF-8 .\r\n".encode())  # not counted: it is UTF-8
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
         ds, stats = flickr8k.load_flickr8k_folder_with_stats(root)
-    assert (stats.n_captions, stats.repeated_keys, stats.undecodable_lines) == (37, 1, 1)
+    assert (stats.n_captions, stats.repeated_keys, stats.undecodable_lines) == (38, 1, 1)
     assert "The same key again ." in ds.captions and "A caf\ufffd in Latin-1 ." in ds.captions
+    assert "A valid U+FFFD \ufffd in UTF-8 ." in ds.captions
     message = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("flickr8k:"))
     assert message.endswith("; kept 1 lines repeating an earlier <image>#<k>, 1 lines with bytes that are not UTF-8")
 

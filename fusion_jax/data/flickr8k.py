@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import urllib.parse
@@ -33,6 +34,7 @@ logger = logging.getLogger("fusion_jax")
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of such bytes
 HOW_TO_PROVIDE = ("Provide Flickr8k either with --config.data.flickr8k_dir=DIR, DIR holding "
                   f"{IMAGE_DIRS[0]}/ (or {IMAGE_DIRS[1]}/) and {TOKEN_FILE}, or with "
                   "--config.data.hub_id=REPO with the Hugging Face hub reachable "
@@ -52,7 +54,7 @@ class Flickr8kStats:
     malformed_lines: int  # no tab, no `#k`, a non-integer k or an empty caption
     uncaptioned_images: int  # image files with no caption, left out
     repeated_keys: int = 0  # kept lines whose `<image>#<k>` an earlier kept line has
-    undecodable_lines: int = 0  # kept lines holding U+FFFD, as bytes that are not UTF-8 are read
+    undecodable_lines: int = 0  # kept lines with bytes that are not UTF-8 (read as U+FFFD)
 
     def summary(self) -> str:
         """One log line with every count (the kept oddities only where there are some)."""
@@ -139,9 +141,14 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
     rows: list[tuple[str, int, int, str]] = []  # (image name, k, line number, caption)
     missing: set[str] = set()
     missing_captions = jpg1 = malformed = undecodable = 0
-    for number, line in enumerate(token_bytes.decode("utf-8-sig", errors="replace").splitlines()):
+    # Bytes that are not UTF-8 become lone surrogates here (a valid U+FFFD in a caption stays itself), and
+    # U+FFFD in the caption, as errors="replace" would read them.
+    for number, line in enumerate(token_bytes.decode("utf-8-sig", errors="surrogateescape").splitlines()):
         if not line.strip():
             continue
+        bad_bytes = _NOT_UTF8.search(line) is not None
+        if bad_bytes:
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         parsed = _parse_line(line)
         if parsed is None:
             malformed += 1
@@ -152,7 +159,7 @@ def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Fli
             missing.add(parsed[0])
         else:
             rows.append((parsed[0], parsed[1], number, parsed[2]))
-            undecodable += "\ufffd" in line
+            undecodable += bad_bytes
 
     image_ids = tuple(sorted({r[0] for r in rows}))
     index = {name: i for i, name in enumerate(image_ids)}
