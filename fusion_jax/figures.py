@@ -160,7 +160,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
     marks = [] if one_seed else [plt.Line2D([], [], marker="o", color="gray", ls="none",
-                                            label="ours, filled: p < 0.05 (paired t-test)\nor the same gap on every seed")]
+                                            label="ours, filled: p < 0.05 (paired t-test)")]
     marks.append(plt.Line2D([], [], marker="o", color="gray", mfc="none", ls="none",
                             label="ours, hollow: untested (1 seed)" if one_seed else
                             "ours, hollow: not significant" + (" or untested" if untested else "")))

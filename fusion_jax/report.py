@@ -149,7 +149,8 @@ def answer(results: dict) -> list[str]:
         clean = sorted((c for c in mine if tables.level(c) == 0), key=lambda c: c["scale"])
         noisy = [c for c in mine if tables.level(c) > 0]
         a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
-        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%, "
+        aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%"
+                   + (" of the token states' means" if b in tables.token_backbones(results) else "") + ", "
                    f"chance {tables.one_decimal(100 * a['chance@1'])}%"
                    if a.get("defined") else "no shared space" if a else "alignment not measured")
         lost = [f["group"] for f in results.get("failed_groups") or []  # older records lack "backbone"
@@ -179,12 +180,15 @@ def answer(results: dict) -> list[str]:
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
-        idle = [c["scale"] for c in clean
-                if all((s := cells.get((b, m, c["scale"], 0.0))) and s["accuracy_mean"] <= s["majority_baseline_mean"]
-                       for m in ("concat", "cross"))]
+        below = {c["scale"]: [m for m in ("concat", "cross") if (s := cells.get((b, m, c["scale"], 0.0)))
+                              and s["accuracy_mean"] <= s["majority_baseline_mean"]] for c in clean}
+        idle = [sc for sc, ms in below.items() if len(ms) == 2]
         unlearned = (f" **At {', '.join(map(str, idle))} pairs neither head beats the majority-class baseline**: "
                      "nothing was learned there, so no verdict means anything (more pairs or epochs?)."
                      if idle else "")
+        unlearned += "".join(f" At {sc} pairs {ms[0]} does not beat the majority-class baseline: its gap there "
+                             "says that the other head learned, not which fusion is better."
+                             for sc, ms in below.items() if len(ms) == 1)
         out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
                    + _noise_counts(noisy))
     return out
@@ -211,7 +215,7 @@ def _noise_counts(noisy: list[dict]) -> str:
     n_concat, n_cross = sides.count("concat"), sides.count("cross")
     return (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
             + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross - untested}"
-            + (f", untested (one seed, or not a number) in {untested}" if untested else "")
+            + (f", untested (one seed, the same gap on every seed, or not a number) in {untested}" if untested else "")
             + f" of {len(noisy)} comparisons (table2.md).")
 
 
@@ -242,8 +246,8 @@ def summary_markdown(results: dict) -> str:
         lines += ["## Notes on the features", "", *[f"- **{b}**: {n}." for b, n in notes], ""]
     if results["comparisons"]:
         lines += ["## Concat or cross?", "",
-                  f"What the paired t-tests below favour (p < {tables.ALPHA}; or the same gap on every seed, where "
-                  "no t-test is possible), for these features, scales and seeds, not beyond them. Each scale is "
+                  f"What the paired t-tests below favour (p < {tables.ALPHA}), for these features, scales and "
+                  "seeds, not beyond them. Each scale is "
                   "its own test, not corrected for multiple comparisons: one favourable scale of several is weak "
                   "evidence.", "", *answer(results), ""]
     lines += ["## Every cell", "",
@@ -268,6 +272,7 @@ def summary_markdown(results: dict) -> str:
                              f"{100 * a['chance@1']:.2f} | {100 * a['chance@5']:.2f} | {a['n_images']} |")
             else:
                 lines.append(f"| {name} | – | – | – | – | {a.get('reason', 'not measured')} |")
+        lines += ["", tables.TOKEN_ALIGNMENT] if tables.token_backbones(results) else []
     overlaps = {b: prov["split_overlap"] for b, prov in results["backbones"].items() if prov.get("split_overlap")}
     if overlaps:
         lines += ["", f"## What validation shares with training ({tables.split_text(results, short=True)})", "",
@@ -367,7 +372,9 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]
     features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
-    shared = [k for k in mine if k in theirs]
+    noise = [{k: (r["config"].get("degradation") or {}).get(k) for k in ("kind", "modality")} for r in (other, results)]
+    same_noise = lambda k: k[-1] == 0 or noise[0] == noise[1]  # σ 0.3 on the text is not σ 0.3 on the images
+    shared = [k for k in mine if k in theirs and same_noise(k)]
     pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values
     lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
              f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
@@ -375,6 +382,8 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
              f"{_changes(*features)}."]
     only = [(n, len([k for k in a if k not in b])) for n, a, b in ((other_name, theirs, mine), (name, mine, theirs))]
     for note in ([f"Cells only in {n}: {c}." for n, c in only if c]
+                 + ([f"Cells with noise are not compared: the noise differs ({_changes(*noise)})."]
+                    if noise[0] != noise[1] else [])
                  + [f"Failed groups in {n}: {', '.join(f['group'] for f in r['failed_groups'])}."
                     for n, r in ((other_name, other), (name, results)) if r.get("failed_groups")]):
         lines += ["", note]
@@ -386,21 +395,22 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
         d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
         lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+z.2f} | {min(d):+z.2f} | {max(d):+z.2f} |")
     comps = [tables.comparison_index(r) for r in (results, other)]
-    both = [k for k in comps[0] if k in comps[1]]
+    both = [k for k in comps[0] if k in comps[1] and same_noise(k)]
     sides = ("concat", "cross", "neither", "untested")
     side = lambda c: ("untested" if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else
                       tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither")
     count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in sides)
-    lines += ["", "## Who is ahead (p < 0.05, or the same gap on every seed), over the comparisons both hold", ""]
+    lines += ["", "## Who is ahead (p < 0.05), over the comparisons both hold", ""]
     if not both:
         lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
     else:
         lines += [f"| backbone | comparisons | {other_name}: {' / '.join(sides)} | {name}: {' / '.join(sides)} "
-                  "| changed side |", "|---|---:|---|---|---:|"]
+                  "| changed side (of those tested in both) |", "|---|---:|---|---|---:|"]
+    changed = lambda k: "untested" not in (side(comps[0][k]), side(comps[1][k])) and side(comps[0][k]) != side(comps[1][k])
     for b in dict.fromkeys(k[0] for k in both):
         keys = [k for k in both if k[0] == b]
         lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "
-                     f"| {sum(side(comps[0][k]) != side(comps[1][k]) for k in keys)} |")
+                     f"| {sum(map(changed, keys))} |")
     lines += ["", "## Every cell (mean validation accuracy, percent)", "",
               f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | "

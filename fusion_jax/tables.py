@@ -41,13 +41,28 @@ def data_label(features: str, short: bool = False) -> str:
 
 def is_paper_setting(results: dict, backbone: str) -> bool:
     """True when the backbone's features are the paper's own setting: pooled CLIP ViT-B/32 features (the
-    hub's model by its id, 512-d) of Flickr8k, pairs split 80/20 at random. A local model folder cannot be
-    told from another CLIP (the stand-ins' random one has the same sizes), so its rows stay apart."""
+    hub's model by its id, 512-d) of Flickr8k, pairs split 80/20 at random, trained as the paper trains
+    (`training_differences`). A local model folder cannot be told from another CLIP (the stand-ins'
+    random one has the same sizes), so its rows stay apart."""
     prov = results.get("backbones", {}).get(backbone, {})
     pairs = results.get("config", {}).get("pairs", {})
     return (data_of(results) == paper.FEATURES and backbone == paper.BACKBONE and prov.get("model") == paper.MODEL
             and not prov.get("tokens") and prov.get("dim_image") == prov.get("dim_text") == paper.DIM
-            and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction", 0.8) == 0.8)
+            and pairs.get("split_by", "pair") == "pair" and pairs.get("train_fraction", 0.8) == 0.8
+            and not training_differences(results))
+
+
+def training_differences(results: dict) -> list[str]:
+    """Where the sweep trains otherwise than the paper: ['`train.epochs` 2 (the paper's 10)', ...] over
+    `paper.TRAINING` (a field the config lacks counts as the paper's)."""
+    cfg = results.get("config", {})
+    out = []
+    for field, theirs in paper.TRAINING.items():
+        section, key = field.split(".")
+        ours = (cfg.get(section) or {}).get(key, theirs)
+        if ours != theirs:
+            out.append(f"`{field}` {ours} (the paper's {theirs})")
+    return out
 
 
 def is_paper_noise(results: dict, backbone: str) -> bool:
@@ -70,8 +85,9 @@ def not_a_number(diff: float, p: float | None) -> bool:
 
 
 def untested(diff: float, p: float | None, n_seeds: int) -> bool:
-    """A concat − cross difference no test can decide: one seed, or not a number."""
-    return n_seeds < 2 or not_a_number(diff, p)
+    """A concat − cross difference no test can decide: one seed, the same nonzero gap on every seed (the
+    t-test needs the gaps to vary; a sign test on so few seeds could not reach p < 0.05), or not a number."""
+    return n_seeds < 2 or not_a_number(diff, p) or (p is None and abs(diff) >= 1e-12)
 
 
 def one_decimal(v: float) -> str:
@@ -93,9 +109,8 @@ def p_text(p: float | None) -> str:
 
 
 def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
-    """'concat' or 'cross' when a concat − cross difference favours one: p < ALPHA, or (no t-test
-    possible) the same nonzero gap on each of 2 or more seeds; None when tied, untested (one seed) or
-    not a number (a NaN metric decides nothing)."""
+    """'concat' or 'cross' when a concat − cross difference favours one (p < ALPHA); None when tied or
+    `untested` (a NaN metric decides nothing)."""
     if untested(diff, p, n_seeds) or abs(diff) < 1e-12 or (p is not None and p >= ALPHA):
         return None
     return "concat" if diff > 0 else "cross"
@@ -108,8 +123,8 @@ def seeds_text(entries: list[dict]) -> str:
 
 
 def verdict(diff: float, p: float | None, n_seeds: int) -> str:
-    """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'concat +2.0 on each of 3 seeds (no t-test: ...)'
-    for equal gaps (zero variance, where a t-test is undefined), 'tied (...)', or one seed's untested gap."""
+    """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'tied (...)', or why it is untested: one seed's
+    gap, or 'untested (concat +2.0 on each of 3 seeds: ...)' for equal gaps (zero variance, no t-test)."""
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
     if not_a_number(diff, p):
         return "untested (not a number: a NaN metric)"
@@ -117,9 +132,10 @@ def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     if n_seeds < 2:
         return "untested (no gap on its one seed; no test possible)" if diff == 0 else \
             f"{ahead} on its one seed (no test possible)"
-    if favoured(diff, p, n_seeds) is None:
-        return f"tied (the same on all {seeds})" if p is None else f"tied (not significant at {seeds}, p = {p_text(p)})"
-    return ahead if p is not None else f"{ahead} on each of {seeds} (no t-test: the same difference on every seed)"
+    if p is None:
+        return (f"tied (the same on all {seeds})" if abs(diff) < 1e-12 else
+                f"untested ({ahead} on each of {seeds}: the same gap on every seed leaves no t-test)")
+    return ahead if favoured(diff, p, n_seeds) else f"tied (not significant at {seeds}, p = {p_text(p)})"
 
 
 def level(entry: dict) -> float:
@@ -148,11 +164,11 @@ def paired_differences(results: dict, backbone: str, scale: int, lvl: float) -> 
 
 
 def noise_settings(results: dict) -> list[tuple[str, int, list[float]]]:
-    """(backbone, scale, sorted levels) where both methods were compared at more than one degradation level."""
+    """(backbone, scale, sorted levels) where both methods were compared under noise (a level above 0)."""
     levels: dict[tuple, set] = {}
     for c in results["comparisons"]:
         levels.setdefault((c["backbone"], c["scale"]), set()).add(level(c))
-    return [(b, sc, sorted(lv)) for (b, sc), lv in levels.items() if len(lv) > 1]
+    return [(b, sc, sorted(lv)) for (b, sc), lv in levels.items() if max(lv) > 0]
 
 
 def markdown_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
@@ -198,8 +214,8 @@ def _ours_header(results: dict, difference: str = "`concat − cross`") -> str:
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
             f"predicting the larger class). {difference} is the mean over paired seeds of the accuracy "
             "difference in points (the difference of the two means when both methods have every seed), with "
-            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value, \"no test "
-            "possible\" for one seed, or the difference on each seed when all are the same).")
+            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value, "
+            "\"untested\": one seed, or the same gap on every seed).")
 
 
 def _paper1_cells(row: dict) -> list[str]:
@@ -219,6 +235,15 @@ def _paper1_csv(row: dict, block: str) -> dict:
             "verdict": "p not reported by the paper"}
 
 
+TOKEN_ALIGNMENT = ("With token features, the retrieval compares the means of each side's token states (what "
+                   "`concat` sees), not a model's projected embeddings.")
+
+
+def token_backbones(results: dict) -> list[str]:
+    """The backbones whose features are token states (their alignment is measured on token means)."""
+    return [b for b, prov in (results.get("backbones") or {}).items() if prov.get("tokens")]
+
+
 def _alignment_lines(results: dict) -> list[str]:
     rows = []
     for name, prov in (results.get("backbones") or {}).items():
@@ -232,7 +257,8 @@ def _alignment_lines(results: dict) -> list[str]:
     if not rows:
         return []
     return ["", "Feature alignment of our backbones (zero-shot image → caption retrieval by cosine):", "",
-            *markdown_table(["backbone", "d_v / d_t", "recall@1 (%)", "chance@1 (%)"], rows, "llrr")]
+            *markdown_table(["backbone", "d_v / d_t", "recall@1 (%)", "chance@1 (%)"], rows, "llrr")] + (
+        ["", TOKEN_ALIGNMENT] if token_backbones(results) else [])
 
 
 def table1(results: dict) -> tuple[str, list[dict]]:
@@ -283,7 +309,9 @@ def table1(results: dict) -> tuple[str, list[dict]]:
                      if data_of(results) != paper.FEATURES else "the scales and methods our rows above do not hold."
                      if any(is_paper_setting(results, b) for b in results.get("backbones") or {}) else
                      "our rows above are not its exact setting (pooled features of the hub's CLIP ViT-B/32, pairs "
-                     "split 80/20 at random), so these are not placed beside them.")
+                     "split 80/20 at random, its training and head" + "".join(f"; here {d}" for d in
+                                                                            training_differences(results))
+                     + "), so these are not placed beside them.")
                   + " Percent, mean ± std over 3 seeds.", "",
                   *markdown_table(["source", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
                                    "seeds"], [[PAPER_REFERENCE, r["scale"], r["method"], *_paper1_cells(r)]
@@ -326,14 +354,19 @@ def table2(results: dict) -> tuple[str, list[dict]]:
     if md_rows:
         lines += markdown_table(["source", "data", "backbone", "scale", "σ", "concat accuracy", "cross accuracy",
                                  "majority", "advantage (pts)", "p", "verdict"], md_rows, "lllrrrrrrrl")
+    elif any(level(s) > 0 for s in results["summary"]):
+        lines += ["No concat − cross comparison under noise in these results: the noisy cells have one method "
+                  "(their accuracies are in summary.md)."]
     else:
-        lines += ["No noise study in these results: no backbone and scale has both methods at more than one "
-                  "degradation level."]
-    block = f"{PAPER_REFERENCE}, Table 2 (scale not stated)"
+        lines += ["No noise study in these results: no run has a degradation level above 0."]
+    setting = any(is_paper_noise(results, b) for b in results.get("backbones") or {})
+    block = f"{PAPER_REFERENCE}, Table 2 (scale not stated)" + ("" if setting else ", not comparable with ours")
     lines += ["", f"## {block}", "",
               f"The paper's figures on its own data ({paper.SETTING}); "
               + ("not comparable with ours (other data)." if data_of(results) != paper.FEATURES
-                 else "the paper does not state the scale of this study.")
+                 else "the paper does not state the scale of this study." if setting else
+                 "not comparable with ours: not its setting (pooled features of the hub's CLIP ViT-B/32, pairs "
+                 "split 80/20 at random, its training and head, Gaussian noise on the image features).")
               + " Percent, mean ± std over 3 seeds; advantage as printed in the paper"
               + _paper_advantage_note() + ".", "",
               *markdown_table(["source", "σ", "concat accuracy", "cross accuracy", "advantage"],

@@ -82,7 +82,7 @@ def assert_png(path):
     (0.028, 0.01, 3, "concat +2.8"),
     (-0.010, 0.001, 3, "cross +1.0"),
     (0.028, 0.2, 3, "tied (not significant at 3 seeds"),
-    (0.028, None, 3, "concat +2.8 on each of 3 seeds (no t-test"),
+    (0.028, None, 3, "untested (concat +2.8 on each of 3 seeds: the same gap on every seed leaves no t-test)"),
     (0.0, None, 3, "tied (the same on all 3 seeds)"),
     (-0.028, None, 1, "cross +2.8 on its one seed (no test possible)"),
     (0.0, None, 1, "untested (no gap on its one seed; no test possible)"),
@@ -150,6 +150,51 @@ def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
     assert all(r["source"] == "paper" for r in rows if r["block"] != "ours")
     assert "majority" in md and "| 50.0 |" in md  # the majority baseline beside every accuracy (ours: 0.5)
     assert "| 77.9 ± 2.2 | not reported |" in md  # the paper gives none
+
+
+def test_the_paper_is_placed_beside_ours_only_when_trained_as_the_paper_trains():
+    results = fake_results("flickr8k", ("clip",), levels=(0.0, 0.1))
+    results["config"]["train"]["epochs"] = 2
+    md, rows = tables.table1(results)
+    assert "**paper**" not in md and not tables.is_paper_setting(results, "clip")
+    assert "its training and head; here `train.epochs` 2 (the paper's 10)), so these are not placed" in md
+    t2, rows2 = tables.table2(results)
+    assert "not comparable with ours: not its setting" in t2
+    assert all(r["block"].endswith("not comparable with ours") for r in rows2 if r["source"] == "paper")
+    results["config"]["train"]["epochs"] = 10
+    assert "the paper does not state the scale of this study." in tables.table2(results)[0]
+
+
+def test_noise_at_one_level_only_is_a_noise_study_and_one_method_is_said(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    results = fake_results("synthetic", ("aligned",), levels=(0.3,))
+    md, _ = tables.table2(results)
+    assert "| ours | synthetic (not Flickr8k) | aligned | 2048 | 0.3 |" in md
+    assert "(table2.md)" in answer(results)[0]
+    assert figures.noise_advantage(results, str(tmp_path / "noise.png")) is not None
+
+
+def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    cross = next(s for s in results["summary"] if s["method"] == "cross" and s["scale"] == 2048)
+    cross["majority_baseline_mean"] = cross["accuracy_mean"]
+    line, = answer(results)
+    assert "At 2048 pairs cross does not beat the majority-class baseline" in line and "At 1024 pairs" not in line
+    assert "of the token states' means" not in line and tables.TOKEN_ALIGNMENT not in summary_markdown(results)
+    results["backbones"]["aligned"]["tokens"] = 4
+    assert "zero-shot recall@1 40.0% of the token states' means" in answer(results)[0]
+    assert tables.TOKEN_ALIGNMENT in summary_markdown(results) and tables.TOKEN_ALIGNMENT in tables.table1(results)[0]
+
+
+def test_against_compares_noisy_cells_only_under_the_same_noise():
+    from fusion_jax.report import against_markdown
+
+    base = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.3))
+    text = json.loads(json.dumps(base))
+    text["config"]["degradation"]["modality"] = "text"
+    md = against_markdown(text, base, "b", "a", "cmd")
+    assert "Cells with noise are not compared: the noise differs (`modality` \"image\" → \"text\")." in md
+    assert "| aligned | 2 |" in md and "| 0.3 |" not in md  # the two σ 0 cells only, and their one comparison
 
 
 def test_table1_keeps_the_paper_apart_on_other_data():
@@ -237,11 +282,11 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
 
 def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps():
     same = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
-    assert "**concat (at 2 of 2 scales)**" in same and "concat +2.0 on each of 3 seeds" in same
-    assert "(σ 0.3): concat ahead in 2, cross in 0, neither in 0 of 2" in same
+    assert "**untested (see each scale)**" in same and "untested (concat +2.0 on each of 3 seeds" in same
+    assert "(σ 0.3): concat ahead in 0, cross in 0, neither in 0, untested (one seed, the same gap" in same
     one = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), seeds=(42,)))[0]
     assert "**untested (one seed: run 2 or more for a paired test)**" in one and "on its one seed" in one
-    assert "neither in 0, untested (one seed, or not a number) in 2 of 2 comparisons" in one
+    assert "neither in 0, untested (one seed, the same gap on every seed, or not a number) in 2 of 2" in one
 
 
 def test_table2_noise_study_with_the_papers_table():
@@ -421,7 +466,7 @@ def test_one_method_only_has_no_comparison_and_no_nan(tmp_path, monkeypatch):
     names = {os.path.basename(p) for p in render_report(results, str(tmp_path))}
     assert "fig_noise.png" not in names and "fig_accuracy_vs_scale.png" in names
     assert "no comparison (one method only)" in (tmp_path / "table1.md").read_text()
-    assert "No noise study" in (tmp_path / "table2.md").read_text()
+    assert "No concat − cross comparison under noise" in (tmp_path / "table2.md").read_text()
     assert_no_nan(tmp_path)
 
 
@@ -538,7 +583,7 @@ def test_against_another_sweep(tmp_path):
     assert "| aligned | 2 | 2 / 0 / 0 / 0 | 1 / 0 / 1 / 0 | 1 |" in md
     one_seed = json.loads(json.dumps(other))
     one_seed["comparisons"][1]["n_seeds"] = 1  # untested, not "neither" (as summary.md says)
-    assert "| aligned | 2 | 2 / 0 / 0 / 0 | 0 / 0 / 1 / 1 | 2 |" in against_markdown(one_seed, base, "b", "a", "cmd")
+    assert "| aligned | 2 | 2 / 0 / 0 / 0 | 0 / 0 / 1 / 1 | 1 |" in against_markdown(one_seed, base, "b", "a", "cmd")
     apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
     assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
     no_comparisons = {**other, "comparisons": []}  # one method only, say
