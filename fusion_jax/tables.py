@@ -214,8 +214,8 @@ def _ours_header(results: dict, difference: str = "`concat − cross`") -> str:
             "seeds. `majority` is the majority-class share of the validation set (the accuracy of always "
             f"predicting the larger class). {difference} is the mean over paired seeds of the accuracy "
             "difference in points (the difference of the two means when both methods have every seed), with "
-            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value, "
-            "\"untested\": one seed, or the same gap on every seed).")
+            f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value: "
+            "\"untested\" for one seed or the same nonzero gap on every seed, \"tied\" for no gap on any).")
 
 
 def _paper1_cells(row: dict) -> list[str]:
