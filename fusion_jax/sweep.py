@@ -29,6 +29,7 @@ from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet, build_pairs, captioned_images, overlap
 from fusion_jax.data.featureset import feature_identity
+from fusion_jax.data.pairs import pair_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write, atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
@@ -254,7 +255,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                     for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
         notes = feature_notes(config, groups, features) if index == 0 else {}
-        identities = {b: feature_identity(fs.provenance) for b, fs in features.items()}
+        identities = {b: {**feature_identity(fs.provenance), **pair_identity(fs.caption_image)}
+                      for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
     with distributed.checked_start(index, count, config.distributed.wait_seconds):

@@ -469,7 +469,9 @@ def table3(results: dict) -> tuple[str, list[dict]]:
              "the training wall time of a group (all its scales × seeds × noise levels trained at once in one "
              "vmapped program, compilation excluded) shared among its runs in proportion to their steps, on "
              f"{dev.get('platform', '?')} "
-             f"({dev.get('device_kind', '?')}); not comparable with one run trained alone.", ""]
+             f"({dev.get('device_kind', '?')}); not comparable with one run trained alone. A group trains while the "
+             "sweep compiles its later groups in worker threads, which on a CPU share its cores: compare a group's "
+             "time with the same group in another sweep rather than with the other groups of this one.", ""]
     lines += markdown_table(["source", "backbone", "d_v / d_t", "method", "scale", "params", "params ÷ concat",
                              "FLOPs / sample", "FLOPs ÷ concat", "train s / run", "runs"], md_rows, "llllrrrrrrr")
     block = f"{PAPER_REFERENCE}, Table 3"

@@ -58,8 +58,11 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
     changed = differing(flatten({b: previous[b] for b in features if b in previous}),
                         flatten({b: features[b] for b in features if b in previous}))
     if changed:
+        builder = ("; its pairs were drawn by an earlier pair builder, whose negatives gave the label away where "
+                   "images have different numbers of captions (README: What is trained, Pairs)"
+                   if any(k.endswith(".pairs") for k in changed) else "")
         raise ConfigError("workdir", f"{workdir!r} holds a sweep begun on other features (differs in "
-                          f"{', '.join(changed)}); use a new workdir or remove that one")
+                          f"{', '.join(changed)}){builder}; use a new workdir or remove that one")
 
 
 def _refuse_other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -> None:

@@ -177,3 +177,46 @@ def test_the_image_split_divides_the_images_with_a_caption():
     """10 captioned images among 100: each side gets its share of those 10, whatever the seed."""
     caption_image = np.repeat(np.arange(10), 5)
     assert all(max_pairs(caption_image, 100, seed, 0.8, "image") == 20 / 0.2 for seed in range(20))
+
+
+@pytest.mark.parametrize("split_by", ["pair", "image"])
+def test_an_image_is_a_negative_as_often_as_a_positive_whatever_its_captions(split_by):
+    """Images with 1 to 9 captions: a uniform draw of the negatives' images made the many-caption images
+    mostly positive and the others mostly negative, a label to read off the image alone."""
+    from fusion_jax.data.pairs import _pools
+
+    counts = np.random.default_rng(0).integers(1, 10, 200)
+    caption_image = np.repeat(np.arange(200), counts)
+    pools = _pools(caption_image, 200, 0, 0.8, split_by)
+    assert len(pools) == (2 if split_by == "image" else 1)
+    for pool in pools:  # the master lists every scale takes its pairs from
+        np.testing.assert_array_equal(np.bincount(pool.neg_image, minlength=200),
+                                      np.bincount(pool.pos_image, minlength=200))
+        assert (pool.neg_image != caption_image[pool.neg_caption]).all()
+    p = build_pairs(caption_image, 200, max_pairs(caption_image, 200, 0, 0.8, split_by), 0, split_by=split_by)
+    per_image = np.bincount(p.image_idx, p.label, 200) / np.maximum(np.bincount(p.image_idx, minlength=200), 1)
+    few, many = per_image[counts <= 3], per_image[counts >= 7]  # the share of positives among an image's pairs
+    assert abs(few.mean() - many.mean()) < 0.1, (few.mean(), many.mean())
+
+
+def test_an_image_with_most_captions_still_gets_other_images_as_negatives():
+    caption_image = np.concatenate([np.zeros(30, np.int64), np.arange(1, 11)])  # image 0 has 30 of 40
+    p = build_pairs(caption_image, 11, 80, 0)
+    negative = p.label == 0
+    assert (p.image_idx[negative] != caption_image[p.caption_idx[negative]]).all() and negative.sum() == 40
+
+
+def test_a_sweep_begun_with_the_earlier_negatives_is_not_resumed_where_they_differ(tmp_path):
+    """The workdir claims the pair builder beside the features only where its draws changed (images with
+    different numbers of captions): a start that claimed no such thing is refused there, and only there."""
+    from fusion_jax.data.pairs import pair_identity
+    from fusion_jax.validate import ConfigError
+    from fusion_jax.workdir import prepare_workdir
+
+    assert pair_identity(CAPTION_IMAGE) == {} and pair_identity(np.array([0, 0, 1, 3, 3, 3]))
+    config, before = {"name": "x"}, {"own": {"file": "own.npz", "sha256": "ab"}}
+    prepare_workdir(str(tmp_path / "same"), config, before)  # an earlier start, as every start claimed
+    prepare_workdir(str(tmp_path / "same"), config, {"own": {**before["own"], **pair_identity(CAPTION_IMAGE)}})
+    prepare_workdir(str(tmp_path / "varied"), config, before)
+    with pytest.raises(ConfigError, match=r"differs in own\.pairs\); its pairs were drawn by an earlier pair builder"):
+        prepare_workdir(str(tmp_path / "varied"), config, {"own": {**before["own"], **pair_identity([0, 0, 1])}})

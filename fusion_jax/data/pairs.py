@@ -1,7 +1,9 @@
 """The one pair builder: balanced image-caption matching pairs per scale, with a fixed split.
 
 A positive is an image with one of its own captions, a negative an image with a caption of a
-different image; half and half. Pairs depend only on (split_seed, scale): every run of a scale
+different image; half and half. Each caption is once a positive and once a negative, and each image
+a negative about as often as it is a positive (as often as it has captions), so that neither side
+of a pair gives its label away. Pairs depend only on (split_seed, scale): every run of a scale
 sees the same pairs and split, and a smaller scale's positives and negatives are prefixes of a
 larger scale's, so the scales are nested subsets of one master list.
 
@@ -74,10 +76,34 @@ def _pool(caption_image: np.ndarray, n_images: int, images: np.ndarray, rng: np.
     captions = np.flatnonzero(position[caption_image] >= 0)
     pos = captions[rng.permutation(len(captions))]
     neg = captions[rng.permutation(len(captions))]
-    # A uniform draw among the set's other images: shift the caption's own image by 1..len(images)-1.
-    shift = rng.integers(1, len(images), len(captions))
-    neg_image = images[(position[caption_image[neg]] + shift) % len(images)]
-    return _Pool(caption_image[pos], pos, neg_image, neg)
+    return _Pool(caption_image[pos], pos, _negative_images(caption_image, neg, images, position, rng), neg)
+
+
+def _negative_images(caption_image: np.ndarray, neg: np.ndarray, images: np.ndarray, position: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The image of each negative (neg: its captions, in order), another image of `images` (position: an
+    image's index in `images`). Where every image has as many captions, uniform among the others (the
+    paper's protocol, draw for draw). Where they differ, a uniform draw would make an image with many
+    captions mostly positive and one with few mostly negative, a label a head reads off the image alone:
+    the images of the same captions in another order instead, clashes swapped away, so that each image is
+    a negative as often as a positive (an image that holds most captions cannot be: a uniform draw then)."""
+    own = caption_image[neg]
+    counts = np.bincount(position[own], minlength=len(images))
+    if counts.min() == counts.max():
+        # A uniform draw among the other images: shift the caption's own image by 1..len(images)-1.
+        shift = rng.integers(1, len(images), len(neg))
+        return images[(position[own] + shift) % len(images)]
+    drawn = own[rng.permutation(len(own))]
+    for i in np.flatnonzero(drawn == own):
+        if drawn[i] != own[i]:  # mended by an earlier swap
+            continue
+        for j in rng.integers(0, len(own), 64):
+            if drawn[j] != own[i] and drawn[i] != own[j]:
+                drawn[i], drawn[j] = drawn[j], drawn[i]
+                break
+        else:
+            drawn[i] = images[(position[own[i]] + rng.integers(1, len(images))) % len(images)]
+    return drawn
 
 
 def _image_pools(caption_image: np.ndarray, n_images: int, captioned: np.ndarray, split_seed: int,
@@ -169,9 +195,17 @@ def _pair_lists(caption_image: np.ndarray, n_images: int, captioned: np.ndarray,
     position[captioned] = np.arange(len(captioned))
     pos_captions = rng.permutation(len(caption_image))
     neg_captions = rng.permutation(len(caption_image))
-    shift = rng.integers(1, len(captioned), len(caption_image))
-    neg_images = captioned[(position[caption_image[neg_captions]] + shift) % len(captioned)]
+    neg_images = _negative_images(caption_image, neg_captions, captioned, position, rng)
     return caption_image[pos_captions], pos_captions, neg_images, neg_captions
+
+
+def pair_identity(caption_image: np.ndarray) -> dict[str, str]:
+    """What a workdir claims of the pair builder beside a backbone's features: nothing where every
+    captioned image has as many captions (the pairs drawn as ever), else how the negatives' images are
+    drawn, so that a sweep begun with the earlier draw (which gave the label away there) is not resumed."""
+    counts = np.bincount(np.asarray(caption_image, np.int64))
+    counts = counts[counts > 0]
+    return {} if counts.size == 0 or counts.min() == counts.max() else {"pairs": "negative images as often as positive"}
 
 
 def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float | None]:
