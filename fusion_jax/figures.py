@@ -217,8 +217,11 @@ def tsne(workdir: str, results: dict, path: str) -> str | None:
         note = f"\n{dropped} pairs with NaN or Inf features left out" if dropped else ""
         # the sample holds a token sweep's masked means (`sweep.write_tsne_sample`)
         what = "means of token states" if results.get("backbones", {}).get(b, {}).get("tokens") else "pooled"
-        if n < 4:
-            ax.set_title(f"backbone {b}: too few pairs with finite features ({n}){note}", fontsize=9)
+        same = [m for m, x in (("image", image), ("text", text)) if n and not np.ptp(x, axis=0).any()]
+        if n < 4 or same:  # scikit-learn's t-SNE crashed the process on features that are all alike
+            why = f"too few pairs with finite features ({n})" if n < 4 else \
+                f"all {n} pairs have the same {' and '.join(same)} features: no t-SNE"
+            ax.set_title(f"backbone {b}: {why}{note}", fontsize=9)
             ax.set_axis_off()
             continue
         img, txt, joint = tsne_embedding(image, text)

@@ -202,10 +202,14 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
         _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
                  f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
                  f"{captioned} image(s), {fs.n_images} images{by_image})")
+        usable = lambda s: (lambda n_train, n_val: n_train >= config.train.batch_size and n_val >= 2)(
+            *split_sizes(s, config.pairs.train_fraction))
+        low = next((s for s in range(2, limit + 1) if usable(s)), None)
+        allowed = f"allowed: {low}..{limit}" if low else "none is usable (too few pairs for a training batch)"
         for scale in config.scales:
             _require(scale <= limit, "scales",
                      f"scale {scale} is larger than the {limit} pairs available from {label} "
-                     f"({fs.n_captions} captions, {fs.n_images} images{by_image}); allowed: 2..{limit}")
+                     f"({fs.n_captions} captions, {fs.n_images} images{by_image}); {allowed}")
             n_train, n_val = split_sizes(scale, config.pairs.train_fraction)
             _require(n_train >= config.train.batch_size and n_val >= 2, "scales",
                      f"scale {scale} leaves {n_train} training and {n_val} validation pairs; "

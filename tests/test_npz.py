@@ -57,6 +57,7 @@ BAD = [
     (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
     (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
+    (lambda f: f.update(text=f["text"] * -1e20), "text reaches |x| = "),  # finite, but its squares are not
     (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.eye(150, 2)),
      "image_mask has rows with no real token (rows [2, 3, 4, 5, 6])"),
     (lambda f: f.update(image=f["image"][:, :0]), "image has shape (150, 0): it needs rows, and features of at"),

@@ -421,6 +421,15 @@ def test_figures_say_what_features_they_show_and_keep_series_apart(tmp_path, mon
     assert not any("filled" in t for t in labels) and "ours, hollow: untested (1 seed)" in labels
 
 
+def test_tsne_of_features_all_alike_is_skipped_and_said(tmp_path, monkeypatch):
+    figs = _drawn(monkeypatch)
+    np.savez(tmp_path / "tsne_clip.npz", image=np.zeros((50, 8), np.float32),
+             text=np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    monkeypatch.setattr(figures, "tsne_embedding", lambda *a: pytest.fail("t-SNE of identical rows"))
+    figures.tsne(str(tmp_path), fake_results(), "tsne")
+    assert "all 50 pairs have the same image features: no t-SNE" in figs["tsne"].axes[0].get_title()
+
+
 def test_tsne_links_pairs_only_in_a_joint_map_and_names_token_means(tmp_path, monkeypatch):
     figs = _drawn(monkeypatch)
     results = fake_results("synthetic", ("aligned", "unaligned"))

@@ -24,6 +24,7 @@ from fusion_jax.files import atomic_write, safe_name, sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
+HUGE = 1e15  # larger features overflow float32 once squared and summed over their dims (3.4e38)
 
 
 def feature_file(directory: str, backbone: str) -> str:
@@ -114,10 +115,10 @@ def load(path: str) -> FeatureSet:
     if arrays["caption_image"].shape != arrays["text"].shape[:1]:
         raise bad(f"text has {len(arrays['text'])} rows but caption_image has shape "
                   f"{arrays['caption_image'].shape}: one image row per caption, [n_captions]")
-    masks = {n: arrays[n].astype(np.float32) for n in OPTIONAL if n in arrays}
+    masks = {n: arrays[n].astype(np.float32, copy=False) for n in OPTIONAL if n in arrays}
     try:  # the index checked before it is narrowed to int32; values beyond float32 become Inf, refused below
         with np.errstate(over="ignore"):
-            image, text = arrays["image"].astype(np.float32), arrays["text"].astype(np.float32)
+            image, text = (arrays.pop(n).astype(np.float32, copy=False) for n in ("image", "text"))
         fs = FeatureSet(image=image, text=text, caption_image=arrays["caption_image"].astype(np.int64), **masks)
     except ValueError as e:
         raise bad(str(e)) from None
@@ -125,6 +126,9 @@ def load(path: str) -> FeatureSet:
         rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
+        if (peak := max(float(x.max()), -float(x.min()))) > HUGE:
+            raise bad(f"{n} reaches |x| = {peak:.3g}: the heads square features (LayerNorm, products), beyond "
+                      f"float32's 3.4e38 above about {HUGE:g}; rescale them (to unit norm, as CLIP's are)")
     return dataclasses.replace(fs, caption_image=fs.caption_image.astype(np.int32), provenance={
         "dataset": "npz", "file": os.path.basename(path), "sha256": sha256(path),
         "tokens": fs.image.ndim == 3 or fs.text.ndim == 3, "n_images": fs.n_images, "n_captions": fs.n_captions})
