@@ -59,7 +59,7 @@ def panel_title(results: dict, backbone: str) -> str:
     prov = results.get("backbones", {}).get(backbone, {})
     what = ["token states" if prov.get("tokens") else "pooled"]
     if "dim_image" in prov:
-        what.append(f"d_v {prov['dim_image']}, d_t {prov['dim_text']}")
+        what.append(f"d_v {prov['dim_image']}, d_t {prov.get('dim_text', '?')}")
     names = " + ".join(_short(prov[k]) for k in ("model", "text_model", "file") if prov.get(k))
     return f"backbone {backbone} ({', '.join(what)})" + (f"\n{names}" if names else "")
 

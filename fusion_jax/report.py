@@ -186,8 +186,8 @@ def answer(results: dict) -> list[str]:
         unlearned = (f" **At {', '.join(map(str, idle))} pairs neither head beats the majority-class baseline**: "
                      "nothing was learned there, so no verdict means anything (more pairs or epochs?)."
                      if idle else "")
-        unlearned += "".join(f" At {sc} pairs {ms[0]} does not beat the majority-class baseline: its gap there "
-                             "says that the other head learned, not which fusion is better."
+        unlearned += "".join(f" At {sc} pairs {ms[0]} does not beat the majority-class baseline: there only "
+                             f"{'cross' if ms[0] == 'concat' else 'concat'} learned to match."
                              for sc, ms in below.items() if len(ms) == 1)
         out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
                    + _noise_counts(noisy))
@@ -372,7 +372,8 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]
     features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
-    noise = [{k: (r["config"].get("degradation") or {}).get(k) for k in ("kind", "modality")} for r in (other, results)]
+    noise = [{k: (r["config"].get("degradation") or {}).get(k, default) for k, default in
+              (("kind", "gaussian"), ("modality", "image"))} for r in (other, results)]
     same_noise = lambda k: k[-1] == 0 or noise[0] == noise[1]  # σ 0.3 on the text is not σ 0.3 on the images
     shared = [k for k in mine if k in theirs and same_noise(k)]
     pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values

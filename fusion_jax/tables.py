@@ -215,7 +215,8 @@ def _ours_header(results: dict, difference: str = "`concat − cross`") -> str:
             f"predicting the larger class). {difference} is the mean over paired seeds of the accuracy "
             "difference in points (the difference of the two means when both methods have every seed), with "
             f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value: "
-            "\"untested\" for one seed or the same nonzero gap on every seed, \"tied\" for no gap on any).")
+            "\"no test possible\" on one seed, \"untested\" for the same nonzero gap on every seed, \"tied\" for no "
+            "gap on any).")
 
 
 def _paper1_cells(row: dict) -> list[str]:

@@ -22,6 +22,9 @@ import numpy as np
 
 SPLITS = ("pair", "image")
 PAIR_FIELDS = ("split_seed", "train_fraction", "split_by")  # build_pairs' keywords: config.pairs' fields
+# How negatives' images are drawn where images have different numbers of captions (`pair_identity`): change
+# it with the draw, so that a workdir begun with another draw is not resumed.
+PAIRS = "v2: negative images as often as positive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +89,8 @@ def _negative_images(caption_image: np.ndarray, neg: np.ndarray, images: np.ndar
     paper's protocol, draw for draw). Where they differ, a uniform draw would make an image with many
     captions mostly positive and one with few mostly negative, a label a head reads off the image alone:
     the images of the same captions in another order instead, clashes swapped away, so that each image is
-    a negative as often as a positive (an image that holds most captions cannot be: a uniform draw then)."""
+    a negative as often as a positive (an image that holds most captions cannot be: a caption's image of
+    another image then)."""
     own = caption_image[neg]
     counts = np.bincount(position[own], minlength=len(images))
     if counts.min() == counts.max():
@@ -99,10 +103,14 @@ def _negative_images(caption_image: np.ndarray, neg: np.ndarray, images: np.ndar
             continue
         for j in rng.integers(0, len(own), 64):
             if drawn[j] != own[i] and drawn[i] != own[j]:
-                drawn[i], drawn[j] = drawn[j], drawn[i]
                 break
-        else:
-            drawn[i] = images[(position[own[i]] + rng.integers(1, len(images))) % len(images)]
+        else:  # rare: look at every place before giving up the balance
+            fits = np.flatnonzero((drawn != own[i]) & (own != drawn[i]))
+            j = rng.choice(fits) if len(fits) else None
+        if j is not None:
+            drawn[i], drawn[j] = drawn[j], drawn[i]
+        else:  # one image holds most captions: another caption's image, in proportion to their captions
+            drawn[i] = rng.choice(own[own != own[i]])
     return drawn
 
 
@@ -110,7 +118,8 @@ def _image_pools(caption_image: np.ndarray, n_images: int, captioned: np.ndarray
                  train_fraction: float) -> tuple[_Pool, _Pool]:
     """(training pool, validation pool) of the image split: of the images with a caption,
     round(train_fraction * their number) train. An image without a caption is in no pool: as a negative
-    alone its label would show. (Where every image has a caption, the draws of the split before this.)"""
+    alone its label would show. (Where every image has a caption, and as many, the draws of the split before
+    this.)"""
     rng = np.random.default_rng([split_seed, 0, 1])
     images = captioned[rng.permutation(len(captioned))]
     n_train = int(round(train_fraction * len(captioned)))
@@ -189,7 +198,7 @@ def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed
 def _pair_lists(caption_image: np.ndarray, n_images: int, captioned: np.ndarray,
                 rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """The pair split's master lists over all images that have a caption (the paper's protocol; kept draw for
-    draw where every image has one). A negative's image is drawn among the others with a caption: an image
+    draw where every image has one, and as many). A negative's image is drawn among the others with a caption: an image
     without one would only ever be a negative, and a head could learn that instead of matching."""
     position = np.zeros(n_images, np.int64)
     position[captioned] = np.arange(len(captioned))
@@ -205,7 +214,7 @@ def pair_identity(caption_image: np.ndarray) -> dict[str, str]:
     drawn, so that a sweep begun with the earlier draw (which gave the label away there) is not resumed."""
     counts = np.bincount(np.asarray(caption_image, np.int64))
     counts = counts[counts > 0]
-    return {} if counts.size == 0 or counts.min() == counts.max() else {"pairs": "negative images as often as positive"}
+    return {} if counts.size == 0 or counts.min() == counts.max() else {"pairs": PAIRS}
 
 
 def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float | None]:
