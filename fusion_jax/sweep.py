@@ -345,7 +345,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         except (OSError, ValueError):
             pass
     return write_results(workdir, config_dict, records, command,
-                         {b: {**fs.provenance, "split_overlap": split_overlap(config, fs),
+                         {b: {**fs.provenance, **pair_identity(fs.caption_image), "split_overlap": split_overlap(config, fs),
                               **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
                          failures, timing)
 

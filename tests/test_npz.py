@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, load_config
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.npz import load
+from fusion_jax.data.pairs import PAIRS
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
 
@@ -170,6 +171,26 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     np.savez(tmp_path / "b" / "mine.npz", **_features(seed=1))
     with pytest.raises(ConfigError, match=r"config.workdir: .* holds a sweep begun on other features "
                                           r"\(differs in mine.sha256\)"):
+        train_and_evaluate(config, str(tmp_path / "out"))
+
+
+def test_images_with_different_numbers_of_captions_claim_the_pair_draw(tmp_path):
+    """The sweep records how it drew the negatives' images (results.json, the workdir's claim); a start made
+    before the draw balanced them (no claim of it) is refused, not resumed with other pairs."""
+    import json
+
+    f = _features()
+    keep = np.flatnonzero(np.arange(450) % 3 <= f["caption_image"] % 3)  # 1, 2 or 3 captions an image
+    f.update(text=f["text"][keep], caption_image=f["caption_image"][keep])
+    np.savez(tmp_path / "mine.npz", **f)
+    config = _config(tmp_path)
+    config.scales, config.seeds, config.train.epochs, config.tsne_pairs = (128,), (42,), 1, 0
+    results = train_and_evaluate(config, str(tmp_path / "out"))
+    assert results["backbones"]["mine"]["pairs"] == PAIRS
+    claim = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert claim["mine"].pop("pairs") == PAIRS
+    (tmp_path / "out" / "features.json").write_text(json.dumps(claim))  # as a start before the claim wrote it
+    with pytest.raises(ConfigError, match=r"differs in mine.pairs\); its pairs were drawn by an earlier"):
         train_and_evaluate(config, str(tmp_path / "out"))
 
 
