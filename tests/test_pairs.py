@@ -226,14 +226,18 @@ def test_an_image_with_most_captions_still_gets_other_images_as_negatives():
 def test_a_sweep_begun_with_the_earlier_negatives_is_not_resumed_where_they_differ(tmp_path):
     """The workdir claims the pair builder beside the features only where its draws changed (images with
     different numbers of captions): a start that claimed no such thing is refused there, and only there."""
-    from fusion_jax.data.pairs import pair_identity
+    from fusion_jax.data.pairs import _pools, pair_identity
     from fusion_jax.validate import ConfigError
     from fusion_jax.workdir import prepare_workdir
 
-    assert pair_identity(CAPTION_IMAGE) == {} and pair_identity(np.array([0, 0, 1, 3, 3, 3]))
+    assert pair_identity(CAPTION_IMAGE, 50) == {} and pair_identity(np.array([0, 0, 1, 3, 3, 3]), 4)
+    sides = np.repeat(np.arange(50), 5 - 2 * np.isin(np.arange(50), [7, 8, 11, 14, 16, 19, 20, 34, 36, 37]))
+    train, val = (p.pos_image for p in _pools(sides, 50, 0, 0.8, "image"))
+    assert set(np.bincount(train)[np.unique(train)]) == {5} and set(np.bincount(val)[np.unique(val)]) == {3}
+    assert pair_identity(sides, 50, split_by="image") == {} and pair_identity(sides, 50)  # each side as many
     config, before = {"name": "x"}, {"own": {"file": "own.npz", "sha256": "ab"}}
     prepare_workdir(str(tmp_path / "same"), config, before)  # an earlier start, as every start claimed
-    prepare_workdir(str(tmp_path / "same"), config, {"own": {**before["own"], **pair_identity(CAPTION_IMAGE)}})
+    prepare_workdir(str(tmp_path / "same"), config, {"own": {**before["own"], **pair_identity(CAPTION_IMAGE, 50)}})
     prepare_workdir(str(tmp_path / "varied"), config, before)
     with pytest.raises(ConfigError, match=r"differs in own\.pairs\); its pairs were drawn by an earlier pair builder"):
-        prepare_workdir(str(tmp_path / "varied"), config, {"own": {**before["own"], **pair_identity([0, 0, 1])}})
+        prepare_workdir(str(tmp_path / "varied"), config, {"own": {**before["own"], **pair_identity([0, 0, 1], 2)}})

@@ -208,13 +208,15 @@ def _pair_lists(caption_image: np.ndarray, n_images: int, captioned: np.ndarray,
     return caption_image[pos_captions], pos_captions, neg_images, neg_captions
 
 
-def pair_identity(caption_image: np.ndarray) -> dict[str, str]:
-    """What a workdir claims of the pair builder beside a backbone's features: nothing where every
-    captioned image has as many captions (the pairs drawn as ever), else how the negatives' images are
-    drawn, so that a sweep begun with the earlier draw (which gave the label away there) is not resumed."""
-    counts = np.bincount(np.asarray(caption_image, np.int64))
-    counts = counts[counts > 0]
-    return {} if counts.size == 0 or counts.min() == counts.max() else {"pairs": PAIRS}
+def pair_identity(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,
+                  split_by: str = "pair") -> dict[str, str]:
+    """What a workdir and the results claim of the pair builder beside a backbone's features: nothing where
+    the images of each pool (all of them, or each side of the image split) have as many captions (the
+    pairs drawn as ever), else how the negatives' images are drawn, so that a sweep begun with the earlier
+    draw (which gave the label away there) is not resumed."""
+    pools = _pools(np.asarray(caption_image, np.int64), n_images, split_seed, train_fraction, split_by)
+    counts = [c[c > 0] for c in (np.bincount(p.pos_image) for p in pools if len(p.pos_image))]
+    return {"pairs": PAIRS} if any(c.min() != c.max() for c in counts) else {}
 
 
 def overlap(pairs: Pairs, caption_image: np.ndarray) -> dict[str, float | None]:
