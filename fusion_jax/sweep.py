@@ -255,9 +255,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                     for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
         notes = feature_notes(config, groups, features) if index == 0 else {}
-        identities = {b: {**feature_identity(fs.provenance), **pair_identity(fs.caption_image, fs.n_images,
-                                                                            **config.pairs)}
-                      for b, fs in features.items()}
+        drawn = {b: pair_identity(fs.caption_image, fs.n_images, **config.pairs) for b, fs in features.items()}
+        identities = {b: {**feature_identity(fs.provenance), **drawn[b]} for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
@@ -346,8 +345,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         except (OSError, ValueError):
             pass
     return write_results(workdir, config_dict, records, command,
-                         {b: {**fs.provenance, **pair_identity(fs.caption_image, fs.n_images, **config.pairs),
-                              "split_overlap": split_overlap(config, fs),
+                         {b: {**fs.provenance, **drawn[b], "split_overlap": split_overlap(config, fs),
                               **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
                          failures, timing)
 

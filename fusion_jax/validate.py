@@ -202,9 +202,8 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
         _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
                  f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
                  f"{captioned} image(s), {fs.n_images} images{by_image})")
-        usable = lambda s: (lambda n_train, n_val: n_train >= config.train.batch_size and n_val >= 2)(
-            *split_sizes(s, config.pairs.train_fraction))
-        low = next((s for s in range(2, limit + 1) if usable(s)), None)
+        low = next((s for s in range(2, limit + 1) if (n := split_sizes(s, config.pairs.train_fraction))[0]
+                    >= config.train.batch_size and n[1] >= 2), None)  # the smallest scale the check below passes
         allowed = f"allowed: {low}..{limit}" if low else "none is usable (too few pairs for a training batch)"
         for scale in config.scales:
             _require(scale <= limit, "scales",
