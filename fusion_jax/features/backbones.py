@@ -9,6 +9,7 @@ encoder compiles once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,23 @@ KINDS = ("clip", "resnet")
 # extracted by the old code is used. Version 1 is left out of the keys, which are older than it, so the
 # caches and workdirs made before it stay valid.
 EXTRACTOR_VERSION = 1
+
+
+@contextlib.contextmanager
+def on_host():
+    """Run the eager jax operations inside on the host's CPU, where jax has one.
+
+    The HF Flax classes initialise their weights op by op (hundreds of ops even for a tiny model): each
+    op compiles in milliseconds on a CPU, far slower on a GPU. On a CPU-only machine nothing changes;
+    elsewhere the weights come out as such a machine draws them. Arrays made inside are uncommitted: a
+    jitted call moves them to its device.
+    """
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
+        host = None
+    with jax.default_device(host):
+        yield
 
 
 def _versioned(key: dict) -> dict:
@@ -108,15 +126,17 @@ def _load(cls, model: str, revision: str | None, weights: str) -> tuple:
 
     Flax weights load without the random initialisation that from_pretrained otherwise runs op by
     op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights the
-    checkpoint lacks are initialised as from_pretrained does (randomly, by the same op-by-op init,
-    so to the same bits) and named in a warning. PyTorch weights take from_pretrained's own path (its
+    checkpoint lacks are initialised as from_pretrained does (randomly, by the same op-by-op init on
+    the host, `on_host`, so to the same bits) and named in a warning. PyTorch weights take
+    from_pretrained's own path, on the host too (its
     conversion reads the initialised model): from model.safetensors without torch where there is one,
     which transformers takes only when it is not asked for PyTorch weights (then it reads
     pytorch_model.bin first, which needs torch)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     if weights != "flax":
-        net = cls.from_pretrained(model, revision=revision, from_pt=weights == "pytorch")
+        with on_host():
+            net = cls.from_pretrained(model, revision=revision, from_pt=weights == "pytorch")
         return net, net.params
     net, params = cls.from_pretrained(model, revision=revision, _do_init=False)
     flat = flatten_dict(params)
@@ -124,7 +144,8 @@ def _load(cls, model: str, revision: str | None, weights: str) -> tuple:
     if missing:
         log.warning("%s: %d weights missing from the checkpoint are initialised randomly: %s", model,
                     len(missing), ", ".join("/".join(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else ""))
-        fresh = flatten_dict(net.init_weights(net.key, net.input_shape))
+        with on_host():
+            fresh = flatten_dict(net.init_weights(net.key, net.input_shape))
         params = unflatten_dict({**flat, **{k: fresh[k] for k in missing}})
     return net, params
 

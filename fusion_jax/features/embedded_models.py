@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.data.embedded import generate_embedded
+from fusion_jax.features.backbones import on_host
 from fusion_jax.files import locked
 
 log = logging.getLogger("fusion_jax")
@@ -101,7 +102,7 @@ def fit(loss_fn: Callable, params, data, steps: int, learning_rate: float, seed:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, loss
 
-    opt_state, losses = tx.init(params), []
+    opt_state, losses = jax.jit(tx.init)(params), []  # zeros, as eager, without an op per shape
     keys = jax.random.split(jax.random.PRNGKey(seed), steps)
     with tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
         for key in keys:
@@ -151,7 +152,8 @@ def train_tiny_clip(ds: ImageCaptionDataset, directory: str, steps: int = 600, b
         vision_config=dict(image_size=size, patch_size=8, hidden_size=width, intermediate_size=2 * width,
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=width)
-    model = FlaxCLIPModel(config, seed=seed)
+    with on_host():
+        model = FlaxCLIPModel(config, seed=seed)
     batch = min(batch, ds.n_images)  # drawn without replacement
     t = tokenizer(list(ds.captions), padding="max_length", truncation=True, max_length=32, return_tensors="np")
     index = _caption_index(ds)
@@ -196,10 +198,11 @@ def train_tiny_resnet(ds: ImageCaptionDataset, directory: str, steps: int = 400,
     size = ds.load_image(0).shape[0]
     config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2],
                           layer_type="basic", downsample_in_first_stage=False)
-    model = FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3))
+    with on_host():
+        model = FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3))
+        params = {"net": model.params["params"], "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 128, ds)}
     data = {"images": jnp.asarray(_images(ds)), "labels": {a: jnp.asarray(v) for a, v in ds.attributes.items()}}
     batch = min(batch, ds.n_images)  # drawn without replacement
-    params = {"net": model.params["params"], "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 128, ds)}
 
     def loss_fn(params, batch_stats, data, key):
         idx = jax.random.choice(key, data["images"].shape[0], (batch,), replace=False)
@@ -227,11 +230,12 @@ def train_tiny_text(ds: ImageCaptionDataset, directory: str, steps: int = 300, b
     tokenizer = build_tokenizer(list(ds.captions), directory)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=192, max_position_embeddings=32, pad_token_id=0)
-    model = FlaxBertModel(config, seed=seed)
+    with on_host():
+        model = FlaxBertModel(config, seed=seed)
+        params = {"net": model.params, "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 96, ds)}
     t = tokenizer(list(ds.captions), padding="max_length", truncation=True, max_length=32, return_tensors="np")
     data = {"ids": jnp.asarray(t["input_ids"]), "mask": jnp.asarray(t["attention_mask"]),
             "labels": {a: jnp.asarray(v[ds.caption_image]) for a, v in ds.attributes.items()}}
-    params = {"net": model.params, "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 96, ds)}
     batch = min(batch, ds.n_captions)  # drawn without replacement
 
     def loss_fn(params, state, data, key):
