@@ -48,6 +48,23 @@ def test_token_features_with_masks_load_as_token_features(tmp_path):
     assert fs.provenance["tokens"] and fs.caption_image.dtype == np.int32
 
 
+def test_padding_may_hold_anything_and_loads_as_zeros(tmp_path):
+    """Masked slots are never read: NaN, Inf or huge values there load as 0; a real token's NaN is refused."""
+    f = _features(tokens=4)
+    f["image_mask"] = np.ones(f["image"].shape[:2], np.int8)
+    f["image_mask"][3:, 2:] = 0
+    real = f["image"].copy()
+    f["image"][3:, 2:] = np.float32(np.nan)
+    f["image"][5, 3], f["image"][6, 2] = np.inf, 1e30
+    np.savez(tmp_path / "pad.npz", **f)
+    fs = load(str(tmp_path / "pad.npz"))
+    np.testing.assert_array_equal(fs.image, np.where(f["image_mask"][..., None] > 0, real, 0))
+    f["image"][4, 1] = np.nan  # a real token
+    np.savez(tmp_path / "pad.npz", **f)
+    with pytest.raises(DataUnavailableError, match=r"image holds NaN or Inf \(as float32\) in rows \[4\]"):
+        load(str(tmp_path / "pad.npz"))
+
+
 BAD = [
     (lambda f: f.pop("caption_image"), "missing array(s) caption_image"),
     (lambda f: f.update(labels=np.zeros(3)), "unknown array(s) labels"),

@@ -4,7 +4,8 @@ Arrays, as `np.savez(path, image=..., text=..., caption_image=...)` writes them:
 - `image`: [n_images, d_v] pooled, or [n_images, tokens, d_v] token features (floating point);
 - `text`: [n_captions, d_t] or [n_captions, tokens, d_t];
 - `caption_image`: [n_captions] integers, the row of `image` that each caption describes;
-- `image_mask`, `text_mask` (optional, token features only): [n, tokens], 1 for a real token.
+- `image_mask`, `text_mask` (optional, token features only): [n, tokens], 1 for a real token; the
+  padding slots (0) are set to zero on loading, so whatever they hold (NaN too) is never read.
 Features go in as they are (no normalisation); the paper's noise, normalize(v + σz), is meant for
 unit vectors, so L2-normalise CLIP-like embeddings before saving them.
 """
@@ -122,7 +123,9 @@ def load(path: str) -> FeatureSet:
         fs = FeatureSet(image=image, text=text, caption_image=arrays["caption_image"].astype(np.int64), **masks)
     except ValueError as e:
         raise bad(str(e)) from None
-    for n, x in (("image", fs.image), ("text", fs.text)):
+    for n, x, mask in (("image", fs.image, fs.image_mask), ("text", fs.text, fs.text_mask)):
+        if mask is not None:  # padding is never read, but NaN there would survive the heads' zero weights
+            x[mask == 0] = 0
         rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
