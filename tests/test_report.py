@@ -187,7 +187,7 @@ def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
 
 
 def test_against_compares_noisy_cells_only_under_the_same_noise():
-    from fusion_jax.report import against_markdown
+    from fusion_jax.against import against_markdown
 
     base = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.3))
     text = json.loads(json.dumps(base))
@@ -568,7 +568,7 @@ def test_cli_without_results_exits_2(tmp_path):
 def test_against_another_sweep(tmp_path):
     """--against writes one sweep beside another: config differences (with the defaults of fields added
     later), accuracy shifts per backbone, who is ahead in both, every shared cell."""
-    from fusion_jax.report import against_markdown
+    from fusion_jax.against import against_markdown
 
     base = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
     del base["config"]["pairs"]["split_by"]  # saved before the field existed: reads as "pair"

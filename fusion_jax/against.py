@@ -1,0 +1,75 @@
+"""One sweep against another: `python -m fusion_jax.report --workdir=DIR --against=OTHER` writes
+DIR/against_<other>.md with what differs between them (config, features) and what that moved
+(accuracy shifts, who is ahead in the comparisons both hold, every shared cell)."""
+
+from __future__ import annotations
+
+import json
+
+from fusion_jax import tables
+from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result
+from fusion_jax.data.featureset import feature_identity
+
+
+def _changes(before: dict, after: dict) -> str:
+    """'`k` before → after; ...' over two flat dicts' differing keys, or 'none'."""
+    keys = differing(before, after)
+    return "; ".join(f"`{k}` {json.dumps(before.get(k))} → {json.dumps(after.get(k))}" for k in keys) or "none"
+
+
+def against_markdown(results: dict, other: dict, name: str, other_name: str, command: str) -> str:
+    """`results` (sweep `name`) against `other`: their config and feature differences, each backbone's
+    accuracy shifts over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both,
+    what only one holds or lost to a failed group, and every shared cell."""
+    configs = [{**ADDED, **flatten(r["config"])} for r in (other, results)]
+    skip = {k for k in set(configs[0]) | set(configs[1]) if not_result(k) or k == "name"
+            or (k in SAVED_LATER and not all(k in c for c in configs))}
+    configs = [{k: v for k, v in c.items() if k not in skip} for c in configs]
+    shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]
+    features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
+    mine, theirs = tables.summary_index(results), tables.summary_index(other)
+    noise = [{k: (r["config"].get("degradation") or {}).get(k, default) for k, default in
+              (("kind", "gaussian"), ("modality", "image"))} for r in (other, results)]
+    same_noise = lambda k: k[-1] == 0 or noise[0] == noise[1]  # σ 0.3 on the text is not σ 0.3 on the images
+    shared = [k for k in mine if k in theirs and same_noise(k)]
+    pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values
+    lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
+             f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
+             f"Feature differences of the backbones both have ({', '.join(shared_backbones) or 'none'}): "
+             f"{_changes(*features)}."]
+    only = [(n, len([k for k in a if k not in b])) for n, a, b in ((other_name, theirs, mine), (name, mine, theirs))]
+    for note in ([f"Cells only in {n}: {c}." for n, c in only if c]
+                 + ([f"Cells with noise are not compared: the noise differs ({_changes(*noise)})."]
+                    if noise[0] != noise[1] else [])
+                 + [f"Failed groups in {n}: {', '.join(f['group'] for f in r['failed_groups'])}."
+                    for n, r in ((other_name, other), (name, results)) if r.get("failed_groups")]):
+        lines += ["", note]
+    if not shared:
+        return "\n".join(lines + ["", "The two sweeps hold no cell in common: nothing to compare."]) + "\n"
+    lines += ["", f"## Mean validation accuracy, {name} − {other_name} (points), over the cells both hold", "",
+              "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
+    for b in dict.fromkeys(k[0] for k in shared):
+        d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
+        lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+z.2f} | {min(d):+z.2f} | {max(d):+z.2f} |")
+    comps = [tables.comparison_index(r) for r in (results, other)]
+    both = [k for k in comps[0] if k in comps[1] and same_noise(k)]
+    sides = ("concat", "cross", "neither", "untested")
+    side = lambda c: ("untested" if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else
+                      tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither")
+    count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in sides)
+    lines += ["", "## Who is ahead (p < 0.05), over the comparisons both hold", ""]
+    if not both:
+        lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
+    else:
+        lines += [f"| backbone | comparisons | {other_name}: {' / '.join(sides)} | {name}: {' / '.join(sides)} "
+                  "| changed side (of those tested in both) |", "|---|---:|---|---|---:|"]
+    changed = lambda k: "untested" not in (side(comps[0][k]), side(comps[1][k])) and side(comps[0][k]) != side(comps[1][k])
+    for b in dict.fromkeys(k[0] for k in both):
+        keys = [k for k in both if k[0] == b]
+        lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "
+                     f"| {sum(map(changed, keys))} |")
+    lines += ["", "## Every cell (mean validation accuracy, percent)", "",
+              f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | "
+              f"{pct(mine[k]) - pct(theirs[k]):+z.1f} |" for k in shared for b, m, s, lv in [k]]
+    return "\n".join(lines) + "\n"
