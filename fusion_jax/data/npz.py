@@ -5,7 +5,7 @@ Arrays, as `np.savez(path, image=..., text=..., caption_image=...)` writes them:
 - `text`: [n_captions, d_t] or [n_captions, tokens, d_t];
 - `caption_image`: [n_captions] integers, the row of `image` that each caption describes;
 - `image_mask`, `text_mask` (optional, token features only): [n, tokens], 1 for a real token; the
-  padding slots (0) are set to zero on loading, so whatever they hold (NaN too) is never read.
+  padding slots (0) are set to zero on loading, so whatever they hold (NaN too) cannot reach a result.
 Features go in as they are (no normalisation); the paper's noise, normalize(v + σz), is meant for
 unit vectors, so L2-normalise CLIP-like embeddings before saving them.
 """
@@ -124,7 +124,7 @@ def load(path: str) -> FeatureSet:
     except ValueError as e:
         raise bad(str(e)) from None
     for n, x, mask in (("image", fs.image, fs.image_mask), ("text", fs.text, fs.text_mask)):
-        if mask is not None:  # padding is never read, but NaN there would survive the heads' zero weights
+        if mask is not None:  # the heads mask padding out, but NaN there would survive their zero weights
             x[mask == 0] = 0
         rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
         if rows.size:

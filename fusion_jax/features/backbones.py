@@ -49,7 +49,7 @@ def on_host():
         host = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
         host = None
-    with jax.default_device(host):
+    with jax.default_device(host) if host is not None else contextlib.nullcontext():
         yield
 
 
