@@ -41,12 +41,13 @@ def _features(n: int, d: int, tokens: int) -> tuple[jax.ShapeDtypeStruct, jax.Sh
 
 
 def forward_flops_per_sample(method: str, d_v: int, d_t: int, config: Any, batch: int = 256,
-                             tokens: int = 0) -> float:
-    """FLOPs per sample of the head's eval-mode forward pass, from XLA's cost analysis of a batch."""
+                             image_tokens: int = 0, text_tokens: int = 0) -> float:
+    """FLOPs per sample of the head's eval-mode forward pass, from XLA's cost analysis of a batch: on pooled
+    [batch, d] inputs, or on [batch, tokens, d] for a side with tokens (every slot, padding included)."""
     head = make_head(method, _get(config, "head", "hidden"), _get(config, "head", "mlp_hidden"),
                      _get(config, "train", "dropout"), _get(config, "head", "num_heads"))
-    image, image_mask = _features(batch, d_v, tokens)
-    text, text_mask = _features(batch, d_t, tokens)
+    image, image_mask = _features(batch, d_v, image_tokens)
+    text, text_mask = _features(batch, d_t, text_tokens)
     inputs = (image, text, image_mask, text_mask)
     params = jax.eval_shape(lambda *x: head.init(jax.random.PRNGKey(0), *x), *inputs)
     compiled = jax.jit(lambda p, *x: head.apply(p, *x)).lower(params, *inputs).compile()

@@ -400,22 +400,33 @@ def feature_dims(results: dict, backbone: str) -> tuple[int, int] | None:
     return None
 
 
-def _uses_tokens(results: dict) -> bool:
-    """True when the sweep trained on token features rather than pooled vectors (its config says so, or
-    a backbone's provenance: an npz file's)."""
-    config = results["config"]
-    return (bool((config.get("synthetic") or {}).get("tokens")) or bool((config.get("backbone") or {}).get("tokens"))
-            or any(p.get("tokens") for p in (results.get("backbones") or {}).values()))
+def token_counts(results: dict, backbone: str) -> tuple[int, int] | None:
+    """(image, text) token slots of a backbone's features as trained (0: pooled), or None for token features
+    whose count results.json does not record (sweeps from before it did)."""
+    prov = (results.get("backbones") or {}).get(backbone, {})
+    if "tokens_image" in prov or "tokens_text" in prov:
+        return int(prov.get("tokens_image", 0)), int(prov.get("tokens_text", 0))
+    return None if prov.get("tokens") else (0, 0)
 
 
 def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], str]:
-    """FLOPs per sample per (backbone, method) from XLA's cost analysis, and a note on how (or why not)."""
-    how = ("XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on pooled "
-           "[batch, d] inputs, divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not "
-           "counted by hand; on pooled inputs XLA drops `cross`'s query and key projections, which attention "
-           "over a single key does not read")
-    if _uses_tokens(results):
-        how += " (this sweep trained on token features; the FLOPs are for pooled inputs)"
+    """FLOPs per sample per (backbone, method) from XLA's cost analysis, and a note on how (or why not):
+    on each backbone's inputs as trained, pooled or [batch, tokens, d] (every slot, padding included)."""
+    backbones = sorted({r["backbone"] for r in results["runs"]})
+    counts = {b: token_counts(results, b) for b in backbones}
+    known = {b: c for b, c in counts.items() if c is not None and any(c)}
+    inputs = "pooled [batch, d] inputs"
+    if known:
+        inputs = ("the inputs each backbone was trained on, [batch, tokens, d] for token features (every slot "
+                  "counted, padding included: " + "; ".join(
+                      f"{b} " + ", ".join(f"{side} {n}" for side, n in zip(("image", "text"), c) if n)
+                      for b, c in known.items()) + ") and [batch, d] for pooled ones")
+    how = (f"XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on {inputs}, "
+           "divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not counted by hand; on pooled "
+           "inputs XLA drops `cross`'s query and key projections, which attention over a single key does not read")
+    if unknown := [b for b, c in counts.items() if c is None]:
+        how += (f" ({', '.join(unknown)}: trained on token features, but this results.json does not record their "
+                "token counts, so the FLOPs are for pooled inputs)")
     try:
         from fusion_jax.cost import forward_flops_per_sample
     except ImportError as e:
@@ -428,7 +439,9 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
             errors[b] = "feature dims not recorded in results.backbones"
             continue
         try:
-            out[(b, m)] = float(forward_flops_per_sample(m, dims[0], dims[1], results["config"]))
+            tokens = counts[b] or (0, 0)
+            out[(b, m)] = float(forward_flops_per_sample(m, dims[0], dims[1], results["config"], image_tokens=tokens[0],
+                                                         text_tokens=tokens[1]))
         except Exception as e:  # a broken cost model must not lose the rest of the report
             out[(b, m)] = None
             errors[f"{b}/{m}"] = f"{type(e).__name__}: {e}"

@@ -314,18 +314,33 @@ def test_a_gap_that_rounds_to_zero_is_never_written_minus_zero():
 def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
     calls = []
 
-    def fake_flops(method, d_v, d_t, config):
-        calls.append((method, d_v, d_t, config["head"]["hidden"]))
+    def fake_flops(method, d_v, d_t, config, image_tokens, text_tokens):
+        calls.append((method, d_v, d_t, config["head"]["hidden"], image_tokens, text_tokens))
         return 1000.0 if method == "concat" else 750.0
 
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", types.SimpleNamespace(forward_flops_per_sample=fake_flops))
     md, rows = tables.table3(fake_results("flickr8k", ("clip",), dims=(512, 384)))
-    assert sorted(set(calls)) == [("concat", 512, 384, 256), ("cross", 512, 384, 256)]
+    assert sorted(set(calls)) == [("concat", 512, 384, 256, 0, 0), ("cross", 512, 384, 256, 0, 0)]
     ours = {r["method"]: r for r in rows if r["source"] == "ours"}
     assert ours["cross"]["flops_per_sample"] == 750.0 and ours["cross"]["rel_flops"] == 0.75
     assert ours["concat"]["params"] == 295554 and ours["cross"]["train_seconds_per_run"] == 0.5
     assert "XLA's cost analysis" in md and "| 295,554 |" in md
     assert f"## {tables.PAPER_REFERENCE}, Table 3" in md and "| 757,000 |" in md
+
+
+def test_table3_counts_flops_on_the_token_inputs_results_json_records():
+    """Token features: FLOPs on [batch, tokens, d] as trained (padding slots too), where results.json records
+    the counts; a token sweep from before they were recorded keeps pooled FLOPs and says so."""
+    results = fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8))
+    results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=3)
+    results["backbones"]["unaligned"]["tokens"] = True  # counts not recorded
+    flops, note = tables.forward_flops(results)
+    pooled, _ = tables.forward_flops(fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8)))
+    assert flops[("unaligned", "cross")] == pooled[("unaligned", "cross")]
+    assert flops[("aligned", "concat")] > pooled[("aligned", "concat")]  # per-token work before pooling
+    assert flops[("aligned", "cross")] > 3 * pooled[("aligned", "cross")]  # projections of every token
+    assert "padding included: aligned image 5, text 3)" in note
+    assert "(unaligned: trained on token features, but this results.json does not record their token counts" in note
 
 
 def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeypatch):

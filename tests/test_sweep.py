@@ -290,6 +290,9 @@ def test_token_features_run_end_to_end(smoke_config, tmp_path):
     config.degradation.modality = "both"
     results = train_and_evaluate(config, str(tmp_path))
     assert len(results["runs"]) == 4 and all(r["final_train_loss"] > 0 for r in results["runs"])
+    prov = results["backbones"]["aligned"]
+    assert (prov["tokens_image"], prov["tokens_text"]) == (4, 4)  # Table 3 counts FLOPs on these inputs
+    assert "(every slot counted, padding included: aligned image 4, text 4)" in (tmp_path / "table3.md").read_text()
 
 
 def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):

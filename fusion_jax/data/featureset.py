@@ -55,9 +55,11 @@ class FeatureSet:
 
 def feature_identity(provenance: dict) -> dict:
     """What made a backbone's features, for comparing two sweeps or a resume: the provenance without
-    what is measured from the features or the pairs (alignment, split_overlap, notes) and without a local
-    model's name where its files' hash identifies it."""
-    out = {k: v for k, v in provenance.items() if k not in ("alignment", "split_overlap", "notes")}
+    what is measured from the features or the pairs (alignment, split_overlap, notes, and the token counts,
+    which newer sweeps record for Table 3) and without a local model's name where its files' hash
+    identifies it."""
+    out = {k: v for k, v in provenance.items()
+           if k not in ("alignment", "split_overlap", "notes", "tokens_image", "tokens_text")}
     for field in ("model", "text_model"):
         if out.get(f"{field}_files"):
             out.pop(field, None)

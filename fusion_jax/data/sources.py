@@ -168,5 +168,6 @@ def load_features(config: ml_collections.ConfigDict, backbone: str, dataset: Ima
         fs = extract_features(config, dataset or load_dataset(config), backbone, after_shard)
     else:
         raise ValueError(f"unknown feature source {config.features!r}; allowed: {', '.join(SOURCES)}")
-    dims = {"dim_image": int(fs.image.shape[-1]), "dim_text": int(fs.text.shape[-1])}
+    dims = {"dim_image": int(fs.image.shape[-1]), "dim_text": int(fs.text.shape[-1]),
+            **{f"tokens_{n}": int(x.shape[1]) for n, x in (("image", fs.image), ("text", fs.text)) if x.ndim == 3}}
     return dataclasses.replace(fs, provenance={**fs.provenance, **dims, "alignment": retrieval_recall(fs)})
