@@ -12,7 +12,7 @@ mkdir -p /tmp/bin && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$(command -v python3
 end=$(( $(date +%s) + ${BUDGET_S:-540} ))
 left() { echo $(( end - $(date +%s) )); }
 parallel=""; python3 -c "import xdist" 2>/dev/null && parallel="-n ${TEST_WORKERS:-14}"
-pertest=""; python3 -c "import pytest_timeout" 2>/dev/null && pertest="--timeout=240"
+pertest=""; python3 -c "import pytest_timeout" 2>/dev/null && pertest="--timeout=300"
 {
 date -u; git log --oneline -1 2>/dev/null || echo "commit: $(cat .scratch/commit 2>/dev/null)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; echo "host cores: $(nproc)"
@@ -20,8 +20,10 @@ python3 -c "import sys, jax, flax, optax, orbax.checkpoint, torch, ml_collection
 echo "== bench full ($(left) s left)"
 timeout -s KILL 170 python3 -m fusion_jax.bench --torch-runs=1 --out=$OUT 2>&1 | tr '\r' '\n' | grep -v "it/s\]$"
 echo "== tests ($(left) s left): pytest $parallel $pertest"
-timeout -s KILL $(( $(left) - 110 )) python3 -m pytest -v -rfEs -p no:cacheprovider -m "" $parallel $pertest tests --tb=short --durations=15 2>&1 | tee $OUT/tests.log | grep -E "FAIL|ERROR|passed|failed|s call|Error"
+timeout -s KILL $(( $(left) - 100 )) python3 -m pytest -v -rfEs -p no:cacheprovider -m "" $parallel $pertest tests --tb=short --durations=15 2>&1 | tee $OUT/tests.log | grep -E "FAIL|ERROR|passed|failed|s call|Error"
 echo "== bench quick ($(left) s left)"
-timeout -s KILL $(( $(left) - 5 )) python3 -m fusion_jax.bench --quick --out=$OUT 2>&1 | tr '\r' '\n' | grep -v "it/s\]$"
+if [ "$(left)" -ge 100 ]; then
+  timeout -s KILL $(( $(left) - 5 )) python3 -m fusion_jax.bench --quick --out=$OUT 2>&1 | tr '\r' '\n' | grep -v "it/s\]$"
+else echo "skipped: under 100 s left"; fi
 date -u
 } 2>&1 | tee $OUT/gpu.log
