@@ -402,10 +402,13 @@ def feature_dims(results: dict, backbone: str) -> tuple[int, int] | None:
 
 def token_counts(results: dict, backbone: str) -> tuple[int, int] | None:
     """(image, text) token slots of a backbone's features as trained (0: pooled), or None for token features
-    whose count results.json does not record (sweeps from before it did)."""
+    whose count results.json does not record (sweeps from before it did, except synthetic ones: their
+    `tokens` is the count of both sides)."""
     prov = (results.get("backbones") or {}).get(backbone, {})
     if "tokens_image" in prov or "tokens_text" in prov:
         return int(prov.get("tokens_image", 0)), int(prov.get("tokens_text", 0))
+    if type(prov.get("tokens")) is int:  # not bool: npz and extracted features say only whether
+        return prov["tokens"], prov["tokens"]
     return None if prov.get("tokens") else (0, 0)
 
 
@@ -417,10 +420,11 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
     known = {b: c for b, c in counts.items() if c is not None and any(c)}
     inputs = "pooled [batch, d] inputs"
     if known:
+        pooled = any(c is None or not all(c) for c in counts.values())  # a pooled side, or counts not recorded
         inputs = ("the inputs each backbone was trained on, [batch, tokens, d] for token features (every slot "
                   "counted, padding included: " + "; ".join(
-                      f"{b} " + ", ".join(f"{side} {n}" for side, n in zip(("image", "text"), c) if n)
-                      for b, c in known.items()) + ") and [batch, d] for pooled ones")
+                      f"{b} " + ", ".join(f"{side} {n or 'pooled'}" for side, n in zip(("image", "text"), c))
+                      for b, c in known.items()) + ")" + (" and [batch, d] for pooled ones" if pooled else ""))
     how = (f"XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on {inputs}, "
            "divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not counted by hand; on pooled "
            "inputs XLA drops `cross`'s query and key projections, which attention over a single key does not read")

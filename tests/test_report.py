@@ -333,14 +333,19 @@ def test_table3_counts_flops_on_the_token_inputs_results_json_records():
     the counts; a token sweep from before they were recorded keeps pooled FLOPs and says so."""
     results = fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8))
     results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=3)
-    results["backbones"]["unaligned"]["tokens"] = True  # counts not recorded
+    results["backbones"]["unaligned"]["tokens"] = True  # counts not recorded (an npz or extracted source)
     flops, note = tables.forward_flops(results)
     pooled, _ = tables.forward_flops(fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8)))
     assert flops[("unaligned", "cross")] == pooled[("unaligned", "cross")]
     assert flops[("aligned", "concat")] > pooled[("aligned", "concat")]  # per-token work before pooling
     assert flops[("aligned", "cross")] > 3 * pooled[("aligned", "cross")]  # projections of every token
-    assert "padding included: aligned image 5, text 3)" in note
+    assert "padding included: aligned image 5, text 3) and [batch, d] for pooled ones" in note
     assert "(unaligned: trained on token features, but this results.json does not record their token counts" in note
+    results["backbones"]["unaligned"].update(tokens=4)  # an older synthetic sweep: 4 slots on both sides
+    results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=0)  # npz: pooled text
+    flops, note = tables.forward_flops(results)
+    assert "padding included: aligned image 5, text pooled; unaligned image 4, text 4) and [batch, d] for pooled" in note
+    assert flops[("unaligned", "cross")] > 3 * pooled[("unaligned", "cross")] and "does not record" not in note
 
 
 def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeypatch):
@@ -656,3 +661,5 @@ def test_notes_on_the_features_open_the_summary_and_do_not_make_features_differ(
     assert "## Notes on the features\n\n- **aligned**: 5 of its 300 images have no caption: pairs never draw them." in summary
     assert summary.index("## Notes on the features") < summary.index("## Concat or cross?")
     assert "notes" not in feature_identity(results["backbones"]["aligned"])
+    results["backbones"]["aligned"].update(tokens_image=65, tokens_text=32)  # recorded by newer sweeps only
+    assert not {"tokens_image", "tokens_text"} & set(feature_identity(results["backbones"]["aligned"]))
