@@ -418,6 +418,17 @@ for cls, train in ((transformers.FlaxCLIPModel, em.train_tiny_clip), (transforme
         train(ds, sys.argv[1] + "/" + cls.__name__, steps=1)
     except Built as e:
         inits.append(e.args[0])
+from safetensors.numpy import save_file
+from fusion_jax.features import backbones
+bert = sys.argv[1] + "/bert"  # a checkpoint saved from PyTorch: from_pretrained's own init, then conversion
+transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16).save_pretrained(bert)
+save_file({"embeddings.word_embeddings.weight": jnp.zeros((30, 8)).__array__()}, bert + "/model.safetensors",
+          metadata={"format": "pt"})
+try:
+    backbones._load(transformers.FlaxBertModel, bert, None, backbones._weights(bert, None))
+except Built as e:
+    inits.append(e.args[0])
 with on_host():
     params = {"w": jnp.zeros(3)}
 trained, _, _ = em.fit(lambda p, state, data, key: (((p["w"] - data) ** 2).sum(), state), params, jnp.ones(3), 2, 0.1,
@@ -429,13 +440,13 @@ print(sorted(d.id for d in trained["w"].devices()))
 
 def test_tiny_models_initialise_on_the_host_and_train_on_the_default_device(tmp_path):
     """The HF classes' op-by-op initialisation runs on the host CPU (`on_host`: each op compiles far slower
-    on a GPU) in each tiny-model trainer; weights made there train on the default device, here another CPU
-    device standing in for an accelerator."""
+    on a GPU) in each tiny-model trainer and for checkpoints saved from PyTorch; weights made there train on
+    the default device, here another CPU device standing in for an accelerator."""
     proc = subprocess.run([sys.executable, "-c", ON_HOST, str(tmp_path)], cwd=ROOT, env=host_devices(2),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     inits, trained = proc.stdout.strip().splitlines()[-2:]
-    assert inits == str([[0]] * 3)  # CLIP, ResNet, BERT: on CPU 0, the host
+    assert inits == str([[0]] * 4)  # the tiny CLIP, ResNet, BERT, and a PyTorch-format BERT: on CPU 0, the host
     assert trained == str([1])  # weights made on the host train on the default device
 
 
