@@ -25,6 +25,7 @@ from fusion_jax.config_base import PAPER_SCALES
 from fusion_jax.data.dataset import STANDIN_FILE
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
+from fusion_jax.features.backbones import on_host
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
 from fusion_jax.files import atomic_write_json
@@ -61,7 +62,8 @@ def write_clip(captions: list[str], directory: str, sizes: dict, seed: int = 0) 
     config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=len(tokenizer) - 1,
                                          pad_token_id=0, **text),
                         vision_config=sizes["clip_vision"], projection_dim=sizes["projection_dim"])
-    FlaxCLIPModel(config, seed=seed).save_pretrained(directory)
+    with on_host():  # random weights to save: drawn and written on the host, without a trip to a GPU
+        FlaxCLIPModel(config, seed=seed).save_pretrained(directory)
     size = sizes["clip_vision"]["image_size"]
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(directory)
@@ -75,7 +77,8 @@ def write_resnet(directory: str, sizes: dict, seed: int = 0) -> str:
     widths, size = sizes["resnet_widths"], sizes["image_size"]
     config = ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[2, 2, 2, 2], layer_type="basic",
                           downsample_in_first_stage=False)
-    FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3)).save_pretrained(directory)
+    with on_host():
+        FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3)).save_pretrained(directory)
     ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=0.875, resample=3,  # bicubic, as resnet-18's
                            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(directory)
     return directory
@@ -86,8 +89,9 @@ def write_text(captions: list[str], directory: str, sizes: dict, seed: int = 0) 
     from transformers import BertConfig, FlaxBertModel
 
     tokenizer = build_tokenizer(captions, directory, max_length=sizes["text"]["max_position_embeddings"])
-    FlaxBertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=0, **sizes["text"]), seed=seed
-                  ).save_pretrained(directory)
+    with on_host():
+        FlaxBertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=0, **sizes["text"]), seed=seed
+                      ).save_pretrained(directory)
     return directory
 
 
