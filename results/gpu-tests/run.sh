@@ -4,7 +4,8 @@
 # quick benchmark.
 # Writes $OUT/gpu.log, $OUT/tests.log and the benchmark's JSON and md. Needs the wheels in .whl/
 # (ml_collections; transformers 4.x with its huggingface_hub and tokenizers; datasets with its dill,
-# multiprocess and fsspec) and, without git, .scratch/commit holding the commit.
+# multiprocess and fsspec; `bash results/gpu-tests/wheels.sh` downloads them) and, without git,
+# .scratch/commit holding the commit.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
