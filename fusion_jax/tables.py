@@ -435,7 +435,7 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
         from fusion_jax.cost import forward_flops_per_sample
     except ImportError as e:
         return {}, f"{how}; n/a here: fusion_jax.cost is not available ({e})"
-    out, errors = {}, {}
+    out, errors, shapes = {}, {}, {}  # shapes: one compilation per (method, dims, token counts)
     for b, m in sorted({(r["backbone"], r["method"]) for r in results["runs"]}):
         dims = feature_dims(results, b)
         if dims is None:
@@ -443,9 +443,11 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
             errors[b] = "feature dims not recorded in results.backbones"
             continue
         try:
-            tokens = counts[b] or (0, 0)
-            out[(b, m)] = float(forward_flops_per_sample(m, dims[0], dims[1], results["config"], image_tokens=tokens[0],
-                                                         text_tokens=tokens[1]))
+            key = (m, *dims, *(counts[b] or (0, 0)))
+            if key not in shapes:
+                shapes[key] = float(forward_flops_per_sample(m, *dims, results["config"], image_tokens=key[3],
+                                                             text_tokens=key[4]))
+            out[(b, m)] = shapes[key]
         except Exception as e:  # a broken cost model must not lose the rest of the report
             out[(b, m)] = None
             errors[f"{b}/{m}"] = f"{type(e).__name__}: {e}"
