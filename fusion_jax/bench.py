@@ -20,7 +20,7 @@ Two ways, one after the other (`--torch-first` swaps the order), in this process
      (each run moves its features there, inside its timing), else on `--torch-threads` CPU threads
      (default: all cores). Noisy runs get their degraded image features once per run, before
      training, inside the timing.
-FLOPs are XLA's cost analysis of one compiled training step (fusion_jax.cost; per method, with the
+FLOPs are XLA's cost analysis of one training step compiled for the host CPU (fusion_jax.cost; per method, with the
 noise draw for groups that have a nonzero level), times each run's own steps, the same count for
 both ways (fusion_jax also executes the idle steps of the shorter runs in a chunk: `executed_flops`;
 the reference also computes cross's unused query/key projections, fusion.Attention); the peak is a
@@ -141,12 +141,6 @@ def matmul_peak(size: int, reps: int = 5, round_seconds: float = 0.05) -> dict:
             jax.block_until_ready([f(a, a) for _ in range(calls)])
         best = min(best, (time.perf_counter() - t0) / calls)
     return {"size": size, "reps": reps, "calls": calls, "seconds": best, "gflops": 2 * size**3 / best / 1e9}
-
-
-def cublas_only(xla_flags: str, platform: str) -> bool:
-    """Whether `xla_flags` (XLA_FLAGS) set --xla_gpu_enable_triton_gemm=false on a GPU: XLA's cost analysis then
-    misses the matmuls, so cost.py's counts read low (results/bench/xla_flags/)."""
-    return platform == "gpu" and bool(re.search(r"xla_gpu_enable_triton_gemm=(false|0)\b", xla_flags, re.I))
 
 
 def matmul_precision(platform: str) -> dict:
@@ -277,9 +271,6 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                   for k, (method, noisy) in sorted(kinds.items())}
     forward = {m: cost.forward_flops_per_sample(m, g.dim, g.dim, config) for m in g.methods}
     peak = matmul_peak(g.matmul_size)
-    if cublas_only(os.environ.get("XLA_FLAGS", ""), jax.devices()[0].platform):
-        log("warning: XLA_FLAGS turns XLA's Triton matmuls off for the whole process: XLA's cost analysis does not "
-            "count cuBLAS calls, so the FLOP counts (and FLOP/s) read low")
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
@@ -318,7 +309,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                  "runs": sum(len(x.runs) for x in groups), "batch_size": config.train.batch_size,
                  "learning_rate": config.train.learning_rate, "noise_backbone": g.backbones[0]},
         "flops": {"train_step_per_run": step_flops, "forward_per_sample": forward,
-                  "source": "XLA cost_analysis of one compiled training step (fusion_jax.cost.train_step_flops)"},
+                  "source": "XLA cost_analysis of one training step compiled for the host CPU "
+                            "(fusion_jax.cost.train_step_flops)"},
         "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops, "jax_devices": jax_devices},
         "matmul_precision": matmul_precision(jax.devices()[0].platform),
         "jax": jax_total,
@@ -415,7 +407,7 @@ def markdown(r: dict) -> str:
                      f"{a['compile_s']:.2f} | {a['wait_s']:.2f} | {a['train_s']:.2f} | {b['wall_s']:.2f}"
                      f"{' (est.)' if b.get('estimated') else ''} |")
     executed = sum(x["executed_flops"] for x in j["groups"]) / j["train_flops"]
-    lines += ["", "FLOPs: XLA's cost analysis of one compiled training step per run "
+    lines += ["", "FLOPs: XLA's cost analysis of one training step compiled for the host CPU, per run "
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
               + " (forward, backward, AdamW, gather, and the noise draw where a group has a nonzero level), times "
               "each run's steps; the same count for both "
@@ -429,10 +421,7 @@ def markdown(r: dict) -> str:
               "", "Outside both timed walls: jax's start-up (the first matmul-peak measurement) and torch's warm-up "
               "(the thread check)."
               + (f" fusion_jax trains on {r['device']['count']} jax devices; the reference on one GPU or on the CPU's "
-                 "threads." if r['device'].get('count', 1) > 1 else "")
-              + (" XLA_FLAGS turned XLA's Triton matmuls off for the whole process: XLA's cost analysis does not "
-                 "count cuBLAS calls, so the FLOP counts and FLOP/s above read low."
-                 if cublas_only(r.get("env", {}).get("XLA_FLAGS", ""), r["device"].get("platform", "")) else "")]
+                 "threads." if r['device'].get('count', 1) > 1 else "")]
     return "\n".join(lines) + "\n"
 
 

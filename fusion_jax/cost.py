@@ -6,17 +6,22 @@ therefore compiles an epoch of exactly one step (n_train = batch) and reads it: 
 of one optimizer step, gather, degradation and AdamW update included (elementwise and integer
 ops count one FLOP per element, as XLA counts them). `analytic_concat_flops` is the textbook
 count: 2 x the multiply-adds of the three dense layers.
+
+Every count compiles for the host's CPU (`host_flops`), whatever device runs the sweep: XLA's GPU cost
+analysis leaves out the matmuls it hands to cuBLAS (on an H100, a cross head on token inputs counted
+about a quarter of its FLOPs), so counts made there would depend on the GPU compiler's choices.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from fusion_jax.fusion import make_head
+from fusion_jax.host import on_host
 from fusion_jax.train import make_train
 
 
@@ -25,8 +30,11 @@ def _get(config: Any, section: str, name: str) -> Any:
     return config[section][name]
 
 
-def xla_flops(compiled: Any) -> float:
-    """The "flops" of a compiled program's cost analysis (a dict, or a list of dicts: summed)."""
+def host_flops(f: Callable, *args: Any) -> float:
+    """The "flops" of XLA's cost analysis of jit(f) compiled for the host's CPU on `args` (shapes; a dict or a
+    list of dicts: summed)."""
+    with on_host():
+        compiled = jax.jit(f).lower(*args).compile()
     analysis = compiled.cost_analysis()
     if isinstance(analysis, Mapping):
         analysis = [analysis]
@@ -50,8 +58,7 @@ def forward_flops_per_sample(method: str, d_v: int, d_t: int, config: Any, batch
     text, text_mask = _features(batch, d_t, text_tokens)
     inputs = (image, text, image_mask, text_mask)
     params = jax.eval_shape(lambda *x: head.init(jax.random.PRNGKey(0), *x), *inputs)
-    compiled = jax.jit(lambda p, *x: head.apply(p, *x)).lower(params, *inputs).compile()
-    return xla_flops(compiled) / batch
+    return host_flops(lambda p, *x: head.apply(p, *x), params, *inputs) / batch
 
 
 def analytic_concat_flops(d_v: int, d_t: int, hidden: int = 256, mlp_hidden: int = 128) -> int:
@@ -83,5 +90,4 @@ def train_step_flops(config: Any, method: str, d_v: int, d_t: int, n_runs: int =
             "n_train": jax.ShapeDtypeStruct((n_runs,), jnp.int32), "n_val": jax.ShapeDtypeStruct((n_runs,), jnp.int32),
             "train": split(batch), "val": split(1)}
     state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs, data)
-    epoch = jax.jit(trainer.train_epoch)
-    return xla_flops(epoch.lower(state, runs, data).compile())
+    return host_flops(trainer.train_epoch, state, runs, data)

@@ -318,7 +318,7 @@ class Later:
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 # On a GPU, choosing and building Triton kernels for the heads' small matmuls is about half of each
 # program's compilation; cuBLAS needs none (results/bench/xla_flags/nvidia-h100-gpu-options.log).
-# XLA's cost analysis misses cuBLAS calls: cost.py's FLOP counts compile apart, with the defaults.
+# XLA's GPU cost analysis misses cuBLAS calls: cost.py's FLOP counts compile for the host CPU.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 

@@ -425,7 +425,7 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
                   "counted, padding included: " + "; ".join(
                       f"{b} " + ", ".join(f"{side} {n or 'pooled'}" for side, n in zip(("image", "text"), c))
                       for b, c in known.items()) + ")" + (" and [batch, d] for pooled ones" if pooled else ""))
-    how = (f"XLA's cost analysis ('flops') of the compiled eval-mode forward pass of the head on {inputs}, "
+    how = (f"XLA's cost analysis ('flops') of the head's eval-mode forward pass compiled for the host CPU, on {inputs}, "
            "divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not counted by hand; on pooled "
            "inputs XLA drops `cross`'s query and key projections, which attention over a single key does not read")
     if unknown := [b for b, c in counts.items() if c is None]:

@@ -159,13 +159,3 @@ def test_reference_time_is_estimated_only_when_runs_were_left_out():
     assert g["wall_s"] == pytest.approx(g["measured_wall_s"] + g["run_s"][0])
     with pytest.raises(ValueError, match="torch-runs must be at least 1"):
         bench.run_benchmark("tiny", "/nonexistent", torch_runs=0)
-
-
-def test_a_process_without_tritons_matmuls_is_named():
-    """XLA_FLAGS that turn XLA's Triton matmuls off on a GPU hide the matmuls from the FLOP counts: flagged."""
-    from fusion_jax.bench import cublas_only
-
-    assert cublas_only("--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false", "gpu")
-    assert cublas_only("--xla_gpu_enable_triton_gemm=0", "gpu")
-    assert not cublas_only("--xla_gpu_enable_triton_gemm=false", "cpu")
-    assert not cublas_only("--xla_gpu_enable_triton_gemm=true", "gpu") and not cublas_only("", "gpu")

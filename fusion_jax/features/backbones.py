@@ -9,7 +9,6 @@ encoder compiles once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +25,7 @@ import numpy as np
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.features.preprocess import ImagePreprocessor
 from fusion_jax.files import sha256
+from fusion_jax.host import on_host
 
 log = logging.getLogger("fusion_jax")
 KINDS = ("clip", "resnet")
@@ -34,23 +34,6 @@ KINDS = ("clip", "resnet")
 # extracted by the old code is used. Version 1 is left out of the keys, which are older than it, so the
 # caches and workdirs made before it stay valid.
 EXTRACTOR_VERSION = 1
-
-
-@contextlib.contextmanager
-def on_host():
-    """Run the eager jax operations inside on the host's CPU, where jax has one.
-
-    The HF Flax classes initialise their weights op by op (hundreds of ops even for a tiny model): each
-    op compiles in milliseconds on a CPU, far slower on a GPU. On a CPU-only machine nothing changes;
-    elsewhere the weights come out as such a machine draws them. Arrays made inside are uncommitted: a
-    jitted call moves them to its device.
-    """
-    try:
-        host = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
-        host = None
-    with jax.default_device(host) if host is not None else contextlib.nullcontext():
-        yield
 
 
 def _versioned(key: dict) -> dict:

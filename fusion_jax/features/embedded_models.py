@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.data.embedded import generate_embedded
-from fusion_jax.features.backbones import on_host
 from fusion_jax.files import locked
+from fusion_jax.host import on_host
 
 log = logging.getLogger("fusion_jax")
 VERSION = "v1"

@@ -25,10 +25,10 @@ from fusion_jax.config_base import PAPER_SCALES
 from fusion_jax.data.dataset import STANDIN_FILE
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
-from fusion_jax.features.backbones import on_host
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
 from fusion_jax.files import atomic_write_json
+from fusion_jax.host import on_host
 
 CAPTIONS_PER_IMAGE = 5  # as Flickr8k
 MIN_IMAGES = 7  # 35 captions, 70 pairs: room for a scale of 64

@@ -1,5 +1,5 @@
 """How the HF Flax classes' op-by-op initialisation costs where it runs: build the demo's tiny CLIP,
-ResNet and BERT (their sizes as `embedded_models`) on jax's default device, or inside `backbones.on_host()`.
+ResNet and BERT (their sizes as `embedded_models`) on jax's default device, or inside `fusion_jax.host.on_host()`.
 Prints, per model, the programs compiled while it is constructed and the wall time. Run each placement in
 a fresh process (compiled eager ops are reused within one): python results/init_on_host/construct.py default|host
 """
@@ -11,7 +11,7 @@ import time
 import jax
 from transformers import BertConfig, CLIPConfig, FlaxBertModel, FlaxCLIPModel, FlaxResNetModel, ResNetConfig
 
-from fusion_jax.features.backbones import on_host
+from fusion_jax.host import on_host
 
 place = sys.argv[1]
 if place not in ("default", "host"):

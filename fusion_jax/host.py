@@ -1,0 +1,26 @@
+"""`on_host`: jax work that belongs on the host's CPU whatever device computes the sweep."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+
+
+@contextlib.contextmanager
+def on_host() -> Iterator[None]:
+    """Run the jax operations inside on the host's CPU, where jax has one.
+
+    For eager op-by-op work (the HF Flax classes initialise their weights so: hundreds of ops even for a
+    tiny model, each compiling in milliseconds on a CPU, far slower on a GPU) and for FLOP counts (XLA's
+    GPU cost analysis leaves out the matmuls it hands to cuBLAS). On a CPU-only machine nothing changes;
+    elsewhere random weights come out as such a machine draws them. Arrays made inside are uncommitted:
+    a jitted call moves them to its device.
+    """
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
+        host = None
+    with jax.default_device(host) if host is not None else contextlib.nullcontext():
+        yield

@@ -1,0 +1,23 @@
+"""Where a run's compilation time goes, from its JAX_LOG_COMPILES log: XLA compilation seconds summed by
+program name (the eager ops that `on_host` moves show as their primitive's name), and the wall-clock span of
+the log. Usage: python results/gpu-tests/compiles.py LOG [TOP]"""
+import collections
+import datetime
+import re
+import sys
+
+stamp = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+)")
+done = re.compile(r"Finished XLA compilation of (\S+) in ([\d.e-]+) sec")
+seconds, count, times = collections.Counter(), collections.Counter(), []
+for line in open(sys.argv[1], errors="replace"):
+    if m := stamp.match(line):
+        times.append(datetime.datetime.strptime(m[2], "%H:%M:%S.%f"))
+    if m := done.search(line):
+        seconds[m[1]] += float(m[2])
+        count[m[1]] += 1
+total = sum(seconds.values())
+span = (times[-1] - times[0]).total_seconds() if times else 0.0
+print(f"{sum(count.values())} XLA compilations, {total:.1f} s in all, over a logged span of {span:.1f} s")
+print(f"{'program':<60} {'count':>5} {'seconds':>8}")
+for name, s in seconds.most_common(int(sys.argv[2]) if len(sys.argv) > 2 else 25):
+    print(f"{name[:60]:<60} {count[name]:>5} {s:>8.2f}")
