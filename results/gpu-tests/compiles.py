@@ -1,15 +1,17 @@
 """Where a run's compilation time goes, from its JAX_LOG_COMPILES log: XLA compilation seconds summed by
 program name (the eager ops that `on_host` moves show as their primitive's name), and the wall-clock span of
-the log. Usage: python results/gpu-tests/compiles.py LOG [TOP]"""
+the log. Usage: python results/gpu-tests/compiles.py LOG [TOP] (LOG may be gzipped: name.gz)"""
 import collections
 import datetime
+import gzip
 import re
 import sys
 
 stamp = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+)")
 done = re.compile(r"Finished XLA compilation of (\S+) in ([\d.e-]+) sec")
 seconds, count, times = collections.Counter(), collections.Counter(), []
-for line in open(sys.argv[1], errors="replace"):
+opener = gzip.open if sys.argv[1].endswith(".gz") else open
+for line in opener(sys.argv[1], "rt", errors="replace"):
     if m := stamp.match(line):
         times.append(datetime.datetime.strptime(m[2], "%H:%M:%S.%f"))
     if m := done.search(line):
