@@ -89,7 +89,7 @@ def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setti
     import jax
     import jax.numpy as jnp
 
-    from fusion_jax import bench, xla_cache
+    from fusion_jax import bench_markdown, xla_cache
 
     before = jax.config.jax_compilation_cache_dir
     x = jnp.arange(8.0)
@@ -100,9 +100,9 @@ def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setti
             jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
     assert first == {"hits": 0, "misses": 1} and second == {"hits": 1, "misses": 0}
     assert jax.config.jax_compilation_cache_dir == before
-    note = lambda hits, misses: bench._cache_note({"dir": str(tmp_path), "hits": hits, "misses": misses})
+    note = lambda hits, misses: bench_markdown._cache_note({"dir": str(tmp_path), "hits": hits, "misses": misses})
     assert "cold" in note(0, 3) and "warm: " in note(3, 0) and "partly warm" in note(1, 2)
-    assert "none of its programs" in note(0, 0) and bench._cache_note({"dir": None}) == ""
+    assert "none of its programs" in note(0, 0) and bench_markdown._cache_note({"dir": None}) == ""
 
 
 def test_median_run_and_bad_repeats():
