@@ -272,6 +272,9 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                   for k, (method, noisy) in sorted(kinds.items())}
     forward = {m: cost.forward_flops_per_sample(m, g.dim, g.dim, config) for m in g.methods}
     peak = matmul_peak(g.matmul_size)
+    if cost.counting_platform() != "cpu":
+        log(f"warning: jax has no CPU backend here (JAX_PLATFORMS), so the FLOP counts compile for "
+            f"{cost.counting_platform()}, whose cost analysis may leave out library matmuls (cuBLAS): they may read low")
     log(f"matmul peak ({g.matmul_size}^2 float32, jax): {peak['gflops']:.1f} GFLOP/s; training FLOPs per step "
         f"and run: " + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in step_flops.items()))
 
@@ -310,7 +313,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
                  "runs": sum(len(x.runs) for x in groups), "batch_size": config.train.batch_size,
                  "learning_rate": config.train.learning_rate, "noise_backbone": g.backbones[0]},
         "flops": {"train_step_per_run": step_flops, "forward_per_sample": forward,
-                  "source": "XLA cost_analysis of one training step compiled for the host CPU "
+                  "platform": cost.counting_platform(),
+                  "source": f"XLA cost_analysis of one training step compiled for {cost.counting_platform()} "
                             "(fusion_jax.cost.train_step_flops)"},
         "matmul_peak": {"before": peak, "after": peak_after, "gflops": peak_gflops, "jax_devices": jax_devices},
         "matmul_precision": matmul_precision(jax.devices()[0].platform),

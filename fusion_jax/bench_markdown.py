@@ -78,7 +78,10 @@ def markdown(r: dict) -> str:
                      f"{a['compile_s']:.2f} | {a['wait_s']:.2f} | {a['train_s']:.2f} | {b['wall_s']:.2f}"
                      f"{' (est.)' if b.get('estimated') else ''} |")
     executed = sum(x["executed_flops"] for x in j["groups"]) / j["train_flops"]
-    lines += ["", "FLOPs: XLA's cost analysis of one training step compiled for the host CPU, per run "
+    counted = r["flops"].get("platform", "cpu")
+    counted = ("the host CPU" if counted == "cpu" else f"{counted} (jax had no CPU backend; its cost analysis may "
+               "leave out library matmuls, so the counts may read low)")
+    lines += ["", f"FLOPs: XLA's cost analysis of one training step compiled for {counted}, per run "
               + ", ".join(f"{m} {f / 1e6:.1f} M" for m, f in r["flops"]["train_step_per_run"].items())
               + " (forward, backward, AdamW, gather, and the noise draw where a group has a nonzero level), times "
               "each run's steps; the same count for both "

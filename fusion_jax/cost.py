@@ -30,9 +30,18 @@ def _get(config: Any, section: str, name: str) -> Any:
     return config[section][name]
 
 
+def counting_platform() -> str:
+    """Where `host_flops` compiles: "cpu", or the default device's platform where jax has no CPU backend
+    (JAX_PLATFORMS leaves it out; on a GPU the counts then leave out cuBLAS's matmuls)."""
+    try:
+        return jax.local_devices(backend="cpu")[0].platform
+    except RuntimeError:
+        return jax.devices()[0].platform
+
+
 def host_flops(f: Callable, *args: Any) -> float:
-    """The "flops" of XLA's cost analysis of jit(f) compiled for the host's CPU on `args` (shapes; a dict or a
-    list of dicts: summed)."""
+    """The "flops" of XLA's cost analysis of jit(f) on `args` (shapes), compiled for the host's CPU
+    (`counting_platform`); the analysis, a dict or a list of dicts, is summed."""
     with on_host():
         compiled = jax.jit(f).lower(*args).compile()
     analysis = compiled.cost_analysis()

@@ -12,9 +12,9 @@ import jax
 def on_host() -> Iterator[None]:
     """Run the jax operations inside on the host's CPU, where jax has one.
 
-    For eager op-by-op work (the HF Flax classes initialise their weights so: hundreds of ops even for a
-    tiny model, each compiling in milliseconds on a CPU, far slower on a GPU) and for FLOP counts (XLA's
-    GPU cost analysis leaves out the matmuls it hands to cuBLAS). On a CPU-only machine nothing changes;
+    For eager op-by-op work (the HF Flax classes initialise their weights so: hundreds of one-op programs
+    even for a tiny model, each compiled apart, faster on a CPU than for a GPU) and for FLOP counts
+    (XLA's GPU cost analysis leaves out the matmuls it hands to cuBLAS). On a CPU-only machine nothing changes;
     elsewhere random weights come out as such a machine draws them. Arrays made inside are uncommitted:
     a jitted call moves them to its device.
     """

@@ -425,16 +425,21 @@ def forward_flops(results: dict) -> tuple[dict[tuple[str, str], float | None], s
                   "counted, padding included: " + "; ".join(
                       f"{b} " + ", ".join(f"{side} {n or 'pooled'}" for side, n in zip(("image", "text"), c))
                       for b, c in known.items()) + ")" + (" and [batch, d] for pooled ones" if pooled else ""))
-    how = (f"XLA's cost analysis ('flops') of the head's eval-mode forward pass compiled for the host CPU, on {inputs}, "
+    try:
+        from fusion_jax.cost import counting_platform, forward_flops_per_sample
+        platform, missing = counting_platform(), None
+    except ImportError as e:
+        platform, missing = "cpu", e
+    where = ("the host CPU" if platform == "cpu" else f"{platform} (jax has no CPU backend here; its cost analysis may "
+             "leave out library matmuls, so these may read low)")
+    how = (f"XLA's cost analysis ('flops') of the head's eval-mode forward pass compiled for {where}, on {inputs}, "
            "divided by the batch size (`fusion_jax.cost.forward_flops_per_sample`), not counted by hand; on pooled "
            "inputs XLA drops `cross`'s query and key projections, which attention over a single key does not read")
     if unknown := [b for b, c in counts.items() if c is None]:
         how += (f" ({', '.join(unknown)}: trained on token features, but this results.json does not record their "
                 "token counts, so the FLOPs are for pooled inputs)")
-    try:
-        from fusion_jax.cost import forward_flops_per_sample
-    except ImportError as e:
-        return {}, f"{how}; n/a here: fusion_jax.cost is not available ({e})"
+    if missing:
+        return {}, f"{how}; n/a here: fusion_jax.cost is not available ({missing})"
     out, errors, shapes = {}, {}, {}  # shapes: one compilation per (method, dims, token counts)
     for b, m in sorted({(r["backbone"], r["method"]) for r in results["runs"]}):
         dims = feature_dims(results, b)

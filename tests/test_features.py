@@ -437,11 +437,16 @@ trained, _, _ = em.fit(lambda p, state, data, key: (((p["w"] - data) ** 2).sum()
                        0, "test")
 import jax.stages
 from fusion_jax import cost
+import importlib.util
+spec = importlib.util.spec_from_file_location("synthetic_config", "configs/synthetic.py")
+synthetic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(synthetic)
 counted, analyse = [], jax.stages.Compiled.cost_analysis
 jax.stages.Compiled.cost_analysis = lambda self: counted.extend(
-    d.id for s in jax.tree.leaves(self.input_shardings) for d in s.device_set) or analyse(self)
-config = {"head": {"hidden": 8, "mlp_hidden": 8, "num_heads": 2}, "train": {"dropout": 0.0}}
+    (d.platform, d.id) for s in jax.tree.leaves(self.input_shardings) for d in s.device_set) or analyse(self)
+config = synthetic.get_config("smoke")
 cost.forward_flops_per_sample("cross", 8, 8, config, batch=2, image_tokens=3, text_tokens=2)
+cost.train_step_flops(config, "cross", 8, 8, tokens=3)
 print(inits)
 print(sorted(d.id for d in trained["w"].devices()))
 print(sorted(set(counted)))
@@ -449,7 +454,7 @@ print(sorted(set(counted)))
 
 
 def test_tiny_models_initialise_on_the_host_and_train_on_the_default_device(tmp_path):
-    """The HF classes' op-by-op initialisation runs on the host CPU (`on_host`: each op compiles far slower
+    """The HF classes' op-by-op initialisation runs on the host CPU (`on_host`: each op compiles slower
     on a GPU) in each tiny-model trainer and for checkpoints saved from PyTorch; weights made there train on
     the default device, here another CPU device standing in for an accelerator. FLOP counts compile for the
     host too (XLA's GPU cost analysis leaves out cuBLAS calls)."""
@@ -459,7 +464,7 @@ def test_tiny_models_initialise_on_the_host_and_train_on_the_default_device(tmp_
     inits, trained, counted = proc.stdout.strip().splitlines()[-3:]
     assert inits == str([[0]] * 4)  # the tiny CLIP, ResNet, BERT, and a PyTorch-format BERT: on CPU 0, the host
     assert trained == str([1])  # weights made on the host train on the default device
-    assert counted == str([0])
+    assert counted == str([("cpu", 0)])  # both FLOP counts, on the host's CPU 0
 
 
 def test_a_local_model_is_keyed_by_its_files_not_its_path_or_times(tmp_path):

@@ -318,7 +318,8 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
         calls.append((method, d_v, d_t, config["head"]["hidden"], image_tokens, text_tokens))
         return 1000.0 if method == "concat" else 750.0
 
-    monkeypatch.setitem(sys.modules, "fusion_jax.cost", types.SimpleNamespace(forward_flops_per_sample=fake_flops))
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", types.SimpleNamespace(
+        forward_flops_per_sample=fake_flops, counting_platform=lambda: "cpu"))
     md, rows = tables.table3(fake_results("flickr8k", ("clip",), dims=(512, 384)))
     assert sorted(set(calls)) == [("concat", 512, 384, 256, 0, 0), ("cross", 512, 384, 256, 0, 0)]
     ours = {r["method"]: r for r in rows if r["source"] == "ours"}
@@ -346,6 +347,15 @@ def test_table3_counts_flops_on_the_token_inputs_results_json_records():
     flops, note = tables.forward_flops(results)
     assert "padding included: aligned image 5, text pooled; unaligned image 4, text 4) and [batch, d] for pooled" in note
     assert flops[("unaligned", "cross")] > 3 * pooled[("unaligned", "cross")] and "does not record" not in note
+
+
+def test_table3_says_where_flops_were_counted_without_a_cpu_backend(monkeypatch):
+    """FLOPs compile for the host CPU; where jax has none (JAX_PLATFORMS), the note names the platform used."""
+    from fusion_jax import cost
+
+    assert "compiled for the host CPU" in tables.forward_flops(fake_results())[1]
+    monkeypatch.setattr(cost, "counting_platform", lambda: "gpu")
+    assert "compiled for gpu (jax has no CPU backend here" in tables.forward_flops(fake_results())[1]
 
 
 def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeypatch):

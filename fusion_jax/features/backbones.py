@@ -109,8 +109,9 @@ def _load(cls, model: str, revision: str | None, weights: str) -> tuple:
 
     Flax weights load without the random initialisation that from_pretrained otherwise runs op by
     op before overwriting every weight (seconds even for a tiny CLIP on a CPU). Weights the
-    checkpoint lacks are initialised as from_pretrained does (randomly, by the same op-by-op init on
-    the host, `on_host`, so to the same bits) and named in a warning. PyTorch weights take
+    checkpoint lacks are initialised randomly by from_pretrained's own op-by-op init, run on the host
+    (`on_host`): the bits from_pretrained gives them on the host CPU (a GPU's draw can differ in the
+    last bit), and named in a warning. PyTorch weights take
     from_pretrained's own path, on the host too (its
     conversion reads the initialised model): from model.safetensors without torch where there is one,
     which transformers takes only when it is not asked for PyTorch weights (then it reads

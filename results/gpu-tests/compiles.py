@@ -13,7 +13,10 @@ seconds, count, times = collections.Counter(), collections.Counter(), []
 opener = gzip.open if sys.argv[1].endswith(".gz") else open
 for line in opener(sys.argv[1], "rt", errors="replace"):
     if m := stamp.match(line):
-        times.append(datetime.datetime.strptime(m[2], "%H:%M:%S.%f"))
+        t = datetime.datetime.strptime(m[2], "%H:%M:%S.%f")
+        while times and t < times[-1] - datetime.timedelta(hours=12):  # past midnight
+            t += datetime.timedelta(days=1)
+        times.append(t)
     if m := done.search(line):
         seconds[m[1]] += float(m[2])
         count[m[1]] += 1

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One call on a lent GPU machine after run.sh's first H100 run (nvidia-h100-suite.log): first the tests that
-# failed there, were left unfinished or came after it; then `backbones.on_host` on the GPU
+# failed there, were left unfinished or came after it; then `on_host` on the GPU
 # (results/init_on_host/run.sh: the tiny models' construction, and configs/demo.py:smoke before and after
 # on_host); then the rest of the suite in the time left.
 # Writes $OUT/gpu.log, $OUT/first.log, $OUT/init_on_host.log, $OUT/rest.log. Needs the wheels (setup.sh).
@@ -17,9 +17,10 @@ timeout -s KILL 150 python3 -m pytest -v -rfEs -p no:cacheprovider -m "" $parall
 echo "== on_host ($(left) s left)"
 timeout -s KILL $(( $(left) - 70 )) bash results/init_on_host/run.sh $OUT/init_on_host.log
 echo "== the rest of the suite ($(left) s left)"
+mapfile -t features < <(python3 -m pytest -q --collect-only -p no:cacheprovider -m "" tests/test_features.py 2>/dev/null \
+  | grep :: | grep -vxF "$smoke")
+deselect=(); for t in "${first[@]:2}" "${features[@]}"; do deselect+=(--deselect "$t"); done
 timeout -s KILL $(( $(left) - 5 )) python3 -m pytest -v -rfEs -p no:cacheprovider -m "" $parallel $pertest --tb=short --durations=20 \
-  tests --ignore=tests/test_npz.py $(printf -- "--deselect %s " "${first[@]:2}") \
-  $(python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_features.py 2>/dev/null | grep :: | grep -v "$smoke" | sed "s/^/--deselect /") \
-  2>&1 | tee $OUT/rest.log | grep -E "FAIL|ERROR|passed|failed|s call|Error"
+  tests --ignore=tests/test_npz.py "${deselect[@]}" 2>&1 | tee $OUT/rest.log | grep -E "FAIL|ERROR|passed|failed|s call|Error"
 date -u
 } 2>&1 | tee $OUT/gpu.log

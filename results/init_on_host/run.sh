@@ -1,5 +1,5 @@
 #!/bin/bash
-# The HF Flax classes' op-by-op initialisation, and `backbones.on_host` (commit e809937), on this machine.
+# The HF Flax classes' op-by-op initialisation, and `on_host` (commit e809937; `fusion_jax.host` since b6d9681), on this machine.
 # Usage, from the checkout's root with its environment active: bash results/init_on_host/run.sh LOG [BEFORE]
 # 1. How many programs each of the demo's tiny models compiles while it is constructed (eager ops), and how
 #    long that takes, on jax's default device and inside on_host (construct.py; added after the CPU log).
