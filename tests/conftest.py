@@ -44,7 +44,11 @@ def host_devices(n: int) -> dict:
 
 @pytest.fixture
 def smoke_config():
-    return load_config("synthetic", "smoke")
+    """configs/synthetic.py:smoke without the report's t-SNE (about a second of each sweep here; the
+    session's `smoke_sweep` and the tests that look at the t-SNE keep it)."""
+    config = load_config("synthetic", "smoke")
+    config.tsne_pairs = 0
+    return config
 
 
 @pytest.fixture(autouse=True, scope="session")
