@@ -156,5 +156,7 @@ class GroupCheckpoints:
 
     @_writes
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+        finally:  # a failed background save raises here: the manager's threads close all the same
+            self._manager.close()

@@ -383,7 +383,9 @@ class CompiledAhead:
     put on the devices once. Ask in the groups' order: `program(i)` waits for group i's init and
     train_epoch (and raises what the build raised: NonFinite for bad features); the build's thread
     then compiles its evaluate (a `Later`) before the next build. Groups of the same shapes share
-    their programs (`programs`, a ProgramCache). `data(program)` gives its features."""
+    their programs (`programs`, a ProgramCache). `data(program)` gives its features. The builds take
+    the float32 matmul precision in force where this is made (`jax.default_matmul_precision` sets it for
+    one thread only), and a build that fails names its group."""
 
     def __init__(self, config: ml_collections.ConfigDict, groups: list[Group], features: dict[str, FeatureSet],
                  workers: int):
@@ -392,20 +394,23 @@ class CompiledAhead:
         self._futures = [handover for *_, handover in jobs]
         self.programs = ProgramCache()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
+        self._closing, precision = threading.Event(), jax.config.jax_default_matmul_precision
         for g, fs, handover in jobs:
-            self._pool.submit(self._build, config, g, fs, mesh, handover, self.programs)
+            self._pool.submit(self._build, config, g, fs, mesh, handover, precision)
 
-    @staticmethod
-    def _build(config, group, features, mesh, handover: concurrent.futures.Future, programs: ProgramCache) -> None:
+    def _build(self, config, group, features, mesh, handover: concurrent.futures.Future, precision) -> None:
         if not handover.set_running_or_notify_cancel():
             return
-        try:
-            program = build_program(config, group, features, mesh, evaluate_later=True, programs=programs)
-        except BaseException as e:
-            handover.set_exception(e)
-            return
-        handover.set_result(program)
-        program.evaluate.compile()
+        with jax.default_matmul_precision(precision):
+            try:
+                program = build_program(config, group, features, mesh, evaluate_later=True, programs=self.programs)
+            except BaseException as e:
+                e.add_note(f"fusion_jax: while building the programs of group {group.name}")
+                handover.set_exception(e)
+                return
+            handover.set_result(program)
+            if not self._closing.is_set():  # after an error or a stop, its group will not evaluate
+                program.evaluate.compile()
 
     def program(self, i: int) -> GroupProgram:
         future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
@@ -426,6 +431,7 @@ class CompiledAhead:
     def __exit__(self, *exc) -> None:
         # Builds not started are dropped; those in progress (after an error, up to one per worker)
         # are waited for, so no compilation outlives the sweep that asked for it.
+        self._closing.set()
         for future in self._futures:
             if future is not None:
                 future.cancel()

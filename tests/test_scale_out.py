@@ -139,6 +139,20 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     again.close()
 
 
+def test_a_checkpoint_close_whose_wait_fails_still_closes_the_manager(tmp_path, monkeypatch):
+    """A failed background save raises from close's wait; Orbax's manager (its threads) is closed all the same."""
+    from fusion_jax.checkpoint import GroupCheckpoints
+    from fusion_jax.validate import ConfigError
+
+    ckpt = GroupCheckpoints(str(tmp_path / "c"), keep=2)
+    closed, close = [], ckpt._manager.close
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", lambda: (_ for _ in ()).throw(OSError(28, "No space")))
+    monkeypatch.setattr(ckpt._manager, "close", lambda: closed.append(1) or close())
+    with pytest.raises(ConfigError, match="No space"):
+        ckpt.close()
+    assert closed == [1]
+
+
 def test_a_workdir_mended_by_hand_is_refused_naming_what_not_mixed_into(smoke_config, tmp_path):
     """Between attempts a workdir's state files may be edited or removed by hand: a group's record of other
     runs, a sweep.json gone from a sweep that has trained, a damaged one. Each is refused in one line

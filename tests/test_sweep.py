@@ -165,6 +165,38 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
     assert len(builds) <= 1  # the one worker's build in progress at most; the other three never start
 
 
+def test_compiled_ahead_builds_at_the_callers_matmul_precision_and_names_a_group_that_fails(monkeypatch):
+    """`jax.default_matmul_precision` holds in its own thread only: the compile threads take the caller's.
+    A build that fails (not for NaN features) raises its own error with a note naming its group."""
+    from fusion_jax import bench
+    import fusion_jax.groups as groups_lib
+
+    grid = bench.GRIDS["tiny"]
+    config = bench.bench_config(grid)
+    groups = plan(config)[:2]
+    features = {b: bench.bench_features(grid, b) for b in config.backbones}
+    texts, cache_call = [], groups_lib.ProgramCache.__call__
+    monkeypatch.setattr(groups_lib.ProgramCache, "__call__",
+                        lambda self, lowered, *a, **k: texts.append(lowered.as_text()) or cache_call(self, lowered, *a, **k))
+    with jax.default_matmul_precision("highest"):
+        with CompiledAhead(config, groups[:1], features, 1) as ahead:
+            ahead.program(0).evaluate.compile()
+    assert len(texts) >= 3 and all("HIGHEST" in t for t in texts if "dot_general" in t)  # init, train, evaluate
+    build = groups_lib.build_program
+
+    def failing(config, group, *a, **k):
+        if group.name == groups[1].name:
+            raise MemoryError("RESOURCE_EXHAUSTED while compiling")
+        return build(config, group, *a, **k)
+
+    monkeypatch.setattr(groups_lib, "build_program", failing)
+    with CompiledAhead(config, groups, features, 1) as ahead:
+        ahead.program(0)
+        with pytest.raises(MemoryError) as error:
+            ahead.program(1)
+    assert f"fusion_jax: while building the programs of group {groups[1].name}" in error.value.__notes__
+
+
 def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types():
     """Two programs of one text (the second argument unread) but other argument shapes do not share."""
     import jax.numpy as jnp
