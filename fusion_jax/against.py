@@ -17,6 +17,15 @@ def _changes(before: dict, after: dict) -> str:
     return "; ".join(f"`{k}` {json.dumps(before.get(k))} → {json.dumps(after.get(k))}" for k in keys) or "none"
 
 
+def _noised_shape(results: dict, backbone: str) -> list:
+    """What σ is measured against on a backbone's noised features: each degraded side's dims and whether it
+    holds token states (the noise, normalize(v + σz), has about σ·√d of length on d dims)."""
+    prov = (results.get("backbones") or {}).get(backbone, {})
+    modality = (results["config"].get("degradation") or {}).get("modality", "image")
+    return [(prov.get(f"dim_{side}"), bool(prov.get("tokens")))
+            for side in (("image", "text") if modality == "both" else (modality,))]
+
+
 def against_markdown(results: dict, other: dict, name: str, other_name: str, command: str) -> str:
     """`results` (sweep `name`) against `other`: their config and feature differences, each backbone's
     accuracy shifts over the cells both hold, who is ahead in each comparison (`tables.favoured`) in both,
@@ -30,8 +39,13 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
     noise = [{k: (r["config"].get("degradation") or {}).get(k, default) for k, default in
               (("kind", "gaussian"), ("modality", "image"))} for r in (other, results)]
-    same_noise = lambda k: k[-1] == 0 or noise[0] == noise[1]  # σ 0.3 on the text is not σ 0.3 on the images
+    # σ 0.3 on the text is not σ 0.3 on the images, nor on 64 dims what it is on 512.
+    rescaled = sorted({b for b, *_ in mine} & {b for b, *_ in theirs}
+                      if noise[0] != noise[1] else
+                      {b for b in shared_backbones if _noised_shape(other, b) != _noised_shape(results, b)})
+    same_noise = lambda k: k[-1] == 0 or k[0] not in rescaled
     shared = [k for k in mine if k in theirs and same_noise(k)]
+    unlike = sorted({k[0] for k in mine if k in theirs and not same_noise(k)})  # noisy cells both hold, apart
     pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values
     lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
              f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
@@ -41,6 +55,9 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     for note in ([f"Cells only in {n}: {c}." for n, c in only if c]
                  + ([f"Cells with noise are not compared: the noise differs ({_changes(*noise)})."]
                     if noise[0] != noise[1] else [])
+                 + ([f"Cells with noise of {', '.join(unlike)} are not compared: the noised features' dims or "
+                     "token states differ, and σ is not the same amount of noise on them."]
+                    if unlike and noise[0] == noise[1] else [])
                  + [f"Failed groups in {n}: {', '.join(f['group'] for f in r['failed_groups'])}."
                     for n, r in ((other_name, other), (name, results)) if r.get("failed_groups")]):
         lines += ["", note]

@@ -134,10 +134,6 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _pct(mean: float, std: float | None) -> str:
-    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
-
-
 def answer(results: dict) -> list[str]:
     """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
     verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
@@ -180,7 +176,7 @@ def answer(results: dict) -> list[str]:
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
         below = {c["scale"]: [m for m in ("concat", "cross") if (s := cells.get((b, m, c["scale"], 0.0)))
-                              and s["accuracy_mean"] <= s["majority_baseline_mean"]] for c in clean}
+                              and not s["accuracy_mean"] > s["majority_baseline_mean"]] for c in clean}
         idle = [sc for sc, ms in below.items() if len(ms) == 2]
         unlearned = (f" **At {', '.join(map(str, idle))} pairs neither head beats the majority-class baseline**: "
                      "nothing was learned there, so no verdict means anything (more pairs or epochs?)."
@@ -255,9 +251,9 @@ def summary_markdown(results: dict) -> str:
     for r in results["summary"]:
         d = r["degradation"]
         lines.append(f"| {r['backbone']} | {r['method']} | {r['scale']} | {d['kind']} {d['level']:g} | "
-                     f"{_pct(r['accuracy_mean'], r['accuracy_std'])} | {100 * r['majority_baseline_mean']:.1f} | "
-                     f"{_pct(r['f1_mean'], r['f1_std'])} | {_pct(r['precision_mean'], r['precision_std'])} | "
-                     f"{_pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
+                     f"{tables.pct(r['accuracy_mean'], r['accuracy_std'])} | {tables.pct(r['majority_baseline_mean'])} | "
+                     f"{tables.pct(r['f1_mean'], r['f1_std'])} | {tables.pct(r['precision_mean'], r['precision_std'])} | "
+                     f"{tables.pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
     if results.get("failed_groups"):
         lines += ["", "## Failed groups (not in the tables above)", ""]
         lines += [f"- `{f['group']}`: {f['error']}" for f in results["failed_groups"]]
@@ -291,7 +287,7 @@ def summary_markdown(results: dict) -> str:
             d, p = c["degradation"], c["p_value"]
             verdict = tables.verdict(c["concat_minus_cross"], p, c["n_seeds"])
             lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
-                         f"{100 * c['concat_minus_cross']:+z.1f} | {tables.p_text(p)} | {verdict} |")
+                         f"{tables.points_text(c['concat_minus_cross'], p, c['n_seeds'])} | {tables.p_text(p)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,6 +96,17 @@ def one_decimal(v: float) -> str:
     return f"{v:.1f}" if abs(v) >= 0.05 or v == 0 else np.format_float_positional(v, precision=2, fractional=False)
 
 
+def points_text(diff: float | None, p: float | None = None, n_seeds: int = 0) -> str:
+    """A concat − cross difference (a fraction) as signed points with one decimal ('+2.8', '+0.0' for a
+    tiny gap, never '-0.0'); a significant one as the verdict writes it (`one_decimal`: '+0.037', not
+    '+0.0' beside "concat +0.037"); '–' for none or not a number."""
+    if diff is None or not math.isfinite(diff):
+        return "–"
+    if favoured(diff, p, n_seeds):
+        return ("-" if diff < 0 else "+") + one_decimal(abs(100 * diff))
+    return f"{100 * diff:+z.1f}"
+
+
 def p_text(p: float | None) -> str:
     """A p-value for a table cell: 3 significant digits, more where 3 would round it across ALPHA
     (0.04996 is not written "0.05" beside a significant verdict)."""
@@ -281,7 +292,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         md_rows.append(["ours", data, s["backbone"], s["scale"], s["method"], pct(s["accuracy_mean"], s["accuracy_std"]),
                         pct(s["majority_baseline_mean"]), pct(s["f1_mean"], s["f1_std"]),
                         pct(s["precision_mean"], s["precision_std"]), pct(s["recall_mean"], s["recall_std"]),
-                        s["n_seeds"], "–" if diff is None else f"{100 * diff:+z.1f}", p_text(p), verdict_text])
+                        s["n_seeds"], points_text(diff, p, n), p_text(p), verdict_text])
         row = {"block": "ours", "source": "ours", "data": data, "backbone": s["backbone"], "scale": s["scale"],
                "method": s["method"], "majority_baseline_pct": _round(s["majority_baseline_mean"])}
         for m in ("accuracy", "f1", "precision", "recall"):
@@ -344,7 +355,8 @@ def table2(results: dict) -> tuple[str, list[dict]]:
             words = verdict(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
             md_rows.append(["ours", data, b, sc, f"{lv:g}", pct(cc["accuracy_mean"], cc["accuracy_std"]),
                             pct(cr["accuracy_mean"], cr["accuracy_std"]), pct(cc["majority_baseline_mean"]),
-                            (f"{100 * c['concat_minus_cross']:+z.1f}" + ("" if d_std is None else f" ± {100 * d_std:.1f}")),
+                            (points_text(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
+                             + ("" if d_std is None or not math.isfinite(d_std) else f" ± {100 * d_std:.1f}")),
                             p_text(c["p_value"]), words])
             csv_rows.append({"block": "ours", "source": "ours", "data": data, "backbone": b, "scale": sc, "sigma": lv,
                              "concat_mean_pct": _round(cc["accuracy_mean"]), "concat_std_pct": _round(cc["accuracy_std"]),

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from fusion_jax import figures, paper, tables
+from fusion_jax import figures, paper, report, tables
 from fusion_jax.data.dataset import STANDIN_NAME
 from fusion_jax.report import answer, compare, render_report, summarize, summary_markdown
 
@@ -593,6 +593,34 @@ def test_cli_without_results_exits_2(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == ("fusion_jax.report: error: --workdir=DIR is required: a "
                                                             "folder with a results.json (a finished sweep)")
+
+
+def test_against_compares_noisy_cells_only_on_features_of_the_same_shape():
+    """σ is not the same amount of noise on 64 dims as on 512 (nor on token states): such noisy cells are
+    left out of the comparison and said; the noise-free ones are compared."""
+    from fusion_jax.against import against_markdown
+
+    wide, narrow = fake_results(dims=(512, 512)), fake_results(dims=(64, 64))
+    md = against_markdown(narrow, wide, "b", "a", "cmd")
+    assert "Cells with noise of clip are not compared: the noised features' dims or token states differ" in md
+    assert "| clip | concat | 2048 | 0 |" in md and "| clip | concat | 2048 | 0.1 |" not in md
+    text_only = fake_results(dims=(512, 64))  # the images (the noised side) keep their dims
+    assert "| clip | concat | 2048 | 0.1 |" in against_markdown(text_only, wide, "b", "a", "cmd")
+    tokens = fake_results()
+    tokens["backbones"]["clip"]["tokens"] = True
+    assert "| clip | concat | 2048 | 0.1 |" not in against_markdown(tokens, wide, "b", "a", "cmd")
+
+
+def test_summary_and_tables_write_a_dash_for_nan_and_a_tiny_significant_gap_as_the_verdict_does(tmp_path):
+    """A NaN metric (a hand-edited or foreign results.json) is '–', not 'nan'; a significant gap under 0.05
+    points is written with two significant digits in the difference column too, not +0.0."""
+    results = fake_results(scales=(2048,), levels=(0.0,))
+    results["summary"][0]["accuracy_mean"] = float("nan")
+    results["comparisons"][0]["concat_minus_cross"], results["comparisons"][0]["p_value"] = 0.00037, 0.004
+    md = report.summary_markdown(results)
+    table1, _ = tables.table1(results)
+    assert "nan" not in md.lower() and "nan" not in table1.lower()
+    assert "+0.037" in table1 and "+0.0 " not in table1 and "+0.037" in md
 
 
 def test_against_another_sweep(tmp_path):
