@@ -248,6 +248,20 @@ def test_real_configs_fail_fast_without_data(name, tmp_path):
     assert "Traceback" not in proc.stderr and not workdir.exists()
 
 
+def test_a_safetensors_file_that_is_a_git_lfs_pointer_is_named_in_one_line(tmp_path):
+    from transformers import BertConfig, FlaxBertModel
+
+    from fusion_jax.data.dataset import DataUnavailableError
+    from fusion_jax.features import backbones
+
+    BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=16).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(DataUnavailableError, match=r"model.safetensors is not a safetensors file .*git-LFS pointer"
+                                                   r".*--config.backbone.resnet.text_model must be a folder"):
+        backbones._from_pretrained(FlaxBertModel, str(tmp_path), None, "text model", "backbone.resnet.text_model")
+
+
 def test_missing_model_is_named(tmp_path):
     proc = _main(["--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'out'}",
                   "--config.backbone.clip.model=no-such-org/no-such-clip"], {"FUSION_JAX_CACHE": str(tmp_path)})
@@ -482,6 +496,13 @@ def test_a_local_model_is_keyed_by_its_files_not_its_path_or_times(tmp_path):
     shutil.copytree(model, copy, copy_function=shutil.copyfile)  # fresh modification times
     os.utime(copy / "config.json", (1, 1))
     assert model_key(str(copy)) == key
+    for tool in (".cache/huggingface/download", ".git"):  # `hf download --local-dir` rewrites its metadata
+        (copy / tool).mkdir(parents=True)
+        (copy / tool / "config.json.metadata").write_text("a time")
+    assert model_key(str(copy)) == key
+    (copy / ".gitattributes").write_text("*.bin filter=lfs")  # a file beside the model's is the model's
+    assert model_key(str(copy))["model_files"] != key["model_files"]
+    os.remove(copy / ".gitattributes")
     (copy / "sub" / "weights.bin").write_bytes(bytes(range(255, -1, -1)) * 64)  # same size, other bytes
     assert model_key(str(copy))["model_files"] != key["model_files"]
     (copy / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -94,6 +95,18 @@ def test_load_image(root):
         assert image.dtype == np.uint8 and image.shape == (h, w, 3)
 
 
+def test_an_image_the_system_cannot_read_stops_the_run_instead_of_being_dropped_for_good():
+    """A decode failure drops the image (and the feature cache remembers it); an OSError with an errno
+    (permissions, a vanished file, an I/O error) is the system's, to mend: it stops the run, naming the file."""
+    def denied():
+        raise PermissionError(13, "Permission denied", "im3.jpg")
+
+    with pytest.raises(DataUnavailableError, match="cannot read image im3.jpg: Permission denied; mend that"):
+        flickr8k._decode("im3.jpg", denied)
+    with pytest.raises(BadImageError, match="UnidentifiedImageError"):
+        flickr8k._decode("im3.jpg", lambda: Image.open(io.BytesIO(b"not an image")))
+
+
 @pytest.mark.parametrize("pixels", [np.zeros((4, 4), np.uint16), np.zeros((4, 4), np.int32),
                                     np.zeros((4, 4), np.float32)])
 def test_images_of_more_than_8_bits_are_unreadable_not_clipped_white(pixels):
@@ -103,9 +116,11 @@ def test_images_of_more_than_8_bits_are_unreadable_not_clipped_white(pixels):
 
 
 def test_load_image_file_removed_after_load(root):
+    """A file gone since the folder was read stops the run (a rerun reads the folder again), rather than
+    being dropped as unreadable and remembered so by the feature cache."""
     ds = flickr8k.load_flickr8k_folder(root)
     os.remove(os.path.join(root, "Flicker8k_Dataset", ds.image_ids[0]))
-    with pytest.raises(BadImageError, match=ds.image_ids[0]):
+    with pytest.raises(DataUnavailableError, match=f"cannot read image .*{ds.image_ids[0]}: No such file"):
         ds.load_image(0)
 
 

@@ -78,7 +78,10 @@ def _unavailable(what: str) -> DataUnavailableError:
 
 
 def _decode(path: str, open_image: Callable[[], Any]) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of the image `open_image` returns; any failure becomes BadImageError."""
+    """uint8 [H, W, 3] RGB of the image `open_image` returns. A file that cannot be decoded becomes
+    BadImageError (dropped, and remembered as such by the feature cache); one the system cannot read
+    (an OSError with an errno: permissions, a file gone, a network file system's I/O error) stops the
+    run, since mending it must not leave the image dropped for good."""
     try:
         image = open_image()
         if image is None:
@@ -88,6 +91,9 @@ def _decode(path: str, open_image: Callable[[], Any]) -> np.ndarray:
                 raise ValueError(f"pixels of mode {image.mode} (16-bit, 32-bit or float), not 8-bit")
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except _DECODE_ERRORS as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise DataUnavailableError(f"cannot read image {path}: {e.strerror or e}; mend that (it is not "
+                                       "dropped as unreadable), then run the same command again") from e
         raise BadImageError(f"{path}: {type(e).__name__}: {e}") from e
 
 

@@ -137,8 +137,9 @@ def _load(cls, model: str, revision: str | None, weights: str) -> tuple:
 def _weights(model: str, revision: str | None) -> str:
     """Which weights `model` (a folder or a hub id) has, in transformers' order: "flax" (msgpack, one
     file or shards, or a model.safetensors saved from Flax), "safetensors" (saved from PyTorch) or
-    "pytorch" (anything else: from_pretrained then looks for pytorch_model.bin, or says what is missing)."""
-    from safetensors import safe_open
+    "pytorch" (anything else: from_pretrained then looks for pytorch_model.bin, or says what is missing).
+    A model.safetensors that cannot be read (a git-LFS pointer, a cut download) is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
     from transformers.utils import cached_file
 
     def path(name: str) -> str | None:
@@ -156,6 +157,9 @@ def _weights(model: str, revision: str | None) -> str:
             return "flax" if (f.metadata() or {}).get("format") == "flax" else "safetensors"
     except OSError:
         return "pytorch"
+    except SafetensorError as e:
+        raise ValueError(f"model.safetensors is not a safetensors file ({e}; a git-LFS pointer or a cut "
+                         "download?)") from e
 
 
 def _from_pretrained(cls, model: str, revision: str | None, what: str, field: str) -> tuple:
@@ -182,7 +186,10 @@ def load_flax_resnet(model: str, revision: str | None) -> tuple:
 
     field = "backbone.resnet.model"
     _check_kind(model, revision, "ResNet model", field, "resnet")
-    weights = _weights(model, revision)
+    try:
+        weights = _weights(model, revision)
+    except (OSError, ValueError) as e:
+        raise _missing("ResNet model", model, field, e) from e
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the bug's warning lists every block key
     try:
@@ -237,12 +244,14 @@ LOCAL_FOLDER = "<local folder>"
 def model_key(model: str, field: str = "model") -> dict:
     """How a cache key names a model: a hub id as itself; a local folder by its files (names, sizes and the
     SHA-256 of their bytes, about a second per GB), not by its path or times, so a copied folder or a
-    reinstalled package keeps its features and a retrained model gets new ones."""
+    reinstalled package keeps its features and a retrained model gets new ones. Tools' own folders in it
+    (`.cache`, where `hf download --local-dir` rewrites its metadata on every call, and `.git`) are left
+    out."""
     if not os.path.isdir(model):
         return {field: model, f"{field}_files": None}
     h = hashlib.sha256()
     for root, dirs, files in os.walk(model, followlinks=True):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if d not in (".cache", ".git"))
         for f in sorted(files):
             path = os.path.join(root, f)
             h.update(f"{os.path.relpath(path, model)}:{os.path.getsize(path)}:{sha256(path)};".encode())

@@ -2,8 +2,8 @@
 
 An entry lives in `<root>/<label>-<hash of key>/`: `key.json` (what made it), `features.npz` and
 `features.sha256`. Extraction writes shards (`shards/<start>-<stop>.npz` + `.sha256`, items
-start..stop-1) as it goes, so an interrupted extraction resumes from its last shard, whatever batch
-size the rerun uses. A file whose hash does not match, or a shard or entry with the wrong number of
+start..stop-1) as it goes, so an interrupted extraction resumes from its last shard (with the same
+batch size: shards are named by their item ranges). A file whose hash does not match, or a shard or entry with the wrong number of
 items, is reported, deleted and rebuilt, never used. Processes that share the cache may extract the
 same entry at once: they take turns (a file lock on the entry) to read and write its shards and to
 join them, and the first to finish provides the entry to the others.
@@ -64,7 +64,7 @@ def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[st
         problem = f"cannot read it: {e}"
     log.warning("feature cache: %s is corrupt (%s); rebuilding it", path, problem)
     for p in (path, digest_path):
-        if os.path.exists(p):
+        with contextlib.suppress(FileNotFoundError):  # another process found it corrupt too
             os.unlink(p)
     return None
 
