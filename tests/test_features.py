@@ -40,6 +40,19 @@ def test_cache_is_reused(tmp_path):
     assert other.dir != cache.dir and other.load() is None
 
 
+def test_a_cache_entry_that_cannot_be_read_for_the_systems_reasons_is_kept(tmp_path, monkeypatch):
+    """EIO or a stale network handle while hashing an entry says nothing about the entry: raised, not deleted."""
+    from fusion_jax.features import cache
+
+    key = {"dataset": "d"}
+    extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t")
+    path = os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "features.npz")
+    monkeypatch.setattr(cache, "sha256", lambda p: (_ for _ in ()).throw(OSError(5, "Input/output error", p)))
+    with pytest.raises(OSError, match="Input/output error"):
+        FeatureCache(str(tmp_path), "t", key).load()
+    assert os.path.exists(path)
+
+
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
     key = {"dataset": "d"}
     extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t")
@@ -260,6 +273,20 @@ def test_a_safetensors_file_that_is_a_git_lfs_pointer_is_named_in_one_line(tmp_p
     with pytest.raises(DataUnavailableError, match=r"model.safetensors is not a safetensors file .*git-LFS pointer"
                                                    r".*--config.backbone.resnet.text_model must be a folder"):
         backbones._from_pretrained(FlaxBertModel, str(tmp_path), None, "text model", "backbone.resnet.text_model")
+
+
+def test_an_image_processor_of_another_kind_is_named_without_loading_advice(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from fusion_jax.data.dataset import DataUnavailableError
+    from fusion_jax.features import backbones
+
+    ViTImageProcessor().save_pretrained(tmp_path)
+    with pytest.raises(DataUnavailableError) as error:
+        backbones._image_processor(str(tmp_path), None, "CLIP model", "backbone.clip.model")
+    assert str(error.value).startswith(f"--config.backbone.clip.model: '{tmp_path}' has an unsupported image "
+                                       "processor ViTImageProcessor; expected one of")
+    assert "save_pretrained" not in str(error.value)
 
 
 def test_missing_model_is_named(tmp_path):

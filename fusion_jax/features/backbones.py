@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
-from fusion_jax.features.preprocess import ImagePreprocessor
+from fusion_jax.features.preprocess import ImagePreprocessor, UnsupportedProcessor
 from fusion_jax.files import sha256
 from fusion_jax.host import on_host
 
@@ -100,6 +100,8 @@ def _check_kind(model: str, revision: str | None, what: str, field: str, kind: s
 def _image_processor(model: str, revision: str | None, what: str, field: str) -> ImagePreprocessor:
     try:
         return ImagePreprocessor.from_pretrained(model, revision=revision)
+    except UnsupportedProcessor as e:  # loaded, but not one this package mirrors: no loading advice
+        raise DataUnavailableError(f"--config.{field}: {model!r} has an {e}") from e
     except (OSError, ValueError) as e:
         raise _missing(what, model, field, e) from e
 

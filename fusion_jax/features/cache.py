@@ -44,7 +44,9 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
 
 def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[str, np.ndarray] | None:
     """Arrays of `path` if its sha256 matches the one recorded (and, given `n`, each array has n
-    items); None (and both files gone) if not."""
+    items); None (and both files gone) if not. An error of the system's while reading (an OSError
+    with an errno other than a vanished file: EIO, a stale network handle, permissions) is raised as
+    it is, the entry kept: it may be good."""
     if not (os.path.exists(path) and os.path.exists(digest_path)):
         return None
     try:
@@ -61,6 +63,8 @@ def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[st
     except FileNotFoundError:
         return None  # removed meanwhile by a process that finished the same entry
     except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
         problem = f"cannot read it: {e}"
     log.warning("feature cache: %s is corrupt (%s); rebuilding it", path, problem)
     for p in (path, digest_path):

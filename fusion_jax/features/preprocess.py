@@ -56,6 +56,10 @@ def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return padded[max(0, top) : min(nh, top + height), max(0, left) : min(nw, left + width)]
 
 
+class UnsupportedProcessor(ValueError):
+    """A model's image processor is none that this module mirrors."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocessor:
     """uint8 RGB images -> float32 [batch, 3, H, W] pixel_values, as the model's own processor makes them."""
@@ -80,11 +84,12 @@ class ImagePreprocessor:
 
     @classmethod
     def from_processor(cls, processor: Any, num_threads: int | None = None) -> ImagePreprocessor:
-        """Settings of a loaded (slow) CLIPImageProcessor or ConvNextImageProcessor."""
+        """Settings of a loaded (slow) CLIPImageProcessor or ConvNextImageProcessor (UnsupportedProcessor
+        for others)."""
         names = [c.__name__ for c in type(processor).__mro__]
         kind = next((n for n in names if n in SUPPORTED), None)
         if kind is None:
-            raise ValueError(
+            raise UnsupportedProcessor(
                 f"unsupported image processor {type(processor).__name__}; expected one of {', '.join(SUPPORTED)} "
                 "(fast processors resize with torchvision: load with use_fast=False)"
             )
