@@ -173,6 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = config.distributed[field]
         _require(_finite(value) and value >= 1, f"distributed.{field}", f"{value!r} must be a finite number >= 1")
     d = config.distributed
+    if d.coordinator_address:
+        host, _, port = str(d.coordinator_address).rpartition(":")
+        _require(bool(host) and port.isdigit() and 1 <= int(port) <= 65535, "distributed.coordinator_address",
+                 f"{d.coordinator_address!r} must be HOST:PORT, the port from 1 to 65535")
     _require(_int(d.num_processes, 0), "distributed.num_processes",
              f"{d.num_processes!r} must be an integer >= 0 (0: one, or the cluster's count under SLURM)")
     _require(_int(d.process_id, -1) and (d.process_id < d.num_processes or d.num_processes == 0),

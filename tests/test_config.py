@@ -58,6 +58,8 @@ INVALID = [
     ("distributed.num_processes", -1, "distributed.num_processes", "integer >= 0"),
     ("distributed.coordinator_address", "127.0.0.1:1234", "distributed.num_processes", "whole sweep alone"),
     ("distributed.num_processes", 2, "distributed.coordinator_address", "HOST:PORT"),
+    ("distributed.coordinator_address", "myhost", "distributed.coordinator_address", "HOST:PORT"),
+    ("distributed.coordinator_address", "127.0.0.1:99999", "distributed.coordinator_address", "1 to 65535"),
 ]
 
 
