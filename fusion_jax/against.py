@@ -40,10 +40,8 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     noise = [{k: (r["config"].get("degradation") or {}).get(k, default) for k, default in
               (("kind", "gaussian"), ("modality", "image"))} for r in (other, results)]
     # σ 0.3 on the text is not σ 0.3 on the images, nor on 64 dims what it is on 512.
-    rescaled = sorted({b for b, *_ in mine} & {b for b, *_ in theirs}
-                      if noise[0] != noise[1] else
-                      {b for b in shared_backbones if _noised_shape(other, b) != _noised_shape(results, b)})
-    same_noise = lambda k: k[-1] == 0 or k[0] not in rescaled
+    same_noise = lambda k: k[-1] == 0 or (noise[0] == noise[1]
+                                          and _noised_shape(other, k[0]) == _noised_shape(results, k[0]))
     shared = [k for k in mine if k in theirs and same_noise(k)]
     unlike = sorted({k[0] for k in mine if k in theirs and not same_noise(k)})  # noisy cells both hold, apart
     pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fusion_jax.fusion import make_head
-from fusion_jax.host import on_host
+from fusion_jax.host import host_device, on_host
 from fusion_jax.train import make_train
 
 
@@ -33,10 +33,7 @@ def _get(config: Any, section: str, name: str) -> Any:
 def counting_platform() -> str:
     """Where `host_flops` compiles: "cpu", or the default device's platform where jax has no CPU backend
     (JAX_PLATFORMS leaves it out; on a GPU the counts then leave out cuBLAS's matmuls)."""
-    try:
-        return jax.local_devices(backend="cpu")[0].platform
-    except RuntimeError:
-        return jax.devices()[0].platform
+    return (host_device() or jax.devices()[0]).platform
 
 
 def host_flops(f: Callable, *args: Any) -> float:

@@ -8,6 +8,14 @@ from typing import Iterator
 import jax
 
 
+def host_device() -> jax.Device | None:
+    """The host's first CPU device, or None where jax has no CPU backend (JAX_PLATFORMS leaves it out)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def on_host() -> Iterator[None]:
     """Run the jax operations inside on the host's CPU, where jax has one.
@@ -18,9 +26,6 @@ def on_host() -> Iterator[None]:
     elsewhere random weights come out as such a machine draws them. Arrays made inside are uncommitted:
     a jitted call moves them to its device.
     """
-    try:
-        host = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out
-        host = None
+    host = host_device()
     with jax.default_device(host) if host is not None else contextlib.nullcontext():
         yield
