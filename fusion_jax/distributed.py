@@ -1,9 +1,11 @@
 """Multi-process sweeps: `jax.distributed` set-up, and which groups each process trains.
 
-Runs are independent, so processes need no collectives: group i of the plan goes to process
-i % process_count, each process trains its groups on its own devices and writes their results
+Runs are independent, so processes need no collectives: the i-th unfinished group of the plan goes to
+process i % process_count, each process trains its groups on its own devices and writes their results
 to the shared workdir, and process 0 waits for every group's file, then writes results.json.
-Before training, the processes tell each other whether their start-up worked (`checked_start`).
+Before training, the processes tell each other whether their start-up worked (`checked_start`);
+a process that fails while training tells the others, and all wait for each other before they exit
+(`failures_shared`, `wait_for_all`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def _refuse_a_taken_port(port: int, advice: str) -> None:
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # as gRPC binds: all addresses
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
+                # As gRPC's listener: a port whose connections linger (TIME-WAIT, ~60 s after a coordinator
+                # was killed) binds; one that a coordinator listens on does not.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
             return
         except OSError as e:
@@ -116,25 +121,71 @@ def local_device_ids() -> list[int] | None:
     return [] if alone or (visible is not None and len(visible.split(",")) == 1) else None
 
 
-_ends = itertools.count()
-
-
-def wait_for_all(count: int, timeout_seconds: float) -> None:
-    """With several processes, wait until every one has come here: a process that is done waits for the
-    others rather than exit (at JAX's shutdown barrier, where it would wait otherwise, its client gives
-    up after 5 minutes and aborts the process: results/multiprocess/)."""
-    if count == 1:
-        return
+def _client():
+    """The key-value store and barriers of jax.distributed (its coordination service)."""
     from jax._src import distributed as jax_distributed
 
-    jax_distributed.global_state.client.wait_at_barrier(f"fusion_jax/end/{next(_ends)}", int(timeout_seconds * 1000))
+    return jax_distributed.global_state.client
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".replace("\n", " ")[:2000]
+
+
+_end = 0  # one key space per sweep of this process: its end barrier and the failures while it trained
+
+
+def share_failure(index: int, count: int, error: BaseException) -> None:
+    """Tell the other processes that this one failed after its start-up (they finish their own groups, then
+    stop naming it: `peer_failures`)."""
+    if count > 1:
+        _client().key_value_set(f"fusion_jax/end/{_end}/failed/{index}", _one_line(error))
+
+
+def peer_failures(count: int) -> list[str]:
+    """'process I: <error>' for each process that has shared a failure in this sweep (`share_failure`)."""
+    if count == 1:
+        return []
+    entries = _client().key_value_dir_get(f"fusion_jax/end/{_end}/failed/")
+    return [f"process {i}: {error}" for i, error in sorted((int(k.rsplit("/", 1)[1]), v) for k, v in entries)]
+
+
+def wait_for_all(count: int, timeout_seconds: float) -> list[str]:
+    """With several processes, wait until every one has come here, and return `peer_failures`: a process that
+    is done, or has failed, waits for the others rather than exit (at JAX's shutdown barrier, where it would
+    wait otherwise, its client gives up after 5 minutes and aborts the process: results/multiprocess/; and a
+    process gone before the others are done makes JAX abort them once it misses its heartbeats)."""
+    global _end
+    if count == 1:
+        return []
+    _client().wait_at_barrier(f"fusion_jax/end/{_end}", int(timeout_seconds * 1000))
+    failures = peer_failures(count)
+    _end += 1
+    return failures
 
 
 class PeerFailed(RuntimeError):
-    """Another process of the sweep failed its start-up (data, workdir); this one stops with it."""
+    """Another process of the sweep failed (its start-up, or while training); this one stops with it."""
+
+
+@contextlib.contextmanager
+def failures_shared(index: int, count: int, timeout_seconds: float) -> Iterator[None]:
+    """Around a process's training: an error in it is shared with the others (`share_failure`), which
+    finish their own groups and then stop naming it, while this process waits for them (`wait_for_all`)."""
+    try:
+        yield
+    except Exception as e:
+        if count > 1:
+            if not isinstance(e, PeerFailed):
+                share_failure(index, count, e)
+            log.error("process %d of %d %s; it waits for the other processes to finish their groups (up to %d s) "
+                      "before it exits, as they would be ended with it", index, count,
+                      "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
+        raise
 
 
 _starts = itertools.count()  # processes call checked_start in the same order: one key space per call
+_starting: tuple[int, int] | None = None  # (call, count) while this process is in checked_start
 
 
 @contextlib.contextmanager
@@ -142,32 +193,54 @@ def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[No
     """Run this process's start-up (loading data, claiming the workdir) and share the outcome.
 
     With several processes, each posts "ok" or its error to the coordination service and reads
-    everyone's before going on: a failure anywhere stops every process at once, each naming the
-    failed ones, instead of leaving the others waiting for a process that has exited. The failed
-    process re-raises its own error; the others raise PeerFailed.
+    everyone's before going on: a failure anywhere stops every process, each naming the failed ones,
+    instead of leaving the others waiting for a process that has exited. The failed process says so at
+    once, and the others stop at their next `raise_if_a_peer_failed_to_start` (after each shard of
+    features they extract) or at the end of their start-up. The failed process re-raises its own error;
+    the others raise PeerFailed.
     """
+    global _starting
     if count == 1:
         yield
         return
-    from jax._src import distributed as jax_distributed  # the key-value store of jax.distributed
-
-    client, call = jax_distributed.global_state.client, next(_starts)
+    client, call = _client(), next(_starts)
     own = None
+    _starting = (call, count)
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:  # a stop (Ctrl-C) too: the others then stop with it
         own = e
-    client.key_value_set(f"fusion_jax/start/{call}/{index}",
-                         "ok" if own is None else f"{type(own).__name__}: {own}".replace("\n", " ")[:2000])
+        if not isinstance(e, PeerFailed):
+            log.error("process %d of %d failed to start (%s); the others stop at their next shard of features or "
+                      "at the end of their start-up, and this process waits for that", index, count, _one_line(e))
+    finally:
+        _starting = None
+    client.key_value_set(f"fusion_jax/start/{call}/{index}", "ok" if own is None else _one_line(own))
     timeout_ms = int(timeout_seconds * 1000)
     statuses = [client.blocking_key_value_get(f"fusion_jax/start/{call}/{i}", timeout_ms) for i in range(count)]
     client.wait_at_barrier(f"fusion_jax/start/{call}", timeout_ms)  # all have read before any exits
     if own is not None:
         raise own
+    _raise_if_failed(statuses, count)
+
+
+def raise_if_a_peer_failed_to_start() -> None:
+    """Inside `checked_start`: PeerFailed once another process has posted a failed start-up, so that a long
+    start-up (feature extraction) stops within a shard rather than at its end."""
+    if _starting is not None:
+        call, count = _starting
+        posted = dict(_client().key_value_dir_get(f"fusion_jax/start/{call}/"))
+        _raise_if_failed([posted.get(f"fusion_jax/start/{call}/{i}", "ok") for i in range(count)], count)
+
+
+def _raise_if_failed(statuses: list[str], count: int) -> None:
+    """PeerFailed naming the processes whose start-up status is not "ok" (those that stopped only because
+    another failed are named only when no other is)."""
     failed = [f"process {i}: {status}" for i, status in enumerate(statuses) if status != "ok"]
-    if failed:
-        raise PeerFailed(f"{len(failed)} of {count} processes failed to start, so this one stops too; "
-                         + "; ".join(failed))
+    first = [f for f in failed if ": PeerFailed: " not in f] or failed
+    if first:
+        raise PeerFailed(f"{len(first)} of {count} processes failed to start, so this one stops too; "
+                         + "; ".join(first))
 
 
 def mine(items: list, index: int, count: int) -> list:

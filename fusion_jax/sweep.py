@@ -37,7 +37,7 @@ from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, com
 from fusion_jax.report import source, write_results
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
-from fusion_jax.workdir import check_workdir, prepare_workdir, read_state, sweep_lock
+from fusion_jax.workdir import check_workdir, prepare_workdir, read_state, refuse_while_in_use, sweep_lock
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
 log = logging.getLogger("fusion_jax")
@@ -199,9 +199,11 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop_if_set(stop: threading.Event, backbone: str) -> None:
-    """Stop feature extraction once asked to (called after each cached shard)."""
+    """Stop feature extraction once asked to, or once another process failed its start-up (called after
+    each cached shard)."""
     if stop.is_set():
         raise Stopped(f"stopped while extracting {backbone}'s features (the shards done are cached)")
+    distributed.raise_if_a_peer_failed_to_start()
 
 
 def _recorded_error(path: str) -> str:
@@ -223,7 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writes and returns the results, the others return None.
 
     Raises ConfigError, before anything is written, for an invalid config or workdir; with several
-    processes, the others then raise distributed.PeerFailed instead of waiting for the failed one.
+    processes, the others then raise distributed.PeerFailed instead of waiting for the failed one. A
+    process failing while training raises its error, and the others PeerFailed, once every process has
+    finished what it could (`distributed.failures_shared`).
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; once `stop` is set,
     the sweep raises Stopped before its next epoch, or after the current shard of features it extracts (what
     was written so far is complete); `command`
@@ -231,10 +235,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     start, stop = time.perf_counter(), stop or threading.Event()
     validate(config)
+    refuse_while_in_use(workdir)  # before jax.distributed: a second start would stop a running sweep's processes
     index, count = distributed.initialize(config)
-    with contextlib.ExitStack() as held:
-        results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
-    distributed.wait_for_all(count, config.distributed.wait_seconds)
+    try:
+        with contextlib.ExitStack() as held:
+            results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
+    except Exception:
+        distributed.wait_for_all(count, config.distributed.wait_seconds)
+        raise
+    failures = distributed.wait_for_all(count, config.distributed.wait_seconds)
+    if failures and index != 0:
+        raise distributed.PeerFailed(f"{len(failures)} of {count} processes failed, so results.json is not written "
+                                     f"(this process finished its groups): {'; '.join(failures)}")
     return results
 
 
@@ -247,7 +259,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
     failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
-        check_workdir(workdir, config_dict, index)  # before minutes of feature extraction
+        check_workdir(workdir, config_dict)  # before minutes of feature extraction
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
@@ -266,11 +278,11 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         finished = [g for g in groups if os.path.exists(done(g))]
         for g in finished:  # before any training: a workdir of another config is refused, not mixed in
             _group_records(done(g), g)
-        todo = []
-        for g in distributed.mine(groups, index, count):
-            if g not in finished:
-                todo.append(g)
-            else:  # checkpoints left by a stop between its record and their removal
+        # Every process reads the same records (none is written before all pass this start) and deals the
+        # unfinished groups alike: a resume shares them evenly, whichever process had trained which.
+        todo = distributed.mine([g for g in groups if g not in finished], index, count)
+        if index == 0:  # checkpoints left by a stop between a group's record and their removal
+            for g in finished:
                 shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
         # A failure recorded by an earlier attempt goes before the processes pass the start together,
         # so that process 0 never counts it as this attempt's.
@@ -279,6 +291,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                 log.info("training group %s again, which failed in an earlier attempt: %s", g.name,
                          _recorded_error(failed(g)))
                 os.unlink(failed(g))
+    held.enter_context(distributed.failures_shared(index, count, config.distributed.wait_seconds))
     if index == 0 and config.tsne_pairs:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs, config.tsne_pairs)
@@ -326,6 +339,11 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
             raise TimeoutError(f"groups {missing} not finished by the other processes after {waited:.0f} s")
         if stop.is_set():
             raise Stopped("stopped while waiting for the other processes' groups")
+        if failures := distributed.peer_failures(count):
+            raise distributed.PeerFailed(
+                f"{len(failures)} of {count} processes failed while training, so results.json is not written: "
+                f"{'; '.join(failures)} (the finished groups and each unfinished group's last epoch are kept for "
+                "the resume)")
         time.sleep(1.0)
         waited += 1.0
     records, failures = [], []

@@ -93,17 +93,24 @@ def _holds_training(workdir: str) -> bool:
     return nonempty("groups") or nonempty("checkpoints") or os.path.exists(os.path.join(workdir, "features.json"))
 
 
-def check_workdir(workdir: str, config_dict: dict, index: int) -> None:
-    """Before any data is loaded: refuse, without writing anything, a workdir that another start of
-    this sweep holds, that holds another config's sweep (the data and model folders are compared once
+def check_workdir(workdir: str, config_dict: dict) -> None:
+    """Before any data is loaded: refuse, without writing anything, a workdir that holds another config's sweep (the data and model folders are compared once
     the features are known, by `prepare_workdir`), or that cannot be written."""
-    lock = os.path.join(workdir, f".lock-{index}")
-    if fcntl is not None and (pid := _held_by(lock)):
-        raise _in_use(workdir, f"process {index}", pid)
     _refuse_other_sweep(workdir, config_dict, skip_locations=True)
     if (folder := blocked_at(workdir)) is not None:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {folder!r} is "
                           + ("not writable" if os.path.isdir(folder) else "not a folder"))
+
+
+def refuse_while_in_use(workdir: str) -> None:
+    """ConfigError while a process of another start trains in `workdir` (holds one of its `.lock-<i>`).
+    Checked before jax.distributed starts: a process other than 0 of a second start would reach the running
+    sweep's coordinator (where both use one address), which then stops the running sweep's processes."""
+    if fcntl is None or not os.path.isdir(workdir):
+        return
+    for name in sorted(os.listdir(workdir)):
+        if (lock := re.fullmatch(r"\.lock-(\d+)", name)) and (pid := _held_by(os.path.join(workdir, name))):
+            raise _in_use(workdir, f"process {lock[1]}", pid)
 
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:

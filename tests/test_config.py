@@ -89,7 +89,7 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
             pass
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     with sweep_lock(workdir, 1, 2):  # process 1 of an earlier start with two processes, still training
-        earlier = rf"in use: another sweep \(process 1 of an earlier start, pid {os.getpid()}\)"
+        earlier = rf"in use: another sweep \(process 1, pid {os.getpid()}\)"
         with pytest.raises(ConfigError, match=earlier):
             train_and_evaluate(smoke_config, workdir)  # one process
         with sweep_lock(workdir, 0, 2):  # its own start's process 1 is no obstacle to process 0

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -334,6 +335,35 @@ def test_a_coordinator_port_in_use_is_refused_before_jax_distributed_starts(smok
     assert not jax.distributed.is_initialized()
 
 
+def test_a_coordinator_port_whose_connections_linger_is_not_refused(smoke_config, monkeypatch):
+    """A killed coordinator leaves its port's connections in TIME-WAIT for about a minute: gRPC binds it
+    (SO_REUSEADDR), so the check lets the resume go on rather than call the port in use."""
+    import socket
+
+    import jax
+
+    from fusion_jax import distributed
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's (its connections inherit it)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the coordinator's side closes first: its port's end goes to TIME-WAIT
+        client.close()
+    if os.path.exists("/proc/net/tcp"):  # Linux: the kernel's table of connections (state 06: TIME-WAIT)
+        rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+        assert any(r[1].endswith(f":{port:04X}") and r[3] == "06" for r in rows)
+    started = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: started.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    smoke_config.distributed.update(num_processes=2, process_id=0, coordinator_address=f"127.0.0.1:{port}")
+    distributed.initialize(smoke_config)
+    assert started and started[0]["coordinator_address"] == f"127.0.0.1:{port}"
+
+
 def test_under_slurm_process_0_refuses_jaxs_port_when_another_job_has_it(smoke_config, monkeypatch):
     """JAX's SLURM port, SLURM_JOB_ID % 4096 + 61440, is the same for jobs 4096 apart on one node."""
     import socket
@@ -368,6 +398,23 @@ def test_under_slurm_process_0_refuses_jaxs_port_when_another_job_has_it(smoke_c
         distributed.initialize(smoke_config)
 
 
+def test_a_second_start_on_a_running_sweeps_workdir_is_refused_before_jax_distributed_starts(
+        smoke_config, tmp_path, monkeypatch):
+    """Process 1 of a second start, given the running sweep's coordinator address, would connect to that
+    coordinator, which then stops the running sweep's processes: it checks the workdir's locks first."""
+    import jax
+
+    from fusion_jax.validate import ConfigError
+    from fusion_jax.workdir import prepare_workdir, sweep_lock
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail("jax.distributed started"))
+    prepare_workdir(str(tmp_path), smoke_config.to_dict())
+    smoke_config.distributed.update(num_processes=2, process_id=1, coordinator_address="127.0.0.1:1234")
+    with sweep_lock(str(tmp_path), 0, 2):  # process 0 of the running sweep (its process 1's lock is alike)
+        with pytest.raises(ConfigError, match=rf"is in use: another sweep \(process 0, pid {os.getpid()}\)"):
+            train_and_evaluate(smoke_config, str(tmp_path))
+
+
 def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     """JAX_COORDINATOR_ADDRESS without a cluster that says how many processes: a one-line config error
     (JAX's ValueError, before any connection, was a traceback), and no workdir made."""
@@ -382,43 +429,121 @@ def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_finished_process_waits_for_the_others_at_the_end(monkeypatch):
-    """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/)."""
-    from jax._src import distributed as jax_distributed
+class _Store:
+    """The coordination service of jax.distributed as one process sees it: the key-value store (the other
+    processes' keys set by the test) and barriers, which pass at once."""
+
+    def __init__(self, **kv):
+        self.kv, self.barriers = {k.replace("__", "/"): v for k, v in kv.items()}, []
+
+    def key_value_set(self, key, value):
+        self.kv[key] = value
+
+    def blocking_key_value_get(self, key, ms):
+        return self.kv[key]
+
+    def key_value_dir_get(self, prefix):
+        return sorted((k, v) for k, v in self.kv.items() if k.startswith(prefix))
+
+    def wait_at_barrier(self, name, ms):
+        self.barriers.append((name, ms))
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """A fresh `_Store` in place of jax.distributed's client, with fusion_jax.distributed's key spaces reset."""
     from fusion_jax import distributed
 
-    barriers = []
-    client = type("Client", (), {"wait_at_barrier": lambda self, name, ms: barriers.append((name, ms))})()
-    monkeypatch.setattr(jax_distributed.global_state, "client", client)
-    distributed.wait_for_all(1, 60)
-    distributed.wait_for_all(2, 86400)
-    distributed.wait_for_all(2, 86400)
-    (first, ms), (second, _) = barriers
-    assert ms == 86_400_000 and first != second  # one barrier per sweep of the process
+    store = _Store()
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    monkeypatch.setattr(distributed, "_starts", itertools.count())
+    monkeypatch.setattr(distributed, "_end", 0)
+    return store
 
 
-def test_a_stop_during_start_up_is_shared_with_the_other_processes(monkeypatch):
+def test_a_finished_process_waits_for_the_others_at_the_end(store):
+    """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/);
+    and it learns there which processes failed while training."""
+    from fusion_jax import distributed
+
+    assert distributed.wait_for_all(1, 60) == [] and not store.barriers
+    distributed.share_failure(10, 11, RuntimeError("out of\nmemory"))
+    distributed.share_failure(2, 11, ValueError("bad"))
+    assert distributed.wait_for_all(11, 86400) == ["process 2: ValueError: bad", "process 10: RuntimeError: out of memory"]
+    assert distributed.wait_for_all(11, 86400) == []  # the next sweep of this process has its own keys
+    (first, ms), (second, _) = store.barriers
+    assert ms == 86_400_000 and first != second
+
+
+def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
     """A stop (Ctrl-C) while a process loads its data is posted like an error, so the others stop with it
     (PeerFailed) instead of waiting for a status that never comes."""
-    from jax._src import distributed as jax_distributed
     from fusion_jax import distributed
     from fusion_jax.sweep import Stopped
 
-    store = {}
-    client = type("Client", (), {"key_value_set": lambda self, k, v: store.__setitem__(k, v),
-                                 "blocking_key_value_get": lambda self, k, ms: store[k],
-                                 "wait_at_barrier": lambda self, name, ms: None})()
-    monkeypatch.setattr(jax_distributed.global_state, "client", client)
-    monkeypatch.setattr(distributed, "_starts", itertools.count())
-    store["fusion_jax/start/0/0"] = "ok"  # process 0's start-up went well
+    store.kv["fusion_jax/start/0/0"] = "ok"  # process 0's start-up went well
     with pytest.raises(Stopped):
         with distributed.checked_start(1, 2, 60):
             raise Stopped("stopped while extracting clip's features")
-    assert store["fusion_jax/start/0/1"] == "Stopped: stopped while extracting clip's features"
-    monkeypatch.setattr(distributed, "_starts", itertools.count())  # process 0 of the same start reads it
+    assert store.kv["fusion_jax/start/0/1"] == "Stopped: stopped while extracting clip's features"
+    distributed._starts = itertools.count()  # process 0 of the same start reads it
     with pytest.raises(distributed.PeerFailed, match="process 1: Stopped: stopped while extracting"):
         with distributed.checked_start(0, 2, 60):
             pass
+
+
+def test_a_process_extracting_features_stops_within_a_shard_of_a_peers_failed_start(store, caplog):
+    """The failed process says so at once; another, hours into its feature extraction, stops after its
+    next shard rather than at the end of its start-up (there it would name only the first failure)."""
+    from fusion_jax import distributed
+    from fusion_jax.sweep import _stop_if_set
+
+    shards = []
+    with caplog.at_level(logging.ERROR, logger="fusion_jax"):
+        with pytest.raises(ValueError):
+            with distributed.checked_start(1, 3, 60):
+                store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/0/2": "ok"})
+                raise ValueError("no captions file")
+    assert "process 1 of 3 failed to start (ValueError: no captions file); the others stop" in caplog.text
+    distributed._starts = itertools.count()  # process 0 of the same start, extracting features, before that
+    del store.kv["fusion_jax/start/0/0"], store.kv["fusion_jax/start/0/1"]
+    with pytest.raises(distributed.PeerFailed, match=r"^1 of 3 processes failed to start, so this one stops too; "
+                                                      r"process 1: ValueError: no captions file$"):
+        with distributed.checked_start(0, 3, 60):
+            for shard in range(3):
+                _stop_if_set(threading.Event(), "clip")
+                shards.append(shard)
+                if shard == 1:  # process 1 fails while process 0 extracts its second shard
+                    store.kv["fusion_jax/start/0/1"] = "ValueError: no captions file"
+    assert shards == [0, 1] and store.kv["fusion_jax/start/0/0"].startswith("PeerFailed: 1 of 3")
+    distributed._starts = itertools.count()  # process 2, which did its start-up alone: process 0 is not named
+    with pytest.raises(distributed.PeerFailed, match=r"; process 1: ValueError: no captions file$"):
+        with distributed.checked_start(2, 3, 60):
+            pass
+    _stop_if_set(threading.Event(), "clip")  # outside a start-up: nothing to read
+
+
+def test_a_resume_shares_the_unfinished_groups_evenly(smoke_config, tmp_path, monkeypatch, store):
+    """Groups are dealt among the processes after the finished ones are left out: a 2-process resume after
+    process 1 died (its groups 1 and 3 unfinished) gives each process one, not both to process 1."""
+    from fusion_jax import distributed
+    from fusion_jax.files import atomic_write_json
+    from fusion_jax.workdir import prepare_workdir
+
+    groups = plan(smoke_config)
+    prepare_workdir(str(tmp_path), smoke_config.to_dict())
+    for g in groups[0::2]:  # process 0 of the first start finished its groups; process 1 died
+        atomic_write_json(str(tmp_path / "groups" / f"{g.name}.json"),
+                          [{"backbone": r.backbone, "method": r.method, "scale": r.scale, "seed": r.seed,
+                            "degradation": {"level": r.level}} for r in g.runs])
+    monkeypatch.setattr(distributed, "initialize", lambda config: (1, 2))  # this is process 1 of the resume
+    store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/1/0": "ok"})
+    trained, stop = [], threading.Event()
+    on_epoch = lambda group, epochs: (trained.append(group.name), stop.set())
+    with pytest.raises(KeyboardInterrupt, match="stopped"):
+        train_and_evaluate(smoke_config, str(tmp_path), on_epoch=on_epoch, stop=stop)
+    assert trained == [groups[3].name]  # process 0 takes groups[1]
+
 
 @pytest.fixture(scope="module")
 def small_sweep_results(tmp_path_factory):
@@ -541,9 +666,37 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
     assert codes == [2, 2], errors
     assert time.perf_counter() - t0 < 120
     # The folder came from --workdir, and the error names the flag (the other process's report of it too).
-    assert "fusion_jax: error: --workdir: cannot write" in errors[bad] and "config.workdir" not in errors[bad]
+    error_line = next(line for line in errors[bad].splitlines() if line.startswith("fusion_jax: error:"))
+    assert error_line.startswith("fusion_jax: error: --workdir: cannot write") and "config.workdir" not in error_line
+    assert f"process {bad} of 2 failed to start (ConfigError: " in errors[bad]  # at once, in the log
     assert f"process {bad}: ConfigError: --workdir: cannot write" in errors[1 - bad], errors[1 - bad][-2000:]
     assert not (tmp_path / "good" / "results.json").exists()
+
+
+def test_a_process_failing_while_training_is_named_and_the_others_keep_their_groups(tmp_path):
+    """Process 1 cannot write its group's checkpoints: it waits while process 0 trains its own group, then
+    both stop at once (no 5-minute abort at JAX's shutdown barrier), process 0 naming process 1's error."""
+    import time
+
+    from fusion_jax.workdir import prepare_workdir
+
+    config = load_config("synthetic", "smoke")  # as SMALL sets it
+    config.backbones, config.scales, config.train.epochs = ("aligned",), (128,), 2
+    prepare_workdir(str(tmp_path), config.to_dict())
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "aligned-cross").write_text("a file where process 1's group checkpoints")
+    port = _free_port()
+    common = [f"--workdir={tmp_path}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2"]
+    t0 = time.perf_counter()
+    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
+    codes = [p.wait(timeout=240) for p in procs]
+    errors = [p.stderr.read() for p in procs]
+    assert codes == [2, 2] and time.perf_counter() - t0 < 200, errors
+    assert "process 1 of 2 failed (ConfigError: config.workdir: cannot write checkpoints" in errors[1]
+    assert re.search(r"fusion_jax: error: 1 of 2 processes failed while training, so results.json is not written: "
+                     r"process 1: ConfigError: --workdir: cannot write checkpoints in .*aligned-cross", errors[0])
+    assert (tmp_path / "groups" / "aligned-concat.json").exists() and not (tmp_path / "results.json").exists()
 
 
 def _wait_for_a_checkpoint(proc, folder, timeout=240, freeze=False):
