@@ -572,12 +572,15 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
                              np.repeat(np.arange(10), 2).astype(np.int32), image, "fp")
     fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
                               lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
-                              lambda caps, n: {"text": np.ones((len(caps), 3), np.float32)}, lambda caps: 4)
+                              lambda caps, n: encoded.extend(caps) or {"text": np.ones((len(caps), 3), np.float32)},
+                              lambda caps: 4)
     monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
     config = load_config("clip_sweep")
     config.cache_dir = str(tmp_path)
+    encoded = []
     with pytest.raises(DataUnavailableError, match=r"2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
         extract_features(config, ds, "clip")
+    assert encoded == []  # stopped before the captions, which take minutes on a CPU
     config.data.max_bad_fraction = 0.2
     caplog.clear()
     caplog.set_level(logging.INFO, logger="fusion_jax")

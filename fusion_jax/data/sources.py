@@ -104,6 +104,14 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         image_cache = FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"})
         image = extract_cached(image_cache, ds.n_images, encode_images, b.batch_size, f"{backbone} image features",
                                after_shard=after_shard)
+        valid = image.pop("valid").astype(bool)
+        n_bad = int((~valid).sum())
+        # Before the captions are encoded (minutes on a CPU); named here too: a rerun reads the cached
+        # features and logs no skipped file.
+        bad = ", ".join(ds.image_ids[i] for i in np.flatnonzero(~valid)[:5]) + (", ..." if n_bad > 5 else "")
+        if n_bad > config.data.max_bad_fraction * ds.n_images:
+            raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable ({bad}), more than "
+                                       f"data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
         length = bb.text_length(ds.captions)
         log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone,
                  length)
@@ -112,13 +120,6 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
                               ds.n_captions, lambda idx: bb.encode_texts([ds.captions[i] for i in idx], length),
                               b.batch_size, f"{backbone} text features", after_shard=after_shard)
 
-    valid = image.pop("valid").astype(bool)
-    n_bad = int((~valid).sum())
-    # Named here too: a rerun reads the cached features and logs no skipped file.
-    bad = ", ".join(ds.image_ids[i] for i in np.flatnonzero(~valid)[:5]) + (", ..." if n_bad > 5 else "")
-    if n_bad > config.data.max_bad_fraction * ds.n_images:
-        raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable ({bad}), more than "
-                                   f"data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
     if n_bad:
         log.warning("%s: dropped %d unreadable images (%s) and their captions", ds.name, n_bad, bad)
     new_index = np.cumsum(valid) - 1
