@@ -40,6 +40,22 @@ def test_cache_is_reused(tmp_path):
     assert other.dir != cache.dir and other.load() is None
 
 
+def test_what_a_killed_extraction_left_beside_a_finished_entry_is_removed_on_reuse(tmp_path, caplog):
+    """A kill between the final entry's rename and the shards' removal left the shards (as large as the
+    entry), a kill inside a write its temporary file: space only, taken back when the entry is next read."""
+    key = {"dataset": "d"}
+    cache = FeatureCache(str(tmp_path), "t", key)
+    first = extract_cached(cache, 40, _encoder([]), 8, "t", batches_per_shard=2)
+    os.makedirs(os.path.join(cache.dir, "shards"))
+    for name in ("shards/000000000-000000016.npz", ".tmp-abc123features.npz"):
+        open(os.path.join(cache.dir, name), "w").close()
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    again = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t", batches_per_shard=2)
+    assert np.array_equal(first["x"], again["x"])
+    assert sorted(os.listdir(cache.dir)) == [".lock", "features.npz", "features.sha256", "key.json"]
+    assert "removed .tmp-abc123features.npz, shards, left in" in caplog.text
+
+
 def test_a_cache_entry_that_cannot_be_read_for_the_systems_reasons_is_kept(tmp_path, monkeypatch):
     """EIO or a stale network handle while hashing an entry says nothing about the entry: raised, not deleted."""
     from fusion_jax.features import cache

@@ -4,7 +4,8 @@ An entry lives in `<root>/<label>-<hash of key>/`: `key.json` (what made it), `f
 `features.sha256`. Extraction writes shards (`shards/<start>-<stop>.npz` + `.sha256`, items
 start..stop-1) as it goes, so an interrupted extraction resumes from its last shard (with the same
 batch size: shards are named by their item ranges). A file whose hash does not match, or a shard or entry with the wrong number of
-items, is reported, deleted and rebuilt, never used. Processes that share the cache may extract the
+items, is reported, deleted and rebuilt, never used; what a kill leaves beside a finished entry (shards, a
+temporary file) is removed when the entry is next reused. Processes that share the cache may extract the
 same entry at once: they take turns (a file lock on the entry) to read and write its shards and to
 join them, and the first to finish provides the entry to the others.
 """
@@ -89,6 +90,20 @@ class FeatureCache:
     def load(self, n: int | None = None) -> dict[str, np.ndarray] | None:
         """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""
         return _load_verified(self._final, self._final_digest, n)
+
+    def tidy(self) -> None:
+        """Remove what a killed extraction left beside the finished entry (its shards, a half-written
+        file), which would only take space: under the lock, where nobody writes to a finished entry."""
+        with self.lock():
+            if not self.finished():
+                return
+            left = sorted(n for n in os.listdir(self.dir) if n.startswith(".tmp-") or n == "shards")
+            for name in left:
+                path = os.path.join(self.dir, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+            if left:
+                log.info("feature cache: removed %s, left in %s by an interrupted extraction", ", ".join(left),
+                         self.dir)
 
     def lock(self) -> contextlib.AbstractContextManager:
         """Exclusive use of the entry's shards and files among processes (flock on `<entry>/.lock`):

@@ -26,6 +26,7 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
     hit = cache.load(n)
     if hit is not None:
         log.info("%s: reusing cached features %s", desc, cache.dir)
+        cache.tidy()
         return hit
     shard_size = batch_size * batches_per_shard
     bounds = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
