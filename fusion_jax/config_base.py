@@ -55,7 +55,7 @@ def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     # Several processes (hosts): empty / 0 / -1 mean "from the environment" (SLURM, JAX_COORDINATOR_ADDRESS).
     config.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, timeout_seconds=300,
-        wait_seconds=86400,  # how long process 0 waits for the other processes' groups
+        wait_seconds=86400,  # how long a process waits for the others: their start-up, their groups
     ))
     return config
 

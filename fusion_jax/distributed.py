@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import logging
 import os
 import socket
+import threading
+import time
 from typing import Iterator
 
 import jax
@@ -132,7 +135,8 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".replace("\n", " ")[:2000]
 
 
-_end = 0  # one key space per sweep of this process: its end barrier and the failures while it trained
+_end = 0  # one key space per sweep of this process: its end and the failures while it trained
+stopped_in_step = False  # whether this process's last stop (Ctrl-C) came at the end of a shared start-up
 
 
 def share_failure(index: int, count: int, error: BaseException) -> None:
@@ -142,26 +146,45 @@ def share_failure(index: int, count: int, error: BaseException) -> None:
         _client().key_value_set(f"fusion_jax/end/{_end}/failed/{index}", _one_line(error))
 
 
-def peer_failures(count: int) -> list[str]:
-    """'process I: <error>' for each process that has shared a failure in this sweep (`share_failure`)."""
+def peer_failures(index: int, count: int) -> list[str]:
+    """'process I: <error>' for each other process that has shared a failure in this sweep (`share_failure`)."""
     if count == 1:
         return []
     entries = _client().key_value_dir_get(f"fusion_jax/end/{_end}/failed/")
-    return [f"process {i}: {error}" for i, error in sorted((int(k.rsplit("/", 1)[1]), v) for k, v in entries)]
+    return [f"process {i}: {error}" for i, error in sorted((int(k.rsplit("/", 1)[1]), v) for k, v in entries)
+            if i != index]
 
 
-def wait_for_all(count: int, timeout_seconds: float) -> list[str]:
+class WaitedOut(TimeoutError):
+    """The other processes did not come within distributed.wait_seconds."""
+
+
+def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading.Event | None = None) -> list[str]:
     """With several processes, wait until every one has come here, and return `peer_failures`: a process that
     is done, or has failed, waits for the others rather than exit (at JAX's shutdown barrier, where it would
     wait otherwise, its client gives up after 5 minutes and aborts the process: results/multiprocess/; and a
-    process gone before the others are done makes JAX abort them once it misses its heartbeats)."""
+    process gone before the others are done makes JAX abort them once it misses its heartbeats).
+
+    Polls the key-value store rather than wait in one blocking call, so that a Ctrl-C (`stop`, then
+    KeyboardInterrupt) and a second one (SIGINT's default) end the wait. Raises WaitedOut after
+    `timeout_seconds`."""
     global _end
     if count == 1:
         return []
-    _client().wait_at_barrier(f"fusion_jax/end/{_end}", int(timeout_seconds * 1000))
-    failures = peer_failures(count)
-    _end += 1
-    return failures
+    client, here = _client(), f"fusion_jax/end/{_end}/here/"
+    try:
+        client.key_value_set(f"{here}{index}", "1")
+        deadline = time.monotonic() + timeout_seconds
+        while len(client.key_value_dir_get(here)) < count:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("stopped while waiting for the other processes to finish")
+            if time.monotonic() > deadline:
+                raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds="
+                                f"{timeout_seconds:g} s")
+            time.sleep(0.5)
+        return peer_failures(index, count)
+    finally:
+        _end += 1
 
 
 class PeerFailed(RuntimeError):
@@ -169,18 +192,31 @@ class PeerFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def failures_shared(index: int, count: int, timeout_seconds: float) -> Iterator[None]:
+def failures_shared(index: int, count: int, timeout_seconds: float,
+                    stop: threading.Event | None = None) -> Iterator[None]:
     """Around a process's training: an error in it is shared with the others (`share_failure`), which
-    finish their own groups and then stop naming it, while this process waits for them (`wait_for_all`)."""
+    finish their own groups and then stop naming it, while this process waits for them (`wait_for_all`)
+    and then raises its own error. Process 0's WaitedOut (the others' groups missing after
+    `timeout_seconds`) is shared without a second wait."""
     try:
         yield
     except Exception as e:
-        if count > 1:
-            if not isinstance(e, PeerFailed):
-                share_failure(index, count, e)
-            log.error("process %d of %d %s; it waits for the other processes to finish their groups (up to %d s) "
-                      "before it exits, as they would be ended with it", index, count,
-                      "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
+        if count == 1:
+            raise
+        if not isinstance(e, PeerFailed):
+            share_failure(index, count, e)
+        if isinstance(e, WaitedOut):
+            raise
+        log.error("process %d of %d %s; it waits for the other processes to finish their groups (up to %d s) "
+                  "before it exits, as they would be ended with it", index, count,
+                  "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
+        try:
+            others = wait_for_all(index, count, timeout_seconds, stop)
+        except Exception as waiting:  # noqa: BLE001 - this process's own error is the one to raise
+            log.error("process %d: waiting for the other processes ended with %s", index, _one_line(waiting))
+        else:
+            if others and not isinstance(e, PeerFailed):
+                log.error("other processes failed too: %s", "; ".join(others))
         raise
 
 
@@ -189,7 +225,7 @@ _starting: tuple[int, int] | None = None  # (call, count) while this process is 
 
 
 @contextlib.contextmanager
-def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[None]:
+def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[dict]:
     """Run this process's start-up (loading data, claiming the workdir) and share the outcome.
 
     With several processes, each posts "ok" or its error to the coordination service and reads
@@ -198,30 +234,41 @@ def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[No
     once, and the others stop at their next `raise_if_a_peer_failed_to_start` (after each shard of
     features they extract) or at the end of their start-up. The failed process re-raises its own error;
     the others raise PeerFailed.
+
+    Yields a dict that process 0 may fill (JSON): once the start-up has passed, every process holds
+    process 0's (one view of the shared workdir for all).
     """
-    global _starting
+    global _starting, stopped_in_step
+    shared: dict = {}
+    stopped_in_step = False
     if count == 1:
-        yield
+        yield shared
         return
     client, call = _client(), next(_starts)
     own = None
     _starting = (call, count)
     try:
-        yield
+        yield shared
     except (Exception, KeyboardInterrupt) as e:  # a stop (Ctrl-C) too: the others then stop with it
         own = e
         if not isinstance(e, PeerFailed):
-            log.error("process %d of %d failed to start (%s); the others stop at their next shard of features or "
-                      "at the end of their start-up, and this process waits for that", index, count, _one_line(e))
+            what = "was stopped during its start-up" if isinstance(e, KeyboardInterrupt) else "failed to start"
+            log.error("process %d of %d %s (%s); the others stop at their next shard of features or at the end of "
+                      "their start-up, and this process waits for that", index, count, what, _one_line(e))
     finally:
         _starting = None
+    if index == 0 and own is None:  # before its status: an "ok" from process 0 says that this is there
+        client.key_value_set(f"fusion_jax/start-shared/{call}", json.dumps(shared))
     client.key_value_set(f"fusion_jax/start/{call}/{index}", "ok" if own is None else _one_line(own))
     timeout_ms = int(timeout_seconds * 1000)
     statuses = [client.blocking_key_value_get(f"fusion_jax/start/{call}/{i}", timeout_ms) for i in range(count)]
     client.wait_at_barrier(f"fusion_jax/start/{call}", timeout_ms)  # all have read before any exits
     if own is not None:
+        stopped_in_step = isinstance(own, KeyboardInterrupt)  # every process leaves here: none is left waiting
         raise own
     _raise_if_failed(statuses, count)
+    if index != 0:
+        shared.update(json.loads(client.blocking_key_value_get(f"fusion_jax/start-shared/{call}", timeout_ms)))
 
 
 def raise_if_a_peer_failed_to_start() -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.sources import IMAGE_SOURCES
+from fusion_jax import distributed
 from fusion_jax.distributed import PeerFailed
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.validate import ConfigError
@@ -159,7 +160,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
-        if jax.process_count() > 1:  # not JAX's shutdown barrier, which would wait for the others' 5 minutes
+        if jax.process_count() > 1 and not distributed.stopped_in_step:
+            # Not JAX's shutdown barrier, where the others, still training, would leave it for 5 minutes (a stop
+            # at the end of the start-up is shared: every process leaves there, and their shutdown is in step).
             sys.stdout.flush()
             os._exit(130)
         sys.exit(130)

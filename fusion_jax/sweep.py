@@ -185,6 +185,31 @@ def _group_records(path: str, group: Group) -> list[dict]:
     return records
 
 
+def _record_paths(workdir: str) -> tuple[Callable[[Group], str], Callable[[Group], str]]:
+    """(the path of a group's record once finished, of its record once failed) in `workdir`."""
+    return (lambda g: os.path.join(workdir, "groups", f"{g.name}.json"),
+            lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json"))
+
+
+def _finished_groups(workdir: str, groups: list[Group]) -> list[str]:
+    """The names of the groups whose records a start finds (checked against the config: a workdir of
+    another config is refused, not mixed in). Clears what an earlier attempt left of the others: a
+    failure it recorded (so that this attempt never counts it as its own) and, of the finished groups,
+    checkpoints left by a stop between a group's record and their removal."""
+    done, failed = _record_paths(workdir)
+    finished = [g for g in groups if os.path.exists(done(g))]
+    for g in finished:
+        _group_records(done(g), g)
+    for g in groups:
+        if g in finished:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
+        elif os.path.exists(failed(g)):
+            log.info("training group %s again, which failed in an earlier attempt: %s", g.name,
+                     _recorded_error(failed(g)))
+            os.unlink(failed(g))
+    return [g.name for g in finished]
+
+
 def _stop_unless_finite(group: Group, finite: np.ndarray, what: str) -> None:
     """Raise NonFinite naming the runs of `group` where `finite` [runs] is False."""
     bad = [r for r, ok in zip(group.runs, finite) if not ok]
@@ -237,16 +262,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     validate(config)
     refuse_while_in_use(workdir)  # before jax.distributed: a second start would stop a running sweep's processes
     index, count = distributed.initialize(config)
-    try:
-        with contextlib.ExitStack() as held:
-            results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
-    except Exception:
-        distributed.wait_for_all(count, config.distributed.wait_seconds)
-        raise
-    failures = distributed.wait_for_all(count, config.distributed.wait_seconds)
+    with contextlib.ExitStack() as held:
+        results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
+    failures = distributed.wait_for_all(index, count, config.distributed.wait_seconds, stop)
     if failures and index != 0:
         raise distributed.PeerFailed(f"{len(failures)} of {count} processes failed, so results.json is not written "
                                      f"(this process finished its groups): {'; '.join(failures)}")
+    if failures:  # after their groups were written: the results are whole
+        log.warning("other processes failed after finishing their groups: %s", "; ".join(failures))
     return results
 
 
@@ -256,8 +279,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`."""
     config_dict = config.to_dict()
     groups = plan(config)
-    done = lambda g: os.path.join(workdir, "groups", f"{g.name}.json")
-    failed = lambda g: os.path.join(workdir, "groups", f"{g.name}.failed.json")
+    done, failed = _record_paths(workdir)
     with distributed.checked_start(index, count, config.distributed.wait_seconds):
         check_workdir(workdir, config_dict)  # before minutes of feature extraction
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
@@ -271,27 +293,16 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         identities = {b: {**feature_identity(fs.provenance), **drawn[b]} for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
-    with distributed.checked_start(index, count, config.distributed.wait_seconds):
+    with distributed.checked_start(index, count, config.distributed.wait_seconds) as shared:
         if index != 0:
             prepare_workdir(workdir, config_dict, identities)
         held.enter_context(sweep_lock(workdir, index, count))
-        finished = [g for g in groups if os.path.exists(done(g))]
-        for g in finished:  # before any training: a workdir of another config is refused, not mixed in
-            _group_records(done(g), g)
-        # Every process reads the same records (none is written before all pass this start) and deals the
-        # unfinished groups alike: a resume shares them evenly, whichever process had trained which.
-        todo = distributed.mine([g for g in groups if g not in finished], index, count)
-        if index == 0:  # checkpoints left by a stop between a group's record and their removal
-            for g in finished:
-                shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
-        # A failure recorded by an earlier attempt goes before the processes pass the start together,
-        # so that process 0 never counts it as this attempt's.
-        for g in todo:
-            if os.path.exists(failed(g)):
-                log.info("training group %s again, which failed in an earlier attempt: %s", g.name,
-                         _recorded_error(failed(g)))
-                os.unlink(failed(g))
-    held.enter_context(distributed.failures_shared(index, count, config.distributed.wait_seconds))
+        if index == 0:
+            shared["finished"] = _finished_groups(workdir, groups)
+    # Process 0's view of the workdir, in every process (their file systems' caches may differ): the
+    # unfinished groups are dealt alike, so a resume shares them evenly, whichever process had trained which.
+    todo = distributed.mine([g for g in groups if g.name not in shared["finished"]], index, count)
+    held.enter_context(distributed.failures_shared(index, count, config.distributed.wait_seconds, stop))
     if index == 0 and config.tsne_pairs:
         for b, fs in features.items():
             write_tsne_sample(workdir, b, fs, config.tsne_pairs)
@@ -336,10 +347,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     while not all(os.path.exists(done(g)) or os.path.exists(failed(g)) for g in groups):
         if waited >= config.distributed.wait_seconds:
             missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
-            raise TimeoutError(f"groups {missing} not finished by the other processes after {waited:.0f} s")
+            raise distributed.WaitedOut(f"groups {missing} not finished by the other processes after {waited:.0f} s")
         if stop.is_set():
             raise Stopped("stopped while waiting for the other processes' groups")
-        if failures := distributed.peer_failures(count):
+        if failures := distributed.peer_failures(index, count):
             raise distributed.PeerFailed(
                 f"{len(failures)} of {count} processes failed while training, so results.json is not written: "
                 f"{'; '.join(failures)} (the finished groups and each unfinished group's last epoch are kept for "

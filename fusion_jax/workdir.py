@@ -94,8 +94,9 @@ def _holds_training(workdir: str) -> bool:
 
 
 def check_workdir(workdir: str, config_dict: dict) -> None:
-    """Before any data is loaded: refuse, without writing anything, a workdir that holds another config's sweep (the data and model folders are compared once
-    the features are known, by `prepare_workdir`), or that cannot be written."""
+    """Before any data is loaded: refuse, without writing anything, a workdir that holds another config's
+    sweep (the data and model folders are compared once the features are known, by `prepare_workdir`), or
+    that cannot be written."""
     _refuse_other_sweep(workdir, config_dict, skip_locations=True)
     if (folder := blocked_at(workdir)) is not None:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {folder!r} is "
@@ -150,8 +151,8 @@ def _held_by(path: str) -> str | None:
     except OSError:
         return None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: an exclusive lock needs a file open for writing on NFS (flock(2)), and this one is not
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return _pid(f)
         except OSError:

@@ -463,16 +463,49 @@ def store(monkeypatch):
 
 def test_a_finished_process_waits_for_the_others_at_the_end(store):
     """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/);
-    and it learns there which processes failed while training."""
+    it learns there which other processes failed while training, and a Ctrl-C (`stop`) ends the wait."""
     from fusion_jax import distributed
 
-    assert distributed.wait_for_all(1, 60) == [] and not store.barriers
+    assert distributed.wait_for_all(0, 1, 60) == [] and not store.kv
+    store.kv.update({f"fusion_jax/end/0/here/{i}": "1" for i in range(1, 11)})  # the others have come
     distributed.share_failure(10, 11, RuntimeError("out of\nmemory"))
     distributed.share_failure(2, 11, ValueError("bad"))
-    assert distributed.wait_for_all(11, 86400) == ["process 2: ValueError: bad", "process 10: RuntimeError: out of memory"]
-    assert distributed.wait_for_all(11, 86400) == []  # the next sweep of this process has its own keys
-    (first, ms), (second, _) = store.barriers
-    assert ms == 86_400_000 and first != second
+    distributed.share_failure(0, 11, ValueError("this process's own"))
+    assert distributed.wait_for_all(0, 11, 86400) == ["process 2: ValueError: bad",
+                                                      "process 10: RuntimeError: out of memory"]
+    store.kv.update({"fusion_jax/end/1/here/1": "1"})  # the next sweep of this process has its own keys
+    assert distributed.wait_for_all(0, 2, 86400) == []
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(KeyboardInterrupt, match="stopped while waiting for the other processes"):
+        distributed.wait_for_all(0, 2, 86400, stop)  # process 1 has not come
+    with pytest.raises(distributed.WaitedOut, match="did not finish within distributed.wait_seconds=0.1 s"):
+        distributed.wait_for_all(1, 2, 0.1)
+    assert not store.barriers  # no blocking call, which a Ctrl-C could not end
+
+
+def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_own_error(store, caplog):
+    """The failure is shared, the wait's own trouble (the others not coming in time) only logged; process
+    0's WaitedOut, which has waited already, is shared without a second wait."""
+    from fusion_jax import distributed
+
+    store.kv.update({"fusion_jax/end/0/here/0": "1", "fusion_jax/end/0/failed/0": "OSError: disk full"})
+    with pytest.raises(MemoryError, match="out of memory"):
+        with distributed.failures_shared(1, 2, 60):
+            raise MemoryError("out of memory")
+    assert store.kv["fusion_jax/end/0/failed/1"] == "MemoryError: out of memory"
+    assert "process 1 of 2 failed (MemoryError: out of memory); it waits for the other processes" in caplog.text
+    assert "other processes failed too: process 0: OSError: disk full" in caplog.text
+    caplog.clear()
+    with pytest.raises(ValueError, match="bad"):  # the next sweep: process 0 never comes
+        with distributed.failures_shared(1, 2, 0.1):
+            raise ValueError("bad")
+    assert "waiting for the other processes ended with WaitedOut: the other processes did not finish" in caplog.text
+    with pytest.raises(distributed.WaitedOut):
+        with distributed.failures_shared(0, 2, 0.1):
+            raise distributed.WaitedOut("groups ['x'] not finished by the other processes after 1 s")
+    assert store.kv["fusion_jax/end/2/failed/0"].startswith("WaitedOut: groups ['x']")
+    assert "fusion_jax/end/2/here/0" not in store.kv  # no second wait
 
 
 def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
@@ -486,6 +519,7 @@ def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
         with distributed.checked_start(1, 2, 60):
             raise Stopped("stopped while extracting clip's features")
     assert store.kv["fusion_jax/start/0/1"] == "Stopped: stopped while extracting clip's features"
+    assert distributed.stopped_in_step  # every process leaves the start-up here: main.py exits normally
     distributed._starts = itertools.count()  # process 0 of the same start reads it
     with pytest.raises(distributed.PeerFailed, match="process 1: Stopped: stopped while extracting"):
         with distributed.checked_start(0, 2, 60):
@@ -523,21 +557,18 @@ def test_a_process_extracting_features_stops_within_a_shard_of_a_peers_failed_st
     _stop_if_set(threading.Event(), "clip")  # outside a start-up: nothing to read
 
 
-def test_a_resume_shares_the_unfinished_groups_evenly(smoke_config, tmp_path, monkeypatch, store):
-    """Groups are dealt among the processes after the finished ones are left out: a 2-process resume after
-    process 1 died (its groups 1 and 3 unfinished) gives each process one, not both to process 1."""
+def test_a_resume_deals_the_unfinished_groups_evenly_by_process_0s_view(smoke_config, tmp_path, monkeypatch, store):
+    """Groups are dealt after the finished ones are left out: a 2-process resume after process 1 died (its
+    groups 1 and 3 unfinished) gives each process one, not both to process 1. Which are finished is process
+    0's view of the workdir, in every process (a host's file system cache may not show a record yet)."""
     from fusion_jax import distributed
-    from fusion_jax.files import atomic_write_json
     from fusion_jax.workdir import prepare_workdir
 
     groups = plan(smoke_config)
-    prepare_workdir(str(tmp_path), smoke_config.to_dict())
-    for g in groups[0::2]:  # process 0 of the first start finished its groups; process 1 died
-        atomic_write_json(str(tmp_path / "groups" / f"{g.name}.json"),
-                          [{"backbone": r.backbone, "method": r.method, "scale": r.scale, "seed": r.seed,
-                            "degradation": {"level": r.level}} for r in g.runs])
+    prepare_workdir(str(tmp_path), smoke_config.to_dict())  # this host sees no finished group yet
     monkeypatch.setattr(distributed, "initialize", lambda config: (1, 2))  # this is process 1 of the resume
-    store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/1/0": "ok"})
+    store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/1/0": "ok", "fusion_jax/start-shared/0": "{}",
+                     "fusion_jax/start-shared/1": json.dumps({"finished": [groups[0].name, groups[2].name]})})
     trained, stop = [], threading.Event()
     on_epoch = lambda group, epochs: (trained.append(group.name), stop.set())
     with pytest.raises(KeyboardInterrupt, match="stopped"):
