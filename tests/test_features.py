@@ -40,6 +40,25 @@ def test_cache_is_reused(tmp_path):
     assert other.dir != cache.dir and other.load() is None
 
 
+def test_features_from_a_gpus_tf32_matmuls_have_keys_of_their_own(monkeypatch):
+    """Features a GPU computed at its default (TF32) float32 matmuls are not reused where full precision is
+    asked for; CPU keys, and full precision on a GPU, stay as every cache made before had them."""
+    import jax
+
+    from fusion_jax.features import backbones
+
+    assert backbones.matmul_key() == {} or jax.default_backend() != "cpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with jax.default_matmul_precision("highest"):
+        assert backbones.matmul_key() == {} and "matmul_precision" not in backbones._versioned({"kind": "clip"})
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert backbones.matmul_key() == {"matmul_precision": "gpu:tensorfloat32"}
+    with jax.default_matmul_precision("default"):
+        assert backbones._versioned({"kind": "clip"}) == {"kind": "clip", "matmul_precision": "gpu:default"}
+        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+        assert backbones._versioned({"kind": "clip"}) == {"kind": "clip"}
+
+
 def test_what_a_killed_extraction_left_beside_a_finished_entry_is_removed_on_reuse(tmp_path, caplog):
     """A kill between the final entry's rename and the shards' removal left the shards (as large as the
     entry), a kill inside a write its temporary file: space only, taken back when the entry is next read."""

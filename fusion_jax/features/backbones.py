@@ -37,8 +37,19 @@ EXTRACTOR_VERSION = 1
 
 
 def _versioned(key: dict) -> dict:
-    """A side's cache key with the extractor's version (none for version 1)."""
-    return key if EXTRACTOR_VERSION == 1 else {**key, "extractor": EXTRACTOR_VERSION}
+    """A side's cache key with the extractor's version (none for version 1) and `matmul_key`."""
+    return {**key, **({} if EXTRACTOR_VERSION == 1 else {"extractor": EXTRACTOR_VERSION}), **matmul_key()}
+
+
+def matmul_key() -> dict:
+    """The float32 matmul precision the encoders run at, where it is below full float32 (an NVIDIA GPU's
+    default is TF32, ~1e-3 relative; a TPU's bfloat16 passes), so that such features are not reused where
+    full precision is asked for, nor the other way round; {} on CPUs and at "highest" (or "float32"), the
+    keys of every cache made before this was keyed."""
+    setting = jax.config.jax_default_matmul_precision
+    if jax.default_backend() == "cpu" or setting in ("highest", "float32"):
+        return {}
+    return {"matmul_precision": f"{jax.default_backend()}:{setting or 'default'}"}
 
 
 @dataclasses.dataclass(frozen=True)
