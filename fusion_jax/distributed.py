@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 import jax
 import ml_collections
@@ -135,24 +136,45 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".replace("\n", " ")[:2000]
 
 
-_end = 0  # one key space per sweep of this process: its end and the failures while it trained
+_sweep_call = 0  # the last checked_start's call: its sweep's key space (in step in every process)
 stopped_in_step = False  # whether this process's last stop (Ctrl-C) came at the end of a shared start-up
+_out_of_step = False  # this process leaves while the others may still work, or another has left so
+
+
+def _posted(client, prefix: str) -> dict[int, str]:
+    """{process: value} of the keys `<prefix><process>` posted so far."""
+    return {int(k[len(prefix):]): v for k, v in client.key_value_dir_get(prefix) if k[len(prefix):].isdigit()}
+
+
+def _poll(client, prefix: str, count: int, deadline: float, what: str, stop: threading.Event | None = None,
+          on_stop: Callable[[], None] | None = None) -> dict[int, str]:
+    """`_posted(prefix)` once all `count` processes have posted, polling (a blocking call would hold off
+    Ctrl-C, even a second one); on_stop() once `stop` is set meanwhile; WaitedOut after `deadline`."""
+    global _out_of_step
+    while len(posted := _posted(client, prefix)) < count:
+        if on_stop is not None and stop is not None and stop.is_set():
+            on_stop, stopped = None, on_stop
+            stopped()
+        if time.monotonic() > deadline:
+            _out_of_step = True
+            raise WaitedOut(f"{what} did not come within distributed.wait_seconds")
+        time.sleep(0.5)
+    return posted
 
 
 def share_failure(index: int, count: int, error: BaseException) -> None:
     """Tell the other processes that this one failed after its start-up (they finish their own groups, then
     stop naming it: `peer_failures`)."""
     if count > 1:
-        _client().key_value_set(f"fusion_jax/end/{_end}/failed/{index}", _one_line(error))
+        _client().key_value_set(f"fusion_jax/end/{_sweep_call}/failed/{index}", _one_line(error))
 
 
 def peer_failures(index: int, count: int) -> list[str]:
     """'process I: <error>' for each other process that has shared a failure in this sweep (`share_failure`)."""
     if count == 1:
         return []
-    entries = _client().key_value_dir_get(f"fusion_jax/end/{_end}/failed/")
-    return [f"process {i}: {error}" for i, error in sorted((int(k.rsplit("/", 1)[1]), v) for k, v in entries)
-            if i != index]
+    posted = _posted(_client(), f"fusion_jax/end/{_sweep_call}/failed/")
+    return [f"process {i}: {error}" for i, error in sorted(posted.items()) if i != index]
 
 
 class WaitedOut(TimeoutError):
@@ -165,26 +187,35 @@ def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading
     wait otherwise, its client gives up after 5 minutes and aborts the process: results/multiprocess/; and a
     process gone before the others are done makes JAX abort them once it misses its heartbeats).
 
-    Polls the key-value store rather than wait in one blocking call, so that a Ctrl-C (`stop`, then
-    KeyboardInterrupt) and a second one (SIGINT's default) end the wait. Raises WaitedOut after
-    `timeout_seconds`."""
-    global _end
+    A Ctrl-C (`stop`) ends the wait with KeyboardInterrupt and tells the others, which then leave at once
+    too (`leave`); WaitedOut after `timeout_seconds`."""
+    global _out_of_step
     if count == 1:
         return []
-    client, here = _client(), f"fusion_jax/end/{_end}/here/"
-    try:
-        client.key_value_set(f"{here}{index}", "1")
-        deadline = time.monotonic() + timeout_seconds
-        while len(client.key_value_dir_get(here)) < count:
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt("stopped while waiting for the other processes to finish")
-            if time.monotonic() > deadline:
-                raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds="
-                                f"{timeout_seconds:g} s")
-            time.sleep(0.5)
-        return peer_failures(index, count)
-    finally:
-        _end += 1
+    client, end = _client(), f"fusion_jax/end/{_sweep_call}/"
+    client.key_value_set(f"{end}here/{index}", "1")
+
+    def gone() -> None:
+        global _out_of_step
+        _out_of_step = True
+        client.key_value_set(f"{end}gone/{index}", "1")
+        raise KeyboardInterrupt("stopped while waiting for the other processes to finish")
+
+    _poll(client, f"{end}here/", count, time.monotonic() + timeout_seconds, "the other processes", stop, gone)
+    if _posted(client, f"{end}gone/"):  # came here, then left: JAX's shutdown barrier would wait for it
+        _out_of_step = True
+    return peer_failures(index, count)
+
+
+def leave(code: int, interrupted: bool = False) -> NoReturn:
+    """Exit with `code`: through JAX's shutdown barrier (sys.exit) where every process comes to it together; at
+    once (os._exit) where this process leaves out of step with the others (`interrupted` after a shared
+    start-up, waited out), or another has left so: that barrier would wait 5 minutes for them, then abort."""
+    if jax.process_count() > 1 and (_out_of_step or (interrupted and not stopped_in_step)):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class PeerFailed(RuntimeError):
@@ -212,6 +243,9 @@ def failures_shared(index: int, count: int, timeout_seconds: float,
                   "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
         try:
             others = wait_for_all(index, count, timeout_seconds, stop)
+        except KeyboardInterrupt:
+            log.error("process %d: stopped while waiting, after %s", index, _one_line(e))
+            raise
         except Exception as waiting:  # noqa: BLE001 - this process's own error is the one to raise
             log.error("process %d: waiting for the other processes ended with %s", index, _one_line(waiting))
         else:
@@ -225,7 +259,8 @@ _starting: tuple[int, int] | None = None  # (call, count) while this process is 
 
 
 @contextlib.contextmanager
-def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[dict]:
+def checked_start(index: int, count: int, timeout_seconds: float,
+                  stop: threading.Event | None = None) -> Iterator[dict]:
     """Run this process's start-up (loading data, claiming the workdir) and share the outcome.
 
     With several processes, each posts "ok" or its error to the coordination service and reads
@@ -233,20 +268,20 @@ def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[di
     instead of leaving the others waiting for a process that has exited. The failed process says so at
     once, and the others stop at their next `raise_if_a_peer_failed_to_start` (after each shard of
     features they extract) or at the end of their start-up. The failed process re-raises its own error;
-    the others raise PeerFailed.
+    the others raise PeerFailed. A stop (`stop`, Ctrl-C) while waiting for the others' start-up counts
+    as a failure of this process's: all leave together.
 
     Yields a dict that process 0 may fill (JSON): once the start-up has passed, every process holds
     process 0's (one view of the shared workdir for all).
     """
-    global _starting, stopped_in_step
+    global _starting, stopped_in_step, _sweep_call
     shared: dict = {}
     stopped_in_step = False
     if count == 1:
         yield shared
         return
     client, call = _client(), next(_starts)
-    own = None
-    _starting = (call, count)
+    own, _starting, _sweep_call = None, (call, count), call
     try:
         yield shared
     except (Exception, KeyboardInterrupt) as e:  # a stop (Ctrl-C) too: the others then stop with it
@@ -260,15 +295,24 @@ def checked_start(index: int, count: int, timeout_seconds: float) -> Iterator[di
     if index == 0 and own is None:  # before its status: an "ok" from process 0 says that this is there
         client.key_value_set(f"fusion_jax/start-shared/{call}", json.dumps(shared))
     client.key_value_set(f"fusion_jax/start/{call}/{index}", "ok" if own is None else _one_line(own))
-    timeout_ms = int(timeout_seconds * 1000)
-    statuses = [client.blocking_key_value_get(f"fusion_jax/start/{call}/{i}", timeout_ms) for i in range(count)]
-    client.wait_at_barrier(f"fusion_jax/start/{call}", timeout_ms)  # all have read before any exits
+    deadline, stopped = time.monotonic() + timeout_seconds, f"fusion_jax/start-stopped/{call}/"
+    mark = lambda: client.key_value_set(f"{stopped}{index}", "1")
+    statuses = _poll(client, f"fusion_jax/start/{call}/", count, deadline, "the other processes' start-up", stop, mark)
+    if stop is not None and stop.is_set():  # a stop in the start-up's last moments (or one it did not check for)
+        mark()
+    client.key_value_set(f"fusion_jax/start-read/{call}/{index}", "1")  # all have read before any leaves
+    _poll(client, f"fusion_jax/start-read/{call}/", count, deadline, "the other processes' start-up")
+    for i in _posted(client, stopped):  # posted before that process's read key: every process sees it
+        if statuses[i] == "ok":
+            statuses[i] = "Stopped: stopped while waiting for the other processes' start-up"
+        if i == index and own is None:
+            own = KeyboardInterrupt("stopped while waiting for the other processes' start-up")
     if own is not None:
         stopped_in_step = isinstance(own, KeyboardInterrupt)  # every process leaves here: none is left waiting
         raise own
-    _raise_if_failed(statuses, count)
+    _raise_if_failed([statuses[i] for i in range(count)], count)
     if index != 0:
-        shared.update(json.loads(client.blocking_key_value_get(f"fusion_jax/start-shared/{call}", timeout_ms)))
+        shared.update(json.loads(client.blocking_key_value_get(f"fusion_jax/start-shared/{call}", 60_000)))
 
 
 def raise_if_a_peer_failed_to_start() -> None:
@@ -276,8 +320,8 @@ def raise_if_a_peer_failed_to_start() -> None:
     start-up (feature extraction) stops within a shard rather than at its end."""
     if _starting is not None:
         call, count = _starting
-        posted = dict(_client().key_value_dir_get(f"fusion_jax/start/{call}/"))
-        _raise_if_failed([posted.get(f"fusion_jax/start/{call}/{i}", "ok") for i in range(count)], count)
+        posted = _posted(_client(), f"fusion_jax/start/{call}/")
+        _raise_if_failed([posted.get(i, "ok") for i in range(count)], count)
 
 
 def _raise_if_failed(statuses: list[str], count: int) -> None:

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -152,34 +151,27 @@ def main(argv: list[str]) -> None:
     try:
         results = train_and_evaluate(config, workdir, stop=stop,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
-    except (ConfigError, DataUnavailableError, PeerFailed) as e:
+    except (ConfigError, DataUnavailableError, PeerFailed, distributed.WaitedOut) as e:
         message = str(e)
         if _WORKDIR.value:  # the workdir came from the flag (the other processes' errors too: same command)
             message = message.replace("config.workdir:", "--workdir:")
         print(f"fusion_jax: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        distributed.leave(2)
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
-        if jax.process_count() > 1 and not distributed.stopped_in_step:
-            # Not JAX's shutdown barrier, where the others, still training, would leave it for 5 minutes (a stop
-            # at the end of the start-up is shared: every process leaves there, and their shutdown is in step).
-            sys.stdout.flush()
-            os._exit(130)
-        sys.exit(130)
+        distributed.leave(130, interrupted=True)
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
-        return
+        distributed.leave(0)
     # The figures this sweep drew: a report draws no figure that its results cannot fill, and keeps an
     # earlier t-SNE when the sweep's sample files are gone.
     figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png")
                      and os.path.getmtime(os.path.join(workdir, f)) >= started)
     print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv)"
           + "".join(f", {f}" for f in figures))
-    if results["failed_groups"]:
-        for failure in results["failed_groups"]:
-            print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)
-        sys.exit(1)
-
+    for failure in results["failed_groups"]:
+        print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)
+    distributed.leave(1 if results["failed_groups"] else 0)
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -280,7 +280,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     config_dict = config.to_dict()
     groups = plan(config)
     done, failed = _record_paths(workdir)
-    with distributed.checked_start(index, count, config.distributed.wait_seconds):
+    with distributed.checked_start(index, count, config.distributed.wait_seconds, stop):
         check_workdir(workdir, config_dict)  # before minutes of feature extraction
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
@@ -293,7 +293,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         identities = {b: {**feature_identity(fs.provenance), **drawn[b]} for b, fs in features.items()}
         if index == 0:  # process 0 claims a new workdir; the others then check their config and features
             prepare_workdir(workdir, config_dict, identities)
-    with distributed.checked_start(index, count, config.distributed.wait_seconds) as shared:
+    with distributed.checked_start(index, count, config.distributed.wait_seconds, stop) as shared:
         if index != 0:
             prepare_workdir(workdir, config_dict, identities)
         held.enter_context(sweep_lock(workdir, index, count))

@@ -430,11 +430,12 @@ def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
 
 
 class _Store:
-    """The coordination service of jax.distributed as one process sees it: the key-value store (the other
-    processes' keys set by the test) and barriers, which pass at once."""
+    """The coordination service of jax.distributed as one process sees it: the key-value store, where the
+    test sets the other processes' keys (except those saying that a start-up's statuses were read: the
+    others have always read them)."""
 
-    def __init__(self, **kv):
-        self.kv, self.barriers = {k.replace("__", "/"): v for k, v in kv.items()}, []
+    def __init__(self):
+        self.kv = {}
 
     def key_value_set(self, key, value):
         self.kv[key] = value
@@ -443,27 +444,28 @@ class _Store:
         return self.kv[key]
 
     def key_value_dir_get(self, prefix):
+        if prefix.startswith("fusion_jax/start-read/"):
+            return [(f"{prefix}{i}", "1") for i in range(64)]
         return sorted((k, v) for k, v in self.kv.items() if k.startswith(prefix))
-
-    def wait_at_barrier(self, name, ms):
-        self.barriers.append((name, ms))
 
 
 @pytest.fixture
 def store(monkeypatch):
-    """A fresh `_Store` in place of jax.distributed's client, with fusion_jax.distributed's key spaces reset."""
+    """A fresh `_Store` in place of jax.distributed's client, with fusion_jax.distributed's state reset."""
     from fusion_jax import distributed
 
     store = _Store()
     monkeypatch.setattr(distributed, "_client", lambda: store)
     monkeypatch.setattr(distributed, "_starts", itertools.count())
-    monkeypatch.setattr(distributed, "_end", 0)
+    for name, value in (("_sweep_call", 0), ("_out_of_step", False), ("stopped_in_step", False)):
+        monkeypatch.setattr(distributed, name, value)
     return store
 
 
-def test_a_finished_process_waits_for_the_others_at_the_end(store):
+def test_a_finished_process_waits_for_the_others_at_the_end(store, monkeypatch):
     """Not at JAX's shutdown barrier, where a process is aborted after 5 minutes (results/multiprocess/);
-    it learns there which other processes failed while training, and a Ctrl-C (`stop`) ends the wait."""
+    it learns there which other processes failed while training; a Ctrl-C (`stop`) ends the wait, and
+    the others then leave at once too (not through JAX's shutdown barrier, which would wait for it)."""
     from fusion_jax import distributed
 
     assert distributed.wait_for_all(0, 1, 60) == [] and not store.kv
@@ -473,18 +475,42 @@ def test_a_finished_process_waits_for_the_others_at_the_end(store):
     distributed.share_failure(0, 11, ValueError("this process's own"))
     assert distributed.wait_for_all(0, 11, 86400) == ["process 2: ValueError: bad",
                                                       "process 10: RuntimeError: out of memory"]
-    store.kv.update({"fusion_jax/end/1/here/1": "1"})  # the next sweep of this process has its own keys
-    assert distributed.wait_for_all(0, 2, 86400) == []
+    assert not distributed._out_of_step
+    monkeypatch.setattr(distributed, "_sweep_call", 1)  # the next sweep has keys of its own
     stop = threading.Event()
     stop.set()
     with pytest.raises(KeyboardInterrupt, match="stopped while waiting for the other processes"):
         distributed.wait_for_all(0, 2, 86400, stop)  # process 1 has not come
-    with pytest.raises(distributed.WaitedOut, match="did not finish within distributed.wait_seconds=0.1 s"):
+    assert store.kv["fusion_jax/end/1/gone/0"] and distributed._out_of_step
+    monkeypatch.setattr(distributed, "_out_of_step", False)  # process 1 comes, and finds process 0 gone
+    assert distributed.wait_for_all(1, 2, 86400) == [] and distributed._out_of_step
+    monkeypatch.setattr(distributed, "_sweep_call", 2)
+    with pytest.raises(distributed.WaitedOut, match="the other processes did not come within"):
         distributed.wait_for_all(1, 2, 0.1)
-    assert not store.barriers  # no blocking call, which a Ctrl-C could not end
 
 
-def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_own_error(store, caplog):
+def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(monkeypatch):
+    """sys.exit (JAX's shutdown barrier) where the processes leave together; os._exit where one leaves out of
+    step: the barrier would wait 5 minutes for it, then abort (SIGABRT, exit status 134)."""
+    import jax
+
+    from fusion_jax import distributed
+
+    class AtOnce(BaseException):
+        pass
+
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: (_ for _ in ()).throw(AtOnce(code)))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for out_of_step, interrupted, in_step, how in ((False, False, False, SystemExit), (True, False, False, AtOnce),
+                                                   (False, True, False, AtOnce), (False, True, True, SystemExit)):
+        monkeypatch.setattr(distributed, "_out_of_step", out_of_step)
+        monkeypatch.setattr(distributed, "stopped_in_step", in_step)
+        with pytest.raises(how) as left:
+            distributed.leave(3, interrupted)
+        assert left.value.args == (3,)
+
+
+def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_own_error(store, caplog, monkeypatch):
     """The failure is shared, the wait's own trouble (the others not coming in time) only logged; process
     0's WaitedOut, which has waited already, is shared without a second wait."""
     from fusion_jax import distributed
@@ -497,15 +523,36 @@ def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_o
     assert "process 1 of 2 failed (MemoryError: out of memory); it waits for the other processes" in caplog.text
     assert "other processes failed too: process 0: OSError: disk full" in caplog.text
     caplog.clear()
-    with pytest.raises(ValueError, match="bad"):  # the next sweep: process 0 never comes
+    monkeypatch.setattr(distributed, "_sweep_call", 1)  # the next sweep: process 0 never comes
+    with pytest.raises(ValueError, match="bad"):
         with distributed.failures_shared(1, 2, 0.1):
             raise ValueError("bad")
-    assert "waiting for the other processes ended with WaitedOut: the other processes did not finish" in caplog.text
+    assert "waiting for the other processes ended with WaitedOut: the other processes did not come" in caplog.text
+    monkeypatch.setattr(distributed, "_sweep_call", 2)
     with pytest.raises(distributed.WaitedOut):
         with distributed.failures_shared(0, 2, 0.1):
             raise distributed.WaitedOut("groups ['x'] not finished by the other processes after 1 s")
     assert store.kv["fusion_jax/end/2/failed/0"].startswith("WaitedOut: groups ['x']")
     assert "fusion_jax/end/2/here/0" not in store.kv  # no second wait
+
+
+def test_a_stop_while_waiting_for_the_others_start_up_is_shared_in_step(store):
+    """A Ctrl-C while a process waits for the others' start-up (hours of feature extraction elsewhere) ends
+    the start-up of every process together, as a failed one does."""
+    from fusion_jax import distributed
+
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()  # Ctrl-C
+    threading.Timer(0.8, store.kv.__setitem__, ("fusion_jax/start/0/1", "ok")).start()  # process 1 is done
+    with pytest.raises(KeyboardInterrupt, match="stopped while waiting for the other processes' start-up"):
+        with distributed.checked_start(0, 2, 60, stop):
+            pass
+    assert store.kv["fusion_jax/start/0/0"] == "ok" and "fusion_jax/start-stopped/0/0" in store.kv
+    assert distributed.stopped_in_step
+    distributed._starts = itertools.count()  # process 1 of the same start: its status came later
+    with pytest.raises(distributed.PeerFailed, match="process 0: Stopped: stopped while waiting for the other"):
+        with distributed.checked_start(1, 2, 60):
+            pass
 
 
 def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
