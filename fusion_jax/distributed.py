@@ -141,6 +141,19 @@ stopped_in_step = False  # whether this process's last stop (Ctrl-C) came at the
 _out_of_step = False  # this process leaves while the others may still work, or another has left so
 
 
+def _set_once(client, key: str) -> None:
+    """Post `key` (a mark: "1") where it may have been posted already (the store refuses to overwrite)."""
+    client.key_value_set(key, "1", allow_overwrite=True)
+
+
+def _leaving(index: int) -> None:
+    """This process leaves its sweep before the others are done: it exits at once (`leave`), and tells the
+    others, which then stop waiting for it (`wait_for_all`) and leave at once too."""
+    global _out_of_step
+    _out_of_step = True
+    _set_once(_client(), f"fusion_jax/end/{_sweep_call}/gone/{index}")
+
+
 def _posted(client, prefix: str) -> dict[int, str]:
     """{process: value} of the keys `<prefix><process>` posted so far."""
     return {int(k[len(prefix):]): v for k, v in client.key_value_dir_get(prefix) if k[len(prefix):].isdigit()}
@@ -187,22 +200,28 @@ def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading
     wait otherwise, its client gives up after 5 minutes and aborts the process: results/multiprocess/; and a
     process gone before the others are done makes JAX abort them once it misses its heartbeats).
 
-    A Ctrl-C (`stop`) ends the wait with KeyboardInterrupt and tells the others, which then leave at once
-    too (`leave`); WaitedOut after `timeout_seconds`."""
+    Polls (a blocking call would hold off Ctrl-C, even a second one). A Ctrl-C (`stop`) ends the wait with
+    Stopped, WaitedOut comes after `timeout_seconds`; either way the others are told (`_leaving`), and a
+    process told so stops waiting and leaves at once too (`leave`)."""
     global _out_of_step
     if count == 1:
         return []
     client, end = _client(), f"fusion_jax/end/{_sweep_call}/"
     client.key_value_set(f"{end}here/{index}", "1")
-
-    def gone() -> None:
-        global _out_of_step
-        _out_of_step = True
-        client.key_value_set(f"{end}gone/{index}", "1")
-        raise KeyboardInterrupt("stopped while waiting for the other processes to finish")
-
-    _poll(client, f"{end}here/", count, time.monotonic() + timeout_seconds, "the other processes", stop, gone)
-    if _posted(client, f"{end}gone/"):  # came here, then left: JAX's shutdown barrier would wait for it
+    deadline = time.monotonic() + timeout_seconds
+    while len(_posted(client, f"{end}here/")) < count:
+        if set(_posted(client, f"{end}gone/")) - {index}:
+            break
+        if stop is not None and stop.is_set():
+            _leaving(index)
+            raise Stopped("stopped while waiting for the other processes to finish")
+        if time.monotonic() > deadline:
+            _leaving(index)
+            raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s")
+        time.sleep(0.5)
+    # One that came here and left (or never came), told: JAX's shutdown barrier would wait for it. (A stop
+    # told between another's last look and this one's is missed: that one then meets JAX's abort.)
+    if set(_posted(client, f"{end}gone/")) - {index}:
         _out_of_step = True
     return peer_failures(index, count)
 
@@ -211,11 +230,16 @@ def leave(code: int, interrupted: bool = False) -> NoReturn:
     """Exit with `code`: through JAX's shutdown barrier (sys.exit) where every process comes to it together; at
     once (os._exit) where this process leaves out of step with the others (`interrupted` after a shared
     start-up, waited out), or another has left so: that barrier would wait 5 minutes for them, then abort."""
-    if jax.process_count() > 1 and (_out_of_step or (interrupted and not stopped_in_step)):
+    if jax.distributed.is_initialized() and (_out_of_step or (interrupted and not stopped_in_step)):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+class Stopped(KeyboardInterrupt):
+    """The sweep stopped between epochs (or shards of extracted features), or while waiting for the other
+    processes, because it was asked to (`stop`, Ctrl-C on the command line)."""
 
 
 class PeerFailed(RuntimeError):
@@ -236,9 +260,10 @@ def failures_shared(index: int, count: int, timeout_seconds: float,
             raise
         if not isinstance(e, PeerFailed):
             share_failure(index, count, e)
-        if isinstance(e, WaitedOut):
+        if isinstance(e, WaitedOut):  # waited already: this process leaves, and the others with it
+            _leaving(index)
             raise
-        log.error("process %d of %d %s; it waits for the other processes to finish their groups (up to %d s) "
+        log.error("process %d of %d %s; it waits for the other processes to finish their groups (up to %g s) "
                   "before it exits, as they would be ended with it", index, count,
                   "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
         try:
@@ -274,9 +299,9 @@ def checked_start(index: int, count: int, timeout_seconds: float,
     Yields a dict that process 0 may fill (JSON): once the start-up has passed, every process holds
     process 0's (one view of the shared workdir for all).
     """
-    global _starting, stopped_in_step, _sweep_call
+    global _starting, stopped_in_step, _sweep_call, _out_of_step
     shared: dict = {}
-    stopped_in_step = False
+    stopped_in_step = _out_of_step = False
     if count == 1:
         yield shared
         return
@@ -296,17 +321,19 @@ def checked_start(index: int, count: int, timeout_seconds: float,
         client.key_value_set(f"fusion_jax/start-shared/{call}", json.dumps(shared))
     client.key_value_set(f"fusion_jax/start/{call}/{index}", "ok" if own is None else _one_line(own))
     deadline, stopped = time.monotonic() + timeout_seconds, f"fusion_jax/start-stopped/{call}/"
-    mark = lambda: client.key_value_set(f"{stopped}{index}", "1")
+    mark = lambda: _set_once(client, f"{stopped}{index}")
     statuses = _poll(client, f"fusion_jax/start/{call}/", count, deadline, "the other processes' start-up", stop, mark)
     if stop is not None and stop.is_set():  # a stop in the start-up's last moments (or one it did not check for)
         mark()
     client.key_value_set(f"fusion_jax/start-read/{call}/{index}", "1")  # all have read before any leaves
-    _poll(client, f"fusion_jax/start-read/{call}/", count, deadline, "the other processes' start-up")
+    # All statuses are in: the others read them within moments (a grace, should this one's wait be nearly out).
+    _poll(client, f"fusion_jax/start-read/{call}/", count, max(deadline, time.monotonic() + 60),
+          "the other processes' start-up")
     for i in _posted(client, stopped):  # posted before that process's read key: every process sees it
         if statuses[i] == "ok":
             statuses[i] = "Stopped: stopped while waiting for the other processes' start-up"
         if i == index and own is None:
-            own = KeyboardInterrupt("stopped while waiting for the other processes' start-up")
+            own = Stopped("stopped while waiting for the other processes' start-up")
     if own is not None:
         stopped_in_step = isinstance(own, KeyboardInterrupt)  # every process leaves here: none is left waiting
         raise own
@@ -321,6 +348,8 @@ def raise_if_a_peer_failed_to_start() -> None:
     if _starting is not None:
         call, count = _starting
         posted = _posted(_client(), f"fusion_jax/start/{call}/")
+        for i in _posted(_client(), f"fusion_jax/start-stopped/{call}/"):  # stopped while waiting for this one
+            posted[i] = "Stopped: stopped while waiting for the other processes' start-up"
         _raise_if_failed([posted.get(i, "ok") for i in range(count)], count)
 
 

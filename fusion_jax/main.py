@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -160,6 +161,9 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
         distributed.leave(130, interrupted=True)
+    except Exception:  # noqa: BLE001 - an unexpected error: its traceback, then out as the others need
+        traceback.print_exc()
+        distributed.leave(1)
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         distributed.leave(0)

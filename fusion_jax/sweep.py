@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_jax import degrade, distributed
+from fusion_jax.distributed import Stopped  # noqa: F401 - the sweep's, where its callers look for it
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet, build_pairs, captioned_images, overlap
@@ -216,11 +217,6 @@ def _stop_unless_finite(group: Group, finite: np.ndarray, what: str) -> None:
     if bad:
         raise NonFinite(f"group {group.name}: non-finite {what} of runs "
                         + ", ".join(f"(scale {r.scale}, seed {r.seed}, level {r.level:g})" for r in bad))
-
-
-class Stopped(KeyboardInterrupt):
-    """The sweep stopped between epochs (or shards of extracted features) because it was asked to
-    (`stop`, Ctrl-C on the command line)."""
 
 
 def _stop_if_set(stop: threading.Event, backbone: str) -> None:

@@ -437,7 +437,9 @@ class _Store:
     def __init__(self):
         self.kv = {}
 
-    def key_value_set(self, key, value):
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if key in self.kv and not allow_overwrite:  # as jax.distributed's store
+            raise RuntimeError(f"ALREADY_EXISTS: key {key}")
         self.kv[key] = value
 
     def blocking_key_value_get(self, key, ms):
@@ -479,14 +481,16 @@ def test_a_finished_process_waits_for_the_others_at_the_end(store, monkeypatch):
     monkeypatch.setattr(distributed, "_sweep_call", 1)  # the next sweep has keys of its own
     stop = threading.Event()
     stop.set()
-    with pytest.raises(KeyboardInterrupt, match="stopped while waiting for the other processes"):
-        distributed.wait_for_all(0, 2, 86400, stop)  # process 1 has not come
+    with pytest.raises(distributed.Stopped, match="stopped while waiting for the other processes"):
+        distributed.wait_for_all(0, 3, 86400, stop)  # processes 1 and 2 have not come
     assert store.kv["fusion_jax/end/1/gone/0"] and distributed._out_of_step
-    monkeypatch.setattr(distributed, "_out_of_step", False)  # process 1 comes, and finds process 0 gone
-    assert distributed.wait_for_all(1, 2, 86400) == [] and distributed._out_of_step
+    monkeypatch.setattr(distributed, "_out_of_step", False)  # process 1 comes, finds process 0 gone: leaves too
+    assert distributed.wait_for_all(1, 3, 86400) == [] and distributed._out_of_step
     monkeypatch.setattr(distributed, "_sweep_call", 2)
-    with pytest.raises(distributed.WaitedOut, match="the other processes did not come within"):
+    monkeypatch.setattr(distributed, "_out_of_step", False)
+    with pytest.raises(distributed.WaitedOut, match="the other processes did not finish within"):
         distributed.wait_for_all(1, 2, 0.1)
+    assert store.kv["fusion_jax/end/2/gone/1"] and distributed._out_of_step
 
 
 def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(monkeypatch):
@@ -500,7 +504,7 @@ def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(mo
         pass
 
     monkeypatch.setattr(distributed.os, "_exit", lambda code: (_ for _ in ()).throw(AtOnce(code)))
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     for out_of_step, interrupted, in_step, how in ((False, False, False, SystemExit), (True, False, False, AtOnce),
                                                    (False, True, False, AtOnce), (False, True, True, SystemExit)):
         monkeypatch.setattr(distributed, "_out_of_step", out_of_step)
@@ -527,13 +531,14 @@ def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_o
     with pytest.raises(ValueError, match="bad"):
         with distributed.failures_shared(1, 2, 0.1):
             raise ValueError("bad")
-    assert "waiting for the other processes ended with WaitedOut: the other processes did not come" in caplog.text
+    assert "waiting for the other processes ended with WaitedOut: the other processes did not finish" in caplog.text
     monkeypatch.setattr(distributed, "_sweep_call", 2)
     with pytest.raises(distributed.WaitedOut):
         with distributed.failures_shared(0, 2, 0.1):
             raise distributed.WaitedOut("groups ['x'] not finished by the other processes after 1 s")
     assert store.kv["fusion_jax/end/2/failed/0"].startswith("WaitedOut: groups ['x']")
     assert "fusion_jax/end/2/here/0" not in store.kv  # no second wait
+    assert store.kv["fusion_jax/end/2/gone/0"] and distributed._out_of_step  # the others leave, and it at once
 
 
 def test_a_stop_while_waiting_for_the_others_start_up_is_shared_in_step(store):
@@ -549,10 +554,12 @@ def test_a_stop_while_waiting_for_the_others_start_up_is_shared_in_step(store):
             pass
     assert store.kv["fusion_jax/start/0/0"] == "ok" and "fusion_jax/start-stopped/0/0" in store.kv
     assert distributed.stopped_in_step
-    distributed._starts = itertools.count()  # process 1 of the same start: its status came later
+    distributed._starts = itertools.count()  # process 1 of the same start, extracting features: its next shard
+    del store.kv["fusion_jax/start/0/1"]  # not yet posted then
     with pytest.raises(distributed.PeerFailed, match="process 0: Stopped: stopped while waiting for the other"):
         with distributed.checked_start(1, 2, 60):
-            pass
+            distributed.raise_if_a_peer_failed_to_start()
+            pytest.fail("went on extracting")
 
 
 def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
@@ -568,6 +575,7 @@ def test_a_stop_during_start_up_is_shared_with_the_other_processes(store):
     assert store.kv["fusion_jax/start/0/1"] == "Stopped: stopped while extracting clip's features"
     assert distributed.stopped_in_step  # every process leaves the start-up here: main.py exits normally
     distributed._starts = itertools.count()  # process 0 of the same start reads it
+    del store.kv["fusion_jax/start/0/0"]  # which it posts then
     with pytest.raises(distributed.PeerFailed, match="process 1: Stopped: stopped while extracting"):
         with distributed.checked_start(0, 2, 60):
             pass
@@ -598,6 +606,7 @@ def test_a_process_extracting_features_stops_within_a_shard_of_a_peers_failed_st
                     store.kv["fusion_jax/start/0/1"] = "ValueError: no captions file"
     assert shards == [0, 1] and store.kv["fusion_jax/start/0/0"].startswith("PeerFailed: 1 of 3")
     distributed._starts = itertools.count()  # process 2, which did its start-up alone: process 0 is not named
+    del store.kv["fusion_jax/start/0/2"]  # which it posts then
     with pytest.raises(distributed.PeerFailed, match=r"; process 1: ValueError: no captions file$"):
         with distributed.checked_start(2, 3, 60):
             pass
