@@ -194,15 +194,49 @@ class WaitedOut(TimeoutError):
     """The other processes did not come within distributed.wait_seconds."""
 
 
+def share_stop(index: int) -> None:
+    """Tell the other processes that this one was stopped (Ctrl-C): they stop before their next epoch too
+    (`_PeerStops`), and all leave together."""
+    _set_once(_client(), f"fusion_jax/end/{_sweep_call}/stopped/{index}")
+
+
+def peers_stopped(index: int) -> list[int]:
+    """The other processes that were stopped in this sweep (`share_stop`)."""
+    return sorted(set(_posted(_client(), f"fusion_jax/end/{_sweep_call}/stopped/")) - {index})
+
+
+class _PeerStops:
+    """A thread that sets `stop` once another process was stopped, so that this one stops before its next
+    epoch too (or leaves its wait for the others' groups)."""
+
+    def __init__(self, index: int, stop: threading.Event):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(index, stop), daemon=True,
+                                        name="fusion_jax-peer-stops")
+        self._thread.start()
+
+    def _watch(self, index: int, stop: threading.Event) -> None:
+        while not self._done.wait(1.0) and not stop.is_set():
+            if others := peers_stopped(index):
+                log.warning("process %s was stopped (Ctrl-C): process %d stops too, before its next epoch",
+                            ", ".join(map(str, others)), index)
+                stop.set()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading.Event | None = None) -> list[str]:
     """With several processes, wait until every one has come here, and return `peer_failures`: a process that
     is done, or has failed, waits for the others rather than exit (at JAX's shutdown barrier, where it would
     wait otherwise, its client gives up after 5 minutes and aborts the process: results/multiprocess/; and a
     process gone before the others are done makes JAX abort them once it misses its heartbeats).
 
-    Polls (a blocking call would hold off Ctrl-C, even a second one). A Ctrl-C (`stop`) ends the wait with
-    Stopped, WaitedOut comes after `timeout_seconds`; either way the others are told (`_leaving`), and a
-    process told so stops waiting and leaves at once too (`leave`)."""
+    Polls (a blocking call would hold off Ctrl-C). A Ctrl-C meanwhile (`stop`) is shared (`share_stop`): the
+    others stop before their next epoch and come; a second one ends this process (SIGINT's default).
+    WaitedOut comes after `timeout_seconds`: the others are told (`_leaving`), and a process told so stops
+    waiting and leaves at once too (`leave`)."""
     global _out_of_step
     if count == 1:
         return []
@@ -213,14 +247,13 @@ def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading
         if set(_posted(client, f"{end}gone/")) - {index}:
             break
         if stop is not None and stop.is_set():
-            _leaving(index)
-            raise Stopped("stopped while waiting for the other processes to finish")
+            share_stop(index)
         if time.monotonic() > deadline:
             _leaving(index)
             raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s")
         time.sleep(0.5)
-    # One that came here and left (or never came), told: JAX's shutdown barrier would wait for it. (A stop
-    # told between another's last look and this one's is missed: that one then meets JAX's abort.)
+    # One that came here and left (or never came), told: JAX's shutdown barrier would wait for it. (One told
+    # between another's last look and this one's is missed: that one then meets JAX's abort.)
     if set(_posted(client, f"{end}gone/")) - {index}:
         _out_of_step = True
     return peer_failures(index, count)
@@ -249,15 +282,26 @@ class PeerFailed(RuntimeError):
 @contextlib.contextmanager
 def failures_shared(index: int, count: int, timeout_seconds: float,
                     stop: threading.Event | None = None) -> Iterator[None]:
-    """Around a process's training: an error in it is shared with the others (`share_failure`), which
+    """Around a process's training. An error in it is shared with the others (`share_failure`), which
     finish their own groups and then stop naming it, while this process waits for them (`wait_for_all`)
-    and then raises its own error. Process 0's WaitedOut (the others' groups missing after
-    `timeout_seconds`) is shared without a second wait."""
+    and then raises its own error; process 0's WaitedOut (the others' groups missing after
+    `timeout_seconds`) is shared without a second wait. A stop (Ctrl-C, Stopped) in any process stops every
+    process before its next epoch (`share_stop`, `_PeerStops`), and all leave together."""
+    global stopped_in_step
+    if count == 1:
+        yield
+        return
+    peers = _PeerStops(index, stop) if stop is not None else None
     try:
         yield
+    except KeyboardInterrupt as e:
+        share_stop(index)
+        log.error("process %d of %d stopped (%s); it waits for the others to stop after their current epoch (a "
+                  "second Ctrl-C ends it at once)", index, count, _one_line(e)[:300])
+        wait_for_all(index, count, timeout_seconds)  # every process leaves here: JAX's shutdown is in step
+        stopped_in_step = not _out_of_step
+        raise
     except Exception as e:
-        if count == 1:
-            raise
         if not isinstance(e, PeerFailed):
             share_failure(index, count, e)
         if isinstance(e, WaitedOut):  # waited already: this process leaves, and the others with it
@@ -268,15 +312,15 @@ def failures_shared(index: int, count: int, timeout_seconds: float,
                   "stops" if isinstance(e, PeerFailed) else f"failed ({_one_line(e)[:300]})", timeout_seconds)
         try:
             others = wait_for_all(index, count, timeout_seconds, stop)
-        except KeyboardInterrupt:
-            log.error("process %d: stopped while waiting, after %s", index, _one_line(e))
-            raise
         except Exception as waiting:  # noqa: BLE001 - this process's own error is the one to raise
             log.error("process %d: waiting for the other processes ended with %s", index, _one_line(waiting))
         else:
             if others and not isinstance(e, PeerFailed):
                 log.error("other processes failed too: %s", "; ".join(others))
         raise
+    finally:
+        if peers is not None:
+            peers.close()
 
 
 _starts = itertools.count()  # processes call checked_start in the same order: one key space per call

@@ -480,17 +480,41 @@ def test_a_finished_process_waits_for_the_others_at_the_end(store, monkeypatch):
     assert not distributed._out_of_step
     monkeypatch.setattr(distributed, "_sweep_call", 1)  # the next sweep has keys of its own
     stop = threading.Event()
-    stop.set()
-    with pytest.raises(distributed.Stopped, match="stopped while waiting for the other processes"):
-        distributed.wait_for_all(0, 3, 86400, stop)  # processes 1 and 2 have not come
-    assert store.kv["fusion_jax/end/1/gone/0"] and distributed._out_of_step
-    monkeypatch.setattr(distributed, "_out_of_step", False)  # process 1 comes, finds process 0 gone: leaves too
-    assert distributed.wait_for_all(1, 3, 86400) == [] and distributed._out_of_step
+    stop.set()  # a Ctrl-C in the wait is shared: the others stop after their epoch and come, and it goes on
+    threading.Timer(0.3, store.kv.__setitem__, ("fusion_jax/end/1/here/1", "1")).start()
+    assert distributed.wait_for_all(0, 2, 60, stop) == [] and not distributed._out_of_step
+    assert store.kv["fusion_jax/end/1/stopped/0"] and distributed.peers_stopped(1) == [0]
     monkeypatch.setattr(distributed, "_sweep_call", 2)
+    store.kv["fusion_jax/end/2/gone/0"] = "1"  # process 0 waited out and left: process 1 leaves at once too
+    assert distributed.wait_for_all(1, 3, 86400) == [] and distributed._out_of_step
+    monkeypatch.setattr(distributed, "_sweep_call", 3)
     monkeypatch.setattr(distributed, "_out_of_step", False)
     with pytest.raises(distributed.WaitedOut, match="the other processes did not finish within"):
         distributed.wait_for_all(1, 2, 0.1)
-    assert store.kv["fusion_jax/end/2/gone/1"] and distributed._out_of_step
+    assert store.kv["fusion_jax/end/3/gone/1"] and distributed._out_of_step
+
+
+def test_a_stop_in_one_process_stops_all_and_they_leave_together(store):
+    """Ctrl-C to one process (or to all, as multiprocess_localhost.sh sends it) while they train: every
+    process stops before its next epoch and waits for the others, then all exit in step (process 0 leaving
+    first took its coordinator with it: the others died with SIGABRT)."""
+    import time
+
+    from fusion_jax import distributed
+
+    stop = threading.Event()
+    with distributed.failures_shared(0, 2, 60, stop):  # process 0 trains; process 1 is stopped
+        store.kv["fusion_jax/end/0/stopped/1"] = "1"
+        deadline = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stop.is_set()  # process 0 stops before its next epoch
+    store.kv["fusion_jax/end/0/here/1"] = "1"  # process 1 waits at the end
+    with pytest.raises(distributed.Stopped, match="group g: stopped after epoch 3"):
+        with distributed.failures_shared(0, 2, 60, stop):
+            raise distributed.Stopped("group g: stopped after epoch 3")
+    assert store.kv["fusion_jax/end/0/stopped/0"] and store.kv["fusion_jax/end/0/here/0"]
+    assert distributed.stopped_in_step and not distributed._out_of_step  # through JAX's shutdown, together
 
 
 def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(monkeypatch):
@@ -624,7 +648,8 @@ def test_a_resume_deals_the_unfinished_groups_evenly_by_process_0s_view(smoke_co
     prepare_workdir(str(tmp_path), smoke_config.to_dict())  # this host sees no finished group yet
     monkeypatch.setattr(distributed, "initialize", lambda config: (1, 2))  # this is process 1 of the resume
     store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/1/0": "ok", "fusion_jax/start-shared/0": "{}",
-                     "fusion_jax/start-shared/1": json.dumps({"finished": [groups[0].name, groups[2].name]})})
+                     "fusion_jax/start-shared/1": json.dumps({"finished": [groups[0].name, groups[2].name]}),
+                     "fusion_jax/end/1/here/0": "1"})  # process 0 waits at the end once this one stops
     trained, stop = [], threading.Event()
     on_epoch = lambda group, epochs: (trained.append(group.name), stop.set())
     with pytest.raises(KeyboardInterrupt, match="stopped"):
