@@ -206,8 +206,9 @@ def peers_stopped(index: int) -> list[int]:
 
 
 class _PeerStops:
-    """A thread that sets `stop` once another process was stopped, so that this one stops before its next
-    epoch too (or leaves its wait for the others' groups)."""
+    """A thread that tells the others at once when this process is stopped (`stop`; not only once its epoch
+    in progress is done), and sets `stop` once another process was stopped, so that this one stops before
+    its next epoch too (or leaves its wait for the others' groups)."""
 
     def __init__(self, index: int, stop: threading.Event):
         self._done = threading.Event()
@@ -216,11 +217,14 @@ class _PeerStops:
         self._thread.start()
 
     def _watch(self, index: int, stop: threading.Event) -> None:
-        while not self._done.wait(1.0) and not stop.is_set():
-            if others := peers_stopped(index):
+        while not self._done.wait(0.5):
+            if not stop.is_set() and (others := peers_stopped(index)):
                 log.warning("process %s was stopped (Ctrl-C): process %d stops too, before its next epoch",
                             ", ".join(map(str, others)), index)
                 stop.set()
+            if stop.is_set():
+                share_stop(index)
+                return
 
     def close(self) -> None:
         self._done.set()
@@ -250,7 +254,8 @@ def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading
             share_stop(index)
         if time.monotonic() > deadline:
             _leaving(index)
-            raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s")
+            raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s "
+                            "(one may have ended without telling: killed, or a second Ctrl-C)")
         time.sleep(0.5)
     # One that came here and left (or never came), told: JAX's shutdown barrier would wait for it. (One told
     # between another's last look and this one's is missed: that one then meets JAX's abort.)

@@ -346,7 +346,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     while not all(os.path.exists(done(g)) or os.path.exists(failed(g)) for g in groups):
         if waited >= config.distributed.wait_seconds:
             missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
-            raise distributed.WaitedOut(f"groups {missing} not finished by the other processes after {waited:.0f} s")
+            raise distributed.WaitedOut(f"groups {missing} not finished by the other processes after {waited:.0f} s "
+                                        "(one may have ended without telling: killed, or a second Ctrl-C)")
         if stop.is_set():
             raise Stopped("stopped while waiting for the other processes' groups")
         if failures := distributed.peer_failures(index, count):

@@ -517,6 +517,20 @@ def test_a_stop_in_one_process_stops_all_and_they_leave_together(store):
     assert distributed.stopped_in_step and not distributed._out_of_step  # through JAX's shutdown, together
 
 
+def test_a_stopped_process_tells_the_others_at_once_not_after_its_epoch(store):
+    import time
+
+    from fusion_jax import distributed
+
+    stop = threading.Event()
+    with distributed.failures_shared(1, 2, 60, stop):
+        stop.set()  # Ctrl-C while an epoch of minutes runs on
+        deadline = time.monotonic() + 10
+        while "fusion_jax/end/0/stopped/1" not in store.kv and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert distributed.peers_stopped(0) == [1]
+
+
 def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(monkeypatch):
     """sys.exit (JAX's shutdown barrier) where the processes leave together; os._exit where one leaves out of
     step: the barrier would wait 5 minutes for it, then abort (SIGABRT, exit status 134)."""
