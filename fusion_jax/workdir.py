@@ -109,9 +109,18 @@ def refuse_while_in_use(workdir: str) -> None:
     sweep's coordinator (where both use one address), which then stops the running sweep's processes."""
     if fcntl is None or not os.path.isdir(workdir):
         return
+    for index, pid in _held_locks(workdir):
+        raise _in_use(workdir, f"process {index}", pid)
+
+
+def _held_locks(workdir: str, first: int = 0) -> Iterator[tuple[int, str]]:
+    """(process index, pid) of each `.lock-<index>` in `workdir`, index >= first, that another open file
+    holds (only those are probed: on NFS, flock is a POSIX lock, which a probe of this process's own lock
+    file would release)."""
     for name in sorted(os.listdir(workdir)):
-        if (lock := re.fullmatch(r"\.lock-(\d+)", name)) and (pid := _held_by(os.path.join(workdir, name))):
-            raise _in_use(workdir, f"process {lock[1]}", pid)
+        lock = re.fullmatch(r"\.lock-(\d+)", name)
+        if lock and int(lock[1]) >= first and (pid := _held_by(os.path.join(workdir, name))):
+            yield int(lock[1]), pid
 
 
 def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] | None = None) -> None:
@@ -198,10 +207,8 @@ def sweep_lock(workdir: str, index: int, count: int = 1) -> Iterator[None]:
             f.flush()
         try:
             if locked and index == 0:
-                for name in os.listdir(workdir):
-                    other = re.fullmatch(r"\.lock-(\d+)", name)
-                    if other and int(other[1]) >= count and (pid := _held_by(os.path.join(workdir, name))):
-                        raise _in_use(workdir, f"process {other[1]} of an earlier start", pid)
+                for other, pid in _held_locks(workdir, first=count):
+                    raise _in_use(workdir, f"process {other} of an earlier start", pid)
             yield
         finally:
             if locked:
