@@ -159,20 +159,24 @@ def _posted(client, prefix: str) -> dict[int, str]:
     return {int(k[len(prefix):]): v for k, v in client.key_value_dir_get(prefix) if k[len(prefix):].isdigit()}
 
 
-def _poll(client, prefix: str, count: int, deadline: float, what: str, stop: threading.Event | None = None,
-          on_stop: Callable[[], None] | None = None) -> dict[int, str]:
+def _poll(client, prefix: str, count: int, deadline: float, waited_out: Callable[[], NoReturn],
+          between: Callable[[], bool] | None = None) -> dict[int, str] | None:
     """`_posted(prefix)` once all `count` processes have posted, polling (a blocking call would hold off
-    Ctrl-C, even a second one); on_stop() once `stop` is set meanwhile; WaitedOut after `deadline`."""
-    global _out_of_step
+    Ctrl-C, even a second one). between(): called between looks; True ends the wait early (None returned).
+    waited_out() raises once `deadline` has passed."""
     while len(posted := _posted(client, prefix)) < count:
-        if on_stop is not None and stop is not None and stop.is_set():
-            on_stop, stopped = None, on_stop
-            stopped()
+        if between is not None and between():
+            return None
         if time.monotonic() > deadline:
-            _out_of_step = True
-            raise WaitedOut(f"{what} did not come within distributed.wait_seconds")
+            waited_out()
         time.sleep(0.5)
     return posted
+
+
+def _waited_out_in_start_up() -> NoReturn:
+    global _out_of_step
+    _out_of_step = True
+    raise WaitedOut("the other processes' start-up did not come within distributed.wait_seconds")
 
 
 def share_failure(index: int, count: int, error: BaseException) -> None:
@@ -246,17 +250,18 @@ def wait_for_all(index: int, count: int, timeout_seconds: float, stop: threading
         return []
     client, end = _client(), f"fusion_jax/end/{_sweep_call}/"
     client.key_value_set(f"{end}here/{index}", "1")
-    deadline = time.monotonic() + timeout_seconds
-    while len(_posted(client, f"{end}here/")) < count:
-        if set(_posted(client, f"{end}gone/")) - {index}:
-            break
+
+    def between() -> bool:
         if stop is not None and stop.is_set():
             share_stop(index)
-        if time.monotonic() > deadline:
-            _leaving(index)
-            raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s "
-                            "(one may have ended without telling: killed, or a second Ctrl-C)")
-        time.sleep(0.5)
+        return bool(set(_posted(client, f"{end}gone/")) - {index})
+
+    def waited_out() -> NoReturn:
+        _leaving(index)
+        raise WaitedOut(f"the other processes did not finish within distributed.wait_seconds={timeout_seconds:g} s "
+                        "(one may have ended without telling: killed, or a second Ctrl-C)")
+
+    _poll(client, f"{end}here/", count, time.monotonic() + timeout_seconds, waited_out, between)
     # One that came here and left (or never came), told: JAX's shutdown barrier would wait for it. (One told
     # between another's last look and this one's is missed: that one then meets JAX's abort.)
     if set(_posted(client, f"{end}gone/")) - {index}:
@@ -370,14 +375,18 @@ def checked_start(index: int, count: int, timeout_seconds: float,
         client.key_value_set(f"fusion_jax/start-shared/{call}", json.dumps(shared))
     client.key_value_set(f"fusion_jax/start/{call}/{index}", "ok" if own is None else _one_line(own))
     deadline, stopped = time.monotonic() + timeout_seconds, f"fusion_jax/start-stopped/{call}/"
-    mark = lambda: _set_once(client, f"{stopped}{index}")
-    statuses = _poll(client, f"fusion_jax/start/{call}/", count, deadline, "the other processes' start-up", stop, mark)
-    if stop is not None and stop.is_set():  # a stop in the start-up's last moments (or one it did not check for)
-        mark()
+
+    def mark_a_stop() -> bool:  # a stop while waiting, or in the start-up's last moments: posted (again) here
+        if stop is not None and stop.is_set():
+            _set_once(client, f"{stopped}{index}")
+        return False
+
+    statuses = _poll(client, f"fusion_jax/start/{call}/", count, deadline, _waited_out_in_start_up, mark_a_stop)
+    mark_a_stop()
     client.key_value_set(f"fusion_jax/start-read/{call}/{index}", "1")  # all have read before any leaves
     # All statuses are in: the others read them within moments (a grace, should this one's wait be nearly out).
     _poll(client, f"fusion_jax/start-read/{call}/", count, max(deadline, time.monotonic() + 60),
-          "the other processes' start-up")
+          _waited_out_in_start_up)
     for i in _posted(client, stopped):  # posted before that process's read key: every process sees it
         if statuses[i] == "ok":
             statuses[i] = "Stopped: stopped while waiting for the other processes' start-up"

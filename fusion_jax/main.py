@@ -107,17 +107,37 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def _stopping_message(extracts: bool) -> str:
-    """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source)."""
-    where, lost = (", or after the current shard of features", "epoch or shard") if extracts else ("", "epoch")
-    return (f"fusion_jax: stopping before the next epoch{where} (Ctrl-C again to end at once; the {lost} in "
-            "progress is then lost)")
+    """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source). A wait
+    for other processes or for a compilation stops at once, which needs no saying."""
+    where, lost = (", feature extraction after its current shard", "epoch or shard") if extracts else ("", "epoch")
+    return (f"fusion_jax: stopping (training stops before its next epoch{where}; Ctrl-C again to end at once, "
+            f"losing the {lost} in progress)")
 
 
 def _interrupted_message(workdir: str, extracts: bool) -> str:
-    """What an interrupted sweep says on its way out: what is kept, and how to resume."""
-    kept = [f"Finished groups ({workdir}/groups/)", "each unfinished group's last epoch (checkpoints/)"]
-    kept += ["any features extracted so far"] if extracts else []
-    return f"fusion_jax: interrupted. {', '.join(kept[:-1])} and {kept[-1]} are kept: run the same command to resume."
+    """What an interrupted sweep says on its way out: what its workdir keeps (counted there, so a stop
+    during start-up names no checkpoint), and how to resume."""
+    plural = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
+    groups = os.path.join(workdir, "groups")
+    finished = len([f for f in _listed(groups) if f.endswith(".json") and not f.endswith(".failed.json")])
+    checkpoints = os.path.join(workdir, "checkpoints")
+    started = len([d for d in _listed(checkpoints)  # a saved step is a folder named by its epoch
+                   if any(step.isdigit() for step in _listed(os.path.join(checkpoints, d)))])
+    kept = [f"{plural(finished, 'finished group')} ({groups}/)"] if finished else []
+    kept += [f"the last epoch of {plural(started, 'unfinished group')} ({checkpoints}/)"] if started else []
+    kept += ["the features extracted so far (cached)"] if extracts else []
+    if not kept:
+        return "fusion_jax: interrupted before any group trained an epoch: run the same command to start again."
+    listed = f"{', '.join(kept[:-1])} and {kept[-1]}" if len(kept) > 1 else kept[0]
+    return f"fusion_jax: interrupted. Kept: {listed}: run the same command to resume."
+
+
+def _listed(folder: str) -> list[str]:
+    """The names in `folder`, none where it is missing or unreadable."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def _first_ctrl_c(stop: threading.Event, extracts: bool, signum: int, frame) -> None:

@@ -152,7 +152,7 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
 
     for epoch in range(start or 0, config.train.epochs):
         if stop.is_set():
-            raise Stopped(f"group {group.name}: stopped after epoch {epoch}")
+            raise Stopped(f"group {group.name}: stopped " + (f"after epoch {epoch}" if epoch else "before its first epoch"))
         t0 = time.perf_counter()
         state, losses = program.train_epoch(state, runs, data)
         losses = np.asarray(losses)[index]

@@ -179,12 +179,28 @@ def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monke
     stop = threading.Event()
     main._first_ctrl_c(stop, extracts, 2, None)
     err = capsys.readouterr().err
-    assert stop.is_set() and err.startswith("fusion_jax: stopping before the next epoch")
-    assert ("shard of features" in err) is extracts
-    out = main._interrupted_message("w", extracts)
-    assert out.startswith("fusion_jax: interrupted. Finished groups (w/groups/)") and out.endswith("to resume.")
-    assert ("any features extracted so far are kept" in out) is extracts
-    assert ("checkpoints/) are kept" in out) is not extracts
+    assert stop.is_set() and err.startswith("fusion_jax: stopping (training stops before its next epoch")
+    assert ("feature extraction after its current shard" in err) is extracts
+    out = main._interrupted_message("w", extracts)  # no such folder: nothing trained
+    assert out.endswith("run the same command to start again.") is not extracts
+    assert ("the features extracted so far (cached): run the same command to resume." in out) is extracts
+
+
+def test_the_interrupted_message_counts_what_the_workdir_keeps(tmp_path):
+    from fusion_jax import main
+
+    assert main._interrupted_message(str(tmp_path), False) == (
+        "fusion_jax: interrupted before any group trained an epoch: run the same command to start again.")
+    (tmp_path / "groups").mkdir()
+    for name in ("a.json", "b.json", "c.failed.json"):
+        (tmp_path / "groups" / name).write_text("{}")
+    for group, steps in (("c", ["3", "4"]), ("d", ["1.orbax-checkpoint-tmp"]), ("e", [])):
+        for step in steps:
+            (tmp_path / "checkpoints" / group / step).mkdir(parents=True)
+        (tmp_path / "checkpoints" / group).mkdir(parents=True, exist_ok=True)
+    assert main._interrupted_message(str(tmp_path), True) == (
+        f"fusion_jax: interrupted. Kept: 2 finished groups ({tmp_path}/groups/), the last epoch of 1 unfinished "
+        f"group ({tmp_path}/checkpoints/) and the features extracted so far (cached): run the same command to resume.")
 
 
 def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):

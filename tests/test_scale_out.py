@@ -894,7 +894,8 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     last = err.strip().splitlines()[-1]
     assert last.startswith("fusion_jax: interrupted.") and "run the same command" in err
     # A synthetic sweep extracts no features: neither message speaks of them.
-    assert "stopping before the next epoch (Ctrl-C again" in err and "Traceback" not in err, err[-3000:]
+    assert "stopping (training stops before its next epoch; Ctrl-C again" in err and "Traceback" not in err, err[-3000:]
+    assert f"the last epoch of 1 unfinished group ({workdir}/checkpoints/)" in last or "1 finished group" in last, last
     assert "shard of features" not in err and "features" not in last, err[-3000:]
     # The signal came after epoch 1 of `concat`: it stopped before its epoch 2, or (the signal landing after
     # that check) finished `concat` and stopped before `cross`'s first epoch.
