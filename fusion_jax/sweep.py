@@ -328,9 +328,17 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                     raise Stopped(f"stopped before group {g.name}")
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
                                                        on_epoch, stop))
-            except NonFinite as e:
+            except NonFinite as e:  # diverged: its checkpoints would only diverge again
                 log.error("%s", e)
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": str(e)})
+            except ConfigError:  # the workdir (its checkpoints cannot be written): every group would fail so
+                raise
+            except Exception as e:  # noqa: BLE001 - its own (out of memory, a compilation): the others go on
+                log.exception("group %s failed; the sweep goes on with the other groups, and a rerun of the same "
+                              "command trains it again from its last checkpoint", g.name)
+                error = f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
+                atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": error})
+                continue
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if todo:
         log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,

@@ -83,7 +83,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     config.train.epochs = 3
     clean = train_and_evaluate(config, str(tmp_path / "clean"))
 
-    class Stop(Exception):
+    class Stop(BaseException):  # a kill (a group's own Exception fails that group, and the sweep goes on)
         pass
 
     def stop(group, epochs_done):
@@ -797,6 +797,44 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
     assert f"process {bad} of 2 failed to start (ConfigError: " in errors[bad]  # at once, in the log
     assert f"process {bad}: ConfigError: --workdir: cannot write" in errors[1 - bad], errors[1 - bad][-2000:]
     assert not (tmp_path / "good" / "results.json").exists()
+
+
+def test_a_group_that_fails_on_its_own_is_recorded_and_the_others_finish(smoke_config, tmp_path, monkeypatch,
+                                                                         caplog):
+    """A group's own error (out of memory in its build or in an epoch) fails that group alone, logged with its
+    traceback; its checkpoints are kept, and a rerun trains it again from the last one."""
+    import fusion_jax.groups as groups_lib
+
+    config = smoke_config
+    config.methods, config.scales, config.degradation.levels = ("concat",), (128,), (0.0,)
+    first, second = [g.name for g in plan(config)]  # aligned-concat, unaligned-concat
+    build = groups_lib.build_program
+
+    def out_of_memory_in_a_build(config, group, *a, **k):
+        if group.name == first:
+            raise MemoryError("RESOURCE_EXHAUSTED: out of memory while compiling")
+        return build(config, group, *a, **k)
+
+    def out_of_memory_after_epoch_1(group, epochs_done):
+        if group.name == second and epochs_done == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nin epoch 2")
+
+    monkeypatch.setattr(groups_lib, "build_program", out_of_memory_in_a_build)
+    results = train_and_evaluate(config, str(tmp_path), on_epoch=out_of_memory_after_epoch_1)
+    assert not results["runs"] and [f["group"] for f in results["failed_groups"]] == [first, second]
+    assert results["failed_groups"][0]["error"] == (
+        f"group {first}: MemoryError: RESOURCE_EXHAUSTED: out of memory while compiling")
+    assert results["failed_groups"][1]["error"] == (
+        f"group {second}: RuntimeError: RESOURCE_EXHAUSTED: out of memory in epoch 2")
+    assert f"group {second} failed; the sweep goes on" in caplog.text and "Traceback" in caplog.text
+    assert (tmp_path / "checkpoints" / second / "1").is_dir()
+    monkeypatch.setattr(groups_lib, "build_program", build)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    again = train_and_evaluate(config, str(tmp_path))
+    assert again["failed_groups"] == [] and len(again["runs"]) == 2 * len(config.seeds)
+    assert f"group {second}: resuming from the checkpoint after epoch 1 of 2" in caplog.text
+    assert f"training group {first} again, which failed in an earlier attempt: group {first}: MemoryError" in caplog.text
 
 
 def test_a_process_failing_while_training_is_named_and_the_others_keep_their_groups(tmp_path):

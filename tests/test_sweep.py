@@ -122,8 +122,8 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
         "unaligned": [f"5 of its {more.n_images} images have no caption: pairs never draw them"]}
 
 
-class Killed(Exception):
-    pass
+class Killed(BaseException):
+    """A kill in mid-sweep (not an Exception: a group's own error fails that group, and the sweep goes on)."""
 
 
 def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_cleanly_after_an_error(monkeypatch):
