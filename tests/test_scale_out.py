@@ -552,6 +552,27 @@ def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(mo
         assert left.value.args == (3,)
 
 
+def test_a_sweep_alone_after_a_distributed_one_in_the_same_python_process_is_refused(smoke_config, monkeypatch):
+    """jax.distributed cannot be left: a later sweep for 1 process (or another count) would run as one of the
+    earlier count's processes, waiting for peers that are gone."""
+    import jax
+
+    from fusion_jax import distributed
+    from fusion_jax.validate import ConfigError
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    for n, wanted in ((0, "1 process"), (1, "1 process"), (3, "3 processes")):
+        smoke_config.distributed.num_processes = n
+        with pytest.raises(ConfigError, match=f"asks for {wanted}, but this Python process has joined a 2-process"):
+            distributed.initialize(smoke_config)
+    smoke_config.distributed.num_processes = 2
+    assert distributed.initialize(smoke_config) == (1, 2)
+
+
 def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_own_error(store, caplog, monkeypatch):
     """The failure is shared, the wait's own trouble (the others not coming in time) only logged; process
     0's WaitedOut, which has waited already, is shared without a second wait."""
