@@ -51,10 +51,9 @@ def sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
-    """write(f) into a temporary file of this writer's own beside `path` (its folder made if missing),
-    fsync it, make it readable by all (mkstemp makes 0600 files; results are for everyone to read),
-    then rename it over `path`."""
+def _written_beside(path: str, write: Callable[[IO], None], binary: bool) -> str:
+    """write(f) into a temporary file of this writer's own beside `path` (its folder made if missing), fsynced
+    and readable by all (mkstemp makes 0600 files; results are for everyone to read); its path."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -64,11 +63,40 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """write(f) into a temporary file beside `path`, then rename it over `path`."""
+    tmp = _written_beside(path, write, binary)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+
+
+def atomic_create_json(path: str, obj: Any) -> bool:
+    """Write `obj` to `path` as atomic_write_json does, unless `path` exists: of writers racing to create it,
+    one wins and the others leave it as it is (a hard link, which fails where the name exists; on a file
+    system without them, a check then a rename). True where this call created it."""
+    tmp = _written_beside(path, lambda f: f.write(_json_text(obj)), False)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (EPERM, ENOTSUP): a narrow race remains
+        if os.path.exists(path):
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -76,4 +104,8 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"

@@ -18,7 +18,7 @@ except ImportError:  # not on Windows
     fcntl = None
 
 from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
-from fusion_jax.files import atomic_write_json, blocked_at
+from fusion_jax.files import atomic_create_json, blocked_at
 from fusion_jax.validate import ConfigError
 
 log = logging.getLogger("fusion_jax")
@@ -51,10 +51,9 @@ def _claim_features(workdir: str, features: dict[str, dict]) -> None:
     """Record each backbone's feature identity in features.json, or refuse a workdir whose sweep
     began on other features (a regenerated npz file, another model commit or dataset)."""
     path = os.path.join(workdir, "features.json")
-    if not os.path.exists(path):
-        atomic_write_json(path, features)
+    if atomic_create_json(path, features):
         return
-    previous = read_state(path)
+    previous = read_state(path)  # an earlier start's, or one that started at the same moment
     changed = differing(flatten({b: previous[b] for b in features if b in previous}),
                         flatten({b: features[b] for b in features if b in previous}))
     if changed:
@@ -145,10 +144,13 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     if free < _MIN_FREE_BYTES:
         raise ConfigError("workdir", f"{workdir!r} has {free / 2**20:.0f} MiB free; checkpoints and results need "
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
-    _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
-                        and os.path.exists(os.path.join(workdir, "features.json")))
-    if not os.path.exists(path):  # first: what training writes never stands without it
-        atomic_write_json(path, results_fields(config_dict))
+    refuse_other = lambda: _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
+                                               and os.path.exists(os.path.join(workdir, "features.json")))
+    refuse_other()
+    # First: what training writes never stands without it. A start of another config that wrote it since this
+    # one's check is refused here (or that start is, where this one won).
+    if not os.path.exists(path) and not atomic_create_json(path, results_fields(config_dict)):
+        refuse_other()
     if features is not None:
         _claim_features(workdir, features)
 

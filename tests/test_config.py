@@ -285,6 +285,26 @@ def test_processes_preparing_one_workdir_at_once_do_not_collide(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["groups", "sweep.json"]
 
 
+def test_two_configs_starting_at_once_in_one_workdir_claim_it_for_one(smoke_config, tmp_path, monkeypatch):
+    """Both find no sweep.json; one creates it, and the other, finding it made since its check, is refused
+    (before, the second rewrote it: the running sweep's workdir named the other config)."""
+    import fusion_jax.workdir as workdir_lib
+    from fusion_jax.files import atomic_create_json
+
+    workdir, mine, other = str(tmp_path / "out"), smoke_config.to_dict(), {**smoke_config.to_dict(), "seeds": (7,)}
+
+    def the_other_start_wins(path, obj):
+        assert atomic_create_json(path, workdir_lib.results_fields(other))
+        return atomic_create_json(path, obj)
+
+    monkeypatch.setattr(workdir_lib, "atomic_create_json", the_other_start_wins)
+    with pytest.raises(ConfigError, match=r"holds a sweep of another config \(differs in seeds\)"):
+        workdir_lib.prepare_workdir(workdir, mine)
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["seeds"] == [7]
+    assert [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")] == []
+    assert not atomic_create_json(str(tmp_path / "out" / "sweep.json"), {"name": "late"})
+
+
 def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_is_not(smoke_config, tmp_path):
     """prepare_workdir names the fields that differ; a sweep.json written before `degradation.scales`
     was saved is the same sweep as one at that field's default, and one written before `split_by_scale`
