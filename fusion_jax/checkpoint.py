@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import shutil
 import time
 import zlib
@@ -57,14 +58,19 @@ def digest(tree: Any) -> dict[str, str]:
 
 
 def _writes(method):
-    """A GroupCheckpoints method whose OSError (a full disk, a file where a folder goes) becomes one line."""
+    """A GroupCheckpoints method whose OSError (a full disk, a file where a folder goes), or tensorstore's
+    ValueError for one (`... [os_error_code='28']`, from Orbax's writes), becomes one line."""
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            code = re.search(r"os_error_code='?(\d+)", str(e)) if isinstance(e, ValueError) else None
+            if isinstance(e, ValueError) and code is None:
+                raise
+            why = f"{os.strerror(int(code[1]))} (tensorstore: {str(e)[:300]})" if code else e.strerror or e
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {e.strerror or e}{where}; "
+            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {why}{where}; "
                               "mend that, then rerun the same command to resume") from e
     return wrapped
 

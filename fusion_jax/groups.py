@@ -35,6 +35,17 @@ class NonFinite(FloatingPointError):
     """A group's features or training loss hold NaN or Inf; the message names the group and runs."""
 
 
+def own_failure(error: BaseException) -> bool:
+    """Whether `error` is XLA's failing to compile or run a group's programs (out of memory, say; also where a
+    compilation's error is wrapped as its cause), which fails that group alone. Anything else (the workdir, a
+    callback, a bug) is the sweep's."""
+    while error is not None:
+        if isinstance(error, (MemoryError, jax.errors.JaxRuntimeError)):
+            return True
+        error = error.__cause__
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     backbone: str
@@ -273,8 +284,14 @@ class ProgramCache:
             try:
                 future.set_result(lowered.compile(options))
             except BaseException as e:
+                with self._lock:  # a later group of these shapes compiles again (the memory may be free then)
+                    del self._programs[key]
                 future.set_exception(e)
-        return future.result()
+                raise
+        try:
+            return future.result()
+        except Exception as e:  # another group's compilation, which that group raises: this one's own error
+            raise RuntimeError(f"compilation failed in a build that this group shared: {e!r}") from e
 
 
 class Later:

@@ -22,7 +22,7 @@ from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.sources import IMAGE_SOURCES
 from fusion_jax import distributed
 from fusion_jax.distributed import PeerFailed
-from fusion_jax.sweep import train_and_evaluate
+from fusion_jax.sweep import GroupsFailed, train_and_evaluate
 from fusion_jax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/*.py[:variant]).",
@@ -108,7 +108,8 @@ class _TqdmHandler(logging.StreamHandler):
 
 def _stopping_message(extracts: bool) -> str:
     """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source). A wait
-    for other processes or for a compilation stops at once, which needs no saying."""
+    for the other processes stops at once; a compilation in progress is finished first (XLA's cannot be
+    cut short), seconds for these heads."""
     where, lost = (", feature extraction after its current shard", "epoch or shard") if extracts else ("", "epoch")
     return (f"fusion_jax: stopping (training stops before its next epoch{where}; Ctrl-C again to end at once, "
             f"losing the {lost} in progress)")
@@ -118,14 +119,14 @@ def _interrupted_message(workdir: str, extracts: bool) -> str:
     """What an interrupted sweep says on its way out: what its workdir keeps (counted there, so a stop
     during start-up names no checkpoint), and how to resume."""
     plural = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
-    groups = os.path.join(workdir, "groups")
-    finished = len([f for f in _listed(groups) if f.endswith(".json") and not f.endswith(".failed.json")])
-    checkpoints = os.path.join(workdir, "checkpoints")
-    started = len([d for d in _listed(checkpoints)  # a saved step is a folder named by its epoch
-                   if any(step.isdigit() for step in _listed(os.path.join(checkpoints, d)))])
-    kept = [f"{plural(finished, 'finished group')} ({groups}/)"] if finished else []
-    kept += [f"the last epoch of {plural(started, 'unfinished group')} ({checkpoints}/)"] if started else []
-    kept += ["the features extracted so far (cached)"] if extracts else []
+    groups, checkpoints = os.path.join(workdir, "groups"), os.path.join(workdir, "checkpoints")
+    finished = {f[:-len(".json")] for f in _listed(groups)  # not a write's temporary file (.tmp-*)
+                if f.endswith(".json") and not f.endswith(".failed.json") and not f.startswith(".")}
+    started = [d for d in _listed(checkpoints) if d not in finished  # a saved step: a folder named by its epoch
+               and any(step.isdigit() for step in _listed(os.path.join(checkpoints, d)))]
+    kept = [f"{plural(len(finished), 'finished group')} ({groups}/)"] if finished else []
+    kept += [f"the last epoch of {plural(len(started), 'unfinished group')} ({checkpoints}/)"] if started else []
+    kept += ["any features extracted so far (cached)"] if extracts else []
     if not kept:
         return "fusion_jax: interrupted before any group trained an epoch: run the same command to start again."
     listed = f"{', '.join(kept[:-1])} and {kept[-1]}" if len(kept) > 1 else kept[0]
@@ -178,6 +179,9 @@ def main(argv: list[str]) -> None:
             message = message.replace("config.workdir:", "--workdir:")
         print(f"fusion_jax: error: {message}", file=sys.stderr)
         distributed.leave(2)
+    except GroupsFailed as e:  # in a process other than 0, after the others: process 0 names them too
+        print(f"fusion_jax: failed: {e}", file=sys.stderr)
+        distributed.leave(1)
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
         distributed.leave(130, interrupted=True)

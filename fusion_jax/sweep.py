@@ -34,7 +34,7 @@ from fusion_jax.data.pairs import pair_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write, atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
-from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, plan
+from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, own_failure, plan
 from fusion_jax.report import source, write_results
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
@@ -243,12 +243,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Run (or resume) the whole sweep of `config` in `workdir`; write and return the results.
 
     With several processes, each trains its share of the groups; process 0 gathers every group,
-    writes and returns the results, the others return None.
+    writes and returns the results, the others return None (or raise GroupsFailed where groups of
+    theirs failed).
 
-    Raises ConfigError, before anything is written, for an invalid config or workdir; with several
-    processes, the others then raise distributed.PeerFailed instead of waiting for the failed one. A
-    process failing while training raises its error, and the others PeerFailed, once every process has
-    finished what it could (`distributed.failures_shared`).
+    A group that fails on its own (NaN/Inf, or XLA out of memory compiling or running it: `own_failure`)
+    is recorded in the results' failed_groups while the others train. Raises ConfigError, before anything
+    is written, for an invalid config or workdir; with several processes, the others then raise
+    distributed.PeerFailed instead of waiting for the failed one. A process failing otherwise while
+    training (a checkpoint it cannot write, an error of `on_epoch`) raises its error, and the others
+    PeerFailed, once every process has finished what it could (`distributed.failures_shared`).
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; once `stop` is set,
     the sweep raises Stopped before its next epoch, or after the current shard of features it extracts (what
     was written so far is complete); `command`
@@ -259,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     refuse_while_in_use(workdir)  # before jax.distributed: a second start would stop a running sweep's processes
     index, count = distributed.initialize(config)
     with contextlib.ExitStack() as held:
-        results = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
+        results, own_failed = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
     failures = distributed.wait_for_all(index, count, config.distributed.wait_seconds, stop)
     if index != 0 and (stop.is_set() or distributed.peers_stopped(index)):  # all came: they leave together
         distributed.stopped_in_step = True
@@ -269,13 +272,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                      f"(this process finished its groups): {'; '.join(failures)}")
     if failures:  # after their groups were written: the results are whole
         log.warning("other processes failed after finishing their groups: %s", "; ".join(failures))
+    if own_failed and index != 0:  # process 0's results list them; this process says so in its exit too
+        raise GroupsFailed(own_failed)
     return results
+
+
+class GroupsFailed(RuntimeError):
+    """In a process other than 0: groups of its own failed (`failed_groups` of process 0's results)."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__(f"{len(errors)} of this process's groups failed (results.json lists them): "
+                         + "; ".join(errors))
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,
            start: float, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event,
            command: str | None) -> dict | None:
-    """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`."""
+    """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`:
+    (the results in process 0, else None; the errors of the groups this process failed)."""
     config_dict = config.to_dict()
     groups = plan(config)
     done, failed = _record_paths(workdir)
@@ -318,6 +332,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True, disable=not todo) as progress:
+        own_failed: list[str] = []
         for i, g in enumerate(todo):
             if stop.is_set():
                 raise Stopped(f"stopped before group {g.name}")
@@ -331,13 +346,15 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
             except NonFinite as e:  # diverged: its checkpoints would only diverge again
                 log.error("%s", e)
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": str(e)})
-            except ConfigError:  # the workdir (its checkpoints cannot be written): every group would fail so
-                raise
-            except Exception as e:  # noqa: BLE001 - its own (out of memory, a compilation): the others go on
+                own_failed.append(str(e))
+            except Exception as e:
+                if not own_failure(e):  # the workdir, a callback, a bug: every group would fail alike
+                    raise
                 log.exception("group %s failed; the sweep goes on with the other groups, and a rerun of the same "
-                              "command trains it again from its last checkpoint", g.name)
+                              "command trains it again (from its last checkpoint, where it saved one)", g.name)
                 error = f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": error})
+                own_failed.append(error)
                 continue
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if todo:
@@ -348,7 +365,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                  "train, evaluate, and with lanes their split and join)", config.compilation_cache,
                  events["hits"], events["misses"])
     if index != 0:
-        return None
+        return None, own_failed
 
     waited = 0.0
     while not all(os.path.exists(done(g)) or os.path.exists(failed(g)) for g in groups):
@@ -374,7 +391,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
-    timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo), "groups": len(groups)}
+    timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo) - len(own_failed),
+              "groups": len(groups)}
     if count == 1 and not todo:  # a rerun that trains nothing keeps the timing of the results it rewrites
         try:
             with open(os.path.join(workdir, "results.json")) as f:
@@ -384,7 +402,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, **drawn[b], "split_overlap": split_overlap(config, fs),
                               **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
-                         failures, timing)
+                         failures, timing), own_failed
 
 
 def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],

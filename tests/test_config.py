@@ -170,7 +170,7 @@ def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
 
 
 @pytest.mark.parametrize("extracts", [True, False])
-def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monkeypatch, capsys, extracts):
+def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monkeypatch, capsys, extracts, tmp_path):
     import threading
 
     from fusion_jax import main
@@ -181,9 +181,9 @@ def test_the_first_ctrl_c_speaks_of_features_only_where_they_are_extracted(monke
     err = capsys.readouterr().err
     assert stop.is_set() and err.startswith("fusion_jax: stopping (training stops before its next epoch")
     assert ("feature extraction after its current shard" in err) is extracts
-    out = main._interrupted_message("w", extracts)  # no such folder: nothing trained
+    out = main._interrupted_message(str(tmp_path / "w"), extracts)  # no such folder: nothing trained
     assert out.endswith("run the same command to start again.") is not extracts
-    assert ("the features extracted so far (cached): run the same command to resume." in out) is extracts
+    assert ("any features extracted so far (cached): run the same command to resume." in out) is extracts
 
 
 def test_the_interrupted_message_counts_what_the_workdir_keeps(tmp_path):
@@ -192,15 +192,16 @@ def test_the_interrupted_message_counts_what_the_workdir_keeps(tmp_path):
     assert main._interrupted_message(str(tmp_path), False) == (
         "fusion_jax: interrupted before any group trained an epoch: run the same command to start again.")
     (tmp_path / "groups").mkdir()
-    for name in ("a.json", "b.json", "c.failed.json"):
+    for name in ("a.json", "b.json", "c.failed.json", ".tmp-x1y2f.json"):  # a kill's temporary file
         (tmp_path / "groups" / name).write_text("{}")
-    for group, steps in (("c", ["3", "4"]), ("d", ["1.orbax-checkpoint-tmp"]), ("e", [])):
+    # c's last epoch; d's first save unfinished; e's folder made, nothing saved; b's left by a stop after its record
+    for group, steps in (("c", ["3", "4"]), ("d", ["1.orbax-checkpoint-tmp"]), ("e", []), ("b", ["2"])):
         for step in steps:
             (tmp_path / "checkpoints" / group / step).mkdir(parents=True)
         (tmp_path / "checkpoints" / group).mkdir(parents=True, exist_ok=True)
     assert main._interrupted_message(str(tmp_path), True) == (
         f"fusion_jax: interrupted. Kept: 2 finished groups ({tmp_path}/groups/), the last epoch of 1 unfinished "
-        f"group ({tmp_path}/checkpoints/) and the features extracted so far (cached): run the same command to resume.")
+        f"group ({tmp_path}/checkpoints/) and any features extracted so far (cached): run the same command to resume.")
 
 
 def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):

@@ -83,7 +83,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     config.train.epochs = 3
     clean = train_and_evaluate(config, str(tmp_path / "clean"))
 
-    class Stop(BaseException):  # a kill (a group's own Exception fails that group, and the sweep goes on)
+    class Stop(Exception):  # an error of on_epoch's is the sweep's, not its group's: it ends the sweep
         pass
 
     def stop(group, epochs_done):
@@ -140,18 +140,29 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     again.close()
 
 
-def test_a_checkpoint_close_whose_wait_fails_still_closes_the_manager(tmp_path, monkeypatch):
-    """A failed background save raises from close's wait; Orbax's manager (its threads) is closed all the same."""
+# What Orbax's background write raised on a full disk (a 1 MiB tmpfs, orbax-checkpoint 0.12.8), shortened.
+FULL_DISK = ValueError("RESOURCE_EXHAUSTED: Error writing \"a/0.0\" in OCDBT database at local file \"/mnt/c/1.orbax-"
+                       "checkpoint-tmp/\": Failed to write 2844384 bytes to file 4: No space left on device "
+                       "[os_error_code='28']")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), FULL_DISK])
+def test_a_checkpoint_close_whose_wait_fails_still_closes_the_manager(tmp_path, monkeypatch, error):
+    """A failed background save raises from close's wait, as one line of the workdir (a ConfigError, which
+    ends the sweep: a full disk fails every group); Orbax's manager (its threads) is closed all the same."""
     from fusion_jax.checkpoint import GroupCheckpoints
     from fusion_jax.validate import ConfigError
 
     ckpt = GroupCheckpoints(str(tmp_path / "c"), keep=2)
     closed, close = [], ckpt._manager.close
-    monkeypatch.setattr(ckpt._manager, "wait_until_finished", lambda: (_ for _ in ()).throw(OSError(28, "No space")))
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", lambda: (_ for _ in ()).throw(error))
     monkeypatch.setattr(ckpt._manager, "close", lambda: closed.append(1) or close())
-    with pytest.raises(ConfigError, match="No space"):
+    with pytest.raises(ConfigError, match=r"cannot write checkpoints in .*: No space left on device"):
         ckpt.close()
     assert closed == [1]
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", lambda: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="^other$"):  # not a write's: as it is
+        ckpt.wait()
 
 
 def test_a_workdir_mended_by_hand_is_refused_naming_what_not_mixed_into(smoke_config, tmp_path):
@@ -692,6 +703,33 @@ def test_a_resume_deals_the_unfinished_groups_evenly_by_process_0s_view(smoke_co
     assert trained == [groups[3].name]  # process 0 takes groups[1]
 
 
+def test_a_process_whose_own_group_failed_says_so_in_its_exit(smoke_config, tmp_path, monkeypatch, store):
+    """Process 1 of 2: its group's NaN features fail that group (recorded for process 0's results); after the
+    end wait it raises GroupsFailed (exit 1, as process 0's), not "this process's groups are done"."""
+    import fusion_jax.sweep as sweep
+    from fusion_jax import distributed
+
+    real = sweep.load_features
+
+    def poisoned(config, backbone, dataset=None, **kw):
+        fs = real(config, backbone, dataset, **kw)
+        if backbone == "unaligned":
+            fs.image[3, 0] = np.nan
+        return fs
+
+    monkeypatch.setattr(sweep, "load_features", poisoned)
+    monkeypatch.setattr(distributed, "initialize", lambda config: (1, 2))
+    config = smoke_config
+    config.methods, config.scales, config.degradation.levels = ("concat",), (128,), (0.0,)
+    store.kv.update({"fusion_jax/start/0/0": "ok", "fusion_jax/start/1/0": "ok", "fusion_jax/start-shared/0": "{}",
+                     "fusion_jax/start-shared/1": json.dumps({"finished": []}), "fusion_jax/end/1/here/0": "1"})
+    with pytest.raises(sweep.GroupsFailed, match=r"^1 of this process's groups failed \(results.json lists them\): "
+                                                 r"group unaligned-concat: image features .* hold NaN or Inf"):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "groups" / "unaligned-concat.failed.json").exists()
+    assert not (tmp_path / "groups" / "aligned-concat.json").exists()  # process 0's
+
+
 @pytest.fixture(scope="module")
 def small_sweep_results(tmp_path_factory):
     """The results of the SMALL sweep in one process on one CPU device, uninterrupted."""
@@ -822,40 +860,73 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
 
 def test_a_group_that_fails_on_its_own_is_recorded_and_the_others_finish(smoke_config, tmp_path, monkeypatch,
                                                                          caplog):
-    """A group's own error (out of memory in its build or in an epoch) fails that group alone, logged with its
-    traceback; its checkpoints are kept, and a rerun trains it again from the last one."""
+    """XLA out of memory compiling a group, or running its epoch, fails that group alone, logged with its
+    traceback; a later group of the same shapes compiles again; the failed epoch's group keeps its
+    checkpoints, and a rerun trains both groups again, that one from its last checkpoint."""
+    import dataclasses
+
+    import jax
+
     import fusion_jax.groups as groups_lib
 
     config = smoke_config
     config.methods, config.scales, config.degradation.levels = ("concat",), (128,), (0.0,)
-    first, second = [g.name for g in plan(config)]  # aligned-concat, unaligned-concat
-    build = groups_lib.build_program
+    config.compile_workers = 1  # the groups build one after the other, whatever the cores
+    first, second = [g.name for g in plan(config)]  # aligned-concat, unaligned-concat: programs of one shape
+    compile_calls, compile_ = [], jax.stages.Lowered.compile
 
-    def out_of_memory_in_a_build(config, group, *a, **k):
-        if group.name == first:
-            raise MemoryError("RESOURCE_EXHAUSTED: out of memory while compiling")
-        return build(config, group, *a, **k)
+    def out_of_memory_once(lowered, *a, **k):
+        compile_calls.append(1)
+        if len(compile_calls) == 2:  # the first group's train_epoch (after its init)
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+        return compile_(lowered, *a, **k)
 
-    def out_of_memory_after_epoch_1(group, epochs_done):
-        if group.name == second and epochs_done == 1:
-            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nin epoch 2")
+    program_, epochs = groups_lib.CompiledAhead.program, []
 
-    monkeypatch.setattr(groups_lib, "build_program", out_of_memory_in_a_build)
-    results = train_and_evaluate(config, str(tmp_path), on_epoch=out_of_memory_after_epoch_1)
+    def out_of_memory_in_epoch_2(self, i):
+        program = program_(self, i)
+        if program.group.name != second:
+            return program
+        train_epoch = program.train_epoch
+
+        def failing(*args):
+            epochs.append(1)
+            if len(epochs) == 2:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory\nin epoch 2")
+            return train_epoch(*args)
+        return dataclasses.replace(program, train_epoch=failing)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", out_of_memory_once)
+    monkeypatch.setattr(groups_lib.CompiledAhead, "program", out_of_memory_in_epoch_2)
+    results = train_and_evaluate(config, str(tmp_path))
     assert not results["runs"] and [f["group"] for f in results["failed_groups"]] == [first, second]
-    assert results["failed_groups"][0]["error"] == (
-        f"group {first}: MemoryError: RESOURCE_EXHAUSTED: out of memory while compiling")
+    assert results["failed_groups"][0]["error"].startswith(f"group {first}: JaxRuntimeError: RESOURCE_EXHAUSTED: "
+                                                           "out of memory while compiling")
     assert results["failed_groups"][1]["error"] == (
-        f"group {second}: RuntimeError: RESOURCE_EXHAUSTED: out of memory in epoch 2")
+        f"group {second}: JaxRuntimeError: RESOURCE_EXHAUSTED: out of memory in epoch 2")
     assert f"group {second} failed; the sweep goes on" in caplog.text and "Traceback" in caplog.text
     assert (tmp_path / "checkpoints" / second / "1").is_dir()
-    monkeypatch.setattr(groups_lib, "build_program", build)
+    monkeypatch.undo()
     caplog.clear()
     caplog.set_level(logging.INFO, logger="fusion_jax")
     again = train_and_evaluate(config, str(tmp_path))
     assert again["failed_groups"] == [] and len(again["runs"]) == 2 * len(config.seeds)
     assert f"group {second}: resuming from the checkpoint after epoch 1 of 2" in caplog.text
-    assert f"training group {first} again, which failed in an earlier attempt: group {first}: MemoryError" in caplog.text
+    assert f"training group {first} again, which failed in an earlier attempt: group {first}: JaxRuntimeError" \
+        in caplog.text
+
+
+def test_an_error_that_is_not_its_groups_own_ends_the_sweep(smoke_config, tmp_path):
+    """An error of on_epoch's, or a bug's (a TypeError), is not recorded as a failed group: every group would
+    fail alike."""
+    config = _small(smoke_config)
+
+    def broken(group, epochs_done):
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError, match="a bug"):
+        train_and_evaluate(config, str(tmp_path), on_epoch=broken)
+    assert not list((tmp_path / "groups").iterdir())
 
 
 def test_a_process_failing_while_training_is_named_and_the_others_keep_their_groups(tmp_path):

@@ -122,8 +122,8 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
         "unaligned": [f"5 of its {more.n_images} images have no caption: pairs never draw them"]}
 
 
-class Killed(BaseException):
-    """A kill in mid-sweep (not an Exception: a group's own error fails that group, and the sweep goes on)."""
+class Killed(Exception):
+    pass
 
 
 def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_cleanly_after_an_error(monkeypatch):
@@ -209,6 +209,30 @@ def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types(
     c = cache(jax.jit(lambda x, y: x * 2).lower(jnp.ones(3), jnp.ones((4, 5), jnp.int32)))
     assert a is c and a is not b and (cache.compiled, cache.shared) == (2, 1)
     np.testing.assert_array_equal(b(jnp.ones(3), jnp.ones((4, 6), jnp.int32)), 2 * np.ones(3))
+
+
+def test_program_cache_compiles_again_after_a_failed_compilation():
+    """A failed compilation is not kept: the next group of those shapes compiles again (out of memory while
+    another group trained may be over by then)."""
+    from fusion_jax.groups import ProgramCache
+
+    class Flaky:
+        in_tree, args_info, calls = "tree", "args", 0
+
+        def as_text(self):
+            return "program"
+
+        def compile(self, options):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+            return "compiled"
+
+    cache = ProgramCache()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        cache(Flaky())
+    assert cache(Flaky()) == "compiled" and cache(Flaky()) == "compiled"
+    assert Flaky.calls == 2 and (cache.compiled, cache.shared) == (2, 1)
 
 
 def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
