@@ -207,7 +207,9 @@ def test_a_checkpoint_folder_that_cannot_be_made_is_one_line(smoke_config, tmp_p
         train_and_evaluate(_small(smoke_config), str(tmp_path))
 
 
-def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_path, monkeypatch, caplog):
+def _nan_in_unaligned_image_row_3(monkeypatch):
+    """The sweep's features, with a NaN in row 3 of the `unaligned` backbone's image features; returns the
+    real loader."""
     import fusion_jax.sweep as sweep
 
     real = sweep.load_features
@@ -219,6 +221,13 @@ def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_
         return fs
 
     monkeypatch.setattr(sweep, "load_features", poisoned)
+    return real
+
+
+def test_nan_features_stop_their_groups_and_the_others_finish(smoke_config, tmp_path, monkeypatch, caplog):
+    import fusion_jax.sweep as sweep
+
+    real = _nan_in_unaligned_image_row_3(monkeypatch)
     config = smoke_config
     config.methods = ("concat",)
     config.scales = (128,)
@@ -709,15 +718,7 @@ def test_a_process_whose_own_group_failed_says_so_in_its_exit(smoke_config, tmp_
     import fusion_jax.sweep as sweep
     from fusion_jax import distributed
 
-    real = sweep.load_features
-
-    def poisoned(config, backbone, dataset=None, **kw):
-        fs = real(config, backbone, dataset, **kw)
-        if backbone == "unaligned":
-            fs.image[3, 0] = np.nan
-        return fs
-
-    monkeypatch.setattr(sweep, "load_features", poisoned)
+    _nan_in_unaligned_image_row_3(monkeypatch)
     monkeypatch.setattr(distributed, "initialize", lambda config: (1, 2))
     config = smoke_config
     config.methods, config.scales, config.degradation.levels = ("concat",), (128,), (0.0,)
