@@ -75,7 +75,8 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     try:
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # an interrupt just after the rename
+            os.unlink(tmp)
         raise
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from fusion_jax.data import FeatureSet, Pairs, build_pairs
 from fusion_jax.files import safe_name
 from fusion_jax.train import Trainer, make_train, pair_arrays, run_key, steps_per_epoch
+from fusion_jax.validate import ConfigError
 
 log = logging.getLogger("fusion_jax")
 
@@ -39,7 +40,7 @@ def own_failure(error: BaseException) -> bool:
     """Whether `error` is XLA's failing to compile or run a group's programs (out of memory, say; also where a
     compilation's error is wrapped as its cause), which fails that group alone. Anything else (the workdir, a
     callback, a bug) is the sweep's."""
-    while error is not None:
+    while error is not None and not isinstance(error, ConfigError):  # the workdir's, whatever its cause
         if isinstance(error, (MemoryError, jax.errors.JaxRuntimeError)):
             return True
         error = error.__cause__
@@ -275,23 +276,30 @@ class ProgramCache:
         # while the compiled program still checks them: the argument types are part of the key.
         key = (lowered.as_text(), str(lowered.in_tree), str(lowered.args_info),
                repr(sorted((options or {}).items())))
-        with self._lock:
-            future, mine = self._programs.get(key), key not in self._programs
+        while True:
+            with self._lock:
+                future, mine = self._programs.get(key), key not in self._programs
+                if mine:
+                    future = self._programs[key] = concurrent.futures.Future()
             if mine:
-                future = self._programs[key] = concurrent.futures.Future()
-            self.compiled, self.shared = self.compiled + mine, self.shared + (not mine)
-        if mine:
+                try:
+                    compiled = lowered.compile(options)
+                except BaseException as e:
+                    with self._lock:  # not kept: a group of these shapes compiles again (memory may be free then)
+                        del self._programs[key]
+                    future.set_exception(e)
+                    raise
+                future.set_result(compiled)
+                with self._lock:
+                    self.compiled += 1
+                return compiled
             try:
-                future.set_result(lowered.compile(options))
-            except BaseException as e:
-                with self._lock:  # a later group of these shapes compiles again (the memory may be free then)
-                    del self._programs[key]
-                future.set_exception(e)
-                raise
-        try:
-            return future.result()
-        except Exception as e:  # another group's compilation, which that group raises: this one's own error
-            raise RuntimeError(f"compilation failed in a build that this group shared: {e!r}") from e
+                compiled = future.result()
+            except Exception:  # the group that compiled it failed (out of memory?): this one tries on its own
+                continue
+            with self._lock:
+                self.shared += 1
+            return compiled
 
 
 class Later:

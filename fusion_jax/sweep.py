@@ -287,7 +287,7 @@ class GroupsFailed(RuntimeError):
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: int, held: contextlib.ExitStack,
            start: float, on_epoch: Callable[[Group, int], None] | None, stop: threading.Event,
-           command: str | None) -> dict | None:
+           command: str | None) -> tuple[dict | None, list[str]]:
     """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`:
     (the results in process 0, else None; the errors of the groups this process failed)."""
     config_dict = config.to_dict()

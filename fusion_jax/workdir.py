@@ -147,9 +147,9 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     refuse_other = lambda: _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
                                                and os.path.exists(os.path.join(workdir, "features.json")))
     refuse_other()
-    # First: what training writes never stands without it. A start of another config that wrote it since this
-    # one's check is refused here (or that start is, where this one won).
-    if not os.path.exists(path) and not atomic_create_json(path, results_fields(config_dict)):
+    # First: what training writes never stands without it. Checked again where this start did not create it: a
+    # start of another config may have, since the check above (then this one is refused; or that one, later).
+    if not atomic_create_json(path, results_fields(config_dict)):
         refuse_other()
     if features is not None:
         _claim_features(workdir, features)

@@ -304,6 +304,17 @@ def test_two_configs_starting_at_once_in_one_workdir_claim_it_for_one(smoke_conf
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["seeds"] == [7]
     assert [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")] == []
     assert not atomic_create_json(str(tmp_path / "out" / "sweep.json"), {"name": "late"})
+    monkeypatch.undo()
+    # The other start writes it just after this one's first check.
+    workdir, refuse = str(tmp_path / "out2"), workdir_lib._refuse_other_sweep
+
+    def then_the_other_start(*args, **kw):
+        refuse(*args, **kw)
+        atomic_create_json(os.path.join(workdir, "sweep.json"), workdir_lib.results_fields(other))
+
+    monkeypatch.setattr(workdir_lib, "_refuse_other_sweep", then_the_other_start)
+    with pytest.raises(ConfigError, match=r"holds a sweep of another config \(differs in seeds\)"):
+        workdir_lib.prepare_workdir(workdir, mine)
 
 
 def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_is_not(smoke_config, tmp_path):

@@ -232,7 +232,71 @@ def test_program_cache_compiles_again_after_a_failed_compilation():
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         cache(Flaky())
     assert cache(Flaky()) == "compiled" and cache(Flaky()) == "compiled"
-    assert Flaky.calls == 2 and (cache.compiled, cache.shared) == (2, 1)
+    assert Flaky.calls == 2 and (cache.compiled, cache.shared) == (1, 1)
+
+
+def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own():
+    """Groups of one shape build at once (a worker each): the one waiting for the other's compilation, which
+    fails, compiles the program itself rather than failing with it."""
+    import threading
+    import time
+
+    from fusion_jax.groups import ProgramCache
+
+    waiting, calls = threading.Event(), []
+
+    class Slow:
+        in_tree, args_info = "tree", "args"
+
+        def as_text(self):
+            waiting.set() if threading.current_thread().name == "second" else None
+            return "program"
+
+        def compile(self, options):
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:
+                waiting.wait(10)
+                time.sleep(0.2)  # the second group is waiting on this compilation by now
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+            return "compiled"
+
+    cache, out = ProgramCache(), {}
+
+    def build(name):
+        try:
+            out[name] = cache(Slow())
+        except jax.errors.JaxRuntimeError as e:
+            out[name] = e
+
+    first = threading.Thread(target=build, args=("first",), name="first")
+    first.start()
+    while not calls:
+        time.sleep(0.01)
+    second = threading.Thread(target=build, args=("second",), name="second")
+    second.start()
+    first.join(), second.join()
+    assert isinstance(out["first"], jax.errors.JaxRuntimeError) and out["second"] == "compiled"
+    assert calls == ["first", "second"] and (cache.compiled, cache.shared) == (1, 0)
+
+
+def test_own_failure_is_xlas_error_through_its_causes_but_not_the_workdirs():
+    """A group fails alone on XLA's errors (out of memory), also wrapped as a cause (Later's compilation); an
+    error of the workdir, or anything else, is the sweep's."""
+    from fusion_jax.groups import own_failure
+    from fusion_jax.validate import ConfigError
+
+    def caused(error, cause):
+        error.__cause__ = cause
+        return error
+
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    assert own_failure(oom) and own_failure(MemoryError()) and own_failure(caused(RuntimeError("compile"), oom))
+    assert not own_failure(caused(ConfigError("workdir", "cannot write"), caused(TimeoutError(), oom)))
+    assert not own_failure(TypeError("a bug")) and not own_failure(ValueError("tensorstore"))
+    broken = Later("group g: evaluate", lambda: (_ for _ in ()).throw(oom))
+    with pytest.raises(RuntimeError, match="compilation failed") as error:
+        broken()
+    assert own_failure(error.value)
 
 
 def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
