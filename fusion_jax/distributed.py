@@ -65,6 +65,14 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
                     process_id=d.process_id if d.process_id >= 0 else None,
                     local_device_ids=local_device_ids(),
                     initialization_timeout=int(d.timeout_seconds))
+            except RuntimeError as e:
+                if "must be called before" not in str(e):
+                    raise
+                from fusion_jax.validate import ConfigError
+
+                raise ConfigError("distributed.num_processes", f"asks for several processes, but JAX has run in this "
+                                  "Python process already, and jax.distributed starts only before that: run the sweep "
+                                  "in a new Python process (the command line does)") from e
             except ValueError as e:
                 if d.num_processes > 1:
                     raise

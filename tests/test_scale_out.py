@@ -593,6 +593,20 @@ def test_a_sweep_alone_after_a_distributed_one_in_the_same_python_process_is_ref
     assert distributed.initialize(smoke_config) == (1, 2)
 
 
+def test_a_multi_process_sweep_after_jax_has_run_in_the_process_is_a_config_error(smoke_config, monkeypatch):
+    import jax
+
+    from fusion_jax import distributed
+    from fusion_jax.validate import ConfigError
+
+    jax.devices()  # JAX has run here (as in every test process)
+    monkeypatch.setattr(distributed, "_refuse_a_taken_port", lambda *a: None)
+    smoke_config.distributed.update(num_processes=2, process_id=1, coordinator_address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="JAX has run in this Python process already"):
+        distributed.initialize(smoke_config)
+    assert not jax.distributed.is_initialized()
+
+
 def test_a_process_failing_while_training_waits_for_the_others_then_raises_its_own_error(store, caplog, monkeypatch):
     """The failure is shared, the wait's own trouble (the others not coming in time) only logged; process
     0's WaitedOut, which has waited already, is shared without a second wait."""
