@@ -70,7 +70,7 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
                     raise
                 from fusion_jax.validate import ConfigError
 
-                raise ConfigError("distributed.num_processes", f"asks for several processes, but JAX has run in this "
+                raise ConfigError("distributed.num_processes", "asks for several processes, but JAX has run in this "
                                   "Python process already, and jax.distributed starts only before that: run the sweep "
                                   "in a new Python process (the command line does)") from e
             except ValueError as e:
