@@ -43,12 +43,16 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """
     d = config.distributed
     wanted = d.num_processes or (None if in_cluster() else 1)  # None: the cluster's count
-    if jax.distributed.is_initialized() and wanted not in (None, jax.process_count()):
+    if jax.distributed.is_initialized() and (wanted not in (None, jax.process_count())
+                                             or d.process_id not in (-1, jax.process_index())):
         from fusion_jax.validate import ConfigError
 
-        raise ConfigError("distributed.num_processes", f"asks for {wanted} process{'es' if wanted > 1 else ''}, but "
-                          f"this Python process has joined a {jax.process_count()}-process jax.distributed run already "
-                          "(an earlier sweep in it), which cannot be left: run this sweep in a new Python process")
+        asked = (f"process {d.process_id} of {wanted}" if d.process_id >= 0
+                 else f"{wanted} process{'es' if wanted > 1 else ''}")
+        raise ConfigError("distributed.num_processes" if d.process_id < 0 else "distributed.process_id",
+                          f"asks for {asked}, but this Python process has joined a jax.distributed run already as "
+                          f"process {jax.process_index()} of {jax.process_count()} (an earlier sweep in it), which "
+                          "cannot be left: run this sweep in a new Python process")
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
             port = _coordinator_port(d)

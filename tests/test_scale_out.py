@@ -587,9 +587,13 @@ def test_a_sweep_alone_after_a_distributed_one_in_the_same_python_process_is_ref
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     for n, wanted in ((0, "1 process"), (1, "1 process"), (3, "3 processes")):
         smoke_config.distributed.num_processes = n
-        with pytest.raises(ConfigError, match=f"asks for {wanted}, but this Python process has joined a 2-process"):
+        with pytest.raises(ConfigError, match=f"asks for {wanted}, but this Python process has joined a "
+                                              "jax.distributed run already as process 1 of 2"):
             distributed.initialize(smoke_config)
-    smoke_config.distributed.num_processes = 2
+    smoke_config.distributed.update(num_processes=2, process_id=0)
+    with pytest.raises(ConfigError, match="distributed.process_id: asks for process 0 of 2, but .* as process 1 of 2"):
+        distributed.initialize(smoke_config)
+    smoke_config.distributed.process_id = 1
     assert distributed.initialize(smoke_config) == (1, 2)
 
 
