@@ -49,10 +49,11 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
         asked = (f"process {d.process_id} of {wanted}" if d.process_id >= 0
                  else f"{wanted} process{'es' if wanted > 1 else ''}")
-        raise ConfigError("distributed.num_processes" if d.process_id < 0 else "distributed.process_id",
+        field = "num_processes" if wanted not in (None, jax.process_count()) else "process_id"
+        raise ConfigError(f"distributed.{field}",
                           f"asks for {asked}, but this Python process has joined a jax.distributed run already as "
-                          f"process {jax.process_index()} of {jax.process_count()} (an earlier sweep in it), which "
-                          "cannot be left: run this sweep in a new Python process")
+                          f"process {jax.process_index()} of {jax.process_count()} (an earlier sweep in it, say), "
+                          "which cannot be left: run this sweep in a new Python process")
     if d.num_processes > 1 or (d.num_processes == 0 and in_cluster()):
         if not jax.distributed.is_initialized():
             port = _coordinator_port(d)
@@ -179,13 +180,13 @@ def _posted(client, prefix: str) -> dict[int, str]:
 
 
 def _poll(client, prefix: str, count: int, deadline: float, waited_out: Callable[[], NoReturn],
-          between: Callable[[], bool] | None = None) -> dict[int, str] | None:
+          between: Callable[[], bool] | None = None) -> dict[int, str]:
     """`_posted(prefix)` once all `count` processes have posted, polling (a blocking call would hold off
-    Ctrl-C, even a second one). between(): called between looks; True ends the wait early (None returned).
+    Ctrl-C, even a second one). between(): called between looks; True ends the wait early ({} returned).
     waited_out() raises once `deadline` has passed."""
     while len(posted := _posted(client, prefix)) < count:
         if between is not None and between():
-            return None
+            return {}
         if time.monotonic() > deadline:
             waited_out()
         time.sleep(0.5)

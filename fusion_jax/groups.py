@@ -36,7 +36,7 @@ class NonFinite(FloatingPointError):
     """A group's features or training loss hold NaN or Inf; the message names the group and runs."""
 
 
-def own_failure(error: BaseException) -> bool:
+def own_failure(error: BaseException | None) -> bool:
     """Whether `error` is XLA's failing to compile or run a group's programs (out of memory, say; also where a
     compilation's error is wrapped as its cause), which fails that group alone. Anything else (the workdir, a
     callback, a bug) is the sweep's."""
@@ -265,8 +265,9 @@ def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
 class ProgramCache:
     """Compiled programs by their lowered program, argument types and compiler options: the groups of one sweep
     that have the same shapes (two backbones of one feature size, both with or both without noise)
-    share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it.
-    `compiled` and `shared` count the programs compiled and those taken from another group."""
+    share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it, and
+    compiles it itself should that compilation fail (none that failed is kept). `compiled` and `shared`
+    count the programs compiled and those taken from another group."""
 
     def __init__(self):
         self._lock, self._programs, self.compiled, self.shared = threading.Lock(), {}, 0, 0

@@ -107,9 +107,9 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def _stopping_message(extracts: bool) -> str:
-    """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source). A wait
-    for the other processes stops at once; a compilation in progress is finished first (XLA's cannot be
-    cut short), seconds for these heads."""
+    """What the first Ctrl-C says; extracts: whether the sweep extracts features (an image source). In a
+    wait for the other processes the stop is passed to them at once, and this one leaves with them; a
+    compilation in progress is finished first (XLA's cannot be cut short), seconds for these heads."""
     where, lost = (", feature extraction after its current shard", "epoch or shard") if extracts else ("", "epoch")
     return (f"fusion_jax: stopping (training stops before its next epoch{where}; Ctrl-C again to end at once, "
             f"losing the {lost} in progress)")

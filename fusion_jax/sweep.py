@@ -330,9 +330,9 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if stop.is_set():
         raise Stopped("stopped before training")
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
+    own_failed: list[str] = []  # the errors of the groups this process failed
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True, disable=not todo) as progress:
-        own_failed: list[str] = []
         for i, g in enumerate(todo):
             if stop.is_set():
                 raise Stopped(f"stopped before group {g.name}")

@@ -149,7 +149,7 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
     refuse_other()
     # First: what training writes never stands without it. Checked again where this start did not create it: a
     # start of another config may have, since the check above (then this one is refused; or that one, later).
-    if not atomic_create_json(path, results_fields(config_dict)):
+    if os.path.exists(path) or not atomic_create_json(path, results_fields(config_dict)):
         refuse_other()
     if features is not None:
         _claim_features(workdir, features)

@@ -235,31 +235,36 @@ def test_program_cache_compiles_again_after_a_failed_compilation():
     assert Flaky.calls == 2 and (cache.compiled, cache.shared) == (1, 1)
 
 
-def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own():
+def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeypatch):
     """Groups of one shape build at once (a worker each): the one waiting for the other's compilation, which
     fails, compiles the program itself rather than failing with it."""
+    import concurrent.futures
     import threading
     import time
 
     from fusion_jax.groups import ProgramCache
 
-    waiting, calls = threading.Event(), []
+    waiting, calls, result = threading.Event(), [], concurrent.futures.Future.result
+
+    def waited_on(future, *a, **k):  # the second group waits for the first's compilation
+        if threading.current_thread().name == "second":
+            waiting.set()
+        return result(future, *a, **k)
 
     class Slow:
         in_tree, args_info = "tree", "args"
 
         def as_text(self):
-            waiting.set() if threading.current_thread().name == "second" else None
             return "program"
 
         def compile(self, options):
             calls.append(threading.current_thread().name)
             if len(calls) == 1:
-                waiting.wait(10)
-                time.sleep(0.2)  # the second group is waiting on this compilation by now
+                assert waiting.wait(10)
                 raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
             return "compiled"
 
+    monkeypatch.setattr(concurrent.futures.Future, "result", waited_on)
     cache, out = ProgramCache(), {}
 
     def build(name):
