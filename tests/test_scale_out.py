@@ -950,6 +950,23 @@ def test_an_error_that_is_not_its_groups_own_ends_the_sweep(smoke_config, tmp_pa
     assert not list((tmp_path / "groups").iterdir())
 
 
+def test_failed_groups_in_two_processes_end_both_with_status_1(tmp_path):
+    """A learning rate of 1e13 fails both groups (NaN loss), one in each process: process 0 writes the results
+    and lists both; process 1 says which of its own failed; both exit 1, together (JAX's shutdown in step)."""
+    port = _free_port()
+    common = [f"--workdir={tmp_path}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2", "--config.train.learning_rate=1e13"]
+    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
+    codes = [p.wait(timeout=240) for p in procs]
+    errors = [p.stderr.read() for p in procs]
+    assert codes == [1, 1], errors
+    assert "fusion_jax: failed: group aligned-cross: non-finite training loss" in errors[0]
+    assert re.search(r"fusion_jax: failed: 1 of this process's groups failed \(results.json lists them\): "
+                     r"group aligned-cross: non-finite training loss", errors[1]), errors[1][-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [f["group"] for f in results["failed_groups"]] == ["aligned-concat", "aligned-cross"]
+
+
 def test_a_process_failing_while_training_is_named_and_the_others_keep_their_groups(tmp_path):
     """Process 1 cannot write its group's checkpoints: it waits while process 0 trains its own group, then
     both stop at once (no 5-minute abort at JAX's shutdown barrier), process 0 naming process 1's error."""
