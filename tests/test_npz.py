@@ -65,6 +65,17 @@ def test_padding_may_hold_anything_and_loads_as_zeros(tmp_path):
         load(str(tmp_path / "pad.npz"))
 
 
+def test_nonfinite_rows_are_found_across_blocks():
+    """The finiteness check reads the features a block of rows at a time: rows at block edges are found."""
+    from fusion_jax.data.npz import _nonfinite_rows
+
+    x = np.ones((10, 3, 2), np.float32)
+    x[[0, 3, 4, 9], [0, 2, 1, 2], [1, 0, 1, 1]] = [np.nan, np.inf, -np.inf, np.nan]
+    for block_bytes in (1, x[:1].nbytes, 4 * x[:1].nbytes, 64 << 20):  # 1 row (at least), 1, 4 and all rows
+        np.testing.assert_array_equal(_nonfinite_rows(x, block_bytes), [0, 3, 4, 9])
+    assert _nonfinite_rows(x[:0]).size == 0 and _nonfinite_rows(np.ones((3, 2), np.float32)).size == 0
+
+
 BAD = [
     (lambda f: f.pop("caption_image"), "missing array(s) caption_image"),
     (lambda f: f.update(labels=np.zeros(3)), "unknown array(s) labels"),

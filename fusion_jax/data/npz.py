@@ -73,6 +73,14 @@ def save(path: str, fs: FeatureSet) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
+def _nonfinite_rows(x: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
+    """The rows of `x` [n, ...] holding NaN or Inf, read in blocks of about `block_bytes` (a mask of the whole
+    array would add a quarter of its size to the load's peak)."""
+    block = max(1, block_bytes // max(1, x[:1].nbytes))
+    return np.concatenate([np.flatnonzero(~np.isfinite(x[i:i + block]).reshape(len(x[i:i + block]), -1).all(axis=1))
+                           + i for i in range(0, len(x), block)] or [np.zeros(0, np.int64)])
+
+
 def load(path: str) -> FeatureSet:
     """The FeatureSet in `path`, checked (DataUnavailableError names the file and what is wrong)."""
     bad = lambda why: DataUnavailableError(f"features file {path}: {why}")
@@ -126,7 +134,7 @@ def load(path: str) -> FeatureSet:
     for n, x, mask in (("image", fs.image, fs.image_mask), ("text", fs.text, fs.text_mask)):
         if mask is not None:  # the heads mask padding out, but NaN there would survive their zero weights
             x[mask == 0] = 0
-        rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
+        rows = _nonfinite_rows(x)
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
         if (peak := max(float(x.max()), -float(x.min()))) > HUGE:
