@@ -57,20 +57,25 @@ def digest(tree: Any) -> dict[str, str]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _not_written(e: Exception) -> str | None:
+    """Why a write failed, for an OSError (a full disk, a file where a folder goes) or tensorstore's ValueError
+    for one (`... [os_error_code='28']`, from Orbax's writes); None for any other ValueError."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    return f"{os.strerror(int(code[1]))} (tensorstore: {str(e)[:300]})" if code else None
+
+
 def _writes(method):
-    """A GroupCheckpoints method whose OSError (a full disk, a file where a folder goes), or tensorstore's
-    ValueError for one (`... [os_error_code='28']`, from Orbax's writes), becomes one line."""
+    """A GroupCheckpoints method whose failed write (`_not_written`) becomes one line."""
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except (OSError, ValueError) as e:
-            code = re.search(r"os_error_code='?(\d+)", str(e)) if isinstance(e, ValueError) else None
-            if isinstance(e, ValueError) and code is None:
+            if (why := _not_written(e)) is None:
                 raise
-            why = f"{os.strerror(int(code[1]))} (tensorstore: {str(e)[:300]})" if code else e.strerror or e
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {why}{where}; "
+            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {why}; "
                               "mend that, then rerun the same command to resume") from e
     return wrapped
 

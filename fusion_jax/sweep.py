@@ -343,19 +343,20 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                     raise Stopped(f"stopped before group {g.name}")
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
                                                        on_epoch, stop))
-            except NonFinite as e:  # diverged: its checkpoints would only diverge again
-                log.error("%s", e)
-                atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": str(e)})
-                own_failed.append(str(e))
             except Exception as e:
-                if not own_failure(e):  # the workdir, a callback, a bug: every group would fail alike
+                diverged = isinstance(e, NonFinite)
+                if not (diverged or own_failure(e)):  # the workdir, a callback, a bug: every group would fail alike
                     raise
-                log.exception("group %s failed; the sweep goes on with the other groups, and a rerun of the same "
-                              "command trains it again (from its last checkpoint, where it saved one)", g.name)
-                error = f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
+                if diverged:
+                    log.error("%s", e)
+                else:
+                    log.exception("group %s failed; the sweep goes on with the other groups, and a rerun of the "
+                                  "same command trains it again (from its last checkpoint, where it saved one)", g.name)
+                error = str(e) if diverged else f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": error})
                 own_failed.append(error)
-                continue
+                if not diverged:  # out of memory, say: a rerun resumes from its checkpoints (diverged ones would not)
+                    continue
             shutil.rmtree(os.path.join(workdir, "checkpoints", g.name), ignore_errors=True)
     if todo:
         log.info("%d programs built, %d more shared by groups of the same shapes", ahead.programs.compiled,

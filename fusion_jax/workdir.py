@@ -146,10 +146,11 @@ def prepare_workdir(workdir: str, config_dict: dict, features: dict[str, dict] |
                           f"at least {_MIN_FREE_BYTES / 2**20:.0f} MiB")
     refuse_other = lambda: _refuse_other_sweep(workdir, config_dict, skip_locations=features is not None
                                                and os.path.exists(os.path.join(workdir, "features.json")))
+    existed = os.path.exists(path)
     refuse_other()
-    # First: what training writes never stands without it. Checked again where this start did not create it: a
-    # start of another config may have, since the check above (then this one is refused; or that one, later).
-    if os.path.exists(path) or not atomic_create_json(path, results_fields(config_dict)):
+    # First: what training writes never stands without it. Checked again where this start found none and did not
+    # create it: a start of another config did, since (then this one is refused; or that one, later).
+    if not existed and not atomic_create_json(path, results_fields(config_dict)):
         refuse_other()
     if features is not None:
         _claim_features(workdir, features)

@@ -76,9 +76,11 @@ def save(path: str, fs: FeatureSet) -> None:
 def _nonfinite_rows(x: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
     """The rows of `x` [n, ...] holding NaN or Inf, read in blocks of about `block_bytes` (a mask of the whole
     array would add a quarter of its size to the load's peak)."""
-    block = max(1, block_bytes // max(1, x[:1].nbytes))
-    return np.concatenate([np.flatnonzero(~np.isfinite(x[i:i + block]).reshape(len(x[i:i + block]), -1).all(axis=1))
-                           + i for i in range(0, len(x), block)] or [np.zeros(0, np.int64)])
+    block, rows = max(1, block_bytes // max(1, x[:1].nbytes)), [np.zeros(0, np.int64)]
+    for i in range(0, len(x), block):
+        part = x[i:i + block]
+        rows.append(i + np.flatnonzero(~np.isfinite(part).reshape(len(part), -1).all(axis=1)))
+    return np.concatenate(rows)
 
 
 def load(path: str) -> FeatureSet:
