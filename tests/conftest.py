@@ -14,15 +14,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def _session_compilation_cache() -> None:
-    """One persistent XLA compilation cache for this test process, in a temporary folder: tests build
-    the same programs many times over (each build_program makes new closures, which jax's in-memory
-    cache does not match). Set before any compilation; not passed on to the subprocesses that some
-    tests start (they time a kill against their progress). A killed session leaves the folder in
-    the system's temporary directory."""
+    """One persistent XLA compilation cache for the test session, in a temporary folder: tests build the
+    same programs many times over (each build_program makes new closures, which jax's in-memory cache
+    does not match). The session's first process (pytest, or its xdist controller) makes the folder and
+    removes it when it exits; the xdist workers and the sweeps that tests start as subprocesses take it
+    from the environment, so a program compiled once in the session is loaded everywhere else. JAX
+    writes an entry in place: a process that reads one half-written warns and compiles the program
+    itself. A killed session leaves the folder in the system's temporary directory."""
     import jax
 
-    folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = os.environ.get("FUSION_JAX_TESTS_XLA_CACHE")
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ.update(FUSION_JAX_TESTS_XLA_CACHE=folder, JAX_COMPILATION_CACHE_DIR=folder,
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 

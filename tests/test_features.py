@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -92,9 +93,9 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
     key = {"dataset": "d"}
     extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t")
     path = os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "features.npz")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    pathlib.Path(path).write_bytes(bytes(data))
     assert FeatureCache(str(tmp_path), "t", key).load() is None
     assert "corrupt" in caplog.text
     calls = []

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def write_tsne(workdir, backbone, n, d_v, d_t, seed=0):
 
 def assert_no_nan(workdir):
     for name in TABLES:
-        text = open(os.path.join(workdir, name)).read()
+        text = pathlib.Path(workdir, name).read_text()
         assert not re.search(r"\bnan\b", text, re.IGNORECASE), name
 
 
@@ -542,7 +543,7 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     for name in ["fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"]:
         assert_png(tmp_path / name)
     assert_no_nan(tmp_path)
-    t1, t2, t3 = (open(tmp_path / f"table{i}.md").read() for i in (1, 2, 3))
+    t1, t2, t3 = ((tmp_path / f"table{i}.md").read_text() for i in (1, 2, 3))
     assert "| ours | synthetic (not Flickr8k) | aligned | 128 | concat |" in t1
     assert f"## For reference only: {tables.PAPER_REFERENCE}, Table 1" in t1 and "| 16384 | cross | 89.2 ± 1.4 |" in t1
     assert "**paper**" not in t1  # synthetic data: never beside ours

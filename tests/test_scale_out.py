@@ -4,6 +4,7 @@ import itertools
 import json
 import logging
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -374,7 +375,7 @@ def test_a_coordinator_port_whose_connections_linger_is_not_refused(smoke_config
         accepted.close()  # the coordinator's side closes first: its port's end goes to TIME-WAIT
         client.close()
     if os.path.exists("/proc/net/tcp"):  # Linux: the kernel's table of connections (state 06: TIME-WAIT)
-        rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+        rows = [line.split() for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]]
         assert any(r[1].endswith(f":{port:04X}") and r[3] == "06" for r in rows)
     started = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: started.append(kw))

@@ -1,6 +1,7 @@
 """End to end: a smoke sweep into tmp_path, its results files, and kill-and-resume."""
 
 import csv
+import io
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
                         - by[(key[0], "cross", key[1], s, key[2])]["metrics"]["accuracy"] for s in (42, 123)])
         assert c["concat_minus_cross"] == pytest.approx(want)
 
-    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
     assert len(rows) == n_runs and float(rows[0]["accuracy"]) == on_disk["runs"][0]["metrics"]["accuracy"]
     md = (tmp_path / "summary.md").read_text()
     assert "| aligned | concat | 128 |" in md and "concat − cross" in md
