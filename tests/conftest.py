@@ -13,24 +13,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+_CACHE_VARIABLE = "FUSION_JAX_TESTS_XLA_CACHE"
+_JAX_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
 def _session_compilation_cache() -> None:
     """One persistent XLA compilation cache for the test session, in a temporary folder: tests build the
     same programs many times over (each build_program makes new closures, which jax's in-memory cache
-    does not match). The session's first process (pytest, or its xdist controller) makes the folder and
-    removes it when it exits; the xdist workers and the sweeps that tests start as subprocesses take it
-    from the environment, so a program compiled once in the session is loaded everywhere else. JAX
-    writes an entry in place: a process that reads one half-written warns and compiles the program
-    itself. A killed session leaves the folder in the system's temporary directory."""
+    does not match). The session's first process (pytest, or its xdist controller) makes the folder,
+    sets it for itself and in the environment (over any JAX cache setting there), and removes it when
+    it exits; the xdist workers and the sweeps that tests start as subprocesses take it from the
+    environment, so a program compiled once in the session is loaded everywhere else (the kill tests'
+    victims excepted: `without_compilation_cache`). JAX writes an entry in place: a process that reads
+    one half-written (or left half-written by a killed process) warns and compiles the program itself.
+    A killed session leaves the folder in the system's temporary directory."""
     import jax
 
-    folder = os.environ.get("FUSION_JAX_TESTS_XLA_CACHE")
+    folder = os.environ.get(_CACHE_VARIABLE) if os.environ.get("PYTEST_XDIST_WORKER") else None
     if folder is None:
         folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ.update(FUSION_JAX_TESTS_XLA_CACHE=folder, JAX_COMPILATION_CACHE_DIR=folder,
-                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        os.environ.update({_CACHE_VARIABLE: folder, _JAX_CACHE_VARIABLES[0]: folder, _JAX_CACHE_VARIABLES[1]: "0"})
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def without_compilation_cache(env: dict) -> dict:
+    """env without the session's compilation cache: a sweep that a test kills at its first checkpoint
+    compiles its programs, as a real one would, so that its checkpoints last long enough to be caught."""
+    return {k: v for k, v in env.items() if k not in _JAX_CACHE_VARIABLES}
 
 
 _session_compilation_cache()

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT, host_devices, load_config
+from conftest import ROOT, host_devices, load_config, without_compilation_cache
 from fusion_jax.groups import plan
 from fusion_jax.sweep import train_and_evaluate
 
@@ -781,7 +781,8 @@ def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep
     port = _free_port()
     common = [f"--workdir={tmp_path}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
               "--config.distributed.num_processes=2"]
-    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
+    procs = [_main([*common, f"--config.distributed.process_id={i}"], env=without_compilation_cache(host_devices(1)))
+             for i in (0, 1)]
     from fusion_jax import distributed
 
     config = load_config("synthetic", "smoke")  # as SMALL sets it
@@ -1013,7 +1014,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results
     import signal
 
     workdir = tmp_path / "killed"
-    victim = _main([f"--workdir={workdir}"], env=host_devices(1))
+    victim = _main([f"--workdir={workdir}"], env=without_compilation_cache(host_devices(1)))
     _wait_for_a_checkpoint(victim, workdir / "checkpoints" / "aligned-cross", freeze=True)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
@@ -1054,7 +1055,7 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     victim = subprocess.Popen(
         [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
          f"sys.argv = {argv!r}; runpy.run_module('fusion_jax.main', run_name='__main__')"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=without_compilation_cache(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = workdir / "checkpoints" / "aligned-concat"
     _wait_for_a_checkpoint(victim, first)
     victim.send_signal(signal.SIGINT)

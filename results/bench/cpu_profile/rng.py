@@ -3,8 +3,9 @@ split/join, evaluate; build seconds, tracing included) and trained 6 epochs, the
 time, under one VARIANT per process:
 
     VARIANT=base      the benchmark's programs as they are
-    VARIANT=unrolled  jax's unrolled threefry lowering (its default off the CPU) registered for the CPU
-                      too, in place of the CPU's rolled loop of 5 rounds (a jax internal: a probe only)
+    VARIANT=unrolled  jax's unrolled threefry lowering rule (its default off the CPU, there emitted as a
+                      function that XLA inlines) registered for the CPU too, inline, in place of the
+                      CPU's rolled loop of 5 rounds (a jax internal: a probe only)
     VARIANT=nonoise   no noise drawn (degradation kind "none"), dropout as it is
     VARIANT=norng     no draws at all: no noise and dropout 0
 (nonoise and norng leave the protocol: they bound what the draws cost, they are not settings to use)
@@ -22,6 +23,9 @@ import runpy
 import sys
 import time
 
+VARIANTS = ("base", "unrolled", "nonoise", "norng")
+if os.environ.get("VARIANT", "base") not in VARIANTS:
+    sys.exit(f"VARIANT={os.environ['VARIANT']!r}: one of {', '.join(VARIANTS)}")
 if os.environ.get("VARIANT") == "unrolled":
     from jax._src.interpreters import mlir
     from jax._src.random import threefry2x32
@@ -61,6 +65,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["sweep"]:
+        if len(sys.argv) != 3:
+            sys.exit("usage: VARIANT=base|unrolled python results/bench/cpu_profile/rng.py sweep DIR")
         sys.argv = ["fusion_jax.main", "--config=configs/synthetic.py", f"--workdir={sys.argv[2]}"]
         runpy.run_module("fusion_jax.main", run_name="__main__")
     else:
