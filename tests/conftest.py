@@ -33,7 +33,8 @@ def _session_compilation_cache() -> None:
     if folder is None:
         folder = tempfile.mkdtemp(prefix="fusion_jax_tests_xla_cache_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ.update({_CACHE_VARIABLE: folder, _JAX_CACHE_VARIABLES[0]: folder, _JAX_CACHE_VARIABLES[1]: "0"})
+        os.environ[_CACHE_VARIABLE] = folder
+        os.environ.update(zip(_JAX_CACHE_VARIABLES, (folder, "0")))  # the cache's folder, kept however short a compile
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
