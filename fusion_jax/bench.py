@@ -307,8 +307,8 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
         "runs_per_chunk": runs_per_chunk, "lanes": lanes,
         "device": {**device(), "name": device_name(), "cpu_cores": usable_cores()},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
-        "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
-                if k in os.environ},
+        # Not JAX_COMPILATION_CACHE_DIR: fusion_jax's side uses --compilation-cache alone (jax.compilation_cache).
+        "env": {k: os.environ[k] for k in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS") if k in os.environ},
         "grid": {**dataclasses.asdict(g), "groups": [x.name for x in groups],
                  "runs": sum(len(x.runs) for x in groups), "batch_size": config.train.batch_size,
                  "learning_rate": config.train.learning_rate, "noise_backbone": g.backbones[0]},

@@ -12,6 +12,14 @@ PAPER_SEEDS = (42, 123, 456)
 PAPER_NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
+class ConfigError(ValueError):
+    """A user error in the config: `field` and what is allowed (fusion_jax.validate raises most)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config.{field}: {message}")
+        self.field = field
+
+
 def base_config(name: str, features: str) -> ml_collections.ConfigDict:
     """Fields every sweep has, at the paper's values (its learning rate is not legible: 1e-4 here)."""
     config = ml_collections.ConfigDict()

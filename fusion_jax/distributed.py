@@ -25,6 +25,8 @@ from typing import Callable, Iterator, NoReturn
 import jax
 import ml_collections
 
+from fusion_jax.config_base import ConfigError
+
 log = logging.getLogger("fusion_jax")
 
 
@@ -45,8 +47,6 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
     wanted = d.num_processes or (None if in_cluster() else 1)  # None: the cluster's count
     if jax.distributed.is_initialized() and (wanted not in (None, jax.process_count())
                                              or d.process_id not in (-1, jax.process_index())):
-        from fusion_jax.validate import ConfigError
-
         asked = (f"process {d.process_id} of {wanted}" if d.process_id >= 0
                  else f"{wanted} process{'es' if wanted > 1 else ''}")
         field = "num_processes" if wanted not in (None, jax.process_count()) else "process_id"
@@ -73,8 +73,6 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
             except RuntimeError as e:
                 if "must be called before" not in str(e):
                     raise
-                from fusion_jax.validate import ConfigError
-
                 raise ConfigError("distributed.num_processes", "asks for several processes, but JAX has run in this "
                                   "Python process already, and jax.distributed starts only before that: run the sweep "
                                   "in a new Python process (the command line does)") from e
@@ -82,8 +80,6 @@ def initialize(config: ml_collections.ConfigDict) -> tuple[int, int]:
                 if d.num_processes > 1:
                     raise
                 # The environment asked for several processes, and no cluster JAX detects said how many.
-                from fusion_jax.validate import ConfigError
-
                 address = os.environ.get("JAX_COORDINATOR_ADDRESS")
                 alone = f", or unset JAX_COORDINATOR_ADDRESS (={address}) to run alone" if address else ""
                 raise ConfigError("distributed.num_processes", f"is 0 (from the cluster) and jax.distributed "
@@ -125,8 +121,6 @@ def _refuse_a_taken_port(port: int, advice: str) -> None:
             return
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                from fusion_jax.validate import ConfigError
-
                 raise ConfigError("distributed.coordinator_address", f"port {port} is in use on this host (another "
                                   f"sweep's coordinator?): {advice}") from None
     # Neither family binds for another reason (no IPv6, say): jax.distributed says what it is.

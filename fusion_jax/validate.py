@@ -9,18 +9,11 @@ import ml_collections
 import numpy as np
 
 from fusion_jax import degrade, fusion
+from fusion_jax.config_base import ConfigError
 from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, captioned_images, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.distributed import in_cluster
 from fusion_jax.files import safe_name
-
-
-class ConfigError(ValueError):
-    """A user error in the config: `field` and what is allowed."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"config.{field}: {message}")
-        self.field = field
 
 
 def _require(ok: bool, field: str, message: str) -> None:
