@@ -13,17 +13,31 @@ import threading
 import time
 import traceback
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
-from tqdm.auto import tqdm
+# Until main() takes Ctrl-C over, a KeyboardInterrupt could land anywhere in the imports below and the config's
+# loading (about 2 s): a traceback, or inside a garbage-collection callback of jax's, which swallows it (and
+# the sweep trained on). Until then a first Ctrl-C is noted and ends the start (in main), a second the process.
+_CTRL_C_AT_START = threading.Event()
 
-from fusion_jax.data.dataset import DataUnavailableError
-from fusion_jax.data.sources import IMAGE_SOURCES
-from fusion_jax import distributed
-from fusion_jax.distributed import PeerFailed
-from fusion_jax.sweep import GroupsFailed, train_and_evaluate
-from fusion_jax.validate import ConfigError
+
+def _ctrl_c_at_start(signum: int, frame) -> None:
+    _CTRL_C_AT_START.set()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _ctrl_c_at_start)
+
+from absl import app, flags  # noqa: E402  (after the handler, as are the imports below)
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from fusion_jax import distributed  # noqa: E402
+from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
+from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
+from fusion_jax.distributed import PeerFailed  # noqa: E402
+from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
+from fusion_jax.validate import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -167,8 +181,12 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
     extracts = config.features in IMAGE_SOURCES
     stop = threading.Event()
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _ctrl_c_at_start):
         signal.signal(signal.SIGINT, functools.partial(_first_ctrl_c, stop, extracts))
+    if _CTRL_C_AT_START.is_set():  # checked after the handover: a Ctrl-C in between set `stop` instead
+        print("fusion_jax: interrupted while starting, before the sweep began: nothing was written; run the same "
+              "command to start it", file=sys.stderr)
+        sys.exit(130)
     started = time.time()
     try:
         results = train_and_evaluate(config, workdir, stop=stop,

@@ -215,12 +215,17 @@ def _noise_counts(noisy: list[dict]) -> str:
 
 
 def _timing_text(results: dict) -> str:
-    """', in 224 s by the process that wrote it (4 of 4 groups trained there)' from results["timing"], or ''."""
+    """', in 224 s by the process that wrote it (4 of 4 groups trained there)' from results["timing"], or '';
+    after a rerun that trained nothing, also the last process that trained groups (timing.trained_by)."""
     t = results.get("timing")
     if not t:
         return ""
-    return (f", in {t['seconds']:.0f} s by the process that wrote it ({t['groups_trained']} of {t['groups']} "
+    text = (f", in {t['seconds']:.0f} s by the process that wrote it ({t['groups_trained']} of {t['groups']} "
             "groups trained there)")
+    if before := t.get("trained_by"):
+        text += (f"; the last process that trained any, `{before['command'] or 'fusion_jax.sweep.train_and_evaluate'}`, "
+                 f"took {before['seconds']:.0f} s ({before['groups_trained']} of {before['groups']} trained there)")
+    return text
 
 
 def summary_markdown(results: dict) -> str:
@@ -312,7 +317,7 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
     summary.md, tables, figures); return the dict.
 
     `backbones` maps each backbone to its features' provenance, including the measured alignment;
-    `timing`: {"seconds", "groups_trained", "groups"} of the process that wrote the results.
+    `timing`: {"seconds", "groups_trained", "groups"} of the process that wrote the results (and "trained_by").
     """
     results = {"command": command, "source": source(), "config": config_dict, "versions": versions(),
                "device": device(), "timing": timing, "backbones": backbones or {}, "failed_groups": failures or [],
@@ -389,7 +394,14 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
     if not os.path.isfile(path):
         why = ("no results.json in" if os.path.isdir(folder) else "not a folder:" if os.path.exists(folder)
                else "no such folder:")
-        print(f"fusion_jax.report: error: {flag}: {why} {folder!r}", file=sys.stderr)
+        unfinished = ""
+        if os.path.isfile(os.path.join(folder, "sweep.json")):  # a sweep began there: it writes results.json last
+            groups = os.path.join(folder, "groups")
+            done = len([f for f in (os.listdir(groups) if os.path.isdir(groups) else [])
+                        if f.endswith(".json") and not f.endswith(".failed.json") and not f.startswith(".")])
+            unfinished = (f": the sweep there has not finished ({done} group{'' if done == 1 else 's'} done); run its "
+                          "command again, which resumes it and writes results.json and the report")
+        print(f"fusion_jax.report: error: {flag}: {why} {folder!r}{unfinished}", file=sys.stderr)
         sys.exit(2)
     try:
         with open(path) as f:

@@ -394,16 +394,24 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
     timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo) - len(own_failed),
               "groups": len(groups)}
-    if count == 1 and not todo:  # a rerun that trains nothing keeps the timing of the results it rewrites
-        try:
-            with open(os.path.join(workdir, "results.json")) as f:
-                timing = json.load(f).get("timing") or timing
-        except (OSError, ValueError):
-            pass
+    if count == 1 and not todo and (trained := _last_training(workdir)):  # a rerun that trains nothing
+        timing["trained_by"] = trained
     return write_results(workdir, config_dict, records, command,
                          {b: {**fs.provenance, **drawn[b], "split_overlap": split_overlap(config, fs),
                               **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
                          failures, timing), own_failed
+
+
+def _last_training(workdir: str) -> dict | None:
+    """{command, seconds, groups_trained, groups} of the last process that trained groups of the results in
+    `workdir` (a rerun that trains nothing passes it on), or None where results.json does not say."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            earlier = json.load(f)
+        timing = earlier["timing"]
+        return timing.get("trained_by") or ({"command": earlier["command"], **timing} if timing["groups_trained"] else None)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
@@ -412,11 +420,16 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
     kept in results.json (summary.md shows them): images without a caption (never drawn), and a noise
     study on features that are not unit vectors (σ is meant relative to unit norm, and levels > 0 are
     re-normalised while level 0 stays as it is, so their gap mixes the noise with a change of scale;
-    up to 4096 rows spread over the set, real tokens only, by mask, for token features)."""
+    up to 4096 rows spread over the set, real tokens only, by mask, for token features), and features that
+    are another backbone's (one file under two names, say: the same runs twice)."""
     noisy = {g.backbone for g in groups if g.noisy}
     out = {}
-    for b, fs in features.items():
+    for i, (b, fs) in enumerate(features.items()):
         notes = out.setdefault(b, [])
+        same = next((a for a in list(features)[:i] if _same_features(features[a], fs)), None)
+        if same is not None:
+            notes.append(f"it holds the same features as backbone {same!r} (array for array): its runs repeat that "
+                         "backbone's")
         uncaptioned = fs.n_images - len(captioned_images(fs.caption_image))
         if uncaptioned:
             notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
@@ -434,6 +447,13 @@ def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
         for note in notes:
             log.warning("backbone %r: %s", b, note)
     return {b: notes for b, notes in out.items() if notes}
+
+
+def _same_features(a: FeatureSet, b: FeatureSet) -> bool:
+    """Whether two feature sets hold the same arrays (masks included)."""
+    arrays = lambda fs: (fs.image, fs.text, fs.caption_image, fs.image_mask, fs.text_mask)
+    return all(x is y if x is None or y is None else x.shape == y.shape and np.array_equal(x, y)
+               for x, y in zip(arrays(a), arrays(b)))
 
 
 def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:

@@ -192,10 +192,12 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
         captioned = len(captioned_images(fs.caption_image))
-        _require(limit or not by_image, "pairs.split_by",
-                 f"'image' leaves a side of the split of {label} without pairs (fewer than 2 images with a "
-                 f"caption; {captioned} of its {fs.n_images} images have one, "
-                 f"train_fraction {config.pairs.train_fraction}); use 'pair' or more images")
+        to_train = int(round(config.pairs.train_fraction * captioned))  # as the image split rounds (data/pairs.py)
+        _require(limit or not by_image or captioned < 2, "pairs.split_by",
+                 f"'image' splits the {captioned} images of {label} that have a caption ({fs.n_images} images in "
+                 f"all) into {to_train} for training and {captioned - to_train} for validation (train_fraction "
+                 f"{config.pairs.train_fraction}); each side needs at least 2, as a negative pairs a caption with "
+                 "another image of its side: use 'pair' or more images")
         _require(limit >= 2, "scales", f"{label} makes no pairs: a negative pairs an image with a caption of "
                  f"another image, so captions of at least 2 images are needed ({fs.n_captions} captions of "
                  f"{captioned} image(s), {fs.n_images} images{by_image})")

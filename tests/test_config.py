@@ -133,6 +133,26 @@ def test_split_by_image_names_its_scale_limit(smoke_config, tmp_path):
         train_and_evaluate(smoke_config, str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("n_images", [2, 100])
+def test_split_by_image_counts_the_images_of_each_side(smoke_config, n_images):
+    """Two images with captions split 0.8 / 0.2 give both to training: the error counts each side, not 'fewer than
+    2 images with a caption' (which both have); images without a caption are in neither side."""
+    import numpy as np
+
+    from fusion_jax.data import FeatureSet
+    from fusion_jax.validate import validate_scales
+
+    fs = FeatureSet(image=np.ones((n_images, 4), np.float32), text=np.ones((300, 4), np.float32),
+                    caption_image=np.repeat(np.arange(2), 150))
+    smoke_config.pairs.split_by = "image"
+    with pytest.raises(ConfigError, match=rf"'image' splits the 2 images of 'a' that have a caption \({n_images} images "
+                                          r"in all\) into 2 for training and 0 for validation \(train_fraction 0.8\); "
+                                          r"each side needs at least 2"):
+        validate_scales(smoke_config, {"'a'": fs})
+    smoke_config.pairs.split_by = "pair"
+    validate_scales(smoke_config, {"'a'": fs})  # 600 pairs serve the smoke scales
+
+
 def test_none_kind_needs_level_zero(smoke_config, tmp_path):
     smoke_config.degradation.kind = "none"
     with pytest.raises(ConfigError, match=r"degradation.levels: must be \(0.0,\)"):

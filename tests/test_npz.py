@@ -82,6 +82,10 @@ BAD = [
     (lambda f: f.update(image=(10 * f["image"]).astype(np.int32)), "image has dtype int32; expected floating point"),
     (lambda f: f.update(caption_image=f["caption_image"] + 1), "indices outside [0, 150)"),
     (lambda f: f.update(caption_image=f["caption_image"].astype(np.float32)), "expected integers"),
+    (lambda f: f.update(caption_image=f["caption_image"].astype("timedelta64[s]")), "dtype timedelta64[s]; expected int"),
+    (lambda f: f.update(caption_image=f["caption_image"].astype(object)),
+     "caption_image is an array of Python objects, which only pickle reads (not loaded, as it could run code): save it "
+     "as integers"),
     (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
     (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
@@ -131,6 +135,17 @@ def test_a_zip_of_other_files_is_not_npz(tmp_path):
         load(str(path))
 
 
+def test_a_damaged_array_is_named(tmp_path):
+    """A member of the archive whose .npy header is damaged: the error names the array, not only numpy's words."""
+    np.savez(tmp_path / "good.npz", **_features())
+    with zipfile.ZipFile(tmp_path / "good.npz") as z, zipfile.ZipFile(tmp_path / "bad.npz", "w") as w:
+        for name in z.namelist():
+            data = z.read(name)
+            w.writestr(name, data[:6] + b"\x20\x67" + data[8:] if name == "text.npy" else data)  # format version
+    with pytest.raises(DataUnavailableError, match=r"bad.npz: array text cannot be read \(ValueError: .*format version"):
+        load(str(tmp_path / "bad.npz"))
+
+
 def test_config_errors_name_the_field_and_the_files_there(tmp_path):
     np.savez(tmp_path / "a.npz", **_features())
     np.savez(tmp_path / "b.npz", **_features(seed=1))
@@ -142,6 +157,11 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
         train_and_evaluate(_config(tmp_path / "nowhere", ("a",)), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="without its .npz ending"):
         train_and_evaluate(_config(tmp_path, ("a.npz",)), str(tmp_path / "out"))
+    (tmp_path / "gone.npz").symlink_to(tmp_path / "elsewhere" / "gone.npz")
+    with pytest.raises(ConfigError, match=r"config.backbones: '.*gone.npz' \(backbone 'gone'\) is a link to "
+                                          r"'.*elsewhere/gone.npz', which does not exist"):
+        train_and_evaluate(_config(tmp_path, ("gone",)), str(tmp_path / "out"))
+    (tmp_path / "gone.npz").unlink()
     (tmp_path / "d.npz").mkdir()
     with pytest.raises(ConfigError, match=r"config.backbones: '.*d.npz' \(backbone 'd'\) is a folder, not a file"):
         train_and_evaluate(_config(tmp_path, ("d",)), str(tmp_path / "out"))
@@ -195,7 +215,14 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     config.npz.dir = str(tmp_path / "b")
     again = train_and_evaluate(config, str(tmp_path / "out"))
     assert "0 groups to train" in caplog.text and again["runs"] == first["runs"]
-    assert again["timing"] == first["timing"]  # a rerun that trains nothing keeps the sweep's timing
+    # A rerun that trains nothing says so, and names the process that trained the runs, passed on by a second rerun.
+    assert again["timing"]["groups_trained"] == 0 and again["timing"]["trained_by"] == {"command": None, **first["timing"]}
+    third = train_and_evaluate(config, str(tmp_path / "out"), command="python -m fusion_jax.main --again")
+    assert third["timing"]["trained_by"] == again["timing"]["trained_by"] and third["command"].endswith("--again")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert re.search(r"Made by `python -m fusion_jax.main --again` .*, in \d+ s by the process that wrote it \(0 of 2 "
+                     r"groups trained there\); the last process that trained any, `fusion_jax.sweep.train_and_evaluate`, "
+                     rf"took {first['timing']['seconds']:.0f} s \(2 of 2 trained there\)\.", summary), summary[:600]
     np.savez(tmp_path / "b" / "mine.npz", **_features(seed=1))
     with pytest.raises(ConfigError, match=r"config.workdir: .* holds a sweep begun on other features "
                                           r"\(differs in mine.sha256\)"):

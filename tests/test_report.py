@@ -596,6 +596,20 @@ def test_cli_without_results_exits_2(tmp_path):
                                                             "folder with a results.json (a finished sweep)")
 
 
+def test_a_report_on_an_unfinished_sweep_says_to_finish_it(tmp_path, capsys):
+    from fusion_jax.report import _read_results
+
+    (tmp_path / "sweep.json").write_text("{}")
+    (tmp_path / "groups").mkdir()
+    for name in ("a-concat.json", "a-cross.failed.json", ".tmp-b-concat.json"):  # one finished group
+        (tmp_path / "groups" / name).write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        _read_results(str(tmp_path))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"fusion_jax.report: error: --workdir: no results.json in {str(tmp_path)!r}: the sweep there has not finished "
+        "(1 group done); run its command again, which resumes it and writes results.json and the report\n")
+
+
 def test_against_compares_noisy_cells_only_on_features_of_the_same_shape():
     """σ is not the same amount of noise on 64 dims as on 512 (nor on token states): such noisy cells are
     left out of the comparison and said; the noise-free ones are compared."""

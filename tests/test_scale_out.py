@@ -1074,6 +1074,35 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     assert not (workdir / "results.json").exists()
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_while_the_command_starts_ends_it_in_one_line(tmp_path, presses):
+    """Ctrl-C before main() takes it over (here while the config loads, after jax's imports): one press ends the
+    start with one line and status 130, never a traceback nor a sweep that trains on (a KeyboardInterrupt inside
+    a garbage-collection callback of jax's was swallowed); a second press ends the process at once."""
+    import signal
+
+    config = tmp_path / "pressing.py"
+    config.write_text(
+        "import os, runpy, signal\n"
+        f"smoke = runpy.run_path({str(pathlib.Path(ROOT) / 'configs' / 'synthetic.py')!r})['get_config']('smoke')\n"
+        "def get_config():\n"
+        f"    for _ in range({presses}):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return smoke\n")
+    argv = ["fusion_jax.main", f"--config={config}", f"--workdir={tmp_path / 'out'}"]
+    done = subprocess.run(  # Python's own SIGINT handler in the child, as in the test above
+        [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         f"sys.argv = {argv!r}; runpy.run_module('fusion_jax.main', run_name='__main__')"],
+        cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120)
+    if presses == 1:
+        assert done.returncode == 130 and done.stderr.strip() == (
+            "fusion_jax: interrupted while starting, before the sweep began: nothing was written; run the same "
+            "command to start it"), done.stderr[-3000:]
+    else:
+        assert done.returncode == -signal.SIGINT and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_last_update_that_diverges_fails_its_group_instead_of_scoring_nan_logits(smoke_config, tmp_path):
     """A step's loss comes before its update: one step at a huge learning rate leaves every loss finite and
     the head's logits non-finite. Its group fails, naming the runs, rather than scoring them as negatives.

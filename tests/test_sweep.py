@@ -121,6 +121,15 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
     more = dataclasses.replace(more, image=np.concatenate([more.image, more.image[:5]]))  # 5 images, no caption
     assert feature_notes(config, groups, {**features, "unaligned": more}) == {
         "unaligned": [f"5 of its {more.n_images} images have no caption: pairs never draw them"]}
+    # One file under two names: the second backbone's runs repeat the first's. A copy is as good as the same
+    # arrays; another mask, or none, is not.
+    same = {"aligned": features["aligned"], "unaligned": dataclasses.replace(features["aligned"])}
+    assert feature_notes(config, groups, same) == {
+        "unaligned": ["it holds the same features as backbone 'aligned' (array for array): its runs repeat that "
+                      "backbone's"]}
+    copied = dataclasses.replace(features["aligned"], text=features["aligned"].text.copy())
+    assert feature_notes(config, groups, {**features, "unaligned": copied}) == feature_notes(config, groups, same)
+    assert feature_notes(config, groups, {"aligned": fs, "unaligned": dataclasses.replace(fs, image_mask=None)}) == {}
 
 
 class Killed(Exception):

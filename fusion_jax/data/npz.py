@@ -16,6 +16,7 @@ import dataclasses
 import os
 import zipfile
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -59,6 +60,9 @@ def check(directory: str, backbone: str) -> None:
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
     if os.path.isdir(feature_file(directory, backbone)):
         raise ValueError(f"{feature_file(directory, backbone)!r} (backbone {backbone!r}) is a folder, not a file")
+    if os.path.islink(feature_file(directory, backbone)) and not os.path.exists(feature_file(directory, backbone)):
+        raise ValueError(f"{feature_file(directory, backbone)!r} (backbone {backbone!r}) is a link to "
+                         f"{os.readlink(feature_file(directory, backbone))!r}, which does not exist")
     if not os.path.isfile(feature_file(directory, backbone)):
         found = names(directory)
         raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
@@ -83,6 +87,21 @@ def _nonfinite_rows(x: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def _member(z: np.lib.npyio.NpzFile, name: str, bad: Callable[[str], Exception]) -> np.ndarray:
+    """Array `name` of an open .npz, or `bad` naming it where it cannot be read (Python objects, a damaged
+    member)."""
+    try:
+        return z[name]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            kind = "integers" if name == "caption_image" else "floating point"
+            raise bad(f"{name} is an array of Python objects, which only pickle reads (not loaded, as it could run "
+                      f"code): save it as {kind}") from None
+        raise bad(f"array {name} cannot be read ({type(e).__name__}: {e}); save the file again") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise bad(f"array {name} cannot be read ({type(e).__name__}: {e}); save the file again") from None
+
+
 def load(path: str) -> FeatureSet:
     """The FeatureSet in `path`, checked (DataUnavailableError names the file and what is wrong)."""
     bad = lambda why: DataUnavailableError(f"features file {path}: {why}")
@@ -102,7 +121,7 @@ def load(path: str) -> FeatureSet:
                           f"(it holds {', '.join(sorted(names)) or 'none'})")
             if extra := sorted(names - set(REQUIRED) - set(OPTIONAL)):
                 raise bad(f"unknown array(s) {', '.join(extra)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
-            arrays = {n: z[n] for n in names}
+            arrays = {n: _member(z, n, bad) for n in sorted(names)}
         if not_arrays := sorted(n for n, x in arrays.items() if not isinstance(x, np.ndarray)):
             raise bad(f"array(s) {', '.join(not_arrays)}: not .npy data (np.savez writes each array as .npy)")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
@@ -121,7 +140,7 @@ def load(path: str) -> FeatureSet:
             raise bad(f"{n}_mask must hold 0 and 1 only")
         if mask is not None and mask.ndim == 2 and (empty := np.flatnonzero(mask.sum(axis=1) == 0)).size:
             raise bad(f"{n}_mask has rows with no real token (rows {empty[:5].tolist()}): every row needs one")
-    if not np.issubdtype(arrays["caption_image"].dtype, np.integer):
+    if arrays["caption_image"].dtype.kind not in "iu":  # not timedelta64, which numpy counts as an integer type
         raise bad(f"caption_image has dtype {arrays['caption_image'].dtype}; expected integers")
     if arrays["caption_image"].shape != arrays["text"].shape[:1]:
         raise bad(f"text has {len(arrays['text'])} rows but caption_image has shape "
