@@ -130,6 +130,13 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
     copied = dataclasses.replace(features["aligned"], text=features["aligned"].text.copy())
     assert feature_notes(config, groups, {**features, "unaligned": copied}) == feature_notes(config, groups, same)
     assert feature_notes(config, groups, {"aligned": fs, "unaligned": dataclasses.replace(fs, image_mask=None)}) == {}
+    from fusion_jax.sweep import _same_features  # compared in blocks of rows: each block counts
+
+    last = copied.text.copy()
+    last[-1, -1] += 1
+    for block_bytes in (1, 64 << 20):
+        assert _same_features(features["aligned"], copied, block_bytes)
+        assert not _same_features(features["aligned"], dataclasses.replace(copied, text=last), block_bytes)
 
 
 class Killed(Exception):
