@@ -20,8 +20,11 @@ _CTRL_C_AT_START = threading.Event()
 
 
 def _ctrl_c_at_start(signum: int, frame) -> None:
-    _CTRL_C_AT_START.set()
+    # SIG_DFL first: a second press inside this handler would otherwise run it again, nested, and wait forever
+    # on the lock that the Event's set() holds.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.write(2, b"fusion_jax: stopping as soon as the command has started (Ctrl-C again to end at once)\n")
+    _CTRL_C_AT_START.set()
 
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -159,8 +162,8 @@ def _first_ctrl_c(stop: threading.Event, extracts: bool, signum: int, frame) -> 
     """Ctrl-C: the first stops the sweep before its next epoch (the running epoch's checkpoint is then
     complete), or extraction after its current shard; a second ends the process (SIGINT's default
     action: like a kill, which a resume survives)."""
-    stop.set()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once, even inside an epoch
+    stop.set()  # after: a second press inside set() would have run this handler again, nested, on set()'s lock
     tqdm.write(_stopping_message(extracts), file=sys.stderr)
 
 

@@ -29,6 +29,7 @@ from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 from fusion_jax.against import against_markdown
 from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
+from fusion_jax.workdir import sweeping_in
 
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
              "transformers": "transformers"}
@@ -223,7 +224,7 @@ def _timing_text(results: dict) -> str:
     text = (f", in {t['seconds']:.0f} s by the process that wrote it ({t['groups_trained']} of {t['groups']} "
             "groups trained there)")
     if before := t.get("trained_by"):
-        text += (f"; the last process that trained any, `{before['command'] or 'fusion_jax.sweep.train_and_evaluate'}`, "
+        text += (f"; the last process that trained any, `{before.get('command') or 'fusion_jax.sweep.train_and_evaluate'}`, "
                  f"took {before['seconds']:.0f} s ({before['groups_trained']} of {before['groups']} trained there)")
     return text
 
@@ -232,7 +233,7 @@ def summary_markdown(results: dict) -> str:
     """Human-readable tables of a results dict."""
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
-             f"Made by `{results['command'] or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
+             f"Made by `{results.get('command') or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
              f"{_timing_text(results)}.", "", *([mixed, ""] if (mixed := mixed_sources(results)) else []),
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
@@ -359,6 +360,7 @@ _NUMBER = (int, float)
 # What the report reads of results.json (as write_results writes it), checked before anything is written.
 _TOP_FIELDS = {"config": dict, "runs": list, "summary": list, "comparisons": list, "backbones": dict, "device": dict,
                "versions": dict}
+_TIMING_FIELDS = {"seconds": _NUMBER, "groups_trained": int, "groups": int}
 _RUN_FIELDS = {"backbone": str, "method": str, "scale": int, "seed": int, "degradation": dict, "metrics": dict,
                "majority_baseline": _NUMBER, "params": int, "train_seconds": _NUMBER}
 
@@ -384,6 +386,13 @@ def results_problem(results: Any) -> str | None:
                 return f"run {i} has no number metrics.{name}"
         if not isinstance(run["degradation"].get("kind"), str) or wrong(run["degradation"].get("level"), _NUMBER):
             return f"run {i} has no degradation kind and level"
+    if results.get("command") is not None and not isinstance(results["command"], str):
+        return "has a 'command' that is not a string"
+    timing = results.get("timing")  # optional, as is timing.trained_by (summary.md's first line)
+    for label, t in (("timing", timing), ("timing.trained_by", timing.get("trained_by") if isinstance(timing, dict) else None)):
+        if t is not None and (not isinstance(t, dict) or any(wrong(t.get(n), types) for n, types in _TIMING_FIELDS.items())
+                              or (label != "timing" and wrong(t.get("command"), (str, type(None))))):
+            return f"has a {label!r} without numbers seconds, groups_trained and groups"
     return None
 
 
@@ -399,8 +408,12 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
             groups = os.path.join(folder, "groups")
             done = len([f for f in (os.listdir(groups) if os.path.isdir(groups) else [])
                         if f.endswith(".json") and not f.endswith(".failed.json") and not f.startswith(".")])
-            unfinished = (f": the sweep there has not finished ({done} group{'' if done == 1 else 's'} done); run its "
-                          "command again, which resumes it and writes results.json and the report")
+            done = f"{done} group{'' if done == 1 else 's'} done"
+            running = sweeping_in(folder)
+            unfinished = (f": its sweep is still running ({done}; process {running[0]}, pid {running[1]}), and writes "
+                          "results.json and the report when it ends" if running else
+                          f": the sweep there has not finished ({done}); run its command again, which resumes it "
+                          "and writes results.json and the report")
         print(f"fusion_jax.report: error: {flag}: {why} {folder!r}{unfinished}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -106,10 +106,15 @@ def refuse_while_in_use(workdir: str) -> None:
     """ConfigError while a process of another start trains in `workdir` (holds one of its `.lock-<i>`).
     Checked before jax.distributed starts: a process other than 0 of a second start would reach the running
     sweep's coordinator (where both use one address), which then stops the running sweep's processes."""
+    if (running := sweeping_in(workdir)) is not None:
+        raise _in_use(workdir, f"process {running[0]}", running[1])
+
+
+def sweeping_in(workdir: str) -> tuple[int, str] | None:
+    """(process index, pid) of a process of another start that holds one of `workdir`'s `.lock-<i>`, else None."""
     if fcntl is None or not os.path.isdir(workdir):
-        return
-    for index, pid in _held_locks(workdir):
-        raise _in_use(workdir, f"process {index}", pid)
+        return None
+    return next(_held_locks(workdir), None)
 
 
 def _held_locks(workdir: str, first: int = 0) -> Iterator[tuple[int, str]]:

@@ -86,6 +86,9 @@ BAD = [
     (lambda f: f.update(caption_image=f["caption_image"].astype(object)),
      "caption_image is an array of Python objects, which only pickle reads (not loaded, as it could run code): save it "
      "as integers"),
+    (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.ones((150, 2)).astype(object)),
+     "image_mask is an array of Python objects, which only pickle reads (not loaded, as it could run code): save it "
+     "as numbers 0 and 1"),
     (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
     (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
@@ -160,6 +163,10 @@ def test_config_errors_name_the_field_and_the_files_there(tmp_path):
     (tmp_path / "gone.npz").symlink_to(tmp_path / "elsewhere" / "gone.npz")
     with pytest.raises(ConfigError, match=r"config.backbones: '.*gone.npz' \(backbone 'gone'\) is a link to "
                                           r"'.*elsewhere/gone.npz', which does not exist"):
+        train_and_evaluate(_config(tmp_path, ("gone",)), str(tmp_path / "out"))
+    (tmp_path / "gone.npz").unlink()
+    (tmp_path / "gone.npz").symlink_to("gone.npz")  # relative, to itself
+    with pytest.raises(ConfigError, match=r"is a link to '.*/gone.npz', which cannot be followed \(a loop of links\?\)"):
         train_and_evaluate(_config(tmp_path, ("gone",)), str(tmp_path / "out"))
     (tmp_path / "gone.npz").unlink()
     (tmp_path / "d.npz").mkdir()

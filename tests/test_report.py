@@ -566,12 +566,18 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     (lambda r: r.pop("summary"), "has no 'summary' list"),
     (lambda r: r.update(device=None), "has no 'device' dict"),
     (lambda r: r.clear(), "has no 'config' dict"),
+    (lambda r: r.update(command=["python"]), "has a 'command' that is not a string"),
+    (lambda r: r.update(timing={"seconds": 3}), "has a 'timing' without numbers seconds, groups_trained and groups"),
+    (lambda r: r.update(timing={"seconds": 3, "groups_trained": 0, "groups": 2, "trained_by": {"seconds": "1"}}),
+     "has a 'timing.trained_by' without numbers seconds, groups_trained and groups"),
 ])
 def test_results_a_report_cannot_be_drawn_from_are_named(edit, problem):
     from fusion_jax.report import results_problem
 
     results = fake_results()
     assert results_problem(results) is None and results_problem([]) == "holds a JSON list, not an object"
+    assert results_problem({**results, "command": None, "timing": {"seconds": 3, "groups_trained": 0, "groups": 2,
+                            "trained_by": {"command": None, "seconds": 1.5, "groups_trained": 2, "groups": 2}}}) is None
     edit(results)
     assert results_problem(results) == problem
 
@@ -608,6 +614,12 @@ def test_a_report_on_an_unfinished_sweep_says_to_finish_it(tmp_path, capsys):
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"fusion_jax.report: error: --workdir: no results.json in {str(tmp_path)!r}: the sweep there has not finished "
         "(1 group done); run its command again, which resumes it and writes results.json and the report\n")
+    from fusion_jax.workdir import sweep_lock
+
+    with sweep_lock(str(tmp_path), 0), pytest.raises(SystemExit):  # as a sweep that trains there now
+        _read_results(str(tmp_path))
+    assert capsys.readouterr().err.endswith(f": its sweep is still running (1 group done; process 0, pid {os.getpid()}), "
+                                            "and writes results.json and the report when it ends\n")
 
 
 def test_against_compares_noisy_cells_only_on_features_of_the_same_shape():

@@ -1095,11 +1095,13 @@ def test_ctrl_c_while_the_command_starts_ends_it_in_one_line(tmp_path, presses):
          f"sys.argv = {argv!r}; runpy.run_module('fusion_jax.main', run_name='__main__')"],
         cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120)
     if presses == 1:
-        assert done.returncode == 130 and done.stderr.strip() == (
+        assert done.returncode == 130 and done.stderr.strip().splitlines() == [
+            "fusion_jax: stopping as soon as the command has started (Ctrl-C again to end at once)",
             "fusion_jax: interrupted while starting, before the sweep began: nothing was written; run the same "
-            "command to start it"), done.stderr[-3000:]
+            "command to start it"], done.stderr[-3000:]
     else:
-        assert done.returncode == -signal.SIGINT and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.returncode == -signal.SIGINT and done.stderr.strip() == (
+            "fusion_jax: stopping as soon as the command has started (Ctrl-C again to end at once)"), done.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 

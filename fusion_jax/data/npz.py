@@ -58,14 +58,16 @@ def check(directory: str, backbone: str) -> None:
             raise ValueError(f"backbone {backbone!r}: several names must be a quoted tuple of strings, "
                              f"\"--config.backbones=('a','b')\"")
         raise ValueError(f"backbone {backbone!r}: a file name of letters, digits and _ . = - only (rename the file)")
-    if os.path.isdir(feature_file(directory, backbone)):
-        raise ValueError(f"{feature_file(directory, backbone)!r} (backbone {backbone!r}) is a folder, not a file")
-    if os.path.islink(feature_file(directory, backbone)) and not os.path.exists(feature_file(directory, backbone)):
-        raise ValueError(f"{feature_file(directory, backbone)!r} (backbone {backbone!r}) is a link to "
-                         f"{os.readlink(feature_file(directory, backbone))!r}, which does not exist")
-    if not os.path.isfile(feature_file(directory, backbone)):
+    path = feature_file(directory, backbone)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} (backbone {backbone!r}) is a folder, not a file")
+    if os.path.islink(path) and not os.path.exists(path):
+        target = os.path.join(os.path.dirname(path), os.readlink(path))  # a relative target is the link's folder's
+        why = "which does not exist" if not os.path.lexists(target) else "which cannot be followed (a loop of links?)"
+        raise ValueError(f"{path!r} (backbone {backbone!r}) is a link to {target!r}, {why}")
+    if not os.path.isfile(path):
         found = names(directory)
-        raise ValueError(f"no features file {feature_file(directory, backbone)!r} for backbone {backbone!r}; "
+        raise ValueError(f"no features file {path!r} for backbone {backbone!r}; "
                          + (f"npz.dir holds: {', '.join(found)}" if found else f"npz.dir {directory!r} holds no .npz file"))
 
 
@@ -94,7 +96,8 @@ def _member(z: np.lib.npyio.NpzFile, name: str, bad: Callable[[str], Exception])
         return z[name]
     except ValueError as e:
         if "allow_pickle" in str(e):
-            kind = "integers" if name == "caption_image" else "floating point"
+            kind = {"caption_image": "integers", "image_mask": "numbers 0 and 1", "text_mask": "numbers 0 and 1"}.get(
+                name, "floating point")
             raise bad(f"{name} is an array of Python objects, which only pickle reads (not loaded, as it could run "
                       f"code): save it as {kind}") from None
         raise bad(f"array {name} cannot be read ({type(e).__name__}: {e}); save the file again") from None
