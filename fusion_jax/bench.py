@@ -59,7 +59,7 @@ from fusion_jax.bench_torch import accuracy, flops_key, load_reference, time_tor
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
-from fusion_jax.files import atomic_write_json, atomic_write_text, blocked_at
+from fusion_jax.files import atomic_write_json, atomic_write_text, unwritable_folder
 from fusion_jax.report import device, source, versions
 from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan, usable_cores
 from fusion_jax.train import steps_per_epoch
@@ -342,15 +342,6 @@ def run_benchmark(grid: str = "full", out_dir: str = "results/bench", torch_thre
     return result
 
 
-def _unwritable_folder(path: str) -> str | None:
-    """Why `path` cannot be a folder to write into, made if missing (None: it can)."""
-    if (found := blocked_at(path)) is None:
-        return None
-    if found == os.path.abspath(path):
-        return "is a folder this user cannot write to" if os.path.isdir(found) else "is a file, not a folder"
-    return f"cannot be made: {found!r} is " + ("not writable" if os.path.isdir(found) else "a file")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line: `python -m fusion_jax.bench [--quick | --tiny] [--out=DIR] [--torch-threads=N]`."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.bench", description=__doc__.splitlines()[0])
@@ -382,12 +373,12 @@ def main(argv: list[str] | None = None) -> int:
                              "DIR to time them loaded instead of compiled (output name gets -cached)")
     args = parser.parse_args(argv)
     for flag, value, low in (("--runs-per-chunk", args.runs_per_chunk, 0), ("--lanes", args.lanes, 0),
-                             ("--compile-workers", args.compile_workers, 1),
-                             ("--torch-threads", args.torch_threads, 1)):
+                             ("--compile-workers", args.compile_workers, 1), ("--repeats", args.repeats, 1),
+                             ("--torch-threads", args.torch_threads, 1), ("--torch-runs", args.torch_runs, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, not {value}")
     for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
-        problem = folder is not None and _unwritable_folder(folder)
+        problem = folder is not None and unwritable_folder(folder)
         if problem:  # now, not after the run
             parser.error(f"{flag}: {folder!r} {problem}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"

@@ -45,6 +45,18 @@ def blocked_at(path: str) -> str | None:
     return None if os.path.isdir(found) and os.access(found, os.W_OK | os.X_OK) else found
 
 
+def unwritable_folder(path: str) -> str | None:
+    """Why `path` (a command line's output folder) cannot be a folder to write into, made if missing, in words
+    that follow the path; None when it can. An empty path is refused: it is what an unset variable gives."""
+    if not path:
+        return "is empty (an unset variable?): give a folder"
+    if (found := blocked_at(path)) is None:
+        return None
+    if found == os.path.abspath(path):
+        return "is a folder this user cannot write to" if os.path.isdir(found) else "is a file, not a folder"
+    return f"cannot be made: {found!r} is " + ("not writable" if os.path.isdir(found) else "a file")
+
+
 def sha256(path: str) -> str:
     """The SHA-256 of a file's bytes, as 64 hex digits."""
     with open(path, "rb") as f:

@@ -169,7 +169,13 @@ def _first_ctrl_c(stop: threading.Event, extracts: bool, signum: int, frame) -> 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        print(f"fusion_jax: error: unexpected arguments: {shlex.join(argv[1:])} (it takes flags "
+              "only: --config=FILE, --config.FIELD=VALUE, --workdir=DIR)", file=sys.stderr)
+        sys.exit(2)
+    if _WORKDIR.value == "":
+        print("fusion_jax: error: --workdir is empty (an unset variable?): give a folder, or leave the flag out for "
+              "config.workdir, else results/<config.name>", file=sys.stderr)
+        sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     log = logging.getLogger("fusion_jax")
     log.setLevel(logging.INFO)

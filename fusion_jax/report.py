@@ -21,7 +21,9 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any
+import tempfile
+import traceback
+from typing import Any, NoReturn
 
 import jax
 
@@ -336,24 +338,33 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
 
 def render_report(results: dict, workdir: str) -> list[str]:
     """Write summary.md, tables 1-3 (md + csv, beside the paper's) and the figures into `workdir`; return
-    the paths. Everything here is rebuilt from `results` alone (`python -m fusion_jax.report`)."""
-    written = [os.path.join(workdir, "summary.md")]
-    atomic_write_text(written[0], summary_markdown(results))
+    the paths. Everything here is rebuilt from `results` alone (`python -m fusion_jax.report`). All or
+    nothing: drawn in a folder of its own in `workdir` first, then moved in, so a report that fails half-way
+    (a results.json edited by hand, say) leaves the earlier one as it was."""
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".report-") as staging:
+        drawn = _draw_report(results, workdir, staging)
+        for name in drawn:
+            os.replace(os.path.join(staging, name), os.path.join(workdir, name))
+    for name in ("fig_accuracy_vs_scale.png", "fig_noise.png"):
+        if name not in drawn and os.path.exists(os.path.join(workdir, name)):
+            os.remove(os.path.join(workdir, name))  # drawn from an earlier results.json that had what this one lacks
+    # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
+    return [os.path.join(workdir, name) for name in drawn]
+
+
+def _draw_report(results: dict, workdir: str, out: str) -> list[str]:
+    """render_report's files, written into `out` (the t-SNE's samples read from `workdir`); their names."""
+    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(results))
     from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
 
     for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", tables.table3)):
         md, rows = make(results)
         for ext, text in (("md", md), ("csv", tables.to_csv(rows))):
-            atomic_write_text(os.path.join(workdir, f"{name}.{ext}"), text)
-            written.append(os.path.join(workdir, f"{name}.{ext}"))
+            atomic_write_text(os.path.join(out, f"{name}.{ext}"), text)
     for name, draw in (("fig_accuracy_vs_scale.png", figures.accuracy_vs_scale), ("fig_noise.png", figures.noise_advantage)):
-        path = os.path.join(workdir, name)
-        written.append(draw(results, path))
-        if written[-1] is None and os.path.exists(path):
-            os.remove(path)  # drawn from an earlier results.json that had what this one lacks
-    # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
-    written.append(figures.tsne(workdir, results, os.path.join(workdir, "fig_tsne.png")))
-    return [p for p in written if p is not None]
+        draw(results, os.path.join(out, name))
+    figures.tsne(workdir, results, os.path.join(out, "fig_tsne.png"))
+    return sorted(os.listdir(out))
 
 
 _NUMBER = (int, float)
@@ -417,15 +428,45 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
         print(f"fusion_jax.report: error: {flag}: {why} {folder!r}{unfinished}", file=sys.stderr)
         sys.exit(2)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             results = json.load(f)
-    except json.JSONDecodeError as e:
-        print(f"fusion_jax.report: error: {path} is not valid JSON ({e})", file=sys.stderr)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        print(f"fusion_jax.report: error: {path} is not valid JSON ({type(e).__name__}: {e})", file=sys.stderr)
         sys.exit(2)
     if problem := results_problem(results):
         print(f"fusion_jax.report: error: {path} {problem}, as a sweep writes it", file=sys.stderr)
         sys.exit(2)
-    return results
+    # The tables and tests come from the runs, as the sweep computed them: an edit of `runs` shows.
+    return {**results, "summary": summarize(results["runs"]), "comparisons": compare(results["runs"])}
+
+
+_DRAWING_ERRORS = (OSError, KeyError, TypeError, AttributeError, ValueError, IndexError)
+
+
+def _cannot_draw(error: Exception, folder: str, read: str) -> NoReturn:
+    """Exit 2 with one line: the report of `folder` cannot be drawn from `read` (nothing of it was written). A field the
+    report reads but results_problem does not check (a hand-edited results.json) or a folder it cannot write to;
+    the line names where the error arose, so that a bug of the report's own can be found."""
+    if isinstance(error, OSError):
+        print(f"fusion_jax.report: error: cannot write the report in {folder!r}: {error.strerror or error}",
+              file=sys.stderr)
+    else:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        print(f"fusion_jax.report: error: {read} cannot be drawn: a field the "
+              f"report reads is missing or of another type ({type(error).__name__}: {error}, at "
+              f"{os.path.basename(frame.filename)}:{frame.lineno}); nothing was written", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a mistake (an unknown flag, say) said in one line with status 2."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"fusion_jax.report: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -442,6 +483,10 @@ def main(argv: list[str]) -> None:
         print("fusion_jax.report: error: --workdir=DIR is required: a folder with a results.json (a finished "
               "sweep)", file=sys.stderr)
         sys.exit(2)
+    if flags.FLAGS.against == "":
+        print("fusion_jax.report: error: --against is empty (an unset variable?): give another sweep's folder, or "
+              "leave the flag out for the report", file=sys.stderr)
+        sys.exit(2)
     results = _read_results(workdir)
     if flags.FLAGS.against:
         other = _read_results(flags.FLAGS.against, "--against")
@@ -454,10 +499,18 @@ def main(argv: list[str]) -> None:
             name, other_name = (os.path.relpath(d) for d in dirs)
         out = os.path.join(workdir, f"against_{safe_name(other_name)}.md")
         command = shlex.join(["python", "-m", "fusion_jax.report", *sys.argv[1:]])
-        atomic_write_text(out, against_markdown(results, other, name, other_name, command))
+        try:
+            atomic_write_text(out, against_markdown(results, other, name, other_name, command))
+        except _DRAWING_ERRORS as e:
+            _cannot_draw(e, workdir, f"{os.path.join(workdir, 'results.json')} against "
+                                     f"{os.path.join(flags.FLAGS.against, 'results.json')}")
         print(out)
         return
-    for p in render_report(results, workdir):
+    try:
+        written = render_report(results, workdir)
+    except _DRAWING_ERRORS as e:
+        _cannot_draw(e, workdir, os.path.join(workdir, "results.json"))
+    for p in written:
         print(p)
 
 
@@ -467,4 +520,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A folder with a results.json (a finished sweep).")
     flags.DEFINE_string("against", None, "Another finished sweep's folder: write <workdir>/against_<its name>.md "
                         "(config differences, accuracy shifts, who is ahead in both) instead of the report.")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

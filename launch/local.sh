@@ -2,6 +2,8 @@
 # One host: run a sweep config on this machine's devices.
 #   launch/local.sh configs/synthetic.py [--config.FIELD=VALUE ...]
 set -euo pipefail
-config="${1:?usage: launch/local.sh CONFIG [--config.FIELD=VALUE ...]}"
+usage="usage: launch/local.sh CONFIG [--config.FIELD=VALUE ...]"
+[[ $# -ge 1 ]] || { echo "$usage" >&2; exit 2; }
+config="$1"
 shift
 exec python -m fusion_jax.main --config="$config" "$@"

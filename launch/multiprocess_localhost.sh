@@ -5,8 +5,9 @@
 # Ctrl-C reaches every process (each stops after its epoch, as alone); `kill` of this script ends them all.
 set -euo pipefail
 usage="usage: launch/multiprocess_localhost.sh N CONFIG [--config.FIELD=VALUE ...]"
-n="${1:?$usage}"
-config="${2:?$usage}"
+[[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
+n="$1"
+config="$2"
 [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "$usage (N is a number of processes, not '$n')" >&2; exit 2; }
 shift 2
 port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

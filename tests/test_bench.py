@@ -114,7 +114,8 @@ def test_median_run_and_bad_repeats():
         bench.run_benchmark("tiny", "/nonexistent", repeats=0)
 
 
-@pytest.mark.parametrize("flag", ["--runs-per-chunk=-1", "--lanes=-1", "--compile-workers=0", "--torch-threads=0"])
+@pytest.mark.parametrize("flag", ["--runs-per-chunk=-1", "--lanes=-1", "--compile-workers=0", "--torch-threads=0",
+                                  "--repeats=0", "--torch-runs=0"])
 def test_bad_flags_are_refused_before_anything_runs(flag, capsys):
     from fusion_jax import bench
 
@@ -134,6 +135,9 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(fl
     with pytest.raises(SystemExit):
         bench.main(["--tiny", f"--out={tmp_path / 'out'}", f"{flag}={tmp_path / 'a_file' / 'below'}"])
     assert "cannot be made: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # an unset variable: --out=$OUT
+        bench.main(["--tiny", f"--out={tmp_path / 'out'}", f"{flag}="])
+    assert f"{flag}: '' is empty (an unset variable?): give a folder" in capsys.readouterr().err
 
 
 def test_reference_time_is_estimated_only_when_runs_were_left_out():

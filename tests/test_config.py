@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -176,6 +177,18 @@ def test_command_line_error_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "fusion_jax: error: config.methods: unknown method 'late'; allowed: concat, cross")
     assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--workdir="], "--workdir is empty (an unset variable?): give a folder, or leave the flag out"),
+    (["train.epochs=2"], "unexpected arguments: train.epochs=2 (it takes flags only: --config=FILE, "),
+])
+def test_an_empty_workdir_or_a_stray_argument_is_one_line(args, error):
+    """`--workdir=$OUT` with OUT unset wrote into results/<name> of the current folder (the committed demo's, say)."""
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"fusion_jax: error: {error}"), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (pathlib.Path(ROOT) / "results" / "synthetic_smoke").exists()
 
 
 def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):

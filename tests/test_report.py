@@ -490,6 +490,33 @@ def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
     assert_no_nan(tmp_path)
 
 
+def test_a_report_that_fails_half_way_leaves_the_earlier_one(tmp_path, monkeypatch, capsys):
+    """render_report draws into a folder of its own first: a results.json edited by hand that breaks the tables
+    (after summary.md was drawn) changes none of the earlier files; the command says so in one line."""
+    from fusion_jax.report import _cannot_draw
+
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    render_report(fake_results(), str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    from fusion_jax import tables
+
+    def table2(results):
+        return results["backbones"]["clip"]["a field"]  # as a field the table reads, missing
+
+    monkeypatch.setattr(tables, "table2", table2)
+    broken = fake_results(levels=(0.0,))  # also without the noise figure, which the earlier report drew
+    broken["command"] = "another"  # so that summary.md (drawn first) differs
+    with pytest.raises(KeyError, match="a field") as e:
+        render_report(broken, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no staging folder left
+    with pytest.raises(SystemExit) as exit_:
+        _cannot_draw(e.value, str(tmp_path), "R")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.fullmatch(r"fusion_jax.report: error: R cannot be drawn: a field the report "
+                                                  r"reads is missing or of another type \(KeyError: 'a field', at "
+                                                  r"\w+.py:\d+\); nothing was written\n", err), err
+
+
 def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
     written = render_report(fake_results("embedded", levels=(0.0,)), str(tmp_path))
@@ -600,6 +627,25 @@ def test_cli_without_results_exits_2(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == ("fusion_jax.report: error: --workdir=DIR is required: a "
                                                             "folder with a results.json (a finished sweep)")
+    for flags, error in ((["--against="], "--against is empty (an unset variable?)"),
+                         (["--unknown"], "Unknown command line flag 'unknown'")):
+        done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}", *flags], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith(f"fusion_jax.report: error: {error}"), done.stderr
+
+
+def test_the_command_draws_its_tables_from_the_runs(tmp_path):
+    """`python -m fusion_jax.report` recomputes the summary and the paired tests from `runs`: an edit of a run
+    shows in the report (the stored summary was drawn as it was)."""
+    from fusion_jax.report import _read_results
+
+    results = fake_results()
+    for run in results["runs"]:
+        run["metrics"]["accuracy"] = 0.99
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    read = _read_results(str(tmp_path))
+    assert read["summary"] == summarize(results["runs"]) != results["summary"]
+    assert read["comparisons"] == compare(results["runs"]) and read["runs"] == results["runs"]
 
 
 def test_a_report_on_an_unfinished_sweep_says_to_finish_it(tmp_path, capsys):

@@ -89,3 +89,14 @@ def test_the_writer_never_overwrites_a_model_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match=r"models/resnet' holds files but no fusion_jax_standin.json"):
         standins.write_standins(str(tmp_path), n_images=8, tiny=True)
     assert sorted(os.listdir(tmp_path)) == ["models"] and os.listdir(tmp_path / "models") == ["resnet"]
+
+
+@pytest.mark.parametrize("out, problem", [("", "is empty (an unset variable?): give a folder"),
+                                          ("a_file", "is a file, not a folder")])
+def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch, out, problem):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        standins.main(["--out", out, "--tiny"])
+    assert e.value.code == 2 and f"error: --out: {out!r} {problem}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing written (an empty --out was the current folder)

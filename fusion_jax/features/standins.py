@@ -27,7 +27,7 @@ from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import atomic_write_json, unwritable_folder
 from fusion_jax.host import on_host
 
 CAPTIONS_PER_IMAGE = 5  # as Flickr8k
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if n_images < MIN_IMAGES:
         parser.error(f"--images must be at least {MIN_IMAGES} (the smallest sweep, scale 64, needs 64 pairs), "
                      f"got {n_images}")
+    if problem := unwritable_folder(args.out):
+        parser.error(f"--out: {args.out!r} {problem}")
     out = os.path.abspath(args.out)
     try:
         paths, pretrained = write_standins(out, n_images, args.tiny)
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "the pretrained all-MiniLM-L6-v2" if pretrained else "random weights"
     print(f"stand-ins in {out}: Flickr8k-shaped folder {paths['flickr8k']} ({n_images} images); models "
           f"{paths['clip']} and {paths['resnet']} (random weights), text encoder {paths['text']} ({text})")
-    print("the paper's sweeps on them (features mean nothing; time and shapes are real):")
+    print("the paper's sweeps on them, run from the fusion_jax checkout (their --config paths are its configs/; "
+          "features mean nothing; time and shapes are real):")
     n_captions = n_images * CAPTIONS_PER_IMAGE
     if scales := fitting_scales(n_captions):
         print(f"(at scales {scales}: {n_images} images give {2 * n_captions} pairs, too few for the paper's "
