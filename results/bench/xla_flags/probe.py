@@ -13,4 +13,4 @@ t1 = time.perf_counter()
 side = bench.time_jax(config, groups, features, step_flops, bench.compile_workers(config), lambda s: print(s, flush=True))
 print("PROBE", json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "setup_s": t1 - t0, "wall_s": side["wall_s"],
       "compile_s": side["compile_s"], "wait_s": side["wait_s"], "train_s": side["train_s"],
-      "groups": [(r["group"], round(r["compile_s"], 2), round(r["train_s"], 3), round(r["accuracy_mean"], 4)) for r in side["groups"]]}), flush=True)
+      "groups": [(r["group"], round(r["compile_s"], 2), round(r["train_s"], 3), r["accuracy_mean"], r["final_train_loss"]) for r in side["groups"]]}), flush=True)
