@@ -220,10 +220,10 @@ def main(argv: list[str]) -> None:
         distributed.leave(0)
     # The figures this sweep drew: a report draws no figure that its results cannot fill, and keeps an
     # earlier t-SNE when the sweep's sample files are gone.
-    figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png")
-                     and os.path.getmtime(os.path.join(workdir, f)) >= started)
-    print(f"results in {workdir}/: results.json, runs.csv, summary.md, table1-3 (.md, .csv)"
-          + "".join(f", {f}" for f in figures))
+    fresh = lambda f: os.path.exists(os.path.join(workdir, f)) and os.path.getmtime(os.path.join(workdir, f)) >= started
+    figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png") and fresh(f))
+    texts = ", summary.md, table1-3 (.md, .csv)" if fresh("summary.md") else ""  # else the log says why not
+    print(f"results in {workdir}/: results.json, runs.csv{texts}" + "".join(f", {f}" for f in figures))
     for failure in results["failed_groups"]:
         print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)
     distributed.leave(1 if results["failed_groups"] else 0)

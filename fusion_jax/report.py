@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from fusion_jax.against import against_markdown
 from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
 from fusion_jax.workdir import sweeping_in
 
+log = logging.getLogger("fusion_jax")
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
              "transformers": "transformers"}
 
@@ -328,43 +330,76 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
     try:
-        render_report(results, workdir)
-    except Exception:  # results.json is on disk: a failed figure must not fail the sweep
-        logging.getLogger("fusion_jax").exception(
-            "the report (summary.md, tables, figures) failed; results.json is written. Retry with "
-            "`python -m fusion_jax.report --workdir=%s`", workdir)
+        render_report(results, workdir)  # a figure that fails is logged there
+    except Exception:  # noqa: BLE001 - results.json is on disk: the report's failure must not fail the sweep
+        log.exception("the report's summary.md and tables failed (the earlier ones, if any, stay); results.json is "
+                      "written. Retry with `python -m fusion_jax.report --workdir=%s`", workdir)
     return results
 
 
-def render_report(results: dict, workdir: str) -> list[str]:
+def render_report(results: dict, workdir: str, failed: list[str] | None = None) -> list[str]:
     """Write summary.md, tables 1-3 (md + csv, beside the paper's) and the figures into `workdir`; return
-    the paths. Everything here is rebuilt from `results` alone (`python -m fusion_jax.report`). All or
-    nothing: drawn in a folder of its own in `workdir` first, then moved in, so a report that fails half-way
-    (a results.json edited by hand, say) leaves the earlier one as it was."""
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".report-") as staging:
-        drawn = _draw_report(results, workdir, staging)
-        for name in drawn:
-            os.replace(os.path.join(staging, name), os.path.join(workdir, name))
-    for name in ("fig_accuracy_vs_scale.png", "fig_noise.png"):
-        if name not in drawn and os.path.exists(os.path.join(workdir, name)):
-            os.remove(os.path.join(workdir, name))  # drawn from an earlier results.json that had what this one lacks
-    # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
-    return [os.path.join(workdir, name) for name in drawn]
+    the paths written. Everything here is rebuilt from `results` alone (`python -m fusion_jax.report`).
 
-
-def _draw_report(results: dict, workdir: str, out: str) -> list[str]:
-    """render_report's files, written into `out` (the t-SNE's samples read from `workdir`); their names."""
-    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(results))
+    The text files all or nothing: drawn in a folder of their own in `workdir`, then moved in, so that a
+    report that fails half-way (a results.json edited by hand, say) raises and leaves the earlier one as it
+    was. Then each figure on its own: one that cannot be drawn is logged with its error and named in
+    `failed`, and the others are drawn."""
+    _remove_abandoned_drafts(workdir)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=f".report-{os.getpid()}-") as draft:
+        names = _write_texts(results, draft)
+        for name in names:
+            os.replace(os.path.join(draft, name), os.path.join(workdir, name))
+    written = [os.path.join(workdir, name) for name in names]
     from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
 
+    for name, draw in (("fig_accuracy_vs_scale.png", figures.accuracy_vs_scale), ("fig_noise.png", figures.noise_advantage),
+                       ("fig_tsne.png", functools.partial(figures.tsne, workdir))):
+        path, of_results = os.path.join(workdir, name), name != "fig_tsne.png"
+        try:
+            drawn = draw(results, path)
+        except Exception:  # noqa: BLE001 - the tables are written: a figure's failure is its own, and logged
+            log.exception("%s cannot be drawn%s", path, "; the earlier one is removed" if of_results and
+                          os.path.exists(path) else "")
+            drawn = None
+            if failed is not None:
+                failed.append(name)
+        if drawn is not None:
+            written.append(drawn)
+        elif of_results and os.path.exists(path):
+            os.remove(path)  # drawn from an earlier results.json that had what this one lacks, or failed now
+        # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
+    return written
+
+
+def _write_texts(results: dict, out: str) -> list[str]:
+    """summary.md and tables 1-3 (.md, .csv), written into `out`; their names."""
+    names = ["summary.md"]
+    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(results))
     for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", tables.table3)):
         md, rows = make(results)
         for ext, text in (("md", md), ("csv", tables.to_csv(rows))):
             atomic_write_text(os.path.join(out, f"{name}.{ext}"), text)
-    for name, draw in (("fig_accuracy_vs_scale.png", figures.accuracy_vs_scale), ("fig_noise.png", figures.noise_advantage)):
-        draw(results, os.path.join(out, name))
-    figures.tsne(workdir, results, os.path.join(out, "fig_tsne.png"))
-    return sorted(os.listdir(out))
+            names.append(f"{name}.{ext}")
+    return names
+
+
+def _remove_abandoned_drafts(workdir: str) -> None:
+    """Remove the `.report-<pid>-*` folders of reports whose process is gone (killed while drawing)."""
+    for name in os.listdir(workdir):
+        if (m := re.fullmatch(r"\.report-(\d+)-.*", name)) and not _alive(int(m[1])):
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a process of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _NUMBER = (int, float)
@@ -437,9 +472,14 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
         print(f"fusion_jax.report: error: {path} {problem}, as a sweep writes it", file=sys.stderr)
         sys.exit(2)
     # The tables and tests come from the runs, as the sweep computed them: an edit of `runs` shows.
-    return {**results, "summary": summarize(results["runs"]), "comparisons": compare(results["runs"])}
+    derived = {"summary": summarize(results["runs"]), "comparisons": compare(results["runs"])}
+    if any(json.dumps(v, sort_keys=True) != json.dumps(results[k], sort_keys=True) for k, v in derived.items()):
+        print(f"fusion_jax.report: note: the summary or comparisons stored in {path} differ from what its runs give "
+              "(edited by hand?); the report follows the runs", file=sys.stderr)
+    return {**results, **derived}
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DRAWING_ERRORS = (OSError, KeyError, TypeError, AttributeError, ValueError, IndexError)
 
 
@@ -448,10 +488,13 @@ def _cannot_draw(error: Exception, folder: str, read: str) -> NoReturn:
     report reads but results_problem does not check (a hand-edited results.json) or a folder it cannot write to;
     the line names where the error arose, so that a bug of the report's own can be found."""
     if isinstance(error, OSError):
-        print(f"fusion_jax.report: error: cannot write the report in {folder!r}: {error.strerror or error}",
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"fusion_jax.report: error: cannot write the report in {folder!r}: {error.strerror or error}{where}",
               file=sys.stderr)
     else:
-        frame = traceback.extract_tb(error.__traceback__)[-1]
+        frames = traceback.extract_tb(error.__traceback__)
+        own = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)).startswith(_PACKAGE_DIR)]
+        frame = (own or frames)[-1]  # the report's own line, not the library's below it
         print(f"fusion_jax.report: error: {read} cannot be drawn: a field the "
               f"report reads is missing or of another type ({type(error).__name__}: {error}, at "
               f"{os.path.basename(frame.filename)}:{frame.lineno}); nothing was written", file=sys.stderr)
@@ -506,12 +549,17 @@ def main(argv: list[str]) -> None:
                                      f"{os.path.join(flags.FLAGS.against, 'results.json')}")
         print(out)
         return
+    failed = []
     try:
-        written = render_report(results, workdir)
+        written = render_report(results, workdir, failed)
     except _DRAWING_ERRORS as e:
         _cannot_draw(e, workdir, os.path.join(workdir, "results.json"))
     for p in written:
         print(p)
+    if failed:
+        print(f"fusion_jax.report: error: {', '.join(failed)} could not be drawn (the error is above); the rest of the "
+              "report is written", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
