@@ -20,6 +20,7 @@ import platform
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
 from fusion_jax.workdir import sweeping_in
 
 log = logging.getLogger("fusion_jax")
+_HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"  # in a draft folder's name
 _PACKAGES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
              "transformers": "transformers"}
 
@@ -346,29 +348,34 @@ def render_report(results: dict, workdir: str, failed: list[str] | None = None) 
     was. Then each figure on its own: one that cannot be drawn is logged with its error and named in
     `failed`, and the others are drawn."""
     _remove_abandoned_drafts(workdir)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=f".report-{os.getpid()}-") as draft:
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=f".report-{_HOST}-{os.getpid()}-") as draft:
         names = _write_texts(results, draft)
         for name in names:
             os.replace(os.path.join(draft, name), os.path.join(workdir, name))
     written = [os.path.join(workdir, name) for name in names]
-    from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
-
-    for name, draw in (("fig_accuracy_vs_scale.png", figures.accuracy_vs_scale), ("fig_noise.png", figures.noise_advantage),
-                       ("fig_tsne.png", functools.partial(figures.tsne, workdir))):
+    for name in ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"):
         path, of_results = os.path.join(workdir, name), name != "fig_tsne.png"
         try:
-            drawn = draw(results, path)
+            from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
+
+            draw = {"fig_accuracy_vs_scale.png": figures.accuracy_vs_scale, "fig_noise.png": figures.noise_advantage,
+                    "fig_tsne.png": functools.partial(figures.tsne, workdir)}[name]
+            try:
+                drawn = draw(results, path)
+            except Exception:
+                if of_results and os.path.exists(path):
+                    os.remove(path)  # the earlier results' figure, not these results'
+                raise
+            if drawn is None and of_results and os.path.exists(path):
+                os.remove(path)  # drawn from an earlier results.json that had what this one lacks
+            # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
         except Exception:  # noqa: BLE001 - the tables are written: a figure's failure is its own, and logged
-            log.exception("%s cannot be drawn%s", path, "; the earlier one is removed" if of_results and
-                          os.path.exists(path) else "")
-            drawn = None
+            log.exception("%s cannot be drawn%s", path, " (no earlier one is kept)" if of_results else "")
             if failed is not None:
                 failed.append(name)
+            continue
         if drawn is not None:
             written.append(drawn)
-        elif of_results and os.path.exists(path):
-            os.remove(path)  # drawn from an earlier results.json that had what this one lacks, or failed now
-        # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
     return written
 
 
@@ -385,20 +392,22 @@ def _write_texts(results: dict, out: str) -> list[str]:
 
 
 def _remove_abandoned_drafts(workdir: str) -> None:
-    """Remove the `.report-<pid>-*` folders of reports whose process is gone (killed while drawing)."""
+    """Remove the `.report-<host>-<pid>-*` folders of this host's reports whose process is gone (killed while
+    drawing); another host's (a shared filesystem) are left, as this host cannot see its processes."""
     for name in os.listdir(workdir):
-        if (m := re.fullmatch(r"\.report-(\d+)-.*", name)) and not _alive(int(m[1])):
+        if (m := re.fullmatch(rf"\.report-{re.escape(_HOST)}-(\d+)-\w+", name)) and not _alive(int(m[1])):
             shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host (a process of another user's counts)."""
+    """Whether process `pid` runs on this host (a process of another user's counts; a pid out of range
+    does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:
         return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
     return True
 
 
@@ -475,7 +484,7 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
     derived = {"summary": summarize(results["runs"]), "comparisons": compare(results["runs"])}
     if any(json.dumps(v, sort_keys=True) != json.dumps(results[k], sort_keys=True) for k, v in derived.items()):
         print(f"fusion_jax.report: note: the summary or comparisons stored in {path} differ from what its runs give "
-              "(edited by hand?); the report follows the runs", file=sys.stderr)
+              "(edited, or written by other code or library versions?); the report follows the runs", file=sys.stderr)
     return {**results, **derived}
 
 
@@ -488,12 +497,13 @@ def _cannot_draw(error: Exception, folder: str, read: str) -> NoReturn:
     report reads but results_problem does not check (a hand-edited results.json) or a folder it cannot write to;
     the line names where the error arose, so that a bug of the report's own can be found."""
     if isinstance(error, OSError):
-        where = f" ({error.filename})" if error.filename else ""
+        named = error.filename2 or error.filename  # os.replace's destination, not its vanished source
+        where = f" ({named})" if named else ""
         print(f"fusion_jax.report: error: cannot write the report in {folder!r}: {error.strerror or error}{where}",
               file=sys.stderr)
     else:
         frames = traceback.extract_tb(error.__traceback__)
-        own = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)).startswith(_PACKAGE_DIR)]
+        own = [f for f in frames if os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)]
         frame = (own or frames)[-1]  # the report's own line, not the library's below it
         print(f"fusion_jax.report: error: {read} cannot be drawn: a field the "
               f"report reads is missing or of another type ({type(error).__name__}: {error}, at "

@@ -530,8 +530,12 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatc
     write_tsne(tmp_path, "clip", 60, 16, 16)
     render_report(results, str(tmp_path))
     assert (tmp_path / failing).exists()
-    (tmp_path / ".report-999999999-killed").mkdir()
-    (tmp_path / f".report-{os.getpid()}-drawing").mkdir()
+    from fusion_jax.report import _HOST
+
+    drafts = {f".report-{_HOST}-999999999-killed": False, f".report-{_HOST}-{os.getpid()}-drawing": True,
+              ".report-elsewhere-999999999-shared_filesystem": True}  # name: kept
+    for name in drafts:
+        (tmp_path / name).mkdir()
 
     def broken(*args):
         raise ValueError("a figure's bug")
@@ -546,7 +550,7 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatc
     assert written == set(TABLES + ["summary.md", "fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"]) - {failing}
     assert "`again`" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / failing).exists() == (failing == "fig_tsne.png")
-    assert not (tmp_path / ".report-999999999-killed").exists() and (tmp_path / f".report-{os.getpid()}-drawing").exists()
+    assert {name: (tmp_path / name).exists() for name in drafts} == drafts
 
 
 def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatch):
@@ -678,7 +682,8 @@ def test_the_command_draws_its_tables_from_the_runs(tmp_path, capsys):
     read = _read_results(str(tmp_path))
     assert read["summary"] == summarize(results["runs"]) != results["summary"]
     assert read["comparisons"] == compare(results["runs"]) and read["runs"] == results["runs"]
-    assert "differ from what its runs give (edited by hand?); the report follows the runs" in capsys.readouterr().err
+    assert "differ from what its runs give (edited, or written by other code or library versions?); the report " \
+           "follows the runs" in capsys.readouterr().err
     results = fake_results()
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert _read_results(str(tmp_path))["summary"] == results["summary"] and not capsys.readouterr().err
