@@ -10,7 +10,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 import traceback
 
 # Until main() takes Ctrl-C over, a KeyboardInterrupt could land anywhere in the imports below and the config's
@@ -196,7 +195,6 @@ def main(argv: list[str]) -> None:
         print("fusion_jax: interrupted while starting, before the sweep began: nothing was written; run the same "
               "command to start it", file=sys.stderr)
         sys.exit(130)
-    started = time.time()
     try:
         results = train_and_evaluate(config, workdir, stop=stop,
                                      command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
@@ -218,11 +216,13 @@ def main(argv: list[str]) -> None:
     if results is None:
         print(f"this process's groups are done, and process 0 has written {workdir}/results.json")
         distributed.leave(0)
-    # The figures this sweep drew: a report draws no figure that its results cannot fill, and keeps an
-    # earlier t-SNE when the sweep's sample files are gone.
-    fresh = lambda f: os.path.exists(os.path.join(workdir, f)) and os.path.getmtime(os.path.join(workdir, f)) >= started
+    # What this sweep's report wrote, after results.json (times of one filesystem's clock): a report draws no
+    # figure that its results cannot fill, keeps an earlier t-SNE when the sweep's sample files are gone, and
+    # leaves summary.md and the tables as they were where it failed (the log says why).
+    written_at = os.path.getmtime(os.path.join(workdir, "results.json"))
+    fresh = lambda f: os.path.exists(os.path.join(workdir, f)) and os.path.getmtime(os.path.join(workdir, f)) >= written_at
     figures = sorted(f for f in os.listdir(workdir) if f.startswith("fig_") and f.endswith(".png") and fresh(f))
-    texts = ", summary.md, table1-3 (.md, .csv)" if fresh("summary.md") else ""  # else the log says why not
+    texts = ", summary.md, table1-3 (.md, .csv)" if fresh("summary.md") else ""
     print(f"results in {workdir}/: results.json, runs.csv{texts}" + "".join(f", {f}" for f in figures))
     for failure in results["failed_groups"]:
         print(f"fusion_jax: failed: {failure['error']}", file=sys.stderr)
