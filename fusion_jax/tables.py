@@ -134,8 +134,10 @@ def seeds_text(entries: list[dict]) -> str:
 
 
 def verdict(diff: float, p: float | None, n_seeds: int) -> str:
-    """`favoured` in words: 'concat +2.8' / 'cross +1.0', 'tied (...)', or why it is untested: one seed's
-    gap, or 'untested (concat +2.0 on each of 3 seeds: ...)' for equal gaps (zero variance, no t-test)."""
+    """`favoured` in words: 'concat +2.8' / 'cross +1.0'; 'not significant (cross +1.0 at 3 seeds, p = ...)'
+    (which says no more than that: not that the heads are equal); 'tied' for no gap on any seed; or why it
+    is untested: one seed's gap, or 'untested (concat +2.0 on each of 3 seeds: ...)' for equal gaps (zero
+    variance, no t-test)."""
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
     if not_a_number(diff, p):
         return "untested (not a number: a NaN metric)"
@@ -146,7 +148,7 @@ def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     if p is None:
         return (f"tied (the same on all {seeds})" if abs(diff) < 1e-12 else
                 f"untested ({ahead} on each of {seeds}: the same gap on every seed leaves no t-test)")
-    return ahead if favoured(diff, p, n_seeds) else f"tied (not significant at {seeds}, p = {p_text(p)})"
+    return ahead if favoured(diff, p, n_seeds) else f"not significant ({ahead} at {seeds}, p = {p_text(p)})"
 
 
 def level(entry: dict) -> float:
