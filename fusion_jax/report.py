@@ -160,7 +160,7 @@ def answer(results: dict) -> list[str]:
                                                                                f["group"]))]
         missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
         if not clean:
-            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy)}")
+            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy, cells)}")
             continue
         concat = [c["scale"] for c in clean if favours(c) == "concat"]
         cross = [c["scale"] for c in clean if favours(c) == "cross"]
@@ -192,7 +192,7 @@ def answer(results: dict) -> list[str]:
                              f"{'cross' if ms[0] == 'concat' else 'concat'} learned to match."
                              for sc, ms in below.items() if len(ms) == 1)
         out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
-                   + _noise_counts(noisy))
+                   + _noise_counts(noisy, cells))
     return out
 
 
@@ -206,9 +206,10 @@ def _fewer_params(results: dict, backbone: str) -> str:
     return f" ({small} has fewer parameters: {p:,} against {q:,})"
 
 
-def _noise_counts(noisy: list[dict]) -> str:
+def _noise_counts(noisy: list[dict], cells: dict) -> str:
     """' With noise (σ a-b): concat ahead in i, cross in j, neither in k[, untested (...) in u] of n
-    comparisons (table2.md).', or '' without noisy comparisons."""
+    comparisons (table2.md)[; in w of them a head does not beat the majority-class baseline ...].', or ''
+    without noisy comparisons. cells: summary entries keyed (backbone, method, scale, level)."""
     if not noisy:
         return ""
     sigmas = sorted({tables.level(c) for c in noisy})
@@ -218,7 +219,11 @@ def _noise_counts(noisy: list[dict]) -> str:
     return (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
             + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross - untested}"
             + (f", untested (one seed, the same gap on every seed, or not a number) in {untested}" if untested else "")
-            + f" of {len(noisy)} comparisons (table2.md).")
+            + f" of {len(noisy)} comparisons (table2.md)"
+            + (f"; in {weak} of them a head does not beat the majority-class baseline, where a verdict says little."
+               if (weak := sum(any((s := cells.get((c["backbone"], m, c["scale"], tables.level(c))))
+                                   and not s["accuracy_mean"] > s["majority_baseline_mean"] for m in ("concat", "cross"))
+                               for c in noisy)) else "."))
 
 
 def _timing_text(results: dict) -> str:
