@@ -40,6 +40,7 @@ from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
 from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
 from fusion_jax.validate import ConfigError  # noqa: E402
+from fusion_jax.workdir import finished_group_names  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -136,8 +137,7 @@ def _interrupted_message(workdir: str, extracts: bool) -> str:
     during start-up names no checkpoint), and how to resume."""
     plural = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
     groups, checkpoints = os.path.join(workdir, "groups"), os.path.join(workdir, "checkpoints")
-    finished = {f[:-len(".json")] for f in _listed(groups)  # not a write's temporary file (.tmp-*)
-                if f.endswith(".json") and not f.endswith(".failed.json") and not f.startswith(".")}
+    finished = finished_group_names(workdir)
     started = [d for d in _listed(checkpoints) if d not in finished  # a saved step: a folder named by its epoch
                and any(step.isdigit() for step in _listed(os.path.join(checkpoints, d)))]
     kept = [f"{plural(len(finished), 'finished group')} ({groups}/)"] if finished else []

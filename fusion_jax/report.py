@@ -33,7 +33,7 @@ from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 from fusion_jax.against import against_markdown
 from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
-from fusion_jax.workdir import sweeping_in
+from fusion_jax.workdir import finished_group_names, sweeping_in
 
 log = logging.getLogger("fusion_jax")
 _HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"  # in a draft folder's name
@@ -182,8 +182,7 @@ def answer(results: dict) -> list[str]:
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
                          for c in clean)
-        below = {c["scale"]: [m for m in ("concat", "cross") if (s := cells.get((b, m, c["scale"], 0.0)))
-                              and not s["accuracy_mean"] > s["majority_baseline_mean"]] for c in clean}
+        below = {c["scale"]: _at_baseline(cells, c) for c in clean}
         idle = [sc for sc, ms in below.items() if len(ms) == 2]
         unlearned = (f" **At {', '.join(map(str, idle))} pairs neither head beats the majority-class baseline**: "
                      "nothing was learned there, so no verdict means anything (more pairs or epochs?)."
@@ -221,9 +220,15 @@ def _noise_counts(noisy: list[dict], cells: dict) -> str:
             + (f", untested (one seed, the same gap on every seed, or not a number) in {untested}" if untested else "")
             + f" of {len(noisy)} comparisons (table2.md)"
             + (f"; in {weak} of them a head does not beat the majority-class baseline, where a verdict says little."
-               if (weak := sum(any((s := cells.get((c["backbone"], m, c["scale"], tables.level(c))))
-                                   and not s["accuracy_mean"] > s["majority_baseline_mean"] for m in ("concat", "cross"))
-                               for c in noisy)) else "."))
+               if (weak := sum(bool(_at_baseline(cells, c)) for c in noisy)) else "."))
+
+
+def _at_baseline(cells: dict, comparison: dict) -> list[str]:
+    """The methods of a comparison's cell whose mean accuracy does not beat the majority-class baseline.
+    cells: summary entries keyed (backbone, method, scale, level)."""
+    key = lambda m: (comparison["backbone"], m, comparison["scale"], tables.level(comparison))
+    return [m for m in ("concat", "cross") if (s := cells.get(key(m)))
+            and not s["accuracy_mean"] > s["majority_baseline_mean"]]
 
 
 def _timing_text(results: dict) -> str:
@@ -359,29 +364,33 @@ def render_report(results: dict, workdir: str, failed: list[str] | None = None) 
             os.replace(os.path.join(draft, name), os.path.join(workdir, name))
     written = [os.path.join(workdir, name) for name in names]
     for name in ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"):
-        path, of_results = os.path.join(workdir, name), name != "fig_tsne.png"
         try:
-            from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
-
-            draw = {"fig_accuracy_vs_scale.png": figures.accuracy_vs_scale, "fig_noise.png": figures.noise_advantage,
-                    "fig_tsne.png": functools.partial(figures.tsne, workdir)}[name]
-            try:
-                drawn = draw(results, path)
-            except Exception:
-                if of_results and os.path.exists(path):
-                    os.remove(path)  # the earlier results' figure, not these results'
-                raise
-            if drawn is None and of_results and os.path.exists(path):
-                os.remove(path)  # drawn from an earlier results.json that had what this one lacks
-            # (the t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays)
+            drawn = _draw_figure(name, results, workdir)
         except Exception:  # noqa: BLE001 - the tables are written: a figure's failure is its own, and logged
-            log.exception("%s cannot be drawn%s", path, " (no earlier one is kept)" if of_results else "")
+            log.exception("%s cannot be drawn", os.path.join(workdir, name))
+            drawn = None
             if failed is not None:
                 failed.append(name)
-            continue
         if drawn is not None:
             written.append(drawn)
     return written
+
+
+def _draw_figure(name: str, results: dict, workdir: str) -> str | None:
+    """Figure `name` drawn into `workdir`: its path, or None where `results` have nothing for it. A figure of the
+    results that is not drawn now (nothing to draw, or an error, raised) is removed: it showed earlier results.
+    The t-SNE comes from the sweep's sample files, which a rebuilt report may not have: an old one stays."""
+    from fusion_jax import figures  # matplotlib and scikit-learn only when a report is drawn
+
+    path, drawn = os.path.join(workdir, name), None
+    draw = {"fig_accuracy_vs_scale.png": figures.accuracy_vs_scale, "fig_noise.png": figures.noise_advantage,
+            "fig_tsne.png": functools.partial(figures.tsne, workdir)}[name]
+    try:
+        drawn = draw(results, path)
+    finally:
+        if drawn is None and name != "fig_tsne.png" and os.path.exists(path):
+            os.remove(path)
+    return drawn
 
 
 def _write_texts(results: dict, out: str) -> list[str]:
@@ -465,9 +474,7 @@ def _read_results(folder: str, flag: str = "--workdir") -> dict:
                else "no such folder:")
         unfinished = ""
         if os.path.isfile(os.path.join(folder, "sweep.json")):  # a sweep began there: it writes results.json last
-            groups = os.path.join(folder, "groups")
-            done = len([f for f in (os.listdir(groups) if os.path.isdir(groups) else [])
-                        if f.endswith(".json") and not f.endswith(".failed.json") and not f.startswith(".")])
+            done = len(finished_group_names(folder))
             done = f"{done} group{'' if done == 1 else 's'} done"
             running = sweeping_in(folder)
             unfinished = (f": its sweep is still running ({done}; process {running[0]}, pid {running[1]}), and writes "

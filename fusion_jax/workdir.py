@@ -110,6 +110,17 @@ def refuse_while_in_use(workdir: str) -> None:
         raise _in_use(workdir, f"process {running[0]}", running[1])
 
 
+def finished_group_names(workdir: str) -> set[str]:
+    """The groups whose records `<workdir>/groups/` holds (not failed ones, not a write's temporary file);
+    none where the folder is missing or unreadable. Without the config: what a message may count."""
+    try:
+        names = os.listdir(os.path.join(workdir, "groups"))
+    except OSError:
+        return set()
+    return {f[:-len(".json")] for f in names if f.endswith(".json") and not f.endswith(".failed.json")
+            and not f.startswith(".")}
+
+
 def sweeping_in(workdir: str) -> tuple[int, str] | None:
     """(process index, pid) of a process of another start that holds one of `workdir`'s `.lock-<i>`, else None."""
     if fcntl is None or not os.path.isdir(workdir):
