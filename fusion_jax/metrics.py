@@ -50,3 +50,16 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     if d.size < 2 or not np.isfinite(d).all() or np.ptp(d) <= 1e-12:
         return float(d.mean()), None
     return float(d.mean()), float(stats.ttest_rel(a, b).pvalue)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values, the defined ones taken as one family (None stays None): the
+    i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Reject where below alpha to
+    hold the family-wise error at alpha."""
+    defined = [i for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(defined, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(defined) - rank) * float(p_values[i])))
+        out[i] = running
+    return out

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from fusion_jax import metrics as metrics_lib
 from fusion_jax import paper
 from fusion_jax.data.dataset import STANDIN_NAME
 
@@ -125,6 +126,13 @@ def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
     if untested(diff, p, n_seeds) or abs(diff) < 1e-12 or (p is not None and p >= ALPHA):
         return None
     return "concat" if diff > 0 else "cross"
+
+
+def adjusted_p(comparisons: list[dict]) -> list[float | None]:
+    """The comparisons' p-values adjusted by Holm's method as one family (metrics.holm); None where a
+    comparison is untested or has no p-value."""
+    return metrics_lib.holm([None if untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else c["p_value"]
+                             for c in comparisons])
 
 
 def seeds_text(entries: list[dict]) -> str:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fusion_jax.metrics import binary_metrics, mean_std, paired_difference
+from fusion_jax.metrics import binary_metrics, holm, mean_std, paired_difference
 
 
 def test_metrics_by_hand():
@@ -49,3 +49,13 @@ def test_paired_difference():
     assert p == pytest.approx(2 * stats.t.sf(abs(t), df=2))
     assert paired_difference([0.9], [0.8])[1] is None
     assert paired_difference([0.9, 0.8], [0.8, 0.7])[1] is None  # identical differences: no test
+
+
+def test_holm_adjusted_p_values():
+    """R's p.adjust(c(0.01, 0.02, 0.03, 0.04, 0.05), "holm") = 0.05, 0.08, 0.09, 0.09, 0.09, in any order;
+    None stays out of the family."""
+    np.testing.assert_allclose(holm([0.01, 0.02, 0.03, 0.04, 0.05]), [0.05, 0.08, 0.09, 0.09, 0.09])
+    np.testing.assert_allclose(holm([0.05, 0.03, 0.01, 0.04, 0.02]), [0.09, 0.09, 0.05, 0.09, 0.08])
+    assert holm([0.02, None, 0.5]) == [0.04, None, 0.5]
+    assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([None]) == [None] and holm([]) == []
+    assert holm([0.03]) == [0.03]

@@ -263,8 +263,8 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     weak = next(s for s in results["summary"] if (s["backbone"], s["method"], s["scale"], tables.level(s))
                 == ("aligned", "cross", 1024, 0.2))
     weak["accuracy_mean"] = weak["majority_baseline_mean"]  # at the baseline: not above it
-    assert answer(results)[0].endswith("of 4 comparisons (table2.md); in 1 of them a head does not beat the "
-                                       "majority-class baseline, where a verdict says little.")
+    assert ("of 4 comparisons (table2.md); in 1 of them a head does not beat the majority-class baseline, where a "
+            "verdict says little. After Holm's correction for the 4 tests with noise: concat ahead in ") in answer(results)[0]
     assert "**it depends on the scale: concat at 1024, cross at 2048 pairs**" in unaligned
     results["failed_groups"] = [{"group": "unaligned-cross", "backbone": "unaligned", "error": "NaN"}]
     assert "Group(s) unaligned-cross failed" in answer(results)[1] and "failed" not in answer(results)[0]
@@ -286,6 +286,36 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     assert "**untested (see each scale)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
+
+
+def test_the_answer_says_which_verdicts_hold_after_holms_correction():
+    """The clean scales of a backbone are one family, its noisy comparisons another; untested ones stay out."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048, 4096), levels=(0.0, 0.1))
+    clean = sorted((c for c in results["comparisons"] if tables.level(c) == 0), key=lambda c: c["scale"])
+    noisy = [c for c in results["comparisons"] if tables.level(c) > 0]
+
+    def holm_sentence(p_values, noisy_p=(0.5, 0.5, 0.5)):
+        for c, p in zip(clean, p_values):
+            c["p_value"] = p
+        for c, p in zip(noisy, noisy_p):
+            c["p_value"] = p
+        line = answer(results)[0]
+        assert line.startswith("- **aligned** (") and line.count("After Holm's correction") <= 2
+        return line
+
+    line = holm_sentence((0.013, 0.0463, 0.0363))  # 3 x 0.013 = 0.039; 2 x 0.0363 = 0.0726
+    assert ("**concat (at 3 of 3 scales)**. After Holm's correction for the 3 tests without noise, 1 of the 3 "
+            "holds, at 1024 (adjusted p = 0.039 at 1024, 0.0726 at 2048, 0.0726 at 4096). Without noise") in line
+    assert "After Holm's correction for the 3 tests without noise, all 3 hold." in holm_sentence((0.001, 0.01, 0.02))
+    assert "none holds (adjusted p = 0.06 at 1024, 0.06 at 2048, 0.06 at 4096)" in holm_sentence((0.02, 0.03, 0.04))
+    line = holm_sentence((0.02, 0.5, 0.04))  # two favourable of three tests
+    assert "**concat (at 2 of 3 scales)**. After Holm's correction for the 3 tests without noise, none holds" in line
+    line = holm_sentence((0.01, 0.5, None))  # untested at 4096 (no p-value): a family of 2
+    assert "After Holm's correction for the 2 tests without noise, it holds." in line
+    assert "After Holm's correction" not in holm_sentence((0.5, 0.5, 0.5))  # nothing favourable: nothing to hold
+    line = holm_sentence((0.5, 0.5, 0.5), noisy_p=(0.001, 0.04, 0.03))
+    assert line.endswith("concat ahead in 3, cross in 0, neither in 0 of 3 comparisons (table2.md). After Holm's "
+                         "correction for the 3 tests with noise: concat ahead in 1, cross in 0.")
 
 
 def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps():
