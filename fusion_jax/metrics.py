@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 from scipy import stats
 
 METRICS = ("accuracy", "f1", "precision", "recall")
+# A 50/50 guess scores ln 2 on the two-way softmax cross-entropy; a run whose last epoch's mean training
+# loss is above twice that did worse on its own training pairs than guessing: it diverged or oscillates.
+UNCONVERGED_LOSS = 2 * math.log(2)
 
 
 def binary_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
@@ -63,3 +67,8 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (len(defined) - rank) * float(p_values[i])))
         out[i] = running
     return out
+
+
+def unconverged(final_train_loss: float | None) -> bool:
+    """Whether a run's last-epoch mean training loss (None: not finite) is above UNCONVERGED_LOSS."""
+    return final_train_loss is None or not final_train_loss <= UNCONVERGED_LOSS

@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -159,6 +160,7 @@ def answer(results: dict) -> list[str]:
                 if f.get("backbone") == b or ("backbone" not in f and re.match(rf"{re.escape(b)}-(concat|cross)(-|$)",
                                                                                f["group"]))]
         missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
+        missing += _unconverged_text([r for r in results.get("runs") or [] if r["backbone"] == b])
         if not clean:
             out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy, cells)}")
             continue
@@ -203,6 +205,21 @@ def _fewer_params(results: dict, backbone: str) -> str:
         return ""
     (small, p), (_, q) = sorted(params.items(), key=lambda mp: mp[1])
     return f" ({small} has fewer parameters: {p:,} against {q:,})"
+
+
+def _unconverged_text(runs: list[dict]) -> str:
+    """' **In 3 of its 36 runs training did not converge** ...' (metrics.unconverged), or '' (also for
+    records that predate `final_train_loss`)."""
+    bad = [r for r in runs if "final_train_loss" in r and metrics_lib.unconverged(r["final_train_loss"])]
+    if not bad:
+        return ""
+    finite = [x for r in bad if (x := r["final_train_loss"]) is not None and math.isfinite(x)]
+    worst = ", ".join(([f"up to {max(finite):.4g}"] if finite else [])
+                      + ([f"not a number in {len(bad) - len(finite)}"] if len(finite) < len(bad) else []))
+    return (f" **In {len(bad)} of its {len(runs)} runs training did not converge**: the last epoch's mean training "
+            f"loss is above {metrics_lib.UNCONVERGED_LOSS:.2f} (2 ln 2; a 50/50 guess scores ln 2), {worst} "
+            "(runs.csv): what their accuracies favour says little (a lower learning rate, or features nearer unit "
+            "norm?).")
 
 
 def _holm_text(clean: list[dict]) -> str:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fusion_jax.metrics import binary_metrics, holm, mean_std, paired_difference
+from fusion_jax.metrics import UNCONVERGED_LOSS, binary_metrics, holm, mean_std, paired_difference, unconverged
 
 
 def test_metrics_by_hand():
@@ -59,3 +59,9 @@ def test_holm_adjusted_p_values():
     assert holm([0.02, None, 0.5]) == [0.04, None, 0.5]
     assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([None]) == [None] and holm([]) == []
     assert holm([0.03]) == [0.03]
+
+
+def test_unconverged_is_a_final_loss_above_twice_a_guess_or_not_finite():
+    assert UNCONVERGED_LOSS == pytest.approx(2 * np.log(2))
+    assert not unconverged(0.2) and not unconverged(np.log(2)) and not unconverged(UNCONVERGED_LOSS)
+    assert unconverged(1.4) and unconverged(4e13) and unconverged(None) and unconverged(float("nan"))

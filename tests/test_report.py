@@ -318,6 +318,18 @@ def test_the_answer_says_which_verdicts_hold_after_holms_correction():
                          "correction for the 3 tests with noise: concat ahead in 1, cross in 0.")
 
 
+def test_the_answer_names_runs_whose_training_did_not_converge():
+    results = fake_results("synthetic", ("aligned", "unaligned"), levels=(0.0,))
+    assert "did not converge" not in "".join(answer(results))
+    mine = [r for r in results["runs"] if r["backbone"] == "unaligned"]
+    mine[0]["final_train_loss"], mine[1]["final_train_loss"] = 4e13, None
+    del mine[2]["final_train_loss"]  # a record from before the field: not counted
+    aligned, unaligned = answer(results)
+    assert "did not converge" not in aligned
+    assert (f"**In 2 of its {len(mine)} runs training did not converge**: the last epoch's mean training loss is "
+            "above 1.39 (2 ln 2; a 50/50 guess scores ln 2), up to 4e+13, not a number in 1 (runs.csv)") in unaligned
+
+
 def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps():
     same = answer(fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), identical_diffs=True))[0]
     assert "**untested (see each scale)**" in same and "untested (concat +2.0 on each of 3 seeds" in same

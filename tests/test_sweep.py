@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fusion_jax import metrics as metrics_lib
 from fusion_jax import report
 from fusion_jax.groups import CompiledAhead, Later, build_program, group_data, layout, per_run_program, plan
 from fusion_jax.metrics import METRICS
@@ -344,14 +345,17 @@ def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
     assert made == [False, True]
 
 
-def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
+def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, monkeypatch):
     """With a compilation cache too: the resumed sweep loads the unfinished group's programs, which
-    the uninterrupted sweep compiled (the killed one laid its runs out otherwise)."""
+    the uninterrupted sweep compiled (the killed one laid its runs out otherwise). A group whose runs
+    end above metrics.UNCONVERGED_LOSS says so (here by a threshold of 0)."""
     config = _tiny(smoke_config)
     config.train.epochs = 3
     config.compilation_cache = str(tmp_path / "xla")
     config.lanes = 2  # on any machine: the lanes' split and join are programs too
-    clean = train_and_evaluate(config, str(tmp_path / "clean"))
+    with caplog.at_level(logging.WARNING, logger="fusion_jax"):
+        clean = train_and_evaluate(config, str(tmp_path / "clean"))
+    assert "did not converge" not in caplog.text
 
     second = plan(config)[1].name
 
@@ -367,9 +371,13 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog):
     assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
 
     calls = []
+    monkeypatch.setattr(metrics_lib, "UNCONVERGED_LOSS", 0.0)
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
         resumed = train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch=lambda g, e: calls.append((g.name, e)))
     assert calls == [(second, 3)]  # the finished group is not retrained; the other continues after epoch 2
+    n = len(plan(config)[1].runs)
+    assert f"group {second}: {n} of its {n} runs end with a mean training loss above 0.00" in caplog.text
+    assert caplog.text.count("did not converge") == 1  # the finished group was not trained here
     cache = re.escape(str(tmp_path / "xla"))
     loaded = re.search(rf"compilation cache {cache}: (\d+) XLA compilations loaded, 0 compiled", caplog.text)
     assert loaded and int(loaded[1]) >= 3, caplog.text  # init, train and evaluate at least (JAX counts)
