@@ -61,6 +61,8 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Reject where below alpha to
     hold the family-wise error at alpha."""
     defined = [i for i, p in enumerate(p_values) if p is not None]
+    if not all(0 <= p_values[i] <= 1 for i in defined):
+        raise ValueError(f"p-values lie in [0, 1]: {list(p_values)}")
     out: list[float | None] = [None] * len(p_values)
     running = 0.0
     for rank, i in enumerate(sorted(defined, key=lambda i: p_values[i])):
@@ -70,5 +72,6 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 
 
 def unconverged(final_train_loss: float | None) -> bool:
-    """Whether a run's last-epoch mean training loss (None: not finite) is above UNCONVERGED_LOSS."""
+    """Whether a run's last-epoch mean training loss (None: not finite) is above UNCONVERGED_LOSS: its
+    training diverged."""
     return final_train_loss is None or not final_train_loss <= UNCONVERGED_LOSS

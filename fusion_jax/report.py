@@ -167,15 +167,20 @@ def answer(results: dict) -> list[str]:
         concat = [c["scale"] for c in clean if favours(c) == "concat"]
         cross = [c["scale"] for c in clean if favours(c) == "cross"]
         untested = [c["scale"] for c in clean if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"])]
+        adjusted = dict(zip((c["scale"] for c in clean), tables.adjusted_p(clean)))
+        corrected = sum(q is not None for q in adjusted.values()) > 1  # one test needs no correction
+        held = {sc for sc, q in adjusted.items() if sc in concat + cross and q < tables.ALPHA} if corrected else set()
         if all(c["n_seeds"] < 2 for c in clean):
             choice = "untested (one seed: run 2 or more for a paired test)"
         elif len(untested) == len(clean):
             choice = "untested (see each scale)"
         elif concat and cross:
             choice = (f"it depends on the scale: concat at {', '.join(map(str, concat))}, "
-                      f"cross at {', '.join(map(str, cross))} pairs")
+                      f"cross at {', '.join(map(str, cross))} pairs"
+                      + (f"; after Holm's correction {_held_text(concat, cross, held)}" if corrected else ""))
         elif concat or cross:
-            choice = f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales)"
+            choice = (f"{'concat' if concat else 'cross'} (at {len(concat or cross)} of {len(clean)} scales"
+                      + (f"; {_held_text(concat, cross, held)} after Holm's correction" if corrected else "") + ")")
         else:
             tested = [c for c in clean if c["scale"] not in untested]
             choice = (f"no difference significant at {tables.seeds_text(tested)}"
@@ -183,6 +188,7 @@ def answer(results: dict) -> list[str]:
                       + _fewer_params(results, b))
         gaps = "; ".join(f"{c['scale']}: {tables.verdict(c['concat_minus_cross'], c['p_value'], c['n_seeds'])}"
                          + (f", p = {tables.p_text(c['p_value'])}" if favours(c) and c["p_value"] is not None else "")
+                         + (f", Holm-adjusted {tables.p_text(adjusted[c['scale']])}" if favours(c) and corrected else "")
                          for c in clean)
         below = {c["scale"]: _at_baseline(cells, c) for c in clean}
         idle = [sc for sc, ms in below.items() if len(ms) == 2]
@@ -192,8 +198,8 @@ def answer(results: dict) -> list[str]:
         unlearned += "".join(f" At {sc} pairs {ms[0]} does not beat the majority-class baseline: there only "
                              f"{'cross' if ms[0] == 'concat' else 'concat'} learned to match."
                              for sc, ms in below.items() if len(ms) == 1)
-        out.append(f"- **{b}** ({aligned}): **{choice}**.{_holm_text(clean)} Without noise, by scale: {gaps}."
-                   f"{unlearned}{missing}" + _noise_counts(noisy, cells))
+        out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
+                   + _noise_counts(noisy, cells))
     return out
 
 
@@ -208,39 +214,31 @@ def _fewer_params(results: dict, backbone: str) -> str:
 
 
 def _unconverged_text(runs: list[dict]) -> str:
-    """' **In 3 of its 36 runs training did not converge** ...' (metrics.unconverged), or '' (also for
-    records that predate `final_train_loss`)."""
-    bad = [r for r in runs if "final_train_loss" in r and metrics_lib.unconverged(r["final_train_loss"])]
+    """' **In 3 of its 36 runs training diverged** ...' (metrics.unconverged), or '' (records that predate
+    `final_train_loss` are not counted)."""
+    known = [r for r in runs if "final_train_loss" in r]
+    bad = [r for r in known if metrics_lib.unconverged(r["final_train_loss"])]
     if not bad:
         return ""
     finite = [x for r in bad if (x := r["final_train_loss"]) is not None and math.isfinite(x)]
     worst = ", ".join(([f"up to {max(finite):.4g}"] if finite else [])
-                      + ([f"not a number in {len(bad) - len(finite)}"] if len(finite) < len(bad) else []))
-    return (f" **In {len(bad)} of its {len(runs)} runs training did not converge**: the last epoch's mean training "
+                      + ([f"not finite in {len(bad) - len(finite)}"] if len(finite) < len(bad) else []))
+    return (f" **In {len(bad)} of its {len(known)} runs training diverged**: the last epoch's mean training "
             f"loss is above {metrics_lib.UNCONVERGED_LOSS:.2f} (2 ln 2; a 50/50 guess scores ln 2), {worst} "
             "(runs.csv): what their accuracies favour says little (a lower learning rate, or features nearer unit "
             "norm?).")
 
 
-def _holm_text(clean: list[dict]) -> str:
-    """' After Holm's correction for the 3 tests without noise, 1 of the 3 holds: 1024 (adjusted p =
-    0.039).' (or 'all 3 hold', 'it holds', 'none holds ...'): which favourable verdicts of a backbone's
-    clean comparisons hold at a family-wise error of ALPHA; '' with fewer than two tests or none favourable."""
-    q = tables.adjusted_p(clean)
-    favourable = [(c, p) for c, p in zip(clean, q) if tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"])]
-    tests = sum(p is not None for p in q)
-    if tests < 2 or not favourable:
-        return ""
-    held = [(c, p) for c, p in favourable if p < tables.ALPHA]
-    adjusted = ", ".join(f"{tables.p_text(p)} at {c['scale']}" for c, p in favourable)
-    if len(held) == len(favourable):
-        words = "it holds" if len(held) == 1 else "both hold" if len(held) == 2 else f"all {len(held)} hold"
-    elif not held:
-        words = f"{'it does not' if len(favourable) == 1 else 'none holds'} (adjusted p = {adjusted})"
-    else:
-        words = (f"{len(held)} of the {len(favourable)} hold{'s' if len(held) == 1 else ''}, at "
-                 f"{', '.join(str(c['scale']) for c, _ in held)} (adjusted p = {adjusted})")
-    return f" After Holm's correction for the {tests} tests without noise, {words}."
+def _held_text(concat: list[int], cross: list[int], held: set[int]) -> str:
+    """Which favourable scales hold after Holm's correction (`held`): 'at 1024', 'at both', 'at all 3',
+    'at none'; by side where both sides have favourable scales ('concat at 1024, cross at 2048')."""
+    if concat and cross:
+        sides = [(m, [sc for sc in scales if sc in held]) for m, scales in (("concat", concat), ("cross", cross))]
+        return ", ".join(f"{m} at {', '.join(map(str, scs))}" for m, scs in sides if scs) or "at none"
+    favourable = concat or cross
+    if len(held) == len(favourable) > 1:
+        return "at both" if len(held) == 2 else f"at all {len(held)}"
+    return f"at {', '.join(str(sc) for sc in favourable if sc in held)}" if held else "at none"
 
 
 def _noise_counts(noisy: list[dict], cells: dict) -> str:
@@ -254,15 +252,19 @@ def _noise_counts(noisy: list[dict], cells: dict) -> str:
     untested = sum(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy)
     n_concat, n_cross = sides.count("concat"), sides.count("cross")
     q = tables.adjusted_p(noisy)
-    held, tests = [s for s, p in zip(sides, q) if s and p < tables.ALPHA], sum(p is not None for p in q)
+    tests = sum(p is not None for p in q)
+    held = {m: [f"{c['scale']} at σ {tables.level(c):g}" for c, s, p in zip(noisy, sides, q) if s == m and p < tables.ALPHA]
+            for m in ("concat", "cross")}
     return (f" With noise (σ {sigmas[0]:g}" + (f"-{sigmas[-1]:g}" if len(sigmas) > 1 else "")
             + f"): concat ahead in {n_concat}, cross in {n_cross}, neither in {len(noisy) - n_concat - n_cross - untested}"
             + (f", untested (one seed, the same gap on every seed, or not a number) in {untested}" if untested else "")
             + f" of {len(noisy)} comparisons (table2.md)"
             + (f"; in {weak} of them a head does not beat the majority-class baseline, where a verdict says little."
                if (weak := sum(bool(_at_baseline(cells, c)) for c in noisy)) else ".")
-            + (f" After Holm's correction for the {tests} tests with noise: concat ahead in {held.count('concat')}, "
-               f"cross in {held.count('cross')}." if n_concat + n_cross and tests > 1 else ""))
+            + (f" After Holm's correction for the {tests} tests with noise: "
+               + ", ".join(f"{m} {'ahead ' if m == 'concat' else ''}in {len(held[m])}"
+                           + (f" ({', '.join(held[m])})" if held[m] else "") for m in ("concat", "cross")) + "."
+               if n_concat + n_cross and tests > 1 else ""))
 
 
 def _at_baseline(cells: dict, comparison: dict) -> list[str]:
@@ -308,8 +310,8 @@ def summary_markdown(results: dict) -> str:
                   f"What the paired t-tests below favour (p < {tables.ALPHA}), for these features, scales and "
                   "seeds, not beyond them. Each p-value is its own test's, not corrected for multiple "
                   "comparisons; 'after Holm's correction' says which favourable verdicts hold when a backbone's "
-                  f"tests without noise (and, apart, those with noise) are one family, at a family-wise error of "
-                  f"{tables.ALPHA:g}.", "", *answer(results), ""]
+                  "tests without noise are taken as one family, and those with noise as another, each at a "
+                  f"family-wise error of {tables.ALPHA:g} (not the report as a whole).", "", *answer(results), ""]
     lines += ["## Every cell", "",
               "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]

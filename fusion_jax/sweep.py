@@ -129,7 +129,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
         })
     if diverged := [r for r in records if metrics_lib.unconverged(r["final_train_loss"])]:
         log.warning("group %s: %d of its %d runs end with a mean training loss above %.2f (2 ln 2; a 50/50 guess "
-                    "scores ln 2), up to %.4g: their training did not converge (a lower learning rate, or features "
+                    "scores ln 2), up to %.4g: their training diverged (a lower learning rate, or features "
                     "nearer unit norm?)", group.name, len(diverged), len(records), metrics_lib.UNCONVERGED_LOSS,
                     max(math.inf if r["final_train_loss"] is None else r["final_train_loss"] for r in diverged))
     return records

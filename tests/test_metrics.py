@@ -65,3 +65,9 @@ def test_unconverged_is_a_final_loss_above_twice_a_guess_or_not_finite():
     assert UNCONVERGED_LOSS == pytest.approx(2 * np.log(2))
     assert not unconverged(0.2) and not unconverged(np.log(2)) and not unconverged(UNCONVERGED_LOSS)
     assert unconverged(1.4) and unconverged(4e13) and unconverged(None) and unconverged(float("nan"))
+
+
+def test_holm_refuses_what_is_not_a_p_value():
+    for bad in ([0.01, float("nan")], [1.5], [-0.1, 0.2]):
+        with pytest.raises(ValueError, match="p-values lie in"):
+            holm(bad)
