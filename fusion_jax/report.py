@@ -145,7 +145,7 @@ def compare(runs: list[dict]) -> list[dict]:
 def answer(results: dict) -> list[str]:
     """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
     verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
-    out, cells = [], tables.summary_index(results)
+    out, cells, holm = [], tables.summary_index(results), tables.holm_index(results)
     favours = lambda c: tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
     for b in results["config"].get("backbones") or dict.fromkeys(c["backbone"] for c in results["comparisons"]):
         mine = [c for c in results["comparisons"] if c["backbone"] == b]
@@ -162,12 +162,12 @@ def answer(results: dict) -> list[str]:
         missing = f" Group(s) {', '.join(lost)} failed (see Failed groups): their scales are missing." if lost else ""
         missing += _unconverged_text([r for r in results.get("runs") or [] if r["backbone"] == b])
         if not clean:
-            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy, cells)}")
+            out.append(f"- **{b}** ({aligned}): **no comparison without noise**.{missing}{_noise_counts(noisy, cells, holm)}")
             continue
         concat = [c["scale"] for c in clean if favours(c) == "concat"]
         cross = [c["scale"] for c in clean if favours(c) == "cross"]
         untested = [c["scale"] for c in clean if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"])]
-        adjusted = dict(zip((c["scale"] for c in clean), tables.adjusted_p(clean)))
+        adjusted = {c["scale"]: holm[(b, c["scale"], 0.0)] for c in clean}
         corrected = sum(q is not None for q in adjusted.values()) > 1  # one test needs no correction
         held = {sc for sc, q in adjusted.items() if sc in concat + cross and q < tables.ALPHA} if corrected else set()
         if all(c["n_seeds"] < 2 for c in clean):
@@ -199,7 +199,7 @@ def answer(results: dict) -> list[str]:
                              f"{'cross' if ms[0] == 'concat' else 'concat'} learned to match."
                              for sc, ms in below.items() if len(ms) == 1)
         out.append(f"- **{b}** ({aligned}): **{choice}**. Without noise, by scale: {gaps}.{unlearned}{missing}"
-                   + _noise_counts(noisy, cells))
+                   + _noise_counts(noisy, cells, holm))
     return out
 
 
@@ -241,17 +241,18 @@ def _held_text(concat: list[int], cross: list[int], held: set[int]) -> str:
     return f"at {', '.join(str(sc) for sc in favourable if sc in held)}" if held else "at none"
 
 
-def _noise_counts(noisy: list[dict], cells: dict) -> str:
+def _noise_counts(noisy: list[dict], cells: dict, holm: dict) -> str:
     """' With noise (σ a-b): concat ahead in i, cross in j, neither in k[, untested (...) in u] of n
     comparisons (table2.md)[; in w of them a head does not beat the majority-class baseline ...].', or ''
-    without noisy comparisons. cells: summary entries keyed (backbone, method, scale, level)."""
+    without noisy comparisons. cells: summary entries keyed (backbone, method, scale, level); holm:
+    `tables.holm_index`."""
     if not noisy:
         return ""
     sigmas = sorted({tables.level(c) for c in noisy})
     sides = [tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy]
     untested = sum(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in noisy)
     n_concat, n_cross = sides.count("concat"), sides.count("cross")
-    q = tables.adjusted_p(noisy)
+    q = [holm[(c["backbone"], c["scale"], tables.level(c))] for c in noisy]
     tests = sum(p is not None for p in q)
     held = {m: [f"{c['scale']} at σ {tables.level(c):g}" for c, s, p in zip(noisy, sides, q) if s == m and p < tables.ALPHA]
             for m in ("concat", "cross")}

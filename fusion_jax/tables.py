@@ -128,11 +128,17 @@ def favoured(diff: float, p: float | None, n_seeds: int) -> str | None:
     return "concat" if diff > 0 else "cross"
 
 
-def adjusted_p(comparisons: list[dict]) -> list[float | None]:
-    """The comparisons' p-values adjusted by Holm's method as one family (metrics.holm); None where a
-    comparison is untested or has no p-value."""
-    return metrics_lib.holm([None if untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else c["p_value"]
-                             for c in comparisons])
+def holm_index(results: dict) -> dict[tuple, float | None]:
+    """Holm-adjusted p-values (metrics.holm) keyed (backbone, scale, level) like `comparison_index`: a backbone's
+    comparisons without noise are one family, those with noise another; None where untested."""
+    families: dict[tuple, list[dict]] = {}
+    for c in results["comparisons"]:
+        families.setdefault((c["backbone"], level(c) > 0), []).append(c)
+    out = {}
+    for family in families.values():
+        p = [None if untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else c["p_value"] for c in family]
+        out.update({(c["backbone"], c["scale"], level(c)): q for c, q in zip(family, metrics_lib.holm(p))})
+    return out
 
 
 def seeds_text(entries: list[dict]) -> str:
@@ -237,7 +243,8 @@ def _ours_header(results: dict, difference: str = "`concat − cross`") -> str:
             "difference in points (the difference of the two means when both methods have every seed), with "
             f"a two-sided paired t-test over seeds; p ≥ {ALPHA} reads \"not significant\" (without a p-value: "
             "\"no test possible\" on one seed, \"untested\" for the same nonzero gap on every seed, \"tied\" for no "
-            "gap on any).")
+            "gap on any). p is each test's own; the CSV's `p_holm` adjusts it by Holm's method over the backbone's "
+            "tests without noise (one family) or with noise (another), as summary.md's verdicts after correction.")
 
 
 def _paper1_cells(row: dict) -> list[str]:
@@ -286,7 +293,7 @@ def _alignment_lines(results: dict) -> list[str]:
 def table1(results: dict) -> tuple[str, list[dict]]:
     """Table 1 at degradation level 0: ours per backbone/scale/method, the paper's beside or apart."""
     data = data_label(data_of(results), short=True)
-    comps = comparison_index(results)
+    comps, holm = comparison_index(results), holm_index(results)
     header = ["source", "data", "backbone", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
               "seeds", "concat − cross (pts)", "p", "verdict"]
     md_rows, csv_rows, placed = [], [], set()
@@ -308,7 +315,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
         for m in ("accuracy", "f1", "precision", "recall"):
             row[f"{m}_mean_pct"], row[f"{m}_std_pct"] = _round(s[f"{m}_mean"]), _round(s[f"{m}_std"])
         csv_rows.append({**row, "n_seeds": s["n_seeds"], "concat_minus_cross_pts": _round(diff), "p_value": p,
-                         "verdict": verdict_text})
+                         "p_holm": holm.get((s["backbone"], s["scale"], 0.0)), "verdict": verdict_text})
         theirs = paper.table1_row(s["scale"], s["method"]) if is_paper_setting(results, s["backbone"]) else None
         if theirs is not None:
             placed.add((theirs["scale"], theirs["method"]))
@@ -347,7 +354,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
     """Table 2, the noise study: concat and cross accuracy per sigma, the advantage and its test."""
     cfg = results["config"]
     data = data_label(data_of(results), short=True)
-    summ, comps = summary_index(results), comparison_index(results)
+    summ, comps, holm = summary_index(results), comparison_index(results), holm_index(results)
     deg = cfg.get("degradation", {})
     lines = ["# Table 2: accuracy under Gaussian feature noise", "",
              _ours_header(results, "`advantage` (concat − cross)"), "",
@@ -373,7 +380,8 @@ def table2(results: dict) -> tuple[str, list[dict]]:
                              "cross_mean_pct": _round(cr["accuracy_mean"]), "cross_std_pct": _round(cr["accuracy_std"]),
                              "majority_baseline_pct": _round(cc["majority_baseline_mean"]),
                              "advantage_pts": _round(c["concat_minus_cross"]), "advantage_std_pts": _round(d_std),
-                             "p_value": c["p_value"], "n_seeds": c["n_seeds"], "verdict": words})
+                             "p_value": c["p_value"], "p_holm": holm.get((b, sc, lv)), "n_seeds": c["n_seeds"],
+                             "verdict": words})
     if md_rows:
         lines += markdown_table(["source", "data", "backbone", "scale", "σ", "concat accuracy", "cross accuracy",
                                  "majority", "advantage (pts)", "p", "verdict"], md_rows, "lllrrrrrrrl")

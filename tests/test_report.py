@@ -330,6 +330,30 @@ def test_the_answer_says_which_verdicts_hold_after_holms_correction():
                         "correction for the 3 tests with noise: concat ahead in 1 (1024 at σ 0.1), cross in 0.")
 
 
+def test_tables_csvs_give_the_holm_adjusted_p_of_each_family():
+    """table1 and table2's `p_holm`: a backbone's comparisons without noise one family, with noise another."""
+    results = fake_results("flickr8k", ("clip", "resnet"), scales=(2048, 4096, 8192), levels=(0.0, 0.1))
+    for i, c in enumerate(results["comparisons"]):
+        c["p_value"] = 0.001 * (i + 1)
+    want = {}
+    for (b, noisy) in itertools.product(("clip", "resnet"), (False, True)):
+        family = [c for c in results["comparisons"] if c["backbone"] == b and (tables.level(c) > 0) == noisy]
+        running = 0.0  # Holm by hand: (m - rank) p in increasing p, never below the one before
+        for rank, c in enumerate(sorted(family, key=lambda c: c["p_value"])):
+            running = max(running, (len(family) - rank) * c["p_value"])
+            want[(c["backbone"], c["scale"], tables.level(c))] = running
+    ours1 = [r for r in tables.table1(results)[1] if r["source"] == "ours"]
+    ours2 = [r for r in tables.table2(results)[1] if r["source"] == "ours"]
+    assert len(ours1) == 12 and len(ours2) == 12
+    for r in ours1:
+        assert r["p_holm"] == pytest.approx(want[(r["backbone"], r["scale"], 0.0)])
+    for r in ours2:
+        assert r["p_holm"] == pytest.approx(want[(r["backbone"], r["scale"], r["sigma"])])
+    assert all(r.get("p_holm") is None for r in tables.table1(results)[1] if r["source"] != "ours")
+    line = answer(results)[0]  # the summary's adjusted p are the tables'
+    assert "2048: concat +" in line and f"Holm-adjusted {tables.p_text(want[('clip', 2048, 0.0)])};" in line
+
+
 def test_the_answer_names_runs_whose_training_diverged():
     results = fake_results("synthetic", ("aligned", "unaligned"), levels=(0.0,))
     assert "diverged" not in "".join(answer(results))
