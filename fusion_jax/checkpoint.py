@@ -49,6 +49,7 @@ class _OwnProcessNumpyHandler(ocp.type_handlers.NumpyHandler):
 
 
 DIGESTS = "digests"  # beside the epochs' folders, which Orbax's step listing ignores
+LOSSES = "losses"  # each epoch's mean training loss per run, <epoch>.json: the run's loss curve
 
 
 def digest(tree: Any) -> dict[str, str]:
@@ -159,6 +160,28 @@ class GroupCheckpoints:
             if changed:
                 raise ValueError(f"{len(changed)} arrays differ from those saved (CRC-32), such as {changed[0]}")
         return tree
+
+    @_writes
+    def save_losses(self, epoch: int, losses: np.ndarray) -> None:
+        """Epoch `epoch`'s mean training loss per run [runs], kept for the results' loss curves (a resume
+        takes the last epoch's from the checkpoint itself). Every epoch's file stays until the group is done."""
+        os.makedirs(os.path.join(self.directory, LOSSES), exist_ok=True)
+        atomic_write_json(os.path.join(self.directory, LOSSES, f"{epoch}.json"),
+                          [float(x) if np.isfinite(x) else None for x in np.asarray(losses, np.float64)])
+
+    def losses(self, epochs: int, n_runs: int) -> np.ndarray:
+        """Epochs 1..epochs' saved losses [epochs, runs]; NaN where an epoch's file is missing or unreadable
+        (a checkpoint of older code): a curve with a gap, never a reason to train again."""
+        out = np.full((epochs, n_runs), np.nan)
+        for epoch in range(1, epochs + 1):
+            try:
+                with open(os.path.join(self.directory, LOSSES, f"{epoch}.json")) as f:
+                    row = np.asarray(json.load(f), np.float64)  # None reads as NaN
+            except (OSError, ValueError, TypeError):
+                continue
+            if row.shape == (n_runs,):
+                out[epoch - 1] = row
+        return out
 
     @_writes
     def wait(self) -> None:

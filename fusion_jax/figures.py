@@ -1,9 +1,11 @@
-"""The report's figures (PNG, matplotlib Agg): accuracy vs scale, concat advantage vs noise, t-SNE."""
+"""The report's figures (PNG, matplotlib Agg): accuracy vs scale, concat advantage vs noise, training loss
+per epoch, t-SNE."""
 
 from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 import matplotlib
 
@@ -169,6 +171,48 @@ def noise_advantage(results: dict, path: str) -> str | None:
                  f"{tables.split_text(results, short=True)}\n"
                  + ("1 seed: the differences of single runs, no error bars" if one_seed else
                     f"error bars: std of the per-seed paired differences ({tables.seeds_text(cells)})"), fontsize=11)
+    return _save(fig, path)
+
+
+def training_loss(results: dict, path: str) -> str | None:
+    """Each epoch's mean training loss (mean over seeds) per method and scale without noise, one panel per
+    backbone, beside ln 2 (a 50/50 guess); None where no run records its losses (results of older code)."""
+    runs = [r for r in results.get("runs") or [] if r.get("train_loss_by_epoch") and tables.level(r) == 0.0]
+    names = [b for b in backbones(results) if any(r["backbone"] == b for r in runs)]
+    if not names:
+        return None
+    scales = sorted({r["scale"] for r in runs})
+    color = {sc: plt.cm.viridis(i / max(1, len(scales) - 1) * 0.85) for i, sc in enumerate(scales)}
+    fig, axes = _panels(len(names), sharey=True)
+    seeds, top = set(), 0.0
+    for ax, b in zip(axes, names):
+        for m in ("concat", "cross"):
+            for sc in scales:
+                cell = [r for r in runs if (r["backbone"], r["method"], r["scale"]) == (b, m, sc)]
+                if not cell:
+                    continue
+                curves = np.asarray([[np.nan if x is None else x for x in r["train_loss_by_epoch"]] for r in cell], float)
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no seed recorded: a gap
+                    mean = np.nanmean(curves, axis=0)
+                seeds.add(len(cell))
+                top = max(top, np.nanmax(mean, initial=0.0))
+                ax.plot(np.arange(1, len(mean) + 1), mean, color=color[sc], ls="-" if m == "concat" else "--",
+                        marker=MARKERS.get(m, "o"), ms=4, label=f"{m}, scale {sc}")
+        ax.axhline(np.log(2), color="gray", lw=1, ls=":", label="ln 2: a 50/50 guess")
+        ax.set_xlabel("epoch")
+        ax.set_title(panel_title(results, b), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if top > 4 * np.log(2):  # a diverged run would flatten every other curve on a linear axis
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean training loss in the epoch\n(cross-entropy, dropout on)")
+    _legend_below(fig, axes)
+    n = sorted(seeds)
+    fig.suptitle(f"Training loss per epoch, no noise: {tables.data_label(tables.data_of(results))}, "
+                 f"{tables.split_text(results, short=True)}\n"
+                 f"solid concat, dashed cross; mean over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} "
+                 f"seed{'s' if n[-1] != 1 else ''}", fontsize=11)
     return _save(fig, path)
 
 

@@ -359,6 +359,7 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FIGURES = ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_training_loss.png", "fig_tsne.png")
 _CSV_FIELDS = ("backbone", "method", "scale", "seed", "degradation_kind", "degradation_level", "accuracy", "f1",
                "precision", "recall", "majority_baseline", "params", "train_seconds", "final_train_loss")
 
@@ -409,7 +410,7 @@ def render_report(results: dict, workdir: str, failed: list[str] | None = None) 
         for name in names:
             os.replace(os.path.join(draft, name), os.path.join(workdir, name))
     written = [os.path.join(workdir, name) for name in names]
-    for name in ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"):
+    for name in FIGURES:
         try:
             drawn = _draw_figure(name, results, workdir)
         except Exception:  # noqa: BLE001 - the tables are written: a figure's failure is its own, and logged
@@ -430,7 +431,7 @@ def _draw_figure(name: str, results: dict, workdir: str) -> str | None:
 
     path, drawn = os.path.join(workdir, name), None
     draw = {"fig_accuracy_vs_scale.png": figures.accuracy_vs_scale, "fig_noise.png": figures.noise_advantage,
-            "fig_tsne.png": functools.partial(figures.tsne, workdir)}[name]
+            "fig_training_loss.png": figures.training_loss, "fig_tsne.png": functools.partial(figures.tsne, workdir)}[name]
     try:
         drawn = draw(results, path)
     finally:

@@ -101,8 +101,8 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     runs = jax.device_put(program.runs, program.by_run)
     ckpt = GroupCheckpoints(os.path.join(workdir, "checkpoints", group.name), config.checkpoint.keep)
     try:
-        state, seconds, last_loss = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch, stop,
-                                                  os.path.join(workdir, "checkpoints-corrupt", group.name))
+        state, seconds, curves = _train_epochs(config, program, data, runs, run_steps, ckpt, progress, on_epoch, stop,
+                                               os.path.join(workdir, "checkpoints-corrupt", group.name))
     except BaseException:
         try:  # also when training stops (a NaN loss, an interrupt), before its folder is removed
             ckpt.close()
@@ -116,7 +116,8 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
 
     records, code = [], source()
-    for spec, c, loss, n, k in zip(group.runs, counts, last_loss, n_train, run_steps):
+    for spec, c, curve, n, k in zip(group.runs, counts, curves.T, n_train, run_steps):
+        loss = curve[-1]
         m = metrics_lib.binary_metrics(*c[:4])
         records.append({
             "backbone": spec.backbone, "method": spec.method, "scale": spec.scale, "seed": spec.seed,
@@ -125,6 +126,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
             # The group's training time, shared among its runs in proportion to their steps.
             "params": params, "train_seconds": seconds * k / run_steps.sum(),
             "final_train_loss": float(loss) if np.isfinite(loss) else None,
+            "train_loss_by_epoch": [float(x) if np.isfinite(x) else None for x in curve],
             "n_train": int(n), "n_val": spec.scale - int(n), "source": code,
         })
     if diverged := [r for r in records if metrics_lib.unconverged(r["final_train_loss"])]:
@@ -140,21 +142,25 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
                   on_epoch: Callable[[Group, int], None] | None, stop: threading.Event,
                   aside: str) -> tuple[dict, float, np.ndarray]:
     """The group's epochs from its newest good checkpoint (or from init), each checkpointed:
-    (state [slots, ...], training seconds, last epoch's mean loss per run [runs])."""
+    (state [slots, ...], training seconds, each epoch's mean loss per run [epochs, runs]; the last epoch's
+    from the checkpoint, an earlier one NaN where a resumed workdir lacks it)."""
     group, by_run, index, n_runs = program.group, program.by_run, program.index, len(program.group.runs)
     abstract = {"state": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n_runs, *x.shape[1:]), x.dtype),
                                                 program.state),
                 "seconds": jax.ShapeDtypeStruct((), jnp.float32),
                 "last_loss": jax.ShapeDtypeStruct((n_runs,), jnp.float32)}
     start, tree = _restore_latest_good(ckpt, abstract, group, aside)
+    curves = np.full((config.train.epochs, n_runs), np.nan)
     if start is None:
-        state, seconds, last_loss = program.init(runs, data), 0.0, np.full(n_runs, np.nan, np.float32)
+        state, seconds = program.init(runs, data), 0.0
     else:
         log.info("group %s: resuming from the checkpoint after epoch %d of %d", group.name, start,
                  config.train.epochs)
         progress.update(start)
         in_slots = jax.tree_util.tree_map(lambda x: x[np.maximum(program.slots, 0)], tree["state"])
-        state, seconds, last_loss = jax.device_put(in_slots, by_run), float(tree["seconds"]), tree["last_loss"]
+        state, seconds = jax.device_put(in_slots, by_run), float(tree["seconds"])
+        curves[:start] = ckpt.losses(start, n_runs)
+        curves[start - 1] = tree["last_loss"]
 
     for epoch in range(start or 0, config.train.epochs):
         if stop.is_set():
@@ -167,12 +173,14 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
         last_loss = np.asarray([row[:k].mean() for row, k in zip(losses, run_steps)], np.float32)
         by_group = jax.tree_util.tree_map(lambda x: x[index], jax.device_get(state))
         ckpt.save(epoch + 1, {"state": by_group, "seconds": np.float32(seconds), "last_loss": last_loss})
+        ckpt.save_losses(epoch + 1, last_loss)
+        curves[epoch] = last_loss
         progress.set_postfix(loss=f"{np.mean(last_loss):.4f}")
         progress.update(1)
         if on_epoch is not None:
             ckpt.wait()
             on_epoch(group, epoch + 1)
-    return state, seconds, last_loss
+    return state, seconds, curves
 
 
 def _group_records(path: str, group: Group) -> list[dict]:

@@ -27,6 +27,7 @@ def _run(backbone, method, scale, seed, level, acc):
             "degradation": {"kind": "gaussian", "level": level},
             "metrics": {"accuracy": acc, "f1": acc, "precision": acc, "recall": acc}, "majority_baseline": 0.5,
             "params": 295554 if method == "concat" else 559490, "train_seconds": 0.5, "final_train_loss": 0.3,
+            "train_loss_by_epoch": [0.69, 0.5 - 0.1 * (method == "cross"), 0.3],
             "n_train": int(0.8 * scale), "n_val": scale - int(0.8 * scale)}
 
 
@@ -567,7 +568,7 @@ def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
     write_tsne(tmp_path, "clip", 60, 16, 16)
     written = render_report(results, str(tmp_path))
     names = sorted(os.path.basename(p) for p in written)
-    assert names == sorted(TABLES + ["summary.md", "fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"])
+    assert names == sorted(TABLES + ["summary.md", *report.FIGURES])
     for name in names:
         if name.endswith(".png"):
             assert_png(tmp_path / name)
@@ -602,7 +603,7 @@ def test_a_report_that_fails_half_way_leaves_the_earlier_one(tmp_path, monkeypat
                                                   r"\w+.py:\d+\); nothing was written\n", err), err
 
 
-@pytest.mark.parametrize("failing", ["fig_accuracy_vs_scale.png", "fig_tsne.png"])
+@pytest.mark.parametrize("failing", ["fig_accuracy_vs_scale.png", "fig_training_loss.png", "fig_tsne.png"])
 def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatch, caplog, failing):
     """The tables are written whatever a figure does; a failed figure drawn from the results is removed (it
     showed the earlier results), the t-SNE (from the sweep's sample files) stays. A draft folder of a report
@@ -624,14 +625,14 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatc
     def broken(*args):
         raise ValueError("a figure's bug")
 
-    monkeypatch.setattr(figures, {"fig_accuracy_vs_scale.png": "accuracy_vs_scale", "fig_tsne.png": "tsne"}[failing],
-                        broken)
+    monkeypatch.setattr(figures, {"fig_accuracy_vs_scale.png": "accuracy_vs_scale", "fig_tsne.png": "tsne",
+                                  "fig_training_loss.png": "training_loss"}[failing], broken)
     results["command"] = "again"
     failed = []
     with caplog.at_level(logging.ERROR, logger="fusion_jax"):
         written = {os.path.basename(p) for p in render_report(results, str(tmp_path), failed)}
     assert failed == [failing] and f"{tmp_path / failing} cannot be drawn" in caplog.text and "a figure's bug" in caplog.text
-    assert written == set(TABLES + ["summary.md", "fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"]) - {failing}
+    assert written == set(TABLES + ["summary.md", *report.FIGURES]) - {failing}
     assert "`again`" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / failing).exists() == (failing == "fig_tsne.png")
     assert {name: (tmp_path / name).exists() for name in drafts} == drafts
@@ -643,6 +644,26 @@ def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatc
     names = {os.path.basename(p) for p in written}
     assert "fig_accuracy_vs_scale.png" in names and not names & {"fig_noise.png", "fig_tsne.png"}
     assert not (tmp_path / "fig_noise.png").exists() and not (tmp_path / "fig_tsne.png").exists()
+
+
+def test_the_training_loss_figure_needs_recorded_curves_and_shows_gaps(tmp_path, monkeypatch):
+    """Results of older code (no `train_loss_by_epoch`) draw no loss figure and remove an earlier one; an epoch
+    that no seed recorded (a resume of older checkpoints) is a gap, a diverged run a log axis, no error."""
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    results = fake_results("synthetic", ("aligned", "unaligned"))
+    results["runs"][0]["train_loss_by_epoch"] = [None, 0.5, 0.3]
+    for r in results["runs"]:
+        if (r["backbone"], r["method"], r["scale"]) == ("unaligned", "cross", 2048):
+            r["train_loss_by_epoch"] = [None, 4e3, 2e3]
+    assert figures.training_loss(results, str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
+    assert_png(tmp_path / "loss.png")
+    render_report(results, str(tmp_path))
+    assert_png(tmp_path / "fig_training_loss.png")
+    for r in results["runs"]:
+        del r["train_loss_by_epoch"]
+    names = {os.path.basename(p) for p in render_report(results, str(tmp_path))}
+    assert "fig_training_loss.png" not in names and not (tmp_path / "fig_training_loss.png").exists()
+    assert "fig_accuracy_vs_scale.png" in names
 
 
 def test_one_method_only_has_no_comparison_and_no_nan(tmp_path, monkeypatch):
@@ -687,7 +708,7 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    for name in ["fig_accuracy_vs_scale.png", "fig_noise.png", "fig_tsne.png"]:
+    for name in report.FIGURES:
         assert_png(tmp_path / name)
     assert_no_nan(tmp_path)
     t1, t2, t3 = ((tmp_path / f"table{i}.md").read_text() for i in (1, 2, 3))

@@ -1023,7 +1023,8 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results
     assert restarted.wait(timeout=300) == 0
     log = restarted.stderr.read()
     assert "resuming from the checkpoint after epoch" in log and "1 group to train" in log
-    assert restarted.stdout.read().strip().endswith(", fig_accuracy_vs_scale.png, fig_noise.png, fig_tsne.png")
+    assert restarted.stdout.read().strip().endswith(", fig_accuracy_vs_scale.png, fig_noise.png, fig_training_loss.png, "
+                                                    "fig_tsne.png")
     _assert_same(small_sweep_results, json.loads((workdir / "results.json").read_text()))
 
 

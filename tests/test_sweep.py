@@ -50,6 +50,8 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert len(on_disk["runs"]) == n_runs
     for r in on_disk["runs"]:
         assert set(r["degradation"]) == {"kind", "level"}
+        curve = r["train_loss_by_epoch"]  # each epoch's mean loss, the last the final one
+        assert len(curve) == smoke_config.train.epochs and curve[-1] == r["final_train_loss"] and min(curve) > 0
         assert all(0.0 <= r["metrics"][m] <= 1.0 for m in METRICS)
         assert 0.5 <= r["majority_baseline"] <= 1.0
         assert r["params"] > 0 and r["train_seconds"] > 0
@@ -68,6 +70,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert len(rows) == n_runs and float(rows[0]["accuracy"]) == on_disk["runs"][0]["metrics"]["accuracy"]
     md = (tmp_path / "summary.md").read_text()
     assert "| aligned | concat | 128 |" in md and "concat − cross" in md
+    assert (tmp_path / "fig_training_loss.png").exists()
     assert not (tmp_path / "checkpoints").exists()
 
     # A second call finds every group finished and trains nothing.
@@ -370,6 +373,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
     assert not (tmp_path / "resumed" / "results.json").exists()
     assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
 
+    os.remove(tmp_path / "resumed" / "checkpoints" / second / "losses" / "1.json")  # as older code left none
     calls = []
     monkeypatch.setattr(metrics_lib, "UNCONVERGED_LOSS", 0.0)
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
@@ -387,6 +391,9 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
         for k in a:
             assert a[k]["metrics"] == b[k]["metrics"]
             assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-6)
+            lost = k[:2] == (plan(config)[1].backbone, plan(config)[1].method)  # its epoch 1's file removed above
+            assert (b[k]["train_loss_by_epoch"][0] is None) == lost
+            assert b[k]["train_loss_by_epoch"][lost:] == pytest.approx(a[k]["train_loss_by_epoch"][lost:], rel=1e-6)
         assert resumed["summary"] == clean["summary"]
     else:  # on an H200 the layout alone moved cross's final losses by up to 1.3e-5 relative
         for k in a:
