@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion_jax.report import source_text
+from fusion_jax.summary import source_text
 
 
 def _precision_note(precision: dict | None) -> str:

@@ -13,9 +13,10 @@ import types
 import numpy as np
 import pytest
 
-from fusion_jax import figures, paper, report, tables
+from fusion_jax import figures, paper, report, summary, tables
 from fusion_jax.data.dataset import STANDIN_NAME
-from fusion_jax.report import answer, compare, render_report, summarize, summary_markdown
+from fusion_jax.report import compare, render_report, summarize
+from fusion_jax.summary import answer, summary_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = [f"table{i}.{ext}" for i in (1, 2, 3) for ext in ("md", "csv")]
@@ -458,12 +459,11 @@ def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeyp
 
 
 def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
-    from fusion_jax import report
     src = report.source()
     if os.path.exists(os.path.join(ROOT, ".git")):  # a folder, or a file in a worktree
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert src["commit"] == head and isinstance(src["dirty"], bool)
-        assert report.source_text({"source": src}) == f" at commit {head[:10]}" + \
+        assert summary.source_text({"source": src}) == f" at commit {head[:10]}" + \
             (" (with uncommitted changes to its code or configs)" if src["dirty"] else "")
     else:
         assert src == {"commit": None, "dirty": None}
@@ -471,23 +471,22 @@ def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "venv" / "fusion_jax").mkdir(parents=True)
     monkeypatch.setattr(report, "__file__", str(tmp_path / "venv" / "fusion_jax" / "report.py"))
-    assert report.source() == {"commit": None, "dirty": None} and report.source_text({}) == ""
+    assert report.source() == {"commit": None, "dirty": None} and summary.source_text({}) == ""
 
 
 def test_runs_trained_by_other_code_are_named_in_the_summary():
-    from fusion_jax import report
     results = fake_results("synthetic", ("aligned",), levels=(0.0,))
     a, b = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
     results["source"] = a
-    assert report.mixed_sources(results) == ""  # runs without a source (older results) say nothing
+    assert summary.mixed_sources(results) == ""  # runs without a source (older results) say nothing
     for i, r in enumerate(results["runs"]):
         r["source"] = a if i < 4 else b
-    line = report.mixed_sources(results)
+    line = summary.mixed_sources(results)
     assert f"commit {'b' * 10} (with uncommitted changes to its code or configs): {len(results['runs']) - 4} runs" in line
     assert f"commit {'a' * 10}: 4 runs" in line and line in summary_markdown(results)
     for r in results["runs"]:
         r["source"] = a
-    assert report.mixed_sources(results) == ""
+    assert summary.mixed_sources(results) == ""
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -836,7 +835,7 @@ def test_summary_and_tables_write_a_dash_for_nan_and_a_tiny_significant_gap_as_t
     results = fake_results(scales=(2048,), levels=(0.0,))
     results["summary"][0]["accuracy_mean"] = float("nan")
     results["comparisons"][0]["concat_minus_cross"], results["comparisons"][0]["p_value"] = 0.00037, 0.004
-    md = report.summary_markdown(results)
+    md = summary.summary_markdown(results)
     table1, _ = tables.table1(results)
     assert "nan" not in md.lower() and "nan" not in table1.lower()
     assert "+0.037" in table1 and "+0.0 " not in table1 and "+0.037" in md
