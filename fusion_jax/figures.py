@@ -176,43 +176,53 @@ def noise_advantage(results: dict, path: str) -> str | None:
 
 def training_loss(results: dict, path: str) -> str | None:
     """Each epoch's mean training loss (mean over seeds) per method and scale without noise, one panel per
-    backbone, beside ln 2 (a 50/50 guess); None where no run records its losses (results of older code)."""
-    runs = [r for r in results.get("runs") or [] if r.get("train_loss_by_epoch") and tables.level(r) == 0.0]
+    backbone, beside ln 2 (a 50/50 guess); None where no run without noise records its losses (results of
+    older code, or a sweep with noise levels above 0 alone)."""
+    clean = [r for r in results.get("runs") or [] if tables.level(r) == 0.0]
+    runs = [r for r in clean if r.get("train_loss_by_epoch")]
     names = [b for b in backbones(results) if any(r["backbone"] == b for r in runs)]
     if not names:
         return None
+    as_array = lambda curve: np.asarray([np.nan if x is None else x for x in curve], float)
+    epochs = max(len(r["train_loss_by_epoch"]) for r in runs)
+    padded = {id(r): np.pad(as_array(r["train_loss_by_epoch"]), (0, epochs - len(r["train_loss_by_epoch"])),
+                            constant_values=np.nan) for r in runs}
     scales = sorted({r["scale"] for r in runs})
     color = {sc: plt.cm.viridis(i / max(1, len(scales) - 1) * 0.85) for i, sc in enumerate(scales)}
     fig, axes = _panels(len(names), sharey=True)
-    seeds, top = set(), 0.0
+    seeds = set()
     for ax, b in zip(axes, names):
         for m in ("concat", "cross"):
             for sc in scales:
-                cell = [r for r in runs if (r["backbone"], r["method"], r["scale"]) == (b, m, sc)]
+                cell = [padded[id(r)] for r in runs if (r["backbone"], r["method"], r["scale"]) == (b, m, sc)]
                 if not cell:
                     continue
-                curves = np.asarray([[np.nan if x is None else x for x in r["train_loss_by_epoch"]] for r in cell], float)
-                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no seed recorded: a gap
-                    mean = np.nanmean(curves, axis=0)
+                    mean = np.nanmean(cell, axis=0)
                 seeds.add(len(cell))
-                top = max(top, np.nanmax(mean, initial=0.0))
-                ax.plot(np.arange(1, len(mean) + 1), mean, color=color[sc], ls="-" if m == "concat" else "--",
+                ax.plot(np.arange(1, epochs + 1), mean, color=color[sc], ls="-" if m == "concat" else "--",
                         marker=MARKERS.get(m, "o"), ms=4, label=f"{m}, scale {sc}")
         ax.axhline(np.log(2), color="gray", lw=1, ls=":", label="ln 2: a 50/50 guess")
         ax.set_xlabel("epoch")
         ax.set_title(panel_title(results, b), fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    if top > 4 * np.log(2):  # a diverged run would flatten every other curve on a linear axis
-        axes[0].set_yscale("log")
+    if np.nanmax([np.nanmax(c, initial=0.0) for c in padded.values()]) > 4 * np.log(2):
+        axes[0].set_yscale("log")  # a diverged run would flatten every other curve on a linear axis
     axes[0].set_ylabel("mean training loss in the epoch\n(cross-entropy, dropout on)")
     _legend_below(fig, axes)
     n = sorted(seeds)
+    missing = len(clean) - len(runs)
+    notes = ([f"{missing} run{'s' if missing > 1 else ''} without noise recorded no losses (older code): not drawn"]
+             if missing else [])
+    notes += (["an epoch a run did not record (a resume of older checkpoints) is left out of its mean"]
+              if any(np.isnan(c).any() for c in padded.values()) else [])
     fig.suptitle(f"Training loss per epoch, no noise: {tables.data_label(tables.data_of(results))}, "
                  f"{tables.split_text(results, short=True)}\n"
-                 f"solid concat, dashed cross; mean over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} "
-                 f"seed{'s' if n[-1] != 1 else ''}", fontsize=11)
+                 f"each method and scale the mean over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} "
+                 f"seed{'s' if n[-1] != 1 else ''}; solid concat, dashed cross"
+                 + "".join(f"\n{note}" for note in notes), fontsize=11)
     return _save(fig, path)
 
 

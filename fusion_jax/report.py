@@ -74,7 +74,6 @@ def _source_of(root: str) -> tuple:
         return ("commit", None), ("dirty", None)
 
 
-
 def device() -> dict:
     """The device that ran, with jax's float32 matmul precision ("default": TF32 on NVIDIA GPUs since Ampere)."""
     d = jax.devices()[0]

@@ -12,6 +12,7 @@ import re
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 
+
 def source_text(results: dict) -> str:
     """' at commit 1a2b3c4d5e (with uncommitted changes to its code or configs)' from results["source"], or ''."""
     return _commit_text(results.get("source") or {}, " at commit ")

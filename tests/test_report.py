@@ -647,19 +647,36 @@ def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatc
 
 def test_the_training_loss_figure_needs_recorded_curves_and_shows_gaps(tmp_path, monkeypatch):
     """Results of older code (no `train_loss_by_epoch`) draw no loss figure and remove an earlier one; an epoch
-    that no seed recorded (a resume of older checkpoints) is a gap, a diverged run a log axis, no error."""
+    that a run did not record (a resume of older checkpoints) is left out of its mean and said, as are runs
+    without curves; a diverged run puts the axis on a log scale."""
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
     results = fake_results("synthetic", ("aligned", "unaligned"))
-    results["runs"][0]["train_loss_by_epoch"] = [None, 0.5, 0.3]
-    for r in results["runs"]:
-        if (r["backbone"], r["method"], r["scale"]) == ("unaligned", "cross", 2048):
-            r["train_loss_by_epoch"] = [None, 4e3, 2e3]
-    assert figures.training_loss(results, str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
-    assert_png(tmp_path / "loss.png")
     render_report(results, str(tmp_path))
     assert_png(tmp_path / "fig_training_loss.png")
+    figs = _drawn(monkeypatch)
+    figures.training_loss(results, "plain")
+    (ax, _), title = figs["plain"].axes, figs["plain"].get_suptitle()
+    assert ax.get_yscale() == "linear" and "mean over 3 seeds; solid concat, dashed cross" in title
+    assert "not drawn" not in title and "left out" not in title
+    concat_2048 = next(line for line in ax.get_lines() if line.get_label() == "concat, scale 2048")
+    assert list(concat_2048.get_ydata()) == pytest.approx([0.69, 0.5, 0.3])
+    aligned = [r for r in results["runs"] if r["backbone"] == "aligned" and r["method"] == "concat"
+               and r["scale"] == 2048 and tables.level(r) == 0]
+    aligned[0]["train_loss_by_epoch"] = [None, 0.8, 0.3]  # the mean of the others at epoch 1
+    aligned[1]["train_loss_by_epoch"] = [0.69, 0.5]  # a shorter run: padded, not an error
+    del aligned[2]["train_loss_by_epoch"]
+    figures.training_loss(results, "gaps")
+    (ax, _), title = figs["gaps"].axes, figs["gaps"].get_suptitle()
+    assert "1 run without noise recorded no losses (older code): not drawn" in title and "left out of its mean" in title
+    concat_2048 = next(line for line in ax.get_lines() if line.get_label() == "concat, scale 2048")
+    assert list(concat_2048.get_ydata()) == pytest.approx([0.69, 0.65, 0.3])
+    aligned[0]["train_loss_by_epoch"] = [0.69, 4e3, 2e3]
+    figures.training_loss(results, "diverged")
+    assert figs["diverged"].axes[0].get_yscale() == "log"
     for r in results["runs"]:
-        del r["train_loss_by_epoch"]
+        r.pop("train_loss_by_epoch", None)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
     names = {os.path.basename(p) for p in render_report(results, str(tmp_path))}
     assert "fig_training_loss.png" not in names and not (tmp_path / "fig_training_loss.png").exists()
     assert "fig_accuracy_vs_scale.png" in names
