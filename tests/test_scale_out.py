@@ -27,17 +27,19 @@ def _small(config):
 
 
 def _metrics(results):
-    return {(r["method"], r["scale"], r["seed"], r["degradation"]["level"]): (r["metrics"], r["final_train_loss"])
-            for r in results["runs"]}
+    return {(r["method"], r["scale"], r["seed"], r["degradation"]["level"]):
+            (r["metrics"], r["final_train_loss"], r["train_loss_by_epoch"]) for r in results["runs"]}
 
 
 def _assert_same(a, b):
+    """The same runs, metrics and losses (each epoch's too: a resumed group's curve across the restart)."""
     a, b = _metrics(a), _metrics(b)
     assert a.keys() == b.keys()
     for k in a:
         for m in a[k][0]:
             assert a[k][0][m] == pytest.approx(b[k][0][m], abs=1e-5), (k, m)
         assert a[k][1] == pytest.approx(b[k][1], rel=1e-5), k
+        assert a[k][2] == pytest.approx(b[k][2], rel=1e-5), k
 
 
 def _sweep_on_devices(n_devices, workdir):
