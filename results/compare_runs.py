@@ -4,6 +4,9 @@
         run by run: how many runs keep their bits (metrics and final loss) per backbone, how many
         changed their metrics and how far their final losses moved, and B's accuracy shift against A
         (points) per backbone, method and noise (level 0 or above);
+    python results/compare_runs.py --losses A/results.json
+        per backbone, method and scale without noise, the first and last epoch's training loss, each
+        the mean over seeds (the ends of fig_training_loss.png's curves);
     python results/compare_runs.py --norms [CONFIG]
         the L2 norms of each backbone's features for CONFIG (default configs/demo.py), from the
         feature cache (extracted first where missing).
@@ -43,6 +46,16 @@ def compare(path_a: str, path_b: str) -> list[str]:
     return lines
 
 
+def losses(path: str) -> list[str]:
+    """The --losses lines described above (runs that record train_loss_by_epoch)."""
+    cells = collections.defaultdict(list)
+    for r in json.load(open(path))["runs"]:
+        if r["degradation"]["level"] == 0 and r.get("train_loss_by_epoch"):
+            cells[r["backbone"], r["method"], r["scale"]].append(r["train_loss_by_epoch"])
+    return [f"{b} {m} {sc}: epoch 1 {np.mean([c[0] for c in cs]):.3f}, epoch {len(cs[0])} "
+            f"{np.mean([c[-1] for c in cs]):.3f} ({len(cs)} seeds)" for (b, m, sc), cs in sorted(cells.items())]
+
+
 def norms(config_path: str) -> list[str]:
     """Per backbone and side, the range of the feature vectors' L2 norms (pooled features; real tokens)."""
     import importlib.util
@@ -65,7 +78,9 @@ def norms(config_path: str) -> list[str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args[:1] == ["--norms"]:
+    if args[:1] == ["--losses"] and len(args) == 2:
+        print("\n".join(losses(args[1])))
+    elif args[:1] == ["--norms"]:
         print("\n".join(norms(args[1] if len(args) > 1 else "configs/demo.py")))
     elif len(args) == 2:
         print("\n".join(compare(*args)))
