@@ -1,4 +1,18 @@
-"""Command line: `python -m fusion_jax.main --config=configs/synthetic.py [--config.FIELD=VALUE ...]`."""
+"""Run a sweep: python -m fusion_jax.main --config=FILE[:variant] [--config.FIELD=VALUE ...] [--workdir=DIR]
+
+Trains every (backbone, method) group of the config, each group's scales, seeds and noise levels in one
+compiled program, evaluates them, and writes DIR/results.json, runs.csv, summary.md, tables 1-3 and the
+figures (DIR: --workdir, else config.workdir, else results/<config.name>). The same command again
+resumes: finished groups are kept, an unfinished one continues from its last checkpoint.
+
+Examples:
+  python -m fusion_jax.main --config=configs/synthetic.py:smoke --workdir=/tmp/smoke
+  python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3
+  python -m fusion_jax.report --workdir=DIR      (the report again, from DIR/results.json)
+
+Ctrl-C stops before the next epoch (a second press ends at once). Exit status: 0 done, 1 a group
+failed (or an unexpected error, with its traceback), 2 a usage, config or data error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +49,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from fusion_jax import distributed  # noqa: E402
+from fusion_jax.cli import parse_absl_flags  # noqa: E402
 from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
@@ -79,7 +94,7 @@ def parse_flags(argv: list[str]) -> list[str]:
               "once", file=sys.stderr)
         sys.exit(2)
     try:
-        return flags.FLAGS(argv)
+        return parse_absl_flags(argv)
     except flags.Error as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = next((line for line in reversed(lines) if re.match(r"[A-Za-z_.]*(Error|Exception): ", line)), None)

@@ -1,9 +1,14 @@
-"""The one results writer: results.json (the interface later tools read), runs.csv, summary.md (drawn by
-`summary.summary_markdown`).
+"""A sweep's report again: python -m fusion_jax.report --workdir=DIR [--against=OTHER]
 
-`render_report` writes summary.md and the side-by-side report (tables 1-3 beside the paper's,
-figures); it runs at the end of `write_results` and on its own: `python -m fusion_jax.report
---workdir=DIR`, which rebuilds all of them from results.json.
+Rebuilds DIR's summary.md, tables 1-3 (.md, .csv) and figures from DIR/results.json alone (the sweep
+writes them at its end too). With --against=OTHER (another finished sweep's folder) it writes
+DIR/against_<other>.md instead: the two sweeps' config and feature differences and what they moved.
+Exit status: 0 written, 1 a figure could not be drawn (the rest is written), 2 a usage error or a
+results.json that cannot be read or drawn (nothing is written).
+
+The module is the one results writer: results.json (the interface later tools read), runs.csv,
+summary.md (drawn by `summary.summary_markdown`) and the side-by-side report (`render_report`, tables
+1-3 beside the paper's, figures), which `write_results` runs at the end of every sweep.
 """
 
 from __future__ import annotations
@@ -336,8 +341,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, a mistake (an unknown flag, say) said in one line with status 2."""
     from absl import flags
 
+    from fusion_jax.cli import parse_absl_flags
+
     try:
-        return flags.FLAGS(argv)
+        return parse_absl_flags(argv)
     except flags.Error as e:
         print(f"fusion_jax.report: error: {e}", file=sys.stderr)
         sys.exit(2)

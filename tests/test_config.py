@@ -191,6 +191,14 @@ def test_an_empty_workdir_or_a_stray_argument_is_one_line(args, error):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (pathlib.Path(ROOT) / "results" / "synthetic_smoke").exists()
 
 
+@pytest.mark.parametrize("module, flag, usage", [("fusion_jax.main", "-h", "Run a sweep: python -m fusion_jax.main "),
+                                                 ("fusion_jax.report", "--help", "A sweep's report again: ")])
+def test_help_asked_for_is_the_usage_on_stdout_with_status_0(module, flag, usage):
+    """absl ends a help with status 1; asked for, it is not an error (-h reads as --help)."""
+    proc = subprocess.run([sys.executable, "-m", module, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(usage) and "Exit status: 0" in proc.stdout, proc.stderr
+
+
 def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

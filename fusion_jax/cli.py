@@ -1,0 +1,20 @@
+"""What the absl command lines (fusion_jax.main, fusion_jax.report) share."""
+
+from __future__ import annotations
+
+import sys
+
+_HELP = {"--help", "-?", "--helpfull", "--helpshort"}
+
+
+def parse_absl_flags(argv: list[str]) -> list[str]:
+    """absl's flags.FLAGS(argv), with -h read as --help and status 0 after a help that was asked for (absl
+    ends every help with 1); its flags.Error and other errors are the caller's to say."""
+    from absl import flags
+
+    argv = [argv[0], *("--help" if a == "-h" else a for a in argv[1:])]
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit as e:
+        asked = {a.split("=", 1)[0] for a in argv[1:]} & _HELP
+        sys.exit(0 if asked and e.code == 1 else e.code)
