@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import jax
 
+from fusion_jax import efficiency
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 from fusion_jax.against import against_markdown
@@ -211,7 +212,7 @@ def _write_texts(results: dict, out: str) -> list[str]:
     """summary.md and tables 1-3 (.md, .csv), written into `out`; their names."""
     names = ["summary.md"]
     atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(results))
-    for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", tables.table3)):
+    for name, make in (("table1", tables.table1), ("table2", tables.table2), ("table3", efficiency.table3)):
         md, rows = make(results)
         for ext, text in (("md", md), ("csv", tables.to_csv(rows))):
             atomic_write_text(os.path.join(out, f"{name}.{ext}"), text)

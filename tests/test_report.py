@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from fusion_jax import figures, paper, report, summary, tables
+from fusion_jax import efficiency, figures, paper, report, summary, tables
 from fusion_jax.data.dataset import STANDIN_NAME
 from fusion_jax.report import compare, render_report, summarize
 from fusion_jax.summary import answer, summary_markdown
@@ -408,7 +408,7 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", types.SimpleNamespace(
         forward_flops_per_sample=fake_flops, counting_platform=lambda: "cpu"))
-    md, rows = tables.table3(fake_results("flickr8k", ("clip",), dims=(512, 384)))
+    md, rows = efficiency.table3(fake_results("flickr8k", ("clip",), dims=(512, 384)))
     assert sorted(set(calls)) == [("concat", 512, 384, 256, 0, 0), ("cross", 512, 384, 256, 0, 0)]
     ours = {r["method"]: r for r in rows if r["source"] == "ours"}
     assert ours["cross"]["flops_per_sample"] == 750.0 and ours["cross"]["rel_flops"] == 0.75
@@ -423,8 +423,8 @@ def test_table3_counts_flops_on_the_token_inputs_results_json_records():
     results = fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8))
     results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=3)
     results["backbones"]["unaligned"]["tokens"] = True  # counts not recorded (an npz or extracted source)
-    flops, note = tables.forward_flops(results)
-    pooled, _ = tables.forward_flops(fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8)))
+    flops, note = efficiency.forward_flops(results)
+    pooled, _ = efficiency.forward_flops(fake_results("synthetic", ("aligned", "unaligned"), dims=(16, 8)))
     assert flops[("unaligned", "cross")] == pooled[("unaligned", "cross")]
     assert flops[("aligned", "concat")] > pooled[("aligned", "concat")]  # per-token work before pooling
     assert flops[("aligned", "cross")] > 3 * pooled[("aligned", "cross")]  # projections of every token
@@ -432,7 +432,7 @@ def test_table3_counts_flops_on_the_token_inputs_results_json_records():
     assert "(unaligned: trained on token features, but this results.json does not record their token counts" in note
     results["backbones"]["unaligned"].update(tokens=4)  # an older synthetic sweep: 4 slots on both sides
     results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=0)  # npz: pooled text
-    flops, note = tables.forward_flops(results)
+    flops, note = efficiency.forward_flops(results)
     assert "padding included: aligned image 5, text pooled; unaligned image 4, text 4) and [batch, d] for pooled" in note
     assert flops[("unaligned", "cross")] > 3 * pooled[("unaligned", "cross")] and "does not record" not in note
 
@@ -441,19 +441,19 @@ def test_table3_says_where_flops_were_counted_without_a_cpu_backend(monkeypatch)
     """FLOPs compile for the host CPU; where jax has none (JAX_PLATFORMS), the note names the platform used."""
     from fusion_jax import cost
 
-    assert "compiled for the host CPU" in tables.forward_flops(fake_results())[1]
+    assert "compiled for the host CPU" in efficiency.forward_flops(fake_results())[1]
     monkeypatch.setattr(cost, "counting_platform", lambda: "gpu")
-    assert "compiled for gpu (jax has no CPU backend here" in tables.forward_flops(fake_results())[1]
+    assert "compiled for gpu (jax has no CPU backend here" in efficiency.forward_flops(fake_results())[1]
 
 
 def test_table3_without_cost_model_or_dims_writes_na_and_empty_csv_cells(monkeypatch):
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)  # import raises ImportError
-    md, rows = tables.table3(fake_results())
+    md, rows = efficiency.table3(fake_results())
     assert all(r["flops_per_sample"] is None for r in rows if r["source"] == "ours") and "n/a" in md  # CSV: empty
     monkeypatch.delitem(sys.modules, "fusion_jax.cost")
     results = fake_results()
     results["backbones"] = {}
-    md, rows = tables.table3(results)
+    md, rows = efficiency.table3(results)
     assert all(r["flops_per_sample"] is None for r in rows if r["source"] == "ours")
     assert "feature dims not recorded" in md
 
