@@ -17,6 +17,15 @@ def _changes(before: dict, after: dict) -> str:
     return "; ".join(f"`{k}` {json.dumps(before.get(k))} → {json.dumps(after.get(k))}" for k in keys) or "none"
 
 
+def _identity(provenance: dict) -> dict:
+    """feature_identity, with synthetic features' token count 0 read as no tokens (False), as the other
+    sources record pooled features: `tokens` 0 → false is no difference."""
+    out = feature_identity(provenance)
+    if out.get("tokens") == 0:
+        out["tokens"] = False
+    return out
+
+
 def _noised_shape(results: dict, backbone: str) -> list:
     """What σ is measured against on a backbone's noised features: each degraded side's dims and whether it
     holds token states (the noise, normalize(v + σz), has about σ·√d of length on d dims)."""
@@ -35,7 +44,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
             or (k in SAVED_LATER and not all(k in c for c in configs))}
     configs = [{k: v for k, v in c.items() if k not in skip} for c in configs]
     shared_backbones = [b for b in results.get("backbones", {}) if b in other.get("backbones", {})]
-    features = [flatten({b: feature_identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
+    features = [flatten({b: _identity(r["backbones"][b]) for b in shared_backbones}) for r in (other, results)]
     mine, theirs = tables.summary_index(results), tables.summary_index(other)
     noise = [{k: (r["config"].get("degradation") or {}).get(k, default) for k, default in
               (("kind", "gaussian"), ("modality", "image"))} for r in (other, results)]

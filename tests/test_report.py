@@ -872,12 +872,16 @@ def test_against_another_sweep(tmp_path):
     other["comparisons"][0]["p_value"] = 0.5  # concat no longer significantly ahead at 1024
     other["config"]["distributed"] = {"num_processes": 4}  # how it ran, not what: left out
     other["backbones"]["aligned"]["model"] = "openai/clip-vit-large-patch14"
+    base["backbones"]["aligned"]["tokens"] = 0  # synthetic's count of token slots: pooled, as `false` is
     base["summary"][1]["accuracy_mean"], other["summary"][1]["accuracy_mean"] = 0.7836, 0.7844  # 78.4 both
     other["summary"].append({**other["summary"][0], "scale": 8192})
     other["failed_groups"] = [{"group": "aligned-cross-s8192", "backbone": "aligned", "error": "NaN"}]
     md = against_markdown(other, base, "b", "a", "cmd")
     assert "Config differences (a → b): `pairs.split_by` \"pair\" → \"image\"." in md
-    assert "Feature differences of the backbones both have (aligned): `aligned.model` " in md
+    assert "Feature differences of the backbones both have (aligned): `aligned.model` " in md and "tokens" not in md
+    other["backbones"]["aligned"]["tokens"] = 4  # four token slots a side: a difference
+    assert "`aligned.tokens` false → 4" in against_markdown(other, base, "b", "a", "cmd")
+    other["backbones"]["aligned"]["tokens"] = False
     assert "Cells only in b: 1." in md and "Failed groups in b: aligned-cross-s8192." in md
     cell = base["summary"][1]
     assert f"| aligned | {cell['method']} | {cell['scale']} | 0 | 78.4 | 78.4 | +0.1 |" in md  # rounded after subtracting
