@@ -128,7 +128,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
     if not settings:
         return None
     cfg = results["config"]
-    comps = tables.comparison_index(results)
+    comps, holm = tables.comparison_index(results), tables.holm_index(results)
     cells = [comps[(b, sc, lv)] for b, sc, levels in settings for lv in levels if (b, sc, lv) in comps]
     one_seed = all(c["n_seeds"] < 2 for c in cells)
     untested = any(tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) for c in cells)
@@ -153,6 +153,9 @@ def noise_advantage(results: dict, path: str) -> str | None:
                                                                         c["n_seeds"])]
             if sig:
                 ax.plot(*zip(*sig), "o", color=color[sc], ls="none")
+            held = [(xi, y) for xi, lv, y in zip(x, levels, mean) if (xi, y) in sig and holm[(b, sc, lv)] < tables.ALPHA]
+            if held:
+                ax.plot(*zip(*held), "o", ms=12, mfc="none", mew=1.5, color=color[sc], ls="none")
         if tables.is_paper_noise(results, b):
             ax.plot([r["sigma"] for r in p_sig], [r["advantage_pp"] for r in p_sig], "k--", marker="s",
                     label=f"paper ({paper.SETTING}), Table 2 (scale not stated)")
@@ -162,7 +165,9 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
     marks = [] if one_seed else [plt.Line2D([], [], marker="o", color="gray", ls="none",
-                                            label="ours, filled: p < 0.05 (paired t-test)")]
+                                            label="ours, filled: p < 0.05 (paired t-test)"),
+                                 plt.Line2D([], [], marker="o", ms=12, mfc="none", mew=1.5, color="gray", ls="none",
+                                            label="ringed: also after Holm's correction (summary.md)")]
     marks.append(plt.Line2D([], [], marker="o", color="gray", mfc="none", ls="none",
                             label="ours, hollow: untested (1 seed)" if one_seed else
                             "ours, hollow: not significant" + (" or untested" if untested else "")))

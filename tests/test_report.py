@@ -530,6 +530,12 @@ def test_figures_say_what_features_they_show_and_keep_series_apart(tmp_path, mon
         xs = np.concatenate([c.lines[0].get_xdata() for c in ax.containers if "scale" in c.get_label()])
         assert len(set(xs)) == 9 and all(abs(x - min((0.0, 0.01, 0.05), key=lambda lv: abs(x - lv))) < 0.005 for x in xs)
     assert "error bars: std of the per-seed paired differences (3 seeds)" in figs["noise"].get_suptitle()
+    holm = tables.holm_index(results)  # ringed: the favoured comparisons that hold after Holm's correction
+    want = sum(bool(tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]))
+               and holm[(c["backbone"], c["scale"], tables.level(c))] < 0.05 for c in results["comparisons"])
+    rings = [line for ax in figs["noise"].axes for line in ax.get_lines() if line.get_markersize() == 12]
+    assert want > 0 and sum(len(line.get_xdata()) for line in rings) == want
+    assert "ringed: also after Holm's correction (summary.md)" in [t.get_text() for t in figs["noise"].legends[0].get_texts()]
     one = fake_results("synthetic", ("aligned",), levels=(0.0, 0.3), seeds=(42,))
     figures.noise_advantage(one, "one seed")
     labels = [t.get_text() for t in figs["one seed"].legends[0].get_texts()]
