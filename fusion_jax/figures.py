@@ -188,10 +188,11 @@ def training_loss(results: dict, path: str) -> str | None:
     names = [b for b in backbones(results) if any(r["backbone"] == b for r in runs)]
     if not names:
         return None
-    as_array = lambda curve: np.asarray([np.nan if x is None else x for x in curve], float)
     epochs = max(len(r["train_loss_by_epoch"]) for r in runs)
-    padded = {id(r): np.pad(as_array(r["train_loss_by_epoch"]), (0, epochs - len(r["train_loss_by_epoch"])),
-                            constant_values=np.nan) for r in runs}
+    cells = {}  # (backbone, method, scale) -> its runs' curves, NaN where not recorded (padded to `epochs`)
+    for r in runs:
+        curve = [np.nan if x is None else x for x in r["train_loss_by_epoch"]]
+        cells.setdefault((r["backbone"], r["method"], r["scale"]), []).append(curve + [np.nan] * (epochs - len(curve)))
     scales = sorted({r["scale"] for r in runs})
     color = {sc: plt.cm.viridis(i / max(1, len(scales) - 1) * 0.85) for i, sc in enumerate(scales)}
     fig, axes = _panels(len(names), sharey=True)
@@ -199,7 +200,7 @@ def training_loss(results: dict, path: str) -> str | None:
     for ax, b in zip(axes, names):
         for m in ("concat", "cross"):
             for sc in scales:
-                cell = [padded[id(r)] for r in runs if (r["backbone"], r["method"], r["scale"]) == (b, m, sc)]
+                cell = cells.get((b, m, sc))
                 if not cell:
                     continue
                 with warnings.catch_warnings():
@@ -213,7 +214,7 @@ def training_loss(results: dict, path: str) -> str | None:
         ax.set_title(panel_title(results, b), fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    if np.nanmax([np.nanmax(c, initial=0.0) for c in padded.values()]) > 4 * np.log(2):
+    if np.nanmax([c for cell in cells.values() for c in cell], initial=0.0) > 4 * np.log(2):
         axes[0].set_yscale("log")  # a diverged run would flatten every other curve on a linear axis
     axes[0].set_ylabel("mean training loss in the epoch\n(cross-entropy, dropout on)")
     _legend_below(fig, axes)
@@ -222,7 +223,7 @@ def training_loss(results: dict, path: str) -> str | None:
     notes = ([f"{missing} run{'s' if missing > 1 else ''} without noise recorded no losses (older code): not drawn"]
              if missing else [])
     notes += (["an epoch a run did not record (a resume of older checkpoints) is left out of its mean"]
-              if any(np.isnan(c).any() for c in padded.values()) else [])
+              if any(None in r["train_loss_by_epoch"] for r in runs) else [])
     fig.suptitle(f"Training loss per epoch, no noise: {tables.data_label(tables.data_of(results))}, "
                  f"{tables.split_text(results, short=True)}\n"
                  f"each method and scale the mean over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} "

@@ -6,7 +6,7 @@ figures (DIR: --workdir, else config.workdir, else results/<config.name>). The s
 resumes: finished groups are kept, an unfinished one continues from its last checkpoint.
 
 Examples:
-  python -m fusion_jax.main --config=configs/synthetic.py:smoke --workdir=/tmp/smoke
+  python -m fusion_jax.main --config=configs/synthetic.py:smoke --workdir=smoke_out
   python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3
   python -m fusion_jax.report --workdir=DIR      (the report again, from DIR/results.json)
 
