@@ -75,3 +75,13 @@ def unconverged(final_train_loss: float | None) -> bool:
     """Whether a run's last-epoch mean training loss (None: not finite) is above UNCONVERGED_LOSS: its
     training diverged."""
     return final_train_loss is None or not final_train_loss <= UNCONVERGED_LOSS
+
+
+def unconverged_runs(final_train_losses: Sequence[float | None]) -> tuple[int, str]:
+    """How many of these last-epoch mean training losses are `unconverged`, and the worst of them in words
+    ('up to 4e+13', 'not finite in 2', or both joined by ', '; '' when none): the sweep's warning and
+    summary.md say both."""
+    bad = [x for x in final_train_losses if unconverged(x)]
+    finite = [x for x in bad if x is not None and math.isfinite(x)]
+    return len(bad), ", ".join(([f"up to {max(finite):.4g}"] if finite else [])
+                               + ([f"not finite in {len(bad) - len(finite)}"] if len(finite) < len(bad) else []))

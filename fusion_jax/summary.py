@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import re
 
 from fusion_jax import metrics as metrics_lib
@@ -110,13 +109,10 @@ def _unconverged_text(runs: list[dict]) -> str:
     """' **In 3 of its 36 runs training diverged** ...' (metrics.unconverged), or '' (records that predate
     `final_train_loss` are not counted)."""
     known = [r for r in runs if "final_train_loss" in r]
-    bad = [r for r in known if metrics_lib.unconverged(r["final_train_loss"])]
-    if not bad:
+    n_bad, worst = metrics_lib.unconverged_runs([r["final_train_loss"] for r in known])
+    if not n_bad:
         return ""
-    finite = [x for r in bad if (x := r["final_train_loss"]) is not None and math.isfinite(x)]
-    worst = ", ".join(([f"up to {max(finite):.4g}"] if finite else [])
-                      + ([f"not finite in {len(bad) - len(finite)}"] if len(finite) < len(bad) else []))
-    return (f" **In {len(bad)} of its {len(known)} runs training diverged**: the last epoch's mean training "
+    return (f" **In {n_bad} of its {len(known)} runs training diverged**: the last epoch's mean training "
             f"loss is above {metrics_lib.UNCONVERGED_LOSS:.2f} (2 ln 2; a 50/50 guess scores ln 2), {worst} "
             "(runs.csv): what their accuracies favour says little (a lower learning rate, or features nearer unit "
             "norm?).")

@@ -12,7 +12,6 @@ import functools
 import glob
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -129,11 +128,11 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
             "train_loss_by_epoch": [float(x) if np.isfinite(x) else None for x in curve],
             "n_train": int(n), "n_val": spec.scale - int(n), "source": code,
         })
-    if diverged := [r for r in records if metrics_lib.unconverged(r["final_train_loss"])]:
+    n_bad, worst = metrics_lib.unconverged_runs([r["final_train_loss"] for r in records])
+    if n_bad:
         log.warning("group %s: %d of its %d runs end with a mean training loss above %.2f (2 ln 2; a 50/50 guess "
-                    "scores ln 2), up to %.4g: their training diverged (a lower learning rate, or features "
-                    "nearer unit norm?)", group.name, len(diverged), len(records), metrics_lib.UNCONVERGED_LOSS,
-                    max(math.inf if r["final_train_loss"] is None else r["final_train_loss"] for r in diverged))
+                    "scores ln 2), %s: their training diverged (a lower learning rate, or features nearer unit "
+                    "norm?)", group.name, n_bad, len(records), metrics_lib.UNCONVERGED_LOSS, worst)
     return records
 
 

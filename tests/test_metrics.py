@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fusion_jax.metrics import UNCONVERGED_LOSS, binary_metrics, holm, mean_std, paired_difference, unconverged
+from fusion_jax.metrics import (UNCONVERGED_LOSS, binary_metrics, holm, mean_std, paired_difference, unconverged,
+                                unconverged_runs)
 
 
 def test_metrics_by_hand():
@@ -65,6 +66,13 @@ def test_unconverged_is_a_final_loss_above_twice_a_guess_or_not_finite():
     assert UNCONVERGED_LOSS == pytest.approx(2 * np.log(2))
     assert not unconverged(0.2) and not unconverged(np.log(2)) and not unconverged(UNCONVERGED_LOSS)
     assert unconverged(1.4) and unconverged(4e13) and unconverged(None) and unconverged(float("nan"))
+
+
+def test_unconverged_runs_counts_them_and_names_the_worst():
+    assert unconverged_runs([0.2, 0.69]) == (0, "") and unconverged_runs([]) == (0, "")
+    assert unconverged_runs([0.2, 1.4, 4e13]) == (2, "up to 4e+13")
+    assert unconverged_runs([None, float("inf"), 0.3]) == (2, "not finite in 2")
+    assert unconverged_runs([3.0, None, 0.1]) == (2, "up to 3, not finite in 1")
 
 
 def test_holm_refuses_what_is_not_a_p_value():
