@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -303,9 +304,32 @@ SMALL = ["--config=configs/synthetic.py:smoke", "--config.backbones=aligned", "-
          "--config.train.epochs=2"]
 
 
+class _Process(subprocess.Popen):
+    """A child whose stdout and stderr go to temporary files, read by out() and err() once it has ended: a
+    pipe nobody reads while the test waits would block a child that writes more than the pipe holds."""
+
+    def __init__(self, argv: list[str], **kw):
+        self._files = [tempfile.TemporaryFile("w+") for _ in range(2)]
+        super().__init__(argv, stdout=self._files[0], stderr=self._files[1], text=True, **kw)
+
+    def _read(self, i: int) -> str:
+        self._files[i].seek(0)
+        return self._files[i].read()
+
+    def out(self) -> str:
+        return self._read(0)
+
+    def err(self) -> str:
+        return self._read(1)
+
+    def __del__(self, *args, **kw):
+        for f in self._files:
+            f.close()
+        super().__del__(*args, **kw)
+
+
 def _main(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fusion_jax.main", *SMALL, *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return _Process([sys.executable, "-m", "fusion_jax.main", *SMALL, *args], cwd=ROOT, **kw)
 
 
 def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config, monkeypatch):
@@ -444,7 +468,7 @@ def test_a_coordinator_address_alone_is_a_config_error(tmp_path):
     env = {k: v for k, v in host_devices(1).items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
     proc = _main([f"--workdir={tmp_path / 'out'}"], env={**env, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
     assert proc.wait(timeout=120) == 2
-    err = proc.stderr.read()
+    err = proc.err()
     last = err.strip().splitlines()[-1]
     assert last.startswith("fusion_jax: error: config.distributed.num_processes: is 0 (from the cluster) and "
                            "jax.distributed cannot start"), err[-2000:]
@@ -759,7 +783,7 @@ def small_sweep_results(tmp_path_factory):
     """The results of the SMALL sweep in one process on one CPU device, uninterrupted."""
     workdir = tmp_path_factory.mktemp("one")
     single = _main([f"--workdir={workdir}"], env=host_devices(1))
-    assert single.wait(timeout=300) == 0, single.stderr.read()[-2000:]
+    assert single.wait(timeout=300) == 0, single.err()[-2000:]
     return json.loads((workdir / "results.json").read_text())
 
 
@@ -770,9 +794,9 @@ def test_two_processes_equal_one(tmp_path, small_sweep_results):
               "--config.distributed.num_processes=2"]
     procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+        assert p.wait(timeout=300) == 0, p.err()[-2000:]
     _assert_same(small_sweep_results, json.loads((tmp_path / "two" / "results.json").read_text()))
-    assert "process 1 of 2" in procs[1].stderr.read()
+    assert "process 1 of 2" in procs[1].err()
 
 
 def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep_results):
@@ -807,7 +831,7 @@ def test_a_two_process_sweep_killed_resumes_in_one_process(tmp_path, small_sweep
         code = restarted.wait(timeout=300)
     finally:
         restarted.kill()
-    log = restarted.stderr.read()
+    log = restarted.err()
     assert code == 0, log[-3000:]
     assert re.search(f"group {second[0].name}: resuming from the checkpoint after epoch [12] of 2", log), log[-3000:]
     assert "corrupt" not in log
@@ -835,15 +859,14 @@ def test_each_process_writes_its_own_groups_checkpoints(tmp_path):
     from fusion_jax.checkpoint import GroupCheckpoints
 
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SAVE_IN_TWO_PROCESSES, str(port), str(i), str(tmp_path)],
-                              cwd=ROOT, env=host_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in (0, 1)]
+    procs = [_Process([sys.executable, "-c", SAVE_IN_TWO_PROCESSES, str(port), str(i), str(tmp_path)],
+                      cwd=ROOT, env=host_devices(1)) for i in (0, 1)]
     try:
         codes = [p.wait(timeout=120) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    assert codes == [0, 0], [p.err()[-2000:] for p in procs]
     abstract = {"state": {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}, "seconds": jax.ShapeDtypeStruct((), np.float32)}
     for me in (0, 1):
         ckpt = GroupCheckpoints(str(tmp_path / f"group{me}"), keep=2)
@@ -872,7 +895,7 @@ def test_a_process_failing_at_start_stops_all_at_once(tmp_path, bad):
     procs = [_main([*common, f"--workdir={blocker / 'sub' if i == bad else tmp_path / 'good'}",
                     f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     codes = [p.wait(timeout=200) for p in procs]
-    errors = [p.stderr.read() for p in procs]
+    errors = [p.err() for p in procs]
     assert codes == [2, 2], errors
     assert time.perf_counter() - t0 < 120
     # The folder came from --workdir, and the error names the flag (the other process's report of it too).
@@ -962,7 +985,7 @@ def test_failed_groups_in_two_processes_end_both_with_status_1(tmp_path):
               "--config.distributed.num_processes=2", "--config.train.learning_rate=1e13"]
     procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     codes = [p.wait(timeout=240) for p in procs]
-    errors = [p.stderr.read() for p in procs]
+    errors = [p.err() for p in procs]
     assert codes == [1, 1], errors
     assert "fusion_jax: failed: group aligned-cross: non-finite training loss" in errors[0]
     assert re.search(r"fusion_jax: failed: 1 of this process's groups failed \(results.json lists them\): "
@@ -989,7 +1012,7 @@ def test_a_process_failing_while_training_is_named_and_the_others_keep_their_gro
     t0 = time.perf_counter()
     procs = [_main([*common, f"--config.distributed.process_id={i}"], env=host_devices(1)) for i in (0, 1)]
     codes = [p.wait(timeout=240) for p in procs]
-    errors = [p.stderr.read() for p in procs]
+    errors = [p.err() for p in procs]
     assert codes == [2, 2] and time.perf_counter() - t0 < 200, errors
     assert "process 1 of 2 failed (ConfigError: config.workdir: cannot write checkpoints" in errors[1]
     assert re.search(r"fusion_jax: error: 1 of 2 processes failed while training, so results.json is not written: "
@@ -1023,9 +1046,9 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path, small_sweep_results
     assert not (workdir / "results.json").exists()
     restarted = _main([f"--workdir={workdir}"], env=host_devices(1))
     assert restarted.wait(timeout=300) == 0
-    log = restarted.stderr.read()
+    log = restarted.err()
     assert "resuming from the checkpoint after epoch" in log and "1 group to train" in log
-    assert restarted.stdout.read().strip().endswith(", fig_accuracy_vs_scale.png, fig_noise.png, fig_training_loss.png, "
+    assert restarted.out().strip().endswith(", fig_accuracy_vs_scale.png, fig_noise.png, fig_training_loss.png, "
                                                     "fig_tsne.png")
     _assert_same(small_sweep_results, json.loads((workdir / "results.json").read_text()))
 
@@ -1055,15 +1078,15 @@ def test_ctrl_c_stops_after_the_epoch_says_how_to_resume_and_keeps_the_checkpoin
     # Python's own SIGINT handler in the child, whatever the test runner inherited (a background job ignores
     # SIGINT); set in the child itself, as a fork-time hook could deadlock a parent that runs JAX's threads.
     argv = ["fusion_jax.main", *SMALL, f"--workdir={workdir}"]
-    victim = subprocess.Popen(
+    victim = _Process(
         [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
          f"sys.argv = {argv!r}; runpy.run_module('fusion_jax.main', run_name='__main__')"],
-        cwd=ROOT, env=without_compilation_cache(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=without_compilation_cache(os.environ))
     first = workdir / "checkpoints" / "aligned-concat"
     _wait_for_a_checkpoint(victim, first)
     victim.send_signal(signal.SIGINT)
     assert victim.wait(timeout=120) == 130
-    err = victim.stderr.read()
+    err = victim.err()
     last = err.strip().splitlines()[-1]
     assert last.startswith("fusion_jax: interrupted.") and "run the same command" in err
     # A synthetic sweep extracts no features: neither message speaks of them.
