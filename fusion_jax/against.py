@@ -81,7 +81,7 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     side = lambda c: ("untested" if tables.untested(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) else
                       tables.favoured(c["concat_minus_cross"], c["p_value"], c["n_seeds"]) or "neither")
     count = lambda cs: " / ".join(str(sum(side(c) == s for c in cs)) for s in sides)
-    lines += ["", "## Who is ahead (p < 0.05), over the comparisons both hold", ""]
+    lines += ["", f"## Who is ahead (p < {tables.ALPHA}), over the comparisons both hold", ""]
     if not both:
         lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
     else:

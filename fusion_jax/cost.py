@@ -25,11 +25,6 @@ from fusion_jax.host import host_device, on_host
 from fusion_jax.train import make_train
 
 
-def _get(config: Any, section: str, name: str) -> Any:
-    """config[section][name] of a ConfigDict or a plain nested dict."""
-    return config[section][name]
-
-
 def counting_platform() -> str:
     """Where `host_flops` compiles: "cpu", or the default device's platform where jax has no CPU backend
     (JAX_PLATFORMS leaves it out; on a GPU the counts then leave out cuBLAS's matmuls)."""
@@ -58,8 +53,8 @@ def forward_flops_per_sample(method: str, d_v: int, d_t: int, config: Any, batch
                              image_tokens: int = 0, text_tokens: int = 0) -> float:
     """FLOPs per sample of the head's eval-mode forward pass, from XLA's cost analysis of a batch: on pooled
     [batch, d] inputs, or on [batch, tokens, d] for a side with tokens (every slot, padding included)."""
-    head = make_head(method, _get(config, "head", "hidden"), _get(config, "head", "mlp_hidden"),
-                     _get(config, "train", "dropout"), _get(config, "head", "num_heads"))
+    head = make_head(method, config["head"]["hidden"], config["head"]["mlp_hidden"], config["train"]["dropout"],
+                     config["head"]["num_heads"])
     image, image_mask = _features(batch, d_v, image_tokens)
     text, text_mask = _features(batch, d_t, text_tokens)
     inputs = (image, text, image_mask, text_mask)

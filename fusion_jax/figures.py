@@ -165,7 +165,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("concat − cross accuracy (percentage points)\n> 0: concat better, < 0: cross better")
     marks = [] if one_seed else [plt.Line2D([], [], marker="o", color="gray", ls="none",
-                                            label="ours, filled: p < 0.05 (paired t-test)"),
+                                            label=f"ours, filled: p < {tables.ALPHA} (paired t-test)"),
                                  plt.Line2D([], [], marker="o", ms=12, mfc="none", mew=1.5, color="gray", ls="none",
                                             label="ringed: also after Holm's correction (summary.md)")]
     marks.append(plt.Line2D([], [], marker="o", color="gray", mfc="none", ls="none",

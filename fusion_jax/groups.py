@@ -240,12 +240,12 @@ class Lanes:
             return self.join(list(pool.map(run, self.split((state, runs)))))
 
 
-def shares(tree, n: int) -> list:
+def shares(tree: Any, n: int) -> list:
     """tree's leaves [slots, ...] cut into n equal contiguous shares: n trees of [slots / n, ...]."""
     return [jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:])[i], tree) for i in range(n)]
 
 
-def joined(parts: list):
+def joined(parts: list) -> Any:
     """The inverse of `shares`: n trees of [slots / n, ...] -> one of [slots, ...]."""
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 

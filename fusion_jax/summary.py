@@ -43,7 +43,7 @@ def answer(results: dict) -> list[str]:
         mine = [c for c in results["comparisons"] if c["backbone"] == b]
         clean = sorted((c for c in mine if tables.level(c) == 0), key=lambda c: c["scale"])
         noisy = [c for c in mine if tables.level(c) > 0]
-        a = (results.get("backbones") or {}).get(b, {}).get("alignment", {})
+        a = tables.alignment((results.get("backbones") or {}).get(b, {}))
         aligned = (f"zero-shot recall@1 {100 * a['recall@1']:.1f}%"
                    + (" of the token states' means" if b in tables.token_backbones(results) else "") + ", "
                    f"chance {tables.one_decimal(100 * a['chance@1'])}%"
@@ -218,7 +218,7 @@ def summary_markdown(results: dict) -> str:
         lines += ["", "## Feature alignment (zero-shot image → text retrieval by cosine)", "",
                   "| backbone | recall@1 | recall@5 | chance@1 | chance@5 | images |", "|---|---:|---:|---:|---:|---:|"]
         for name, prov in results["backbones"].items():
-            a = prov.get("alignment", {})
+            a = tables.alignment(prov)
             if a.get("defined"):
                 lines.append(f"| {name} | {100 * a['recall@1']:.1f} | {100 * a['recall@5']:.1f} | "
                              f"{100 * a['chance@1']:.2f} | {100 * a['chance@5']:.2f} | {a['n_images']} |")

@@ -273,16 +273,22 @@ def token_backbones(results: dict) -> list[str]:
     return [b for b, prov in (results.get("backbones") or {}).items() if prov.get("tokens")]
 
 
+def alignment(provenance: dict) -> dict:
+    """A backbone's measured alignment (data.sources: recall@k, chance@k, defined or a reason), or {} where it
+    was not measured (records of early code hold a synthetic backbone's dial there: a number, not a measure)."""
+    a = provenance.get("alignment", {})
+    return a if isinstance(a, dict) else {}
+
+
 def _alignment_lines(results: dict) -> list[str]:
     rows = []
     for name, prov in (results.get("backbones") or {}).items():
-        a = prov.get("alignment", {})
+        a = alignment(prov)
         dims = f"{prov.get('dim_image', '?')} / {prov.get('dim_text', '?')}"
-        if isinstance(a, dict) and a.get("defined"):
+        if a.get("defined"):
             rows.append([name, dims, pct(a["recall@1"]), one_decimal(100 * a["chance@1"])])
         else:
-            reason = a.get("reason", "not measured") if isinstance(a, dict) else f"dial {a}"
-            rows.append([name, dims, "–", reason])
+            rows.append([name, dims, "–", a.get("reason", "not measured")])
     if not rows:
         return []
     return ["", "Feature alignment of our backbones (zero-shot image → caption retrieval by cosine):", "",
@@ -341,7 +347,7 @@ def table1(results: dict) -> tuple[str, list[dict]]:
                      "split 80/20 at random, its training and head" + "".join(f"; here {d}" for d in
                                                                             training_differences(results))
                      + "), so these are not placed beside them.")
-                  + " Percent, mean ± std over 3 seeds.", "",
+                  + f" Percent, mean ± std over {len(paper.PROTOCOL['seeds'])} seeds.", "",
                   *markdown_table(["source", "scale", "method", "accuracy", "majority", "F1", "precision", "recall",
                                    "seeds"], [[PAPER_REFERENCE, r["scale"], r["method"], *_paper1_cells(r)]
                                               for r in rest], "lrlrrrrrr")]
@@ -398,7 +404,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
                  else "the paper does not state the scale of this study." if setting else
                  "not comparable with ours: not its setting (pooled features of the hub's CLIP ViT-B/32, pairs "
                  "split 80/20 at random, its training and head, Gaussian noise on the image features).")
-              + " Percent, mean ± std over 3 seeds; advantage as printed in the paper"
+              + f" Percent, mean ± std over {len(paper.PROTOCOL['seeds'])} seeds; advantage as printed in the paper"
               + _paper_advantage_note() + ".", "",
               *markdown_table(["source", "σ", "concat accuracy", "cross accuracy", "advantage"],
                               [[PAPER_REFERENCE, f"{r['sigma']:g}", f"{r['concat_mean']:.1f} ± {r['concat_std']:.1f}",
@@ -408,7 +414,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
     csv_rows += [{"block": block, "source": "paper", "data": "Flickr8k", "backbone": "CLIP ViT-B/32", "scale": None,
                   "sigma": r["sigma"], "concat_mean_pct": r["concat_mean"], "concat_std_pct": r["concat_std"],
                   "cross_mean_pct": r["cross_mean"], "cross_std_pct": r["cross_std"], "majority_baseline_pct": None,
-                  "advantage_pts": r["advantage_pp"], "advantage_std_pts": None, "p_value": None, "n_seeds": 3,
+                  "advantage_pts": r["advantage_pp"], "advantage_std_pts": None, "p_value": None, "n_seeds": len(paper.PROTOCOL["seeds"]),
                   "verdict": r["advantage"]} for r in paper.table2()]
     return "\n".join(lines) + "\n", csv_rows
 

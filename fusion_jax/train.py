@@ -21,7 +21,7 @@ their parameters and moments in the cache, and the smaller scales' chunks stop e
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.extend.core as jax_core
@@ -76,8 +76,8 @@ def cosine_lr(peak: float, step: jax.Array, total: jax.Array) -> jax.Array:
     return peak * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total)))
 
 
-def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: jax.Array,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, unread=None):
+def adamw(params: Any, grads: Any, opt: dict, lr: jax.Array, weight_decay: float, active: jax.Array,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, unread: Any = None) -> tuple[Any, dict]:
     """One AdamW step, as optax.adamw and torch.optim.AdamW take it: (params, opt).
 
     With `active` False the step leaves params and moments exactly as they are (decays of 1, a
@@ -101,7 +101,7 @@ def adamw(params, grads, opt: dict, lr: jax.Array, weight_decay: float, active: 
     return params, {"count": count, "mu": mu, "nu": nu}
 
 
-def unread_leaves(f: Callable, params, *args):
+def unread_leaves(f: Callable, params: Any, *args: Any) -> Any:
     """A tree of bools like params: True where f(params, *args) does not read the leaf at all (in its
     traced program), as `cross`'s query and key projections on pooled features (fusion.Attention).
 
@@ -119,7 +119,7 @@ def unread_leaves(f: Callable, params, *args):
                                         [v not in live for v in closed.jaxpr.invars[:n]])
 
 
-def adamw_init(params) -> dict:
+def adamw_init(params: Any) -> dict:
     """AdamW's state: step count and zero first and second moments."""
     zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
     return {"count": jnp.zeros((), jnp.int32), "mu": zeros(), "nu": zeros()}

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 
 @contextlib.contextmanager
-def cache_events():
+def cache_events() -> Iterator[dict[str, int]]:
     """JAX's persistent compilation cache while the block runs, counted with jax.monitoring: {hits,
     misses}, filled when the block ends; a miss is a compilation that looked in the cache in vain."""
     counts, lock = {"requests": 0, "hits": 0}, threading.Lock()
@@ -36,7 +37,7 @@ def cache_events():
 
 
 @contextlib.contextmanager
-def persistent_cache(folder: str | None):
+def persistent_cache(folder: str | None) -> Iterator[None]:
     """JAX's persistent compilation cache at `folder` for every program compiled in the block, however
     short its compilation; None: no persistent cache in the block, whatever the process's setting
     (so a benchmark without one always compiles). The process's setting is back afterwards."""

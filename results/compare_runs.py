@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import sys
 
 import numpy as np
@@ -35,7 +36,8 @@ def compare(path_a: str, path_b: str) -> list[str]:
         same[k[0], ra["metrics"] == rb["metrics"] and ra["final_train_loss"] == rb["final_train_loss"]] += 1
         metrics[k[0]] += ra["metrics"] != rb["metrics"]
         if ra["final_train_loss"] != rb["final_train_loss"]:
-            loss[k[0]].append(abs(ra["final_train_loss"] - rb["final_train_loss"]))
+            la, lb = ra["final_train_loss"], rb["final_train_loss"]  # None: not finite
+            loss[k[0]].append(math.inf if la is None or lb is None else abs(la - lb))
         shift[k[0], k[1], "level 0" if k[4] == 0 else "levels > 0"].append(
             100 * (rb["metrics"]["accuracy"] - ra["metrics"]["accuracy"]))
     lines = [f"{b}: {n} runs {'the same bits' if kept else 'changed'}" for (b, kept), n in sorted(same.items())]
@@ -52,8 +54,12 @@ def losses(path: str) -> list[str]:
     for r in json.load(open(path))["runs"]:
         if r["degradation"]["level"] == 0 and r.get("train_loss_by_epoch"):
             cells[r["backbone"], r["method"], r["scale"]].append(r["train_loss_by_epoch"])
-    return [f"{b} {m} {sc}: epoch 1 {np.mean([c[0] for c in cs]):.3f}, epoch {len(cs[0])} "
-            f"{np.mean([c[-1] for c in cs]):.3f} ({len(cs)} seeds)" for (b, m, sc), cs in sorted(cells.items())]
+    def mean(values: list) -> str:  # over the seeds that recorded the epoch (None: missing or not finite)
+        known = [v for v in values if v is not None]
+        return f"{np.mean(known):.3f}" + (f" ({len(values) - len(known)} without)" if len(known) < len(values) else "")
+
+    return [f"{b} {m} {sc}: epoch 1 {mean([c[0] for c in cs])}, epoch {len(cs[0])} "
+            f"{mean([c[-1] for c in cs])} ({len(cs)} seeds)" for (b, m, sc), cs in sorted(cells.items())]
 
 
 def norms(config_path: str) -> list[str]:

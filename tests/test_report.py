@@ -191,6 +191,14 @@ def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
     assert tables.TOKEN_ALIGNMENT in summary_markdown(results) and tables.TOKEN_ALIGNMENT in tables.table1(results)[0]
 
 
+def test_a_bare_alignment_dial_of_early_records_is_not_a_measure():
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    results["backbones"]["aligned"]["alignment"] = 0.5  # as synthetic provenance held it before its measure
+    assert "alignment not measured" in answer(results)[0]
+    assert "| aligned | – | – | – | – | not measured |" in summary_markdown(results)
+    assert "| aligned | 512 / 512 | – | not measured |" in tables.table1(results)[0]
+
+
 def test_against_compares_noisy_cells_only_under_the_same_noise():
     from fusion_jax.against import against_markdown
 

@@ -47,8 +47,8 @@ def generate(backbone: str, n_images: int, captions_per_image: int, latent_dim: 
              caption_noise: float, view_noise: float, seed: int, tokens: int = 0) -> FeatureSet:
     """FeatureSet of `n_images` images with `captions_per_image` captions each, d_v = d_t = `dim`.
 
-    Images and captions (the latents) depend on `seed` alone, so backbones of one seed describe
-    the same data; the maps and view noise also depend on the alignment.
+    Images and captions (the latents), the maps and the view noise depend on `seed` alone, so backbones of one
+    seed describe the same data with the same image features; the alignment sets the text map w_t alone.
     """
     alignment = alignment_of(backbone)
     rng = np.random.default_rng(seed)

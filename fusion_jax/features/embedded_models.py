@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.files import locked
 from fusion_jax.host import on_host
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger("fusion_jax")
 VERSION = "v1"
@@ -62,7 +65,7 @@ def _cached(directory: str, build: Callable[[str], None], what: str) -> str:
     return directory
 
 
-def build_tokenizer(captions: list[str], directory: str, max_length: int = 32):
+def build_tokenizer(captions: list[str], directory: str, max_length: int = 32) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the captions' vocabulary, saved so that AutoTokenizer loads it.
 
     <eos> takes the largest id, so that pooling at argmax(input_ids) and at eos_token_id agree.
@@ -84,8 +87,8 @@ def build_tokenizer(captions: list[str], directory: str, max_length: int = 32):
     return fast
 
 
-def fit(loss_fn: Callable, params, data, steps: int, learning_rate: float, seed: int, desc: str,
-        state=None) -> tuple:
+def fit(loss_fn: Callable, params: Any, data: Any, steps: int, learning_rate: float, seed: int, desc: str,
+        state: Any = None) -> tuple[Any, Any, np.ndarray]:
     """AdamW with warmup + cosine over `steps`; loss_fn(params, state, data, key) -> (loss, state).
 
     One jitted call per step: XLA:CPU runs convolutions inside a `lax.scan` body far slower (we
