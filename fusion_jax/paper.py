@@ -99,6 +99,15 @@ def table3() -> list[dict]:
     return [dict(zip(TABLE3_COLUMNS, row)) for row in TABLE3_ROWS]
 
 
+def decision_rules() -> str:
+    """Table 4 in words, per feature quality: 'pre-aligned (CLIP, BLIP): concat at any data size; weakly
+    aligned: concat at <= 4K pairs, cross at >= 8K pairs; ...'."""
+    rules: dict[str, list[str]] = {}
+    for quality, size, method in TABLE4_ROWS:
+        rules.setdefault(quality, []).append(f"{method} at {'any data size' if size == 'any' else size + ' pairs'}")
+    return "; ".join(f"{quality}: {', '.join(r)}" for quality, r in rules.items())
+
+
 def advantage_points(text: str) -> float:
     """The paper's advantage words as concat-minus-cross points: "concat +1.3" -> 1.3, "tied" -> 0."""
     m = re.fullmatch(r"(concat|cross) \+([0-9.]+)", text.strip())

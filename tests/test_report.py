@@ -298,6 +298,12 @@ def test_the_summary_answers_concat_or_cross_per_backbone():
     assert "**untested (see each scale)**" in answer(results)[0]
     summary = summary_markdown(results)
     assert summary.index("## Concat or cross?") < summary.index("## Every cell")
+    # The paper's Table 4 beside the answers, every rule of it, in its words.
+    rules = next(line for line in summary.splitlines() if line.startswith("The paper's decision rules (its Table 4"))
+    assert summary.index(rules) < summary.index("## Every cell")
+    for quality, size, method in paper.TABLE4_ROWS:
+        assert quality in rules and f"{method} at {'any data size' if size == 'any' else size + ' pairs'}" in rules
+    assert "weakly aligned: concat at <= 4K pairs, cross at >= 8K pairs;" in rules
 
 
 def test_the_answer_says_which_verdicts_hold_after_holms_correction():
