@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fusion_jax import metrics as metrics_lib  # noqa: E402
 from fusion_jax import paper, tables  # noqa: E402
 from fusion_jax.files import atomic_write, safe_name  # noqa: E402
 
@@ -143,8 +144,8 @@ def noise_advantage(results: dict, path: str) -> str | None:
         mine = sorted(s for s in settings if s[0] == b)
         for i, (_, sc, levels) in enumerate(mine):
             diffs = [tables.paired_differences(results, b, sc, lv) for lv in levels]
-            mean = [100 * np.mean(d) for d in diffs]
-            err = [100 * np.std(d, ddof=1) if len(d) > 1 else 0.0 for d in diffs]
+            mean = [100 * metrics_lib.mean_std(d)[0] for d in diffs]
+            err = [100 * (metrics_lib.mean_std(d)[1] or 0.0) for d in diffs]
             x = [lv + _apart(len(mine), step)[i] for lv in levels]
             ax.errorbar(x, mean, yerr=err if any(len(d) > 1 for d in diffs) else None, color=color[sc],
                         marker="o", mfc="none", capsize=4, label=f"ours, scale {sc}")

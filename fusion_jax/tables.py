@@ -374,7 +374,7 @@ def table2(results: dict) -> tuple[str, list[dict]]:
             if cc is None or cr is None or c is None:
                 continue
             d = paired_differences(results, b, sc, lv)
-            d_std = float(np.std(d, ddof=1)) if len(d) > 1 else None
+            d_std = metrics_lib.mean_std(d)[1]
             words = verdict(c["concat_minus_cross"], c["p_value"], c["n_seeds"])
             md_rows.append(["ours", data, b, sc, f"{lv:g}", pct(cc["accuracy_mean"], cc["accuracy_std"]),
                             pct(cr["accuracy_mean"], cr["accuracy_std"]), pct(cc["majority_baseline_mean"]),
