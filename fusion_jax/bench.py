@@ -59,7 +59,7 @@ from fusion_jax.bench_torch import accuracy, flops_key, load_reference, time_tor
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
-from fusion_jax.files import atomic_write_json, atomic_write_text, unwritable_folder
+from fusion_jax.files import atomic_write_json, atomic_write_text, made_folder, unwritable_folder
 from fusion_jax.report import device, source, versions
 from fusion_jax.groups import CompiledAhead, Group, compile_workers, plan, usable_cores
 from fusion_jax.train import steps_per_epoch
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
         problem = folder is not None and unwritable_folder(folder)
         if problem:  # now, not after the run
+            parser.error(f"{flag}: {folder!r} {problem}")
+    for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
+        if folder is not None and (problem := made_folder(folder)):
             parser.error(f"{flag}: {folder!r} {problem}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])

@@ -57,6 +57,17 @@ def unwritable_folder(path: str) -> str | None:
     return f"cannot be made: {found!r} is " + ("not writable" if os.path.isdir(found) else "a file")
 
 
+def made_folder(path: str) -> str | None:
+    """Make `path` (a command line's output folder, passed by `unwritable_folder`) now, before any work: None
+    once it exists, else why not in the same words (a read-only or special file system that permissions do
+    not show, as /proc to root)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made: {e.strerror or e}"
+    return None
+
+
 def sha256(path: str) -> str:
     """The SHA-256 of a file's bytes, as 64 hex digits."""
     with open(path, "rb") as f:

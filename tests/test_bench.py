@@ -140,6 +140,23 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(fl
     assert f"{flag}: '' is empty (an unset variable?): give a folder" in capsys.readouterr().err
 
 
+def test_an_output_folder_the_file_system_refuses_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """A folder that permissions call writable and the file system refuses (/proc to root, a read-only mount)."""
+    import errno
+
+    from fusion_jax import bench, files
+
+    def refuse(path, exist_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(files.os, "makedirs", refuse)
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", f"--out={tmp_path / 'out'}"])
+    assert e.value.code == 2
+    assert f"--out: '{tmp_path / 'out'}' cannot be made: Read-only file system" in capsys.readouterr().err
+
+
 def test_reference_time_is_estimated_only_when_runs_were_left_out():
     """--torch-runs N trains N runs per (group, scale): with every run trained the time is measured,
     not marked estimated; with fewer it is estimated, overhead included; 0 is refused."""

@@ -27,7 +27,7 @@ from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
 from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
                                                   pretrained_minilm)
-from fusion_jax.files import atomic_write_json, unwritable_folder
+from fusion_jax.files import atomic_write_json, made_folder, unwritable_folder
 from fusion_jax.host import on_host
 
 CAPTIONS_PER_IMAGE = 5  # as Flickr8k
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_images < MIN_IMAGES:
         parser.error(f"--images must be at least {MIN_IMAGES} (the smallest sweep, scale 64, needs 64 pairs), "
                      f"got {n_images}")
-    if problem := unwritable_folder(args.out):
+    if problem := unwritable_folder(args.out) or made_folder(args.out):
         parser.error(f"--out: {args.out!r} {problem}")
     out = os.path.abspath(args.out)
     try:
