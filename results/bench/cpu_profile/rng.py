@@ -12,6 +12,9 @@ time, under one VARIANT per process:
 
     for r in 1 2 3; do for v in base unrolled nonoise norng; do VARIANT=$v python results/bench/cpu_profile/rng.py; done; done
 
+JAX_DEFAULT_PRNG_IMPL=rbg (or unsafe_rbg) times jax's other key kinds, drawn by XLA's RngBitGenerator, in
+place of threefry: other random bits, so a probe only (rng.log's section "jax's other key kinds").
+
 With `sweep DIR` it runs `python -m fusion_jax.main --config=configs/synthetic.py --workdir=DIR` instead,
 under the VARIANT's lowering (base or unrolled), to compare the runs' bits (results/compare_runs.py):
 
