@@ -192,7 +192,7 @@ def validate_scales(config: ml_collections.ConfigDict, sets: dict[str, FeatureSe
         limit = max_pairs(fs.caption_image, fs.n_images, **config.pairs)
         by_image = " with pairs.split_by='image'" if config.pairs.split_by == "image" else ""
         captioned = len(captioned_images(fs.caption_image))
-        to_train = int(round(config.pairs.train_fraction * captioned))  # as the image split rounds (data/pairs.py)
+        to_train = split_sizes(captioned, config.pairs.train_fraction)[0]  # the image split's (data/pairs.py)
         _require(limit or not by_image or captioned < 2, "pairs.split_by",
                  f"'image' splits the {captioned} images of {label} that have a caption ({fs.n_images} images in "
                  f"all) into {to_train} for training and {captioned - to_train} for validation (train_fraction "

@@ -122,7 +122,7 @@ def _image_pools(caption_image: np.ndarray, n_images: int, captioned: np.ndarray
     this.)"""
     rng = np.random.default_rng([split_seed, 0, 1])
     images = captioned[rng.permutation(len(captioned))]
-    n_train = int(round(train_fraction * len(captioned)))
+    n_train = split_sizes(len(captioned), train_fraction)[0]  # images, rounded as a scale's pairs are
     return (_pool(caption_image, n_images, np.sort(images[:n_train]), rng),
             _pool(caption_image, n_images, np.sort(images[n_train:]), rng))
 
