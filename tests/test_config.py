@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -183,12 +182,13 @@ def test_command_line_error_is_one_line(tmp_path):
     (["--workdir="], "--workdir is empty (an unset variable?): give a folder, or leave the flag out"),
     (["train.epochs=2"], "unexpected arguments: train.epochs=2 (it takes flags only: --config=FILE, "),
 ])
-def test_an_empty_workdir_or_a_stray_argument_is_one_line(args, error):
+def test_an_empty_workdir_or_a_stray_argument_is_one_line(args, error, tmp_path):
     """`--workdir=$OUT` with OUT unset wrote into results/<name> of the current folder (the committed demo's, say)."""
-    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    config = os.path.join(ROOT, "configs", "synthetic.py")
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", f"--config={config}:smoke", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(f"fusion_jax: error: {error}"), proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (pathlib.Path(ROOT) / "results" / "synthetic_smoke").exists()
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)  # no results/synthetic_smoke
 
 
 @pytest.mark.parametrize("module, flag, usage", [("fusion_jax.main", "-h", "Run a sweep: python -m fusion_jax.main "),

@@ -290,7 +290,10 @@ def _main(args, env_extra, cwd=ROOT, timeout=120):
 @pytest.mark.parametrize("name", ["clip_sweep", "resnet_sweep", "noise_sweep"])
 def test_real_configs_fail_fast_without_data(name, tmp_path):
     workdir = tmp_path / "out"
-    proc = _main([f"--config=configs/{name}.py", f"--workdir={workdir}"], {"FUSION_JAX_CACHE": str(tmp_path)})
+    # An empty HF_HOME: a hub cache that holds the dataset and models (any user of the paper's sweeps) would
+    # otherwise serve them offline, and the sweep would start.
+    proc = _main([f"--config=configs/{name}.py", f"--workdir={workdir}"],
+                 {"FUSION_JAX_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fusion_jax: error:") and "flickr8k_dir" in last and "hub_id" in last

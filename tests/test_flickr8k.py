@@ -259,3 +259,45 @@ def test_write_folder_marks_a_standin_and_never_overwrites_real_data(tmp_path):
         flickr8k.write_flickr8k_folder(generate_embedded(n_images=2, image_size=16), real)
     assert (tmp_path / "real" / "Flickr8k.token.txt").read_bytes() == before
     assert flickr8k.load_flickr8k_folder_with_stats(real)[0].name == "flickr8k"
+
+
+def test_the_revisions_a_config_pins_reach_the_hub(monkeypatch, tmp_path):
+    """data.hub_revision reaches datasets.load_dataset, backbone.<name>.revision the model's first hub call
+    (its config): a pinned sweep reads what it pinned, not the hub's newest."""
+    import datasets
+    import transformers
+
+    from conftest import load_config
+    from fusion_jax.data import sources
+
+    asked = []
+
+    def record(name, *args, revision=None, **kwargs):
+        asked.append((name, revision))
+        raise OSError("not fetched in tests")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe before the (recorded) hub calls
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, revision=None, **kw: record(hub_id, revision=revision))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record)
+    config = load_config("noise_sweep")
+    config.data.hub_revision, config.backbone.clip.revision = "0123abc", "4567def"
+    with pytest.raises(DataUnavailableError, match=r"\(revision 0123abc\)"):
+        sources.load_dataset(config)
+    ds = flickr8k.load_flickr8k(write_fixture(tmp_path), "")
+    with pytest.raises(DataUnavailableError, match="cannot load the CLIP model"):
+        sources.extract_features(config, ds, "clip")
+    assert asked == [("jxie/flickr8k", "0123abc"), ("openai/clip-vit-base-patch32", "4567def")]
+
+
+def test_an_unreachable_hub_is_named_before_any_hub_client_retries(monkeypatch):
+    """Without the offline variables, a hub that does not answer (HF_ENDPOINT at a closed local port here) is
+    said at once, in one error, before datasets' own retries."""
+    import datasets
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets was asked"))
+    with pytest.raises(DataUnavailableError, match="the Hugging Face hub cannot be reached") as error:
+        flickr8k.load_flickr8k("", "someone/flickr8k")
+    assert_both_ways(error)

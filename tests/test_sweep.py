@@ -296,7 +296,9 @@ def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeyp
 
     first = threading.Thread(target=build, args=("first",), name="first")
     first.start()
+    deadline = time.time() + 120
     while not calls:
+        assert time.time() < deadline, "the first compilation never started"
         time.sleep(0.01)
     second = threading.Thread(target=build, args=("second",), name="second")
     second.start()

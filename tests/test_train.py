@@ -198,6 +198,46 @@ def test_dropout_is_drawn_in_training(smoke_config):
     assert losses[0.0] != pytest.approx(losses[0.5], rel=1e-4)
 
 
+def test_validation_in_chunks_counts_what_one_chunk_does(smoke_config):
+    """train.eval_batch_size changes no count: 51 validation pairs in chunks of 7 (the last one padded) give
+    the counts of one chunk of them all (the paper's scales from 8192 have more than the default 1024)."""
+    spec = (RunSpec("aligned", "cross", 256, 0, "gaussian", 0.0),)
+    trainer, runs, data = _group(smoke_config, "cross", spec)
+    state = jax.jit(trainer.train_epoch)(jax.vmap(trainer.init, in_axes=(0, None))(runs, data), runs, data)[0]
+    counts = {}
+    for size in (7, 1024):
+        smoke_config.train.eval_batch_size = size
+        trainer = make_train(smoke_config, "cross", int(runs["n_train"].max()), int(runs["n_val"].max()), noisy=False)
+        counts[size] = np.asarray(jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(state, runs, data))
+    assert int(runs["n_val"][0]) == 51 and counts[7][0, :4].sum() == 51 and counts[7][0, 4] == 0
+    assert 0 < counts[7][0, 0] + counts[7][0, 1] < 51  # the head predicts both classes: the counts can move
+    if ON_GPU:  # other batch shapes, other matmul kernels: a logit near the tie may round the other way
+        assert np.abs(counts[7] - counts[1024]).max() <= 2
+    else:
+        np.testing.assert_array_equal(counts[7], counts[1024])
+
+
+@pytest.mark.parametrize("modality, noised", [("image", {16}), ("text", {24}), ("both", {16, 24})])
+def test_noise_reaches_the_modality_the_config_names(smoke_config, monkeypatch, modality, noised):
+    """degradation.modality picks the features the noise is drawn for, in training and in evaluation (image
+    features 16-d, text 24-d here: the degraded batches' widths name them)."""
+    from fusion_jax import train as train_module
+
+    spec = (RunSpec("aligned", "concat", 128, 0, "gaussian", 0.3),)
+    _, runs, data = _group(smoke_config, "concat", spec)
+    data = {**data, "image": jnp.zeros((data["image"].shape[0], 16)), "text": jnp.zeros((data["text"].shape[0], 24))}
+    smoke_config.degradation.modality = modality
+    trainer = make_train(smoke_config, "concat", int(runs["n_train"].max()), int(runs["n_val"].max()), noisy=True)
+    widths = []
+    monkeypatch.setattr(train_module.degrade_lib, "degrade", lambda x, *args: widths.append(x.shape[-1]) or x)
+    state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), runs, data)
+    jax.eval_shape(trainer.train_epoch, state, runs, data)
+    assert set(widths) == noised
+    widths.clear()
+    jax.eval_shape(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)), state, runs, data)
+    assert set(widths) == noised
+
+
 def _head_loss(method):
     head = make_head(method)
     return head, lambda params, image, text: head.apply({"params": params}, image, text).sum()
