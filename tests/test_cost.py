@@ -11,7 +11,9 @@ def test_concat_forward_flops_match_analytic(smoke_config):
     xla = cost.forward_flops_per_sample("concat", 512, 512, smoke_config)
     analytic = cost.analytic_concat_flops(512, 512, hc.hidden, hc.mlp_hidden)
     assert analytic == 2 * (1024 * 256 + 256 * 128 + 128 * 2)
-    assert xla == pytest.approx(analytic, rel=0.10)
+    assert xla == pytest.approx(analytic, rel=0.10)  # the bound
+    # XLA adds the biases' and ReLUs' few FLOPs (0.1% here): a layer of another width would be far out of this.
+    assert xla == pytest.approx(analytic, rel=0.01)
 
 
 def test_cross_forward_flops_positive_and_plain_dict_config(smoke_config):
@@ -23,7 +25,7 @@ def test_cross_forward_flops_positive_and_plain_dict_config(smoke_config):
     concat = cost.forward_flops_per_sample("concat", 512, 512, config, batch=64)
     assert cross > concat > 0
     dense = 2 * (2 * 512 * 256 + 2 * 256 * 256 + 256 * 128 + 128 * 2)  # in-projections, value, out, classifier
-    assert cross == pytest.approx(dense, rel=0.05)
+    assert cross == pytest.approx(dense, rel=0.01)  # 0.4% over: biases, ReLU, the softmax of one key
 
 
 def test_train_step_flops_scale_with_runs(smoke_config):
