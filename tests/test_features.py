@@ -629,20 +629,32 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
     assert (fs.n_images, fs.n_captions) == (8, 16) and fs.image[:, 0].tolist() == [0, 1, 3, 4, 6, 7, 8, 9]
 
 
-def test_an_embedded_model_is_built_once_by_processes_sharing_the_cache(tmp_path):
+def test_an_embedded_model_is_built_once_by_processes_sharing_the_cache(tmp_path, monkeypatch):
     """Two builders at once (the processes of a multi-process sweep, here threads with their own locks):
     one builds, the other waits and reuses; neither sees the other's half-built folder."""
+    import contextlib
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
+    from fusion_jax.features import embedded_models
     from fusion_jax.features.embedded_models import _cached
 
-    builds, started = [], threading.Event()
+    builds, started, second_at_lock, real_lock = [], threading.Event(), threading.Event(), embedded_models.locked
+    callers = []
+
+    @contextlib.contextmanager
+    def lock(path):
+        callers.append(path)
+        if len(callers) == 2:  # the second caller found no finished model and now waits for the builder
+            second_at_lock.set()
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(embedded_models, "locked", lock)
 
     def build(folder):
         started.set()
-        time.sleep(0.3)  # long enough for the other to arrive meanwhile
+        assert second_at_lock.wait(60), "the second caller never came to the lock"
         with open(os.path.join(folder, "weights"), "w") as f:
             f.write(str(len(builds)))
         builds.append(folder)
