@@ -26,7 +26,7 @@ from fusion_jax.files import atomic_write, safe_name, sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
-HUGE = 1e15  # larger features overflow float32 once squared and summed over their dims (3.4e38)
+HUGE = 1e15  # a margin below where squares summed over the dims overflow float32 (about 1.8e19 / sqrt(d))
 
 
 def feature_file(directory: str, backbone: str) -> str:
@@ -162,8 +162,8 @@ def load(path: str) -> FeatureSet:
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
         if (peak := max(float(x.max()), -float(x.min()))) > HUGE:
-            raise bad(f"{n} reaches |x| = {peak:.3g}: the heads square features (LayerNorm, products), beyond "
-                      f"float32's 3.4e38 above about {HUGE:g}; rescale them (to unit norm, as CLIP's are)")
+            raise bad(f"{n} reaches |x| = {peak:.3g}, above {HUGE:g}: the heads square features (LayerNorm, "
+                      "products), which near 1e19 passes float32's 3.4e38; rescale them (to unit norm, as CLIP's are)")
     return dataclasses.replace(fs, caption_image=fs.caption_image.astype(np.int32), provenance={
         "dataset": "npz", "file": os.path.basename(path), "sha256": sha256(path),
         "tokens": fs.image.ndim == 3 or fs.text.ndim == 3, "n_images": fs.n_images, "n_captions": fs.n_captions})

@@ -1,10 +1,10 @@
 """Frozen backbones from Hugging Face Flax models, loaded with `from_pretrained` from a hub id or a folder.
 
-`clip`: FlaxCLIPModel, projected image and text embeddings (512-d for ViT-B/32), optionally the
-vision patch tokens and text token states. `resnet`: FlaxResNetModel pooled features (512-d for
-ResNet-18), optionally its final grid as tokens, with a separate text encoder (a FlaxBertModel-family
-model, mean pooled over the attention mask). Batches are padded to a fixed size so that each
-encoder compiles once.
+`clip`: FlaxCLIPModel, projected image and text embeddings (512-d for ViT-B/32), optionally the two
+towers' last hidden states as tokens (unprojected: the class token and the patches, the text's tokens).
+`resnet`: FlaxResNetModel pooled features (512-d for ResNet-18), optionally its final grid as tokens,
+with a separate text encoder (a FlaxBertModel-family model, mean pooled over the attention mask).
+Batches are padded to a fixed size so that each encoder compiles once.
 """
 
 from __future__ import annotations

