@@ -57,7 +57,8 @@ from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
 from fusion_jax.validate import ConfigError  # noqa: E402
 from fusion_jax.workdir import finished_group_names  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Required: the sweep's config file (configs/*.py[:variant]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Required: the sweep's config file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.workdir, else results/<config.name>.")
 flags.mark_flags_as_required(["config"])
