@@ -377,13 +377,12 @@ def main(argv: list[str] | None = None) -> int:
                              ("--torch-threads", args.torch_threads, 1), ("--torch-runs", args.torch_runs, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, not {value}")
-    for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
-        problem = folder is not None and unwritable_folder(folder)
-        if problem:  # now, not after the run
-            parser.error(f"{flag}: {folder!r} {problem}")
-    for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache)):
-        if folder is not None and (problem := made_folder(folder)):
-            parser.error(f"{flag}: {folder!r} {problem}")
+    folders = [(flag, folder) for flag, folder in (("--out", args.out), ("--compilation-cache", args.compilation_cache))
+               if folder is not None]
+    for check in (unwritable_folder, made_folder):  # now, not after the run; each checked before any is made
+        for flag, folder in folders:
+            if problem := check(folder):
+                parser.error(f"{flag}: {folder!r} {problem}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
     command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:

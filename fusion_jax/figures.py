@@ -144,8 +144,7 @@ def noise_advantage(results: dict, path: str) -> str | None:
         mine = sorted(s for s in settings if s[0] == b)
         for i, (_, sc, levels) in enumerate(mine):
             diffs = [tables.paired_differences(results, b, sc, lv) for lv in levels]
-            mean = [100 * metrics_lib.mean_std(d)[0] for d in diffs]
-            err = [100 * (metrics_lib.mean_std(d)[1] or 0.0) for d in diffs]
+            mean, err = zip(*[(100 * m, 100 * (s or 0.0)) for m, s in map(metrics_lib.mean_std, diffs)])
             x = [lv + _apart(len(mine), step)[i] for lv in levels]
             ax.errorbar(x, mean, yerr=err if any(len(d) > 1 for d in diffs) else None, color=color[sc],
                         marker="o", mfc="none", capsize=4, label=f"ours, scale {sc}")
