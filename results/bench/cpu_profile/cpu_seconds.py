@@ -1,6 +1,6 @@
 """Jax side of the quick grid: wall time against the process's CPU seconds (user + system), to see
 whether the two cores have idle time left to fill."""
-import json, os, resource, sys, time
+import json, resource, time
 import jax
 from fusion_jax import bench, cost
 from fusion_jax.groups import plan
