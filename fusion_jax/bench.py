@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a smaller grid (about a minute on a 2-core CPU)")
     size.add_argument("--tiny", action="store_true", help="a seconds-long grid (what the tests run)")
-    parser.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
+    parser.add_argument("--out", default="results/bench", type=os.path.expanduser,
+                        help="output folder (default results/bench)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--torch-runs", type=int, default=None,
                         help="train only this many reference runs per (group, scale) and estimate the rest from "

@@ -16,7 +16,7 @@ class ConfigError(ValueError):
     """A user error in the config: `field` and what is allowed (fusion_jax.validate raises most)."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"config.{field}: {message}")
+        super().__init__(f"config.{field}: {message}" if field else f"config: {message}")
         self.field = field
 
 

@@ -48,7 +48,7 @@ def blocked_at(path: str) -> str | None:
 def unwritable_folder(path: str) -> str | None:
     """Why `path` (a command line's output folder) cannot be a folder to write into, made if missing, in words
     that follow the path; None when it can. An empty path is refused: it is what an unset variable gives."""
-    if not path:
+    if not path.strip():
         return "is empty (an unset variable?): give a folder"
     if (found := blocked_at(path)) is None:
         return None

@@ -54,7 +54,7 @@ from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
 from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
-from fusion_jax.validate import ConfigError  # noqa: E402
+from fusion_jax.validate import ConfigError, validate  # noqa: E402
 from fusion_jax.workdir import finished_group_names  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> None:
         print(f"fusion_jax: error: unexpected arguments: {shlex.join(argv[1:])} (it takes flags "
               "only: --config=FILE, --config.FIELD=VALUE, --workdir=DIR)", file=sys.stderr)
         sys.exit(2)
-    if _WORKDIR.value == "":
+    if _WORKDIR.value is not None and not _WORKDIR.value.strip():
         print("fusion_jax: error: --workdir is empty (an unset variable?): give a folder, or leave the flag out for "
               "config.workdir, else results/<config.name>", file=sys.stderr)
         sys.exit(2)
@@ -202,7 +202,14 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
         sys.exit(2)
-    workdir = _WORKDIR.value or config.workdir or os.path.join("results", config.name)
+    except AttributeError:  # not a ConfigDict: validate names what get_config returned
+        pass
+    try:
+        validate(config)  # here, before config.workdir is read
+    except ConfigError as e:
+        print(f"fusion_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    workdir = os.path.expanduser(_WORKDIR.value or config.workdir or os.path.join("results", config.name))
     extracts = config.features in IMAGE_SOURCES
     stop = threading.Event()
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _ctrl_c_at_start):

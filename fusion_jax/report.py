@@ -360,19 +360,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         print(f"fusion_jax.report: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
-    workdir = flags.FLAGS.workdir
-    if not workdir:
+    workdir, against = (os.path.expanduser(f) if f else f for f in (flags.FLAGS.workdir, flags.FLAGS.against))
+    if not (workdir or "").strip():
         print("fusion_jax.report: error: --workdir=DIR is required: a folder with a results.json (a finished "
               "sweep)", file=sys.stderr)
         sys.exit(2)
-    if flags.FLAGS.against == "":
+    if against is not None and not against.strip():
         print("fusion_jax.report: error: --against is empty (an unset variable?): give another sweep's folder, or "
               "leave the flag out for the report", file=sys.stderr)
         sys.exit(2)
     results = _read_results(workdir)
-    if flags.FLAGS.against:
-        other = _read_results(flags.FLAGS.against, "--against")
-        dirs = [os.path.realpath(d) for d in (workdir, flags.FLAGS.against)]
+    if against:
+        other = _read_results(against, "--against")
+        dirs = [os.path.realpath(d) for d in (workdir, against)]
         if dirs[0] == dirs[1]:
             print("fusion_jax.report: error: --against names the --workdir itself", file=sys.stderr)
             sys.exit(2)
@@ -385,7 +385,7 @@ def main(argv: list[str]) -> None:
             atomic_write_text(out, against_markdown(results, other, name, other_name, command))
         except _DRAWING_ERRORS as e:
             _cannot_draw(e, workdir, f"{os.path.join(workdir, 'results.json')} against "
-                                     f"{os.path.join(flags.FLAGS.against, 'results.json')}")
+                                     f"{os.path.join(against, 'results.json')}")
         print(out)
         return
     failed = []

@@ -272,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     start, stop = time.perf_counter(), stop or threading.Event()
     validate(config)
+    if not workdir.strip():
+        raise ConfigError("workdir", f"{workdir!r} is blank: give a folder")
+    workdir = os.path.expanduser(workdir)  # as a shell does not in --workdir=~/...
     refuse_while_in_use(workdir)  # before jax.distributed: a second start would stop a running sweep's processes
     index, count = distributed.initialize(config)
     with contextlib.ExitStack() as held:

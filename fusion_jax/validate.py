@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import ml_collections
 import numpy as np
@@ -13,7 +12,9 @@ from fusion_jax.config_base import ConfigError
 from fusion_jax.data import PAIR_FIELDS, SPLITS, FeatureSet, captioned_images, max_pairs, split_sizes
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.distributed import in_cluster
-from fusion_jax.files import safe_name
+from fusion_jax.files import safe_name, unwritable_folder
+
+_F32 = np.finfo(np.float32)
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -23,6 +24,11 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _float32(x) -> bool:
+    """A finite number that float32, the training's type, holds without rounding it to 0 or to inf."""
+    return _finite(x) and (x == 0 or float(_F32.tiny) <= abs(x) <= float(_F32.max))
 
 
 def _int(x, low: int) -> bool:
@@ -42,8 +48,15 @@ def _distinct_nonempty(values, field: str) -> tuple:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field that does not need the features; raise ConfigError on the first mistake."""
+    from fusion_jax.config_base import base_config
     from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
 
+    start_from = "build it from fusion_jax.config_base.base_config, as the files in configs/ do"
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError("", f"get_config() returned type {type(config).__name__}, not an ml_collections.ConfigDict: "
+                          f"{start_from}")
+    missing = [k for k in base_config("name", "synthetic") if k not in config]
+    _require(not missing, "", f"lacks the fields {', '.join(missing)}: {start_from}")
     _require(bool(config.name) and "/" not in config.name and config.name not in (".", ".."), "name",
              f"{config.name!r} must be a non-empty name without '/', not '.' or '..' (results/<name> is its folder)")
     _require(config.features in SOURCES, "features",
@@ -101,10 +114,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
 
     t = config.train
-    _require(_finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
-             f"{t.learning_rate} must be a finite number > 0")
-    _require(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
-             f"{t.weight_decay} must be a finite number >= 0")
+    in_range = f"within float32's range ({_F32.tiny:.2g} to {_F32.max:.2g})"
+    _require(_float32(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
+             f"{t.learning_rate} must be a number > 0 {in_range}")
+    _require(_float32(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+             f"{t.weight_decay} must be 0 or a number > 0 {in_range}")
     _require(_int(t.epochs, 1), "train.epochs", f"{t.epochs} must be an integer >= 1")
     _require(_int(t.batch_size, 1), "train.batch_size", f"{t.batch_size} must be an integer >= 1")
     _require(_int(t.eval_batch_size, 1), "train.eval_batch_size",
@@ -157,8 +171,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(_int(config.compile_workers, 0),
              "compile_workers", f"{config.compile_workers} must be an integer >= 0 (0: half the cores)")
     cache = config.compilation_cache
-    _require(isinstance(cache, str) and not (cache and os.path.exists(cache) and not os.path.isdir(cache)),
-             "compilation_cache", f"{cache!r} must be a folder's path (empty: none), not a file's")
+    _require(isinstance(cache, str), "compilation_cache", f"{cache!r} must be a folder's path (empty: none)")
+    problem = unwritable_folder(cache) if cache else None
+    _require(problem is None, "compilation_cache",
+             f"{cache!r} {problem}: give a folder jax can write its programs into (empty: none)")
     _require(_int(config.checkpoint.keep, 1), "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
     _require(_int(config.tsne_pairs, 0), "tsne_pairs", f"{config.tsne_pairs!r} must be an integer >= 0 (0: no t-SNE)")

@@ -18,6 +18,7 @@ except ImportError:  # not on Windows
     fcntl = None
 
 from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
+from fusion_jax.distributed import in_cluster
 from fusion_jax.files import atomic_create_json, blocked_at
 from fusion_jax.validate import ConfigError
 
@@ -29,6 +30,8 @@ _MIN_FREE_BYTES = 64 * 2**20
 # a resume may find them in other places.
 # (Not data.flickr8k_dir: a Flickr8k folder's fingerprint hashes its captions and its images' names and
 # sizes, not their bytes, so its path stays part of what a resume must match.)
+# The report's files (report.py): in a folder without a sweep they are someone else's, which a sweep would overwrite.
+_REPORT_FILE = re.compile(r"runs\.csv|summary\.md|table[123]\.(md|csv)|fig_\w+\.png|against_.+\.md")
 _LOCATIONS = ("cache_dir", "npz.dir", "backbone.clip.model", "backbone.resnet.model", "backbone.resnet.text_model")
 
 
@@ -72,18 +75,36 @@ def _refuse_other_sweep(workdir: str, config_dict: dict, skip_locations: bool) -
     if os.path.exists(path):
         previous = read_state(path)
     elif os.path.exists(results):  # finished results without the sweep's state (committed ones, say)
-        previous = read_state(results).get("config") or {}
+        previous = read_state(results).get("config")
+        if not isinstance(previous, dict):
+            raise ConfigError("workdir", f"{results!r} is not a fusion_jax sweep's results.json (it names no "
+                              "config): use a new or empty folder")
     elif _holds_training(workdir):
         raise ConfigError("workdir", f"{workdir!r} holds a sweep's groups or checkpoints but no sweep.json, which "
                           "names its config: use a new workdir or remove that one")
+    elif reported := _report_files(workdir):
+        raise ConfigError("workdir", f"{workdir!r} holds files named as a sweep's report ({', '.join(reported[:3])}"
+                          f"{', ...' if len(reported) > 3 else ''}) but no sweep (no results.json or sweep.json): "
+                          "use a new or empty folder, rather than overwrite them")
     else:
         return
     previous = compared(previous)
     skip = {k for k in SAVED_LATER if k not in previous} | (set(_LOCATIONS) if skip_locations else set())
     changed = differing(previous, compared(config_dict), skip)
     if changed:
+        several = (config_dict.get("distributed") or {}).get("num_processes", 0) > 1 or in_cluster()
         raise ConfigError("workdir", f"{workdir!r} holds a sweep of another config (differs in "
-                          f"{', '.join(changed)}); use a new workdir or remove that one")
+                          f"{', '.join(changed)}); use a new workdir or remove that one"
+                          + ("; or, if another process of this run made it, give every process the same config"
+                             if several else ""))
+
+
+def _report_files(workdir: str) -> list[str]:
+    """The files in `workdir` named as the report's, sorted; none where it is missing or cannot be listed."""
+    try:
+        return sorted(n for n in os.listdir(workdir) if _REPORT_FILE.fullmatch(n))
+    except OSError:
+        return []
 
 
 def _holds_training(workdir: str) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ INVALID = [
     ("seeds", (True,), "seeds", "integer in [0, 2^31)"),
     ("name", "..", "name", "not '.' or '..'"),
     ("backbones", ("alignment=+0.5", "alignment= 0.5"), "backbones", "the same file name, 'alignment=_0.5'"),
-    ("compilation_cache", os.path.join(ROOT, "pyproject.toml"), "compilation_cache", "not a file's"),
+    ("compilation_cache", os.path.join(ROOT, "pyproject.toml"), "compilation_cache", "is a file, not a folder"),
     ("degradation.levels", (), "degradation.levels", "must not be empty"),
     ("degradation.scales", (512,), "degradation.scales", "not in scales"),
     ("degradation.scales", (128, 128), "degradation.scales", "duplicates"),
@@ -49,8 +50,11 @@ INVALID = [
     ("pairs.split_seed", -1, "pairs.split_seed", "integer >= 0"),
     ("pairs.split_by", "caption", "pairs.split_by", "allowed: 'pair', 'image'"),
     ("pairs.split", "image", "pairs", "expected exactly split_seed, train_fraction, split_by"),
-    ("train.learning_rate", float("inf"), "train.learning_rate", "finite"),
-    ("train.weight_decay", float("nan"), "train.weight_decay", "finite"),
+    ("train.learning_rate", float("inf"), "train.learning_rate", "float32's range"),
+    ("train.learning_rate", 1e39, "train.learning_rate", "float32's range"),  # inf in float32
+    ("train.learning_rate", 1e-50, "train.learning_rate", "float32's range"),  # 0 in float32
+    ("train.weight_decay", float("nan"), "train.weight_decay", "float32's range"),
+    ("train.weight_decay", 1e39, "train.weight_decay", "float32's range"),
     ("synthetic.n_images", 1, "synthetic.n_images", ">= 2"),
     ("backbones", ("aligned,unaligned",), "backbones", "several names are a quoted tuple"),
     ("synthetic.view_noise", -0.5, "synthetic.view_noise", ">= 0"),
@@ -255,6 +259,71 @@ def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_
     (tmp_path / "logged").mkdir()
     (tmp_path / "logged" / "sweep.log").write_text("")  # `... | tee DIR/sweep.log` makes it first
     prepare_workdir(str(tmp_path / "logged"), smoke_config.to_dict())
+
+
+def test_a_folder_of_someone_elses_report_files_or_results_json_is_refused(smoke_config, tmp_path, monkeypatch):
+    """A sweep would overwrite summary.md, runs.csv, the tables and figures of a folder that holds no sweep; a
+    results.json that names no config is not a sweep's. Refused before any data loads, nothing written."""
+    from fusion_jax import sweep
+
+    monkeypatch.setattr(sweep, "load_features", lambda *a, **k: pytest.fail("features loaded before the check"))
+    (tmp_path / "notes").mkdir()
+    for name in ("summary.md", "runs.csv", "fig_mine.png", "todo.txt"):
+        (tmp_path / "notes" / name).write_text("mine")
+    with pytest.raises(ConfigError, match=r"config.workdir: .*notes' holds files named as a sweep's report \(fig_mine.png, "
+                                          r"runs.csv, summary.md\) but no sweep .*: use a new or empty folder"):
+        train_and_evaluate(smoke_config, str(tmp_path / "notes"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"my": "data"}')
+    with pytest.raises(ConfigError, match=r"results.json' is not a fusion_jax sweep's results.json \(it names no config"):
+        train_and_evaluate(smoke_config, str(tmp_path / "other"))
+    assert sorted(os.listdir(tmp_path / "notes")) == ["fig_mine.png", "runs.csv", "summary.md", "todo.txt"]
+    assert os.listdir(tmp_path / "other") == ["results.json"]
+
+
+def test_a_hand_made_config_that_is_not_a_whole_configdict_is_named(smoke_config):
+    """A get_config() of one's own that returns a dict, or a ConfigDict without the base fields, is one error."""
+    import ml_collections
+
+    from fusion_jax.validate import validate
+
+    with pytest.raises(ConfigError, match=r"^config: get_config\(\) returned type dict, not an ml_collections.Config"):
+        validate(smoke_config.to_dict())
+    del smoke_config.train
+    with pytest.raises(ConfigError, match=r"^config: lacks the fields train: build it from fusion_jax.config_base.base"):
+        validate(smoke_config)
+    with pytest.raises(ConfigError, match=r"^config: lacks the fields backbones, cache_dir, .*, workdir: build it"):
+        validate(ml_collections.ConfigDict({"name": "mine"}))
+
+
+def test_another_config_in_a_run_of_several_processes_says_to_give_them_all_the_same(smoke_config, tmp_path):
+    """Process 0 claims the new workdir first: a process given other flags is refused by a workdir of seconds ago."""
+    from fusion_jax.workdir import check_workdir, prepare_workdir
+
+    workdir = str(tmp_path / "out")
+    prepare_workdir(workdir, smoke_config.to_dict())
+    other = smoke_config.copy_and_resolve_references()
+    other.train.learning_rate = 3e-4
+    alone = "differs in train.learning_rate); use a new workdir or remove that one"
+    with pytest.raises(ConfigError, match=re.escape(alone) + "$"):
+        check_workdir(workdir, other.to_dict())
+    other.distributed.num_processes = 2
+    with pytest.raises(ConfigError, match=re.escape(alone + "; or, if another process of this run made it, give every "
+                                                     "process the same config")):
+        check_workdir(workdir, other.to_dict())
+
+
+def test_a_blank_workdir_is_refused_and_a_tilde_is_the_home_folder(smoke_config, tmp_path, monkeypatch):
+    """A shell leaves `~` in --workdir=~/x as it is: the sweep reads it as the home folder, not a folder named '~'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"config.workdir: ' ' is blank: give a folder"):
+        train_and_evaluate(smoke_config, " ")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"config.workdir: cannot write to '{tmp_path / 'home' / 'file' / 'x'}'"):
+        train_and_evaluate(smoke_config, "~/file/x")
+    assert os.listdir(tmp_path) == ["home"]
 
 
 def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatch):

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: write the stand-ins and print the paper's three commands on them."""
     parser = argparse.ArgumentParser(prog="python -m fusion_jax.features.standins",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for flickr8k/, models/ (and the printed commands' "
-                                                     "cache/ and results/)")
+    parser.add_argument("--out", required=True, type=os.path.expanduser,
+                        help="folder for flickr8k/, models/ (and the printed commands' cache/ and results/)")
     parser.add_argument("--images", type=int, default=None, help="number of images (default 8091; 48 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="small models and few images (seconds)")
     args = parser.parse_args(argv)
