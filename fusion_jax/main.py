@@ -54,7 +54,7 @@ from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
 from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
-from fusion_jax.validate import ConfigError, validate  # noqa: E402
+from fusion_jax.validate import ConfigError, validate_fields  # noqa: E402
 from fusion_jax.workdir import finished_group_names  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> None:
     except AttributeError:  # not a ConfigDict: validate names what get_config returned
         pass
     try:
-        validate(config)  # here, before config.workdir is read
+        validate_fields(config)  # before config.workdir is read (train_and_evaluate validates the rest)
     except ConfigError as e:
         print(f"fusion_jax: error: {e}", file=sys.stderr)
         sys.exit(2)

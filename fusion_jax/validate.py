@@ -46,10 +46,10 @@ def _distinct_nonempty(values, field: str) -> tuple:
     return _distinct(values, field)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Check every field that does not need the features; raise ConfigError on the first mistake."""
+def validate_fields(config: ml_collections.ConfigDict) -> None:
+    """ConfigError unless `config` is a ConfigDict with every top-level field of base_config (a hand-made
+    get_config() may return less): what `validate` and the command line read fields of once it passes."""
     from fusion_jax.config_base import base_config
-    from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
 
     start_from = "build it from fusion_jax.config_base.base_config, as the files in configs/ do"
     if not isinstance(config, ml_collections.ConfigDict):
@@ -57,6 +57,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"{start_from}")
     missing = [k for k in base_config("name", "synthetic") if k not in config]
     _require(not missing, "", f"lacks the fields {', '.join(missing)}: {start_from}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every field that does not need the features; raise ConfigError on the first mistake."""
+    from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
+
+    validate_fields(config)
     _require(bool(config.name) and "/" not in config.name and config.name not in (".", ".."), "name",
              f"{config.name!r} must be a non-empty name without '/', not '.' or '..' (results/<name> is its folder)")
     _require(config.features in SOURCES, "features",
