@@ -266,11 +266,18 @@ class ProgramCache:
     """Compiled programs by their lowered program, argument types and compiler options: the groups of one sweep
     that have the same shapes (two backbones of one feature size, both with or both without noise)
     share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it, and
-    compiles it itself should that compilation fail (none that failed is kept). `compiled` and `shared`
-    count the programs compiled and those taken from another group."""
+    compiles it itself should that compilation fail (none that failed is kept). After `close()` it compiles
+    nothing more. `compiled` and `shared` count the programs compiled and those taken from another group."""
 
     def __init__(self):
         self._lock, self._programs, self.compiled, self.shared = threading.Lock(), {}, 0, 0
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse compilations from now on (CancelledError): a build in progress stops at its next program, so
+        that a sweep which ends waits for the compilations under way only."""
+        with self._lock:
+            self._closed = True
 
     def __call__(self, lowered: Any, options: dict | None = None) -> Any:
         # The text leaves out the arguments a program does not read (init does not read the pairs),
@@ -280,6 +287,8 @@ class ProgramCache:
         while True:
             with self._lock:
                 future, mine = self._programs.get(key), key not in self._programs
+                if mine and self._closed:
+                    raise concurrent.futures.CancelledError("the sweep has ended: no more programs compile")
                 if mine:
                     future = self._programs[key] = concurrent.futures.Future()
             if mine:
@@ -294,10 +303,11 @@ class ProgramCache:
                 with self._lock:
                     self.compiled += 1
                 return compiled
-            try:
-                compiled = future.result()
-            except Exception:  # the group that compiled it failed (out of memory?): this one tries on its own
+            # exception() rather than result(): raising the other group's error here would add this group's
+            # frames to its traceback.
+            if future.exception() is not None:  # the group that compiled it failed (out of memory?): try on our own
                 continue
+            compiled = future.result()
             with self._lock:
                 self.shared += 1
             return compiled
@@ -306,37 +316,46 @@ class ProgramCache:
 class Later:
     """A program compiled after its group is handed over, by `make()`: in `compile()` (CompiledAhead
     calls it in the thread that built the group), or in the first call if none came before. A call
-    waits for the compilation. `seconds`: the compilation's duration; `waited`: how long calls
-    waited for it."""
+    waits for a compilation in progress, and compiles again where the one before it failed (out of
+    memory while another group trained, say), raising that error if it fails too. `seconds`: the
+    compilations' duration; `waited`: how long calls waited for them (or compiled)."""
 
     def __init__(self, name: str, make: Callable[[], Any]):
         self.name, self.seconds, self.waited = name, 0.0, 0.0
-        self._make, self._future, self._claim = make, concurrent.futures.Future(), threading.Lock()
+        self._make, self._compiled, self._lock = make, None, threading.Lock()
 
     def compile(self) -> None:
-        """Compile, unless another thread did or does (then return at once)."""
-        if not self._claim.acquire(blocking=False):
+        """Compile, unless it is compiled or another thread is compiling it (then return at once). A failure is
+        logged, and left to the first call, which tries again."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._compile()
+        except Exception as e:  # noqa: BLE001 - not this thread's to raise: the call compiles again
+            log.warning("%s: compilation failed in the background (%s); it compiles again when the group evaluates",
+                        self.name, repr(e.__cause__ or e)[:500])
+        finally:
+            self._lock.release()
+
+    def _compile(self) -> None:
+        """Compile under the lock, unless compiled; a failure is a RuntimeError naming the program, caused by it."""
+        if self._compiled is not None:
             return
         t0 = time.perf_counter()
         try:
-            compiled, error = self._make(), None
-        except BaseException as e:
-            compiled, error = None, RuntimeError(f"{self.name}: compilation failed: {e!r}")
-            error.__cause__ = e
-        self.seconds, self._make = time.perf_counter() - t0, None  # before a waiting call goes on
-        if error is None:
-            self._future.set_result(compiled)
-        else:
-            self._future.set_exception(error)
-            if not isinstance(error.__cause__, Exception):
-                raise error.__cause__
+            self._compiled = self._make()
+        except Exception as e:
+            raise RuntimeError(f"{self.name}: compilation failed: {e!r}") from e
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self._make = None  # and what it holds (the lowered program)
 
     def __call__(self, *args):
         t0 = time.perf_counter()
-        self.compile()
-        compiled = self._future.result()
+        with self._lock:
+            self._compile()
         self.waited += time.perf_counter() - t0
-        return compiled(*args)
+        return self._compiled(*args)
 
 
 # init and evaluate run once per group: on XLA:CPU, LLVM at level 1 compiles them in about half the
@@ -455,9 +474,11 @@ class CompiledAhead:
         return self
 
     def __exit__(self, *exc) -> None:
-        # Builds not started are dropped; those in progress (after an error, up to one per worker)
-        # are waited for, so no compilation outlives the sweep that asked for it.
+        # Builds not started are dropped; those in progress (after an error or a stop, up to one per worker)
+        # end with the compilation under way (ProgramCache.close), which is waited for: no compilation
+        # outlives the sweep that asked for it.
         self._closing.set()
+        self.programs.close()
         for future in self._futures:
             if future is not None:
                 future.cancel()

@@ -187,6 +187,35 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
     assert len(builds) <= 1  # the one worker's build in progress at most; the other three never start
 
 
+def test_an_ending_sweep_waits_for_the_compilation_under_way_not_the_rest_of_its_build(monkeypatch):
+    """A sweep that ends (an error, a stop) while a group builds waits for the compilation under way, not
+    for the build's other programs (ProgramCache.close)."""
+    import threading
+    import time
+
+    from fusion_jax import bench
+    import fusion_jax.groups as groups_lib
+
+    grid = bench.GRIDS["tiny"]
+    config = bench.bench_config(grid)
+    groups = plan(config)
+    features = {b: bench.bench_features(grid, b) for b in config.backbones}
+    compiled_one, call = threading.Event(), groups_lib.ProgramCache.__call__
+
+    def slow(self, lowered, options=None):  # the sweep ends while the first program is (still) compiling
+        program = call(self, lowered, options)
+        compiled_one.set()
+        time.sleep(0.5)
+        return program
+
+    monkeypatch.setattr(groups_lib.ProgramCache, "__call__", slow)
+    with pytest.raises(Killed):
+        with CompiledAhead(config, groups, features, 1) as ahead:
+            assert compiled_one.wait(120)
+            raise Killed
+    assert ahead.programs.compiled == 1  # init; not train_epoch, evaluate or the other groups'
+
+
 def test_compiled_ahead_builds_at_the_callers_matmul_precision_and_names_a_group_that_fails(monkeypatch):
     """`jax.default_matmul_precision` holds in its own thread only: the compile threads take the caller's.
     A build that fails (not for NaN features) raises its own error with a note naming its group."""
@@ -259,19 +288,21 @@ def test_program_cache_compiles_again_after_a_failed_compilation():
 
 def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeypatch):
     """Groups of one shape build at once (a worker each): the one waiting for the other's compilation, which
-    fails, compiles the program itself rather than failing with it."""
+    fails, compiles the program itself rather than failing with it, and adds none of its frames to the
+    first group's error (whose traceback the first group logs)."""
     import concurrent.futures
     import threading
     import time
+    import traceback
 
     from fusion_jax.groups import ProgramCache
 
-    waiting, calls, result = threading.Event(), [], concurrent.futures.Future.result
+    waiting, calls, exception = threading.Event(), [], concurrent.futures.Future.exception
 
     def waited_on(future, *a, **k):  # the second group waits for the first's compilation
         if threading.current_thread().name == "second":
             waiting.set()
-        return result(future, *a, **k)
+        return exception(future, *a, **k)
 
     class Slow:
         in_tree, args_info = "tree", "args"
@@ -286,7 +317,7 @@ def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeyp
                 raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
             return "compiled"
 
-    monkeypatch.setattr(concurrent.futures.Future, "result", waited_on)
+    monkeypatch.setattr(concurrent.futures.Future, "exception", waited_on)
     cache, out = ProgramCache(), {}
 
     def build(name):
@@ -306,6 +337,35 @@ def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeyp
     first.join(), second.join()
     assert isinstance(out["first"], jax.errors.JaxRuntimeError) and out["second"] == "compiled"
     assert calls == ["first", "second"] and (cache.compiled, cache.shared) == (1, 0)
+    frames = [f.name for f in traceback.extract_tb(out["first"].__traceback__)]
+    assert frames[0] == "build" and not {"waited_on", "result", "__get_result"} & set(frames), frames
+
+
+def test_a_closed_program_cache_compiles_nothing_more():
+    """After close() (a sweep that ends), a program not compiled yet is refused; one compiled is still shared."""
+    import concurrent.futures
+
+    from fusion_jax.groups import ProgramCache
+
+    class Lowered:
+        in_tree, args_info = "tree", "args"
+
+        def __init__(self, text):
+            self.text = text
+
+        def as_text(self):
+            return self.text
+
+        def compile(self, options):
+            return f"compiled {self.text}"
+
+    cache = ProgramCache()
+    assert cache(Lowered("a")) == "compiled a"
+    cache.close()
+    assert cache(Lowered("a")) == "compiled a"
+    with pytest.raises(concurrent.futures.CancelledError, match="no more programs compile"):
+        cache(Lowered("b"))
+    assert (cache.compiled, cache.shared) == (1, 1)
 
 
 def test_own_failure_is_xlas_error_through_its_causes_but_not_the_workdirs():
@@ -328,9 +388,10 @@ def test_own_failure_is_xlas_error_through_its_causes_but_not_the_workdirs():
     assert own_failure(error.value)
 
 
-def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
-    """The first of compile() and a call compiles; a failed compilation is raised by every call,
-    naming the program."""
+def test_a_later_program_compiles_once_and_again_where_that_failed(caplog):
+    """The first of compile() and a call compiles; a compilation that failed in the background (compile(),
+    out of memory while another group trained, say) is logged and tried again by the call, which raises
+    its error naming the program where it fails too."""
     made = []
 
     def make(broken=False):
@@ -344,11 +405,16 @@ def test_a_later_program_compiles_once_and_names_itself_when_that_fails():
     program.compile()
     assert made == [False] and program.seconds > 0
     broken = Later("group g: evaluate", lambda: make(broken=True))
-    broken.compile()
+    with caplog.at_level(logging.WARNING, logger="fusion_jax"):
+        broken.compile()
+    assert "group g: evaluate: compilation failed in the background (ValueError('no such op'))" in caplog.text
     for _ in range(2):
         with pytest.raises(RuntimeError, match="group g: evaluate: compilation failed: ValueError.'no such op'"):
             broken()
-    assert made == [False, True]
+    assert made == [False, True, True, True]
+    once_broken = Later("group g: evaluate", lambda: make(broken=len(made) == 4))
+    once_broken.compile()
+    assert once_broken(1) == 2 and made == [False, True, True, True, True, False]
 
 
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, monkeypatch):
