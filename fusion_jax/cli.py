@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 _HELP = {"--help", "-?", "--helpfull", "--helpshort"}
@@ -9,12 +10,19 @@ _HELP = {"--help", "-?", "--helpfull", "--helpshort"}
 
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's flags.FLAGS(argv), with -h read as --help and status 0 after a help that was asked for (absl
-    ends every help with 1); its flags.Error and other errors are the caller's to say."""
+    ends every help with 1), also where its reader left early (`--help | head`); its flags.Error and other
+    errors are the caller's to say."""
     from absl import flags
 
     argv = [argv[0], *("--help" if a == "-h" else a for a in argv[1:])]
+    asked = {a.split("=", 1)[0] for a in argv[1:]} & _HELP
     try:
         return flags.FLAGS(argv)
     except SystemExit as e:
-        asked = {a.split("=", 1)[0] for a in argv[1:]} & _HELP
         sys.exit(0 if asked and e.code == 1 else e.code)
+    except BrokenPipeError:
+        if not asked:
+            raise
+        # Python's own recipe: what is left to flush at exit goes nowhere, rather than fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

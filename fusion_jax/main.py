@@ -7,7 +7,8 @@ resumes: finished groups are kept, an unfinished one continues from its last che
 
 Examples:
   python -m fusion_jax.main --config=configs/synthetic.py:smoke --workdir=smoke_out
-  python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3
+  python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3 \
+      --workdir=one_seed
   python -m fusion_jax.report --workdir=DIR      (the report again, from DIR/results.json)
 
 Ctrl-C stops before the next epoch (a second press ends at once). Exit status: 0 done, 1 a group
@@ -225,6 +226,9 @@ def main(argv: list[str]) -> None:
         message = str(e)
         if _WORKDIR.value:  # the workdir came from the flag (the other processes' errors too: same command)
             message = message.replace("config.workdir:", "--workdir:")
+        elif not config.workdir:
+            message = message.replace("config.workdir:", "workdir results/<config.name> (the default; --workdir=DIR "
+                                      "gives another):")
         print(f"fusion_jax: error: {message}", file=sys.stderr)
         distributed.leave(2)
     except GroupsFailed as e:  # in a process other than 0, after the others: process 0 names them too

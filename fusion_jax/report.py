@@ -156,6 +156,7 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
                "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
+    log.info("writing the report: summary.md, tables 1-3 and the figures (a t-SNE takes seconds per backbone)")
     try:
         render_report(results, workdir)  # a figure that fails is logged there
     except Exception:  # noqa: BLE001 - results.json is on disk: the report's failure must not fail the sweep
@@ -389,12 +390,18 @@ def main(argv: list[str]) -> None:
         print(out)
         return
     failed = []
+    print(f"writing the report into {workdir}/ (summary.md, tables 1-3, then the figures: a t-SNE takes seconds "
+          "per backbone)", file=sys.stderr, flush=True)
     try:
         written = render_report(results, workdir, failed)
     except _DRAWING_ERRORS as e:
         _cannot_draw(e, workdir, os.path.join(workdir, "results.json"))
     for p in written:
         print(p)
+    tsne = os.path.join(workdir, "fig_tsne.png")
+    if tsne not in written and "fig_tsne.png" not in failed and os.path.exists(tsne):
+        print(f"{tsne} is kept as it was: its samples (tsne_<backbone>.npz, which the sweep writes) are not in "
+              f"{workdir}", file=sys.stderr)
     if failed:
         print(f"fusion_jax.report: error: {', '.join(failed)} could not be drawn (the error is above); the rest of the "
               "report is written", file=sys.stderr)

@@ -203,6 +203,15 @@ def test_help_asked_for_is_the_usage_on_stdout_with_status_0(module, flag, usage
     assert proc.returncode == 0 and proc.stdout.startswith(usage) and "Exit status: 0" in proc.stdout, proc.stderr
 
 
+@pytest.mark.parametrize("module", ["fusion_jax.main", "fusion_jax.report"])
+def test_a_help_whose_reader_leaves_early_is_no_error(module):
+    """`--help | head`: the pipe closes before the usage is all written, which is no error of the config's."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "-h"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child writes: it imports for a second or more first
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == b""
+
+
 def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -212,6 +221,12 @@ def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith(f"fusion_jax: error: {named}: cannot write to ")
+    (tmp_path / "results").write_text("not a folder")  # where the default workdir, results/<config.name>, goes
+    proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", f"--config={ROOT}/configs/synthetic.py:smoke"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "fusion_jax: error: workdir results/<config.name> (the default; --workdir=DIR gives another): cannot write to "
+        "'results/synthetic_smoke'"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("extracts", [True, False])

@@ -744,9 +744,17 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"writing the report into {tmp_path}/ ") and "is kept as it was" not in done.stderr
     for name in report.FIGURES:
         assert_png(tmp_path / name)
     assert_no_nan(tmp_path)
+    for sample in tmp_path.glob("tsne_*.npz"):  # as after `git clean` of a committed sweep: its t-SNE stays, said
+        sample.unlink()
+    drawn = (tmp_path / "fig_tsne.png").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and (tmp_path / "fig_tsne.png").read_bytes() == drawn
+    assert f"{tmp_path / 'fig_tsne.png'} is kept as it was: its samples (tsne_<backbone>.npz" in again.stderr
     t1, t2, t3 = ((tmp_path / f"table{i}.md").read_text() for i in (1, 2, 3))
     assert "| ours | synthetic (not Flickr8k) | aligned | 128 | concat |" in t1
     assert f"## For reference only: {tables.PAPER_REFERENCE}, Table 1" in t1 and "| 16384 | cross | 89.2 ± 1.4 |" in t1
