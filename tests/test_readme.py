@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READMES = ("README.md", "results/README.md", "launch/README.md")
-EXAMPLES = {"results/my_sweep/"}  # an output folder the README's example would make
+EXAMPLES = {"results/my_sweep/", "results/own_features/"}  # output folders the README's examples would make
 QUOTED_PATH = re.compile(r"^(results|configs|tests|launch|fusion_jax)/[\w./\-]+$")
 
 
