@@ -176,15 +176,19 @@ def test_resume_with_another_batch_size_recomputes_and_keeps_every_item_in_place
 
 def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
     """Several extractions of the same entry at once (as the processes of a multi-process sweep on
-    one shared cache) each return every item in place, and the entry is left finished."""
+    one shared cache) split its shards, each item encoded once, each return every item in place, and
+    the entry is left finished."""
     import threading
+    import time
 
-    key, results, errors = {"dataset": "d"}, [None] * 4, []
+    key, results, errors, calls = {"dataset": "d"}, [None] * 4, [], [[] for _ in range(4)]
 
     def extract(i):
+        encode = _encoder(calls[i])
+        slow = lambda idx: time.sleep(0.002) or encode(idx)  # so that the extractions overlap
         try:
-            results[i] = extract_cached(FeatureCache(str(tmp_path), "t", key), 300, _encoder([]), 4, "t",
-                                        batches_per_shard=1)
+            results[i] = extract_cached(FeatureCache(str(tmp_path), "t", key), 300, slow, 4, "t",
+                                        batches_per_shard=1, poll_seconds=0.01)
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -196,8 +200,49 @@ def test_processes_sharing_the_cache_can_extract_one_entry_at_once(tmp_path):
     assert errors == []
     for out in results:
         np.testing.assert_array_equal(out["x"][:, 0], np.arange(300))
+    encoded = np.sort(np.concatenate([c for per_thread in calls for c in per_thread]))
+    np.testing.assert_array_equal(encoded, np.arange(300))  # each item once, by one of them
+    assert sum(bool(c) for c in calls) > 1, [len(c) for c in calls]
     assert FeatureCache(str(tmp_path), "t", key).load(300) is not None
     assert not os.path.exists(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))
+
+
+def test_a_shard_claimed_by_a_process_that_dies_is_computed_by_the_one_waiting_for_it(tmp_path):
+    """A claim is an flock, which the system releases when its holder dies: the extraction waiting for the
+    claimed shard (stoppable meanwhile: after_shard runs between polls) then computes it itself."""
+    key, calls, polls = {"dataset": "d"}, [], []
+    held = FeatureCache(str(tmp_path), "t", key).claim_shard(8, 16)  # another process's claim, mid-compute
+    assert held is not None and FeatureCache(str(tmp_path), "t", key).claim_shard(8, 16) is None
+
+    def after_shard():
+        polls.append(len(calls))
+        if len(polls) == 4:
+            held.close()  # its process dies
+
+    out = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, _encoder(calls), 4, "t", batches_per_shard=2,
+                         after_shard=after_shard, poll_seconds=0.01)
+    np.testing.assert_array_equal(out["x"][:, 0], np.arange(20))
+    assert [c.tolist() for c in calls] == [[0, 1, 2, 3], [4, 5, 6, 7], [16, 17, 18, 19], [8, 9, 10, 11],
+                                           [12, 13, 14, 15]]  # the claimed shard last, once its claim was gone
+
+
+def test_a_finished_entry_is_read_from_a_cache_it_cannot_write(tmp_path, monkeypatch, caplog):
+    """Reusing a finished entry takes no lock (which writes a lock file) where nothing is left to tidy: a
+    read-only cache, or another user's, serves it; leftovers it cannot remove are left, and said."""
+    key = {"dataset": "d"}
+    first = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, _encoder([]), 4, "t")
+
+    def unwritable(self):
+        raise PermissionError(13, "Permission denied", os.path.join(self.dir, ".lock"))
+
+    monkeypatch.setattr(FeatureCache, "lock", unwritable)
+    calls = []
+    again = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, _encoder(calls), 4, "t")
+    assert calls == [] and np.array_equal(again["x"], first["x"])
+    os.makedirs(os.path.join(FeatureCache(str(tmp_path), "t", key).dir, "shards"))  # a killed extraction's
+    with caplog.at_level(logging.INFO, logger="fusion_jax"):
+        again = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, _encoder(calls), 4, "t")
+    assert calls == [] and np.array_equal(again["x"], first["x"]) and "cannot tidy" in caplog.text
 
 
 def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatch):

@@ -7,7 +7,8 @@ batch size: shards are named by their item ranges). A file whose hash does not m
 items, is reported, deleted and rebuilt, never used; what a kill leaves beside a finished entry (shards, a
 temporary file) is removed when the entry is next reused. Processes that share the cache may extract the
 same entry at once: they take turns (a file lock on the entry) to read and write its shards and to
-join them, and the first to finish provides the entry to the others.
+join them, each computes the shards no other has claimed (`claim_shard`), and the first to finish
+provides the entry to the others.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import json
 import logging
 import os
 import shutil
+from typing import IO
 
 import numpy as np
 
-from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, locked, sha256
+from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, fcntl, locked, sha256
 
 log = logging.getLogger("fusion_jax")
 
@@ -91,19 +93,30 @@ class FeatureCache:
         """The finished entry, verified (given `n`: of n items); None if absent or corrupt."""
         return _load_verified(self._final, self._final_digest, n)
 
+    def _left(self) -> list[str]:
+        """What an extraction left in the entry's folder besides the entry: its shards, half-written files."""
+        return sorted(n for n in os.listdir(self.dir) if n.startswith(".tmp-") or n == "shards")
+
     def tidy(self) -> None:
         """Remove what a killed extraction left beside the finished entry (its shards, a half-written
-        file), which would only take space: under the lock, where nobody writes to a finished entry."""
-        with self.lock():
-            if not self.finished():
+        file), which would only take space: under the lock, where nobody writes to a finished entry. An
+        entry with nothing left is not locked, so that a cache this process may only read (read-only,
+        another user's) serves it; one it cannot tidy is left as it is."""
+        try:
+            if not self._left():
                 return
-            left = sorted(n for n in os.listdir(self.dir) if n.startswith(".tmp-") or n == "shards")
-            for name in left:
-                path = os.path.join(self.dir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-            if left:
-                log.info("feature cache: removed %s, left in %s by an interrupted extraction", ", ".join(left),
-                         self.dir)
+            with self.lock():
+                if not self.finished():
+                    return
+                left = self._left()
+                for name in left:
+                    path = os.path.join(self.dir, name)
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        except OSError as e:
+            log.info("feature cache: cannot tidy %s (%s); the entry is used as it is", self.dir, e)
+            return
+        if left:
+            log.info("feature cache: removed %s, left in %s by an interrupted extraction", ", ".join(left), self.dir)
 
     def lock(self) -> contextlib.AbstractContextManager:
         """Exclusive use of the entry's shards and files among processes (flock on `<entry>/.lock`):
@@ -113,6 +126,20 @@ class FeatureCache:
     def _shard(self, start: int, stop: int) -> tuple[str, str]:
         base = os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}")
         return base + ".npz", base + ".sha256"
+
+    def claim_shard(self, start: int, stop: int) -> IO | None:
+        """This process's claim to compute the shard of items start..stop-1, so that processes sharing the cache
+        split an entry's shards: an open file holding an flock (closing it releases the claim, as does the
+        holder's death), or None while another holds it. Take it under lock(), once the shard is not on disk."""
+        os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
+        claim = open(self._shard(start, stop)[0][:-len(".npz")] + ".claim", "a")
+        if fcntl is not None:
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                claim.close()
+                return None
+        return claim
 
     def load_shard(self, start: int, stop: int) -> dict[str, np.ndarray] | None:
         """The shard of items start..stop-1, verified; None if absent or corrupt."""

@@ -16,12 +16,14 @@ log = logging.getLogger("fusion_jax")
 
 def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], dict[str, np.ndarray]],
                    batch_size: int, desc: str, batches_per_shard: int = 16,
-                   after_shard: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:
+                   after_shard: Callable[[], None] = lambda: None, poll_seconds: float = 0.5) -> dict[str, np.ndarray]:
     """encode(indices [<= batch_size]) -> arrays [len(indices), ...] over 0..n-1, cached in `cache`.
 
     A finished entry of n items is reused; otherwise shards of `batches_per_shard` batches are written
     as they finish, and a rerun after an interruption (with the same batch size) computes only the
-    missing shards. after_shard() runs after each computed shard is cached: it may raise to stop there.
+    missing shards. Processes extracting the entry at once compute the shards none of them has claimed,
+    then wait for the others' (polling every `poll_seconds`; one whose process died is computed here).
+    after_shard() runs after each shard computed here is cached, and between polls: it may raise to stop there.
     """
     hit = cache.load(n)
     if hit is not None:
@@ -29,30 +31,40 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
         cache.tidy()
         return hit
     shard_size = batch_size * batches_per_shard
-    bounds = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
-    seconds, computed = 0.0, 0
+    pending = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
+    bounds, seconds, computed = list(pending), 0.0, 0
     with tqdm(total=n, desc=desc, unit="item", dynamic_ncols=True) as bar:
-        for start, stop in bounds:
-            idx = np.arange(start, stop)
-            with cache.lock():
-                done = cache.load(n)  # another process sharing the cache finished the entry meanwhile
-                have = done is None and cache.load_shard(start, stop) is not None
-            if done is not None:
-                log.info("%s: another process finished %s; reusing it", desc, cache.dir)
-                return done
-            if have:
-                bar.update(len(idx))
-                continue
-            t0, parts = time.perf_counter(), []
-            for b in range(0, len(idx), batch_size):
-                parts.append(encode(idx[b:b + batch_size]))
-                bar.update(len(parts[-1][next(iter(parts[-1]))]))
-            with cache.lock():
-                if not cache.finished():  # else the next shard's check returns the finished entry
-                    cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-            computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
-            after_shard()
-    log.info("%s: %d of %d items computed in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
+        while pending:
+            others = []  # shards that other processes sharing the cache are computing
+            for start, stop in pending:
+                with cache.lock():
+                    done = cache.load(n)  # another process sharing the cache finished the entry meanwhile
+                    have = done is None and cache.load_shard(start, stop) is not None
+                    claim = None if done is not None or have else cache.claim_shard(start, stop)
+                if done is not None:
+                    log.info("%s: another process finished %s; reusing it", desc, cache.dir)
+                    return done
+                if have:
+                    bar.update(stop - start)
+                    continue
+                if claim is None:
+                    others.append((start, stop))
+                    continue
+                with claim:
+                    t0, idx, parts = time.perf_counter(), np.arange(start, stop), []
+                    for b in range(0, len(idx), batch_size):
+                        parts.append(encode(idx[b:b + batch_size]))
+                        bar.update(len(parts[-1][next(iter(parts[-1]))]))
+                    with cache.lock():
+                        if not cache.finished():  # else the next shard's check returns the finished entry
+                            cache.save_shard(start, stop, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+                computed, seconds = computed + len(idx), seconds + time.perf_counter() - t0
+                after_shard()
+            if others:
+                after_shard()
+                time.sleep(poll_seconds)
+            pending = others
+    log.info("%s: %d of %d items computed here in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
     with cache.lock():
         return cache.finish(bounds)
