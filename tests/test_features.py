@@ -642,7 +642,8 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
 
 def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp_path, monkeypatch, caplog):
     """Extraction drops unreadable images (and their captions) up to data.max_bad_fraction and stops past
-    it; both say which files, also on a rerun from the cache (whose extraction logs no skipped file)."""
+    it, as soon as a shard of images takes it past; both say which files, also on a rerun from the cache
+    (whose extraction logs no skipped file)."""
     from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
     from fusion_jax.data.sources import extract_features
     from fusion_jax.features import backbones
@@ -662,16 +663,47 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
     config = load_config("clip_sweep")
     config.cache_dir = str(tmp_path)
     encoded = []
-    with pytest.raises(DataUnavailableError, match=r"2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
+    with pytest.raises(DataUnavailableError, match=r"^at least 2 of 10 images are unreadable \(im2.jpg, im5.jpg\), "
+                                                   "more than"):
         extract_features(config, ds, "clip")
     assert encoded == []  # stopped before the captions, which take minutes on a CPU
     config.data.max_bad_fraction = 0.2
     caplog.clear()
     caplog.set_level(logging.INFO, logger="fusion_jax")
-    fs = extract_features(config, ds, "clip")  # from the cache
-    assert "reusing cached features" in caplog.text and "skipping" not in caplog.text
+    fs = extract_features(config, ds, "clip")  # from the cache (the image shard that stopped it)
+    assert "clip image features: 0 of 10 items computed here" in caplog.text and "skipping" not in caplog.text
     assert "dropped 2 unreadable images (im2.jpg, im5.jpg) and their captions" in caplog.text
     assert (fs.n_images, fs.n_captions) == (8, 16) and fs.image[:, 0].tolist() == [0, 1, 3, 4, 6, 7, 8, 9]
+    config.data.max_bad_fraction = 0.1
+    with pytest.raises(DataUnavailableError, match=r"^2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
+        extract_features(config, ds, "clip")  # the finished entry, read again: the check after extraction
+
+
+def test_a_folder_of_unreadable_images_stops_after_its_first_shard(tmp_path, monkeypatch, caplog):
+    """Once the unreadable images read pass data.max_bad_fraction, the rest cannot bring the share back:
+    extraction stops after that shard (cached), rather than encode every image first; five are named in
+    the log, the rest counted."""
+    from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
+    from fusion_jax.data.sources import extract_features
+    from fusion_jax.features import backbones
+
+    def image(i):
+        raise BadImageError("not an image")
+
+    ds = ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(100)), tuple(f"c{i}" for i in range(100)),
+                             np.arange(100, dtype=np.int32), image, "fp")
+    encoded = []
+    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
+                              lambda ims: encoded.extend(ims) or {"image": np.ones((len(ims), 3), np.float32)},
+                              lambda caps, n: {"text": np.ones((len(caps), 3), np.float32)}, lambda caps: 4)
+    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    config = load_config("clip_sweep")
+    config.cache_dir, config.backbone.batch_size = str(tmp_path), 2  # shards of 16 batches: 32 images
+    with pytest.raises(DataUnavailableError, match=r"^at least 32 of 100 images are unreadable \(im0.jpg, im1.jpg, "
+                                                   r"im2.jpg, im3.jpg, im4.jpg, ...\)"):
+        extract_features(config, ds, "clip")
+    assert len(encoded) == 32 and caplog.text.count("skipping unreadable image") == 5
+    assert "skipping more unreadable images (counted, not each named)" in caplog.text
 
 
 def test_an_embedded_model_is_built_once_by_processes_sharing_the_cache(tmp_path, monkeypatch):

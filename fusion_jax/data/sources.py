@@ -86,13 +86,28 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     data = {"dataset": ds.name, "data": ds.fingerprint}
     key = {**data, **bb.key}  # the provenance; each side's cache entry has its own part of it
     pool = ThreadPoolExecutor(max_workers=4)  # reads a batch's images in parallel
+    bad_rows, most_bad = [], config.data.max_bad_fraction * ds.n_images  # the unreadable images read here
+
+    def too_many(rows: list[int], at_least: str = "") -> DataUnavailableError:
+        listed = ", ".join(ds.image_ids[i] for i in sorted(rows)[:5]) + (", ..." if len(rows) > 5 else "")
+        return DataUnavailableError(f"{at_least}{len(rows)} of {ds.n_images} images are unreadable ({listed}), more "
+                                    f"than data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
 
     def load(i: int):
         try:
             return ds.load_image(int(i))
         except BadImageError as e:
-            log.warning("skipping unreadable image %s: %s", ds.image_ids[int(i)], e)
+            bad_rows.append(int(i))
+            if len(bad_rows) <= 5:
+                log.warning("skipping unreadable image %s: %s", ds.image_ids[int(i)], e)
+            elif len(bad_rows) == 6:
+                log.warning("skipping more unreadable images (counted, not each named)")
             return None
+
+    def after_image_shard():
+        if len(bad_rows) > most_bad:  # the check after extraction would fail whatever the rest holds: stop now
+            raise too_many(bad_rows, "at least ")  # (the shards done are cached)
+        after_shard()
 
     def encode_images(idx):
         images = list(pool.map(load, idx))
@@ -103,15 +118,14 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     with pool:
         image_cache = FeatureCache(root, f"{ds.name}-{backbone}-image", {**data, **bb.image_key, "part": "image"})
         image = extract_cached(image_cache, ds.n_images, encode_images, b.batch_size, f"{backbone} image features",
-                               after_shard=after_shard)
+                               after_shard=after_image_shard)
         valid = image.pop("valid").astype(bool)
         n_bad = int((~valid).sum())
         # Before the captions are encoded (minutes on a CPU); named here too: a rerun reads the cached
         # features and logs no skipped file.
         bad = ", ".join(ds.image_ids[i] for i in np.flatnonzero(~valid)[:5]) + (", ..." if n_bad > 5 else "")
-        if n_bad > config.data.max_bad_fraction * ds.n_images:
-            raise DataUnavailableError(f"{n_bad} of {ds.n_images} images are unreadable ({bad}), more than "
-                                       f"data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
+        if n_bad > most_bad:
+            raise too_many(np.flatnonzero(~valid).tolist())
         length = bb.text_length(ds.captions)
         log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone,
                  length)
@@ -125,12 +139,13 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     new_index = np.cumsum(valid) - 1
     keep = valid[ds.caption_image]
     tokens = b.tokens
+    rows = lambda x, chosen: x if chosen.all() else x[chosen]  # no copy of the features when none is dropped
     return FeatureSet(
-        image=image["image_tokens"][valid] if tokens else image["image"][valid],
-        text=text["text_tokens"][keep] if tokens else text["text"][keep],
+        image=rows(image["image_tokens"] if tokens else image["image"], valid),
+        text=rows(text["text_tokens"] if tokens else text["text"], keep),
         caption_image=new_index[ds.caption_image[keep]].astype(np.int32),
-        image_mask=image["image_mask"][valid] if tokens else None,
-        text_mask=text["text_mask"][keep].astype(np.float32) if tokens else None,
+        image_mask=rows(image["image_mask"], valid) if tokens else None,
+        text_mask=rows(text["text_mask"], keep).astype(np.float32, copy=False) if tokens else None,
         provenance={**key, **_model_names(root, models), "n_images": int(valid.sum()),
                     "n_captions": int(keep.sum()), "dropped_images": n_bad})
 

@@ -158,11 +158,16 @@ class FeatureCache:
         arrays = self.load(n)
         if arrays is not None:
             return arrays
-        shards = [self.load_shard(*b) for b in bounds]
-        if any(s is None for s in shards):
-            raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined; rerun to "
-                               "extract it again")
-        arrays = {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
+        arrays = None  # filled shard by shard: one shard in memory beside the entry, not all of them
+        for start, stop in bounds:
+            shard = self.load_shard(start, stop)
+            if shard is None:
+                raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined; rerun to "
+                                   "extract it again")
+            if arrays is None:
+                arrays = {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in shard.items()}
+            for k, a in shard.items():
+                arrays[k][start:stop] = a
         atomic_write_text(self._final_digest, _save_npz(self._final, arrays))
         shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
         return arrays
