@@ -332,8 +332,9 @@ class Later:
         try:
             self._compile()
         except Exception as e:  # noqa: BLE001 - not this thread's to raise: the call compiles again
-            log.warning("%s: compilation failed in the background (%s); it compiles again when the group evaluates",
-                        self.name, repr(e.__cause__ or e)[:500])
+            if not isinstance(e.__cause__, concurrent.futures.CancelledError):  # the sweep ended: it will not be called
+                log.warning("%s: compilation failed in the background (%s); it compiles again when the group "
+                            "evaluates", self.name, repr(e.__cause__ or e)[:500])
         finally:
             self._lock.release()
 

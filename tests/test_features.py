@@ -226,6 +226,40 @@ def test_a_shard_claimed_by_a_process_that_dies_is_computed_by_the_one_waiting_f
                                            [12, 13, 14, 15]]  # the claimed shard last, once its claim was gone
 
 
+def test_a_shard_claimed_by_a_stalled_process_is_computed_after_the_wait(tmp_path, caplog):
+    """A claimant that lives but never finishes (stopped, hung) does not hold the others up for good: after
+    wait_seconds they compute its shard themselves, naming it; the first wait is said too."""
+    import socket
+
+    key, calls = {"dataset": "d"}, []
+    held = FeatureCache(str(tmp_path), "t", key).claim_shard(0, 8)
+    with caplog.at_level(logging.INFO, logger="fusion_jax"):
+        out = extract_cached(FeatureCache(str(tmp_path), "t", key), 16, _encoder(calls), 4, "t", batches_per_shard=2,
+                             poll_seconds=0.01, wait_seconds=0.2)
+    held.close()
+    np.testing.assert_array_equal(out["x"][:, 0], np.arange(16))
+    assert [c.tolist() for c in calls] == [[8, 9, 10, 11], [12, 13, 14, 15], [0, 1, 2, 3], [4, 5, 6, 7]]
+    claimant = f"process {os.getpid()} on {socket.gethostname()}"
+    assert f"t: waiting for the shards that other processes sharing the cache compute (items 0-7: {claimant})" \
+        in caplog.text
+    assert f"t: items 0-7, claimed by {claimant}, are still not cached after 0 s of waiting; computing them here" \
+        in caplog.text
+
+
+def test_shards_that_disagree_are_not_joined(tmp_path):
+    """Shards of one entry with other arrays (names, trailing shapes or types: left by other code) are removed
+    with an error, never joined into an entry that would pass its hash check."""
+    key = {"dataset": "d"}
+    for second in ({"x": np.ones((4, 2), np.float64)}, {"x": np.ones((4, 1), np.float32)},
+                   {"x": np.ones((4, 2), np.float32), "y": np.ones(4)}, {"y": np.ones((4, 2), np.float32)}):
+        cache = FeatureCache(str(tmp_path), "t", key)
+        cache.save_shard(0, 4, {"x": np.zeros((4, 2), np.float32)})
+        cache.save_shard(4, 8, second)
+        with cache.lock(), pytest.raises(RuntimeError, match="its shards hold different arrays"):
+            cache.finish([(0, 4), (4, 8)])
+        assert not cache.finished() and not os.path.exists(os.path.join(cache.dir, "shards"))
+
+
 def test_a_finished_entry_is_read_from_a_cache_it_cannot_write(tmp_path, monkeypatch, caplog):
     """Reusing a finished entry takes no lock (which writes a lock file) where nothing is left to tidy: a
     read-only cache, or another user's, serves it; leftovers it cannot remove are left, and said."""

@@ -171,6 +171,9 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
         np.testing.assert_array_equal(program.evaluate(state, runs, data), at_once(state, runs, data))
         assert program.evaluate.seconds > 0
         others = [ahead.program(i) for i in range(1, 4)]
+        for other in others:  # each evaluate called, so compiled (by its worker or here) before the block ends
+            data, runs = ahead.data(other), jax.device_put(other.runs, other.by_run)
+            assert np.asarray(other.evaluate(other.init(runs, data), runs, data)).shape == (len(other.slots), 5)
         assert [g.name for g in groups] == ["aligned-concat", "aligned-cross", "unaligned-concat", "unaligned-cross"]
         epoch = lambda p: p.train_epoch.program
         assert epoch(others[1]) is epoch(program) and others[1].init is program.init

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from typing import IO
 
 import numpy as np
@@ -132,14 +133,28 @@ class FeatureCache:
         split an entry's shards: an open file holding an flock (closing it releases the claim, as does the
         holder's death), or None while another holds it. Take it under lock(), once the shard is not on disk."""
         os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
-        claim = open(self._shard(start, stop)[0][:-len(".npz")] + ".claim", "a")
+        claim = open(self._claim_path(start, stop), "a")
         if fcntl is not None:
             try:
                 fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 claim.close()
                 return None
+        claim.truncate(0)
+        claim.write(f"process {os.getpid()} on {socket.gethostname()}\n")  # for those who wait (claimant)
+        claim.flush()
         return claim
+
+    def _claim_path(self, start: int, stop: int) -> str:
+        return self._shard(start, stop)[0][:-len(".npz")] + ".claim"
+
+    def claimant(self, start: int, stop: int) -> str:
+        """Who holds the claim on a shard, as its claim file says ("process PID on HOST"), or "another process"."""
+        try:
+            with open(self._claim_path(start, stop)) as f:
+                return f.read().strip() or "another process"
+        except OSError:
+            return "another process"
 
     def load_shard(self, start: int, stop: int) -> dict[str, np.ndarray] | None:
         """The shard of items start..stop-1, verified; None if absent or corrupt."""
@@ -166,6 +181,11 @@ class FeatureCache:
                                    "extract it again")
             if arrays is None:
                 arrays = {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in shard.items()}
+            if {(k, a.shape[1:], a.dtype) for k, a in shard.items()} != {(k, a.shape[1:], a.dtype)
+                                                                           for k, a in arrays.items()}:
+                shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
+                raise RuntimeError(f"feature cache {self.dir}: its shards hold different arrays (names, shapes or "
+                                   "types: made by other code?); they are removed: rerun to extract them again")
             for k, a in shard.items():
                 arrays[k][start:stop] = a
         atomic_write_text(self._final_digest, _save_npz(self._final, arrays))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -16,13 +17,15 @@ log = logging.getLogger("fusion_jax")
 
 def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], dict[str, np.ndarray]],
                    batch_size: int, desc: str, batches_per_shard: int = 16,
-                   after_shard: Callable[[], None] = lambda: None, poll_seconds: float = 0.5) -> dict[str, np.ndarray]:
+                   after_shard: Callable[[], None] = lambda: None, poll_seconds: float = 0.5,
+                   wait_seconds: float = 600.0) -> dict[str, np.ndarray]:
     """encode(indices [<= batch_size]) -> arrays [len(indices), ...] over 0..n-1, cached in `cache`.
 
     A finished entry of n items is reused; otherwise shards of `batches_per_shard` batches are written
     as they finish, and a rerun after an interruption (with the same batch size) computes only the
     missing shards. Processes extracting the entry at once compute the shards none of them has claimed,
-    then wait for the others' (polling every `poll_seconds`; one whose process died is computed here).
+    then wait for the others' (polling every `poll_seconds`): one whose process died, or that another
+    process has held for `wait_seconds` since this one began to wait (stopped, hung), is computed here.
     after_shard() runs after each shard computed here is cached, and between polls: it may raise to stop there.
     """
     hit = cache.load(n)
@@ -33,6 +36,7 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
     shard_size = batch_size * batches_per_shard
     pending = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
     bounds, seconds, computed = list(pending), 0.0, 0
+    waiting: dict[tuple[int, int], float] = {}  # shards claimed by others: since when this process waits
     with tqdm(total=n, desc=desc, unit="item", dynamic_ncols=True) as bar:
         while pending:
             others = []  # shards that other processes sharing the cache are computing
@@ -47,9 +51,17 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
                 if have:
                     bar.update(stop - start)
                     continue
-                if claim is None:
-                    others.append((start, stop))
-                    continue
+                if claim is None:  # another process computes it
+                    first_wait = not waiting
+                    if time.monotonic() - waiting.setdefault((start, stop), time.monotonic()) < wait_seconds:
+                        if first_wait:
+                            log.info("%s: waiting for the shards that other processes sharing the cache compute "
+                                     "(items %d-%d: %s)", desc, start, stop - 1, cache.claimant(start, stop))
+                        others.append((start, stop))
+                        continue
+                    log.warning("%s: items %d-%d, claimed by %s, are still not cached after %.0f s of waiting; "
+                                "computing them here", desc, start, stop - 1, cache.claimant(start, stop), wait_seconds)
+                    claim = contextlib.nullcontext()
                 with claim:
                     t0, idx, parts = time.perf_counter(), np.arange(start, stop), []
                     for b in range(0, len(idx), batch_size):
