@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -292,12 +293,25 @@ def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkey
     assert not (tmp_path / "fig_accuracy_vs_scale.png").exists() and "the report's" not in caplog.text
 
 
+_PORTS = itertools.count()
+
+
 def _free_port() -> int:
+    """A port free now, for a coordinator that binds it seconds later: below Linux's ephemeral range (32768-60999),
+    where no bind to port 0 elsewhere (the other xdist worker's) can take it meanwhile; each worker its own
+    range, each call its own port."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    for _ in range(1000):
+        port = 20000 + 1000 * (worker % 10) + next(_PORTS) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    raise AssertionError(f"no free port in 20000-30999 for worker {worker}")
 
 
 SMALL = ["--config=configs/synthetic.py:smoke", "--config.backbones=aligned", "--config.scales=128",
@@ -401,8 +415,13 @@ def test_a_coordinator_port_whose_connections_linger_is_not_refused(smoke_config
         accepted.close()  # the coordinator's side closes first: its port's end goes to TIME-WAIT
         client.close()
     if os.path.exists("/proc/net/tcp"):  # Linux: the kernel's table of connections (state 06: TIME-WAIT)
-        rows = [line.split() for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]]
-        assert any(r[1].endswith(f":{port:04X}") and r[3] == "06" for r in rows)
+        lingers = lambda: any(r[1].endswith(f":{port:04X}") and r[3] == "06" for r in (
+            line.split() for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]))
+        for _ in range(100):  # the client's closing packet may be processed a moment later
+            if lingers():
+                break
+            time.sleep(0.01)
+        assert lingers()
     started = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: started.append(kw))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
@@ -674,7 +693,13 @@ def test_a_stop_while_waiting_for_the_others_start_up_is_shared_in_step(store):
 
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()  # Ctrl-C
-    threading.Timer(0.8, store.kv.__setitem__, ("fusion_jax/start/0/1", "ok")).start()  # process 1 is done
+
+    def process_1_done():  # half a second after the Ctrl-C, however late its timer fired
+        stop.wait(60)
+        time.sleep(0.5)
+        store.kv["fusion_jax/start/0/1"] = "ok"
+
+    threading.Thread(target=process_1_done).start()
     with pytest.raises(KeyboardInterrupt, match="stopped while waiting for the other processes' start-up"):
         with distributed.checked_start(0, 2, 60, stop):
             pass
@@ -1027,8 +1052,14 @@ def _wait_for_a_checkpoint(proc, folder, timeout=240, freeze=False):
     import signal
     import time
 
+    def saved():
+        try:
+            return any(name.isdigit() for name in os.listdir(folder))
+        except FileNotFoundError:  # not yet made, or removed with its group's end
+            return False
+
     deadline = time.time() + timeout
-    while not (folder.exists() and any(p.name.isdigit() for p in folder.iterdir())):
+    while not saved():
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its checkpoint"
         time.sleep(0.01)
     if freeze:

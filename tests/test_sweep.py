@@ -194,7 +194,6 @@ def test_an_ending_sweep_waits_for_the_compilation_under_way_not_the_rest_of_its
     """A sweep that ends (an error, a stop) while a group builds waits for the compilation under way, not
     for the build's other programs (ProgramCache.close)."""
     import threading
-    import time
 
     from fusion_jax import bench
     import fusion_jax.groups as groups_lib
@@ -203,15 +202,17 @@ def test_an_ending_sweep_waits_for_the_compilation_under_way_not_the_rest_of_its
     config = bench.bench_config(grid)
     groups = plan(config)
     features = {b: bench.bench_features(grid, b) for b in config.backbones}
-    compiled_one, call = threading.Event(), groups_lib.ProgramCache.__call__
+    compiled_one, closed = threading.Event(), threading.Event()
+    call, close = groups_lib.ProgramCache.__call__, groups_lib.ProgramCache.close
 
     def slow(self, lowered, options=None):  # the sweep ends while the first program is (still) compiling
         program = call(self, lowered, options)
         compiled_one.set()
-        time.sleep(0.5)
+        assert closed.wait(120)
         return program
 
     monkeypatch.setattr(groups_lib.ProgramCache, "__call__", slow)
+    monkeypatch.setattr(groups_lib.ProgramCache, "close", lambda self: close(self) or closed.set())
     with pytest.raises(Killed):
         with CompiledAhead(config, groups, features, 1) as ahead:
             assert compiled_one.wait(120)
