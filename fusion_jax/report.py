@@ -127,6 +127,8 @@ def compare(runs: list[dict]) -> list[dict]:
 
 
 
+# What a report writes, said before it does (a t-SNE takes seconds of silence).
+_WRITING = "summary.md, tables 1-3, then the figures (a t-SNE takes seconds per backbone)"
 FIGURES = ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_training_loss.png", "fig_tsne.png")
 _CSV_FIELDS = ("backbone", "method", "scale", "seed", "degradation_kind", "degradation_level", "accuracy", "f1",
                "precision", "recall", "majority_baseline", "params", "train_seconds", "final_train_loss")
@@ -156,7 +158,7 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
                "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
-    log.info("writing the report: summary.md, tables 1-3 and the figures (a t-SNE takes seconds per backbone)")
+    log.info("writing the report (%s)", _WRITING)
     try:
         render_report(results, workdir)  # a figure that fails is logged there
     except Exception:  # noqa: BLE001 - results.json is on disk: the report's failure must not fail the sweep
@@ -390,8 +392,7 @@ def main(argv: list[str]) -> None:
         print(out)
         return
     failed = []
-    print(f"writing the report into {workdir}/ (summary.md, tables 1-3, then the figures: a t-SNE takes seconds "
-          "per backbone)", file=sys.stderr, flush=True)
+    print(f"writing the report into {workdir}/ ({_WRITING})", file=sys.stderr, flush=True)
     try:
         written = render_report(results, workdir, failed)
     except _DRAWING_ERRORS as e:

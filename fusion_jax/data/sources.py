@@ -88,10 +88,14 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     pool = ThreadPoolExecutor(max_workers=4)  # reads a batch's images in parallel
     bad_rows, most_bad = [], config.data.max_bad_fraction * ds.n_images  # the unreadable images read here
 
+    def listed(rows: list[int]) -> str:
+        """The first five of unreadable images' rows, by name."""
+        return ", ".join(ds.image_ids[i] for i in sorted(rows)[:5]) + (", ..." if len(rows) > 5 else "")
+
     def too_many(rows: list[int], at_least: str = "") -> DataUnavailableError:
-        listed = ", ".join(ds.image_ids[i] for i in sorted(rows)[:5]) + (", ..." if len(rows) > 5 else "")
-        return DataUnavailableError(f"{at_least}{len(rows)} of {ds.n_images} images are unreadable ({listed}), more "
-                                    f"than data.max_bad_fraction={config.data.max_bad_fraction}; check the image folder")
+        return DataUnavailableError(f"{at_least}{len(rows)} of {ds.n_images} images are unreadable ({listed(rows)}), "
+                                    f"more than data.max_bad_fraction={config.data.max_bad_fraction}; check the image "
+                                    "folder")
 
     def load(i: int):
         try:
@@ -120,12 +124,12 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         image = extract_cached(image_cache, ds.n_images, encode_images, b.batch_size, f"{backbone} image features",
                                after_shard=after_image_shard)
         valid = image.pop("valid").astype(bool)
-        n_bad = int((~valid).sum())
+        bad_rows = np.flatnonzero(~valid).tolist()
+        n_bad, bad = len(bad_rows), listed(bad_rows)
         # Before the captions are encoded (minutes on a CPU); named here too: a rerun reads the cached
         # features and logs no skipped file.
-        bad = ", ".join(ds.image_ids[i] for i in np.flatnonzero(~valid)[:5]) + (", ..." if n_bad > 5 else "")
         if n_bad > most_bad:
-            raise too_many(np.flatnonzero(~valid).tolist())
+            raise too_many(bad_rows)
         length = bb.text_length(ds.captions)
         log.info("%s text features: captions padded to %d tokens (the longest, within the model's limit)", backbone,
                  length)

@@ -124,9 +124,9 @@ class FeatureCache:
         hold it around load_shard, save_shard and finish."""
         return locked(os.path.join(self.dir, ".lock"))
 
-    def _shard(self, start: int, stop: int) -> tuple[str, str]:
-        base = os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}")
-        return base + ".npz", base + ".sha256"
+    def _shard(self, start: int, stop: int, suffixes: tuple[str, ...] = (".npz", ".sha256")) -> tuple[str, ...]:
+        """The shard's files: its arrays and hash (or those of `suffixes`)."""
+        return tuple(os.path.join(self.dir, "shards", f"{start:09d}-{stop:09d}{s}") for s in suffixes)
 
     def claim_shard(self, start: int, stop: int) -> IO | None:
         """This process's claim to compute the shard of items start..stop-1, so that processes sharing the cache
@@ -146,7 +146,7 @@ class FeatureCache:
         return claim
 
     def _claim_path(self, start: int, stop: int) -> str:
-        return self._shard(start, stop)[0][:-len(".npz")] + ".claim"
+        return self._shard(start, stop, (".claim",))[0]
 
     def claimant(self, start: int, stop: int) -> str:
         """Who holds the claim on a shard, as its claim file says ("process PID on HOST"), or "another process"."""
