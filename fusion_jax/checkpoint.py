@@ -5,6 +5,7 @@ decompresses would restore silently."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import os
@@ -58,25 +59,31 @@ def digest(tree: Any) -> dict[str, str]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _not_written(e: Exception) -> str | None:
-    """Why a write failed, for an OSError (a full disk, a file where a folder goes) or tensorstore's ValueError
-    for one (`... [os_error_code='28']`, from Orbax's writes); None for any other ValueError."""
+def _os_error(e: Exception) -> tuple[int | None, str] | None:
+    """(errno, why) of an OSError (a full disk, a file where a folder goes), or of tensorstore's ValueError for
+    one (`... [os_error_code='28']`, from Orbax's reads and writes); None for any other error."""
     if isinstance(e, OSError):
-        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-    code = re.search(r"os_error_code='?(\d+)", str(e))
-    return f"{os.strerror(int(code[1]))} (tensorstore: {str(e)[:300]})" if code else None
+        return e.errno, f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    code = re.search(r"os_error_code='?(\d+)", str(e)) if isinstance(e, ValueError) else None
+    return (int(code[1]), f"{os.strerror(int(code[1]))} (tensorstore: {str(e)[:300]})") if code else None
+
+
+# Read errors of the machine, not of the checkpoint's bytes: a checkpoint that gave one is read again later.
+_PASSING = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
+            errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOLCK, errno.ENOTCONN,
+            errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
 
 
 def _writes(method):
-    """A GroupCheckpoints method whose failed write (`_not_written`) becomes one line."""
+    """A GroupCheckpoints method whose failed write (`_os_error`) becomes one line."""
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except (OSError, ValueError) as e:
-            if (why := _not_written(e)) is None:
+            if (error := _os_error(e)) is None:
                 raise
-            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {why}; "
+            raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {error[1]}; "
                               "mend that, then rerun the same command to resume") from e
     return wrapped
 
@@ -141,8 +148,20 @@ class GroupCheckpoints:
         self._manager.save(epoch, args=ocp.args.PyTreeSave(tree))
 
     def restore(self, epoch: int, abstract_tree: Any) -> Any:
-        """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays; a leaf of another shape or
-        dtype than the tree's is a ValueError."""
+        """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays. A damaged or incomplete checkpoint
+        (a leaf of another shape or dtype than the tree's, arrays that differ from those saved) raises
+        ValueError or Orbax's error; a read the machine failed (an I/O or permission error, no file handles)
+        raises ConfigError, the checkpoint being good for a later try."""
+        try:
+            return self._restore(epoch, abstract_tree)
+        except (OSError, ValueError) as e:
+            if (error := _os_error(e)) is None or error[0] not in _PASSING:
+                raise
+            raise ConfigError("workdir", f"cannot read the checkpoint after epoch {epoch} in {self.directory!r}: "
+                              f"{error[1]}; it is kept: mend that, then rerun the same command to resume "
+                              "from it") from e
+
+    def _restore(self, epoch: int, abstract_tree: Any) -> Any:
         target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract_tree)
         # Read as stored (Orbax would cast to a dtype given here), then compared.
         as_stored = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)

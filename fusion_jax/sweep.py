@@ -60,12 +60,15 @@ def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800,
 
 
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
-    """(epoch, tree) of the newest checkpoint that restores. One that does not (damaged, or a passing
-    read error) is reported and moved into `aside`, so that it is neither read again nor lost."""
+    """(epoch, tree) of the newest checkpoint that restores. A damaged or incomplete one is reported and moved
+    into `aside`, so that it is neither read again nor lost. A read the machine failed (ConfigError: an I/O or
+    permission error; MemoryError, which fails the group alone) leaves every checkpoint in place for a rerun."""
     epochs = sorted(ckpt.all_epochs(), reverse=True)
     for i, epoch in enumerate(epochs):
         try:
             return epoch, ckpt.restore(epoch, abstract)
+        except (ConfigError, MemoryError):
+            raise
         except Exception as e:  # Orbax raises many types for a damaged checkpoint
             where = ckpt.move_aside(epoch, aside)
             then = (f"falling back to the one after epoch {epochs[i + 1]}" if i + 1 < len(epochs) else

@@ -1,5 +1,6 @@
 """Scale-out behaviour: sharding over devices, split programs, corrupt checkpoints, NaN groups."""
 
+import errno
 import itertools
 import json
 import logging
@@ -115,6 +116,52 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_pat
     assert len(aside) == 1 and aside[0].startswith("2-")  # kept for a look, not deleted
     assert "1 corrupt checkpoint(s) kept in" in caplog.text  # and the sweep's end says where
     _assert_same(clean, resumed)
+
+
+def test_a_checkpoint_the_machine_fails_to_read_is_kept_for_the_rerun(smoke_config, tmp_path, monkeypatch, caplog):
+    """An I/O or permission error, or memory running out, while restoring is the machine's, not the checkpoint's:
+    the checkpoint stays where it is (not set aside as corrupt, the group not retrained from its start)."""
+    import orbax.checkpoint as ocp
+
+    from fusion_jax.validate import ConfigError
+
+    config = _small(smoke_config)
+    config.train.epochs = 3
+
+    def stop(group, epochs_done):
+        if epochs_done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, str(tmp_path), on_epoch=stop)
+    group = tmp_path / "checkpoints" / "aligned-concat"
+    read = ocp.CheckpointManager.restore
+
+    def failing(error):
+        def restore(self, step, *args, **kwargs):
+            raise error
+        return restore
+
+    # tensorstore's error for a file it may not open, as Orbax passes it on (its path and spec shortened)
+    denied = ValueError('PERMISSION_DENIED: Error opening "zarr" driver: Error reading "w/.zarray" in OCDBT database '
+                        'at local file "1/default/": Failed to open: "1/default/d/0b98": Permission denied '
+                        "[os_error_code='13'] [tensorstore_spec='{}']")
+    for error in (OSError(errno.EIO, "Input/output error", str(group / "2")), denied):
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", failing(error))
+        with pytest.raises(ConfigError, match="cannot read the checkpoint after epoch 2 .* it is kept"):
+            train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing(MemoryError()))
+    train_and_evaluate(config, str(tmp_path))  # the group fails alone, as out of memory in training would
+    assert json.loads((tmp_path / "groups" / "aligned-concat.failed.json").read_text())["error"].startswith(
+        "group aligned-concat: MemoryError")
+    assert "corrupt" not in caplog.text and not (tmp_path / "checkpoints-corrupt").exists()
+    assert sorted(os.listdir(group / "2")) == sorted(os.listdir(group / "1"))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", read)
+    calls = []
+    results = train_and_evaluate(config, str(tmp_path), on_epoch=lambda g, e: calls.append(e))
+    assert calls == [3]  # resumed from epoch 2
+    assert len(results["runs"]) == 2 * 2 and not results.get("failed_groups")
 
 
 def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
