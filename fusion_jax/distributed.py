@@ -235,14 +235,19 @@ class _PeerStops:
         self._thread.start()
 
     def _watch(self, index: int, stop: threading.Event) -> None:
-        while not self._done.wait(0.5):
-            if not stop.is_set() and (others := peers_stopped(index)):
-                log.warning("process %s was stopped (Ctrl-C): process %d stops too, before its next epoch",
-                            ", ".join(map(str, others)), index)
-                stop.set()
-            if stop.is_set():
-                share_stop(index)
-                return
+        try:
+            while not self._done.wait(0.5):
+                if not stop.is_set() and (others := peers_stopped(index)):
+                    log.warning("process %s was stopped (Ctrl-C): process %d stops too, before its next epoch",
+                                ", ".join(map(str, others)), index)
+                    stop.set()
+                if stop.is_set():
+                    share_stop(index)
+                    return
+        except Exception as e:  # noqa: BLE001 - the coordination service failing: the sweep's calls meet it too
+            log.warning("process %d: the coordination service failed (%s: %s); from now on a Ctrl-C of another "
+                        "process does not reach this one, nor this one's the others", index, type(e).__name__,
+                        str(e)[:300])
 
     def close(self) -> None:
         self._done.set()

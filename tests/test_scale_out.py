@@ -644,6 +644,28 @@ def test_a_stopped_process_tells_the_others_at_once_not_after_its_epoch(store):
         assert distributed.peers_stopped(0) == [1]
 
 
+def test_the_coordination_service_failing_ends_the_stop_watch_with_a_warning(store, monkeypatch, caplog):
+    """Not with a thread's traceback on stderr: a warning that Ctrl-C no longer passes between the processes."""
+    import time
+
+    from fusion_jax import distributed
+
+    def unreachable(prefix):
+        raise RuntimeError("UNAVAILABLE: failed to connect to the coordination service")
+
+    monkeypatch.setattr(store, "key_value_dir_get", unreachable)
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    watch = distributed._PeerStops(1, threading.Event())
+    deadline = time.monotonic() + 10
+    while watch._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.close()
+    assert not seen, seen
+    assert "process 1: the coordination service failed (RuntimeError: UNAVAILABLE" in caplog.text
+    assert "a Ctrl-C of another process does not reach this one" in caplog.text
+
+
 def test_a_process_leaves_through_jaxs_shutdown_only_where_all_leave_together(monkeypatch):
     """sys.exit (JAX's shutdown barrier) where the processes leave together; os._exit where one leaves out of
     step: the barrier would wait 5 minutes for it, then abort (SIGABRT, exit status 134)."""
