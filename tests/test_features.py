@@ -246,6 +246,40 @@ def test_a_shard_claimed_by_a_stalled_process_is_computed_after_the_wait(tmp_pat
         in caplog.text
 
 
+def test_processes_waiting_for_an_entry_read_it_once_finished_outside_its_lock(tmp_path, monkeypatch):
+    """The processes that waited for another's shards read the finished entry at once, not one after another
+    under the entry's lock (seconds each for an entry of gigabytes)."""
+    import fcntl
+
+    key, calls, reads = {"dataset": "d"}, [], []
+    other = FeatureCache(str(tmp_path), "t", key)  # another process, computing items 8-15
+    held = other.claim_shard(8, 16)
+    load = FeatureCache.load
+
+    def probed(self, n=None):
+        with open(os.path.join(self.dir, ".lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                reads.append("free")
+            except BlockingIOError:
+                reads.append("locked")
+        return load(self, n)
+
+    def after_shard():  # the other process saves its shard, joins the entry and ends
+        if calls and held is not None and not held.closed:
+            other.save_shard(8, 16, _encoder([])(np.arange(8, 16)))
+            with other.lock():
+                other.finish([(0, 8), (8, 16)])
+            held.close()
+
+    monkeypatch.setattr(FeatureCache, "load", probed)
+    out = extract_cached(FeatureCache(str(tmp_path), "t", key), 16, _encoder(calls), 4, "t", batches_per_shard=2,
+                         after_shard=after_shard, poll_seconds=0.01)
+    np.testing.assert_array_equal(out["x"][:, 0], np.arange(16))
+    assert [c.tolist() for c in calls] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # items 8-15 from the other's entry
+    assert reads == ["free", "free"]  # before extracting, and the finished entry
+
+
 def test_shards_that_disagree_are_not_joined(tmp_path):
     """Shards of one entry with other arrays (names, trailing shapes or types: left by other code) are removed
     with an error, never joined into an entry that would pass its hash check."""

@@ -8,7 +8,7 @@ items, is reported, deleted and rebuilt, never used; what a kill leaves beside a
 temporary file) is removed when the entry is next reused. Processes that share the cache may extract the
 same entry at once: they take turns (a file lock on the entry) to read and write its shards and to
 join them, each computes the shards no other has claimed (`claim_shard`), and the first to finish
-provides the entry to the others.
+provides the entry to the others, who read it at once (a finished entry is only ever read).
 """
 
 from __future__ import annotations
@@ -168,11 +168,8 @@ class FeatureCache:
 
     def finish(self, bounds: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Join the shards of `bounds` ((start, stop) in order, covering 0..n-1) into the final entry,
-        drop the shards, return the arrays; or the entry another process finished first."""
+        drop the shards, return the arrays. Call it under lock(), once the entry is not `finished()`."""
         n = bounds[-1][1]
-        arrays = self.load(n)
-        if arrays is not None:
-            return arrays
         arrays = None  # filled shard by shard: one shard in memory beside the entry, not all of them
         for start, stop in bounds:
             shard = self.load_shard(start, stop)

@@ -42,12 +42,11 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
             others = []  # shards that other processes sharing the cache are computing
             for start, stop in pending:
                 with cache.lock():
-                    done = cache.load(n)  # another process sharing the cache finished the entry meanwhile
-                    have = done is None and cache.load_shard(start, stop) is not None
-                    claim = None if done is not None or have else cache.claim_shard(start, stop)
-                if done is not None:
-                    log.info("%s: another process finished %s; reusing it", desc, cache.dir)
-                    return done
+                    finished = cache.finished()  # another process sharing the cache finished the entry meanwhile
+                    have = not finished and cache.load_shard(start, stop) is not None
+                    claim = None if finished or have else cache.claim_shard(start, stop)
+                if finished:
+                    return _finished_elsewhere(cache, n, desc)
                 if have:
                     bar.update(stop - start)
                     continue
@@ -79,4 +78,17 @@ def extract_cached(cache: FeatureCache, n: int, encode: Callable[[np.ndarray], d
     log.info("%s: %d of %d items computed here in %.1f s (%.1f per second), cached in %s", desc, computed, n, seconds,
              computed / max(seconds, 1e-9), cache.dir)
     with cache.lock():
-        return cache.finish(bounds)
+        if not cache.finished():
+            return cache.finish(bounds)
+    return _finished_elsewhere(cache, n, desc)
+
+
+def _finished_elsewhere(cache: FeatureCache, n: int, desc: str) -> dict[str, np.ndarray]:
+    """The entry another process finished, read outside the entry's lock: the processes that waited for it
+    read it at once, not one after another (nothing writes to a finished entry)."""
+    done = cache.load(n)
+    if done is None:
+        raise RuntimeError(f"feature cache {cache.dir}: the entry another process finished does not verify, and "
+                           "is removed; rerun to extract it again")
+    log.info("%s: another process finished %s; reusing it", desc, cache.dir)
+    return done
