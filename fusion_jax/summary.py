@@ -205,9 +205,12 @@ def summary_markdown(results: dict) -> str:
                   f"The paper's decision rules (its Table 4, from Flickr8k): {paper.decision_rules()}. Where these "
                   "features stand among its kinds is the reader's call: the zero-shot recall@1 above, where "
                   "measured, gives their alignment; the table names no alignment that divides its kinds.", ""]
-    lines += ["## Every cell", "",
-              "| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["## Every cell", ""]
+    if results["summary"]:
+        lines += ["| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines.append("(no run finished" + (": every group failed, below)" if results.get("failed_groups") else ")"))
     for r in results["summary"]:
         d = r["degradation"]
         lines.append(f"| {r['backbone']} | {r['method']} | {r['scale']} | {d['kind']} {d['level']:g} | "

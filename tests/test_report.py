@@ -125,6 +125,15 @@ def test_no_clean_runs_no_scale_figure_and_the_answer_keeps_the_noise(tmp_path):
     assert "no comparison without noise" in line and "(σ 0.3): concat ahead in" in line
 
 
+def test_a_sweep_with_no_finished_run_says_so_rather_than_draw_an_empty_table():
+    results = fake_results("synthetic", ("aligned",))
+    results.update(runs=[], summary=[], comparisons=[])
+    assert "## Every cell\n\n(no run finished)\n" in summary_markdown(results)
+    results["failed_groups"] = [{"group": "aligned-concat", "backbone": "aligned", "error": "NaN"}]
+    summary = summary_markdown(results)
+    assert "(no run finished: every group failed, below)" in summary and "| backbone | method |" not in summary
+
+
 def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
     labels = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: labels.setdefault(path, [
