@@ -88,6 +88,14 @@ def device() -> dict:
             "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
 
 
+def run_device() -> dict:
+    """Where this process trains its groups: a run record's `device` (processes of one sweep may run on other
+    hardware, and a resume elsewhere: results.json's `device` is its writer's)."""
+    d = jax.local_devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "local_devices": jax.local_device_count(),
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
+
+
 def _cell(run: dict, *fields: str) -> tuple:
     deg = run["degradation"]
     values = {**run, "kind": deg["kind"], "level": deg["level"]}

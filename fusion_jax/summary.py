@@ -34,6 +34,20 @@ def mixed_sources(results: dict) -> str:
     return f"**Runs trained by different code** (a resume after a change): {'; '.join(parts)}."
 
 
+def mixed_devices(results: dict) -> str:
+    """A note when runs were trained on different devices (processes on other hardware, a resume elsewhere), whose
+    numbers may then differ by float32 rounding (README, Keys), else ''. Runs of older code name none."""
+    counts = collections.Counter(json.dumps(r["device"], sort_keys=True) for r in results["runs"]
+                                 if isinstance(r.get("device"), dict))
+    if len(counts) < 2:
+        return ""
+    described = lambda d: (f"{d.get('platform')} ({d.get('device_kind')}), {d.get('local_devices')} device(s) per "
+                           f"process, matmul precision {d.get('matmul_precision')}")
+    parts = [f"{described(json.loads(k))}: {n} runs" for k, n in counts.most_common()]
+    return (f"**Runs trained on different devices** (processes on other hardware, or a resume elsewhere; the device "
+            f"below is the results' writer's): {'; '.join(parts)}.")
+
+
 def answer(results: dict) -> list[str]:
     """Per backbone, which head the comparisons favour without noise (`tables.favoured`), each scale's
     verdict, and a count of the noisy comparisons: Markdown bullet lines for the summary's top."""
@@ -184,7 +198,7 @@ def summary_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# {cfg['name']}: fusion sweep summary", "",
              f"Made by `{results.get('command') or 'fusion_jax.sweep.train_and_evaluate'}`{source_text(results)}"
-             f"{_timing_text(results)}.", "", *([mixed, ""] if (mixed := mixed_sources(results)) else []),
+             f"{_timing_text(results)}.", "", *[f"{m}\n" for m in (mixed_sources(results), mixed_devices(results)) if m],
              f"Features: {tables.data_label(tables.data_of(results))} (`config.features = {cfg['features']}`); "
              f"device: {results['device']['platform']} "
              f"({results['device']['device_kind']}); jax {results['versions']['jax']}, "

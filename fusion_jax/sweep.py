@@ -35,7 +35,7 @@ from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.files import atomic_write, atomic_write_json, safe_name
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, own_failure, plan
-from fusion_jax.report import source, write_results
+from fusion_jax.report import run_device, source, write_results
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
 from fusion_jax.workdir import check_workdir, prepare_workdir, read_state, refuse_while_in_use, sweep_lock
@@ -117,7 +117,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     _stop_unless_finite(group, counts[:, 4] == 0, "validation logits after training")
     params = count_params(jax.tree_util.tree_map(lambda x: x[0], state["params"]))
 
-    records, code = [], source()
+    records, code, where = [], source(), run_device()
     for spec, c, curve, n, k in zip(group.runs, counts, curves.T, n_train, run_steps):
         loss = curve[-1]
         m = metrics_lib.binary_metrics(*c[:4])
@@ -129,7 +129,7 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
             "params": params, "train_seconds": seconds * k / run_steps.sum(),
             "final_train_loss": float(loss) if np.isfinite(loss) else None,
             "train_loss_by_epoch": [float(x) if np.isfinite(x) else None for x in curve],
-            "n_train": int(n), "n_val": spec.scale - int(n), "source": code,
+            "n_train": int(n), "n_val": spec.scale - int(n), "source": code, "device": where,
         })
     n_bad, worst = metrics_lib.unconverged_runs([r["final_train_loss"] for r in records])
     if n_bad:

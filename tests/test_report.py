@@ -512,6 +512,24 @@ def test_runs_trained_by_other_code_are_named_in_the_summary():
     assert summary.mixed_sources(results) == ""
 
 
+def test_runs_trained_on_different_devices_are_named_in_the_summary():
+    """Processes of one sweep on other hardware, or a resume on another machine: results.json's device is its
+    writer's alone, each run says where it trained."""
+    results = fake_results("synthetic", ("aligned",), levels=(0.0,))
+    assert summary.mixed_devices(results) == ""  # runs without a device (older results) say nothing
+    cpu = {"platform": "cpu", "device_kind": "cpu", "local_devices": 1, "matmul_precision": "default"}
+    gpu = {"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "local_devices": 8, "matmul_precision": "default"}
+    for i, r in enumerate(results["runs"]):
+        r["device"] = cpu if i < 4 else gpu
+    line = summary.mixed_devices(results)
+    assert line.startswith("**Runs trained on different devices**") and line in summary_markdown(results)
+    assert "cpu (cpu), 1 device(s) per process, matmul precision default: 4 runs" in line
+    assert f"gpu (NVIDIA H100 80GB HBM3), 8 device(s) per process, matmul precision default: {len(results['runs']) - 4} runs" in line
+    for r in results["runs"]:
+        r["device"] = cpu
+    assert summary.mixed_devices(results) == "" and "different devices" not in summary_markdown(results)
+
+
 # --- figures --------------------------------------------------------------------------------------
 
 def test_tsne_leaves_out_pairs_with_nan_or_inf(tmp_path, monkeypatch):

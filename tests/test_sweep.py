@@ -41,6 +41,10 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert on_disk["config"]["seeds"] == [42, 123]
     assert on_disk["versions"]["jax"] and on_disk["device"]["platform"] == jax.devices()[0].platform
     assert on_disk["device"]["matmul_precision"] == (jax.config.jax_default_matmul_precision or "default")
+    here = {**{k: on_disk["device"][k] for k in ("platform", "device_kind", "matmul_precision")},
+            "local_devices": jax.local_device_count()}  # where each run trained
+    assert all(r["device"] == here for r in on_disk["runs"]) and "different devices" not in \
+        (tmp_path / "summary.md").read_text()
     for prov in on_disk["backbones"].values():  # what each scale's validation shares with training
         assert set(prov["split_overlap"]) == {str(s) for s in smoke_config.scales}
         assert all(0 < o["val_pairs_with_a_training_image"] <= 1 for o in prov["split_overlap"].values())
