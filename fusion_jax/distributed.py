@@ -128,15 +128,18 @@ def _refuse_a_taken_port(port: int, advice: str) -> None:
 
 def local_device_ids() -> list[int] | None:
     """[] (every device this process sees) where it is the only task on its node (SLURM_TASKS_PER_NODE
-    all 1) or CUDA_VISIBLE_DEVICES shows it one device; else None: JAX's default, which under SLURM
+    all 1), where SLURM bound GPUs to each task (SLURM_GPUS_PER_TASK: CUDA_VISIBLE_DEVICES shows a task its
+    own) or CUDA_VISIBLE_DEVICES shows it one device; else None: JAX's default, which under SLURM
     gives each task the device numbered like its rank on the node (right for one task per GPU, but
-    one GPU per node for one task per node). JAX_LOCAL_DEVICE_IDS, when set, wins (None: JAX reads it)."""
+    one GPU per node for one task per node, and past the end of a task's own GPUs where each has several).
+    JAX_LOCAL_DEVICE_IDS, when set, wins (None: JAX reads it)."""
     if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
         return None
     per_node = os.environ.get("SLURM_TASKS_PER_NODE", "1")  # e.g. "1(x2)" or "4(x2),2"
     alone = all(part.split("(")[0].strip() == "1" for part in per_node.split(","))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [] if alone or (visible is not None and len(visible.split(",")) == 1) else None
+    bound = bool(os.environ.get("SLURM_GPUS_PER_TASK"))
+    return [] if alone or bound or (visible is not None and len(visible.split(",")) == 1) else None
 
 
 def _client():

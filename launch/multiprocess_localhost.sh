@@ -12,6 +12,7 @@ config="$2"
 shift 2
 port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM HUP  # also while the processes start
 for ((i = 0; i < n; i++)); do
   # A script's background jobs ignore Ctrl-C (SIGINT) and SIGQUIT: each process gets them back.
   ( trap - INT QUIT
@@ -21,7 +22,6 @@ for ((i = 0; i < n; i++)); do
   pids+=("$!")
 done
 trap '' INT  # the processes stop on their own; this script waits for them and gives their status
-trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM HUP
 status=0
 # Every process's exit status (a failed process 0 makes the others stop): the first failure is the script's.
 for pid in "${pids[@]}"; do wait "$pid" || { code=$?; [ "$status" -ne 0 ] || status=$code; }; done

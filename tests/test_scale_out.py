@@ -402,11 +402,11 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    for name in ("JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES"):
+    for name in ("JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_PER_TASK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     for per_node, visible, want in (("1(x4)", None, []), ("4", None, None), ("2,1,1", None, None),
-                                    ("4", "3", []), ("4", "0,1,2,3", None)):
+                                    ("4", "3", []), ("4", "0,1,2,3", None), ("4", "2,3", None)):
         monkeypatch.setenv("SLURM_TASKS_PER_NODE", per_node)
         if visible is None:
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -415,12 +415,15 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
         distributed.initialize(smoke_config)
         assert calls[-1]["local_device_ids"] == want, (per_node, visible)
         assert calls[-1]["num_processes"] is None and calls[-1]["process_id"] is None  # from SLURM
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")  # SLURM shows each task its own two GPUs (here "2,3"): both
+    distributed.initialize(smoke_config)
+    assert calls[-1]["local_device_ids"] == []
     monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,1")
     distributed.initialize(smoke_config)
     assert calls[-1]["local_device_ids"] is None  # JAX reads the variable
     smoke_config.distributed.num_processes = 1  # one task of an allocation runs alone
     distributed.initialize(smoke_config)
-    assert len(calls) == 6
+    assert len(calls) == 8  # the six above, SLURM_GPUS_PER_TASK and JAX_LOCAL_DEVICE_IDS: not this one
 
 
 def test_a_coordinator_port_in_use_is_refused_before_jax_distributed_starts(smoke_config):
