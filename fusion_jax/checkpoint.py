@@ -8,10 +8,13 @@ import asyncio
 import errno
 import functools
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 import zlib
 from typing import Any
 
@@ -74,6 +77,39 @@ _PASSING = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EMFILE, er
             errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
 
 
+_FULL_DISK = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='?(28|122)\b")
+
+
+class _QuietOnAFullDisk(logging.Filter):
+    """Drops Orbax's own error records (absl's logger) of a full disk: its background threads log that error,
+    tracebacks and all, several times over, before the sweep stops with it in one line (`_writes`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        text = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
+        return _FULL_DISK.search(text) is None
+
+
+def _quiet_closed_loop(previous):
+    """sys.unraisablehook that drops asyncio's 'Event loop is closed' raised in asyncio alone, called from native
+    code: tensorstore's writes still in flight that end after a failed save closed Orbax's loop (the save's own
+    error is raised where it is waited for). Anything else goes to `previous`."""
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and all(f"{os.sep}asyncio{os.sep}" in f.filename for f in frames)):
+            previous(unraisable)
+    return hook
+
+
+@functools.cache
+def _quiet_orbax() -> None:
+    """Install _QuietOnAFullDisk and _quiet_closed_loop, once per process (by the first GroupCheckpoints)."""
+    logging.getLogger("absl").addFilter(_QuietOnAFullDisk())
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
 def _writes(method):
     """A GroupCheckpoints method whose failed write (`_os_error`) becomes one line."""
     @functools.wraps(method)
@@ -93,6 +129,7 @@ class GroupCheckpoints:
 
     @_writes
     def __init__(self, directory: str, keep: int):
+        _quiet_orbax()
         self.directory = directory
         me = jax.process_index()
         # Each process checkpoints its own groups: no barrier with the other processes.

@@ -86,8 +86,10 @@ def _written_beside(path: str, write: Callable[[IO], None], binary: bool) -> str
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a write's error names no file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     return tmp
 

@@ -17,6 +17,7 @@ failed (or an unexpected error, with its traceback), 2 a usage, config or data e
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -237,6 +238,13 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
         distributed.leave(130, interrupted=True)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            traceback.print_exc()
+            distributed.leave(1)
+        print(f"fusion_jax: error: cannot write {e.filename or 'a file'}: {e.strerror}; free space (or mend that), then "
+              "rerun the same command to resume", file=sys.stderr)
+        distributed.leave(2)
     except Exception:  # noqa: BLE001 - an unexpected error: its traceback, then out as the others need
         traceback.print_exc()
         distributed.leave(1)

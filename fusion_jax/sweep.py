@@ -108,6 +108,8 @@ def train_group(config: ml_collections.ConfigDict, program: GroupProgram, data: 
     except BaseException:
         try:  # also when training stops (a NaN loss, an interrupt), before its folder is removed
             ckpt.close()
+        except ConfigError as e:  # a write that failed (a full disk): the training error says it, or its cause
+            log.warning("group %s: closing its checkpoints failed too: %s", group.name, e)
         except Exception:  # noqa: BLE001 - the training error is the one to raise
             log.exception("group %s: closing its checkpoints failed", group.name)
         raise

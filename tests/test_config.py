@@ -535,3 +535,44 @@ def test_embedded_backbones_never_train_on_the_sweeps_own_images(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.backbone\.embedded\.seed: 0 must differ from data.embedded_seed"):
         train_and_evaluate(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+FULL_DISK = """
+import errno, sys
+from absl import app
+import fusion_jax.main as m
+
+def full(config, workdir, **kwargs):  # a group's record, written after its training, meets a full disk
+    raise OSError(errno.ENOSPC, "No space left on device", workdir + "/groups/aligned-concat.json")
+
+m.train_and_evaluate = full
+sys.argv = ["fusion_jax.main", "--config=configs/synthetic.py:smoke", "--workdir=" + sys.argv[1]]
+app.run(m.main, flags_parser=m.parse_flags)
+"""
+
+
+def test_a_full_disk_is_said_in_one_line_with_what_to_do(tmp_path):
+    """Not a traceback and status 1: the sweep resumes once there is space, as after any stop."""
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fusion_jax: error: cannot write {tmp_path}/groups/aligned-concat.json: No space left on device; free space "
+        "(or mend that), then rerun the same command to resume") and "Traceback" not in proc.stderr
+
+
+def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path):
+    import errno
+
+    from fusion_jax.files import atomic_write
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a flush to a full disk: no file named
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(str(tmp_path / "results.json"), full)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "results.json")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError):  # an error of its own class, as before
+        atomic_write(str(tmp_path / "x.json"), lambda f: (_ for _ in ()).throw(OSError(errno.ENOENT, "gone")))
+

@@ -164,6 +164,43 @@ def test_a_checkpoint_the_machine_fails_to_read_is_kept_for_the_rerun(smoke_conf
     assert len(results["runs"]) == 2 * 2 and not results.get("failed_groups")
 
 
+def test_orbax_repeating_a_full_disk_is_quieted_and_nothing_else(monkeypatch):
+    """Orbax's threads log a full disk's error with tracebacks several times, and tensorstore's writes in flight
+    meet the closed loop, before the sweep says it in one line: those alone are dropped."""
+    import errno
+    import logging
+    import types
+
+    from fusion_jax import checkpoint
+
+    def record(msg, error=None, level=logging.ERROR, path="/x/orbax/checkpoint/_src/future.py"):
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("absl", level, path, 1, msg, None, exc_info)
+
+    quiet = checkpoint._QuietOnAFullDisk().filter
+    assert not quiet(record("_SignalingThread.run() raised", OSError(errno.ENOSPC, "No space left on device")))
+    assert not quiet(record("Error writing \"x\" [os_error_code='28']"))
+    assert quiet(record("raised", OSError(errno.EIO, "Input/output error")))  # another error is Orbax's to say
+    assert quiet(record("No space left on device", level=logging.WARNING))
+    assert quiet(record("No space left on device", path="/x/fusion_jax/sweep.py"))  # not Orbax's
+
+    seen = []
+    hook = checkpoint._quiet_closed_loop(seen.append)
+
+    def raised_in(filename):
+        try:
+            exec(compile("raise RuntimeError('Event loop is closed')", filename, "exec"))
+        except RuntimeError as e:
+            return types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__.tb_next)
+
+    hook(raised_in("/usr/lib/python3.11/asyncio/base_events.py"))  # from native code, asyncio's frames alone
+    assert seen == []
+    for other in (raised_in("/work/fusion_jax/sweep.py"),
+                  types.SimpleNamespace(exc_value=ValueError("Event loop is closed"), exc_traceback=None)):
+        hook(other)
+    assert len(seen) == 2
+
+
 def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     """Orbax keeps no checksum: arrays that still decompress, but are not those saved (here another save's
     files in their place, as a flipped bit that decodes would be), restored silently before digests."""
