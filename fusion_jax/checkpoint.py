@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -63,8 +64,9 @@ def digest(tree: Any) -> dict[str, str]:
 
 
 def _os_error(e: Exception) -> tuple[int | None, str] | None:
-    """(errno, why) of an OSError (a full disk, a file where a folder goes), or of tensorstore's ValueError for
-    one (`... [os_error_code='28']`, from Orbax's reads and writes); None for any other error."""
+    """(errno, or None where it has none; why) of an OSError (a full disk, a file where a folder goes), or of
+    tensorstore's ValueError for one (`... [os_error_code='28']`, from Orbax's reads and writes); None for any
+    other error."""
     if isinstance(e, OSError):
         return e.errno, f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     code = re.search(r"os_error_code='?(\d+)", str(e)) if isinstance(e, ValueError) else None
@@ -72,32 +74,48 @@ def _os_error(e: Exception) -> tuple[int | None, str] | None:
 
 
 # Read errors of the machine, not of the checkpoint's bytes: a checkpoint that gave one is read again later.
-_PASSING = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
-            errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOLCK, errno.ENOTCONN,
-            errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
+_MACHINE_READ_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR,
+                        errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOLCK, errno.ENOTCONN, errno.EHOSTDOWN,
+                        errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_FULL_TEXT = re.compile("|".join([re.escape(os.strerror(c)) for c in _FULL]
+                                 + [rf"os_error_code='?({'|'.join(map(str, _FULL))})\b"]))
+_open: set[str] = set()  # the folders of this process's GroupCheckpoints not yet closed
+_failed_save = threading.Event()  # a save of one of them met a full disk (a quota, a read-only file system)
 
 
-_FULL_DISK = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='?(28|122)\b")
+def _saving() -> bool:
+    """Whether Orbax's errors now are those of this process's group checkpoints: one is open, or one's save failed."""
+    return bool(_open) or _failed_save.is_set()
 
 
 class _QuietOnAFullDisk(logging.Filter):
-    """Drops Orbax's own error records (absl's logger) of a full disk: its background threads log that error,
-    tracebacks and all, several times over, before the sweep stops with it in one line (`_writes`)."""
+    """Drops Orbax's own error records (absl's logger) of a full disk while this process's group checkpoints are
+    open: Orbax's background threads log that error, tracebacks and all, several times over, before the sweep
+    stops with it in one line (`_writes`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname or not _saving():
             return True
-        text = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
-        return _FULL_DISK.search(text) is None
+        try:
+            text = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info))
+                                          if record.exc_info else "")
+        except Exception:  # noqa: BLE001 - a record that does not format is the handler's to report
+            return True
+        if _FULL_TEXT.search(text) is None:
+            return True
+        _failed_save.set()
+        return False
 
 
 def _quiet_closed_loop(previous):
-    """sys.unraisablehook that drops asyncio's 'Event loop is closed' raised in asyncio alone, called from native
-    code: tensorstore's writes still in flight that end after a failed save closed Orbax's loop (the save's own
-    error is raised where it is waited for). Anything else goes to `previous`."""
+    """sys.unraisablehook that drops asyncio's 'Event loop is closed' raised in asyncio alone (called from native
+    code) while group checkpoints save (`_saving`): tensorstore's writes still in flight that end after a failed
+    save closed Orbax's loop (after a save that succeeds, none is in flight). Anything else goes to `previous`."""
     def hook(unraisable):
         frames = traceback.extract_tb(unraisable.exc_traceback)
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        if not (_saving() and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
                 and frames and all(f"{os.sep}asyncio{os.sep}" in f.filename for f in frames)):
             previous(unraisable)
     return hook
@@ -119,6 +137,8 @@ def _writes(method):
         except (OSError, ValueError) as e:
             if (error := _os_error(e)) is None:
                 raise
+            if error[0] in _FULL:
+                _failed_save.set()
             raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {error[1]}; "
                               "mend that, then rerun the same command to resume") from e
     return wrapped
@@ -151,6 +171,9 @@ class GroupCheckpoints:
                 # jax.Array's too, though save() gives host arrays: without one Orbax warns on every save.
                 (np.ndarray, _OwnProcessNumpyHandler()), (jax.Array, ocp.type_handlers.ArrayHandler())))
         self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handler)
+        if not _open:  # a new sweep (or group): an earlier failed save's aftermath is over
+            _failed_save.clear()
+        _open.add(os.path.abspath(directory))
 
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
@@ -188,11 +211,14 @@ class GroupCheckpoints:
         """Restore onto `abstract_tree` (from jax.eval_shape) as host arrays. A damaged or incomplete checkpoint
         (a leaf of another shape or dtype than the tree's, arrays that differ from those saved) raises
         ValueError or Orbax's error; a read the machine failed (an I/O or permission error, no file handles)
-        raises ConfigError, the checkpoint being good for a later try."""
+        raises ConfigError, and one without the memory MemoryError, the checkpoint being good for a later try."""
         try:
             return self._restore(epoch, abstract_tree)
         except (OSError, ValueError) as e:
-            if (error := _os_error(e)) is None or error[0] not in _PASSING:
+            if (error := _os_error(e)) is not None and error[0] == errno.ENOMEM:
+                raise MemoryError(f"restoring the checkpoint after epoch {epoch} in {self.directory!r}: "
+                                  f"{error[1]}") from e
+            if error is None or error[0] not in _MACHINE_READ_ERRNOS:
                 raise
             raise ConfigError("workdir", f"cannot read the checkpoint after epoch {epoch} in {self.directory!r}: "
                               f"{error[1]}; it is kept: mend that, then rerun the same command to resume "
@@ -249,4 +275,7 @@ class GroupCheckpoints:
         try:
             self._manager.wait_until_finished()
         finally:  # a failed background save raises here: the manager's threads close all the same
-            self._manager.close()
+            try:
+                self._manager.close()
+            finally:
+                _open.discard(os.path.abspath(self.directory))

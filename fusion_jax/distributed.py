@@ -128,7 +128,7 @@ def _refuse_a_taken_port(port: int, advice: str) -> None:
 
 def local_device_ids() -> list[int] | None:
     """[] (every device this process sees) where it is the only task on its node (SLURM_TASKS_PER_NODE
-    all 1), where SLURM bound GPUs to each task (SLURM_GPUS_PER_TASK: CUDA_VISIBLE_DEVICES shows a task its
+    all 1), where SLURM bound GPUs to each task (CUDA_VISIBLE_DEVICES shows it SLURM_GPUS_PER_TASK of them: its
     own) or CUDA_VISIBLE_DEVICES shows it one device; else None: JAX's default, which under SLURM
     gives each task the device numbered like its rank on the node (right for one task per GPU, but
     one GPU per node for one task per node, and past the end of a task's own GPUs where each has several).
@@ -138,7 +138,8 @@ def local_device_ids() -> list[int] | None:
     per_node = os.environ.get("SLURM_TASKS_PER_NODE", "1")  # e.g. "1(x2)" or "4(x2),2"
     alone = all(part.split("(")[0].strip() == "1" for part in per_node.split(","))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    bound = bool(os.environ.get("SLURM_GPUS_PER_TASK"))
+    per_task = os.environ.get("SLURM_GPUS_PER_TASK", "").rpartition(":")[2]  # "2", or typed: "a100:2"
+    bound = per_task.isdigit() and visible is not None and len(visible.split(",")) == int(per_task)
     return [] if alone or bound or (visible is not None and len(visible.split(",")) == 1) else None
 
 
@@ -247,7 +248,7 @@ class _PeerStops:
                 if stop.is_set():
                     share_stop(index)
                     return
-        except Exception as e:  # noqa: BLE001 - the coordination service failing: the sweep's calls meet it too
+        except RuntimeError as e:  # the coordination service failing (JaxRuntimeError): the sweep's calls meet it too
             log.warning("process %d: the coordination service failed (%s: %s); from now on a Ctrl-C of another "
                         "process does not reach this one, nor this one's the others", index, type(e).__name__,
                         str(e)[:300])

@@ -79,7 +79,10 @@ def _written_beside(path: str, write: Callable[[IO], None], binary: bool) -> str
     and readable by all (mkstemp makes 0600 files; results are for everyone to read); its path."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:  # (a read-only file system, a full one) named as the file being written, not its temporary one
+        raise OSError(e.errno, e.strerror, path) from e
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -88,7 +91,7 @@ def _written_beside(path: str, write: Callable[[IO], None], binary: bool) -> str
         os.chmod(tmp, 0o644)
     except BaseException as e:
         os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a write's error names no file
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):  # a write's names no file
             raise OSError(e.errno, e.strerror, path) from e
         raise
     return tmp

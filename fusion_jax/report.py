@@ -82,17 +82,18 @@ def _source_of(root: str) -> tuple:
 
 def device() -> dict:
     """The device that ran, with jax's float32 matmul precision ("default": TF32 on NVIDIA GPUs since Ampere)."""
-    d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "count": jax.device_count(),
-            "processor": platform.processor() or platform.machine(),
-            "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
+    return {**_kind(jax.devices()[0]), "count": jax.device_count(),
+            "processor": platform.processor() or platform.machine()}
 
 
 def run_device() -> dict:
     """Where this process trains its groups: a run record's `device` (processes of one sweep may run on other
     hardware, and a resume elsewhere: results.json's `device` is its writer's)."""
-    d = jax.local_devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "local_devices": jax.local_device_count(),
+    return {**_kind(jax.local_devices()[0]), "local_devices": jax.local_device_count()}
+
+
+def _kind(d: jax.Device) -> dict:
+    return {"platform": d.platform, "device_kind": d.device_kind,
             "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
 
 

@@ -35,8 +35,8 @@ def mixed_sources(results: dict) -> str:
 
 
 def mixed_devices(results: dict) -> str:
-    """A note when runs were trained on different devices (processes on other hardware, a resume elsewhere), whose
-    numbers may then differ by float32 rounding (README, Keys), else ''. Runs of older code name none."""
+    """A note when runs were finished on different devices (processes on other hardware, a resume elsewhere),
+    whose numbers may then differ by float32 rounding (README, Keys), else ''. Runs of older code name none."""
     counts = collections.Counter(json.dumps(r["device"], sort_keys=True) for r in results["runs"]
                                  if isinstance(r.get("device"), dict))
     if len(counts) < 2:
@@ -44,8 +44,8 @@ def mixed_devices(results: dict) -> str:
     described = lambda d: (f"{d.get('platform')} ({d.get('device_kind')}), {d.get('local_devices')} device(s) per "
                            f"process, matmul precision {d.get('matmul_precision')}")
     parts = [f"{described(json.loads(k))}: {n} runs" for k, n in counts.most_common()]
-    return (f"**Runs trained on different devices** (processes on other hardware, or a resume elsewhere; the device "
-            f"below is the results' writer's): {'; '.join(parts)}.")
+    return (f"**Runs trained on different devices** (processes on other hardware, or a resume elsewhere; each run "
+            f"counts where its group finished, and the device below is the results' writer's): {'; '.join(parts)}.")
 
 
 def answer(results: dict) -> list[str]:

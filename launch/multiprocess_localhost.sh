@@ -12,7 +12,7 @@ config="$2"
 shift 2
 port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 pids=()
-trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM HUP  # also while the processes start
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait; exit 143' TERM HUP  # also while the processes start
 for ((i = 0; i < n; i++)); do
   # A script's background jobs ignore Ctrl-C (SIGINT) and SIGQUIT: each process gets them back.
   ( trap - INT QUIT

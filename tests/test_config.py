@@ -561,9 +561,10 @@ def test_a_full_disk_is_said_in_one_line_with_what_to_do(tmp_path):
         "(or mend that), then rerun the same command to resume") and "Traceback" not in proc.stderr
 
 
-def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path):
+def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
+    from fusion_jax import files
     from fusion_jax.files import atomic_write
 
     def full(f):
@@ -573,6 +574,12 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path
         atomic_write(str(tmp_path / "results.json"), full)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "results.json")
     assert os.listdir(tmp_path) == []
-    with pytest.raises(FileNotFoundError):  # an error of its own class, as before
-        atomic_write(str(tmp_path / "x.json"), lambda f: (_ for _ in ()).throw(OSError(errno.ENOENT, "gone")))
+
+    def read_only(dir, prefix, suffix):  # the temporary file cannot be made: named as the file being written
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, prefix + "abc" + suffix))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as raised:
+        atomic_write(str(tmp_path / "results.json"), lambda f: None)
+    assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "results.json")
 

@@ -150,10 +150,11 @@ def test_a_checkpoint_the_machine_fails_to_read_is_kept_for_the_rerun(smoke_conf
         monkeypatch.setattr(ocp.CheckpointManager, "restore", failing(error))
         with pytest.raises(ConfigError, match="cannot read the checkpoint after epoch 2 .* it is kept"):
             train_and_evaluate(config, str(tmp_path))
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing(MemoryError()))
-    train_and_evaluate(config, str(tmp_path))  # the group fails alone, as out of memory in training would
-    assert json.loads((tmp_path / "groups" / "aligned-concat.failed.json").read_text())["error"].startswith(
-        "group aligned-concat: MemoryError")
+    for error in (MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")):
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", failing(error))
+        train_and_evaluate(config, str(tmp_path))  # the group fails alone, as out of memory in training would
+        assert json.loads((tmp_path / "groups" / "aligned-concat.failed.json").read_text())["error"].startswith(
+            "group aligned-concat: MemoryError")
     assert "corrupt" not in caplog.text and not (tmp_path / "checkpoints-corrupt").exists()
     assert sorted(os.listdir(group / "2")) == sorted(os.listdir(group / "1"))
 
@@ -165,24 +166,31 @@ def test_a_checkpoint_the_machine_fails_to_read_is_kept_for_the_rerun(smoke_conf
 
 
 def test_orbax_repeating_a_full_disk_is_quieted_and_nothing_else(monkeypatch):
-    """Orbax's threads log a full disk's error with tracebacks several times, and tensorstore's writes in flight
-    meet the closed loop, before the sweep says it in one line: those alone are dropped."""
+    """Orbax's threads log a full disk's error in a group's checkpoints with tracebacks several times, and
+    tensorstore's writes in flight meet the closed loop, before the sweep says it in one line: those alone are
+    dropped, and the closed loop only once a save met a full disk."""
     import errno
     import logging
+    import threading
     import types
 
     from fusion_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_open", set())
+    monkeypatch.setattr(checkpoint, "_failed_save", threading.Event())
 
     def record(msg, error=None, level=logging.ERROR, path="/x/orbax/checkpoint/_src/future.py"):
         exc_info = (type(error), error, None) if error else None
         return logging.LogRecord("absl", level, path, 1, msg, None, exc_info)
 
     quiet = checkpoint._QuietOnAFullDisk().filter
-    assert not quiet(record("_SignalingThread.run() raised", OSError(errno.ENOSPC, "No space left on device")))
-    assert not quiet(record("Error writing \"x\" [os_error_code='28']"))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert quiet(record("Save Finalize thread failed.", full))  # no group checkpoints open: another's Orbax
+    checkpoint._open.add("/w/checkpoints/aligned-concat")
     assert quiet(record("raised", OSError(errno.EIO, "Input/output error")))  # another error is Orbax's to say
     assert quiet(record("No space left on device", level=logging.WARNING))
     assert quiet(record("No space left on device", path="/x/fusion_jax/sweep.py"))  # not Orbax's
+    assert quiet(record("%d", "not a number"))  # a record that does not format is left to the handler
 
     seen = []
     hook = checkpoint._quiet_closed_loop(seen.append)
@@ -193,12 +201,21 @@ def test_orbax_repeating_a_full_disk_is_quieted_and_nothing_else(monkeypatch):
         except RuntimeError as e:
             return types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__.tb_next)
 
-    hook(raised_in("/usr/lib/python3.11/asyncio/base_events.py"))  # from native code, asyncio's frames alone
-    assert seen == []
+    closed = raised_in("/usr/lib/python3.11/asyncio/base_events.py")  # from native code, asyncio's frames alone
+    checkpoint._open.clear()
+    hook(closed)
+    assert len(seen) == 1  # no group checkpoints open, none failed: said
+    checkpoint._open.add("/w/checkpoints/aligned-concat")
+    assert not quiet(record("Save Finalize thread failed.", full))
+    assert not quiet(record("Error writing \"x\" in 3.orbax-checkpoint-tmp [os_error_code='28']"))
+    checkpoint._open.clear()
+    assert checkpoint._failed_save.is_set()  # (a save met a full disk: what follows is its aftermath)
+    hook(closed)
+    assert len(seen) == 1  # dropped
     for other in (raised_in("/work/fusion_jax/sweep.py"),
                   types.SimpleNamespace(exc_value=ValueError("Event loop is closed"), exc_traceback=None)):
         hook(other)
-    assert len(seen) == 2
+    assert len(seen) == 3
 
 
 def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
@@ -452,15 +469,18 @@ def test_initialize_gives_a_process_alone_on_its_node_every_device(smoke_config,
         distributed.initialize(smoke_config)
         assert calls[-1]["local_device_ids"] == want, (per_node, visible)
         assert calls[-1]["num_processes"] is None and calls[-1]["process_id"] is None  # from SLURM
-    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")  # SLURM shows each task its own two GPUs (here "2,3"): both
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "a100:2")  # SLURM shows each task its own two GPUs (here "2,3"): both
     distributed.initialize(smoke_config)
     assert calls[-1]["local_device_ids"] == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # not bound to tasks (--gpu-bind=none): JAX's default
+    distributed.initialize(smoke_config)
+    assert calls[-1]["local_device_ids"] is None
     monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,1")
     distributed.initialize(smoke_config)
     assert calls[-1]["local_device_ids"] is None  # JAX reads the variable
     smoke_config.distributed.num_processes = 1  # one task of an allocation runs alone
     distributed.initialize(smoke_config)
-    assert len(calls) == 8  # the six above, SLURM_GPUS_PER_TASK and JAX_LOCAL_DEVICE_IDS: not this one
+    assert len(calls) == 9  # the six above, two with SLURM_GPUS_PER_TASK, JAX_LOCAL_DEVICE_IDS: not this one
 
 
 def test_a_coordinator_port_in_use_is_refused_before_jax_distributed_starts(smoke_config):
