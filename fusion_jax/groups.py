@@ -250,13 +250,13 @@ def joined(parts: list) -> Any:
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def _chunked(train_epoch: Callable, k: int, mesh: Mesh) -> Callable:
-    """train_epoch over every slot: each device steps its slots chunk after chunk, k runs at a time."""
+def _chunked(f: Callable, k: int, mesh: Mesh) -> Callable:
+    """f(state, runs, data) of a chunk of k runs over every slot: each device takes its slots chunk after chunk
+    (train_epoch steps them; evaluate's activations are then k runs', not all of the device's)."""
     def on_device(state, runs, data):
         chunk = lambda x: x.reshape(-1, k, *x.shape[1:])
-        state, losses = jax.lax.map(lambda c: train_epoch(*c, data),
-                                    jax.tree_util.tree_map(chunk, (state, runs)))
-        return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), (state, losses))
+        out = jax.lax.map(lambda c: f(*c, data), jax.tree_util.tree_map(chunk, (state, runs)))
+        return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
     # check_vma=False: the trainer's loops need no annotations of what varies across devices.
     return jax.shard_map(on_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"),
                          check_vma=False)
@@ -369,7 +369,7 @@ GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Callable:
-    """f vmapped over the runs axis and jitted, outputs sharded by run (init and evaluate)."""
+    """f vmapped over the runs axis and jitted, outputs sharded by run (init)."""
     return jax.jit(jax.vmap(f, in_axes=in_axes), out_shardings=by_run)
 
 
@@ -412,7 +412,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
         split = jax.jit(functools.partial(shares, n=n_lanes)).lower((state_s, runs_s))
         join = jax.jit(joined).lower([shaped(lowered.out_info, by_run)] * n_lanes)
         train_epoch.split, train_epoch.join = compile_program(split, once), compile_program(join, once)
-    lowered = per_run(trainer.evaluate, (0, 0, None)).lower(state_s, runs_s, data_s)
+    lowered = jax.jit(_chunked(jax.vmap(trainer.evaluate, (0, 0, None)), k, mesh)).lower(state_s, runs_s, data_s)
     evaluate = (Later(f"group {group.name}: evaluate", lambda: compile_program(lowered, once)) if evaluate_later
                 else compile_program(lowered, once))
     return GroupProgram(group, trainer, slots, k, index, runs, state_s, init, train_epoch, evaluate, by_run,

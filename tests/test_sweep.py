@@ -550,7 +550,8 @@ def test_aligned_synthetic_is_learned_by_both_heads(tmp_path):
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the lighter compile is used on CPUs only")
 def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
     """build_program compiles init and evaluate with ONCE_COMPILER_OPTIONS: the same parameters, bit
-    for bit, and the same validation counts as the default compilation."""
+    for bit, and the same validation counts as the default compilation (of evaluate over all runs at once,
+    where build_program's takes a chunk of runs at a time)."""
     from fusion_jax import bench
 
     grid = bench.GRIDS["tiny"]
@@ -566,6 +567,25 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
         state, _ = program.train_epoch(state, runs, data)
         np.testing.assert_array_equal(program.evaluate(state, runs, data),
                                       per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="chunks of 2 runs are the CPU's default")
+def test_evaluation_memory_is_a_chunks_not_the_groups(smoke_config):
+    """evaluate takes a device's runs a chunk at a time, as training does: its scratch memory does not grow with
+    the runs of the group (it held every run's evaluation batch at once: 10x more at 18 runs of token features)."""
+    from fusion_jax.data.sources import load_features
+
+    config = smoke_config
+    config.synthetic.tokens, config.backbones, config.methods, config.scales = 16, ("aligned",), ("cross",), (256,)
+    features = load_features(config, "aligned")
+    scratch = []
+    for seeds in ((42,), (42, 123, 456, 7, 8, 9)):
+        config.seeds = seeds
+        group, = plan(config)
+        program = build_program(config, group, features)
+        assert program.chunk == 2 and len(program.slots) >= 2 * len(seeds)
+        scratch.append(program.evaluate.memory_analysis().temp_size_in_bytes)
+    assert scratch[1] < 1.5 * scratch[0], scratch
 
 
 @pytest.mark.skipif(jax.device_count() > 1 or jax.devices()[0].platform != "cpu",
