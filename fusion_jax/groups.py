@@ -458,6 +458,10 @@ class CompiledAhead:
             if not self._closing.is_set():  # after an error or a stop, its group will not evaluate
                 program.evaluate.compile()
 
+    def ready(self, i: int) -> bool:
+        """Whether group i's program is built (`program(i)` returns at once)."""
+        return self._futures[i] is not None and self._futures[i].done()
+
     def program(self, i: int) -> GroupProgram:
         future, self._futures[i] = self._futures[i], None  # a used program is freed with its group
         if future is None:

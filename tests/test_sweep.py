@@ -569,6 +569,14 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
                                       per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
 
 
+def test_the_progress_bar_says_when_a_group_waits_for_its_compilation(smoke_config, tmp_path, capsys):
+    config = smoke_config
+    config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128,), 1
+    train_and_evaluate(config, str(tmp_path))
+    err = capsys.readouterr().err
+    assert "group 1/1 aligned-concat (compiling)" in err and "group 1/1 aligned-concat: 100%" in err, err[-2000:]
+
+
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="chunks of 2 runs are the CPU's default")
 def test_evaluation_memory_is_a_chunks_not_the_groups(smoke_config):
     """evaluate takes a device's runs a chunk at a time, as training does: its scratch memory does not grow with
