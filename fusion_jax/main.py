@@ -238,6 +238,10 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(_interrupted_message(workdir, extracts), file=sys.stderr, flush=True)
         distributed.leave(130, interrupted=True)
+    except MemoryError as e:  # the host's, loading features (a group's own fails that group alone)
+        print(f"fusion_jax: error: out of memory: {e or 'MemoryError'} (launch/README.md, 'Memory', says what a "
+              "sweep holds)", file=sys.stderr)
+        distributed.leave(1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             traceback.print_exc()

@@ -545,20 +545,28 @@ import fusion_jax.main as m
 def full(config, workdir, **kwargs):  # a group's record, written after its training, meets a full disk
     raise OSError(errno.ENOSPC, "No space left on device", workdir + "/groups/aligned-concat.json")
 
-m.train_and_evaluate = full
+def too_large(config, workdir, **kwargs):  # features larger than the host's memory, as numpy says it
+    raise MemoryError("Unable to allocate 977. MiB for an array with shape (250000, 1024) and data type float32")
+
+m.train_and_evaluate = {"full": full, "too_large": too_large}[sys.argv[2]]
 sys.argv = ["fusion_jax.main", "--config=configs/synthetic.py:smoke", "--workdir=" + sys.argv[1]]
 app.run(m.main, flags_parser=m.parse_flags)
 """
 
 
-def test_a_full_disk_is_said_in_one_line_with_what_to_do(tmp_path):
-    """Not a traceback and status 1: the sweep resumes once there is space, as after any stop."""
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_a_full_disk_or_memory_is_said_in_one_line_with_what_to_do(tmp_path):
+    """Not a traceback: the sweep resumes once there is space, as after any stop."""
+    said = lambda proc: proc.stderr.strip().splitlines()[-1] if "Traceback" not in proc.stderr else proc.stderr
+    run = lambda what: subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), what], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=120)
+    proc = run("full")
+    assert proc.returncode == 2 and said(proc) == (
         f"fusion_jax: error: cannot write {tmp_path}/groups/aligned-concat.json: No space left on device; free space "
-        "(or mend that), then rerun the same command to resume") and "Traceback" not in proc.stderr
+        "(or mend that), then rerun the same command to resume"), proc.stderr[-2000:]
+    proc = run("too_large")
+    assert proc.returncode == 1 and said(proc) == (
+        "fusion_jax: error: out of memory: Unable to allocate 977. MiB for an array with shape (250000, 1024) and data "
+        "type float32 (launch/README.md, 'Memory', says what a sweep holds)"), proc.stderr[-2000:]
 
 
 def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
