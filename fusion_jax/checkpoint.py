@@ -9,11 +9,11 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
-import threading
 import time
 import traceback
 import zlib
@@ -81,12 +81,19 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _FULL_TEXT = re.compile("|".join([re.escape(os.strerror(c)) for c in _FULL]
                                  + [rf"os_error_code='?({'|'.join(map(str, _FULL))})\b"]))
 _open: set[str] = set()  # the folders of this process's GroupCheckpoints not yet closed
-_failed_save = threading.Event()  # a save of one of them met a full disk (a quota, a read-only file system)
+_failed_save_at = -math.inf  # when a save of one of them last met a full disk (a quota, a read-only file system)
+_AFTERMATH_SECONDS = 60.0  # how long after that Orbax's threads may still report it
+
+
+def _full_disk_met() -> None:
+    global _failed_save_at
+    _failed_save_at = time.monotonic()
 
 
 def _saving() -> bool:
-    """Whether Orbax's errors now are those of this process's group checkpoints: one is open, or one's save failed."""
-    return bool(_open) or _failed_save.is_set()
+    """Whether Orbax's errors now are those of this process's group checkpoints: one is open, or one's save met a
+    full disk in the last minute."""
+    return bool(_open) or time.monotonic() - _failed_save_at < _AFTERMATH_SECONDS
 
 
 class _QuietOnAFullDisk(logging.Filter):
@@ -104,14 +111,15 @@ class _QuietOnAFullDisk(logging.Filter):
             return True
         if _FULL_TEXT.search(text) is None:
             return True
-        _failed_save.set()
+        _full_disk_met()
         return False
 
 
 def _quiet_closed_loop(previous):
     """sys.unraisablehook that drops asyncio's 'Event loop is closed' raised in asyncio alone (called from native
-    code) while group checkpoints save (`_saving`): tensorstore's writes still in flight that end after a failed
-    save closed Orbax's loop (after a save that succeeds, none is in flight). Anything else goes to `previous`."""
+    code) while group checkpoints save or just after (`_saving`): tensorstore's writes still in flight that end
+    after a failed save closed Orbax's loop (after a save that succeeds, none is in flight). Anything else goes
+    to `previous`."""
     def hook(unraisable):
         frames = traceback.extract_tb(unraisable.exc_traceback)
         if not (_saving() and isinstance(unraisable.exc_value, RuntimeError)
@@ -138,7 +146,7 @@ def _writes(method):
             if (error := _os_error(e)) is None:
                 raise
             if error[0] in _FULL:
-                _failed_save.set()
+                _full_disk_met()
             raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {error[1]}; "
                               "mend that, then rerun the same command to resume") from e
     return wrapped
@@ -171,8 +179,6 @@ class GroupCheckpoints:
                 # jax.Array's too, though save() gives host arrays: without one Orbax warns on every save.
                 (np.ndarray, _OwnProcessNumpyHandler()), (jax.Array, ocp.type_handlers.ArrayHandler())))
         self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handler)
-        if not _open:  # a new sweep (or group): an earlier failed save's aftermath is over
-            _failed_save.clear()
         _open.add(os.path.abspath(directory))
 
     def latest_epoch(self) -> int | None:

@@ -360,8 +360,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
             name = f"group {i + 1}/{len(todo)} {g.name}"
             progress.set_description(name if ahead.ready(i) else f"{name} (compiling)")  # else a still bar, unsaid
             try:
-                program = ahead.program(i)
-                progress.set_description(name)
+                try:
+                    program = ahead.program(i)
+                finally:  # built, or failed to build: no longer compiling
+                    progress.set_description(name)
                 if stop.is_set():  # asked while the program compiled
                     raise Stopped(f"stopped before group {g.name}")
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,

@@ -171,13 +171,12 @@ def test_orbax_repeating_a_full_disk_is_quieted_and_nothing_else(monkeypatch):
     dropped, and the closed loop only once a save met a full disk."""
     import errno
     import logging
-    import threading
     import types
 
     from fusion_jax import checkpoint
 
     monkeypatch.setattr(checkpoint, "_open", set())
-    monkeypatch.setattr(checkpoint, "_failed_save", threading.Event())
+    monkeypatch.setattr(checkpoint, "_failed_save_at", -float("inf"))
 
     def record(msg, error=None, level=logging.ERROR, path="/x/orbax/checkpoint/_src/future.py"):
         exc_info = (type(error), error, None) if error else None
@@ -209,13 +208,16 @@ def test_orbax_repeating_a_full_disk_is_quieted_and_nothing_else(monkeypatch):
     assert not quiet(record("Save Finalize thread failed.", full))
     assert not quiet(record("Error writing \"x\" in 3.orbax-checkpoint-tmp [os_error_code='28']"))
     checkpoint._open.clear()
-    assert checkpoint._failed_save.is_set()  # (a save met a full disk: what follows is its aftermath)
+    assert checkpoint._saving()  # (a save met a full disk: what follows is its aftermath)
     hook(closed)
     assert len(seen) == 1  # dropped
+    monkeypatch.setattr(checkpoint, "_failed_save_at", time.monotonic() - checkpoint._AFTERMATH_SECONDS - 1)
+    hook(closed)
+    assert len(seen) == 2  # a minute on, said again
     for other in (raised_in("/work/fusion_jax/sweep.py"),
                   types.SimpleNamespace(exc_value=ValueError("Event loop is closed"), exc_traceback=None)):
         hook(other)
-    assert len(seen) == 3
+    assert len(seen) == 4
 
 
 def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):

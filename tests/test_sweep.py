@@ -569,15 +569,29 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
                                       per_run(program.trainer.evaluate, (0, 0, None))(state, runs, data))
 
 
-def test_the_progress_bar_says_when_a_group_waits_for_its_compilation(smoke_config, tmp_path, capsys):
+def test_the_progress_bar_says_when_a_group_waits_for_its_compilation(smoke_config, tmp_path, capsys, monkeypatch):
+    import time
+
+    import fusion_jax.groups as groups_lib
+
     config = smoke_config
     config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128,), 1
-    train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path / "ok"))
     err = capsys.readouterr().err
     assert "group 1/1 aligned-concat (compiling)" in err and "group 1/1 aligned-concat: 100%" in err, err[-2000:]
 
+    def out_of_memory(*args, **kwargs):
+        time.sleep(0.5)  # while the sweep waits for the build
+        raise MemoryError("compiling")
 
-@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="chunks of 2 runs are the CPU's default")
+    monkeypatch.setattr(groups_lib, "build_program", out_of_memory)  # the group fails alone, in its build
+    assert train_and_evaluate(config, str(tmp_path / "failed"))["failed_groups"]
+    last = capsys.readouterr().err.rsplit("group 1/1 aligned-concat", 1)[1]
+    assert not last.startswith(" (compiling)"), last  # the bar's last word: no longer compiling
+
+
+@pytest.mark.skipif(jax.device_count() > 1 or jax.devices()[0].platform != "cpu",
+                    reason="chunks of 2 runs, on one device, are the CPU's default")
 def test_evaluation_memory_is_a_chunks_not_the_groups(smoke_config):
     """evaluate takes a device's runs a chunk at a time, as training does: its scratch memory does not grow with
     the runs of the group (it held every run's evaluation batch at once: 10x more at 18 runs of token features)."""
