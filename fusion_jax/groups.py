@@ -26,6 +26,7 @@ import numpy as np
 
 from fusion_jax.data import FeatureSet, Pairs, build_pairs
 from fusion_jax.files import safe_name
+from fusion_jax.programs import Later, ProgramCache
 from fusion_jax.train import Trainer, make_train, pair_arrays, run_key, steps_per_epoch
 from fusion_jax.validate import ConfigError
 
@@ -262,103 +263,6 @@ def _chunked(f: Callable, k: int, mesh: Mesh) -> Callable:
                          check_vma=False)
 
 
-class ProgramCache:
-    """Compiled programs by their lowered program, argument types and compiler options: the groups of one sweep
-    that have the same shapes (two backbones of one feature size, both with or both without noise)
-    share theirs. Thread-safe; a build that needs a program another thread is compiling waits for it, and
-    compiles it itself should that compilation fail (none that failed is kept). After `close()` it compiles
-    nothing more. `compiled` and `shared` count the programs compiled and those taken from another group."""
-
-    def __init__(self):
-        self._lock, self._programs, self.compiled, self.shared = threading.Lock(), {}, 0, 0
-        self._closed = False
-
-    def close(self) -> None:
-        """Refuse compilations from now on (CancelledError): a build in progress stops at its next program, so
-        that a sweep which ends waits for the compilations under way only."""
-        with self._lock:
-            self._closed = True
-
-    def __call__(self, lowered: Any, options: dict | None = None) -> Any:
-        # The text leaves out the arguments a program does not read (init does not read the pairs),
-        # while the compiled program still checks them: the argument types are part of the key.
-        key = (lowered.as_text(), str(lowered.in_tree), str(lowered.args_info),
-               repr(sorted((options or {}).items())))
-        while True:
-            with self._lock:
-                future, mine = self._programs.get(key), key not in self._programs
-                if mine and self._closed:
-                    raise concurrent.futures.CancelledError("the sweep has ended: no more programs compile")
-                if mine:
-                    future = self._programs[key] = concurrent.futures.Future()
-            if mine:
-                try:
-                    compiled = lowered.compile(options)
-                except BaseException as e:
-                    with self._lock:  # not kept: a group of these shapes compiles again (memory may be free then)
-                        del self._programs[key]
-                    future.set_exception(e)
-                    raise
-                future.set_result(compiled)
-                with self._lock:
-                    self.compiled += 1
-                return compiled
-            # exception() rather than result(): raising the other group's error here would add this group's
-            # frames to its traceback.
-            if future.exception() is not None:  # the group that compiled it failed (out of memory?): try on our own
-                continue
-            compiled = future.result()
-            with self._lock:
-                self.shared += 1
-            return compiled
-
-
-class Later:
-    """A program compiled after its group is handed over, by `make()`: in `compile()` (CompiledAhead
-    calls it in the thread that built the group), or in the first call if none came before. A call
-    waits for a compilation in progress, and compiles again where the one before it failed (out of
-    memory while another group trained, say), raising that error if it fails too. `seconds`: the
-    compilations' duration; `waited`: how long calls waited for them (or compiled)."""
-
-    def __init__(self, name: str, make: Callable[[], Any]):
-        self.name, self.seconds, self.waited = name, 0.0, 0.0
-        self._make, self._compiled, self._lock = make, None, threading.Lock()
-
-    def compile(self) -> None:
-        """Compile, unless it is compiled or another thread is compiling it (then return at once). A failure is
-        logged, and left to the first call, which tries again."""
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._compile()
-        except Exception as e:  # noqa: BLE001 - not this thread's to raise: the call compiles again
-            if not isinstance(e.__cause__, concurrent.futures.CancelledError):  # the sweep ended: it will not be called
-                log.warning("%s: compilation failed in the background (%s); it compiles again when the group "
-                            "evaluates", self.name, repr(e.__cause__ or e)[:500])
-        finally:
-            self._lock.release()
-
-    def _compile(self) -> None:
-        """Compile under the lock, unless compiled; a failure is a RuntimeError naming the program, caused by it."""
-        if self._compiled is not None:
-            return
-        t0 = time.perf_counter()
-        try:
-            self._compiled = self._make()
-        except Exception as e:
-            raise RuntimeError(f"{self.name}: compilation failed: {e!r}") from e
-        finally:
-            self.seconds += time.perf_counter() - t0
-        self._make = None  # and what it holds (the lowered program)
-
-    def __call__(self, *args):
-        t0 = time.perf_counter()
-        with self._lock:
-            self._compile()
-        self.waited += time.perf_counter() - t0
-        return self._compiled(*args)
-
-
 # init and evaluate run once per group: on XLA:CPU, LLVM at level 1 compiles them in about half the
 # time of the default 3, with the same bits out (tests/test_sweep.py); level 0 changes init's draws.
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
@@ -429,7 +333,7 @@ class CompiledAhead:
     put on the devices once. Ask in the groups' order: `program(i)` waits for group i's init and
     train_epoch (and raises what the build raised: NonFinite for bad features); the build's thread
     then compiles its evaluate (a `Later`) before the next build. Groups of the same shapes share
-    their programs (`programs`, a ProgramCache). `data(program)` gives its features. The builds take
+    their programs (`programs`, a ProgramCache, cleared once every group is built). `data(program)` gives its features. The builds take
     the float32 matmul precision in force where this is made (`jax.default_matmul_precision` sets it for
     one thread only), and a build that fails names its group."""
 
@@ -439,12 +343,23 @@ class CompiledAhead:
         jobs = [(g, features[g.backbone], concurrent.futures.Future()) for g in groups]
         self._futures = [handover for *_, handover in jobs]
         self.programs = ProgramCache()
+        self._unbuilt, self._unbuilt_lock = len(groups), threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fusion_jax-compile")
         self._closing, precision = threading.Event(), jax.config.jax_default_matmul_precision
         for g, fs, handover in jobs:
             self._pool.submit(self._build, config, g, fs, mesh, handover, precision)
 
     def _build(self, config, group, features, mesh, handover: concurrent.futures.Future, precision) -> None:
+        try:
+            self._build_one(config, group, features, mesh, handover, precision)
+        finally:
+            with self._unbuilt_lock:
+                self._unbuilt -= 1
+                last = self._unbuilt == 0
+            if last:  # no group is left to share a program with
+                self.programs.clear()
+
+    def _build_one(self, config, group, features, mesh, handover: concurrent.futures.Future, precision) -> None:
         if not handover.set_running_or_notify_cancel():
             return
         with jax.default_matmul_precision(precision):
@@ -457,6 +372,7 @@ class CompiledAhead:
             handover.set_result(program)
             if not self._closing.is_set():  # after an error or a stop, its group will not evaluate
                 program.evaluate.compile()
+                program.evaluate.settle()  # a call compiling it meanwhile has taken its program from the cache
 
     def ready(self, i: int) -> bool:
         """Whether group i's program is built (`program(i)` returns at once)."""

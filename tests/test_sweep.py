@@ -14,7 +14,8 @@ import pytest
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import report
-from fusion_jax.groups import CompiledAhead, Later, build_program, group_data, layout, per_run_program, plan
+from fusion_jax.groups import CompiledAhead, build_program, group_data, layout, per_run_program, plan
+from fusion_jax.programs import Later
 from fusion_jax.metrics import METRICS
 from fusion_jax.sweep import train_and_evaluate
 from fusion_jax.workdir import prepare_workdir
@@ -183,6 +184,7 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
         assert epoch(others[1]) is epoch(program) and others[1].init is program.init
         assert epoch(others[2]) is epoch(others[0]) and epoch(others[0]) is not epoch(program)
     assert (ahead.programs.compiled, ahead.programs.shared) == (6, 6)
+    assert ahead.programs.held == 0  # every group built: each program is held by its groups alone
     import fusion_jax.groups as groups_lib
 
     builds, build = [], groups_lib.build_program
@@ -260,7 +262,7 @@ def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types(
     """Two programs of one text (the second argument unread) but other argument shapes do not share."""
     import jax.numpy as jnp
 
-    from fusion_jax.groups import ProgramCache
+    from fusion_jax.programs import ProgramCache
 
     cache, f = ProgramCache(), jax.jit(lambda x, y: x * 2)
     a = cache(f.lower(jnp.ones(3), jnp.ones((4, 5), jnp.int32)))
@@ -273,7 +275,7 @@ def test_program_cache_shares_only_programs_of_the_same_text_and_argument_types(
 def test_program_cache_compiles_again_after_a_failed_compilation():
     """A failed compilation is not kept: the next group of those shapes compiles again (out of memory while
     another group trained may be over by then)."""
-    from fusion_jax.groups import ProgramCache
+    from fusion_jax.programs import ProgramCache
 
     class Flaky:
         in_tree, args_info, calls = "tree", "args", 0
@@ -303,7 +305,7 @@ def test_a_group_waiting_on_a_compilation_that_fails_compiles_on_its_own(monkeyp
     import time
     import traceback
 
-    from fusion_jax.groups import ProgramCache
+    from fusion_jax.programs import ProgramCache
 
     waiting, calls, exception = threading.Event(), [], concurrent.futures.Future.exception
 
@@ -353,7 +355,7 @@ def test_a_closed_program_cache_compiles_nothing_more():
     """After close() (a sweep that ends), a program not compiled yet is refused; one compiled is still shared."""
     import concurrent.futures
 
-    from fusion_jax.groups import ProgramCache
+    from fusion_jax.programs import ProgramCache
 
     class Lowered:
         in_tree, args_info = "tree", "args"
