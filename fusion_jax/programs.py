@@ -31,7 +31,7 @@ class ProgramCache:
 
     def clear(self) -> None:
         """Forget the programs compiled (those compiling stay): once no group is left to build, the groups that
-        use a program hold it, and it is freed with the last of them (4-10 MiB of host memory each on a CPU)."""
+        use a program hold it, and it is freed with the last of them (megabytes of host memory each)."""
         with self._lock:
             for key in [key for key, future in self._programs.items() if future.done()]:
                 del self._programs[key]
