@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import NO_ROOM_ERRNOS, atomic_write_json
 from fusion_jax.validate import ConfigError
 
 
@@ -77,7 +77,7 @@ def _os_error(e: Exception) -> tuple[int | None, str] | None:
 _MACHINE_READ_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR,
                         errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOLCK, errno.ENOTCONN, errno.EHOSTDOWN,
                         errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_FULL = NO_ROOM_ERRNOS
 _FULL_TEXT = re.compile("|".join([re.escape(os.strerror(c)) for c in _FULL]
                                  + [rf"os_error_code='?({'|'.join(map(str, _FULL))})\b"]))
 _open: set[str] = set()  # the folders of this process's GroupCheckpoints not yet closed

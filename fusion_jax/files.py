@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +56,10 @@ def unwritable_folder(path: str) -> str | None:
     if found == os.path.abspath(path):
         return "is a folder this user cannot write to" if os.path.isdir(found) else "is a file, not a folder"
     return f"cannot be made: {found!r} is " + ("not writable" if os.path.isdir(found) else "a file")
+
+
+# A write's errors that free space (or a writable file system) mends: a full disk, a quota, a read-only mount.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def made_folder(path: str) -> str | None:

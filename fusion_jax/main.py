@@ -17,7 +17,6 @@ failed (or an unexpected error, with its traceback), 2 a usage, config or data e
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -55,6 +54,7 @@ from fusion_jax.cli import parse_absl_flags  # noqa: E402
 from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
+from fusion_jax.files import NO_ROOM_ERRNOS  # noqa: E402
 from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
 from fusion_jax.validate import ConfigError, validate_fields  # noqa: E402
 from fusion_jax.workdir import finished_group_names  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv: list[str]) -> None:
               "sweep holds)", file=sys.stderr)
         distributed.leave(1)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if e.errno not in NO_ROOM_ERRNOS:
             traceback.print_exc()
             distributed.leave(1)
         print(f"fusion_jax: error: cannot write {e.filename or 'a file'}: {e.strerror}; free space (or mend that), then "
