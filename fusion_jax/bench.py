@@ -187,7 +187,7 @@ def time_jax(config: ml_collections.ConfigDict, groups: list[Group], features: d
             counts = np.asarray(program.evaluate(state, runs, data))[program.index]
             t4 = time.perf_counter()
             accuracies = [accuracy(c[:4]) for c in counts]  # in the group's run order
-            later = program.evaluate  # a groups.Later: CompiledAhead compiles it after handing the group over
+            later = program.evaluate  # a programs.Later: CompiledAhead compiles it after handing the group over
             slot_steps = np.asarray([steps_per_epoch(int(n), batch) * epochs for n in program.runs["n_train"]])
             run_steps = slot_steps[program.index].tolist()
             # A chunk steps all its slots until its longest run is done, or (skip_idle off) through every step.

@@ -77,9 +77,8 @@ def _os_error(e: Exception) -> tuple[int | None, str] | None:
 _MACHINE_READ_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR,
                         errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOLCK, errno.ENOTCONN, errno.EHOSTDOWN,
                         errno.EHOSTUNREACH, errno.ECONNRESET, errno.ECONNREFUSED}
-_FULL = NO_ROOM_ERRNOS
-_FULL_TEXT = re.compile("|".join([re.escape(os.strerror(c)) for c in _FULL]
-                                 + [rf"os_error_code='?({'|'.join(map(str, _FULL))})\b"]))
+_FULL_TEXT = re.compile("|".join([re.escape(os.strerror(c)) for c in NO_ROOM_ERRNOS]
+                                 + [rf"os_error_code='?({'|'.join(map(str, NO_ROOM_ERRNOS))})\b"]))
 _open: set[str] = set()  # the folders of this process's GroupCheckpoints not yet closed
 _failed_save_at = -math.inf  # when a save of one of them last met a full disk (a quota, a read-only file system)
 _AFTERMATH_SECONDS = 60.0  # how long after that Orbax's threads may still report it
@@ -145,7 +144,7 @@ def _writes(method):
         except (OSError, ValueError) as e:
             if (error := _os_error(e)) is None:
                 raise
-            if error[0] in _FULL:
+            if error[0] in NO_ROOM_ERRNOS:
                 _full_disk_met()
             raise ConfigError("workdir", f"cannot write checkpoints in {self.directory!r}: {error[1]}; "
                               "mend that, then rerun the same command to resume") from e

@@ -275,7 +275,7 @@ def tsne(workdir: str, results: dict, path: str) -> str | None:
         finite = np.isfinite(image[:n]).all(axis=1) & np.isfinite(text[:n]).all(axis=1)
         image, text, dropped, n = image[:n][finite], text[:n][finite], n - int(finite.sum()), int(finite.sum())
         note = f"\n{dropped} pairs with NaN or Inf features left out" if dropped else ""
-        # the sample holds a token sweep's masked means (`sweep.write_tsne_sample`)
+        # the sample holds a token sweep's masked means (`feature_report.tsne_sample`)
         what = "means of token states" if results.get("backbones", {}).get(b, {}).get("tokens") else "pooled"
         same = [m for m, x in (("image", image), ("text", text)) if n and not np.ptp(x, axis=0).any()]
         if n < 4 or same:  # scikit-learn's t-SNE crashed the process on features that are all alike

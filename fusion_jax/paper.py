@@ -53,7 +53,6 @@ TABLE3_ROWS = (
 )
 
 # Table 4: the paper's decision rules.
-TABLE4_COLUMNS = ("feature_quality", "data_size", "method")
 TABLE4_ROWS = (
     ("pre-aligned (CLIP, BLIP)", "any", "concat"),
     ("weakly aligned", "<= 4K", "concat"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import json
 import logging
 import os
@@ -24,15 +23,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusion_jax import degrade, distributed
+from fusion_jax import distributed
 from fusion_jax.distributed import Stopped  # noqa: F401 - the sweep's, where its callers look for it
 from fusion_jax import metrics as metrics_lib
 from fusion_jax.checkpoint import GroupCheckpoints
-from fusion_jax.data import FeatureSet, build_pairs, captioned_images, overlap
+from fusion_jax.data import FeatureSet
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.pairs import pair_identity
 from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
-from fusion_jax.files import atomic_write, atomic_write_json, safe_name
+from fusion_jax.feature_report import feature_notes, split_overlap, tsne_samples
+from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, own_failure, plan
 from fusion_jax.report import run_device, source, write_results
@@ -42,21 +42,6 @@ from fusion_jax.workdir import check_workdir, prepare_workdir, read_state, refus
 from fusion_jax.xla_cache import cache_events, persistent_cache
 
 log = logging.getLogger("fusion_jax")
-
-
-def write_tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed: int = 0) -> None:
-    """`tsne_<backbone>.npz`: `n` matched pairs (image [n, d_v], text [n, d_t], pooled) for the report's t-SNE."""
-    from fusion_jax.fusion import masked_mean
-
-    rng = np.random.default_rng(seed)
-    captions = rng.permutation(fs.n_captions)[:n]
-    pooled = lambda x, m: np.asarray(masked_mean(jnp.asarray(x), None if m is None else jnp.asarray(m)))
-    image = fs.image[fs.caption_image[captions]]
-    image_mask = None if fs.image_mask is None else fs.image_mask[fs.caption_image[captions]]
-    text_mask = None if fs.text_mask is None else fs.text_mask[captions]
-    path = os.path.join(workdir, f"tsne_{safe_name(backbone)}.npz")
-    arrays = {"image": pooled(image, image_mask), "text": pooled(fs.text[captions], text_mask)}
-    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def _restore_latest_good(ckpt: GroupCheckpoints, abstract: dict, group: Group, aside: str):
@@ -311,9 +296,41 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
            command: str | None) -> tuple[dict | None, list[str]]:
     """train_and_evaluate after validation, in process `index` of `count`, holding the workdir in `held`:
     (the results in process 0, else None; the errors of the groups this process failed)."""
-    config_dict = config.to_dict()
     groups = plan(config)
-    done, failed = _record_paths(workdir)
+    features, drawn, notes, finished = _start_up(config, workdir, groups, index, count, held, stop)
+    # Process 0's view of the workdir, in every process (their file systems' caches may differ): the
+    # unfinished groups are dealt alike, so a resume shares them evenly, whichever process had trained which.
+    todo = distributed.mine([g for g in groups if g.name not in finished], index, count)
+    held.enter_context(distributed.failures_shared(index, count, config.distributed.wait_seconds, stop))
+    if index == 0:
+        tsne_samples(workdir, features, config.tsne_pairs)
+    n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
+    log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
+             n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
+             f" in process {index} of {count}" if count > 1 else "")
+    if stop.is_set():
+        raise Stopped("stopped before training")
+    own_failed = _train_own(config, workdir, todo, features, on_epoch, stop)
+    if index != 0:
+        return None, own_failed
+    records, failures = _gather(workdir, groups, index, count, config.distributed.wait_seconds, stop)
+    timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo) - len(own_failed),
+              "groups": len(groups)}
+    if count == 1 and not todo and (trained := _last_training(workdir)):  # a rerun that trains nothing
+        timing["trained_by"] = trained
+    return write_results(workdir, config.to_dict(), records, command,
+                         {b: {**fs.provenance, **drawn[b], "split_overlap": split_overlap(config, fs),
+                              **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
+                         failures, timing), own_failed
+
+
+def _start_up(config: ml_collections.ConfigDict, workdir: str, groups: list[Group], index: int, count: int,
+              held: contextlib.ExitStack, stop: threading.Event
+              ) -> tuple[dict[str, FeatureSet], dict[str, dict], dict[str, list[str]], list[str]]:
+    """Check the workdir, load (or extract) every backbone's features, claim the workdir and hold it in `held`,
+    all processes in step: (features, each backbone's pair_identity, feature notes (process 0's), the names of
+    the groups already finished)."""
+    config_dict = config.to_dict()
     with distributed.checked_start(index, count, config.distributed.wait_seconds, stop):
         check_workdir(workdir, config_dict)  # before minutes of feature extraction
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
@@ -333,25 +350,16 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         held.enter_context(sweep_lock(workdir, index, count))
         if index == 0:
             shared["finished"] = _finished_groups(workdir, groups)
-    # Process 0's view of the workdir, in every process (their file systems' caches may differ): the
-    # unfinished groups are dealt alike, so a resume shares them evenly, whichever process had trained which.
-    todo = distributed.mine([g for g in groups if g.name not in shared["finished"]], index, count)
-    held.enter_context(distributed.failures_shared(index, count, config.distributed.wait_seconds, stop))
-    if index == 0 and config.tsne_pairs:
-        for b, fs in features.items():
-            write_tsne_sample(workdir, b, fs, config.tsne_pairs)
-    elif index == 0:  # an earlier run's sample would still draw the figure that 0 turns off
-        for name in glob.glob(os.path.join(workdir, "tsne_*.npz")) + [os.path.join(workdir, "fig_tsne.png")]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-    n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
-    log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
-             n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
-             f" in process {index} of {count}" if count > 1 else "")
-    if stop.is_set():
-        raise Stopped("stopped before training")
+    return features, drawn, notes, shared["finished"]
+
+
+def _train_own(config: ml_collections.ConfigDict, workdir: str, todo: list[Group], features: dict[str, FeatureSet],
+               on_epoch: Callable[[Group, int], None] | None, stop: threading.Event) -> list[str]:
+    """Train this process's groups in turn, each program compiled ahead, each finished one recorded in
+    groups/; return the errors of those that failed on their own (each recorded as failed; the others train)."""
+    done, failed = _record_paths(workdir)
     cache = persistent_cache(config.compilation_cache) if config.compilation_cache else contextlib.nullcontext()
-    own_failed: list[str] = []  # the errors of the groups this process failed
+    own_failed: list[str] = []
     with cache, cache_events() as events, CompiledAhead(config, todo, features, compile_workers(config)) as ahead, \
             tqdm(total=len(todo) * config.train.epochs, unit="epoch", dynamic_ncols=True, disable=not todo) as progress:
         for i, g in enumerate(todo):
@@ -390,15 +398,21 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
         log.info("compilation cache %s: %d XLA compilations loaded, %d compiled (each program is several: init, "
                  "train, evaluate, and with lanes their split and join)", config.compilation_cache,
                  events["hits"], events["misses"])
-    if index != 0:
-        return None, own_failed
+    return own_failed
 
-    waited = 0.0
-    while not all(os.path.exists(done(g)) or os.path.exists(failed(g)) for g in groups):
-        if waited >= config.distributed.wait_seconds:
-            missing = [g.name for g in groups if not (os.path.exists(done(g)) or os.path.exists(failed(g)))]
-            raise distributed.WaitedOut(f"groups {missing} not finished by the other processes after {waited:.0f} s "
-                                        "(one may have ended without telling: killed, or a second Ctrl-C)")
+
+def _gather(workdir: str, groups: list[Group], index: int, count: int, wait_seconds: float,
+            stop: threading.Event) -> tuple[list[dict], list[dict]]:
+    """In process 0: (every finished group's run records, every failed group's record), once each group has one,
+    waiting up to `wait_seconds` for the other processes' groups; then tidies the workdir's leftovers."""
+    done, failed = _record_paths(workdir)
+    recorded = lambda g: os.path.exists(done(g)) or os.path.exists(failed(g))
+    deadline = time.monotonic() + wait_seconds
+    while not all(recorded(g) for g in groups):
+        if time.monotonic() >= deadline:  # the looks themselves take time on a shared file system
+            raise distributed.WaitedOut(f"groups {[g.name for g in groups if not recorded(g)]} not finished by the "
+                                        f"other processes after {wait_seconds:.0f} s (one may have ended without "
+                                        "telling: killed, or a second Ctrl-C)")
         if stop.is_set():
             raise Stopped("stopped while waiting for the other processes' groups")
         if failures := distributed.peer_failures(index, count):
@@ -407,7 +421,6 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
                 f"{'; '.join(failures)} (the finished groups and each unfinished group's last epoch are kept for "
                 "the resume)")
         time.sleep(1.0)
-        waited += 1.0
     records, failures = [], []
     for g in groups:
         if os.path.exists(done(g)):
@@ -417,14 +430,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.listdir(os.path.join(workdir, "checkpoints")):
         os.rmdir(os.path.join(workdir, "checkpoints"))
     _report_set_aside(os.path.join(workdir, "checkpoints-corrupt"))
-    timing = {"seconds": round(time.perf_counter() - start, 1), "groups_trained": len(todo) - len(own_failed),
-              "groups": len(groups)}
-    if count == 1 and not todo and (trained := _last_training(workdir)):  # a rerun that trains nothing
-        timing["trained_by"] = trained
-    return write_results(workdir, config_dict, records, command,
-                         {b: {**fs.provenance, **drawn[b], "split_overlap": split_overlap(config, fs),
-                              **({"notes": notes[b]} if b in notes else {})} for b, fs in features.items()},
-                         failures, timing), own_failed
+    return records, failures
 
 
 def _last_training(workdir: str) -> dict | None:
@@ -437,60 +443,3 @@ def _last_training(workdir: str) -> dict | None:
         return timing.get("trained_by") or ({"command": earlier["command"], **timing} if timing["groups_trained"] else None)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-
-
-def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],
-                  features: dict[str, FeatureSet]) -> dict[str, list[str]]:
-    """What a reader of the results should know about each backbone's features, logged as warnings and
-    kept in results.json (summary.md shows them): images without a caption (never drawn), and a noise
-    study on features that are not unit vectors (σ is meant relative to unit norm, and levels > 0 are
-    re-normalised while level 0 stays as it is, so their gap mixes the noise with a change of scale;
-    up to 4096 rows spread over the set, real tokens only, by mask, for token features), and features that
-    are another backbone's (one file under two names, say: the same runs twice)."""
-    noisy = {g.backbone for g in groups if g.noisy}
-    out = {}
-    for i, (b, fs) in enumerate(features.items()):
-        notes = out.setdefault(b, [])
-        same = next((a for a in list(features)[:i] if _same_features(features[a], fs)), None)
-        if same is not None:
-            notes.append(f"it holds the same features as backbone {same!r} (array for array): its runs repeat that "
-                         "backbone's")
-        uncaptioned = fs.n_images - len(captioned_images(fs.caption_image))
-        if uncaptioned:
-            notes.append(f"{uncaptioned} of its {fs.n_images} images have no caption: pairs never draw them")
-        for m in degrade.degraded(config.degradation.modality) if b in noisy else ():
-            n = len(getattr(fs, m))
-            rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, 4096)).astype(np.int64))  # spread over all
-            x, mask = getattr(fs, m)[rows], getattr(fs, f"{m}_mask")
-            norms = np.sqrt(np.einsum("...d,...d->...", x, x))
-            norms = norms[mask[rows].astype(bool)] if mask is not None else norms.ravel()
-            if norms.size and not np.allclose(norms, 1.0, atol=1e-3):
-                span = dict.fromkeys((f"{norms.min():.3g}", f"{norms.max():.3g}"))
-                notes.append(f"the noise study degrades its {m} features, whose norms are {'-'.join(span)}, not 1: "
-                             "σ is meant for unit vectors, and levels > 0 are re-normalised while level 0 is used "
-                             "as it is (L2-normalise the features first to study the noise alone)")
-        for note in notes:
-            log.warning("backbone %r: %s", b, note)
-    return {b: notes for b, notes in out.items() if notes}
-
-
-def _same_features(a: FeatureSet, b: FeatureSet, block_bytes: int = 64 << 20) -> bool:
-    """Whether two feature sets hold the same arrays (masks included): compared in blocks of rows of about
-    `block_bytes`, stopping at the first that differs (token features can be gigabytes)."""
-    def same(x, y) -> bool:
-        if x is None or y is None or x.shape != y.shape:
-            return x is None and y is None
-        if x is y:
-            return True
-        block = max(1, block_bytes // max(1, x[:1].nbytes))
-        return all(np.array_equal(x[i:i + block], y[i:i + block]) for i in range(0, len(x), block))
-
-    arrays = lambda fs: (fs.caption_image, fs.image_mask, fs.text_mask, fs.image, fs.text)  # the cheap first
-    return all(same(x, y) for x, y in zip(arrays(a), arrays(b)))
-
-
-def split_overlap(config: ml_collections.ConfigDict, fs: FeatureSet) -> dict[str, dict[str, float]]:
-    """Per scale (as a string, for JSON), what its validation pairs share with its training pairs
-    (`data.overlap`): how much the pair split lets validation see training's images and captions."""
-    return {str(s): overlap(build_pairs(fs.caption_image, fs.n_images, s, **config.pairs), fs.caption_image)
-            for s in config.scales}

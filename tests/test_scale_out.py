@@ -669,6 +669,26 @@ def test_a_finished_process_waits_for_the_others_at_the_end(store, monkeypatch):
     assert store.kv["fusion_jax/end/3/gone/1"] and distributed._out_of_step
 
 
+def test_process_0_waits_for_the_groups_of_the_others_by_the_clock(tmp_path, monkeypatch, smoke_config):
+    """Process 0 gives the other processes' groups distributed.wait_seconds of the clock, not that many of its
+    one-second sleeps: each look between them (the records on a shared file system, the key-value store)
+    takes time too."""
+    from fusion_jax import distributed, sweep
+    clock, looks = [0.0], []
+
+    def slow_look(index, count):  # a slow key-value store: 10 s a look
+        looks.append(clock[0])
+        clock[0] += 10.0
+        return []
+
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(distributed, "peer_failures", slow_look)
+    with pytest.raises(distributed.WaitedOut, match="not finished by the other processes after 30 s"):
+        sweep._gather(str(tmp_path), plan(smoke_config), 0, 2, 30.0, threading.Event())
+    assert looks == [0.0, 11.0, 22.0]
+
+
 def test_a_stop_in_one_process_stops_all_and_they_leave_together(store):
     """Ctrl-C to one process (or to all, as multiprocess_localhost.sh sends it) while they train: every
     process stops before its next epoch and waits for the others, then all exit in step (process 0 leaving

@@ -106,7 +106,7 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
     import dataclasses
 
     from fusion_jax.data.sources import load_features
-    from fusion_jax.sweep import feature_notes
+    from fusion_jax.feature_report import feature_notes
 
     config = smoke_config
     config.degradation.backbones = ("aligned",)
@@ -140,13 +140,13 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
     copied = dataclasses.replace(features["aligned"], text=features["aligned"].text.copy())
     assert feature_notes(config, groups, {**features, "unaligned": copied}) == feature_notes(config, groups, same)
     assert feature_notes(config, groups, {"aligned": fs, "unaligned": dataclasses.replace(fs, image_mask=None)}) == {}
-    from fusion_jax.sweep import _same_features  # compared in blocks of rows: each block counts
+    from fusion_jax.feature_report import same_features  # compared in blocks of rows: each block counts
 
     last = copied.text.copy()
     last[-1, -1] += 1
     for block_bytes in (1, 64 << 20):
-        assert _same_features(features["aligned"], copied, block_bytes)
-        assert not _same_features(features["aligned"], dataclasses.replace(copied, text=last), block_bytes)
+        assert same_features(features["aligned"], copied, block_bytes)
+        assert not same_features(features["aligned"], dataclasses.replace(copied, text=last), block_bytes)
 
 
 class Killed(Exception):

@@ -140,7 +140,8 @@ def _pools(caption_image: np.ndarray, n_images: int, split_seed: int, train_frac
         return ()
     if split_by == "image":
         return _image_pools(caption_image, n_images, captioned, split_seed, train_fraction)
-    return (_Pool(*_pair_lists(caption_image, n_images, captioned, np.random.default_rng(split_seed))),)
+    # The paper's protocol over all images with a caption (kept draw for draw where every image has one, and as many).
+    return (_pool(caption_image, n_images, captioned, np.random.default_rng(split_seed)),)
 
 
 def split_sizes(scale: int, train_fraction: float) -> tuple[int, int]:
@@ -193,19 +194,6 @@ def build_pairs(caption_image: np.ndarray, n_images: int, scale: int, split_seed
         order = np.random.default_rng([split_seed, scale]).permutation(scale)
     return Pairs(image_idx[order].astype(np.int32), caption_idx[order].astype(np.int32),
                  label[order].astype(np.int32), n_train)
-
-
-def _pair_lists(caption_image: np.ndarray, n_images: int, captioned: np.ndarray,
-                rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """The pair split's master lists over all images that have a caption (the paper's protocol; kept draw for
-    draw where every image has one, and as many). A negative's image is drawn among the others with a caption: an image
-    without one would only ever be a negative, and a head could learn that instead of matching."""
-    position = np.zeros(n_images, np.int64)
-    position[captioned] = np.arange(len(captioned))
-    pos_captions = rng.permutation(len(caption_image))
-    neg_captions = rng.permutation(len(caption_image))
-    neg_images = _negative_images(caption_image, neg_captions, captioned, position, rng)
-    return caption_image[pos_captions], pos_captions, neg_images, neg_captions
 
 
 def pair_identity(caption_image: np.ndarray, n_images: int, split_seed: int = 0, train_fraction: float = 0.8,

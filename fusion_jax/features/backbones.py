@@ -28,7 +28,6 @@ from fusion_jax.files import sha256
 from fusion_jax.host import on_host
 
 log = logging.getLogger("fusion_jax")
-KINDS = ("clip", "resnet")
 # What the encoders below compute from a model's outputs (pooling, normalisation, token states). Bump it
 # when a change here alters the features of an unchanged model: the cache keys then change, and no entry
 # extracted by the old code is used. Version 1 is left out of the keys, which are older than it, so the
