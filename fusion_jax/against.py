@@ -70,11 +70,12 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
         lines += ["", note]
     if not shared:
         return "\n".join(lines + ["", "The two sweeps hold no cell in common: nothing to compare."]) + "\n"
+    gaps = {b: [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
+            for b in dict.fromkeys(k[0] for k in shared)}
     lines += ["", f"## Mean validation accuracy, {name} − {other_name} (points), over the cells both hold", "",
-              "| backbone | cells | mean | min | max |", "|---|---:|---:|---:|---:|"]
-    for b in dict.fromkeys(k[0] for k in shared):
-        d = [100 * (mine[k]["accuracy_mean"] - theirs[k]["accuracy_mean"]) for k in shared if k[0] == b]
-        lines.append(f"| {b} | {len(d)} | {sum(d) / len(d):+z.2f} | {min(d):+z.2f} | {max(d):+z.2f} |")
+              *tables.markdown_table(["backbone", "cells", "mean", "min", "max"],
+                                     [[b, len(d), f"{sum(d) / len(d):+z.2f}", f"{min(d):+z.2f}", f"{max(d):+z.2f}"]
+                                      for b, d in gaps.items()], "lrrrr")]
     comps = [tables.comparison_index(r) for r in (results, other)]
     both = [k for k in comps[0] if k in comps[1] and same_noise(k)]
     sides = ("concat", "cross", "neither", "untested")
@@ -85,15 +86,16 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     if not both:
         lines.append("No concat − cross comparison is in both sweeps (a comparison needs both methods in a cell).")
     else:
-        lines += [f"| backbone | comparisons | {other_name}: {' / '.join(sides)} | {name}: {' / '.join(sides)} "
-                  "| changed side (of those tested in both) |", "|---|---:|---|---|---:|"]
-    changed = lambda k: "untested" not in (side(comps[0][k]), side(comps[1][k])) and side(comps[0][k]) != side(comps[1][k])
-    for b in dict.fromkeys(k[0] for k in both):
-        keys = [k for k in both if k[0] == b]
-        lines.append(f"| {b} | {len(keys)} | {count([comps[1][k] for k in keys])} | {count([comps[0][k] for k in keys])} "
-                     f"| {sum(map(changed, keys))} |")
+        changed = lambda k: "untested" not in (side(comps[0][k]), side(comps[1][k])) and side(comps[0][k]) != side(comps[1][k])
+        by_backbone = {b: [k for k in both if k[0] == b] for b in dict.fromkeys(k[0] for k in both)}
+        lines += tables.markdown_table(
+            ["backbone", "comparisons", f"{other_name}: {' / '.join(sides)}", f"{name}: {' / '.join(sides)}",
+             "changed side (of those tested in both)"],
+            [[b, len(keys), count([comps[1][k] for k in keys]), count([comps[0][k] for k in keys]),
+              sum(map(changed, keys))] for b, keys in by_backbone.items()], "lrllr")
     lines += ["", "## Every cell (mean validation accuracy, percent)", "",
-              f"| backbone | method | scale | σ | {other_name} | {name} | difference |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {b} | {m} | {s} | {lv:g} | {pct(theirs[k]):.1f} | {pct(mine[k]):.1f} | "
-              f"{pct(mine[k]) - pct(theirs[k]):+z.1f} |" for k in shared for b, m, s, lv in [k]]
+              *tables.markdown_table(["backbone", "method", "scale", "σ", other_name, name, "difference"],
+                                     [[b, m, s, f"{lv:g}", f"{pct(theirs[k]):.1f}", f"{pct(mine[k]):.1f}",
+                                       f"{pct(mine[k]) - pct(theirs[k]):+z.1f}"] for k in shared for b, m, s, lv in [k]],
+                                     "llrrrrr")]
     return "\n".join(lines) + "\n"

@@ -221,48 +221,45 @@ def summary_markdown(results: dict) -> str:
                   "measured, gives their alignment; the table names no alignment that divides its kinds.", ""]
     lines += ["## Every cell", ""]
     if results["summary"]:
-        lines += ["| backbone | method | scale | degradation | accuracy | majority | F1 | precision | recall | seeds |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += tables.markdown_table(
+            ["backbone", "method", "scale", "degradation", "accuracy", "majority", "F1", "precision", "recall", "seeds"],
+            [[r["backbone"], r["method"], r["scale"], f"{r['degradation']['kind']} {r['degradation']['level']:g}",
+              tables.pct(r["accuracy_mean"], r["accuracy_std"]), tables.pct(r["majority_baseline_mean"]),
+              tables.pct(r["f1_mean"], r["f1_std"]), tables.pct(r["precision_mean"], r["precision_std"]),
+              tables.pct(r["recall_mean"], r["recall_std"]), r["n_seeds"]] for r in results["summary"]], "llrlrrrrrr")
     else:
         lines.append("(no run finished" + (": every group failed, below)" if results.get("failed_groups") else ")"))
-    for r in results["summary"]:
-        d = r["degradation"]
-        lines.append(f"| {r['backbone']} | {r['method']} | {r['scale']} | {d['kind']} {d['level']:g} | "
-                     f"{tables.pct(r['accuracy_mean'], r['accuracy_std'])} | {tables.pct(r['majority_baseline_mean'])} | "
-                     f"{tables.pct(r['f1_mean'], r['f1_std'])} | {tables.pct(r['precision_mean'], r['precision_std'])} | "
-                     f"{tables.pct(r['recall_mean'], r['recall_std'])} | {r['n_seeds']} |")
     if results.get("failed_groups"):
         lines += ["", "## Failed groups (not in the tables above)", ""]
         lines += [f"- `{f['group']}`: {f['error']}" for f in results["failed_groups"]]
     if results["backbones"]:
-        lines += ["", "## Feature alignment (zero-shot image → text retrieval by cosine)", "",
-                  "| backbone | recall@1 | recall@5 | chance@1 | chance@5 | images |", "|---|---:|---:|---:|---:|---:|"]
+        rows = []
         for name, prov in results["backbones"].items():
             a = tables.alignment(prov)
-            if a.get("defined"):
-                lines.append(f"| {name} | {100 * a['recall@1']:.1f} | {100 * a['recall@5']:.1f} | "
-                             f"{100 * a['chance@1']:.2f} | {100 * a['chance@5']:.2f} | {a['n_images']} |")
-            else:
-                lines.append(f"| {name} | – | – | – | – | {a.get('reason', 'not measured')} |")
+            rows.append([name, *(f"{100 * a[k]:.1f}" for k in ("recall@1", "recall@5")),
+                         *(f"{100 * a[k]:.2f}" for k in ("chance@1", "chance@5")), a["n_images"]] if a.get("defined")
+                        else [name, "–", "–", "–", "–", a.get("reason", "not measured")])
+        lines += ["", "## Feature alignment (zero-shot image → text retrieval by cosine)", "",
+                  *tables.markdown_table(["backbone", "recall@1", "recall@5", "chance@1", "chance@5", "images"], rows,
+                                         "lrrrrr")]
         lines += ["", tables.TOKEN_ALIGNMENT] if tables.token_backbones(results) else []
     overlaps = {b: prov["split_overlap"] for b, prov in results["backbones"].items() if prov.get("split_overlap")}
     if overlaps:
+        share = lambda x: "–" if x is None else f"{100 * x:.1f}"
         lines += ["", f"## What validation shares with training ({tables.split_text(results, short=True)})", "",
                   "Two separate shares of the validation pairs, in percent: those whose image, or whose caption's "
                   "image, a training pair also shows (as its image or its caption's image); and those whose "
                   "caption a training pair has.", "",
-                  "| backbone | scale | pairs with a training image | pairs with a training caption |",
-                  "|---|---:|---:|---:|"]
-        share = lambda x: "–" if x is None else f"{100 * x:.1f}"
-        lines += [f"| {b} | {s} | {share(o['val_pairs_with_a_training_image'])} | "
-                  f"{share(o['val_pairs_with_a_training_caption'])} |"
-                  for b, by_scale in overlaps.items() for s, o in by_scale.items()]
+                  *tables.markdown_table(["backbone", "scale", "pairs with a training image",
+                                          "pairs with a training caption"],
+                                         [[b, s, share(o["val_pairs_with_a_training_image"]),
+                                           share(o["val_pairs_with_a_training_caption"])]
+                                          for b, by_scale in overlaps.items() for s, o in by_scale.items()], "lrrr")]
     if results["comparisons"]:
+        rows = [[c["backbone"], c["scale"], f"{c['degradation']['kind']} {c['degradation']['level']:g}",
+                 tables.points_text(c["concat_minus_cross"], c["p_value"], c["n_seeds"]), tables.p_text(c["p_value"]),
+                 tables.verdict(c["concat_minus_cross"], c["p_value"], c["n_seeds"])] for c in results["comparisons"]]
         lines += ["", "## concat minus cross (accuracy points, paired t-test over seeds)", "",
-                  "| backbone | scale | degradation | concat − cross | p | verdict |", "|---|---:|---|---:|---:|---|"]
-        for c in results["comparisons"]:
-            d, p = c["degradation"], c["p_value"]
-            verdict = tables.verdict(c["concat_minus_cross"], p, c["n_seeds"])
-            lines.append(f"| {c['backbone']} | {c['scale']} | {d['kind']} {d['level']:g} | "
-                         f"{tables.points_text(c['concat_minus_cross'], p, c['n_seeds'])} | {tables.p_text(p)} | {verdict} |")
+                  *tables.markdown_table(["backbone", "scale", "degradation", "concat − cross", "p", "verdict"], rows,
+                                         "lrlrrl")]
     return "\n".join(lines) + "\n"
