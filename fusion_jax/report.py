@@ -124,14 +124,12 @@ def compare(runs: list[dict]) -> list[dict]:
     key = lambda r: _cell(r, "backbone", "scale", "kind", "level")
     out = []
     for (backbone, scale, kind, level), group in itertools.groupby(sorted(runs, key=key), key):
-        group = list(group)
-        acc = {m: {r["seed"]: r["metrics"]["accuracy"] for r in group if r["method"] == m} for m in ("concat", "cross")}
-        seeds = sorted(set(acc["concat"]) & set(acc["cross"]))
-        if not seeds:
+        concat, cross = tables.seed_pairs(list(group))
+        if not concat:
             continue
-        diff, p = metrics_lib.paired_difference([acc["concat"][s] for s in seeds], [acc["cross"][s] for s in seeds])
+        diff, p = metrics_lib.paired_difference(concat, cross)
         out.append({"backbone": backbone, "scale": scale, "degradation": {"kind": kind, "level": level},
-                    "concat_minus_cross": diff, "p_value": p, "n_seeds": len(seeds)})
+                    "concat_minus_cross": diff, "p_value": p, "n_seeds": len(concat)})
     return out
 
 

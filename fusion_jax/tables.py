@@ -180,14 +180,19 @@ def summary_index(results: dict) -> dict[tuple, dict]:
     return {(s["backbone"], s["method"], s["scale"], level(s)): s for s in results["summary"]}
 
 
+def seed_pairs(runs: list[dict]) -> tuple[list[float], list[float]]:
+    """(concat, cross) accuracies of one cell's runs paired by seed: the seeds both methods ran, in order. The
+    one pairing behind the comparisons' t-tests (report.compare) and Table 2's and fig_noise's spreads."""
+    acc = {m: {r["seed"]: r["metrics"]["accuracy"] for r in runs if r["method"] == m} for m in ("concat", "cross")}
+    seeds = sorted(set(acc["concat"]) & set(acc["cross"]))
+    return [acc["concat"][s] for s in seeds], [acc["cross"][s] for s in seeds]
+
+
 def paired_differences(results: dict, backbone: str, scale: int, lvl: float) -> list[float]:
     """Per-seed concat − cross accuracy (fractions) for one (backbone, scale, level)."""
-    acc = {}
-    for r in results["runs"]:
-        if r["backbone"] == backbone and r["scale"] == scale and level(r) == lvl:
-            acc[(r["method"], r["seed"])] = r["metrics"]["accuracy"]
-    seeds = sorted({s for m, s in acc if m == "concat"} & {s for m, s in acc if m == "cross"})
-    return [acc[("concat", s)] - acc[("cross", s)] for s in seeds]
+    concat, cross = seed_pairs([r for r in results["runs"]
+                                if r["backbone"] == backbone and r["scale"] == scale and level(r) == lvl])
+    return [a - b for a, b in zip(concat, cross)]
 
 
 def noise_settings(results: dict) -> list[tuple[str, int, list[float]]]:
