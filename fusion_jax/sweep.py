@@ -252,7 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     A group that fails on its own (NaN/Inf, or XLA out of memory compiling or running it: `own_failure`)
     is recorded in the results' failed_groups while the others train. Raises ConfigError, before anything
     is written, for an invalid config or workdir; with several processes, the others then raise
-    distributed.PeerFailed instead of waiting for the failed one. A process failing otherwise while
+    distributed.PeerFailed instead of waiting for the failed one. ConfigError also stops a sweep whose
+    checkpoints the machine cannot write or read (a full disk, an I/O or permission error), every
+    checkpoint kept for the rerun. A process failing otherwise while
     training (a checkpoint it cannot write, an error of `on_epoch`) raises its error, and the others
     PeerFailed, once every process has finished what it could (`distributed.failures_shared`).
     `on_epoch(group, epochs_done)` is called after each epoch's checkpoint is on disk; once `stop` is set,
