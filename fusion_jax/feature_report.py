@@ -14,7 +14,7 @@ import numpy as np
 
 from fusion_jax import degrade
 from fusion_jax.data import FeatureSet, build_pairs, captioned_images, overlap
-from fusion_jax.files import atomic_write, safe_name
+from fusion_jax.files import atomic_write_npz, safe_name
 from fusion_jax.fusion import masked_mean
 from fusion_jax.groups import Group
 
@@ -42,7 +42,7 @@ def tsne_sample(workdir: str, backbone: str, fs: FeatureSet, n: int = 800, seed:
     text_mask = None if fs.text_mask is None else fs.text_mask[captions]
     path = os.path.join(workdir, f"tsne_{safe_name(backbone)}.npz")
     arrays = {"image": pooled(image, image_mask), "text": pooled(fs.text[captions], text_mask)}
-    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+    atomic_write_npz(path, arrays)
 
 
 def feature_notes(config: ml_collections.ConfigDict, groups: list[Group],

@@ -141,5 +141,12 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, _json_text(obj))
 
 
+def atomic_write_npz(path: str, arrays: dict[str, Any]) -> None:
+    """Named arrays as np.savez writes them (numpy's .npz), atomically."""
+    import numpy as np
+
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
 def _json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False) + "\n"

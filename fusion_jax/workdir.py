@@ -12,14 +12,9 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
-
 from fusion_jax.config_base import ADDED, SAVED_LATER, differing, flatten, not_result, results_fields
 from fusion_jax.distributed import in_cluster
-from fusion_jax.files import atomic_create_json, blocked_at
+from fusion_jax.files import atomic_create_json, blocked_at, fcntl
 from fusion_jax.validate import ConfigError
 
 log = logging.getLogger("fusion_jax")

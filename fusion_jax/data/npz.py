@@ -22,7 +22,7 @@ import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.featureset import FeatureSet
-from fusion_jax.files import atomic_write, safe_name, sha256
+from fusion_jax.files import atomic_write_npz, safe_name, sha256
 
 REQUIRED = ("image", "text", "caption_image")
 OPTIONAL = ("image_mask", "text_mask")
@@ -76,7 +76,7 @@ def save(path: str, fs: FeatureSet) -> None:
     to run them again as `npz`; `load` reads back the same arrays."""
     arrays = {"image": fs.image, "text": fs.text, "caption_image": fs.caption_image}
     arrays.update({n: m for n, m in (("image_mask", fs.image_mask), ("text_mask", fs.text_mask)) if m is not None})
-    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+    atomic_write_npz(path, arrays)
 
 
 def _nonfinite_rows(x: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:

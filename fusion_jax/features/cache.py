@@ -24,7 +24,7 @@ from typing import IO
 
 import numpy as np
 
-from fusion_jax.files import atomic_write, atomic_write_json, atomic_write_text, fcntl, locked, sha256
+from fusion_jax.files import atomic_write_json, atomic_write_npz, atomic_write_text, fcntl, locked, sha256
 
 log = logging.getLogger("fusion_jax")
 
@@ -42,7 +42,7 @@ def key_hash(key: dict) -> str:
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
     """Write arrays atomically; return the file's sha256."""
-    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+    atomic_write_npz(path, arrays)
     return sha256(path)
 
 
