@@ -61,9 +61,16 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field that does not need the features; raise ConfigError on the first mistake."""
-    from fusion_jax.data.sources import IMAGE_SOURCES, SOURCES, check_backbone
-
     validate_fields(config)
+    for check in (_check_sweep, _check_degradation, _check_training, _check_sources, _check_runtime,
+                  _check_distributed):
+        check(config)
+
+
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+    """name, features (and npz.dir), backbones, methods, seeds, scales."""
+    from fusion_jax.data.sources import SOURCES, check_backbone
+
     _require(bool(config.name) and "/" not in config.name and config.name not in (".", ".."), "name",
              f"{config.name!r} must be a non-empty name without '/', not '.' or '..' (results/<name> is its folder)")
     _require(config.features in SOURCES, "features",
@@ -99,6 +106,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for s in _distinct_nonempty(config.scales, "scales"):
         _require(_int(s, 1), "scales", f"scale {s!r} must be a positive integer")
 
+
+def _check_degradation(config: ml_collections.ConfigDict) -> None:
+    """degradation.*: its kind, modality, levels (distinct in float32), and where the noise study runs."""
     d = config.degradation
     _require(d.kind in degrade.KINDS, "degradation.kind",
              f"unknown kind {d.kind!r}; allowed: {', '.join(degrade.KINDS)}")
@@ -120,6 +130,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.kind == "none":
         _require(tuple(d.levels) == (0.0,), "degradation.levels", "must be (0.0,) when degradation.kind is 'none'")
 
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
+    """train.* (the optimiser, epochs, batches, dropout) and pairs.*."""
     t = config.train
     in_range = f"within float32's range ({_F32.tiny:.2g} to {_F32.max:.2g})"
     _require(_float32(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
@@ -139,6 +152,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{config.pairs.split_seed!r} must be an integer >= 0")
     _require(config.pairs.split_by in SPLITS, "pairs.split_by",
              f"{config.pairs.split_by!r}; allowed: {', '.join(repr(s) for s in SPLITS)}")
+
+
+def _check_sources(config: ml_collections.ConfigDict) -> None:
+    """synthetic.* for synthetic features; data.* and backbone.* for features extracted from images."""
+    from fusion_jax.data.sources import IMAGE_SOURCES
+
     if config.features == "synthetic":
         sy = config.synthetic
         for field, low in (("n_images", 2), ("captions_per_image", 1), ("latent_dim", 1), ("dim", 1),
@@ -163,6 +182,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  "would train on the sweep's own images")
         _require(_int(config.backbone.batch_size, 1),
                  "backbone.batch_size", "must be an integer >= 1")
+
+
+def _check_runtime(config: ml_collections.ConfigDict) -> None:
+    """head.* and how the sweep runs: programs, chunks, lanes, compilation, checkpoints, the t-SNE sample."""
     h = config.head
     for field in ("hidden", "mlp_hidden", "num_heads"):
         _require(_int(h[field], 1), f"head.{field}", f"{h[field]} must be an integer >= 1")
@@ -185,6 +208,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(_int(config.checkpoint.keep, 1), "checkpoint.keep",
              f"{config.checkpoint.keep} must be an integer >= 1")
     _require(_int(config.tsne_pairs, 0), "tsne_pairs", f"{config.tsne_pairs!r} must be an integer >= 0 (0: no t-SNE)")
+
+
+def _check_distributed(config: ml_collections.ConfigDict) -> None:
+    """distributed.*: the wait limits, and a coordinator, process count and index that fit together."""
     for field in ("timeout_seconds", "wait_seconds"):
         value = config.distributed[field]
         _require(_finite(value) and value >= 1, f"distributed.{field}", f"{value!r} must be a finite number >= 1")
