@@ -10,7 +10,7 @@ import importlib.util
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -29,7 +29,7 @@ def flops_key(group: Group) -> str:
     return group.method + ("" if group.noisy else ", noise-free")
 
 
-def accuracy(counts) -> float:
+def accuracy(counts: Sequence[int]) -> float:
     """Accuracy of (tp, fp, fn, tn) counts."""
     return float(metrics_lib.binary_metrics(*counts)["accuracy"])
 

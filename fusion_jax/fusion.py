@@ -24,6 +24,8 @@ cross-attention meaningful.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,7 +71,8 @@ class ConcatHead(nn.Module):
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, image, text, image_mask=None, text_mask=None, *, train: bool = False):
+    def __call__(self, image: jax.Array, text: jax.Array, image_mask: jax.Array | None = None,
+                 text_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         fused = jnp.concatenate([masked_mean(image, image_mask), masked_mean(text, text_mask)], -1)
         return Classifier(self.mlp_hidden, self.dropout)(nn.Dense(self.hidden)(fused), train)
 
@@ -118,7 +121,8 @@ class CrossHead(nn.Module):
     num_heads: int = 4
 
     @nn.compact
-    def __call__(self, image, text, image_mask=None, text_mask=None, *, train: bool = False):
+    def __call__(self, image: jax.Array, text: jax.Array, image_mask: jax.Array | None = None,
+                 text_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         image, image_mask = as_tokens(image, image_mask)
         text, text_mask = as_tokens(text, text_mask)
         q = nn.Dense(self.hidden, name="text_proj")(text)
@@ -139,6 +143,6 @@ def make_head(method: str, hidden: int = 256, mlp_hidden: int = 128, dropout: fl
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def count_params(params) -> int:
+def count_params(params: Any) -> int:
     """Number of scalar parameters in a tree."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
