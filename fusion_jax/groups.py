@@ -37,6 +37,10 @@ class NonFinite(FloatingPointError):
     """A group's features or training loss hold NaN or Inf; the message names the group and runs."""
 
 
+class FeaturesTooLarge(MemoryError):
+    """A backbone's feature arrays alone exceed a device's memory: none of its groups can train there."""
+
+
 def own_failure(error: BaseException | None) -> bool:
     """Whether `error` is XLA's failing to compile or run a group's programs (out of memory, say; also where a
     compilation's error is wrapped as its cause), which fails that group alone. Anything else (the workdir, a
@@ -143,6 +147,29 @@ def group_data(features: FeatureSet, sharding: NamedSharding | None = None) -> d
     """What every run reads: the feature arrays (and token masks), put on the device(s) once (with
     `sharding`, e.g. replicated over a mesh)."""
     return jax.device_put(features.arrays(), sharding)
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """The bytes a device's allocator can hold (`bytes_limit` of its memory_stats), or None where it says nothing
+    (a CPU)."""
+    return (device.memory_stats() or {}).get("bytes_limit")
+
+
+def check_fits(group: Group, features: FeatureSet, devices: Any) -> None:
+    """Raise FeaturesTooLarge, before anything compiles, where the group's features (which every device holds
+    whole: `group_data`) exceed a device's memory (`device_memory`)."""
+    arrays = features.arrays()
+    need = sum(a.nbytes for a in arrays.values())
+    for device in devices:
+        limit = device_memory(device)
+        if limit is not None and need > limit:
+            size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+            parts = ", ".join(f"{name} {list(a.shape)} {a.dtype}: {size(a.nbytes)}" for name, a in arrays.items())
+            raise FeaturesTooLarge(
+                f"group {group.name}: the features of backbone {group.backbone!r} take {size(need)} ({parts}) and "
+                f"device {device} holds at most {size(limit)}: every device holds them whole, so no group of this "
+                "backbone can train there (smaller features: pooled, or fewer tokens; or devices with more memory: "
+                "launch/README.md, 'Memory')")
 
 
 def run_mesh() -> Mesh:
@@ -283,8 +310,9 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     """The trainer, per-slot inputs and three compiled programs of `group` (from shapes alone: no device
     data). evaluate_later: evaluate is a `Later`, to compile once the group can start training;
     programs: where to take programs that an earlier group of the same shapes compiled."""
-    pairs = group_pairs(config, group, features)
     mesh = mesh or run_mesh()
+    check_fits(group, features, mesh.devices.flat)
+    pairs = group_pairs(config, group, features)
     by_run, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
     batch, platform = config.train.batch_size, mesh.devices.flat[0].platform
     on_cpu = platform == "cpu"

@@ -34,7 +34,8 @@ from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
 from fusion_jax.feature_report import feature_notes, split_overlap, tsne_samples
 from fusion_jax.files import atomic_write_json
 from fusion_jax.fusion import count_params
-from fusion_jax.groups import CompiledAhead, Group, GroupProgram, NonFinite, compile_workers, own_failure, plan
+from fusion_jax.groups import (CompiledAhead, FeaturesTooLarge, Group, GroupProgram, NonFinite, compile_workers,
+                               own_failure, plan)
 from fusion_jax.report import run_device, source, write_results
 from fusion_jax.train import steps_per_epoch
 from fusion_jax.validate import ConfigError, validate, validate_scales
@@ -379,15 +380,15 @@ def _train_own(config: ml_collections.ConfigDict, workdir: str, todo: list[Group
                 atomic_write_json(done(g), train_group(config, program, ahead.data(program), workdir, progress,
                                                        on_epoch, stop))
             except Exception as e:
-                diverged = isinstance(e, NonFinite)
+                diverged, said = isinstance(e, NonFinite), isinstance(e, (NonFinite, FeaturesTooLarge))
                 if not (diverged or own_failure(e)):  # the workdir, a callback, a bug: every group would fail alike
                     raise
-                if diverged:
+                if said:  # its message says what and where: no traceback
                     log.error("%s", e)
                 else:
                     log.exception("group %s failed; the sweep goes on with the other groups, and a rerun of the "
                                   "same command trains it again (from its last checkpoint, where it saved one)", g.name)
-                error = str(e) if diverged else f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
+                error = str(e) if said else f"group {g.name}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]
                 atomic_write_json(failed(g), {"group": g.name, "backbone": g.backbone, "error": error})
                 own_failed.append(error)
                 if not diverged:  # out of memory, say: a rerun resumes from its checkpoints (diverged ones would not)

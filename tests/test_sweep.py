@@ -592,6 +592,44 @@ def test_the_progress_bar_says_when_a_group_waits_for_its_compilation(smoke_conf
     assert not last.startswith(" (compiling)"), last  # the bar's last word: no longer compiling
 
 
+def test_features_larger_than_a_device_fail_their_groups_at_once_in_one_line(smoke_config, tmp_path, monkeypatch,
+                                                                             caplog):
+    """Where a backbone's features exceed a device's memory (its allocator's bytes_limit, which a CPU does not
+    report), each of its groups fails before anything compiles for it, in one line that says what and where
+    (they compiled, then failed putting the features there, in XLA's traceback)."""
+    import fusion_jax.groups as groups_lib
+    from fusion_jax.data.sources import load_features
+
+    config = smoke_config
+    config.backbones, config.scales, config.train.epochs = ("aligned",), (128,), 1
+    need = sum(a.nbytes for a in load_features(config, "aligned").arrays().values())
+    group = plan(config)[0]
+
+    class Device:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return None if self.limit is None else {"bytes_limit": self.limit}
+
+        def __str__(self):
+            return "cuda:0"
+
+    groups_lib.check_fits(group, load_features(config, "aligned"), [Device(None), Device(need)])  # fits
+    with pytest.raises(groups_lib.FeaturesTooLarge, match=r"take 0\.15 MiB .* device cuda:0 holds at most 0\.10 MiB"):
+        groups_lib.check_fits(group, load_features(config, "aligned"), [Device(need), Device(2**20 // 10)])
+
+    monkeypatch.setattr(groups_lib, "device_memory", lambda device: need - 1)
+    monkeypatch.setattr(groups_lib, "make_train", lambda *a, **k: pytest.fail("a group that cannot fit compiled"))
+    results = train_and_evaluate(config, str(tmp_path))
+    assert not results["runs"] and len(results["failed_groups"]) == 2
+    for failure in results["failed_groups"]:
+        assert failure["error"].startswith(f"group {failure['group']}: the features of backbone 'aligned' take ")
+        assert "image [200, 32] float32: 0.02 MiB" in failure["error"] and "no group of this backbone" in failure["error"]
+    said = [r for r in caplog.records if "no group of this backbone" in r.getMessage()]
+    assert len(said) == 2 and not any(r.exc_info for r in said)
+
+
 @pytest.mark.skipif(jax.device_count() > 1 or jax.devices()[0].platform != "cpu",
                     reason="chunks of 2 runs, on one device, are the CPU's default")
 def test_evaluation_memory_is_a_chunks_not_the_groups(smoke_config):
