@@ -220,6 +220,7 @@ def train_tiny_resnet(ds: ImageCaptionDataset, directory: str, steps: int = 400,
                                       state=model.params["batch_stats"])
     model.params = {"params": params["net"], "batch_stats": batch_stats}
     model.save_pretrained(directory)
+    # The whole embedded image, at the size it trained on (resnet-18's own processor, standins', crops 0.875).
     ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=1.0, image_mean=list(IMAGENET_MEAN),
                            image_std=list(IMAGENET_STD)).save_pretrained(directory)
     return losses
