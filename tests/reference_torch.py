@@ -21,6 +21,7 @@ the float32 operations differs.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -151,10 +152,13 @@ def load_flax_params(module: nn.Module, flax_params) -> nn.Module:
 
 
 def _on_device(features: dict, pairs: dict, device: str) -> tuple[dict, dict]:
-    """Features and pair indices as torch tensors on `device`, moved there once."""
+    """Features and pair indices as torch tensors on `device`, moved there once. A FeatureSet's arrays are
+    read-only, which torch cannot mark; the reference only reads them (no copy, as the loop it stands for)."""
     to = lambda x, dtype=None: torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
-    return ({k: to(v) for k, v in features.items()},
-            {k: to(v, torch.long) for k, v in pairs.items()})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return ({k: to(v) for k, v in features.items()},
+                {k: to(v, torch.long) for k, v in pairs.items()})
 
 
 def _batch(features: dict, pairs: dict, rows):

@@ -1,5 +1,6 @@
 """Scale-out behaviour: sharding over devices, split programs, corrupt checkpoints, NaN groups."""
 
+import dataclasses
 import errno
 import itertools
 import json
@@ -325,7 +326,9 @@ def _nan_in_unaligned_image_row_3(monkeypatch):
     def poisoned(config, backbone, dataset=None, **kw):
         fs = real(config, backbone, dataset, **kw)
         if backbone == "unaligned":
-            fs.image[3, 0] = np.nan
+            image = fs.image.copy()  # a FeatureSet's arrays are read-only
+            image[3, 0] = np.nan
+            fs = dataclasses.replace(fs, image=image)
         return fs
 
     monkeypatch.setattr(sweep, "load_features", poisoned)
@@ -384,8 +387,9 @@ def test_nan_in_a_row_only_padding_reads_is_named(smoke_config, tmp_path, monkey
             pairs = build_pairs(fs.caption_image, fs.n_images, scale, config.pairs.split_seed,
                                 config.pairs.train_fraction)
             assert 0 not in pairs.caption_idx  # row 0 is read by padding alone
-        fs.text[0, :] = np.nan
-        return fs
+        text = fs.text.copy()
+        text[0, :] = np.nan
+        return dataclasses.replace(fs, text=text)
 
     monkeypatch.setattr(sweep, "load_features", poisoned)
     results = train_and_evaluate(config, str(tmp_path))
@@ -667,6 +671,36 @@ def test_a_finished_process_waits_for_the_others_at_the_end(store, monkeypatch):
     with pytest.raises(distributed.WaitedOut, match="the other processes did not finish within"):
         distributed.wait_for_all(1, 2, 0.1)
     assert store.kv["fusion_jax/end/3/gone/1"] and distributed._out_of_step
+
+
+def test_on_a_cpu_the_devices_read_the_hosts_features_in_place():
+    """A FeatureSet's arrays are read-only and 64-byte aligned, a copy where they came otherwise: on a CPU every
+    jax device then holds the host's array itself (an unaligned one is copied to each device: the features
+    were in memory once more per device)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from fusion_jax.data import FeatureSet
+    from fusion_jax.groups import group_data, run_mesh
+
+    rng = np.random.default_rng(0)
+    buffer = np.zeros(8000 + 32, np.float32)
+    start = -buffer.ctypes.data % 64 // 4 + 4
+    image = buffer[start:start + 8000].reshape(1000, 8)
+    image[...] = rng.standard_normal((1000, 8), dtype=np.float32)
+    assert image.ctypes.data % 64 == 16
+    text = rng.standard_normal((3000, 8), dtype=np.float32)
+    fs = FeatureSet(image, text, np.repeat(np.arange(1000), 3))
+    assert fs.image.ctypes.data % 64 == 0 and fs.text.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(fs.image, image)
+    with pytest.raises(ValueError, match="read-only"):
+        fs.image[0, 0] = 1.0
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("a CPU's devices share the host's memory")
+    data = group_data(fs, NamedSharding(run_mesh(), P()))
+    for name in ("image", "text"):
+        shards = data[name].addressable_shards
+        assert shards and all(np.shares_memory(np.asarray(s.data), getattr(fs, name)) for s in shards), name
 
 
 def test_process_0_waits_for_the_groups_of_the_others_by_the_clock(tmp_path, monkeypatch, smoke_config):

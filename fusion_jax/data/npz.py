@@ -152,12 +152,13 @@ def load(path: str) -> FeatureSet:
     try:  # the index checked before it is narrowed to int32; values beyond float32 become Inf, refused below
         with np.errstate(over="ignore"):
             image, text = (arrays.pop(n).astype(np.float32, copy=False) for n in ("image", "text"))
+        for x, mask in ((image, masks.get("image_mask")), (text, masks.get("text_mask"))):
+            if mask is not None and mask.shape == x.shape[:2]:  # else FeatureSet says what is wrong
+                x[mask == 0] = 0  # the heads mask padding out, but NaN there would survive their zero weights
         fs = FeatureSet(image=image, text=text, caption_image=arrays["caption_image"].astype(np.int64), **masks)
     except ValueError as e:
         raise bad(str(e)) from None
-    for n, x, mask in (("image", fs.image, fs.image_mask), ("text", fs.text, fs.text_mask)):
-        if mask is not None:  # the heads mask padding out, but NaN there would survive their zero weights
-            x[mask == 0] = 0
+    for n, x in (("image", fs.image), ("text", fs.text)):
         rows = _nonfinite_rows(x)
         if rows.size:
             raise bad(f"{n} holds NaN or Inf (as float32) in rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}")
