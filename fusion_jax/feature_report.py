@@ -86,8 +86,8 @@ def same_features(a: FeatureSet, b: FeatureSet, block_bytes: int = 64 << 20) -> 
     def same(x, y) -> bool:
         if x is None or y is None or x.shape != y.shape:
             return x is None and y is None
-        if x is y:
-            return True
+        if x is y or (x.dtype == y.dtype and x.ctypes.data == y.ctypes.data and x.strides == y.strides):
+            return True  # the same memory (a FeatureSet holds views: one of dataclasses.replace is another object)
         block = max(1, block_bytes // max(1, x[:1].nbytes))
         return all(np.array_equal(x[i:i + block], y[i:i + block]) for i in range(0, len(x), block))
 

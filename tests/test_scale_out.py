@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -715,8 +716,8 @@ def test_process_0_waits_for_the_groups_of_the_others_by_the_clock(tmp_path, mon
         clock[0] += 10.0
         return []
 
-    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(  # sweep's clock only, not the process's
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
     monkeypatch.setattr(distributed, "peer_failures", slow_look)
     with pytest.raises(distributed.WaitedOut, match="not finished by the other processes after 30 s"):
         sweep._gather(str(tmp_path), plan(smoke_config), 0, 2, 30.0, threading.Event())

@@ -6,24 +6,14 @@ import dataclasses
 
 import numpy as np
 
-
-# Bytes: XLA's CPU client uses a host array that starts on such a boundary in place, where it copies any other.
-_ALIGNMENT = 64
+from fusion_jax.data.aligned import aligned
 
 
-def _aligned(a: np.ndarray | None) -> np.ndarray | None:
-    """A read-only view of `a` (C-contiguous) whose data starts on a 64-byte boundary: a copy where `a`'s does not.
-    On a CPU, jax's devices then hold the host's features themselves, not a copy each."""
+def _frozen(a: np.ndarray | None) -> np.ndarray | None:
+    """A read-only view of `a` in aligned memory (`aligned`: a copy only where `a` is not so already)."""
     if a is None:
         return None
-    a = np.ascontiguousarray(a)
-    if a.ctypes.data % _ALIGNMENT:
-        buffer = np.empty(a.nbytes + _ALIGNMENT, np.uint8)
-        start = -buffer.ctypes.data % _ALIGNMENT
-        copy = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-        copy[...] = a
-        a = copy
-    a = a.view()
+    a = aligned(a).view()
     a.flags.writeable = False
     return a
 
@@ -35,8 +25,8 @@ class FeatureSet:
     image: [n_images, d_v] or [n_images, tokens, d_v]; text: [n_captions, d_t] or
     [n_captions, tokens, d_t]; masks ([n, tokens], 1 = real token) only for token features;
     caption_image: [n_captions] index of each caption's image. provenance keys caches and reports.
-    The feature arrays and masks are read-only and 64-byte aligned (`_aligned`): on a CPU the devices read them
-    in place.
+    The feature arrays and masks are read-only views in 64-byte aligned memory (`data.aligned`), which on a
+    CPU the jax devices read in place: arrays given to a FeatureSet must not be written afterwards.
     """
 
     image: np.ndarray
@@ -48,7 +38,7 @@ class FeatureSet:
 
     def __post_init__(self):
         for name in ("image", "text", "image_mask", "text_mask"):
-            object.__setattr__(self, name, _aligned(getattr(self, name)))
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
         n_images, n_captions = self.image.shape[0], self.text.shape[0]
         if self.caption_image.shape != (n_captions,):
             raise ValueError(f"caption_image has shape {self.caption_image.shape}, expected ({n_captions},)")

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from fusion_jax.data.aligned import aligned, npz_array
 from fusion_jax.data.dataset import DataUnavailableError
 from fusion_jax.data.featureset import FeatureSet
 from fusion_jax.files import atomic_write_npz, safe_name, sha256
@@ -93,7 +94,7 @@ def _member(z: np.lib.npyio.NpzFile, name: str, bad: Callable[[str], Exception])
     """Array `name` of an open .npz, or `bad` naming it where it cannot be read (Python objects, a damaged
     member)."""
     try:
-        return z[name]
+        return npz_array(z, name)
     except ValueError as e:
         if "allow_pickle" in str(e):
             kind = {"caption_image": "integers", "image_mask": "numbers 0 and 1", "text_mask": "numbers 0 and 1"}.get(
@@ -148,10 +149,9 @@ def load(path: str) -> FeatureSet:
     if arrays["caption_image"].shape != arrays["text"].shape[:1]:
         raise bad(f"text has {len(arrays['text'])} rows but caption_image has shape "
                   f"{arrays['caption_image'].shape}: one image row per caption, [n_captions]")
-    masks = {n: arrays[n].astype(np.float32, copy=False) for n in OPTIONAL if n in arrays}
+    masks = {n: aligned(arrays.pop(n), np.float32) for n in OPTIONAL if n in arrays}
     try:  # the index checked before it is narrowed to int32; values beyond float32 become Inf, refused below
-        with np.errstate(over="ignore"):
-            image, text = (arrays.pop(n).astype(np.float32, copy=False) for n in ("image", "text"))
+        image, text = (aligned(arrays.pop(n), np.float32) for n in ("image", "text"))
         for x, mask in ((image, masks.get("image_mask")), (text, masks.get("text_mask"))):
             if mask is not None and mask.shape == x.shape[:2]:  # else FeatureSet says what is wrong
                 x[mask == 0] = 0  # the heads mask padding out, but NaN there would survive their zero weights

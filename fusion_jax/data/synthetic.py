@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusion_jax.data.aligned import aligned
 from fusion_jax.data.featureset import FeatureSet
 
 NAMED_ALIGNMENT = {"aligned": 1.0, "unaligned": 0.0}
@@ -40,7 +41,7 @@ def _tokens(x: np.ndarray, tokens: int, noise: float, rng: np.random.Generator):
     lengths = rng.integers(max(1, tokens // 2), tokens + 1, len(x))
     mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.float32)
     t = _unit(x[:, None, :] + noise * rng.standard_normal((len(x), tokens, x.shape[-1])))
-    return (t * mask[..., None]).astype(np.float32), mask
+    return aligned(t * mask[..., None], np.float32), aligned(mask)
 
 
 def generate(backbone: str, n_images: int, captions_per_image: int, latent_dim: int, dim: int,
@@ -62,8 +63,8 @@ def generate(backbone: str, n_images: int, captions_per_image: int, latent_dim: 
     w_t = alignment * w_v + np.sqrt(1.0 - alignment**2) * w_ind
 
     views = np.random.default_rng([seed, 2])
-    image = _unit(z @ w_v + view_noise * views.standard_normal((n_images, dim))).astype(np.float32)
-    text = _unit(u @ w_t + view_noise * views.standard_normal((len(u), dim))).astype(np.float32)
+    image = aligned(_unit(z @ w_v + view_noise * views.standard_normal((n_images, dim))), np.float32)
+    text = aligned(_unit(u @ w_t + view_noise * views.standard_normal((len(u), dim))), np.float32)
     masks = {}
     if tokens:
         image, masks["image_mask"] = _tokens(image, tokens, view_noise, views)

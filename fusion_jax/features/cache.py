@@ -24,6 +24,7 @@ from typing import IO
 
 import numpy as np
 
+from fusion_jax.data.aligned import aligned_empty, npz_array
 from fusion_jax.files import atomic_write_json, atomic_write_npz, atomic_write_text, fcntl, locked, sha256
 
 log = logging.getLogger("fusion_jax")
@@ -58,7 +59,7 @@ def _load_verified(path: str, digest_path: str, n: int | None = None) -> dict[st
             want = f.read().strip()
         if sha256(path) == want:
             with np.load(path) as z:
-                arrays = {k: z[k] for k in z.files}
+                arrays = {k: npz_array(z, k) for k in z.files}
             if n is None or (arrays and all(len(a) == n for a in arrays.values())):
                 return arrays
             problem = f"holds {sorted({len(a) for a in arrays.values()})} items instead of {n}"
@@ -177,7 +178,7 @@ class FeatureCache:
                 raise RuntimeError(f"feature cache {self.dir}: a shard vanished before it was joined; rerun to "
                                    "extract it again")
             if arrays is None:
-                arrays = {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in shard.items()}
+                arrays = {k: aligned_empty((n, *a.shape[1:]), a.dtype) for k, a in shard.items()}
             if {(k, a.shape[1:], a.dtype) for k, a in shard.items()} != {(k, a.shape[1:], a.dtype)
                                                                            for k, a in arrays.items()}:
                 shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
