@@ -156,8 +156,9 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
         if stop.is_set():
             raise Stopped(f"group {group.name}: stopped " + (f"after epoch {epoch}" if epoch else "before its first epoch"))
         t0 = time.perf_counter()
-        state, losses = program.train_epoch(state, runs, data)
-        losses = np.asarray(losses)[index]
+        with _redrawn(progress):
+            state, losses = program.train_epoch(state, runs, data)
+            losses = np.asarray(losses)[index]
         seconds += time.perf_counter() - t0
         _stop_unless_finite(group, np.isfinite(losses).all(axis=1), f"training loss in epoch {epoch + 1}")
         last_loss = np.asarray([row[:k].mean() for row, k in zip(losses, run_steps)], np.float32)
@@ -171,6 +172,28 @@ def _train_epochs(config: ml_collections.ConfigDict, program: GroupProgram, data
             ckpt.wait()
             on_epoch(group, epoch + 1)
     return state, seconds, curves
+
+
+@contextlib.contextmanager
+def _redrawn(progress: tqdm, every: float = 1.0):
+    """Redraw the bar every `every` seconds while the block runs: through a long epoch (token features on a
+    CPU, say) its elapsed time moves, where the bar stood still until the epoch ended."""
+    if progress.disable:
+        yield
+        return
+    done = threading.Event()
+
+    def redraw():
+        while not done.wait(every):
+            progress.refresh()
+
+    thread = threading.Thread(target=redraw, name="fusion_jax-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _group_records(path: str, group: Group) -> list[dict]:

@@ -592,6 +592,31 @@ def test_the_progress_bar_says_when_a_group_waits_for_its_compilation(smoke_conf
     assert not last.startswith(" (compiling)"), last  # the bar's last word: no longer compiling
 
 
+def test_the_progress_bar_is_redrawn_through_a_long_epoch():
+    """While an epoch runs, the bar is redrawn (its elapsed time moves) until the epoch ends; a disabled bar is
+    left alone."""
+    import io
+    import threading
+    import time
+
+    from tqdm.auto import tqdm
+
+    from fusion_jax.sweep import _redrawn
+
+    out = io.StringIO()
+    with tqdm(total=2, unit="epoch", file=out, mininterval=0) as progress:
+        with _redrawn(progress, every=0.01):
+            deadline = time.monotonic() + 30
+            while out.getvalue().count("\r") < 4 and time.monotonic() < deadline:  # the first draw and 3 more
+                time.sleep(0.01)
+            assert out.getvalue().count("\r") >= 4, out.getvalue()
+        drawn = out.getvalue()
+        time.sleep(0.05)
+        assert out.getvalue() == drawn and not any(t.name == "fusion_jax-progress" for t in threading.enumerate())
+    with tqdm(total=2, disable=True) as progress, _redrawn(progress, every=0.01):
+        assert not any(t.name == "fusion_jax-progress" for t in threading.enumerate())
+
+
 def test_features_larger_than_a_device_fail_their_groups_at_once_in_one_line(smoke_config, tmp_path, monkeypatch,
                                                                              caplog):
     """Where a backbone's features exceed a device's memory (its allocator's bytes_limit, which a CPU does not
