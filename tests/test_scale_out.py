@@ -1,5 +1,6 @@
 """Scale-out behaviour: sharding over devices, split programs, corrupt checkpoints, NaN groups."""
 
+import copy
 import dataclasses
 import errno
 import itertools
@@ -7,6 +8,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import re
 import subprocess
 import sys
@@ -696,6 +698,9 @@ def test_on_a_cpu_the_devices_read_the_hosts_features_in_place():
     np.testing.assert_array_equal(fs.image, image)
     with pytest.raises(ValueError, match="read-only"):
         fs.image[0, 0] = 1.0
+    for again in (copy.deepcopy(fs), pickle.loads(pickle.dumps(fs))):  # built through __init__ too
+        assert again.image.ctypes.data % 64 == 0 and not again.image.flags.writeable
+        np.testing.assert_array_equal(again.text, fs.text)
     if jax.devices()[0].platform != "cpu":
         pytest.skip("a CPU's devices share the host's memory")
     data = group_data(fs, NamedSharding(run_mesh(), P()))

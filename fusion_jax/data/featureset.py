@@ -50,6 +50,10 @@ class FeatureSet:
             if mask is not None and mask.shape != x.shape[:2]:
                 raise ValueError(f"{name}_mask has shape {mask.shape}, expected {x.shape[:2]}")
 
+    def __reduce__(self):
+        # Copies and pickles are built through __init__, which puts their arrays in aligned, read-only memory.
+        return FeatureSet, tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     @property
     def n_images(self) -> int:
         return int(self.image.shape[0])
