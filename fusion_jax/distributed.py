@@ -155,8 +155,15 @@ def _one_line(error: BaseException) -> str:
 
 
 _sweep_call = 0  # the last checked_start's call: its sweep's key space (in step in every process)
-stopped_in_step = False  # whether this process's last stop (Ctrl-C) came at the end of a shared start-up
+stopped_in_step = False  # whether this process's last stop (Ctrl-C) came where every process stopped with it
 _out_of_step = False  # this process leaves while the others may still work, or another has left so
+
+
+def leaving_in_step() -> None:
+    """Say that this process stops where every process stops with it (all came to the end of the sweep), so
+    that `leave` exits through JAX's shutdown barrier, in step with them."""
+    global stopped_in_step
+    stopped_in_step = True
 
 
 def _set_once(client, key: str) -> None:

@@ -297,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         results, own_failed = _sweep(config, workdir, index, count, held, start, on_epoch, stop, command)
     failures = distributed.wait_for_all(index, count, config.distributed.wait_seconds, stop)
     if index != 0 and (stop.is_set() or distributed.peers_stopped(index)):  # all came: they leave together
-        distributed.stopped_in_step = True
+        distributed.leaving_in_step()
         raise Stopped("stopped (Ctrl-C) before process 0 wrote results.json (this process finished its groups)")
     if failures and index != 0:
         raise distributed.PeerFailed(f"{len(failures)} of {count} processes failed, so results.json is not written "
