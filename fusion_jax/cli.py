@@ -26,3 +26,8 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
         # Python's own recipe: what is left to flush at exit goes nowhere, rather than fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+
+
+def flag_error(error: Exception) -> str:
+    """absl's flag error in one line, without the 'ERROR:: ' that starts some (an unreadable --flagfile)."""
+    return " ".join(str(error).split()).removeprefix("ERROR:: ")

@@ -50,7 +50,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from fusion_jax import distributed  # noqa: E402
-from fusion_jax.cli import parse_absl_flags  # noqa: E402
+from fusion_jax.cli import flag_error, parse_absl_flags  # noqa: E402
 from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
@@ -59,9 +59,15 @@ from fusion_jax.sweep import GroupsFailed, train_and_evaluate  # noqa: E402
 from fusion_jax.validate import ConfigError, validate_fields  # noqa: E402
 from fusion_jax.workdir import finished_group_names  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "Required: the sweep's config file (configs/*.py[:variant]).",
-                                          lock_config=True)
+try:
+    _CONFIG = config_flags.DEFINE_config_file("config", None,
+                                              "Required: the sweep's config file (configs/*.py[:variant]).",
+                                              lock_config=True)
+except flags.Error as e:  # ml_collections reads the command line's --flagfile files here, defining the flag
+    if __name__ != "__main__":
+        raise
+    print(f"fusion_jax: error: {flag_error(e)}", file=sys.stderr)
+    sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; default: config.workdir, else results/<config.name>.")
 flags.mark_flags_as_required(["config"])
 

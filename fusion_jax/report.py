@@ -352,12 +352,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, a mistake (an unknown flag, say) said in one line with status 2."""
     from absl import flags
 
-    from fusion_jax.cli import parse_absl_flags
+    from fusion_jax.cli import flag_error, parse_absl_flags
 
     try:
         return parse_absl_flags(argv)
     except flags.Error as e:
-        print(f"fusion_jax.report: error: {e}", file=sys.stderr)
+        print(f"fusion_jax.report: error: {flag_error(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -362,6 +362,8 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
      "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py' (a relative "
      f"path is read from the current folder, {ROOT})"),
     (["--config=configs/synthetic.py", "--bogus=1"], "fusion_jax: error: Unknown command line flag 'bogus'"),
+    (["--config=configs/synthetic.py", "--flagfile=/nonexistent/a.flags"],  # read as the --config flag is defined
+     "fusion_jax: error: Unable to open flagfile: [Errno 2] No such file or directory: '/nonexistent/a.flags'"),
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '
      'Did you mean "learning_rate" instead of "learningrate"?'),
