@@ -302,6 +302,13 @@ ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def compiler_options(platform: str) -> tuple[dict | None, dict | None]:
+    """XLA compile options of a group's programs on `platform`: (init, evaluate and the lanes' split and
+    join, which run once per group; train_epoch, which runs every epoch). None: XLA's defaults."""
+    return {"cpu": (ONCE_COMPILER_OPTIONS, None),
+            "gpu": (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)}.get(platform, (None, None))
+
+
 def per_run_program(f: Callable, in_axes: tuple, by_run: NamedSharding) -> Callable:
     """f vmapped over the runs axis and jitted, outputs sharded by run (init)."""
     return jax.jit(jax.vmap(f, in_axes=in_axes), out_shardings=by_run)
@@ -334,8 +341,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
         tree)
     runs_s, data_s = shaped(runs, by_run), shaped(features.arrays(), replicated)
     per_run = lambda f, axes: per_run_program(f, axes, by_run)
-    once, every = {"cpu": (ONCE_COMPILER_OPTIONS, None),
-                   "gpu": (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)}.get(platform, (None, None))
+    once, every = compiler_options(platform)
     compile_program = programs or (lambda lowered, options=None: lowered.compile(options))
     t0 = time.perf_counter()
     lowered = per_run(trainer.init, (0, None)).lower(runs_s, data_s)

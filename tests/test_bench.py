@@ -50,7 +50,15 @@ def test_tiny_benchmark_writes_timings(tmp_path):
         assert jax_side[key] > 0, key
     for key in ("wall_s", "runs_per_s", "achieved_gflops"):
         assert torch_side[key] > 0, key
-    assert saved["matmul_peak"]["gflops"] > 0 and saved["speedup"]["wall"] > 0
+    for side in (jax_side, torch_side):
+        assert side["runs_per_s"] == pytest.approx(side["runs"] / side["wall_s"])
+        assert side["achieved_gflops"] == pytest.approx(side["train_flops"] / side["wall_s"] / 1e9)
+    assert saved["matmul_peak"]["gflops"] > 0
+    speedup, jax_wall, torch_wall = saved["speedup"], saved["jax"]["wall_s"], saved["torch"]["wall_s"]
+    assert speedup["wall"] == pytest.approx(torch_wall / jax_wall)
+    assert speedup["excluding_compile"] == pytest.approx(torch_wall / (jax_wall - saved["jax"]["wait_s"]))
+    assert rounds["speedup_per_round"] == pytest.approx([t / j for j, t in zip(rounds["jax_wall_s"],
+                                                                               rounds["torch_wall_s"])])
     # jax's setting as the session has it (conftest pins "highest" on a GPU; default, full float32, on a CPU).
     import jax
 

@@ -335,6 +335,12 @@ def test_clip_features_unit_length_and_token_states(tmp_path, caplog, monkeypatc
     assert images["image_tokens"].shape == (4, n_patches + 1, model.config.vision_config.hidden_size)
     assert images["image_mask"].shape == (4, n_patches + 1)
     assert texts["text_tokens"].shape[:2] == texts["text_mask"].shape and texts["text_mask"][:, 0].all()
+    # The class token's state through the tower's last norm and the projection is the image feature: the
+    # token states read the pixels as get_image_features reads them (the other axis order moves them).
+    projected = np.asarray(model.module.apply({"params": saved}, images["image_tokens"][:, 0],
+                                              method=lambda m, h: m.visual_projection(m.vision_model.post_layernorm(h))))
+    np.testing.assert_allclose(projected / np.linalg.norm(projected, axis=1, keepdims=True), images["image"],
+                               atol=1e-5)
     assert clip.key["normalized"] and "num_threads" not in clip.key["preprocess"] and "preprocess" not in clip.text_key
     # The keys' fields as the caches made so far have them (a new field would orphan every entry), and a
     # new extractor version in both sides' keys.

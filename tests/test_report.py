@@ -15,6 +15,7 @@ import pytest
 
 from fusion_jax import efficiency, figures, paper, report, summary, tables
 from fusion_jax.data.dataset import STANDIN_NAME
+from fusion_jax.metrics import METRICS
 from fusion_jax.report import compare, render_report, summarize
 from fusion_jax.summary import answer, summary_markdown
 
@@ -145,6 +146,40 @@ def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
         figures.noise_advantage(results, name)
     assert any("Table 2 (scale not stated)" in t for t in labels["paper"])
     assert not any("Table 2" in t for t in labels["other"] + labels["text"])
+
+
+def test_each_metric_reaches_its_own_columns_of_the_summary_and_table1():
+    """With F1, precision and recall apart from accuracy and from each other (and their spreads over
+    seeds too), the summary's means and stds and Table 1's cells, Markdown and CSV, are each metric's own,
+    worked out here with numpy."""
+    results = fake_results("synthetic", ("aligned",), levels=(0.0,))
+    for r in results["runs"]:
+        a, i = r["metrics"]["accuracy"], (42, 123, 456).index(r["seed"])
+        r["metrics"] = {"accuracy": a, "f1": a - 0.1 + 0.01 * i, "precision": a - 0.2 - 0.02 * i,
+                        "recall": 0.95 - 0.03 * i * i}
+    results["summary"] = summarize(results["runs"])
+    want = {}
+    for (method, scale), group in itertools.groupby(sorted(results["runs"], key=lambda r: (r["method"], r["scale"])),
+                                                    key=lambda r: (r["method"], r["scale"])):
+        group = list(group)
+        values = {m: np.array([r["metrics"][m] for r in group]) for m in METRICS}
+        want[method, scale] = {m: (v.mean(), v.std(ddof=1)) for m, v in values.items()}
+    assert len(want) == len(results["summary"]) == 4
+    for s in results["summary"]:
+        for m, (mean, std) in want[s["method"], s["scale"]].items():
+            assert (s[f"{m}_mean"], s[f"{m}_std"]) == (pytest.approx(mean), pytest.approx(std)), m
+    md, rows = tables.table1(results)
+    columns = {"accuracy": 5, "f1": 7, "precision": 8, "recall": 9}  # of a Markdown row's cells
+    lines = [l.split(" | ") for l in md.splitlines() if l.startswith("| ours |")]
+    assert len(lines) == 4
+    for cells in lines:
+        for m, (mean, std) in want[cells[4], int(cells[3])].items():
+            assert cells[columns[m]] == f"{100 * mean:.1f} ± {100 * std:.1f}", m
+    ours = [r for r in rows if r["source"] == "ours"]
+    assert len(ours) == 4
+    for r in ours:
+        for m, (mean, std) in want[r["method"], r["scale"]].items():
+            assert (r[f"{m}_mean_pct"], r[f"{m}_std_pct"]) == (round(100 * mean, 2), round(100 * std, 2)), m
 
 
 def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
@@ -401,10 +436,17 @@ def test_the_answer_agrees_with_the_verdicts_on_one_seed_and_on_identical_gaps()
 
 
 def test_table2_noise_study_with_the_papers_table():
-    md, rows = tables.table2(fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2)))
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2))
+    md, rows = tables.table2(results)
     ours = [r for r in rows if r["source"] == "ours"]
     assert [r["sigma"] for r in ours] == [0.0, 0.1, 0.2]
-    assert all(r["advantage_std_pts"] is not None for r in ours)
+    for row in ours:  # the advantage and its spread: the per-seed paired differences, by hand
+        by_seed = lambda method: {r["seed"]: r["metrics"]["accuracy"] for r in results["runs"]
+                                  if r["method"] == method and r["degradation"]["level"] == row["sigma"]}
+        concat, cross = by_seed("concat"), by_seed("cross")
+        d = 100 * np.array([concat[seed] - cross[seed] for seed in (42, 123, 456)])
+        assert row["advantage_pts"] == pytest.approx(d.mean(), abs=0.006)
+        assert row["advantage_std_pts"] == pytest.approx(d.std(ddof=1), abs=0.006) and d.std() > 0.1
     assert f"## {tables.PAPER_REFERENCE}, Table 2" in md and "| concat +2.8 |" in md
     assert [r["advantage_pts"] for r in rows if r["source"] == "paper"] == [1.3, 1.9, 2.8, 0.0, 0.0, 0.0]
     md1, _ = tables.table2(fake_results("synthetic", ("aligned",), levels=(0.0,)))

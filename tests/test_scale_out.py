@@ -240,6 +240,12 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
         ckpt.close()
         saved.append(ckpt)
     assert sorted(os.listdir(tmp_path / "c0" / DIGESTS)) == ["1.json", "2.json"]
+    many = GroupCheckpoints(str(tmp_path / "many"), keep=2)
+    for epoch in range(1, 6):
+        many.save(epoch, trees[0])
+    many.close()  # the digests of epochs no longer kept went with the next save
+    assert many.all_epochs() == [4, 5] and sorted(os.listdir(tmp_path / "many" / DIGESTS)) == ["3.json", "4.json",
+                                                                                              "5.json"]
     np.testing.assert_array_equal(saved[0].restore(2, trees[0])["params"]["w"], trees[0]["params"]["w"])
     shutil.rmtree(tmp_path / "c0" / "2")
     shutil.copytree(tmp_path / "c1" / "2", tmp_path / "c0" / "2")
@@ -292,6 +298,10 @@ def test_a_workdir_mended_by_hand_is_refused_naming_what_not_mixed_into(smoke_co
     runs = json.loads(record.read_text())
     record.write_text(json.dumps([{**r, "seed": 7} for r in runs]))
     with pytest.raises(ConfigError, match=r"aligned-concat.json' holds other runs than group aligned-concat has"):
+        train_and_evaluate(config, str(workdir))
+    record.write_text(json.dumps([{k: v for k, v in r.items() if k != "degradation"} for r in runs]))
+    with pytest.raises(ConfigError, match=r"aligned-concat.json' does not hold a finished group's runs \(KeyError: "
+                                          r"'degradation'\); remove it to train group aligned-concat again"):
         train_and_evaluate(config, str(workdir))
     record.write_text(json.dumps(runs))
     (workdir / "checkpoints" / "aligned-concat" / "1").mkdir(parents=True)  # as a stop would leave them

@@ -37,6 +37,17 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     images = resnet.encode_images([ds.load_image(i) for i in range(3)])["image"]
     texts = resnet.encode_texts(list(ds.captions[:5]), 16)["text"]
     assert images.shape == (3, 32) and texts.shape == (5, 32)
+    # With tokens: the image's states [n, h * w, channels] and the text's [n, length, width], whose means
+    # (over the image's positions, over the caption's real tokens) are the pooled features. A ResNet of
+    # 64-pixel inputs ends on 2 x 2 positions (the stand-in's 32 on one, where any order would do).
+    wider = standins.write_resnet(str(tmp_path / "resnet64"), {**standins.SIZES["tiny"], "image_size": 64})
+    with_tokens = backbones.load_resnet(wider, str(models / "text"), None, batch_size=8, tokens=True)
+    image_out = with_tokens.encode_images([ds.load_image(i) for i in range(3)])
+    text_out = with_tokens.encode_texts(list(ds.captions[:5]), 16)
+    assert image_out["image_tokens"].shape == (3, 4, 32) and text_out["text_tokens"].shape == (5, 16, 32)
+    np.testing.assert_allclose(image_out["image_tokens"].mean(1), image_out["image"], atol=1e-5)
+    mask = text_out["text_mask"][..., None]
+    np.testing.assert_allclose((text_out["text_tokens"] * mask).sum(1) / mask.sum(1), texts, atol=1e-5)
     # Each side's cache key names only its own model: another text encoder leaves the image features cached.
     assert "text_model" not in resnet.image_key and "preprocess" not in resnet.text_key and "model" not in resnet.text_key
     assert resnet.image_key["commit"] is None  # a local folder (a hub model records the commit it was loaded at)

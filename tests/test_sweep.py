@@ -2,10 +2,12 @@
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
 import re
+import types
 
 import jax
 import ml_collections
@@ -14,7 +16,8 @@ import pytest
 
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import report
-from fusion_jax.groups import CompiledAhead, build_program, group_data, layout, per_run_program, plan
+from fusion_jax.groups import (GPU_COMPILER_OPTIONS, ONCE_COMPILER_OPTIONS, CompiledAhead, build_program,
+                               compiler_options, group_data, layout, per_run_program, plan)
 from fusion_jax.programs import Later
 from fusion_jax.metrics import METRICS
 from fusion_jax.sweep import train_and_evaluate
@@ -431,10 +434,15 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
     """With a compilation cache too: the resumed sweep loads the unfinished group's programs, which
     the uninterrupted sweep compiled (the killed one laid its runs out otherwise). A group whose runs
     end above metrics.UNCONVERGED_LOSS says so (here by a threshold of 0)."""
+    from fusion_jax import sweep
+
     config = _tiny(smoke_config)
     config.train.epochs = 3
     config.compilation_cache = str(tmp_path / "xla")
     config.lanes = 2  # on any machine: the lanes' split and join are programs too
+    ticks = itertools.count()  # sweep's clock only, a second a look: each epoch trains for exactly one
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                             monotonic=sweep.time.monotonic, sleep=sweep.time.sleep))
     with caplog.at_level(logging.WARNING, logger="fusion_jax"):
         clean = train_and_evaluate(config, str(tmp_path / "clean"))
     assert "diverged" not in caplog.text
@@ -474,11 +482,22 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
             assert (b[k]["train_loss_by_epoch"][0] is None) == lost
             assert b[k]["train_loss_by_epoch"][lost:] == pytest.approx(a[k]["train_loss_by_epoch"][lost:], rel=1e-6)
         assert resumed["summary"] == clean["summary"]
+    for results in (clean, resumed):  # the resumed group's seconds: the 2 it had trained before, then 1
+        _assert_train_seconds(results, config.train.epochs, config.train.batch_size)
     else:  # on an H200 the layout alone moved cross's final losses by up to 1.3e-5 relative
         for k in a:
             flip = 1 / (k[2] - round(config.pairs.train_fraction * k[2]))  # one validation pair flipped
             assert a[k]["metrics"]["accuracy"] == pytest.approx(b[k]["metrics"]["accuracy"], abs=flip + 1e-9)
             assert a[k]["final_train_loss"] == pytest.approx(b[k]["final_train_loss"], rel=1e-4)
+
+
+def _assert_train_seconds(results, seconds, batch_size):
+    """Each group's training `seconds` shared among its runs in proportion to their steps per epoch."""
+    key = lambda r: (r["backbone"], r["method"])
+    for _, group in itertools.groupby(sorted(results["runs"], key=key), key):
+        group = list(group)
+        steps = np.array([-(-r["n_train"] // batch_size) for r in group])
+        np.testing.assert_allclose([r["train_seconds"] for r in group], seconds * steps / steps.sum(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("devices, k", [(1, 3), (2, 2), (3, 2), (2, 0), (4, 5), (2, 50)])
@@ -558,8 +577,14 @@ def test_init_and_evaluate_compiled_lighter_give_the_same_bits():
 
     grid = bench.GRIDS["tiny"]
     config, features = bench.bench_config(grid), bench.bench_features(grid, "aligned")
+    config.lanes, config.runs_per_chunk = 2, 1  # with one jax device, two lanes: their split and join run once too
     for group in plan(config):
-        program = build_program(config, group, features)
+        options = []  # what each compilation of the build was given, in order
+        program = build_program(config, group, features,
+                                programs=lambda lowered, o=None: options.append(o) or lowered.compile(o))
+        lanes = [ONCE_COMPILER_OPTIONS] * 2 if program.train_epoch.lanes > 1 else []  # split, join
+        assert jax.device_count() > 1 or lanes
+        assert options == [ONCE_COMPILER_OPTIONS, None, *lanes, ONCE_COMPILER_OPTIONS]  # init, train_epoch, ..., evaluate
         data = group_data(features, program.replicated)
         runs = jax.device_put(program.runs, program.by_run)
         per_run = lambda f, axes: per_run_program(f, axes, program.by_run)  # default compile options
@@ -718,10 +743,11 @@ def test_lanes_by_default_one_per_core_and_full_chunk_on_a_one_device_cpu_only(m
 
 
 def test_gpu_compiler_options_are_options_this_xla_knows():
-    """GPU_COMPILER_OPTIONS reach every GPU build; XLA refuses a name it does not know on any backend,
-    so a renamed flag fails here, on the CPU, rather than on a user's GPU."""
-    from fusion_jax.groups import GPU_COMPILER_OPTIONS
-
+    """GPU_COMPILER_OPTIONS are what a GPU build gives all its programs (build_program takes them from
+    compiler_options, as the test above checks on the CPU); XLA refuses a name it does not know on any
+    backend, so a renamed flag fails here, on the CPU, rather than on a user's GPU."""
+    assert compiler_options("gpu") == (GPU_COMPILER_OPTIONS, GPU_COMPILER_OPTIONS)
+    assert compiler_options("tpu") == (None, None)
     lowered = jax.jit(lambda a: a @ a).lower(np.eye(3, dtype=np.float32))
     np.testing.assert_array_equal(lowered.compile(GPU_COMPILER_OPTIONS)(np.eye(3, dtype=np.float32)), np.eye(3))
     with pytest.raises(Exception, match="No such compile option"):
