@@ -7,7 +7,7 @@ resumes: finished groups are kept, an unfinished one continues from its last che
 
 Examples:
   python -m fusion_jax.main --config=configs/synthetic.py:smoke --workdir=smoke_out
-  python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3 \
+  python -m fusion_jax.main --config=configs/synthetic.py "--config.seeds=(42,)" --config.train.epochs=3 \\
       --workdir=one_seed
   python -m fusion_jax.report --workdir=DIR      (the report again, from DIR/results.json)
 

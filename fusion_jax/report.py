@@ -5,11 +5,11 @@ writes them at its end too). With --against=OTHER (another finished sweep's fold
 DIR/against_<other>.md instead: the two sweeps' config and feature differences and what they moved.
 Exit status: 0 written, 1 a figure could not be drawn (the rest is written), 2 a usage error or a
 results.json that cannot be read or drawn (nothing is written).
-
-The module is the one results writer: results.json (the interface later tools read), runs.csv,
-summary.md (drawn by `summary.summary_markdown`) and the side-by-side report (`render_report`, tables
-1-3 beside the paper's, figures), which `write_results` runs at the end of every sweep.
 """
+
+# The module is the one results writer: results.json (the interface later tools read), runs.csv,
+# summary.md (drawn by `summary.summary_markdown`) and the side-by-side report (`render_report`, tables
+# 1-3 beside the paper's, figures), which `write_results` runs at the end of every sweep.
 
 from __future__ import annotations
 
@@ -372,8 +372,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     workdir, against = (os.path.expanduser(f) if f else f for f in (flags.FLAGS.workdir, flags.FLAGS.against))
     if not (workdir or "").strip():
-        print("fusion_jax.report: error: --workdir=DIR is required: a folder with a results.json (a finished "
-              "sweep)", file=sys.stderr)
+        print("fusion_jax.report: error: --workdir" + (" is empty (an unset variable?)" if workdir is not None else
+                                                       "=DIR is required") +
+              ": a folder with a results.json (a finished sweep)", file=sys.stderr)
         sys.exit(2)
     if against is not None and not against.strip():
         print("fusion_jax.report: error: --against is empty (an unset variable?): give another sweep's folder, or "

@@ -30,9 +30,9 @@ from fusion_jax.checkpoint import GroupCheckpoints
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.featureset import feature_identity
 from fusion_jax.data.pairs import pair_identity
-from fusion_jax.data.sources import IMAGE_SOURCES, load_dataset, load_features
+from fusion_jax.data.sources import IMAGE_SOURCES, cache_root, load_dataset, load_features
 from fusion_jax.feature_report import feature_notes, split_overlap, tsne_samples
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import atomic_write_json, made_folder
 from fusion_jax.fusion import count_params
 from fusion_jax.groups import (CompiledAhead, FeaturesTooLarge, Group, GroupProgram, NonFinite, compile_workers,
                                own_failure, plan)
@@ -359,6 +359,7 @@ def _start_up(config: ml_collections.ConfigDict, workdir: str, groups: list[Grou
     config_dict = config.to_dict()
     with distributed.checked_start(index, count, config.distributed.wait_seconds, stop):
         check_workdir(workdir, config_dict)  # before minutes of feature extraction
+        _make_caches(config)
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
@@ -377,6 +378,17 @@ def _start_up(config: ml_collections.ConfigDict, workdir: str, groups: list[Grou
         if index == 0:
             shared["finished"] = _finished_groups(workdir, groups)
     return features, drawn, notes, shared["finished"]
+
+
+def _make_caches(config: ml_collections.ConfigDict) -> None:
+    """Make the compilation cache's folder and, for features from images, the feature cache's, before any
+    work: ConfigError where one cannot be made (a read-only or special file system, which validate's look at
+    the permissions does not see)."""
+    if config.features in IMAGE_SOURCES:
+        cache_root(config)
+    if config.compilation_cache and (problem := made_folder(config.compilation_cache)):
+        raise ConfigError("compilation_cache", f"{config.compilation_cache!r} {problem}: give a folder jax can "
+                          "write its programs into (empty: none)")
 
 
 def _train_own(config: ml_collections.ConfigDict, workdir: str, todo: list[Group], features: dict[str, FeatureSet],

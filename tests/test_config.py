@@ -102,6 +102,30 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
         pass
 
 
+def test_a_cache_folder_that_cannot_be_made_is_refused_before_any_data_loads(smoke_config, tmp_path, monkeypatch):
+    """The feature cache (for features from images) and the compilation cache are made at the start, each
+    refused in one line naming its field and where an empty cache_dir took its folder from."""
+    from fusion_jax import sweep
+
+    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))
+    (tmp_path / "file").write_text("not a folder")
+    config = load_config("demo", "smoke")
+    config.cache_dir = str(tmp_path / "file" / "sub")
+    with pytest.raises(ConfigError, match=r"^config.cache_dir: '.*/file/sub' cannot be made: '.*/file' is a file: "):
+        train_and_evaluate(config, str(tmp_path / "a"))
+    config.cache_dir = ""
+    monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"'.*/file' \(config.cache_dir is empty, so \$FUSION_JAX_CACHE\) is a "
+                                          "file, not a folder"):
+        train_and_evaluate(config, str(tmp_path / "a"))
+    made = []
+    monkeypatch.setattr(sweep, "made_folder", lambda path: made.append(path) or "cannot be made: a read-only mount")
+    smoke_config.compilation_cache = str(tmp_path / "xla")  # synthetic features: no feature cache to make
+    with pytest.raises(ConfigError, match=r"^config.compilation_cache: '.*/xla' cannot be made: a read-only mount"):
+        train_and_evaluate(smoke_config, str(tmp_path / "a"))
+    assert made == [smoke_config.compilation_cache] and not (tmp_path / "a").exists()
+
+
 def test_a_busy_foreign_or_unwritable_workdir_is_refused_before_any_data_loads(smoke_config, tmp_path, monkeypatch):
     """Feature extraction can take minutes: the workdir checks that need no features come first."""
     from fusion_jax import sweep

@@ -124,6 +124,14 @@ def test_load_image_file_removed_after_load(root):
         ds.load_image(0)
 
 
+def test_a_missing_folder_or_a_file_is_named(tmp_path):
+    with pytest.raises(DataUnavailableError, match=r"directory '.*/none' does not exist"):
+        flickr8k.load_flickr8k_folder(str(tmp_path / "none"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataUnavailableError, match=r"directory '.*/file' is a file, not a folder"):
+        flickr8k.load_flickr8k_folder(str(tmp_path / "file"))
+
+
 def test_alternative_folder_spelling(tmp_path):
     ds, stats = flickr8k.load_flickr8k_folder_with_stats(write_fixture(tmp_path, "Flickr8k_Dataset"))
     assert stats.n_images == 7 and stats.n_captions == 35

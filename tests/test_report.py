@@ -881,9 +881,10 @@ def test_cli_without_results_exits_2(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == ("fusion_jax.report: error: --workdir=DIR is required: a "
                                                             "folder with a results.json (a finished sweep)")
-    for flags, error in ((["--against="], "--against is empty (an unset variable?)"),
-                         (["--unknown"], "Unknown command line flag 'unknown'")):
-        done = subprocess.run([sys.executable, "-m", "fusion_jax.report", f"--workdir={tmp_path}", *flags], cwd=ROOT,
+    for flags, error in (([f"--workdir={tmp_path}", "--against="], "--against is empty (an unset variable?)"),
+                         ([f"--workdir={tmp_path}", "--unknown"], "Unknown command line flag 'unknown'"),
+                         (["--workdir="], "--workdir is empty (an unset variable?)")):
+        done = subprocess.run([sys.executable, "-m", "fusion_jax.report", *flags], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith(f"fusion_jax.report: error: {error}"), done.stderr
 

@@ -43,7 +43,9 @@ class FeatureSet:
         if self.caption_image.shape != (n_captions,):
             raise ValueError(f"caption_image has shape {self.caption_image.shape}, expected ({n_captions},)")
         if n_captions and (self.caption_image.min() < 0 or self.caption_image.max() >= n_images):
-            raise ValueError(f"caption_image holds indices outside [0, {n_images})")
+            raise ValueError(f"caption_image holds indices from {self.caption_image.min()} to {self.caption_image.max()}, "
+                             f"outside [0, {n_images}): the rows of image, shape {self.image.shape} (one row per "
+                             "image; is image transposed?)")
         for name, x, mask in (("image", self.image, self.image_mask), ("text", self.text, self.text_mask)):
             if x.ndim not in (2, 3):
                 raise ValueError(f"{name} features must be [n, d] or [n, tokens, d], got shape {x.shape}")

@@ -130,7 +130,8 @@ def _nested_hint(image_dir: str, files: dict) -> str:
 def load_flickr8k_folder_with_stats(root: str) -> tuple[ImageCaptionDataset, Flickr8kStats]:
     """Flickr8k from its classic local layout under `root`, with the counts of what was skipped."""
     if not root or not os.path.isdir(root):
-        raise _unavailable(f"directory {root!r} does not exist")
+        raise _unavailable(f"directory {root!r} " + ("is a file, not a folder" if root and os.path.exists(root)
+                                                      else "does not exist"))
     image_dir = next((os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))), None)
     if image_dir is None:
         raise _unavailable(f"no image folder {IMAGE_DIRS[0]}/ or {IMAGE_DIRS[1]}/ in {root!r}")

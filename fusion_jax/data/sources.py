@@ -18,9 +18,11 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from fusion_jax.config_base import ConfigError
 from fusion_jax.data import npz, synthetic
 from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
 from fusion_jax.data.featureset import FeatureSet
+from fusion_jax.files import made_folder, unwritable_folder
 
 SOURCES = ("synthetic", "embedded", "flickr8k", "npz")
 IMAGE_SOURCES = ("embedded", "flickr8k")  # the sources with images, captions and backbones
@@ -51,6 +53,20 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageCaptionDataset:
     return load_flickr8k(d.flickr8k_dir, d.hub_id, d.hub_revision or None)
 
 
+def cache_root(config: ml_collections.ConfigDict) -> str:
+    """The feature and model cache's folder (config.cache_dir, else cache.default_root()), made now: a
+    ConfigError naming where it came from when it cannot be (a file, no permission, a read-only mount)."""
+    from fusion_jax.features.cache import default_root
+
+    root = config.cache_dir or default_root()
+    if problem := unwritable_folder(root) or made_folder(root):
+        origin = ("" if config.cache_dir else " (config.cache_dir is empty, so " + (
+            "$FUSION_JAX_CACHE" if os.environ.get("FUSION_JAX_CACHE") else
+            "$XDG_CACHE_HOME/fusion_jax" if os.environ.get("XDG_CACHE_HOME") else "~/.cache/fusion_jax") + ")")
+        raise ConfigError("cache_dir", f"{root!r}{origin} {problem}: give a folder the features can be cached in")
+    return root
+
+
 def _model_dirs(config: ml_collections.ConfigDict, backbone: str) -> dict[str, str]:
     """Model ids or folders of `backbone`'s roles (clip; or resnet and text); "embedded" becomes the
     package's own models, trained here if they are not cached."""
@@ -58,11 +74,10 @@ def _model_dirs(config: ml_collections.ConfigDict, backbone: str) -> dict[str, s
     wanted = {"clip": b.clip.model} if backbone == "clip" else {"resnet": b.resnet.model, "text": b.resnet.text_model}
     embedded = tuple(role for role, value in wanted.items() if value == "embedded")
     if embedded:
-        from fusion_jax.features.cache import default_root
         from fusion_jax.features.embedded_models import embedded_models
 
         e = b.embedded
-        wanted.update(embedded_models(config.cache_dir or default_root(), e.n_images, e.seed, config.data.image_size,
+        wanted.update(embedded_models(cache_root(config), e.n_images, e.seed, config.data.image_size,
                                       {"clip": e.clip_steps, "resnet": e.resnet_steps, "text": e.text_steps},
                                       embedded))
     return wanted
@@ -73,7 +88,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
     """Frozen features of `ds` through `backbone`, via the on-disk cache; unreadable images dropped.
     after_shard: see `extract_cached` (the sweep stops there when asked to)."""
     from fusion_jax.features import backbones
-    from fusion_jax.features.cache import FeatureCache, default_root
+    from fusion_jax.features.cache import FeatureCache
     from fusion_jax.features.extract import extract_cached
 
     b, models = config.backbone, _model_dirs(config, backbone)
@@ -82,7 +97,7 @@ def extract_features(config: ml_collections.ConfigDict, ds: ImageCaptionDataset,
         bb = backbones.load_clip(models["clip"], revision, b.batch_size, b.tokens)
     else:
         bb = backbones.load_resnet(models["resnet"], models["text"], revision, b.batch_size, b.tokens)
-    root = config.cache_dir or default_root()
+    root = cache_root(config)
     data = {"dataset": ds.name, "data": ds.fingerprint}
     key = {**data, **bb.key}  # the provenance; each side's cache entry has its own part of it
     pool = ThreadPoolExecutor(max_workers=4)  # reads a batch's images in parallel
