@@ -359,10 +359,11 @@ def _start_up(config: ml_collections.ConfigDict, workdir: str, groups: list[Grou
     config_dict = config.to_dict()
     with distributed.checked_start(index, count, config.distributed.wait_seconds, stop):
         check_workdir(workdir, config_dict)  # before minutes of feature extraction
-        _make_caches(config)
+        _check_caches(config, make=False)  # before the data loads (a download, perhaps)
         dataset = load_dataset(config) if config.features in IMAGE_SOURCES else None
         if dataset is not None:  # before any feature is extracted
             validate_scales(config, {f"dataset {dataset.name!r}": dataset})
+        _check_caches(config, make=True)
         features = {b: load_features(config, b, dataset, after_shard=functools.partial(_stop_if_set, stop, b))
                     for b in config.backbones}
         validate_scales(config, {f"backbone {b!r}": fs for b, fs in features.items()})
@@ -380,13 +381,13 @@ def _start_up(config: ml_collections.ConfigDict, workdir: str, groups: list[Grou
     return features, drawn, notes, shared["finished"]
 
 
-def _make_caches(config: ml_collections.ConfigDict) -> None:
-    """Make the compilation cache's folder and, for features from images, the feature cache's, before any
-    work: ConfigError where one cannot be made (a read-only or special file system, which validate's look at
+def _check_caches(config: ml_collections.ConfigDict, make: bool) -> None:
+    """Check (and with `make`, make) the feature cache's folder, for features from images, and the compilation
+    cache's: ConfigError where one cannot be (made, a read-only or special file system too, which the look at
     the permissions does not see)."""
     if config.features in IMAGE_SOURCES:
-        cache_root(config)
-    if config.compilation_cache and (problem := made_folder(config.compilation_cache)):
+        cache_root(config, make)
+    if make and config.compilation_cache and (problem := made_folder(config.compilation_cache)):
         raise ConfigError("compilation_cache", f"{config.compilation_cache!r} {problem}: give a folder jax can "
                           "write its programs into (empty: none)")
 

@@ -53,13 +53,14 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageCaptionDataset:
     return load_flickr8k(d.flickr8k_dir, d.hub_id, d.hub_revision or None)
 
 
-def cache_root(config: ml_collections.ConfigDict) -> str:
-    """The feature and model cache's folder (config.cache_dir, else cache.default_root()), made now: a
-    ConfigError naming where it came from when it cannot be (a file, no permission, a read-only mount)."""
+def cache_root(config: ml_collections.ConfigDict, make: bool = True) -> str:
+    """The feature and model cache's folder (config.cache_dir, else cache.default_root()), made now unless
+    not `make`: a ConfigError naming where it came from when it cannot be (a file, no permission; made: a
+    read-only mount too)."""
     from fusion_jax.features.cache import default_root
 
     root = config.cache_dir or default_root()
-    if problem := unwritable_folder(root) or made_folder(root):
+    if problem := unwritable_folder(root) or (made_folder(root) if make else None):
         origin = ("" if config.cache_dir else " (config.cache_dir is empty, so " + (
             "$FUSION_JAX_CACHE" if os.environ.get("FUSION_JAX_CACHE") else
             "$XDG_CACHE_HOME/fusion_jax" if os.environ.get("XDG_CACHE_HOME") else "~/.cache/fusion_jax") + ")")

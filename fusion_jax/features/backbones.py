@@ -23,8 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from fusion_jax.data.dataset import DataUnavailableError
+from fusion_jax.degrade import l2_normalize
 from fusion_jax.features.preprocess import ImagePreprocessor, UnsupportedProcessor
 from fusion_jax.files import sha256
+from fusion_jax.fusion import masked_mean
 from fusion_jax.host import on_host
 
 log = logging.getLogger("fusion_jax")
@@ -244,12 +246,6 @@ def _describe(pre: ImagePreprocessor) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    """L2-normalised rows: CLIP compares its embeddings by cosine, and the paper's noise, normalize(v + σz),
-    is meant for unit vectors."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 LOCAL_FOLDER = "<local folder>"
 
 
@@ -321,11 +317,6 @@ def _encoders(image_fn, image_params, pre, text_fn, text_params, tokenize, batch
     return encode_images, encode_texts
 
 
-def _mean_pool(h: jax.Array, mask: jax.Array) -> jax.Array:
-    m = mask.astype(h.dtype)[..., None]
-    return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-
-
 def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -> Backbone:
     """FlaxCLIPModel from `model` (hub id or folder), with its own image processor and tokenizer: the
     projected image and text embeddings, L2-normalised (with tokens, also the towers' last hidden states)."""
@@ -340,7 +331,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     @jax.jit
     def image_fn(params, pixels):
-        out = {"image": _unit(net.get_image_features(pixels, params=params))}
+        out = {"image": l2_normalize(net.get_image_features(pixels, params=params))}
         if tokens:  # the vision module takes channels last, as get_image_features hands it the pixels
             out["image_tokens"] = net.module.apply(
                 {"params": params}, jnp.transpose(pixels, (0, 2, 3, 1)),
@@ -349,7 +340,7 @@ def load_clip(model: str, revision: str | None, batch_size: int, tokens: bool) -
 
     @jax.jit
     def text_fn(params, ids, mask):
-        out = {"text": _unit(net.get_text_features(ids, mask, params=params))}
+        out = {"text": l2_normalize(net.get_text_features(ids, mask, params=params))}
         if tokens:
             out["text_tokens"] = net.module.apply(
                 {"params": params}, ids, mask,
@@ -392,7 +383,7 @@ def load_resnet(model: str, text_model: str, revision: str | None, batch_size: i
     @jax.jit
     def text_fn(params, ids, mask):
         h = text_net(ids, attention_mask=mask, params=params, train=False).last_hidden_state
-        out = {"text": _mean_pool(h, mask)}
+        out = {"text": masked_mean(h, mask)}
         if tokens:
             out["text_tokens"], out["text_mask"] = h, mask
         return out
