@@ -34,6 +34,8 @@ INVALID = [
     ("degradation.scales", (512,), "degradation.scales", "not in scales"),
     ("degradation.scales", (128, 128), "degradation.scales", "duplicates"),
     ("degradation.backbones", ("aligned", "aligned"), "degradation.backbones", "duplicates"),
+    ("degradation.backbones", ("alinged",), "degradation.backbones", "'alinged' is not in backbones"),
+    ("pairs.train_fraction", 0.995, "scales", "and 1 validation pairs; need at least"),
     ("degradation.modality", "audio", "degradation.modality", "allowed: image, text, both"),
     ("degradation.kind", "blur", "degradation.kind", "allowed: none, gaussian"),
     ("train.learning_rate", 0.0, "train.learning_rate", "> 0"),
@@ -103,8 +105,9 @@ def test_a_second_start_in_a_busy_workdir_is_refused(smoke_config, tmp_path):
 
 
 def test_a_cache_folder_that_cannot_be_made_is_refused_before_any_data_loads(smoke_config, tmp_path, monkeypatch):
-    """The feature cache (for features from images) and the compilation cache are made at the start, each
-    refused in one line naming its field and where an empty cache_dir took its folder from."""
+    """The feature cache (for features from images) and the compilation cache are checked before the data
+    loads and made before any feature is extracted, each refused in one line naming its field and where an
+    empty cache_dir took its folder from."""
     from fusion_jax import sweep
 
     monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))

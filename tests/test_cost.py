@@ -38,3 +38,14 @@ def test_train_step_flops_scale_with_runs(smoke_config):
     assert one > 2 * forward
     # A group whose runs are all at level 0 draws no noise: its step costs less (the benchmark counts it so).
     assert 2 * forward < cost.train_step_flops(smoke_config, "concat", 64, 64, noisy=False) < one
+
+
+@pytest.mark.parametrize("method", ["concat", "cross"])
+def test_forward_flops_count_each_sides_own_tokens(smoke_config, method):
+    """Token features: each side's own token count adds to the forward FLOPs (the image's 6 tokens with
+    a pooled text, the text's 6 with a pooled image), and more of them add more."""
+    flops = lambda image, text: cost.forward_flops_per_sample(method, 16, 8, smoke_config, batch=8,
+                                                              image_tokens=image, text_tokens=text)
+    pooled = flops(0, 0)
+    assert flops(0, 6) > pooled and flops(6, 0) > pooled
+    assert flops(0, 12) > flops(0, 6) and flops(12, 0) > flops(6, 0)

@@ -41,3 +41,7 @@ def test_token_features_and_none():
     assert y.shape == x.shape
     np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(degrade(x, jnp.arange(3), jax.random.PRNGKey(1), jnp.float32(0.2), "none"), x)
+    # Each token draws its own noise: a vector repeated over its tokens comes out different at each.
+    same = jnp.repeat(x[:, :1], 4, axis=1)
+    y = np.asarray(degrade(same, jnp.arange(3), jax.random.PRNGKey(1), jnp.float32(0.2), "gaussian"))
+    assert all(np.abs(y[:, 0] - y[:, t]).max() > 1e-3 for t in range(1, 4))

@@ -46,7 +46,10 @@ def test_shapes_dtypes_and_grouping():
     image = d.load_image(3)
     assert image.shape == (48, 48, 3) and image.dtype == np.uint8
     assert re.fullmatch(r"[0-9a-f]{64}", d.fingerprint)
+    # Each of what makes the images and captions keys the features cached from them.
     assert d.fingerprint != generate_embedded(7, seed=0, image_size=48, captions_per_image=5).fingerprint
+    assert d.fingerprint != generate_embedded(7, seed=0, image_size=64, captions_per_image=4).fingerprint
+    assert d.fingerprint != generate_embedded(8, seed=0, image_size=48, captions_per_image=4).fingerprint
     with pytest.raises(IndexError):
         d.load_image(7)
     with pytest.raises(ValueError):

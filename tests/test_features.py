@@ -753,6 +753,34 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
         extract_features(config, ds, "clip")  # the finished entry, read again: the check after extraction
 
 
+def test_features_of_another_dataset_of_the_same_name_are_not_taken_from_the_cache(tmp_path, monkeypatch, caplog):
+    """Each side's cache entry is keyed by the dataset's fingerprint, not its name: a second Flickr8k folder
+    (or an embedded set of another seed or size) gets features of its own; the same dataset again reads them."""
+    from fusion_jax.data.dataset import ImageCaptionDataset
+    from fusion_jax.data.sources import extract_features
+    from fusion_jax.features import backbones
+
+    def dataset(fingerprint, first):
+        return ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(6)), tuple(f"{first}{i}" for i in range(12)),
+                                   np.repeat(np.arange(6), 2).astype(np.int32),
+                                   lambda i: np.full((4, 4, 3), ord(first) + i, np.uint8), fingerprint)
+
+    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
+                              lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
+                              lambda caps, n: {"text": np.array([[ord(c[0])] * 3 for c in caps], np.float32)},
+                              lambda caps: 4)
+    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    config = load_config("clip_sweep")
+    config.cache_dir = str(tmp_path)
+    a = extract_features(config, dataset("one", "a"), "clip")
+    b = extract_features(config, dataset("two", "b"), "clip")
+    assert a.image[:, 0].tolist() == [97, 98, 99, 100, 101, 102] and (a.text == 97).all()
+    assert b.image[:, 0].tolist() == [98, 99, 100, 101, 102, 103] and (b.text == 98).all()
+    caplog.set_level(logging.INFO, logger="fusion_jax")
+    again = extract_features(config, dataset("one", "a"), "clip")
+    assert caplog.text.count("reusing cached features") == 2 and np.array_equal(again.image, a.image)  # both sides
+
+
 def test_a_folder_of_unreadable_images_stops_after_its_first_shard(tmp_path, monkeypatch, caplog):
     """Once the unreadable images read pass data.max_bad_fraction, the rest cannot bring the share back:
     extraction stops after that shard (cached), rather than encode every image first; five are named in

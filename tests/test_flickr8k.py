@@ -243,6 +243,9 @@ def test_hub_column_shapes():
     ds = flickr8k.flickr8k_from_hf_dataset(listed, "mem")
     assert ds.image_ids == ("x.jpg", "y.jpg") and ds.captions == ("one", "two", "three")
     assert list(ds.caption_image) == [0, 0, 1]
+    edited = datasets.Dataset.from_dict({"image": rows["image"], "filename": ["x.jpg", "y.jpg"],
+                                         "captions": [["one", "two", " "], ["three, edited"]]})
+    assert flickr8k.flickr8k_from_hf_dataset(edited, "mem").fingerprint != ds.fingerprint  # the same source, other rows
     single = flickr8k.flickr8k_from_hf_dataset(datasets.Dataset.from_dict({"image": rows["image"], "caption": ["a", "b"]}), "m")
     assert single.captions == ("a", "b") and list(single.caption_image) == [0, 1]
     with pytest.raises(DataUnavailableError, match="text"):

@@ -49,16 +49,21 @@ def test_token_features_with_masks_load_as_token_features(tmp_path):
 
 
 def test_padding_may_hold_anything_and_loads_as_zeros(tmp_path):
-    """Masked slots are never read: NaN, Inf or huge values there load as 0; a real token's NaN is refused."""
+    """Masked slots are never read: NaN, Inf or huge values there load as 0, on either side; a real
+    token's NaN is refused."""
     f = _features(tokens=4)
-    f["image_mask"] = np.ones(f["image"].shape[:2], np.int8)
-    f["image_mask"][3:, 2:] = 0
-    real = f["image"].copy()
-    f["image"][3:, 2:] = np.float32(np.nan)
-    f["image"][5, 3], f["image"][6, 2] = np.inf, 1e30
+    f["text"] = np.repeat(f["text"][:, None], 3, 1)
+    real = {}
+    for side, tokens in (("image", 4), ("text", 3)):
+        f[f"{side}_mask"] = np.ones(f[side].shape[:2], np.int8)
+        f[f"{side}_mask"][3:, tokens // 2:] = 0
+        real[side] = f[side].copy()
+        f[side][3:, tokens // 2:] = np.float32(np.nan)
+        f[side][5, -1], f[side][6, -1] = np.inf, 1e30
     np.savez(tmp_path / "pad.npz", **f)
     fs = load(str(tmp_path / "pad.npz"))
-    np.testing.assert_array_equal(fs.image, np.where(f["image_mask"][..., None] > 0, real, 0))
+    np.testing.assert_array_equal(fs.image, np.where(f["image_mask"][..., None] > 0, real["image"], 0))
+    np.testing.assert_array_equal(fs.text, np.where(f["text_mask"][..., None] > 0, real["text"], 0))
     f["image"][4, 1] = np.nan  # a real token
     np.savez(tmp_path / "pad.npz", **f)
     with pytest.raises(DataUnavailableError, match=r"image holds NaN or Inf \(as float32\) in rows \[4\]"):
@@ -92,6 +97,10 @@ BAD = [
      "image_mask is an array of Python objects, which only pickle reads (not loaded, as it could run code): save it "
      "as numbers 0 and 1"),
     (lambda f: f.update(text_mask=np.ones((450, 2))), "text_mask is given, but text is not token features"),
+    (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.full((150, 2), 0.5)),
+     "image_mask must hold 0 and 1 only"),
+    (lambda f: f.update(text=np.repeat(f["text"][:, None], 2, 1), text_mask=np.full((450, 2), np.nan)),
+     "text_mask must hold 0 and 1 only"),
     (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
     (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
@@ -325,3 +334,13 @@ def test_arrays_are_read_into_aligned_memory_once(tmp_path, save):
         tracemalloc.stop()
     assert fs.text.ctypes.data % ALIGNMENT == 0 and np.array_equal(fs.text, text)
     assert peak < 1.5 * (fs.text.nbytes + fs.image.nbytes), peak
+
+
+def test_each_sides_dimension_is_recorded(tmp_path):
+    from fusion_jax.data.sources import load_features
+
+    f = _features()
+    f["text"] = np.ascontiguousarray(f["text"][:, :8])
+    np.savez(tmp_path / "mine.npz", **f)
+    prov = load_features(_config(tmp_path), "mine").provenance
+    assert (prov["dim_image"], prov["dim_text"]) == (16, 8) and prov["alignment"]["defined"] is False

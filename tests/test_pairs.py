@@ -172,6 +172,11 @@ def test_overlap_of_validation_with_training():
     shown = set(train["image_idx"]) | set(CAPTION_IMAGE[train["caption_idx"]])
     by_hand = np.mean([i in shown or CAPTION_IMAGE[c] in shown for i, c in zip(val["image_idx"], val["caption_idx"])])
     assert small["val_pairs_with_a_training_image"] == pytest.approx(by_hand)
+    p = build_pairs(CAPTION_IMAGE, 50, 400, 0)  # a caption's own row, not its image's other captions
+    train, val = p.split("train"), p.split("val")
+    by_hand = np.mean([c in set(train["caption_idx"]) for c in val["caption_idx"]])
+    assert large["val_pairs_with_a_training_caption"] == pytest.approx(by_hand)
+    assert by_hand < large["val_pairs_with_a_training_image"]
 
 
 @pytest.mark.parametrize("split_by", ["pair", "image"])

@@ -480,6 +480,11 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
     assert ours["concat"]["params"] == 295554 and ours["cross"]["train_seconds_per_run"] == 0.5
     assert "XLA's cost analysis" in md and "| 295,554 |" in md
     assert f"## {tables.PAPER_REFERENCE}, Table 3" in md and "| 757,000 |" in md
+    calls.clear()  # token features: each side's recorded count to its own argument
+    results = fake_results("synthetic", ("aligned",), dims=(16, 8))
+    results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=3)
+    efficiency.table3(results)
+    assert sorted(set(calls)) == [("concat", 16, 8, 256, 5, 3), ("cross", 16, 8, 256, 5, 3)]
 
 
 def test_table3_counts_flops_on_the_token_inputs_results_json_records():
