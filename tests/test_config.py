@@ -121,6 +121,12 @@ def test_a_cache_folder_that_cannot_be_made_is_refused_before_any_data_loads(smo
     with pytest.raises(ConfigError, match=r"'.*/file' \(config.cache_dir is empty, so \$FUSION_JAX_CACHE\) is a "
                                           "file, not a folder"):
         train_and_evaluate(config, str(tmp_path / "a"))
+    from fusion_jax.data import sources  # a cache folder that is there is read as it is, writable or not
+
+    with monkeypatch.context() as m:
+        m.setattr(sources, "unwritable_folder", lambda path: "is a folder this user cannot write to")
+        m.setattr(config, "cache_dir", str(tmp_path))
+        assert sources.cache_root(config) == str(tmp_path)
     made = []
     monkeypatch.setattr(sweep, "made_folder", lambda path: made.append(path) or "cannot be made: a read-only mount")
     smoke_config.compilation_cache = str(tmp_path / "xla")  # synthetic features: no feature cache to make

@@ -54,12 +54,15 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageCaptionDataset:
 
 
 def cache_root(config: ml_collections.ConfigDict, make: bool = True) -> str:
-    """The feature and model cache's folder (config.cache_dir, else cache.default_root()), made now unless
-    not `make`: a ConfigError naming where it came from when it cannot be (a file, no permission; made: a
-    read-only mount too)."""
+    """The feature and model cache's folder (config.cache_dir, else cache.default_root()), made now if missing
+    (unless not `make`): a ConfigError naming where it came from when it cannot be (a file, no permission;
+    made: a read-only mount too). A folder that is there is taken as it is: a read-only cache serves the
+    entries it holds."""
     from fusion_jax.features.cache import default_root
 
     root = config.cache_dir or default_root()
+    if os.path.isdir(root):
+        return root
     if problem := unwritable_folder(root) or (made_folder(root) if make else None):
         origin = ("" if config.cache_dir else " (config.cache_dir is empty, so " + (
             "$FUSION_JAX_CACHE" if os.environ.get("FUSION_JAX_CACHE") else
