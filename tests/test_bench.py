@@ -188,3 +188,18 @@ def test_reference_time_is_estimated_only_when_runs_were_left_out():
     assert g["wall_s"] == pytest.approx(g["measured_wall_s"] + g["run_s"][0])
     with pytest.raises(ValueError, match="torch-runs must be at least 1"):
         bench.run_benchmark("tiny", "/nonexistent", torch_runs=0)
+
+
+def test_the_references_noise_is_normalize_v_plus_sigma_z_fixed_per_run():
+    import numpy as np
+
+    from fusion_jax.bench_torch import noisy_image
+
+    x = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert noisy_image(x, 0.0, 42, 128) is x
+    y = noisy_image(x, 0.3, 42, 128)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
+    assert 0.5 < float(np.mean(np.sum(x * y, axis=1))) < 0.99  # moved, but not far at sigma 0.3 in 16 dims
+    np.testing.assert_array_equal(noisy_image(x, 0.3, 42, 128), y)
+    assert not np.array_equal(noisy_image(x, 0.3, 123, 128), y)

@@ -135,6 +135,41 @@ def test_a_sweep_with_no_finished_run_says_so_rather_than_draw_an_empty_table():
     assert "(no run finished: every group failed, below)" in summary and "| backbone | method |" not in summary
 
 
+def test_the_figures_plot_each_series_own_numbers(monkeypatch):
+    """Accuracy against scale: each method's mean accuracy and the majority baseline, in percent; the noise
+    figure: concat − cross per level, in points, worked out here from the runs."""
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault(path, fig) and path)
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0, 0.1, 0.2))
+    for r in results["runs"]:
+        r["majority_baseline"] = 0.5 + 0.001 * r["scale"] / 1024
+        r["metrics"]["f1"] = r["metrics"]["accuracy"] - 0.1
+    results["summary"] = summarize(results["runs"])
+    figures.accuracy_vs_scale(results, "scale")
+    figures.noise_advantage(results, "noise")
+    clean = lambda method, scale: [r for r in results["runs"] if (r["method"], r["scale"]) == (method, scale)
+                                   and r["degradation"]["level"] == 0]
+    ax = drawn["scale"].axes[0]
+    for container in ax.containers:
+        method = container.get_label().split(" ")[0]
+        want = [100 * np.mean([r["metrics"]["accuracy"] for r in clean(method, sc)]) for sc in (1024, 2048)]
+        np.testing.assert_allclose(np.asarray(container.lines[0].get_ydata(), float), want)
+    base, = [l for l in ax.get_lines() if l.get_label() == "majority-class baseline (ours)"]
+    np.testing.assert_allclose(np.asarray(base.get_ydata(), float), [100 * 0.501, 100 * 0.502])
+    ax = drawn["noise"].axes[0]
+    for container in ax.containers:
+        scale = int(container.get_label().split()[-1])
+        acc = lambda method, level: {r["seed"]: r["metrics"]["accuracy"] for r in results["runs"] if
+                                     (r["method"], r["scale"], r["degradation"]["level"]) == (method, scale, level)}
+        want = [100 * np.mean([acc("concat", lv)[s] - acc("cross", lv)[s] for s in (42, 123, 456)])
+                for lv in (0.0, 0.1, 0.2)]
+        np.testing.assert_allclose(np.asarray(container.lines[0].get_ydata(), float), want)
+    assert len(drawn["noise"].axes[0].containers) == 2
+    plt.close("all")
+
+
 def test_the_papers_noise_curve_only_in_its_setting(tmp_path, monkeypatch):
     labels = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: labels.setdefault(path, [
@@ -228,7 +263,13 @@ def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
     cross = next(s for s in results["summary"] if s["method"] == "cross" and s["scale"] == 2048)
     cross["majority_baseline_mean"] = cross["accuracy_mean"]
     line, = answer(results)
-    assert "At 2048 pairs cross does not beat the majority-class baseline" in line and "At 1024 pairs" not in line
+    assert "At 2048 pairs cross does not beat the majority-class baseline: there only concat learned to match" in line
+    assert "At 1024 pairs" not in line and "neither head" not in line
+    concat = next(s for s in results["summary"] if s["method"] == "concat" and s["scale"] == 2048)
+    concat["majority_baseline_mean"] = concat["accuracy_mean"]
+    both, = answer(results)
+    assert "**At 2048 pairs neither head beats the majority-class baseline**" in both and "does not beat" not in both
+    concat["majority_baseline_mean"] = cross["majority_baseline_mean"] = 0.5
     assert "of the token states' means" not in line and tables.TOKEN_ALIGNMENT not in summary_markdown(results)
     results["backbones"]["aligned"]["tokens"] = 4
     assert "zero-shot recall@1 40.0% of the token states' means" in answer(results)[0]
@@ -578,6 +619,23 @@ def test_runs_trained_on_different_devices_are_named_in_the_summary():
 
 
 # --- figures --------------------------------------------------------------------------------------
+
+def test_the_tsne_sample_holds_matched_pairs(tmp_path):
+    """Each sampled caption beside its own image (image row i and the captions of image i here carry i),
+    pooled over the real tokens; distinct captions."""
+    from fusion_jax.data import FeatureSet
+    from fusion_jax.feature_report import tsne_sample
+
+    caption_image = np.repeat(np.arange(20), 3)[::-1].copy()
+    image = np.repeat(np.arange(20, dtype=np.float32)[:, None, None], 2, 1) * np.ones((1, 1, 4), np.float32)
+    image_mask = np.ones((20, 2), np.float32)
+    image[:, 1], image_mask[:, 1] = 1e3, 0  # padding: left out of the mean
+    text = np.repeat(caption_image.astype(np.float32)[:, None], 4, 1)
+    tsne_sample(str(tmp_path), "b", FeatureSet(image, text, caption_image, image_mask=image_mask), n=25)
+    sample = np.load(tmp_path / "tsne_b.npz")
+    assert sample["image"].shape == sample["text"].shape == (25, 4) and len(np.unique(sample["text"][:, 0])) > 5
+    np.testing.assert_array_equal(sample["image"], sample["text"])
+
 
 def test_tsne_leaves_out_pairs_with_nan_or_inf(tmp_path, monkeypatch):
     from fusion_jax import figures

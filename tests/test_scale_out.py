@@ -965,6 +965,15 @@ def test_a_process_extracting_features_stops_within_a_shard_of_a_peers_failed_st
     _stop_if_set(threading.Event(), "clip")  # outside a start-up: nothing to read
 
 
+def test_each_group_goes_to_one_process():
+    from fusion_jax import distributed
+
+    for n in range(7):
+        for count in range(1, 5):
+            shares = [distributed.mine(list(range(n)), i, count) for i in range(count)]
+            assert sorted(sum(shares, [])) == list(range(n)) and max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
 def test_a_resume_deals_the_unfinished_groups_evenly_by_process_0s_view(smoke_config, tmp_path, monkeypatch, store):
     """Groups are dealt after the finished ones are left out: a 2-process resume after process 1 died (its
     groups 1 and 3 unfinished) gives each process one, not both to process 1. Which are finished is process
@@ -1180,11 +1189,15 @@ def test_a_group_that_fails_on_its_own_is_recorded_and_the_others_finish(smoke_c
         f"group {second}: JaxRuntimeError: RESOURCE_EXHAUSTED: out of memory in epoch 2")
     assert f"group {second} failed; the sweep goes on" in caplog.text and "Traceback" in caplog.text
     assert (tmp_path / "checkpoints" / second / "1").is_dir()
+    assert (results["timing"]["groups"], results["timing"]["groups_trained"]) == (2, 0)
+    assert sorted(os.listdir(tmp_path / "groups")) == [f"{first}.failed.json", f"{second}.failed.json"]
     monkeypatch.undo()
     caplog.clear()
     caplog.set_level(logging.INFO, logger="fusion_jax")
     again = train_and_evaluate(config, str(tmp_path))
     assert again["failed_groups"] == [] and len(again["runs"]) == 2 * len(config.seeds)
+    assert again["timing"]["groups_trained"] == 2 and sorted(os.listdir(tmp_path / "groups")) == [
+        f"{first}.json", f"{second}.json"]  # the earlier attempt's failure records gone
     assert f"group {second}: resuming from the checkpoint after epoch 1 of 2" in caplog.text
     assert f"training group {first} again, which failed in an earlier attempt: group {first}: JaxRuntimeError" \
         in caplog.text

@@ -65,6 +65,9 @@ def test_smoke_sweep_writes_results(smoke_sweep):
         assert 0.5 <= r["majority_baseline"] <= 1.0
         assert r["params"] > 0 and r["train_seconds"] > 0
     assert len(on_disk["summary"]) == n_runs // 2
+    by = _by_run(on_disk)  # the noise reaches every noisy run: it trains otherwise than at level 0
+    noisy = [k for k in by if k[-1] > 0]
+    assert noisy and all(by[k]["train_loss_by_epoch"] != by[(*k[:-1], 0.0)]["train_loss_by_epoch"] for k in noisy)
     s = on_disk["summary"][0]
     assert s["n_seeds"] == 2 and all(f"{m}_{k}" in s for m in METRICS for k in ("mean", "std"))
     assert len(on_disk["comparisons"]) == n_runs // 4
@@ -181,6 +184,9 @@ def test_compiled_ahead_shares_programs_evaluates_later_the_same_and_stops_clean
         others = [ahead.program(i) for i in range(1, 4)]
         for other in others:  # each evaluate called, so compiled (by its worker or here) before the block ends
             data, runs = ahead.data(other), jax.device_put(other.runs, other.by_run)
+            own = features[other.group.backbone]  # its own features (the two backbones share their image side)
+            np.testing.assert_array_equal(data["image"], own.image)
+            np.testing.assert_array_equal(data["text"], own.text)
             assert np.asarray(other.evaluate(other.init(runs, data), runs, data)).shape == (len(other.slots), 5)
         assert [g.name for g in groups] == ["aligned-concat", "aligned-cross", "unaligned-concat", "unaligned-cross"]
         epoch = lambda p: p.train_epoch.program
@@ -437,6 +443,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
     from fusion_jax import sweep
 
     config = _tiny(smoke_config)
+    config.scales = (64, 128)  # runs of two lengths: the resumed layout puts them in other slots than the group's order
     config.train.epochs = 3
     config.compilation_cache = str(tmp_path / "xla")
     config.lanes = 2  # on any machine: the lanes' split and join are programs too
