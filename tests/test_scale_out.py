@@ -243,9 +243,10 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     many = GroupCheckpoints(str(tmp_path / "many"), keep=2)
     for epoch in range(1, 6):
         many.save(epoch, trees[0])
-    many.close()  # the digests of epochs no longer kept went with the next save
-    assert many.all_epochs() == [4, 5] and sorted(os.listdir(tmp_path / "many" / DIGESTS)) == ["3.json", "4.json",
-                                                                                              "5.json"]
+    many.close()  # the digests of epochs no longer kept go with a later save (when Orbax has removed the epochs)
+    digests = set(os.listdir(tmp_path / "many" / DIGESTS))
+    assert many.all_epochs() == [4, 5] and {"4.json", "5.json"} <= digests and "1.json" not in digests
+    assert len(digests) <= 3
     np.testing.assert_array_equal(saved[0].restore(2, trees[0])["params"]["w"], trees[0]["params"]["w"])
     shutil.rmtree(tmp_path / "c0" / "2")
     shutil.copytree(tmp_path / "c1" / "2", tmp_path / "c0" / "2")
