@@ -248,6 +248,10 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     assert many.all_epochs() == [4, 5] and {"4.json", "5.json"} <= digests and "1.json" not in digests
     assert len(digests) <= 3
     np.testing.assert_array_equal(saved[0].restore(2, trees[0])["params"]["w"], trees[0]["params"]["w"])
+    wider = {"params": {"w": np.zeros((8, 4), np.float64)}, "epoch": np.int32(1)}  # read as stored, then compared
+    with pytest.raises(ValueError, match=r"\['params'\]\['w'\]: float32\[8, 4\] in the checkpoint, float64\[8, 4\] "
+                                         "expected"):
+        saved[0].restore(2, wider)
     shutil.rmtree(tmp_path / "c0" / "2")
     shutil.copytree(tmp_path / "c1" / "2", tmp_path / "c0" / "2")
     again = GroupCheckpoints(str(tmp_path / "c0"), keep=2)
