@@ -58,15 +58,13 @@ def cache_root(config: ml_collections.ConfigDict, make: bool = True) -> str:
     (unless not `make`): a ConfigError naming where it came from when it cannot be (a file, no permission;
     made: a read-only mount too). A folder that is there is taken as it is: a read-only cache serves the
     entries it holds."""
-    from fusion_jax.features.cache import default_root
+    from fusion_jax.features.cache import default_root_and_origin
 
-    root = config.cache_dir or default_root()
+    root, origin = (config.cache_dir, "") if config.cache_dir else default_root_and_origin()
     if os.path.isdir(root):
         return root
     if problem := unwritable_folder(root) or (made_folder(root) if make else None):
-        origin = ("" if config.cache_dir else " (config.cache_dir is empty, so " + (
-            "$FUSION_JAX_CACHE" if os.environ.get("FUSION_JAX_CACHE") else
-            "$XDG_CACHE_HOME/fusion_jax" if os.environ.get("XDG_CACHE_HOME") else "~/.cache/fusion_jax") + ")")
+        origin = f" (config.cache_dir is empty, so {origin})" if origin else ""
         raise ConfigError("cache_dir", f"{root!r}{origin} {problem}: give a folder the features can be cached in")
     return root
 

@@ -32,9 +32,16 @@ log = logging.getLogger("fusion_jax")
 
 def default_root() -> str:
     """$FUSION_JAX_CACHE, else $XDG_CACHE_HOME/fusion_jax, else ~/.cache/fusion_jax."""
+    return default_root_and_origin()[0]
+
+
+def default_root_and_origin() -> tuple[str, str]:
+    """(default_root(), which of its three it is, as the docstring names it: for messages)."""
     if os.environ.get("FUSION_JAX_CACHE"):
-        return os.environ["FUSION_JAX_CACHE"]
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusion_jax")
+        return os.environ["FUSION_JAX_CACHE"], "$FUSION_JAX_CACHE"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return os.path.join(os.environ["XDG_CACHE_HOME"], "fusion_jax"), "$XDG_CACHE_HOME/fusion_jax"
+    return os.path.join(os.path.expanduser("~/.cache"), "fusion_jax"), "~/.cache/fusion_jax"
 
 
 def key_hash(key: dict) -> str:
