@@ -714,13 +714,20 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
     assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}
 
 
+def _fake_clip(monkeypatch, encode_images, encode_text):
+    """backbones.load_clip gives a Backbone of these encoders (4 tokens per caption), no model behind it."""
+    from fusion_jax.features import backbones
+    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"}, encode_images, encode_text,
+                              lambda caps: 4)
+    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+
+
 def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp_path, monkeypatch, caplog):
     """Extraction drops unreadable images (and their captions) up to data.max_bad_fraction and stops past
     it, as soon as a shard of images takes it past; both say which files, also on a rerun from the cache
     (whose extraction logs no skipped file)."""
     from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
     from fusion_jax.data.sources import extract_features
-    from fusion_jax.features import backbones
 
     def image(i):
         if i in (2, 5):
@@ -729,11 +736,8 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
 
     ds = ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(10)), tuple(f"c{i}" for i in range(20)),
                              np.repeat(np.arange(10), 2).astype(np.int32), image, "fp")
-    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
-                              lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
-                              lambda caps, n: encoded.extend(caps) or {"text": np.ones((len(caps), 3), np.float32)},
-                              lambda caps: 4)
-    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    _fake_clip(monkeypatch, lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
+               lambda caps, n: encoded.extend(caps) or {"text": np.ones((len(caps), 3), np.float32)})
     config = load_config("clip_sweep")
     config.cache_dir = str(tmp_path)
     encoded = []
@@ -758,18 +762,14 @@ def test_features_of_another_dataset_of_the_same_name_are_not_taken_from_the_cac
     (or an embedded set of another seed or size) gets features of its own; the same dataset again reads them."""
     from fusion_jax.data.dataset import ImageCaptionDataset
     from fusion_jax.data.sources import extract_features
-    from fusion_jax.features import backbones
 
     def dataset(fingerprint, first):
         return ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(6)), tuple(f"{first}{i}" for i in range(12)),
                                    np.repeat(np.arange(6), 2).astype(np.int32),
                                    lambda i: np.full((4, 4, 3), ord(first) + i, np.uint8), fingerprint)
 
-    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
-                              lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
-                              lambda caps, n: {"text": np.array([[ord(c[0])] * 3 for c in caps], np.float32)},
-                              lambda caps: 4)
-    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    _fake_clip(monkeypatch, lambda ims: {"image": np.stack([im[0, 0].astype(np.float32) for im in ims])},
+               lambda caps, n: {"text": np.array([[ord(c[0])] * 3 for c in caps], np.float32)})
     config = load_config("clip_sweep")
     config.cache_dir = str(tmp_path)
     a = extract_features(config, dataset("one", "a"), "clip")
@@ -787,7 +787,6 @@ def test_a_folder_of_unreadable_images_stops_after_its_first_shard(tmp_path, mon
     the log, the rest counted."""
     from fusion_jax.data.dataset import BadImageError, DataUnavailableError, ImageCaptionDataset
     from fusion_jax.data.sources import extract_features
-    from fusion_jax.features import backbones
 
     def image(i):
         raise BadImageError("not an image")
@@ -795,10 +794,8 @@ def test_a_folder_of_unreadable_images_stops_after_its_first_shard(tmp_path, mon
     ds = ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(100)), tuple(f"c{i}" for i in range(100)),
                              np.arange(100, dtype=np.int32), image, "fp")
     encoded = []
-    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"},
-                              lambda ims: encoded.extend(ims) or {"image": np.ones((len(ims), 3), np.float32)},
-                              lambda caps, n: {"text": np.ones((len(caps), 3), np.float32)}, lambda caps: 4)
-    monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
+    _fake_clip(monkeypatch, lambda ims: encoded.extend(ims) or {"image": np.ones((len(ims), 3), np.float32)},
+               lambda caps, n: {"text": np.ones((len(caps), 3), np.float32)})
     config = load_config("clip_sweep")
     config.cache_dir, config.backbone.batch_size = str(tmp_path), 2  # shards of 16 batches: 32 images
     with pytest.raises(DataUnavailableError, match=r"^at least 32 of 100 images are unreadable \(im0.jpg, im1.jpg, "
