@@ -217,6 +217,20 @@ def test_validation_in_chunks_counts_what_one_chunk_does(smoke_config):
         np.testing.assert_array_equal(counts[7], counts[1024])
 
 
+def test_validation_counts_infinite_logits_as_non_finite(smoke_config):
+    """A pair whose logits overflow to ±inf (not NaN) counts as non-finite, which fails its group: an inf
+    logit still has an argmax, and would otherwise be scored as a prediction."""
+    spec = (RunSpec("aligned", "concat", 128, 0, "gaussian", 0.0),)
+    trainer, runs, data = _group(smoke_config, "concat", spec)
+    state = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
+    last = state["params"]["Classifier_0"]["Dense_1"]
+    assert last["bias"].shape == (1, 2)
+    for bias in ([np.inf, 0.0], [0.0, -np.inf]):
+        last["bias"] = jnp.asarray([bias], jnp.float32)
+        counts = np.asarray(jax.vmap(trainer.evaluate, in_axes=(0, 0, None))(state, runs, data))
+        assert counts[0, 4] == int(runs["n_val"][0]) > 0, (bias, counts)
+
+
 @pytest.mark.parametrize("modality, noised", [("image", {16}), ("text", {24}), ("both", {16, 24})])
 def test_noise_reaches_the_modality_the_config_names(smoke_config, monkeypatch, modality, noised):
     """degradation.modality picks the features the noise is drawn for, in training and in evaluation (image
