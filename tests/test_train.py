@@ -198,6 +198,27 @@ def test_dropout_is_drawn_in_training(smoke_config):
     assert losses[0.0] != pytest.approx(losses[0.5], rel=1e-4)
 
 
+def test_dropout_masks_are_new_at_every_step_of_every_epoch(smoke_config):
+    """With every training row alike (constant features, label 1) and a learning rate of 0, a step's loss
+    depends on its dropout masks alone: each step of two epochs then has a loss of its own, and without
+    dropout all are equal (the control)."""
+    spec = (RunSpec("aligned", "concat", 128, 0, "gaussian", 0.0),)
+    smoke_config.train.learning_rate, smoke_config.train.batch_size = 0.0, 32
+    losses = {}
+    for rate in (0.0, 0.5):
+        smoke_config.train.dropout = rate
+        trainer, runs, data = _group(smoke_config, "concat", spec)
+        data = {**data, "image": jnp.ones_like(data["image"]), "text": jnp.ones_like(data["text"])}
+        runs = {**runs, "train": {**runs["train"], "label": jnp.ones_like(runs["train"]["label"])}}
+        n = int(runs["n_train"][0]) // 32  # the full batches (the last is partly padding)
+        state = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
+        state, first = trainer.train_epoch(state, runs, data)
+        _, second = trainer.train_epoch(state, runs, data)
+        losses[rate] = np.concatenate([first[0, :n], second[0, :n]])
+    assert n >= 2 and np.ptp(losses[0.0]) == 0, losses[0.0]
+    assert len(set(losses[0.5].tolist())) == 2 * n, losses[0.5]
+
+
 def test_validation_in_chunks_counts_what_one_chunk_does(smoke_config):
     """train.eval_batch_size changes no count: 51 validation pairs in chunks of 7 (the last one padded) give
     the counts of one chunk of them all (the paper's scales from 8192 have more than the default 1024)."""
