@@ -273,6 +273,30 @@ def test_noise_reaches_the_modality_the_config_names(smoke_config, monkeypatch, 
     assert set(widths) == noised
 
 
+def test_image_and_text_noise_are_drawn_from_keys_of_their_own(smoke_config, monkeypatch):
+    """With degradation.modality 'both', image row i and caption row i must not get the same noise (which
+    they would, on features of one width, from one key): each side's noise key is its own (image features
+    16-d, text 24-d here, to tell the sides apart)."""
+    from fusion_jax import train as train_module
+
+    spec = (RunSpec("aligned", "concat", 128, 0, "gaussian", 0.3),)
+    smoke_config.degradation.modality = "both"
+    _, runs, data = _group(smoke_config, "concat", spec)
+    data = {**data, "image": jnp.ones((data["image"].shape[0], 16)), "text": jnp.ones((data["text"].shape[0], 24))}
+    trainer = make_train(smoke_config, "concat", int(runs["n_train"].max()), int(runs["n_val"].max()), noisy=True)
+    keys, real = {}, train_module.degrade_lib.degrade
+
+    def spy(x, index, key, sigma, kind):
+        side = {16: "image", 24: "text"}[x.shape[-1]]
+        jax.debug.callback(lambda k: keys.setdefault(side, np.asarray(k)), jax.random.key_data(key))
+        return real(x, index, key, sigma, kind)
+
+    monkeypatch.setattr(train_module.degrade_lib, "degrade", spy)
+    state = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
+    jax.block_until_ready(jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(state, runs, data))
+    assert set(keys) == {"image", "text"} and not np.array_equal(keys["image"], keys["text"]), keys
+
+
 def _head_loss(method):
     head = make_head(method)
     return head, lambda params, image, text: head.apply({"params": params}, image, text).sum()
