@@ -295,6 +295,30 @@ def test_against_compares_noisy_cells_only_under_the_same_noise():
     assert "| aligned | 2 |" in md and "| 0.3 |" not in md  # the two σ 0 cells only, and their one comparison
 
 
+def test_the_papers_figures_agree_with_themselves_and_the_base_config_is_its_protocol():
+    """paper.py is copied by hand: each lookup finds its own row, the printed advantages and ratios follow
+    from the printed means and counts (to their rounding), and the configs' defaults are its protocol."""
+    from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config, flatten
+
+    for row in paper.table1():
+        assert paper.table1_row(row["scale"], row["method"]) == row
+    assert paper.table1_row(2048, "late") is None and paper.table1_row(512, "concat") is None
+    for row in paper.table2():
+        gap = row["concat_mean"] - row["cross_mean"]
+        assert abs(gap - row["advantage_pp"]) <= 0.15 and np.sign(gap) == np.sign(row["advantage_pp"]), row
+    concat, cross = paper.table3()
+    assert concat["rel_params"] == concat["rel_flops"] == 1.0
+    assert cross["rel_params"] == pytest.approx(cross["params"] / concat["params"], abs=0.05)
+    assert cross["rel_flops"] == pytest.approx(cross["flops_per_sample"] / concat["flops_per_sample"], abs=0.01)
+    assert PAPER_SCALES == paper.PROTOCOL["scales"] == tuple(sorted({r["scale"] for r in paper.table1()}))
+    assert PAPER_SEEDS == paper.PROTOCOL["seeds"] and len(PAPER_SEEDS) == 3
+    assert PAPER_NOISE == tuple(r["sigma"] for r in paper.table2())
+    defaults = flatten(base_config("x", "flickr8k").to_dict())
+    assert {k: defaults[k] for k in paper.TRAINING} == paper.TRAINING
+    assert set(paper.TRAINING) >= {"train.batch_size", "train.dropout", "train.weight_decay", "train.epochs",
+                                   "head.hidden", "head.mlp_hidden", "head.num_heads"}
+
+
 def test_table1_keeps_the_paper_apart_on_other_data():
     md, rows = tables.table1(fake_results("embedded", ("clip",)))
     main, ref = md.split("## For reference only")
