@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -564,8 +565,17 @@ def test_retrieval_ranks_images_in_chunks_as_all_at_once():
     text = (image[caption_image] + rng.standard_normal((180, 8))).astype(np.float32)
     whole = retrieval_recall(FeatureSet(image, text, caption_image), chunk=1000)
     assert retrieval_recall(FeatureSet(image, text, caption_image), chunk=7) == whole and whole["recall@5"] > 0.2
-    tokens = FeatureSet(np.repeat(image[:, None], 2, 1), np.repeat(text[:, None], 3, 1), caption_image)
-    assert retrieval_recall(tokens, chunk=7) == whole  # token means without a mask: the pooled rows
+    assert whole["chance@1"] == pytest.approx(3 / 180, abs=1e-12)  # 3 own captions of 180, drawn without replacement
+    assert whole["chance@5"] == pytest.approx(1 - math.comb(177, 5) / math.comb(180, 5), abs=1e-12)
+    scaled = FeatureSet(image * rng.uniform(0.1, 10, (60, 1)), text * rng.uniform(0.1, 10, (180, 1)), caption_image)
+    assert retrieval_recall(scaled) == pytest.approx(whole)  # cosine similarity: rows' lengths do not count
+    spread = lambda x, n: x[:, None] + np.linspace(-1, 1, n)[None, :, None] * rng.standard_normal(x.shape)[:, None]
+    tokens = FeatureSet(spread(image, 2), spread(text, 3), caption_image)
+    assert retrieval_recall(tokens, chunk=7) == pytest.approx(whole)  # token means without a mask: the pooled rows
+    padded = lambda x, n: np.concatenate([spread(x, n), np.full((len(x), 2, 8), 100.0)], 1)
+    masks = [np.repeat([[1] * n + [0, 0]], len(x), 0).astype(np.float32) for x, n in ((image, 2), (text, 3))]
+    masked = FeatureSet(padded(image, 2), padded(text, 3), caption_image, masks[0], masks[1])
+    assert retrieval_recall(masked, chunk=7) == pytest.approx(whole)  # padding tokens (100s) leave it as it was
 
 
 EXTRACT = """
