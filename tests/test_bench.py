@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     """`--tiny` in process, two rounds: the JSON and Markdown files exist, with positive timings for
     both ways, each way's median round and every round's wall time."""
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
-    from fusion_jax import bench
+    from fusion_jax import bench, bench_markdown
 
     result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None, repeats=2,
                                  torch_runs=1)
@@ -70,6 +71,34 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert all(0 <= g["accuracy_mean"] <= 1 for g in jax_side["groups"] + torch_side["groups"])
     assert all(len(g["accuracy_per_run"]) == g["runs"] for g in jax_side["groups"])
     assert saved["matmul_peak"]["before"]["calls"] >= 1 and set(saved["flops"]["train_step_per_run"]) == {"concat", "cross"}
+    # The Markdown shows the JSON's own numbers, each in its own row and column.
+    assert f"| wall time (s) | {jax_wall:.1f} | {torch_wall:.1f} (estimated; " in md
+    assert f"**Speed-up: {speedup['wall']:.2f}x** (against the estimated reference time)" in md
+    assert f"({speedup['excluding_compile']:.2f}x without the time spent waiting for it)" in md
+    ratios = rounds["speedup_per_round"]
+    assert f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)" in md
+    assert (f"| % of matmul peak (wall) | {100 * jax_side['fraction_of_peak']:.1f} | "
+            f"{100 * torch_side['fraction_of_peak']:.1f} (est.) |") in md
+    assert (f"| achieved GFLOP/s, % of peak (training epochs only) | {jax_side['achieved_gflops_steady']:.1f}, "
+            f"{100 * jax_side['fraction_of_peak_steady']:.1f} |") in md
+    for a, b in zip(jax_side["groups"], torch_side["groups"]):
+        assert (f"| {a['group']} | {a['runs']} | {', '.join(map(str, a['scales']))} | {sum(a['steps_per_run'])} | "
+                f"{a['compile_s']:.2f} | {a['wait_s']:.2f} | {a['train_s']:.2f} | {b['wall_s']:.2f} (est.) |") in md
+    for m in ("concat", "cross"):
+        mine = [np.mean([a["accuracy_per_run"][i] for i in b["trained_index"]])
+                for a, b in zip(jax_side["groups"], torch_side["groups"]) if a["group"].endswith(f"-{m}")]
+        theirs = [b["accuracy_mean"] for b in torch_side["groups"] if b["group"].endswith(f"-{m}")]
+        assert f"the runs the reference trained), {m} | {np.mean(mine):.3f} | {np.mean(theirs):.3f} |" in md
+    executed = sum(g["executed_flops"] for g in jax_side["groups"]) / jax_side["train_flops"]
+    assert f"fusion_jax executed {executed:.2f}x that work" in md
+    # The tiny grid's chunks have no idle steps (1.00x) and its two rounds' ratios may print alike: made to differ.
+    for g in saved["jax"]["groups"]:
+        g["executed_flops"] *= 1.5
+    saved["repeats"]["speedup_per_round"] = [2.5, 2.0]
+    again = bench_markdown.markdown(saved)
+    assert f"fusion_jax executed {1.5 * executed:.2f}x that work" in again and "(from 2.00x to 2.50x)" in again
+    saved["repeats"] = {"rounds": 1}
+    assert "Both sides ran" not in bench_markdown.markdown(saved)
 
 
 def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
