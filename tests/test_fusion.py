@@ -97,6 +97,22 @@ def test_padding_tokens_do_not_matter():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["concat", "cross"])
+def test_a_row_of_padding_alone_gives_finite_logits(method):
+    """A row whose mask is all 0 (an empty caption's tokens, say) pools to zeros, not 0/0: its logits are finite
+    and the other rows' are what they are without it."""
+    rng = np.random.default_rng(4)
+    image, text, image_mask, text_mask = _inputs(rng, 3, 8, 8, (5, 4))
+    image_mask, text_mask = np.array(image_mask), np.array(text_mask)
+    image_mask[0], text_mask[0] = 0, 0
+    head = make_head(method, hidden=16, mlp_hidden=8, num_heads=2)
+    params = head.init(jax.random.PRNGKey(0), image, text, image_mask, text_mask)
+    logits = np.asarray(head.apply(params, image, text, image_mask, text_mask))
+    assert np.isfinite(logits).all(), logits
+    rest = head.apply(params, image[1:], text[1:], image_mask[1:], text_mask[1:])
+    np.testing.assert_allclose(logits[1:], rest, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method,expected", [("concat", 295_554), ("cross", 559_490)])
 def test_parameter_counts_for_512_inputs(method, expected):
     # concat: the paper's 295,554. cross: this project's layout (see fusion.py); the paper reports ~757K.

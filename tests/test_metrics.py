@@ -59,7 +59,7 @@ def test_holm_adjusted_p_values():
     np.testing.assert_allclose(holm([0.05, 0.03, 0.01, 0.04, 0.02]), [0.09, 0.09, 0.05, 0.09, 0.08])
     assert holm([0.02, None, 0.5]) == [0.04, None, 0.5]
     assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([None]) == [None] and holm([]) == []
-    assert holm([0.03]) == [0.03]
+    assert holm([0.03]) == [0.03] and holm([0.02, 0.0]) == [0.02, 0.0] and holm([1.0]) == [1.0]  # the ends of [0, 1]
 
 
 def test_unconverged_is_a_final_loss_above_twice_a_guess_or_not_finite():
