@@ -514,7 +514,8 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
         with pytest.raises(ConfigError, match=rf"differs in {field}\)"):
             prepare_workdir(workdir, {**config, field: value})
     prepare_workdir(workdir, {**config, "runs_per_chunk": 3, "lanes": 2, "compile_workers": 2, "tsne_pairs": 10,
-                              "checkpoint": {**config["checkpoint"], "keep": 1}})
+                              "checkpoint": {**config["checkpoint"], "keep": 1}, "compilation_cache": "/xla",
+                              "distributed": {**config["distributed"], "num_processes": 1, "timeout_seconds": 9}})
     levels = config["degradation"]["levels"]  # the same numbers written as ints: the same sweep
     prepare_workdir(workdir, {**config, "degradation": {**config["degradation"], "levels": [int(x) if x == int(x)
                                                                                            else x for x in levels]}})
@@ -527,17 +528,35 @@ def test_workdir_of_another_config_is_refused_and_one_saved_before_a_new_field_i
     assert (tmp_path / "out" / "sweep.json").exists()
 
 
+def test_a_workdir_of_checkpoints_alone_or_of_a_sweep_json_that_is_no_object_is_refused(smoke_config, tmp_path):
+    """Checkpoints without sweep.json (which names their config) are a sweep's all the same, and a sweep.json
+    that is valid JSON but not an object (a list) was not written by a sweep: both refused in one line."""
+    from fusion_jax.workdir import check_workdir
+
+    (tmp_path / "stopped" / "checkpoints" / "aligned-concat" / "1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"stopped' holds a sweep's groups or checkpoints but no sweep.json"):
+        check_workdir(str(tmp_path / "stopped"), smoke_config.to_dict())
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "sweep.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"sweep.json' holds a JSON list, not what the sweep wrote; remove"):
+        check_workdir(str(tmp_path / "listed"), smoke_config.to_dict())
+
+
 def test_a_resume_may_find_data_and_models_elsewhere_once_their_identity_is_recorded(smoke_config, tmp_path):
     """Locations (cache_dir, model folders, npz.dir) must match only in a workdir without features.json;
     with it, the features' identity is compared instead. A Flickr8k folder (fingerprinted by its
     images' names and sizes, not bytes) must always match."""
-    from fusion_jax.workdir import prepare_workdir
+    from fusion_jax.workdir import check_workdir, prepare_workdir
 
     workdir = str(tmp_path / "out")
-    config = {**smoke_config.to_dict(), "cache_dir": "/a", "data": {"flickr8k_dir": "/f"}}
-    moved = {**config, "cache_dir": "/b"}
+    models = lambda at: {"clip": {"model": f"{at}/c"}, "resnet": {"model": f"{at}/r", "text_model": f"{at}/t"}}
+    config = {**smoke_config.to_dict(), "cache_dir": "/a", "data": {"flickr8k_dir": "/f"}, "npz": {"dir": "/n"},
+              "backbone": models("/m")}
+    moved = {**config, "cache_dir": "/b", "npz": {"dir": "/n2"}, "backbone": models("/m2")}
     prepare_workdir(workdir, config)
-    with pytest.raises(ConfigError, match=r"differs in cache_dir\)"):
+    check_workdir(workdir, moved)  # before any data loads: the features, and so this question, are not known yet
+    with pytest.raises(ConfigError, match=r"differs in backbone.clip.model, backbone.resnet.model, "
+                                          r"backbone.resnet.text_model, cache_dir, npz.dir\)"):
         prepare_workdir(workdir, moved, {"aligned": {"data": "x"}})
     prepare_workdir(workdir, config, {"aligned": {"data": "x"}})  # records features.json
     prepare_workdir(workdir, moved, {"aligned": {"data": "x"}})
