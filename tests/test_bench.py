@@ -128,14 +128,20 @@ def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setti
 
     from fusion_jax import bench_markdown, xla_cache
 
-    before = jax.config.jax_compilation_cache_dir
+    before, min_seconds = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     x = jnp.arange(8.0)
-    with xla_cache.persistent_cache(str(tmp_path)):
-        with xla_cache.cache_events() as first:
-            jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
-        with xla_cache.cache_events() as second:
-            jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 60.0)  # a setting that would keep this one out
+    try:
+        with xla_cache.persistent_cache(str(tmp_path)):
+            with xla_cache.cache_events() as first:
+                jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
+            with xla_cache.cache_events() as second:
+                jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)(x).block_until_ready()
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 60.0
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
     assert first == {"hits": 0, "misses": 1} and second == {"hits": 1, "misses": 0}
+    assert os.listdir(tmp_path)  # the entry is in the block's folder, not the session's
     assert jax.config.jax_compilation_cache_dir == before
     note = lambda hits, misses: bench_markdown._cache_note({"dir": str(tmp_path), "hits": hits, "misses": misses})
     assert "cold" in note(0, 3) and "warm: " in note(3, 0) and "partly warm" in note(1, 2)
