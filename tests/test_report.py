@@ -293,6 +293,7 @@ def test_against_compares_noisy_cells_only_under_the_same_noise():
     md = against_markdown(text, base, "b", "a", "cmd")
     assert "Cells with noise are not compared: the noise differs (`modality` \"image\" → \"text\")." in md
     assert "| aligned | 2 |" in md and "| 0.3 |" not in md  # the two σ 0 cells only, and their one comparison
+    assert "token states differ" not in md  # the noise differs: one note, not a second one on dims
 
 
 def test_the_papers_figures_agree_with_themselves_and_the_base_config_is_its_protocol():
@@ -1061,6 +1062,7 @@ def test_against_another_sweep(tmp_path):
     base["summary"][1]["accuracy_mean"], other["summary"][1]["accuracy_mean"] = 0.7836, 0.7844  # 78.4 both
     other["summary"].append({**other["summary"][0], "scale": 8192})
     other["failed_groups"] = [{"group": "aligned-cross-s8192", "backbone": "aligned", "error": "NaN"}]
+    other["config"]["name"], other["config"]["split_by_scale"] = "fake2", True  # a name; a field base never saved
     md = against_markdown(other, base, "b", "a", "cmd")
     assert "Config differences (a → b): `pairs.split_by` \"pair\" → \"image\"." in md
     assert "Feature differences of the backbones both have (aligned): `aligned.model` " in md and "tokens" not in md
