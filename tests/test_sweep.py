@@ -387,6 +387,84 @@ def test_a_closed_program_cache_compiles_nothing_more():
     assert (cache.compiled, cache.shared) == (1, 1)
 
 
+def test_program_cache_keys_compiler_options_and_clear_keeps_what_is_compiling():
+    """Other compiler options are another program; clear() forgets the programs compiled, not one a build is
+    compiling (which a group of its shapes would otherwise compile a second time)."""
+    import threading
+
+    from fusion_jax.programs import ProgramCache
+
+    release, compiling = threading.Event(), threading.Event()
+
+    class Lowered:
+        in_tree, args_info = "tree", "args"
+
+        def __init__(self, text, slow=False):
+            self.text, self.slow = text, slow
+
+        def as_text(self):
+            return self.text
+
+        def compile(self, options):
+            if self.slow:
+                compiling.set()
+                assert release.wait(60)
+            return (self.text, options)
+
+    cache = ProgramCache()
+    assert cache(Lowered("a"), {"o": 1}) == ("a", {"o": 1}) and cache(Lowered("a"), {"o": 2}) == ("a", {"o": 2})
+    assert cache(Lowered("a"), {"o": 1}) == ("a", {"o": 1}) and (cache.compiled, cache.shared) == (2, 1)
+    slow = threading.Thread(target=cache, args=(Lowered("b", slow=True),))
+    slow.start()
+    assert compiling.wait(60)
+    cache.clear()
+    assert cache.held == 1  # "b", still compiling
+    release.set()
+    slow.join()
+    assert cache(Lowered("b")) == ("b", None) and (cache.compiled, cache.shared) == (3, 2)
+    cache.clear()
+    assert cache.held == 0
+
+
+def test_a_later_programs_compile_and_settle_wait_only_where_they_should(caplog):
+    """compile() returns at once while another thread compiles the program (a worker must not stall behind a
+    call); settle() waits for that compilation; a compilation refused because the sweep ended is not warned of."""
+    import concurrent.futures
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+
+    def make():
+        started.set()
+        assert release.wait(60)
+        return lambda x: x + 1
+
+    program = Later("group g: evaluate", make)
+    calling = threading.Thread(target=program, args=(1,))
+    calling.start()
+    try:
+        assert started.wait(60)
+        compiling = threading.Thread(target=program.compile)
+        compiling.start()
+        compiling.join(30)
+        assert not compiling.is_alive()  # returned at once, the call still compiling
+        settling = threading.Thread(target=program.settle)
+        settling.start()
+        settling.join(0.5)
+        assert settling.is_alive()  # waits for the call's compilation
+    finally:
+        release.set()
+    settling.join(30), calling.join(30)
+    assert not settling.is_alive() and program(2) == 3
+
+    def refused():  # as ProgramCache refuses once closed
+        raise concurrent.futures.CancelledError("the sweep has ended: no more programs compile")
+
+    with caplog.at_level(logging.WARNING, logger="fusion_jax"):
+        Later("group h: evaluate", refused).compile()
+    assert "compilation failed" not in caplog.text
+
+
 def test_own_failure_is_xlas_error_through_its_causes_but_not_the_workdirs():
     """A group fails alone on XLA's errors (out of memory), also wrapped as a cause (Later's compilation); an
     error of the workdir, or anything else, is the sweep's."""
