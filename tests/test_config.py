@@ -645,3 +645,22 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path
         atomic_write(str(tmp_path / "results.json"), lambda f: None)
     assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "results.json")
 
+
+
+def test_an_output_folder_is_refused_in_words_that_say_why(tmp_path, monkeypatch):
+    """files.unwritable_folder, behind every command line's output folder: each reason its own words."""
+    from fusion_jax import files
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "locked").mkdir()
+    assert files.unwritable_folder(" ") == "is empty (an unset variable?): give a folder"
+    assert files.unwritable_folder(str(tmp_path)) is None
+    assert files.unwritable_folder(str(tmp_path / "new" / "x")) is None
+    assert files.unwritable_folder(str(tmp_path / "a_file")) == "is a file, not a folder"
+    assert files.unwritable_folder(str(tmp_path / "a_file" / "x")) == \
+        f"cannot be made: {str(tmp_path / 'a_file')!r} is a file"
+    writable = files.os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: not p.endswith("locked") and writable(p, mode))
+    assert files.unwritable_folder(str(tmp_path / "locked")) == "is a folder this user cannot write to"
+    assert files.unwritable_folder(str(tmp_path / "locked" / "x")) == \
+        f"cannot be made: {str(tmp_path / 'locked')!r} is not writable"
