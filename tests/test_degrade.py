@@ -45,3 +45,15 @@ def test_token_features_and_none():
     same = jnp.repeat(x[:, :1], 4, axis=1)
     y = np.asarray(degrade(same, jnp.arange(3), jax.random.PRNGKey(1), jnp.float32(0.2), "gaussian"))
     assert all(np.abs(y[:, 0] - y[:, t]).max() > 1e-3 for t in range(1, 4))
+
+
+def test_an_unknown_kind_or_method_is_refused_not_passed_through():
+    """A misspelt degradation kind would leave the features clean, a misspelt head would train something else."""
+    import pytest
+
+    from fusion_jax.fusion import make_head
+
+    with pytest.raises(ValueError, match=r"unknown degradation kind 'gauss'; allowed: none, gaussian"):
+        degrade(jnp.ones((2, 3)), jnp.arange(2), jax.random.PRNGKey(0), jnp.float32(0.1), "gauss")
+    with pytest.raises(ValueError, match=r"unknown method 'late'; allowed: concat, cross"):
+        make_head("late")
