@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fusion_jax.degrade import degrade
 
@@ -49,8 +50,6 @@ def test_token_features_and_none():
 
 def test_an_unknown_kind_or_method_is_refused_not_passed_through():
     """A misspelt degradation kind would leave the features clean, a misspelt head would train something else."""
-    import pytest
-
     from fusion_jax.fusion import make_head
 
     with pytest.raises(ValueError, match=r"unknown degradation kind 'gauss'; allowed: none, gaussian"):
