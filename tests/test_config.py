@@ -664,3 +664,23 @@ def test_an_output_folder_is_refused_in_words_that_say_why(tmp_path, monkeypatch
     assert files.unwritable_folder(str(tmp_path / "locked")) == "is a folder this user cannot write to"
     assert files.unwritable_folder(str(tmp_path / "locked" / "x")) == \
         f"cannot be made: {str(tmp_path / 'locked')!r} is not writable"
+
+
+def test_the_full_configs_are_the_studies_the_readme_describes():
+    """The shipped configs at full size (the tests otherwise load their smoke variants): each one's study, as
+    README.md's table of configs describes it, at the paper's scales, seeds and noise levels where it follows it."""
+    from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS
+
+    study = lambda c: (c.features, tuple(c.backbones), tuple(c.scales), tuple(c.seeds), tuple(c.degradation.levels),
+                       c.degradation.modality, tuple(c.degradation.backbones))
+    want = {"clip_sweep": ("flickr8k", ("clip",), PAPER_SCALES, PAPER_SEEDS, (0.0,), "image", ()),
+            "resnet_sweep": ("flickr8k", ("resnet",), PAPER_SCALES, PAPER_SEEDS, (0.0,), "image", ()),
+            "noise_sweep": ("flickr8k", ("clip",), (16384,), PAPER_SEEDS, PAPER_NOISE, "image", ()),
+            "demo": ("embedded", ("clip", "resnet"), (1024, 2048, 4096), PAPER_SEEDS, PAPER_NOISE, "image", ("clip",)),
+            "own_features": ("npz", (), PAPER_SCALES, PAPER_SEEDS, (0.0,), "image", ()),
+            "synthetic": ("synthetic", ("aligned", "unaligned"), (1024, 2048, 4096), PAPER_SEEDS, PAPER_NOISE, "image",
+                          ())}
+    for name, expected in want.items():
+        config = load_config(name)
+        assert config.name == name and study(config) == expected, (name, study(config))
+        assert (config.train.epochs, config.train.batch_size) == (10, 32), name
