@@ -853,3 +853,29 @@ def test_an_embedded_model_is_built_once_by_processes_sharing_the_cache(tmp_path
         assert first.result() == second.result() == target
     assert len(builds) == 1 and sorted(os.listdir(target)) == ["DONE", "weights"]
     assert not os.path.exists(target + ".partial")
+
+
+def test_embedded_backbones_train_on_their_own_seeds_dataset_and_cache_by_seed_and_steps(tmp_path, monkeypatch):
+    """The tiny models' images come from their own seed (not the sweep's: the two datasets would share
+    images), and a model of another seed or step count is another cache entry, not a stale one reused."""
+    from fusion_jax.features import embedded_models as em
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def generated(**kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(em, "generate_embedded", generated)
+    with pytest.raises(Stop):
+        em.embedded_models(str(tmp_path), n_images=10, seed=7, image_size=16, steps={"clip": 3}, roles=("clip",))
+    assert seen == [{"n_images": 10, "seed": 7, "image_size": 16}]
+    dirs = []
+    monkeypatch.setattr(em, "_cached", lambda directory, build, what: dirs.append(directory) or directory)
+    spec = {"n_images": 10, "seed": 7, "image_size": 16, "steps": {"clip": 3}}
+    for change in ({}, {"seed": 8}, {"steps": {"clip": 4}}, {"n_images": 11}, {"image_size": 32}, {}):
+        em.embedded_models(str(tmp_path), **{**spec, **change}, roles=("clip",))
+    assert len(set(dirs)) == 5 and dirs[0] == dirs[-1], dirs
