@@ -1,7 +1,9 @@
 """The stand-ins (features.standins): a Flickr8k-shaped folder and models that the paper's own configs
 load and run end to end, as `python -m fusion_jax.features.standins` prints."""
 
+import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -18,8 +20,18 @@ from fusion_jax.sweep import train_and_evaluate
 def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch):
     assert standins.main(["--out", str(tmp_path), "--tiny", "--images", "24"]) == 0
     printed = capsys.readouterr().out
-    for name in ("clip_sweep", "resnet_sweep", "noise_sweep"):
-        assert f"--config=configs/{name}.py --config.data.flickr8k_dir={tmp_path}/flickr8k" in printed
+    # Each sweep on its own backbone's models, the one cache, its own workdir (the text encoder: a tiny stand-in).
+    models = tmp_path / "models"
+    backbone = {"clip": {"--config.backbone.clip.model": f"{models}/clip"},
+                "resnet": {"--config.backbone.resnet.model": f"{models}/resnet",
+                           "--config.backbone.resnet.text_model": f"{models}/text"}}
+    lines = [shlex.split(line) for line in printed.splitlines() if line.startswith("  python -m fusion_jax.main")]
+    assert [line[:4] for line in lines] == [["python", "-m", "fusion_jax.main", f"--config=configs/{name}.py"]
+                                            for name in ("clip_sweep", "resnet_sweep", "noise_sweep")]
+    for line, name, kind in zip(lines, ("clip_sweep", "resnet_sweep", "noise_sweep"), ("clip", "resnet", "clip")):
+        assert dict(flag.split("=", 1) for flag in line[4:]) == {
+            "--config.data.flickr8k_dir": f"{tmp_path}/flickr8k", "--config.cache_dir": f"{tmp_path}/cache",
+            "--config.scales": "(64,128,)", **backbone[kind], "--workdir": f"{tmp_path}/results/{name}"}
     # 24 images give 240 pairs: the printed commands run at scales that fit (the paper's start at 2048).
     assert printed.count("--config.scales='(64,128,)'") == 3
     assert standins.fitting_scales(8091 * 5) is None
@@ -32,7 +44,6 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     np.testing.assert_array_equal(ds.caption_image, source.caption_image)
     assert ds.load_image(3).shape == (375, 500, 3)
 
-    models = tmp_path / "models"
     resnet = backbones.load_resnet(str(models / "resnet"), str(models / "text"), None, batch_size=8, tokens=False)
     images = resnet.encode_images([ds.load_image(i) for i in range(3)])["image"]
     texts = resnet.encode_texts(list(ds.captions[:5]), 16)["text"]
@@ -111,3 +122,45 @@ def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monk
         standins.main(["--out", out, "--tiny"])
     assert e.value.code == 2 and f"error: --out: {out!r} {problem}" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing written (an empty --out was the current folder)
+
+
+def test_the_paper_sized_standins_are_vit_b32_resnet18_and_minilm():
+    """The stand-ins time a reproduction only if they have the real models' sizes: CLIP's as transformers'
+    defaults (documented as openai/clip-vit-base-patch32's), ResNet-18's 11,176,512 weights without its
+    classifier (torchvision's resnet18 has 11,689,512 with its 513,000), the shipped MiniLM's config."""
+    import jax
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, FlaxResNetModel
+
+    from fusion_jax.features.embedded_models import pretrained_minilm, resnet18_config
+
+    paper = standins.SIZES["paper"]
+    for ours, reference in ((paper["clip_text"], CLIPTextConfig()), (paper["clip_vision"], CLIPVisionConfig())):
+        assert ours == {k: getattr(reference, k) for k in ours}
+    assert paper["projection_dim"] == CLIPConfig().projection_dim and paper["image_size"] == 224
+    resnet = FlaxResNetModel(resnet18_config(paper["resnet_widths"]), _do_init=False)
+    shapes = jax.eval_shape(lambda key: resnet.init_weights(key, (1, 224, 224, 3)), jax.random.PRNGKey(0))
+    assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"])) == 11_176_512
+    with open(os.path.join(pretrained_minilm(), "config.json")) as f:
+        minilm = json.load(f)
+    assert paper["text"] == {k: minilm[k] for k in paper["text"]}
+
+
+def test_a_refusal_exits_2_and_the_default_is_flickr8ks_8091_images(tmp_path, capsys, monkeypatch):
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    (tmp_path / "models" / "clip" / "config.json").write_text("{}")
+    assert standins.main(["--out", str(tmp_path), "--tiny"]) == 2
+    assert "error: " in capsys.readouterr().err and os.listdir(tmp_path) == ["models"]
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def write_standins(out, n_images, tiny):
+        asked.append((n_images, tiny))
+        raise Asked  # what main asked for is all this test needs
+
+    monkeypatch.setattr(standins, "write_standins", write_standins)
+    for argv, expected in (([], (8091, False)), (["--tiny"], (48, True)), (["--images", "9"], (9, False))):
+        with pytest.raises(Asked):
+            standins.main(["--out", str(tmp_path / "new"), *argv])
+        assert asked.pop() == expected

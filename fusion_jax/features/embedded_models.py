@@ -134,6 +134,40 @@ def _sample_captions(key, data, batch):
     return idx, cap
 
 
+def contrastive_loss(logits: jax.Array) -> jax.Array:
+    """CLIP's symmetric InfoNCE of `logits [images, captions]` whose matched pairs are on the diagonal:
+    the mean of the image-to-caption and caption-to-image cross-entropies."""
+    labels = jnp.arange(logits.shape[0])
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+
+
+def clip_processor(size: int):
+    """CLIP's image processor for square images of `size`: shortest edge to `size`, centre crop, CLIP's mean/std."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
+def resnet_processor(size: int, crop_pct: float = 1.0, resample: int = 2):
+    """A ResNet's image processor: shortest edge to size / crop_pct, centre crop to `size`, ImageNet's mean/std.
+    The default keeps the whole embedded image at the size its model trained on; microsoft/resnet-18's own
+    crops 0.875, bicubic (resample=3)."""
+    from transformers import ConvNextImageProcessor
+
+    return ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=crop_pct, resample=resample,
+                                  image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def resnet18_config(widths: list[int]):
+    """ResNet-18's blocks (basic, depths 2,2,2,2) at stage widths `widths` (ResNet-18's: 64, 128, 256, 512)."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[2, 2, 2, 2], layer_type="basic",
+                        downsample_in_first_stage=False)
+
+
 def _caption_index(ds: ImageCaptionDataset) -> dict:
     counts = np.bincount(ds.caption_image, minlength=ds.n_images).astype(np.int32)
     order = np.argsort(ds.caption_image, kind="stable")
@@ -144,7 +178,7 @@ def _caption_index(ds: ImageCaptionDataset) -> dict:
 def train_tiny_clip(ds: ImageCaptionDataset, directory: str, steps: int = 600, batch: int = 128,
                     learning_rate: float = 1e-3, seed: int = 0, width: int = 64) -> np.ndarray:
     """Train a tiny CLIP contrastively on `ds` and save model, tokenizer and processor to `directory`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
+    from transformers import CLIPConfig, FlaxCLIPModel
 
     tokenizer = build_tokenizer(list(ds.captions), directory)
     size = ds.load_image(0).shape[0]
@@ -168,17 +202,12 @@ def train_tiny_clip(ds: ImageCaptionDataset, directory: str, steps: int = 600, b
         idx, cap = _sample_captions(key, data, batch)
         out = model(data["ids"][cap], _normalize(data["images"][idx], CLIP_MEAN, CLIP_STD), data["mask"][cap],
                     params=params)
-        labels = jnp.arange(batch)
-        logits = out.logits_per_image
-        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
-        return loss, state
+        return contrastive_loss(out.logits_per_image), state
 
     params, _, losses = fit(loss_fn, model.params, data, steps, learning_rate, seed, "training tiny CLIP")
     model.params = params
     model.save_pretrained(directory)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(directory)
+    clip_processor(size).save_pretrained(directory)
     return losses
 
 
@@ -196,11 +225,10 @@ def _attribute_loss(heads: dict, features: jax.Array, labels: dict) -> jax.Array
 def train_tiny_resnet(ds: ImageCaptionDataset, directory: str, steps: int = 400, batch: int = 128,
                       learning_rate: float = 3e-3, seed: int = 0) -> np.ndarray:
     """Train a ResNet-18-shaped (depths 2,2,2,2) narrow FlaxResNetModel on image attributes alone."""
-    from transformers import ConvNextImageProcessor, FlaxResNetModel, ResNetConfig
+    from transformers import FlaxResNetModel
 
     size = ds.load_image(0).shape[0]
-    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2],
-                          layer_type="basic", downsample_in_first_stage=False)
+    config = resnet18_config([16, 32, 64, 128])
     with on_host():
         model = FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3))
         params = {"net": model.params["params"], "heads": _attribute_heads(jax.random.PRNGKey(seed + 1), 128, ds)}
@@ -220,9 +248,7 @@ def train_tiny_resnet(ds: ImageCaptionDataset, directory: str, steps: int = 400,
                                       state=model.params["batch_stats"])
     model.params = {"params": params["net"], "batch_stats": batch_stats}
     model.save_pretrained(directory)
-    # The whole embedded image, at the size it trained on (resnet-18's own processor, standins', crops 0.875).
-    ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=1.0, image_mean=list(IMAGENET_MEAN),
-                           image_std=list(IMAGENET_STD)).save_pretrained(directory)
+    resnet_processor(size).save_pretrained(directory)
     return losses
 
 

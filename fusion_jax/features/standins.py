@@ -26,8 +26,8 @@ from fusion_jax.config_base import PAPER_SCALES
 from fusion_jax.data.dataset import STANDIN_FILE
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.data.flickr8k import write_flickr8k_folder
-from fusion_jax.features.embedded_models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, build_tokenizer,
-                                                  pretrained_minilm)
+from fusion_jax.features.embedded_models import (build_tokenizer, clip_processor, pretrained_minilm, resnet18_config,
+                                                  resnet_processor)
 from fusion_jax.files import atomic_write_json, made_folder, unwritable_folder
 from fusion_jax.host import on_host
 
@@ -56,7 +56,7 @@ SIZES = {
 
 def write_clip(captions: list[str], directory: str, sizes: dict, seed: int = 0) -> str:
     """A random-weight FlaxCLIPModel of `sizes`, a word-level tokenizer over `captions`, CLIP's image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
+    from transformers import CLIPConfig, FlaxCLIPModel
 
     text = sizes["clip_text"]
     tokenizer = build_tokenizer(captions, directory, max_length=text["max_position_embeddings"])
@@ -65,23 +65,19 @@ def write_clip(captions: list[str], directory: str, sizes: dict, seed: int = 0) 
                         vision_config=sizes["clip_vision"], projection_dim=sizes["projection_dim"])
     with on_host():  # random weights to save: drawn and written on the host, without a trip to a GPU
         FlaxCLIPModel(config, seed=seed).save_pretrained(directory)
-    size = sizes["clip_vision"]["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(directory)
+    clip_processor(sizes["clip_vision"]["image_size"]).save_pretrained(directory)
     return directory
 
 
 def write_resnet(directory: str, sizes: dict, seed: int = 0) -> str:
     """A random-weight FlaxResNetModel with ResNet-18's blocks (basic, depths 2,2,2,2) and its processor."""
-    from transformers import ConvNextImageProcessor, FlaxResNetModel, ResNetConfig
+    from transformers import FlaxResNetModel
 
-    widths, size = sizes["resnet_widths"], sizes["image_size"]
-    config = ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[2, 2, 2, 2], layer_type="basic",
-                          downsample_in_first_stage=False)
+    size = sizes["image_size"]
     with on_host():
-        FlaxResNetModel(config, seed=seed, input_shape=(1, size, size, 3)).save_pretrained(directory)
-    ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=0.875, resample=3,  # bicubic, as resnet-18's
-                           image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(directory)
+        model = FlaxResNetModel(resnet18_config(sizes["resnet_widths"]), seed=seed, input_shape=(1, size, size, 3))
+        model.save_pretrained(directory)
+    resnet_processor(size, crop_pct=0.875, resample=3).save_pretrained(directory)  # as microsoft/resnet-18's
     return directory
 
 
