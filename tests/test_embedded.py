@@ -113,3 +113,87 @@ def test_small_vocabulary():
     d = generate_embedded(2000, seed=2, image_size=32)
     vocab = {w for c in d.captions for w in c.split()}
     assert len(vocab) < 400
+
+
+def _scenes(n: int, seed: int = 3):
+    """(scene, its five captions) as generate_embedded draws them."""
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = embedded.sample_scene(rng)
+        yield scene, embedded.scene_captions(rng, scene, 5)
+
+
+def test_objects_sit_in_their_grid_cells_largest_first_and_are_drawn_there():
+    """Cell = row * 3 + column: x follows the column, y the row; objects come largest first; each is drawn
+    where its scene puts it (the centroid of its colour in a one-object image)."""
+    size = 64
+    for i, (scene, _) in enumerate(_scenes(200)):
+        for obj in scene.objects:
+            row, col = divmod(obj.cell, 3)
+            assert abs(obj.x - embedded._CELL[col]) <= 0.03 and abs(obj.y - embedded._CELL[row]) <= 0.03
+        assert [o.size for o in scene.objects] == sorted({o.size for o in scene.objects}, reverse=True)
+        assert all(a.radius > b.radius for a, b in zip(scene.objects, scene.objects[1:]))
+        if len(scene.objects) == 1 and scene.objects[0].shape != embedded.SHAPES.index("ring"):
+            obj = scene.objects[0]
+            image = embedded.render_scene(scene, size, np.random.default_rng(i)).astype(float)
+            ys, xs = np.nonzero(np.abs(image - embedded.COLOUR_RGB[obj.colour]).max(-1) <= 16)
+            assert abs(xs.mean() + 0.5 - obj.x * size) <= 3 and abs(ys.mean() + 0.5 - obj.y * size) <= 3, obj
+
+
+@pytest.mark.parametrize("shape, inside, outside", [
+    ("circle", [(0, 0), (0.7, 0.7)], [(0.75, 0.75)]), ("square", [(0.75, -0.75)], [(0.85, 0)]),
+    ("triangle", [(0, 0.5), (0, -0.9)], [(0.5, -0.5), (0, 0.8)]), ("diamond", [(0.5, 0.5)], [(0.6, 0.6)]),
+    ("cross", [(0.9, 0), (0, -0.9)], [(0.6, 0.6)]), ("ring", [(0.8, 0), (0, -0.8)], [(0, 0), (0.3, 0.3)]),
+    ("ellipse", [(0.9, 0)], [(0, 0.6)]), ("star", [(0, 0), (0, -0.9)], [(0, 0.6), (0.6, -0.6)])])
+def test_each_shape_is_drawn_as_named(shape, inside, outside):
+    """Points a shape of unit radius covers and leaves out (v points down): a ring has its hole, a triangle its
+    apex up, a star the notch between its lower points."""
+    u, v = np.array([p[0] for p in inside + outside]), np.array([p[1] for p in inside + outside])
+    assert embedded._shape_mask(shape, u, v).tolist() == [True] * len(inside) + [False] * len(outside)
+
+
+def test_position_and_relation_words_are_true_of_the_scene():
+    """Every position phrase names the cell's row and side; every relation phrase in a caption holds between the
+    objects it joins (the one named before it and the one after it, "it" being the caption's first)."""
+    for cell in range(9):
+        row, col = divmod(cell, 3)
+        for seed in range(40):
+            words = set(embedded._position(np.random.default_rng(seed), cell).split())
+            assert ("left" in words) == (col == 0) and ("right" in words) == (col == 2), (cell, words)
+            assert bool(words & {"top", "upper"}) == (row == 0) and bool(words & {"bottom", "lower"}) == (row == 2)
+    holds = {"left of": lambda a, b: a[1] < b[1], "right of": lambda a, b: a[1] > b[1],
+             "above": lambda a, b: a[0] < b[0], "over": lambda a, b: a[0] < b[0],
+             "below": lambda a, b: a[0] > b[0], "under": lambda a, b: a[0] > b[0], "beneath": lambda a, b: a[0] > b[0],
+             "next to": lambda a, b: max(abs(a[0] - b[0]), abs(a[1] - b[1])) == 1,
+             "beside": lambda a, b: max(abs(a[0] - b[0]), abs(a[1] - b[1])) == 1}
+    relation = re.compile(r"\b(?:to the )?(" + "|".join(holds) + r")\b ")
+    shape_of = {w: s for s, words in SHAPE_WORDS.items() for w in words}
+    shape_words = re.compile(r"\b(" + "|".join(sorted(shape_of, key=len, reverse=True)) + r")\b")
+    checked = 0
+    for scene, captions in _scenes(400):
+        shapes = [embedded.SHAPES[o.shape] for o in scene.objects]
+        if len(set(shapes)) < len(shapes):
+            continue  # the objects a phrase joins are told apart by their shapes
+        for caption in captions:
+            for m in relation.finditer(caption):
+                before = shape_words.findall(caption[:m.start()])
+                after = caption[m.end():]
+                a = shapes.index(shape_of[before[-1]])
+                b = 0 if after.startswith("it") else shapes.index(shape_of[shape_words.search(after).group(1)])
+                cells = [divmod(scene.objects[k].cell, 3) for k in (a, b)]
+                assert holds[m.group(1)](*cells), (caption, scene)
+                checked += 1
+    assert checked > 200
+
+
+def test_the_largest_named_is_the_largest_drawn():
+    largest = re.compile(r"the (?:largest|biggest)(?: one)? is (?:a|an) (.+)$")
+    named = 0
+    for scene, captions in _scenes(300):
+        for caption in captions:
+            if m := largest.search(caption):
+                first = scene.objects[0]
+                assert _has(m.group(1), COLOUR_WORDS[embedded.COLOURS[first.colour]])
+                assert _has(m.group(1), SHAPE_WORDS[embedded.SHAPES[first.shape]]), (caption, scene)
+                named += 1
+    assert named > 20
