@@ -248,12 +248,13 @@ def test_a_help_whose_reader_leaves_early_is_no_error(module):
 def test_a_workdir_error_names_the_flag_or_the_field_it_came_from(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    for where, named in ((f"--workdir={blocker / 'a'}", "--workdir"), (f"--config.workdir={blocker / 'b'}",
-                                                                       "config.workdir")):
-        proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke", where],
+    # The flag wins over the config's field when both are given.
+    for where, named in (([f"--workdir={blocker / 'a'}", f"--config.workdir={blocker / 'c'}"], f"--workdir: cannot "
+                          f"write to '{blocker / 'a'}'"), ([f"--config.workdir={blocker / 'b'}"], "config.workdir")):
+        proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", "--config=configs/synthetic.py:smoke", *where],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"fusion_jax: error: {named}: cannot write to ")
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"fusion_jax: error: {named}"), proc.stderr[-2000:]
     (tmp_path / "results").write_text("not a folder")  # where the default workdir, results/<config.name>, goes
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", f"--config={ROOT}/configs/synthetic.py:smoke"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -287,14 +288,15 @@ def test_the_interrupted_message_counts_what_the_workdir_keeps(tmp_path):
     (tmp_path / "groups").mkdir()
     for name in ("a.json", "b.json", "c.failed.json", ".tmp-x1y2f.json"):  # a kill's temporary file
         (tmp_path / "groups" / name).write_text("{}")
-    # c's last epoch; d's first save unfinished; e's folder made, nothing saved; b's left by a stop after its record
-    for group, steps in (("c", ["3", "4"]), ("d", ["1.orbax-checkpoint-tmp"]), ("e", []), ("b", ["2"])):
+    # c's and f's last epochs; d's first save unfinished; e's folder made, nothing saved; b's left by a stop after
+    # its record
+    for group, steps in (("c", ["3", "4"]), ("d", ["1.orbax-checkpoint-tmp"]), ("e", []), ("b", ["2"]), ("f", ["1"])):
         for step in steps:
             (tmp_path / "checkpoints" / group / step).mkdir(parents=True)
         (tmp_path / "checkpoints" / group).mkdir(parents=True, exist_ok=True)
     assert main._interrupted_message(str(tmp_path), True) == (
-        f"fusion_jax: interrupted. Kept: 2 finished groups ({tmp_path}/groups/), the last epoch of 1 unfinished "
-        f"group ({tmp_path}/checkpoints/) and any features extracted so far (cached): run the same command to resume.")
+        f"fusion_jax: interrupted. Kept: 2 finished groups ({tmp_path}/groups/), the last epoch of 2 unfinished "
+        f"groups ({tmp_path}/checkpoints/) and any features extracted so far (cached): run the same command to resume.")
 
 
 def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_not(smoke_config, tmp_path):
@@ -400,6 +402,8 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '
      'Did you mean "learning_rate" instead of "learningrate"?'),
+    (["--config=configs/synthetic.py", "--config.seed=1"],  # a top-level field
+     'fusion_jax: error: --config.seed: the config has no such field; Did you mean "seeds" instead of "seed"?'),
     (["--config=configs/synthetic.py", "--config.scales=512", "-config.scales=1024"],  # ml_collections appends
      "fusion_jax: error: --config.scales given more than once; give each flag once"),
 ])

@@ -814,6 +814,32 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatc
     assert {name: (tmp_path / name).exists() for name in drafts} == drafts
 
 
+def test_the_command_prints_each_file_it_wrote_and_exits_1_when_a_figure_fails(tmp_path, monkeypatch, capsys):
+    """`python -m fusion_jax.report`'s body: every file written, one path a line on stdout; a figure that could
+    not be drawn makes the exit status 1 (a script must not take the report as whole) and is named."""
+    from absl import flags
+
+    monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
+    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(workdir=str(tmp_path), against=None))
+    (tmp_path / "results.json").write_text(json.dumps(fake_results()))
+    assert report.main(["report"]) is None
+    printed = capsys.readouterr().out.splitlines()
+    assert sorted(os.path.basename(p) for p in printed) == sorted(  # no t-SNE: the sweep writes its samples
+        TABLES + ["summary.md", *set(report.FIGURES) - {"fig_tsne.png"}])
+    assert all(os.path.dirname(p) == str(tmp_path) and os.path.isfile(p) for p in printed)
+
+    def broken(*args):
+        raise ValueError("a figure's bug")
+
+    monkeypatch.setattr(figures, "accuracy_vs_scale", broken)
+    with pytest.raises(SystemExit) as e:
+        report.main(["report"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and err.endswith("fusion_jax.report: error: fig_accuracy_vs_scale.png could not be "
+                                              "drawn (the error is above); the rest of the report is written\n")
+    assert sorted(out.splitlines()) == sorted(set(printed) - {str(tmp_path / "fig_accuracy_vs_scale.png")})
+
+
 def test_figures_skipped_without_noise_levels_or_tsne_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fusion_jax.cost", None)
     written = render_report(fake_results("embedded", levels=(0.0,)), str(tmp_path))
