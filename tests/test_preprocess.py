@@ -66,12 +66,12 @@ def _reference(processor, images) -> np.ndarray:
 
 
 def _assert_parity(processor, images=None, **kwargs) -> np.ndarray:
-    """Our output equals the processor's, within 1e-5 (in practice exactly)."""
+    """Our output equals the processor's bit for bit (as README.md says)."""
     images = _images() if images is None else images
     ours = ImagePreprocessor.from_processor(processor, **kwargs)(images)
     ref = _reference(processor, images)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ours, ref)
     return ours
 
 
@@ -85,6 +85,13 @@ def test_resnet18_processor_parity():
     pre = ImagePreprocessor.from_processor(processor)
     assert pre.shortest_edge == 256 and pre.crop_hw == (224, 224) and pre.resample == 3  # int(224 / 0.875)
     assert _assert_parity(processor).shape[-2:] == (224, 224)
+
+
+def test_convnext_resizes_to_the_crop_over_crop_pct_rounded_down():
+    """224 / 0.9 = 248.9: the short side goes to 248, as transformers truncates it, then the crop to 224."""
+    processor = ConvNextImageProcessor(**{**RESNET18_CONFIG, "crop_pct": 0.9})
+    assert ImagePreprocessor.from_processor(processor).shortest_edge == 248
+    _assert_parity(processor)
 
 
 def test_convnext_large_size_warps_without_crop():
@@ -117,11 +124,11 @@ def test_pil_inputs_and_rgb_conversion():
     processor = CLIPImageProcessor()  # converts PIL grey/RGBA images with .convert("RGB")
     ref = _reference(processor, [Image.fromarray(grey), Image.fromarray(rgba), Image.fromarray(rgb)])
     ours = ImagePreprocessor.from_processor(processor)([grey, rgba, rgb])
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ours, ref)
     # ConvNext has no RGB conversion of its own: ours converts, equal to feeding it RGB images.
     resnet = ConvNextImageProcessor(**RESNET18_CONFIG)
     ref = _reference(resnet, [Image.fromarray(grey).convert("RGB"), Image.fromarray(rgba).convert("RGB")])
-    np.testing.assert_allclose(ImagePreprocessor.from_processor(resnet)([grey, rgba]), ref, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ImagePreprocessor.from_processor(resnet)([grey, rgba]), ref)
     strict = dataclasses.replace(ImagePreprocessor.from_processor(resnet), do_convert_rgb=False)
     with pytest.raises(ValueError, match="RGB"):
         strict([grey])
@@ -161,7 +168,7 @@ def test_from_pretrained_saved_processors(tmp_path):
         processor.save_pretrained(tmp_path / name)
         ours = ImagePreprocessor.from_pretrained(str(tmp_path / name))
         assert ours == ImagePreprocessor.from_processor(processor, num_threads=ours.num_threads)
-        np.testing.assert_allclose(ours(images), _reference(processor, images), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(ours(images), _reference(processor, images))
 
 
 @pytest.mark.parametrize(
