@@ -688,3 +688,51 @@ def test_the_full_configs_are_the_studies_the_readme_describes():
         config = load_config(name)
         assert config.name == name and study(config) == expected, (name, study(config))
         assert (config.train.epochs, config.train.batch_size) == (10, 32), name
+
+
+# README.md's table of config fields: (its row, what the row says, the field, the value every full config has).
+README_DEFAULTS = [
+    ("`train.*`", "`learning_rate` 1e-4", "train.learning_rate", 1e-4),
+    ("`train.*`", "`weight_decay` 0.01", "train.weight_decay", 0.01),
+    ("`train.*`", "`dropout` 0.1", "train.dropout", 0.1),
+    ("`train.*`", "`eval_batch_size` (1024)", "train.eval_batch_size", 1024),
+    ("`head.*`", "`hidden` 256, `mlp_hidden` 128, `num_heads` 4", "head", {"hidden": 256, "mlp_hidden": 128,
+                                                                          "num_heads": 4}),
+    ("`data.hub_id`", "(default `jxie/flickr8k`)", "data.hub_id", "jxie/flickr8k"),
+    ("`data.max_bad_fraction`", "(0.01)", "data.max_bad_fraction", 0.01),
+    ("`data.embedded_images`", "(8000 images by default, 3000 in the demo, 64 px)", "data.image_size", 64),
+    ("`backbone.batch_size`", "(64)", "backbone.batch_size", 64),
+    ("`distributed.*`", "`timeout_seconds` (300) for connecting, `wait_seconds` (86400)", "distributed",
+     {"timeout_seconds": 300, "wait_seconds": 86400}),
+    ("`checkpoint.keep`", "(2)", "checkpoint.keep", 2),
+    ("`tsne_pairs`", "(800; 100 in the smoke variants", "tsne_pairs", 800),
+    ("`synthetic.*`", "`n_images` (2000), `captions_per_image` (5), `latent_dim` (16), `dim` (128), `caption_noise` "
+     "(0.6), `view_noise` (0.3)", "synthetic", {"n_images": 2000, "captions_per_image": 5, "latent_dim": 16,
+                                                "dim": 128, "caption_noise": 0.6, "view_noise": 0.3, "seed": 0}),
+]
+
+
+def test_every_full_config_has_the_defaults_readme_gives_and_no_smoke_setting():
+    """What README.md's table says of the fields, and the configs at full size: each claim is in its row, and every
+    shipped config that has the field holds it; the smoke variants' own settings stay in them."""
+    import functools
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    names = ("clip_sweep", "resnet_sweep", "noise_sweep", "demo", "own_features", "synthetic")
+    configs = {name: load_config(name) for name in names}
+    for row, says, field, value in README_DEFAULTS:
+        assert any(line.startswith(f"| {row}") and says in line for line in readme), (row, says)
+        holding = []
+        for name, config in configs.items():
+            try:
+                got = functools.reduce(getattr, field.split("."), config)
+            except AttributeError:
+                continue
+            got = {k: got[k] for k in value} if isinstance(value, dict) else got
+            assert got == value, (name, field, got)
+            holding.append(name)
+        assert holding, field
+    assert configs["demo"].data.embedded_images == 3000 and configs["clip_sweep"].data.embedded_images == 8000
+    assert configs["demo"].backbone.embedded == configs["clip_sweep"].backbone.embedded  # the package's defaults
+    for name in ("demo", "synthetic"):
+        assert load_config(name, "smoke").tsne_pairs == 100
