@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fusion_jax.data.dataset import ImageCaptionDataset
 from fusion_jax.data.embedded import generate_embedded
 from fusion_jax.files import locked
+from fusion_jax.fusion import masked_mean
 from fusion_jax.host import on_host
 
 if TYPE_CHECKING:
@@ -271,8 +272,7 @@ def train_tiny_text(ds: ImageCaptionDataset, directory: str, steps: int = 300, b
     def loss_fn(params, state, data, key):
         cap = jax.random.choice(key, data["ids"].shape[0], (batch,), replace=False)
         h = model(data["ids"][cap], data["mask"][cap], params=params["net"]).last_hidden_state
-        m = data["mask"][cap][..., None]
-        pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        pooled = masked_mean(h, data["mask"][cap])  # as its features are extracted (backbones.load_resnet)
         return _attribute_loss(params["heads"], pooled, {a: v[cap] for a, v in data["labels"].items()}), state
 
     params, _, losses = fit(loss_fn, params, data, steps, learning_rate, seed, "training tiny text encoder")
