@@ -179,7 +179,7 @@ def test_position_and_relation_words_are_true_of_the_scene():
                 before = shape_words.findall(caption[:m.start()])
                 after = caption[m.end():]
                 a = shapes.index(shape_of[before[-1]])
-                b = 0 if after.startswith("it") else shapes.index(shape_of[shape_words.search(after).group(1)])
+                b = 0 if after.split()[:1] == ["it"] else shapes.index(shape_of[shape_words.search(after).group(1)])
                 cells = [divmod(scene.objects[k].cell, 3) for k in (a, b)]
                 assert holds[m.group(1)](*cells), (caption, scene)
                 checked += 1
