@@ -226,6 +226,13 @@ def layout(run_steps: list[int], n_devices: int, k: int) -> tuple[np.ndarray, in
     return np.asarray(slots, np.int32), k
 
 
+def run_slots(slots: np.ndarray) -> np.ndarray:
+    """Each run's slot [runs], from `layout`'s slots (the run of each slot, -1 for an empty one)."""
+    index = np.empty(int((slots >= 0).sum()), np.int64)
+    index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
+    return index
+
+
 @dataclasses.dataclass
 class GroupProgram:
     """A group's compiled programs and per-slot inputs (`layout`).
@@ -332,8 +339,7 @@ def build_program(config: ml_collections.ConfigDict, group: Group, features: Fea
     runs = stack_runs(tuple(group.runs[max(i, 0)] for i in slots), pairs)
     for name in ("n_train", "n_val"):
         runs[name][slots < 0] = 0
-    index = np.empty(len(group.runs), np.int64)
-    index[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
+    index = run_slots(slots)
     trainer = make_train(config, group.method, int(runs["n_train"].max()), int(runs["n_val"].max()),
                          noisy=group.noisy, skip_idle=on_cpu)
     shaped = lambda tree, sharding, parts=1: jax.tree_util.tree_map(  # parts > 1: a lane's share of the slots

@@ -263,6 +263,22 @@ def test_a_checkpoint_whose_arrays_changed_but_still_read_is_refused(tmp_path):
     again.close()
 
 
+def test_each_epochs_saved_losses_are_read_back_as_that_epochs(tmp_path):
+    """GroupCheckpoints.losses: epoch e's row from losses/<e>.json; a row missing, unreadable or of another
+    number of runs reads as NaN (a gap in the curve, never another epoch's)."""
+    from fusion_jax.checkpoint import LOSSES, GroupCheckpoints
+
+    ckpt = GroupCheckpoints(str(tmp_path / "c"), keep=2)
+    for epoch in range(1, 6):
+        ckpt.save_losses(epoch, np.asarray([epoch, 10 * epoch], np.float32))
+    ckpt.close()
+    os.remove(tmp_path / "c" / LOSSES / "2.json")
+    (tmp_path / "c" / LOSSES / "3.json").write_text("[1.0, ")
+    (tmp_path / "c" / LOSSES / "4.json").write_text("[1.0]")
+    np.testing.assert_array_equal(ckpt.losses(5, 2), [[1, 10], [np.nan] * 2, [np.nan] * 2, [np.nan] * 2, [5, 50]])
+    np.testing.assert_array_equal(ckpt.losses(1, 2), [[1, 10]])
+
+
 # What Orbax's background write raised on a full disk (a 1 MiB tmpfs, orbax-checkpoint 0.12.8), shortened.
 FULL_DISK = ValueError("RESOURCE_EXHAUSTED: Error writing \"a/0.0\" in OCDBT database at local file \"/mnt/c/1.orbax-"
                        "checkpoint-tmp/\": Failed to write 2844384 bytes to file 4: No space left on device "
@@ -1396,6 +1412,33 @@ def test_a_last_update_that_diverges_fails_its_group_instead_of_scoring_nan_logi
     assert not results["runs"] and len(results["failed_groups"]) == 1, results
     assert "non-finite validation logits after training of runs (scale 128, seed 42, level 0)" in \
         results["failed_groups"][0]["error"]
+
+
+def test_a_loss_gone_non_finite_is_blamed_on_its_own_run(smoke_config, tmp_path, monkeypatch):
+    """One run's loss NaN at the last step of its epoch (here put there by hand): the group fails naming that run
+    alone, in the group's order whatever its slot."""
+    import fusion_jax.groups as groups_lib
+
+    config = smoke_config
+    config.backbones, config.methods, config.scales, config.train.epochs = ("aligned",), ("concat",), (128,), 1
+    config.degradation.levels, config.seeds = (0.0,), (42, 123, 456)
+    program_ = groups_lib.CompiledAhead.program
+
+    def nan_in_seed_123(self, i):
+        program = program_(self, i)
+        train_epoch = program.train_epoch
+
+        def epoch(*args):
+            state, losses = train_epoch(*args)
+            losses = np.array(losses)
+            losses[program.index[1], -1] = np.nan  # the group's second run: seed 123
+            return state, losses
+        return dataclasses.replace(program, train_epoch=epoch)
+
+    monkeypatch.setattr(groups_lib.CompiledAhead, "program", nan_in_seed_123)
+    results = train_and_evaluate(config, str(tmp_path))
+    assert [f["error"] for f in results["failed_groups"]] == [
+        "group aligned-concat: non-finite training loss in epoch 1 of runs (scale 128, seed 123, level 0)"]
 
 
 def test_a_failing_checkpoint_close_does_not_hide_the_groups_nan_loss(smoke_config, tmp_path, monkeypatch, caplog):

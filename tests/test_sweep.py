@@ -17,7 +17,7 @@ import pytest
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import report
 from fusion_jax.groups import (GPU_COMPILER_OPTIONS, ONCE_COMPILER_OPTIONS, CompiledAhead, build_program,
-                               compiler_options, group_data, layout, per_run_program, plan)
+                               compiler_options, group_data, layout, per_run_program, plan, run_slots)
 from fusion_jax.programs import Later
 from fusion_jax.metrics import METRICS
 from fusion_jax.sweep import train_and_evaluate
@@ -64,6 +64,7 @@ def test_smoke_sweep_writes_results(smoke_sweep):
         assert all(0.0 <= r["metrics"][m] <= 1.0 for m in METRICS)
         assert 0.5 <= r["majority_baseline"] <= 1.0
         assert r["params"] > 0 and r["train_seconds"] > 0
+        assert r["n_train"] == round(smoke_config.pairs.train_fraction * r["scale"]) == r["scale"] - r["n_val"]
     assert len(on_disk["summary"]) == n_runs // 2
     by = _by_run(on_disk)  # the noise reaches every noisy run: it trains otherwise than at level 0
     noisy = [k for k in by if k[-1] > 0]
@@ -535,6 +536,9 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
     second = plan(config)[1].name
 
     def kill(group, epochs_done):
+        # Called once the epoch's checkpoint is on disk (a kill here loses nothing), its losses file too.
+        folder = tmp_path / "resumed" / "checkpoints" / group.name
+        assert (folder / str(epochs_done)).is_dir() and (folder / "losses" / f"{epochs_done}.json").exists()
         if group.name == second and epochs_done == 2:
             raise Killed
 
@@ -545,7 +549,9 @@ def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, mo
     assert not (tmp_path / "resumed" / "results.json").exists()
     assert os.listdir(tmp_path / "resumed" / "checkpoints" / second)
 
-    os.remove(tmp_path / "resumed" / "checkpoints" / second / "losses" / "1.json")  # as older code left none
+    # As older code left none: epoch 1's is lost (a gap in the curve); epoch 2's is the checkpoint's own.
+    for epoch in (1, 2):
+        os.remove(tmp_path / "resumed" / "checkpoints" / second / "losses" / f"{epoch}.json")
     calls = []
     monkeypatch.setattr(metrics_lib, "UNCONVERGED_LOSS", 0.0)
     with caplog.at_level(logging.INFO, logger="fusion_jax"):
@@ -591,6 +597,7 @@ def test_layout_places_each_run_once_in_balanced_chunks(devices, k):
     slots, k = layout(steps, devices, k)
     assert k <= -(-len(steps) // devices)  # at most a device's share: no chunk of only empty slots
     assert sorted(slots[slots >= 0].tolist()) == list(range(len(steps)))
+    np.testing.assert_array_equal(slots[run_slots(slots)], np.arange(len(steps)))  # each run's slot holds it
     assert len(slots) % (devices * k) == 0
     chunks = slots.reshape(devices, -1, k)
     cost = lambda c: max((steps[i] for i in c if i >= 0), default=0)  # a chunk runs as long as its longest run

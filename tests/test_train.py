@@ -11,7 +11,7 @@ from fusion_jax.data import build_pairs
 from fusion_jax.data.sources import load_features
 from fusion_jax.groups import RunSpec, group_data, stack_runs
 from fusion_jax.fusion import make_head
-from fusion_jax.train import adamw, adamw_init, epoch_order, make_train, unread_leaves
+from fusion_jax.train import adamw, adamw_init, epoch_order, make_train, run_key, unread_leaves
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 
@@ -121,6 +121,13 @@ def test_runs_differ_where_their_specs_differ(smoke_config):
     init = jax.vmap(trainer.init, in_axes=(0, None))(runs, data)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[0], init["params"]),
                                 jax.tree_util.tree_map(lambda x: x[2], init["params"]))  # levels share the init
+    # Each run's key is its (seed, scale)'s, whatever the group: another scale of the same seed starts elsewhere.
+    for key, spec in zip(runs["key"], specs):
+        np.testing.assert_array_equal(key, run_key(spec.seed, spec.scale))
+    first = jax.tree_util.tree_map(lambda x: x[0], runs)
+    other_scale = trainer.init({**first, "key": run_key(42, 512)}, data)["params"]
+    assert not all(np.allclose(a, b[0]) for a, b in zip(jax.tree_util.tree_leaves(other_scale),
+                                                        jax.tree_util.tree_leaves(init["params"])))
     # Validation sees the run's noise too: run 0's parameters score other counts on run 2's (noisier) inputs.
     run0 = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x.shape), state)
     counts = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)))(run0, runs, data)  # _train_group's program
