@@ -138,6 +138,23 @@ def test_alternative_folder_spelling(tmp_path):
     assert ds.load_image(ds.image_ids.index("a_img.jpg")).shape == (30, 40, 3)
 
 
+def test_a_bom_an_upper_case_suffix_and_an_empty_caption(tmp_path):
+    """A token file saved with a byte-order mark still finds its first line's image; `.JPG` is an image; a line
+    with an empty caption is malformed, not a caption; one captioned image is too few to pair."""
+    folder = tmp_path / "Flicker8k_Dataset"
+    folder.mkdir()
+    for name in ("a.JPG", "b.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / name, format="JPEG")
+    lines = ["a.JPG#0\tA first caption .", "b.jpg#0\tA second .", "b.jpg#1\t  ", "b.jpg#2\tA third ."]
+    (tmp_path / "Flickr8k.token.txt").write_bytes(("\n".join(lines) + "\n").encode("utf-8-sig"))
+    ds, stats = flickr8k.load_flickr8k_folder_with_stats(str(tmp_path))
+    assert ds.image_ids == ("a.JPG", "b.jpg") and ds.captions == ("A first caption .", "A second .", "A third .")
+    assert (stats.malformed_lines, stats.missing_image_captions) == (1, 0)
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(DataUnavailableError, match="has 1 images with captions"):
+        flickr8k.load_flickr8k_folder(str(tmp_path))
+
+
 def test_fingerprint(tmp_path):
     a = flickr8k.load_flickr8k_folder(write_fixture(tmp_path / "a"))
     assert flickr8k.load_flickr8k_folder(str(tmp_path / "a")).fingerprint == a.fingerprint
@@ -262,6 +279,8 @@ def test_write_folder_marks_a_standin_and_never_overwrites_real_data(tmp_path):
     flickr8k.write_flickr8k_folder(generate_embedded(n_images=2, image_size=16), root, size=(20, 10))
     ds, stats = flickr8k.load_flickr8k_folder_with_stats(root)
     assert (ds.name, ds.n_images, stats.uncaptioned_images) == ("flickr8k-standin", 2, 0)
+    keys = [line.split("\t")[0] for line in (tmp_path / "standin" / "Flickr8k.token.txt").read_text().splitlines()]
+    assert keys == [f"embedded_{i:05d}.jpg#{k}" for i in range(2) for k in range(5)]  # Flickr8k's numbering
     assert ds.load_image(1).shape == (10, 20, 3)
 
     real = write_fixture(tmp_path / "real")
