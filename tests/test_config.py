@@ -1,5 +1,6 @@
 """Every invalid config value stops at once with its field named, and writes nothing."""
 
+import functools
 import json
 import os
 import re
@@ -715,8 +716,6 @@ README_DEFAULTS = [
 def test_every_full_config_has_the_defaults_readme_gives_and_no_smoke_setting():
     """What README.md's table says of the fields, and the configs at full size: each claim is in its row, and every
     shipped config that has the field holds it; the smoke variants' own settings stay in them."""
-    import functools
-
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
     names = ("clip_sweep", "resnet_sweep", "noise_sweep", "demo", "own_features", "synthetic")
     configs = {name: load_config(name) for name in names}
@@ -736,3 +735,55 @@ def test_every_full_config_has_the_defaults_readme_gives_and_no_smoke_setting():
     assert configs["demo"].backbone.embedded == configs["clip_sweep"].backbone.embedded  # the package's defaults
     for name in ("demo", "synthetic"):
         assert load_config(name, "smoke").tsne_pairs == 100
+
+
+@pytest.mark.parametrize("field, edge, past", [
+    ("seeds", (2**31 - 1,), (2**31,)),
+    ("data.max_bad_fraction", 0.0, -0.01), ("data.max_bad_fraction", 1.0, 1.01),
+    ("backbone.batch_size", 1, 0),
+])
+def test_each_bound_admits_its_edge_and_refuses_past_it(field, edge, past):
+    from fusion_jax.validate import validate
+
+    config = load_config("demo", "smoke")
+    *parents, leaf = field.split(".")
+    node = functools.reduce(getattr, parents, config)
+    setattr(node, leaf, edge)
+    validate(config)
+    setattr(node, leaf, past)
+    with pytest.raises(ConfigError, match=f"config.{field}: "):
+        validate(config)
+
+
+def test_the_embedded_backbones_seed_is_refused_only_where_they_would_train_on_the_sweeps_images():
+    from fusion_jax.validate import validate
+
+    config = load_config("demo", "smoke")
+    config.backbone.embedded.seed = config.data.embedded_seed
+    with pytest.raises(ConfigError, match="config.backbone.embedded.seed: .* must differ from data.embedded_seed"):
+        validate(config)
+    config.features = "flickr8k"  # the sweep's images are Flickr8k's: any seed of the embedded dataset will do
+    validate(config)
+
+
+def test_a_scale_of_every_pair_and_one_that_leaves_a_single_batch_are_allowed(smoke_config):
+    """The largest scale is the pairs available (max_pairs), the smallest the one that leaves train.batch_size
+    training pairs: both edges run, one pair past either is refused."""
+    import numpy as np
+
+    from fusion_jax.data import FeatureSet
+    from fusion_jax.data.pairs import max_pairs, split_sizes
+    from fusion_jax.validate import validate_scales
+
+    fs = FeatureSet(image=np.ones((30, 4), np.float32), text=np.ones((60, 4), np.float32),
+                    caption_image=np.repeat(np.arange(30), 2))
+    limit = max_pairs(fs.caption_image, fs.n_images, **smoke_config.pairs)
+    low = next(s for s in range(2, limit) if split_sizes(s, smoke_config.pairs.train_fraction)[0]
+               == smoke_config.train.batch_size)
+    for scales, ok in (((low, limit), True), ((limit + 1,), False), ((low - 1,), False)):
+        smoke_config.scales = scales
+        if ok:
+            validate_scales(smoke_config, {"'a'": fs})
+        else:
+            with pytest.raises(ConfigError, match="config.scales: scale"):
+                validate_scales(smoke_config, {"'a'": fs})

@@ -724,10 +724,10 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
     assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}
 
 
-def _fake_clip(monkeypatch, encode_images, encode_text):
+def _fake_clip(monkeypatch, encode_images, encode_text, text_key=None):
     """backbones.load_clip gives a Backbone of these encoders (4 tokens per caption), no model behind it."""
     from fusion_jax.features import backbones
-    fake = backbones.Backbone("clip", {"kind": "fake"}, {"kind": "fake-text"}, encode_images, encode_text,
+    fake = backbones.Backbone("clip", {"kind": "fake"}, text_key or {"kind": "fake-text"}, encode_images, encode_text,
                               lambda caps: 4)
     monkeypatch.setattr(backbones, "load_clip", lambda *a: fake)
 
@@ -762,6 +762,8 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
     assert "clip image features: 0 of 10 items computed here" in caplog.text and "skipping" not in caplog.text
     assert "dropped 2 unreadable images (im2.jpg, im5.jpg) and their captions" in caplog.text
     assert (fs.n_images, fs.n_captions) == (8, 16) and fs.image[:, 0].tolist() == [0, 1, 3, 4, 6, 7, 8, 9]
+    assert {k: fs.provenance[k] for k in ("n_images", "n_captions", "dropped_images")} == {
+        "n_images": 8, "n_captions": 16, "dropped_images": 2}  # as the results record the features
     config.data.max_bad_fraction = 0.1
     with pytest.raises(DataUnavailableError, match=r"^2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
         extract_features(config, ds, "clip")  # the finished entry, read again: the check after extraction
@@ -789,6 +791,25 @@ def test_features_of_another_dataset_of_the_same_name_are_not_taken_from_the_cac
     caplog.set_level(logging.INFO, logger="fusion_jax")
     again = extract_features(config, dataset("one", "a"), "clip")
     assert caplog.text.count("reusing cached features") == 2 and np.array_equal(again.image, a.image)  # both sides
+
+
+def test_another_text_encoder_computes_text_features_of_its_own_and_keeps_the_image_features(tmp_path, monkeypatch):
+    """Each side's cache entry is keyed by its own model: a new text encoder (another text key) encodes every
+    caption again and reads the images' features from the cache."""
+    from fusion_jax.data.dataset import ImageCaptionDataset
+    from fusion_jax.data.sources import extract_features
+
+    ds = ImageCaptionDataset("d", tuple(f"im{i}.jpg" for i in range(4)), tuple(f"c{i}" for i in range(8)),
+                             np.repeat(np.arange(4), 2).astype(np.int32), lambda i: np.full((4, 4, 3), i, np.uint8), "fp")
+    config = load_config("clip_sweep")
+    config.cache_dir = str(tmp_path)
+    images = []
+    for version in (1, 2):
+        _fake_clip(monkeypatch, lambda ims: images.extend(ims) or {"image": np.ones((len(ims), 3), np.float32)},
+                   lambda caps, n, v=version: {"text": np.full((len(caps), 3), v, np.float32)},
+                   text_key={"kind": "fake-text", "version": version})
+        fs = extract_features(config, ds, "clip")
+        assert (fs.text == version).all() and len(images) == 4  # the images encoded once, for the first
 
 
 def test_a_folder_of_unreadable_images_stops_after_its_first_shard(tmp_path, monkeypatch, caplog):

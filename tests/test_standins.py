@@ -61,6 +61,8 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     np.testing.assert_allclose((text_out["text_tokens"] * mask).sum(1) / mask.sum(1), texts, atol=1e-5)
     # Each side's cache key names only its own model: another text encoder leaves the image features cached.
     assert "text_model" not in resnet.image_key and "preprocess" not in resnet.text_key and "model" not in resnet.text_key
+    for key, field, folder in ((resnet.image_key, "model", "resnet"), (resnet.text_key, "text_model", "text")):
+        assert {k: key[k] for k in (field, f"{field}_files")} == backbones.model_key(str(models / folder), field)
     assert resnet.image_key["commit"] is None  # a local folder (a hub model records the commit it was loaded at)
     # The keys' fields as the caches made so far have them (a new field would orphan every entry).
     assert set(resnet.image_key) == {"kind", "model", "model_files", "revision", "commit", "preprocess", "tokens"}

@@ -639,6 +639,7 @@ def test_token_features_run_end_to_end(smoke_config, tmp_path):
     assert len(results["runs"]) == 4 and all(r["final_train_loss"] > 0 for r in results["runs"])
     prov = results["backbones"]["aligned"]
     assert (prov["tokens_image"], prov["tokens_text"]) == (4, 4)  # Table 3 counts FLOPs on these inputs
+    assert (prov["dim_image"], prov["dim_text"]) == (config.synthetic.dim,) * 2 != (4, 4)  # each token's width
     assert "(every slot counted, padding included: aligned image 4, text 4)" in (tmp_path / "table3.md").read_text()
 
 
