@@ -40,6 +40,9 @@ def test_cache_is_reused(tmp_path):
     assert again == [] and np.array_equal(first["x"], second["x"])
     other = FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "other"})
     assert other.dir != cache.dir and other.load() is None
+    more = extract_cached(FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "m"}), 120,  # not of 100 items
+                          _encoder(again), batch_size=8, desc="t", batches_per_shard=2)
+    assert sum(len(c) for c in again) == 120 and len(more["x"]) == 120
 
 
 def test_features_from_a_gpus_tf32_matmuls_have_keys_of_their_own(monkeypatch):
@@ -51,8 +54,9 @@ def test_features_from_a_gpus_tf32_matmuls_have_keys_of_their_own(monkeypatch):
 
     assert backbones.matmul_key() == {} or jax.default_backend() != "cpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with jax.default_matmul_precision("highest"):
-        assert backbones.matmul_key() == {} and "matmul_precision" not in backbones._versioned({"kind": "clip"})
+    for full in ("highest", "float32"):  # two names of one precision
+        with jax.default_matmul_precision(full):
+            assert backbones.matmul_key() == {} and "matmul_precision" not in backbones._versioned({"kind": "clip"})
     with jax.default_matmul_precision("tensorfloat32"):
         assert backbones.matmul_key() == {"matmul_precision": "gpu:tensorfloat32"}
     with jax.default_matmul_precision("default"):
@@ -105,6 +109,35 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
     os.remove(path)  # the features gone, their digest left: extracted again, not stuck on a vanished shard
     calls.clear()
     rebuilt = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder(calls), 8, "t")
+    assert sum(len(c) for c in calls) == 40 and rebuilt["x"][-1, 1] == 78.0
+
+
+class _Unpickled:
+    """An object whose unpickling makes the folder `path` (what a pickled payload could do instead)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_an_entry_holding_python_objects_is_never_unpickled_and_is_extracted_again(tmp_path, caplog):
+    """A cache may be another user's, and the keys' hashes are no secret: an entry whose file holds Python
+    objects under a matching digest is read as unreadable and extracted again, its objects never unpickled
+    (unpickling runs code: here it would make a folder). Keys hash alike in any field order."""
+    from fusion_jax.files import sha256
+
+    key = {"dataset": "d", "model": "m"}
+    extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder([]), 8, "t")
+    entry = FeatureCache(str(tmp_path), "t", {"model": "m", "dataset": "d"}).dir
+    assert entry == FeatureCache(str(tmp_path), "t", key).dir
+    path = os.path.join(entry, "features.npz")
+    np.savez(path, x=np.array([_Unpickled(str(tmp_path / "unpickled"))], dtype=object))
+    pathlib.Path(entry, "features.sha256").write_text(sha256(path))
+    calls = []
+    rebuilt = extract_cached(FeatureCache(str(tmp_path), "t", key), 40, _encoder(calls), 8, "t")
+    assert not (tmp_path / "unpickled").exists() and "corrupt" in caplog.text
     assert sum(len(c) for c in calls) == 40 and rebuilt["x"][-1, 1] == 78.0
 
 
@@ -767,6 +800,8 @@ def test_unreadable_images_are_named_when_they_stop_the_run_and_when_dropped(tmp
     config.data.max_bad_fraction = 0.1
     with pytest.raises(DataUnavailableError, match=r"^2 of 10 images are unreadable \(im2.jpg, im5.jpg\), more than"):
         extract_features(config, ds, "clip")  # the finished entry, read again: the check after extraction
+    config.data.max_bad_fraction, config.cache_dir = 0.2, str(tmp_path / "fresh")  # exactly the share allowed
+    assert extract_features(config, ds, "clip").n_images == 8  # extracted here: no early stop at the edge
 
 
 def test_features_of_another_dataset_of_the_same_name_are_not_taken_from_the_cache(tmp_path, monkeypatch, caplog):

@@ -46,6 +46,8 @@ def test_token_features_with_masks_load_as_token_features(tmp_path):
     fs = load(str(tmp_path / "tok.npz"))
     assert fs.image.shape == (150, 4, 16) and fs.image_mask.dtype == np.float32 and fs.text_mask is None
     assert fs.provenance["tokens"] and fs.caption_image.dtype == np.int32
+    # Read-only: groups of every backbone share these arrays (a write would reach another group's runs).
+    assert not any(a.flags.writeable for a in (fs.image, fs.text, fs.image_mask))
 
 
 def test_padding_may_hold_anything_and_loads_as_zeros(tmp_path):
@@ -86,6 +88,7 @@ BAD = [
     (lambda f: f.update(labels=np.zeros(3)), "unknown array(s) labels"),
     (lambda f: f.update(image=(10 * f["image"]).astype(np.int32)), "image has dtype int32; expected floating point"),
     (lambda f: f.update(caption_image=f["caption_image"] + 1), "indices from 1 to 150, outside [0, 150)"),
+    (lambda f: f.update(caption_image=f["caption_image"] - 1), "indices from -1 to 148, outside [0, 150)"),
     (lambda f: f.update(image=np.ascontiguousarray(f["image"].T)),
      "outside [0, 16): the rows of image, shape (16, 150) (one row per image; is image transposed?)"),
     (lambda f: f.update(caption_image=f["caption_image"].astype(np.float32)), "expected integers"),
@@ -101,10 +104,13 @@ BAD = [
      "image_mask must hold 0 and 1 only"),
     (lambda f: f.update(text=np.repeat(f["text"][:, None], 2, 1), text_mask=np.full((450, 2), np.nan)),
      "text_mask must hold 0 and 1 only"),
+    (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.where(np.eye(150, 2) > 0, 0.5, 1)),
+     "image_mask must hold 0 and 1 only"),  # a few values off among 0s and 1s
     (lambda f: f.update(text=f["text"][:10]), "text has 10 rows but caption_image has shape (450,): one image row per caption"),
     (lambda f: f["text"].__setitem__((7, 3), np.nan), "text holds NaN or Inf (as float32) in rows [7]"),
     (lambda f: f.update(image=f["image"].astype(np.float64) * 1e300), "image holds NaN or Inf (as float32)"),
     (lambda f: f.update(text=f["text"] * -1e20), "text reaches |x| = "),  # finite, but its squares are not
+    (lambda f: f.update(image=-np.abs(f["image"]) * 1e20), "image reaches |x| = "),  # huge below zero alone
     (lambda f: f.update(image=np.repeat(f["image"][:, None], 2, 1), image_mask=np.eye(150, 2)),
      "image_mask has rows with no real token (rows [2, 3, 4, 5, 6])"),
     (lambda f: f.update(image=f["image"][:, :0]), "image has shape (150, 0): it needs rows, and features of at"),

@@ -240,6 +240,8 @@ def test_a_sweep_begun_with_the_earlier_negatives_is_not_resumed_where_they_diff
     train, val = (p.pos_image for p in _pools(sides, 50, 0, 0.8, "image"))
     assert set(np.bincount(train)[np.unique(train)]) == {5} and set(np.bincount(val)[np.unique(val)]) == {3}
     assert pair_identity(sides, 50, split_by="image") == {} and pair_identity(sides, 50)  # each side as many
+    one_more = np.append(sides, train[0])  # a sixth caption for one training image: that side varies
+    assert pair_identity(one_more, 50, split_by="image")
     config, before = {"name": "x"}, {"own": {"file": "own.npz", "sha256": "ab"}}
     prepare_workdir(str(tmp_path / "same"), config, before)  # an earlier start, as every start claimed
     prepare_workdir(str(tmp_path / "same"), config, {"own": {**before["own"], **pair_identity(CAPTION_IMAGE, 50)}})

@@ -1155,3 +1155,15 @@ def test_notes_on_the_features_open_the_summary_and_do_not_make_features_differ(
     assert "notes" not in feature_identity(results["backbones"]["aligned"])
     results["backbones"]["aligned"].update(tokens_image=65, tokens_text=32)  # recorded by newer sweeps only
     assert not {"tokens_image", "tokens_text"} & set(feature_identity(results["backbones"]["aligned"]))
+
+
+def test_a_hub_model_is_told_by_its_name_and_a_local_folder_by_its_files():
+    """feature_identity: a hub model's id is what tells two sweeps' features apart (it has no files hash); a
+    local folder's path is not (copies of one model hash alike), its files' hash is."""
+    from fusion_jax.data.featureset import feature_identity
+
+    hub = {"model": "openai/clip-vit-base-patch32", "model_files": None, "text_model": "x/y", "text_model_files": None}
+    assert feature_identity(hub) == hub
+    assert feature_identity({"model": "/home/me/clip", "model_files": "ab12", "text_model": "x/y",
+                             "text_model_files": None}) == {"model_files": "ab12", "text_model": "x/y",
+                                                            "text_model_files": None}
