@@ -33,7 +33,7 @@ from fusion_jax.fusion import masked_mean
 from fusion_jax.host import on_host
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, ConvNextImageProcessor, PreTrainedTokenizerFast, ResNetConfig
 
 log = logging.getLogger("fusion_jax")
 VERSION = "v1"
@@ -143,7 +143,7 @@ def contrastive_loss(logits: jax.Array) -> jax.Array:
             + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
 
 
-def clip_processor(size: int):
+def clip_processor(size: int) -> CLIPImageProcessor:
     """CLIP's image processor for square images of `size`: shortest edge to `size`, centre crop, CLIP's mean/std."""
     from transformers import CLIPImageProcessor
 
@@ -151,7 +151,7 @@ def clip_processor(size: int):
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
-def resnet_processor(size: int, crop_pct: float = 1.0, resample: int = 2):
+def resnet_processor(size: int, crop_pct: float = 1.0, resample: int = 2) -> ConvNextImageProcessor:
     """A ResNet's image processor: shortest edge to size / crop_pct, centre crop to `size`, ImageNet's mean/std.
     The default keeps the whole embedded image at the size its model trained on; microsoft/resnet-18's own
     crops 0.875, bicubic (resample=3)."""
@@ -161,7 +161,7 @@ def resnet_processor(size: int, crop_pct: float = 1.0, resample: int = 2):
                                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
 
-def resnet18_config(widths: list[int]):
+def resnet18_config(widths: list[int]) -> ResNetConfig:
     """ResNet-18's blocks (basic, depths 2,2,2,2) at stage widths `widths` (ResNet-18's: 64, 128, 256, 512)."""
     from transformers import ResNetConfig
 
