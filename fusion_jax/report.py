@@ -133,7 +133,6 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-
 # What a report writes, said before it does (a t-SNE takes seconds of silence).
 _WRITING = "summary.md, tables 1-3, then the figures (a t-SNE takes seconds per backbone)"
 FIGURES = ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_training_loss.png", "fig_tsne.png")

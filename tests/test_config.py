@@ -651,7 +651,6 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path
     assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "results.json")
 
 
-
 def test_an_output_folder_is_refused_in_words_that_say_why(tmp_path, monkeypatch):
     """files.unwritable_folder, behind every command line's output folder: each reason its own words."""
     from fusion_jax import files
