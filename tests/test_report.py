@@ -100,6 +100,27 @@ def test_verdict_words(diff, p, n, want):
     assert want in tables.verdict(diff, p, n)
 
 
+def test_a_gap_is_signed_as_it_runs_and_two_seeds_can_decide_it():
+    """points_text writes cross's lead with a minus; a t-test runs from 2 seeds on; only a nonzero gap the same on
+    every seed (p None) is untested, no gap at all is tied; seed_pairs pairs the seeds both methods ran."""
+    assert tables.points_text(-0.028, 0.01, 3) == "-2.8" and tables.points_text(0.028, 0.01, 3) == "+2.8"
+    assert tables.favoured(0.05, 0.01, 2) == "concat" and tables.favoured(-0.05, 0.01, 2) == "cross"
+    assert tables.untested(0.02, None, 3) and not tables.untested(0.0, None, 3) and not tables.untested(0.02, 0.5, 2)
+    runs = [_run("b", method, 1024, seed, 0.0, acc) for method, seed, acc in (
+        ("concat", 1, 0.7), ("concat", 2, 0.8), ("cross", 3, 0.1), ("cross", 2, 0.6), ("cross", 1, 0.5))]
+    assert tables.seed_pairs(runs) == ([0.7, 0.8], [0.5, 0.6])
+
+
+def test_holm_leaves_out_the_comparisons_no_test_decided():
+    """A comparison with a NaN metric is no test: Holm adjusts the others as a family of their own size."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048, 4096), levels=(0.0,))
+    for c, (diff, p) in zip(results["comparisons"], ((0.03, 0.01), (0.02, 0.04), (float("nan"), float("nan")))):
+        c.update(concat_minus_cross=diff, p_value=p, n_seeds=3)
+    holm = tables.holm_index(results)
+    assert [holm[("aligned", s, 0.0)] for s in (1024, 2048)] == pytest.approx([0.02, 0.04])
+    assert holm[("aligned", 4096, 0.0)] is None
+
+
 def test_p_text_never_rounds_across_alpha_and_nan_decides_nothing():
     assert tables.p_text(0.04996) == "0.04996" and tables.p_text(0.0500001) == "0.05"
     assert tables.p_text(0.0123456) == "0.0123" and tables.p_text(float("nan")) == "–"
@@ -220,8 +241,9 @@ def test_each_metric_reaches_its_own_columns_of_the_summary_and_table1():
 def test_table1_places_paper_rows_beside_ours_in_the_papers_setting():
     md, rows = tables.table1(fake_results("flickr8k", ("clip", "resnet")))
     lines = md.splitlines()
-    ours = next(i for i, l in enumerate(lines) if l.startswith("| ours | Flickr8k | clip | 2048 | concat |"))
-    assert lines[ours + 1].startswith("| **paper** | Flickr8k | CLIP ViT-B/32 | 2048 | concat | 77.9 ± 2.2 |")
+    for method, accuracy in (("concat", "77.9 ± 2.2"), ("cross", "73.5 ± 2.6")):  # each beside its own method
+        ours = next(i for i, l in enumerate(lines) if l.startswith(f"| ours | Flickr8k | clip | 2048 | {method} |"))
+        assert lines[ours + 1].startswith(f"| **paper** | Flickr8k | CLIP ViT-B/32 | 2048 | {method} | {accuracy} |")
     # resnet is not the paper's setting: no paper row beside it.
     resnet = next(i for i, l in enumerate(lines) if l.startswith("| ours | Flickr8k | resnet | 2048 | concat |"))
     assert not lines[resnet + 1].startswith("| **paper**")
