@@ -278,6 +278,9 @@ def test_noise_at_one_level_only_is_a_noise_study_and_one_method_is_said(tmp_pat
     assert "| ours | synthetic (not Flickr8k) | aligned | 2048 | 0.3 |" in md
     assert "(table2.md)" in answer(results)[0]
     assert figures.noise_advantage(results, str(tmp_path / "noise.png")) is not None
+    # One comparison with noise is no family to correct: its p-value is the verdict's, no Holm sentence.
+    one = answer(fake_results("synthetic", ("aligned",), scales=(2048,), levels=(0.0, 0.3)))[0]
+    assert one.endswith("With noise (σ 0.3): concat ahead in 1, cross in 0, neither in 0 of 1 comparisons (table2.md).")
 
 
 def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
