@@ -538,6 +538,10 @@ def test_table2_noise_study_with_the_papers_table():
         d = 100 * np.array([concat[seed] - cross[seed] for seed in (42, 123, 456)])
         assert row["advantage_pts"] == pytest.approx(d.mean(), abs=0.006)
         assert row["advantage_std_pts"] == pytest.approx(d.std(ddof=1), abs=0.006) and d.std() > 0.1
+        for method in ("concat", "cross"):  # each head's own mean and spread over its seeds
+            acc = 100 * np.array(list(by_seed(method).values()))
+            assert (row[f"{method}_mean_pct"], row[f"{method}_std_pct"]) == pytest.approx(
+                (acc.mean(), acc.std(ddof=1)), abs=0.006)
     assert f"## {tables.PAPER_REFERENCE}, Table 2" in md and "| concat +2.8 |" in md
     assert [r["advantage_pts"] for r in rows if r["source"] == "paper"] == [1.3, 1.9, 2.8, 0.0, 0.0, 0.0]
     md1, _ = tables.table2(fake_results("synthetic", ("aligned",), levels=(0.0,)))
