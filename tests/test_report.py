@@ -104,11 +104,22 @@ def test_a_gap_is_signed_as_it_runs_and_two_seeds_can_decide_it():
     """points_text writes cross's lead with a minus; a t-test runs from 2 seeds on; only a nonzero gap the same on
     every seed (p None) is untested, no gap at all is tied; seed_pairs pairs the seeds both methods ran."""
     assert tables.points_text(-0.028, 0.01, 3) == "-2.8" and tables.points_text(0.028, 0.01, 3) == "+2.8"
+    assert tables.points_text(-0.013, 0.3, 3) == "-1.3"  # not significant: signed all the same
     assert tables.favoured(0.05, 0.01, 2) == "concat" and tables.favoured(-0.05, 0.01, 2) == "cross"
     assert tables.untested(0.02, None, 3) and not tables.untested(0.0, None, 3) and not tables.untested(0.02, 0.5, 2)
     runs = [_run("b", method, 1024, seed, 0.0, acc) for method, seed, acc in (
         ("concat", 1, 0.7), ("concat", 2, 0.8), ("cross", 3, 0.1), ("cross", 2, 0.6), ("cross", 1, 0.5))]
     assert tables.seed_pairs(runs) == ([0.7, 0.8], [0.5, 0.6])
+
+
+def test_table1_counts_the_seeds_both_methods_ran_in_its_verdict():
+    """A cell whose cross ran one seed of concat's three: its comparison pairs one seed, and says so."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0,))
+    results["runs"] = [r for r in results["runs"] if r["method"] == "concat" or r["seed"] == 42]
+    results["summary"], results["comparisons"] = summarize(results["runs"]), compare(results["runs"])
+    rows = [r for r in tables.table1(results)[1] if r["source"] == "ours"]
+    assert [r["n_seeds"] for r in rows] == [3, 1] and all("on its one seed (no test possible)" in r["verdict"]
+                                                           for r in rows)
 
 
 def test_holm_leaves_out_the_comparisons_no_test_decided():
@@ -501,6 +512,16 @@ def test_tables_csvs_give_the_holm_adjusted_p_of_each_family():
     for r in ours2:
         assert r["p_holm"] == pytest.approx(want[(r["backbone"], r["scale"], r["sigma"])])
     assert all(r.get("p_holm") is None for r in tables.table1(results)[1] if r["source"] != "ours")
+    # The Markdown's p column is each test's own p (its header says so), the adjusted one is the CSV's alone.
+    comps, (md1, _), (md2, _) = tables.comparison_index(results), tables.table1(results), tables.table2(results)
+    checked = 0
+    for k, q in want.items():
+        md, prefix = ((md2, f"| ours | Flickr8k | {k[0]} | {k[1]} | {k[2]:g} |") if k[2] > 0 else
+                      (md1, f"| ours | Flickr8k | {k[0]} | {k[1]} | "))
+        rows = [row for row in md.splitlines() if row.startswith(prefix)]
+        assert rows and all(f"| {tables.p_text(comps[k]['p_value'])} |" in row for row in rows), (k, rows)
+        checked += tables.p_text(q) != tables.p_text(comps[k]["p_value"])
+    assert checked == len(want)
     line = answer(results)[0]  # the summary's adjusted p are the tables'
     assert "2048: concat +" in line and f"Holm-adjusted {tables.p_text(want[('clip', 2048, 0.0)])};" in line
 
@@ -538,10 +559,14 @@ def test_table2_noise_study_with_the_papers_table():
         d = 100 * np.array([concat[seed] - cross[seed] for seed in (42, 123, 456)])
         assert row["advantage_pts"] == pytest.approx(d.mean(), abs=0.006)
         assert row["advantage_std_pts"] == pytest.approx(d.std(ddof=1), abs=0.006) and d.std() > 0.1
-        for method in ("concat", "cross"):  # each head's own mean and spread over its seeds
+        for method in ("concat", "cross"):  # each head's own mean and spread over its seeds, CSV and Markdown
             acc = 100 * np.array(list(by_seed(method).values()))
             assert (row[f"{method}_mean_pct"], row[f"{method}_std_pct"]) == pytest.approx(
                 (acc.mean(), acc.std(ddof=1)), abs=0.006)
+        md_row = next(line for line in md.splitlines() if line.startswith(f"| ours | synthetic (not Flickr8k) | "
+                                                                         f"aligned | 1024 | {row['sigma']:g} |"))
+        assert md_row.split(" | ")[5:7] == [tables.pct(row["concat_mean_pct"] / 100, row["concat_std_pct"] / 100),
+                                            tables.pct(row["cross_mean_pct"] / 100, row["cross_std_pct"] / 100)]
     assert f"## {tables.PAPER_REFERENCE}, Table 2" in md and "| concat +2.8 |" in md
     assert [r["advantage_pts"] for r in rows if r["source"] == "paper"] == [1.3, 1.9, 2.8, 0.0, 0.0, 0.0]
     md1, _ = tables.table2(fake_results("synthetic", ("aligned",), levels=(0.0,)))
