@@ -116,11 +116,8 @@ def test_small_vocabulary():
 
 
 def _scenes(n: int, seed: int = 3):
-    """(scene, its five captions) as generate_embedded draws them."""
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        scene = embedded.sample_scene(rng)
-        yield scene, embedded.scene_captions(rng, scene, 5)
+    """(scene, its five captions) of the first n images, as generate_embedded draws them."""
+    return (embedded.scene_and_captions(seed, i, 5) for i in range(n))
 
 
 def test_objects_sit_in_their_grid_cells_largest_first_and_are_drawn_there():

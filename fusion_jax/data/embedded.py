@@ -261,6 +261,13 @@ def fingerprint(n_images: int, seed: int, image_size: int, captions_per_image: i
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def scene_and_captions(seed: int, i: int, captions_per_image: int) -> tuple[Scene, tuple[str, ...]]:
+    """Image i's scene and captions, from `np.random.default_rng([seed, i])` alone."""
+    rng = np.random.default_rng([seed, i])
+    scene = sample_scene(rng)
+    return scene, scene_captions(rng, scene, captions_per_image)
+
+
 def generate_embedded(n_images: int = 8000, seed: int = 0, image_size: int = 64,
                       captions_per_image: int = 5) -> ImageCaptionDataset:
     """The embedded dataset: scenes and captions now, images rendered per index by load_image."""
@@ -270,9 +277,9 @@ def generate_embedded(n_images: int = 8000, seed: int = 0, image_size: int = 64,
     scenes: list[Scene] = []
     captions: list[str] = []
     for i in range(n_images):
-        rng = np.random.default_rng([seed, i])
-        scenes.append(sample_scene(rng))
-        captions.extend(scene_captions(rng, scenes[-1], captions_per_image))
+        scene, its_captions = scene_and_captions(seed, i, captions_per_image)
+        scenes.append(scene)
+        captions.extend(its_captions)
     primary = [s.objects[0] for s in scenes]
     attributes = {"shape": np.array([o.shape for o in primary], np.int32),
                   "colour": np.array([o.colour for o in primary], np.int32),
