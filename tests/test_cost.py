@@ -49,3 +49,26 @@ def test_forward_flops_count_each_sides_own_tokens(smoke_config, method):
     pooled = flops(0, 0)
     assert flops(0, 6) > pooled and flops(6, 0) > pooled
     assert flops(0, 12) > flops(0, 6) and flops(12, 0) > flops(6, 0)
+    assert flops(6, 0) > flops(0, 6)  # the image's tokens are the wider (16 dims against 8)
+
+
+def test_the_counted_programs_take_what_a_sweep_gives_them(smoke_config, monkeypatch):
+    """What XLA's cost analysis is asked about (its arguments' shapes, no compile): the forward pass on a batch of
+    256; a training step of a chunk of runs on a batch of pairs, gathered from token features with their masks
+    (float, as a FeatureSet holds them) where the features have tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    seen = []
+    monkeypatch.setattr(cost, "host_flops", lambda f, *args: seen.append(args) or 256.0)
+    assert cost.forward_flops_per_sample("concat", 16, 8, smoke_config) == 1.0
+    assert [x.shape for x in seen[0][1:3]] == [(256, 16), (256, 8)]
+    batch = smoke_config.train.batch_size
+    cost.train_step_flops(smoke_config, "concat", 16, 8, n_runs=3, tokens=5)
+    _, runs, data = seen[1]
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+    assert shapes(data) == {"image": ((2 * batch, 5, 16), jnp.float32), "text": ((2 * batch, 5, 8), jnp.float32),
+                            "image_mask": ((2 * batch, 5), jnp.float32), "text_mask": ((2 * batch, 5), jnp.float32)}
+    assert {k: runs[k]["label"].shape for k in ("train", "val")} == {"train": (3, batch), "val": (3, 1)}
+    cost.train_step_flops(smoke_config, "concat", 16, 8)
+    assert set(seen[2][2]) == {"image", "text"} and seen[2][2]["image"].shape == (2 * batch, 16)

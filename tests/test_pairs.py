@@ -267,3 +267,20 @@ def test_synthetic_alignment_is_the_matched_pairs_cosine_and_each_noise_moves_it
     assert np.abs(captions.text - quiet.text).max() > 0.1
     views = generate("aligned", 50, 2, 16, 32, caption_noise=0.0, view_noise=0.5, seed=1)
     assert np.abs(views.image - quiet.image).max() > 0.1 and np.abs(views.text - quiet.text).max() > 0.1
+
+
+def test_split_overlap_is_each_scales_own():
+    """results.json's split_overlap (feature_report): each scale's validation against its own training pairs,
+    as `overlap` counts them (the paper's split shares more at the larger scale)."""
+    import ml_collections
+
+    from fusion_jax.data import overlap
+    from fusion_jax.data.featureset import FeatureSet
+    from fusion_jax.feature_report import split_overlap
+
+    config = ml_collections.ConfigDict({"scales": (50, 400), "pairs": {"split_seed": 0, "train_fraction": 0.8,
+                                                                        "split_by": "pair"}})
+    fs = FeatureSet(np.zeros((50, 4), np.float32), np.zeros((len(CAPTION_IMAGE), 4), np.float32), CAPTION_IMAGE)
+    got = split_overlap(config, fs)
+    assert got == {str(s): overlap(build_pairs(CAPTION_IMAGE, 50, s, 0), CAPTION_IMAGE) for s in (50, 400)}
+    assert got["50"]["val_pairs_with_a_training_image"] < got["400"]["val_pairs_with_a_training_image"]

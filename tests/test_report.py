@@ -605,6 +605,18 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
     results["backbones"]["aligned"].update(tokens=True, tokens_image=5, tokens_text=3)
     efficiency.table3(results)
     assert sorted(set(calls)) == [("concat", 16, 8, 256, 5, 3), ("cross", 16, 8, 256, 5, 3)]
+    # Each backbone's ratios against its own concat head (wider features, more weights); a cell whose runs
+    # differ in size (a mix of sweeps) shows both counts and no ratio.
+    results = fake_results("synthetic", ("aligned", "unaligned"), scales=(64,), levels=(0.0,))
+    for r in results["runs"]:
+        r["params"] *= 2 if r["backbone"] == "unaligned" else 1
+    odd = next(r for r in results["runs"] if r["backbone"] == "unaligned" and r["method"] == "cross")
+    odd["params"] += 1
+    md, rows = efficiency.table3(results)
+    ratios = {(r["backbone"], r["method"]): r["rel_params"] for r in rows if r["source"] == "ours"}
+    assert ratios == {("aligned", "concat"): 1.0, ("aligned", "cross"): round(559490 / 295554, 4),
+                      ("unaligned", "concat"): 1.0, ("unaligned", "cross"): None}
+    assert f"| {2 * 559490:,} / {2 * 559490 + 1:,} | – |" in md
 
 
 def test_table3_counts_flops_on_the_token_inputs_results_json_records():
@@ -740,6 +752,10 @@ def _drawn(monkeypatch) -> dict:
 
 def test_figures_say_what_features_they_show_and_keep_series_apart(tmp_path, monkeypatch):
     figs = _drawn(monkeypatch)
+    # Panels in the config's order, as the tables are; a backbone the config does not list, last.
+    results = fake_results("flickr8k", ("resnet", "clip", "aligned"))
+    results["config"]["backbones"] = ["resnet", "clip"]
+    assert figures.backbones(results) == ["resnet", "clip", "aligned"]
     results = fake_results("synthetic", ("aligned", "unaligned"), scales=(1024, 2048, 4096), levels=(0.0, 0.01, 0.05))
     results["backbones"]["unaligned"]["tokens"] = 4
     figures.accuracy_vs_scale(results, "acc")
@@ -770,8 +786,9 @@ def test_figures_say_what_features_they_show_and_keep_series_apart(tmp_path, mon
 
 def test_tsne_of_features_all_alike_is_skipped_and_said(tmp_path, monkeypatch):
     figs = _drawn(monkeypatch)
-    np.savez(tmp_path / "tsne_clip.npz", image=np.zeros((50, 8), np.float32),
-             text=np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    rng = np.random.default_rng(0)  # one row repeated (a collapsed encoder), not a constant one
+    np.savez(tmp_path / "tsne_clip.npz", image=np.tile(rng.standard_normal(8), (50, 1)).astype(np.float32),
+             text=rng.standard_normal((50, 8)).astype(np.float32))
     monkeypatch.setattr(figures, "tsne_embedding", lambda *a: pytest.fail("t-SNE of identical rows"))
     figures.tsne(str(tmp_path), fake_results(), "tsne")
     assert "all 50 pairs have the same image features: no t-SNE" in figs["tsne"].axes[0].get_title()
@@ -790,6 +807,8 @@ def test_tsne_links_pairs_only_in_a_joint_map_and_names_token_means(tmp_path, mo
     assert len(joint.get_lines()) == figures.TSNE_LINKED_PAIRS
     assert "(pooled)" in apart.get_title() and not apart.get_lines()
     assert "synthetic" in figs["tsne"].get_suptitle()
+    write_tsne(tmp_path, "org_model", 20, 4, 4)  # a hub id's file: named by the backbone, not by its file name
+    assert figures.tsne_files(str(tmp_path), ["org/model", "aligned"])[0] == ("org/model", str(tmp_path / "tsne_org_model.npz"))
 
 
 def test_render_report_on_hand_made_results(tmp_path, monkeypatch):
@@ -917,6 +936,7 @@ def test_the_training_loss_figure_needs_recorded_curves_and_shows_gaps(tmp_path,
     assert "not drawn" not in title and "left out" not in title
     concat_2048 = next(line for line in ax.get_lines() if line.get_label() == "concat, scale 2048")
     assert list(concat_2048.get_ydata()) == pytest.approx([0.69, 0.5, 0.3])
+    assert list(concat_2048.get_xdata()) == [1, 2, 3]  # the loss after epoch 1, 2, 3
     aligned = [r for r in results["runs"] if r["backbone"] == "aligned" and r["method"] == "concat"
                and r["scale"] == 2048 and tables.level(r) == 0]
     aligned[0]["train_loss_by_epoch"] = [None, 0.8, 0.3]  # the mean of the others at epoch 1
@@ -959,6 +979,8 @@ def test_tsne_embedding_joint_and_separate():
     assert joint and img.shape == txt.shape == (40, 2) and np.isfinite(img).all()
     img, txt, joint = figures.tsne_embedding(rng.standard_normal((40, 12)), rng.standard_normal((40, 6)))
     assert not joint and img.shape == txt.shape == (40, 2) and np.isfinite(txt).all()
+    img, txt, joint = figures.tsne_embedding(rng.standard_normal((10, 64)), rng.standard_normal((10, 32)))
+    assert not joint and img.shape == txt.shape == (10, 2)  # each PCA to no more dims than the rows
 
 
 # --- end to end on a finished smoke sweep -----------------------------------------------------------

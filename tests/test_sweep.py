@@ -128,6 +128,11 @@ def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_capti
     (note,) = notes["aligned"]
     assert note.startswith("the noise study degrades its image features, whose norms are 3, not 1") and list(notes) == [
         "aligned"] and f"backbone 'aligned': {note}" in caplog.text
+    image = features["aligned"].image.copy()
+    image[len(image) // 2:] *= 3  # the rows read are spread over the whole set, not its first
+    half = dataclasses.replace(features["aligned"], image=image)
+    (note,) = feature_notes(config, groups, {**features, "aligned": half})["aligned"]
+    assert note.startswith("the noise study degrades its image features, whose norms are 1-3, not 1")
     tokens = np.ones((features["aligned"].n_images, 3, 4), np.float32) / 2  # the real tokens unit vectors
     mask = np.ones(tokens.shape[:2], np.int32)
     mask[:, 2] = 0
@@ -486,7 +491,7 @@ def test_own_failure_is_xlas_error_through_its_causes_but_not_the_workdirs():
     assert own_failure(error.value)
 
 
-def test_a_later_program_compiles_once_and_again_where_that_failed(caplog):
+def test_a_later_program_compiles_once_and_again_where_that_failed(caplog, monkeypatch):
     """The first of compile() and a call compiles; a compilation that failed in the background (compile(),
     out of memory while another group trained, say) is logged and tried again by the call, which raises
     its error naming the program where it fails too."""
@@ -513,6 +518,20 @@ def test_a_later_program_compiles_once_and_again_where_that_failed(caplog):
     once_broken = Later("group g: evaluate", lambda: make(broken=len(made) == 4))
     once_broken.compile()
     assert once_broken(1) == 2 and made == [False, True, True, True, True, False]
+    # The benchmark's compile and wait times: every compilation, and every call's wait, counted.
+    from fusion_jax import programs
+
+    clock = [0.0]
+    monkeypatch.setattr(programs, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def compiling(broken):  # a second each
+        clock[0] += 1.0
+        return make(broken)
+
+    timed = Later("group g: evaluate", lambda: compiling(broken=len(made) == 6))
+    timed.compile()  # fails
+    assert timed(1) == 2 and timed(2) == 3  # the first call compiles again; the second waits for nothing
+    assert made[6:] == [True, False] and timed.seconds == 2.0 and timed.waited == 1.0
 
 
 def test_kill_and_resume_equals_uninterrupted(smoke_config, tmp_path, caplog, monkeypatch):
