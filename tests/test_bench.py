@@ -1,5 +1,6 @@
 """The benchmark (fusion_jax/bench.py) on its seconds-long `tiny` grid, and its lazy torch import."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
     from fusion_jax import bench, bench_markdown
 
-    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=lambda s: None, repeats=2,
+    logged = []
+    result = bench.run_benchmark("tiny", str(tmp_path), command="pytest tiny", log=logged.append, repeats=2,
                                  torch_runs=1)
     path = tmp_path / f"{bench.device_name()}-tiny-x2.json"
     md = (tmp_path / f"{bench.device_name()}-tiny-x2.md").read_text()
@@ -54,7 +56,10 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     for side in (jax_side, torch_side):
         assert side["runs_per_s"] == pytest.approx(side["runs"] / side["wall_s"])
         assert side["achieved_gflops"] == pytest.approx(side["train_flops"] / side["wall_s"] / 1e9)
-    assert saved["matmul_peak"]["gflops"] > 0
+    assert saved["matmul_peak"]["gflops"] == max(saved["matmul_peak"][k]["gflops"] for k in ("before", "after")) > 0
+    assert jax_side["achieved_gflops_steady"] == pytest.approx(jax_side["train_flops"] / jax_side["train_s"] / 1e9)
+    sides = [line.split()[0][1:] for line in logged if line.startswith(("[jax ", "[torch "))]
+    assert sides == 2 * (["jax"] * 2 + ["torch"] * 2) and saved["order"] == "jax, then torch"  # round after round
     speedup, jax_wall, torch_wall = saved["speedup"], saved["jax"]["wall_s"], saved["torch"]["wall_s"]
     assert speedup["wall"] == pytest.approx(torch_wall / jax_wall)
     assert speedup["excluding_compile"] == pytest.approx(torch_wall / (jax_wall - saved["jax"]["wait_s"]))
@@ -99,6 +104,19 @@ def test_tiny_benchmark_writes_timings(tmp_path):
     assert f"fusion_jax executed {1.5 * executed:.2f}x that work" in again and "(from 2.00x to 2.50x)" in again
     saved["repeats"] = {"rounds": 1}
     assert "Both sides ran" not in bench_markdown.markdown(saved)
+    # Each row its own field, each side its own column: values that differ everywhere.
+    saved["jax"].update(compile_s=1.25, wait_s=2.5, train_s=3.75, eval_s=5.0, runs_per_s=0.125, achieved_gflops=7.5,
+                        fraction_of_peak=0.1234)
+    saved["torch"].update(runs_per_s=0.0625, achieved_gflops=1.5, fraction_of_peak=0.0321)
+    saved["torch"]["groups"][0]["trained_runs"] = 3
+    again = bench_markdown.markdown(saved)
+    trained = sum(g["trained_runs"] for g in saved["torch"]["groups"])
+    for row in (f"measured for {trained} of {torch_side['runs']} runs",
+                f"| compilation, in {jax_side['workers']} worker thread(s) (s) | 1.2 | – |",
+                "| of the wall time, waiting for compilation (s) | 2.5 | – |",
+                "| of the wall time, training epochs (s) | 3.8 | – |", "| runs per second | 0.125 | 0.062 (est.) |",
+                "| achieved GFLOP/s (wall) | 7.5 | 1.5 (est.) |", "| % of matmul peak (wall) | 12.3 | 3.2 (est.) |"):
+        assert row in again, row
 
 
 def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
@@ -107,6 +125,8 @@ def test_grid_plans_noise_at_one_scale_and_split_by_scale_the_same_runs():
     from fusion_jax import bench
     from fusion_jax.groups import plan
 
+    full = [r for g in plan(bench.bench_config(bench.GRIDS["full"])) for r in g.runs]  # the noise study: one backbone
+    assert {r.backbone for r in full if r.level} == {"aligned"} and len(full) == 2 * 2 * 4 * 3 + 2 * 3 * 5
     grid = bench.GRIDS["quick"]
     config = bench.bench_config(grid)
     whole = plan(config)
@@ -146,6 +166,20 @@ def test_persistent_cache_loads_a_program_compiled_before_and_restores_the_setti
     note = lambda hits, misses: bench_markdown._cache_note({"dir": str(tmp_path), "hits": hits, "misses": misses})
     assert "cold" in note(0, 3) and "warm: " in note(3, 0) and "partly warm" in note(1, 2)
     assert "none of its programs" in note(0, 0) and bench_markdown._cache_note({"dir": None}) == ""
+
+
+def test_matmul_peak_times_one_call(monkeypatch):
+    """Seconds per matmul (a round's time over its calls) and 2·size³ FLOPs each, on a clock that ticks 10 ms a look:
+    the first call's 10 ms asks for 5 calls a round (50 ms), and each round's two looks 10 ms apart give 2 ms a call."""
+    import types
+
+    from fusion_jax import bench
+
+    ticks = itertools.count()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: 0.01 * next(ticks)))
+    peak = bench.matmul_peak(8, reps=2)
+    assert peak["calls"] == 5 and peak["seconds"] == pytest.approx(0.002)
+    assert peak["gflops"] == pytest.approx(2 * 8**3 / 0.002 / 1e9)
 
 
 def test_median_run_and_bad_repeats():

@@ -87,6 +87,22 @@ def _train_torch(method, config, features, pairs, flax_params, key, epochs):
     return np.asarray(losses), np.asarray(ref.evaluate_reference(head, arrays, pairs.split("val")))
 
 
+def test_reference_validates_without_dropout():
+    """The reference's validation counts (its accuracy in the benchmark) are the eval-mode head's, whatever it
+    trains with: the same under any torch seed, and the head left in eval mode."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    features = {m: rng.standard_normal((200, 8)).astype(np.float32) for m in ("image", "text")}
+    pairs = {"image_idx": np.arange(200), "caption_idx": np.arange(200), "label": rng.integers(0, 2, 200)}
+    head = ref.make_head_torch("concat", 8, 8, hidden=16, mlp_hidden=16, dropout=0.5).train()
+    counts = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        counts.append(ref.evaluate_reference(head, features, pairs))
+    assert counts[0] == counts[1] == counts[2] and sum(counts[0]) == 200 and not head.training
+
+
 def test_cosine_annealing_matches_optax_schedule():
     """CosineAnnealingLR(T_max=total) stepped per batch gives optax's cosine_decay_schedule(lr, total),
     and the trainer's `cosine_lr` (the same formula with a per-run total) gives optax's values.

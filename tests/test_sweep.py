@@ -105,6 +105,20 @@ def test_plan_gives_the_levels_to_the_listed_backbones_and_scales_only(smoke_con
     assert levels(groups[2]) == [(s, seed, 0.0) for s in (128, 256) for seed in (42, 123)]
     config.degradation.scales = ()
     assert len(plan(config)[0].runs) == 2 * 2 * 2 and len(plan(config)[2].runs) == 2 * 2
+    config.degradation.backbones = ("unaligned", "aligned")
+    assert [len(g.runs) for g in plan(config)] == [2 * 2 * 2] * 4
+    config.max_runs_per_program = 8  # a group of exactly the cap stays whole: its workdir files keep their name
+    assert [g.name for g in plan(config)] == [g.name for g in groups]
+
+
+def test_compile_workers_are_half_the_cores_unless_configured(smoke_config, monkeypatch):
+    from fusion_jax.groups import compile_workers
+
+    for cores, workers in ((4, 2), (1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        assert compile_workers(smoke_config) == workers
+    smoke_config.compile_workers = 3
+    assert compile_workers(smoke_config) == 3
 
 
 def test_feature_notes_name_a_noise_study_off_unit_norm_and_images_without_captions(smoke_config, caplog):
@@ -634,6 +648,9 @@ def test_layout_chunks_runs_of_equal_steps_in_group_order():
     for asked in (0, 9):  # one chunk per device
         slots, k = layout([5, 9, 7], 2, asked)
         assert k == 2 and slots.tolist() == [1, 2, 0, -1]
+    # A device's load is its chunks' longest runs: one chunk holding a long run weighs as three of short ones.
+    slots, k = layout([100] + [20] * 7, 2, 2)
+    assert slots.tolist() == [0, 1, -1, -1, -1, -1, 2, 3, 4, 5, 6, 7]
 
 
 def test_workdir_of_another_config_is_refused(smoke_config, tmp_path):
