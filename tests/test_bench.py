@@ -255,6 +255,7 @@ def test_reference_time_is_estimated_only_when_runs_were_left_out():
     assert one["estimated"] and g["estimated"] and g["trained_runs"] == 1
     # The measured group time (its one run and the pairs) plus the left-out run, as long as the trained one.
     assert g["wall_s"] == pytest.approx(g["measured_wall_s"] + g["run_s"][0])
+    assert one["wall_s"] == pytest.approx(one["measured_wall_s"] + g["wall_s"] - g["measured_wall_s"])  # the side's
     with pytest.raises(ValueError, match="torch-runs must be at least 1"):
         bench.run_benchmark("tiny", "/nonexistent", torch_runs=0)
 
@@ -272,3 +273,58 @@ def test_the_references_noise_is_normalize_v_plus_sigma_z_fixed_per_run():
     assert 0.5 < float(np.mean(np.sum(x * y, axis=1))) < 0.99  # moved, but not far at sigma 0.3 in 16 dims
     np.testing.assert_array_equal(noisy_image(x, 0.3, 42, 128), y)
     assert not np.array_equal(noisy_image(x, 0.3, 123, 128), y)
+    # As much noise as the trainer's (fusion_jax.degrade, other draws): the same mean cosine to the clean rows.
+    import jax
+
+    from fusion_jax.degrade import gaussian
+
+    x = np.random.default_rng(1).standard_normal((4000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cosine = lambda y: float(np.mean(np.sum(x * np.asarray(y), axis=1)))
+    ours = gaussian(x, np.arange(len(x)), jax.random.PRNGKey(0), np.float32(0.3))
+    assert cosine(noisy_image(x, 0.3, 42, 128)) == pytest.approx(cosine(ours), abs=0.02)
+
+
+def test_each_reference_run_trains_its_epochs_on_its_own_features_and_validates_on_its_split():
+    """time_torch_group with a stand-in for the reference (it records what each run is given; no training): a
+    noisy run's features noised, an order per epoch, validation on the validation pairs, the last epoch's loss,
+    every epoch's steps, and the FLOPs of every run of the group where one run per scale trains."""
+    pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
+    import types
+
+    from fusion_jax import bench
+    from fusion_jax.bench_torch import noisy_image, time_torch_group
+    from fusion_jax.data import build_pairs
+    from fusion_jax.train import steps_per_epoch
+
+    grid = bench.GRIDS["tiny"]
+    config = bench.bench_config(grid)
+    config.train.epochs, config.scales, config.degradation.scales = 2, (128, 256), ()
+    (group, _) = bench.plan(config)  # concat: scales 128 and 256, levels 0 and 0.1
+    features = bench.bench_features(grid, "aligned")
+    given = []
+
+    def train_reference(head, arrays, train, orders, lr, wd, epochs, batch, device):
+        given.append({"image": arrays["image"], "orders": orders, "n_train": len(train["label"])})
+        per_epoch = steps_per_epoch(len(train["label"]), batch)
+        return [float(e + 1) for e in range(epochs) for _ in range(per_epoch)]  # epoch e's loss: e + 1
+
+    def evaluate_reference(head, arrays, split, device):
+        given[-1]["n_val"] = len(split["label"])
+        return (1, 0, 0, 1)
+
+    ref = types.SimpleNamespace(make_head_torch=lambda *a: types.SimpleNamespace(to=lambda device: None),
+                                train_reference=train_reference, evaluate_reference=evaluate_reference)
+    out = time_torch_group(config, group, features, ref, step_flops=10.0)
+    pairs = {s: build_pairs(features.caption_image, features.n_images, s, **config.pairs) for s in (128, 256)}
+    for spec, seen in zip(group.runs, given):
+        p = pairs[spec.scale]
+        np.testing.assert_array_equal(seen["image"], noisy_image(features.image, spec.level, spec.seed, spec.scale))
+        assert (spec.level > 0) == (not np.array_equal(seen["image"], features.image))
+        assert len(seen["orders"]) == 2 and not np.array_equal(*seen["orders"])
+        assert (seen["n_train"], seen["n_val"]) == (p.n_train, len(p.label) - p.n_train)
+    steps = [2 * steps_per_epoch(pairs[r.scale].n_train, 32) for r in group.runs]
+    assert out["steps_per_run"] == steps and out["final_train_loss"] == 2.0 and out["accuracy_mean"] == 1.0
+    assert out["train_flops"] == 10.0 * sum(steps)
+    one = time_torch_group(config, group, features, ref, step_flops=10.0, runs_per_scale=1)
+    assert one["trained_index"] == [0, 2] and one["train_flops"] == 10.0 * sum(steps)

@@ -92,6 +92,29 @@ def test_smoke_sweep_writes_results(smoke_sweep):
     assert calls == [] and again["runs"] == results["runs"]
 
 
+def test_the_benchmark_trains_as_the_sweep_does(smoke_sweep):
+    """bench.time_jax on the smoke sweep's first group, its runs in chunks of 3 (runs of two lengths in a chunk): the
+    sweep's accuracy for each run, in the group's order, and its final losses; each run's steps over all its epochs;
+    the steps executed (a chunk's idle slots too) more than the runs' own."""
+    from fusion_jax import bench
+    from fusion_jax.data.sources import load_features
+
+    smoke_config, results, _ = smoke_sweep
+    config = smoke_config.copy_and_resolve_references()
+    config.runs_per_chunk = 3
+    group = plan(config)[0]
+    features = {group.backbone: load_features(config, group.backbone)}
+    timed = bench.time_jax(config, [group], features, {bench.flops_key(group): 1.0}, 1, lambda s: None)["groups"][0]
+    runs = {(r["scale"], r["seed"], r["degradation"]["level"]): r for r in results["runs"]
+            if (r["backbone"], r["method"]) == (group.backbone, group.method)}
+    swept = [runs[(r.scale, r.seed, r.level)] for r in group.runs]
+    assert len({r["n_train"] for r in swept}) == 2 and timed["runs_per_chunk"] == 3
+    assert timed["accuracy_per_run"] == [r["metrics"]["accuracy"] for r in swept]
+    assert timed["final_train_loss"] == pytest.approx(np.mean([r["final_train_loss"] for r in swept]), rel=1e-6)
+    assert timed["steps_per_run"] == [config.train.epochs * -(-r["n_train"] // config.train.batch_size) for r in swept]
+    assert timed["executed_flops"] > timed["train_flops"] == sum(timed["steps_per_run"])
+
+
 def test_plan_gives_the_levels_to_the_listed_backbones_and_scales_only(smoke_config):
     """degradation.backbones and degradation.scales: the levels where both list the run (an empty
     list is everyone), level 0 alone elsewhere; each group in scale, seed, level order."""
