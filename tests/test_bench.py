@@ -328,3 +328,28 @@ def test_each_reference_run_trains_its_epochs_on_its_own_features_and_validates_
     assert out["train_flops"] == 10.0 * sum(steps)
     one = time_torch_group(config, group, features, ref, step_flops=10.0, runs_per_scale=1)
     assert one["trained_index"] == [0, 2] and one["train_flops"] == 10.0 * sum(steps)
+
+
+def test_the_thread_check_reports_milliseconds_per_step(monkeypatch):
+    """torch_thread_check on a clock that a stand-in reference moves by 2 ms a step of 32 pairs: 2 ms per step on
+    each thread count (the warm-up's steps not counted)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
+    import types
+
+    from fusion_jax import bench, bench_torch
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_torch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def train_reference(head, arrays, train, orders, *args):
+        clock[0] += 0.002 * -(-len(orders[0]) // 32)
+        return []
+
+    ref = types.SimpleNamespace(make_head_torch=lambda *a: types.SimpleNamespace(to=lambda device: None),
+                                train_reference=train_reference)
+    threads = torch.get_num_threads()
+    try:
+        check = bench_torch.torch_thread_check(ref, bench.bench_features(bench.GRIDS["tiny"], "aligned"), 2, steps=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert check == {"1_threads_ms_per_step": pytest.approx(2.0), "2_threads_ms_per_step": pytest.approx(2.0)}
