@@ -757,6 +757,17 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
     assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}
 
 
+def test_each_role_takes_its_own_model():
+    from conftest import load_config
+    from fusion_jax.data.sources import _model_dirs
+
+    config = load_config("resnet_sweep")
+    config.backbone.resnet.model, config.backbone.resnet.text_model = "me/resnet", "me/text"
+    config.backbone.clip.model = "me/clip"
+    assert _model_dirs(config, "resnet") == {"resnet": "me/resnet", "text": "me/text"}
+    assert _model_dirs(config, "clip") == {"clip": "me/clip"}
+
+
 def _fake_clip(monkeypatch, encode_images, encode_text, text_key=None):
     """backbones.load_clip gives a Backbone of these encoders (4 tokens per caption), no model behind it."""
     from fusion_jax.features import backbones

@@ -32,6 +32,7 @@ def write_fixture(root, image_dir: str = "Flicker8k_Dataset", edit: str = "") ->
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name, quality=90)
     (folder / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (folder / "notes.txt").write_text("not an image")
+    (folder / "._a_img.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's metadata beside an image: not an image
     names = list(SIZES) + [CORRUPT]
     lines = [f"{name}#{k}\t{caption(name, k)}{edit if (name, k) == ('a_img.jpg', 2) else ''}"
              for k in (3, 0, 4, 1, 2) for name in names]  # interleaved, k out of order
@@ -331,3 +332,8 @@ def test_an_unreachable_hub_is_named_before_any_hub_client_retries(monkeypatch):
     with pytest.raises(DataUnavailableError, match="the Hugging Face hub cannot be reached") as error:
         flickr8k.load_flickr8k("", "someone/flickr8k")
     assert_both_ways(error)
+    # A dataset saved on disk (its folder as hub_id) needs no hub.
+    monkeypatch.setattr(flickr8k, "load_flickr8k_hub", lambda hub_id, revision: ("loaded", hub_id))
+    assert flickr8k.load_flickr8k("", os.path.dirname(__file__)) == ("loaded", os.path.dirname(__file__))
+    # The caption's number after the last '#': an image name may hold one.
+    assert flickr8k._parse_line("a#b.jpg#2\tA caption .") == ("a#b.jpg", 2, "A caption .")

@@ -669,6 +669,20 @@ def test_source_is_the_commit_of_fusion_jax_own_checkout(tmp_path, monkeypatch):
             (" (with uncommitted changes to its code or configs)" if src["dirty"] else "")
     else:
         assert src == {"commit": None, "dirty": None}
+    # dirty: a tracked file of the package differs from the commit.
+    repo = tmp_path / "repo"
+    (repo / "fusion_jax").mkdir(parents=True)
+    (repo / "fusion_jax" / "report.py").write_text("v1")
+    git = lambda *args: subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                                       check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    monkeypatch.setattr(report, "__file__", str(repo / "fusion_jax" / "report.py"))
+    assert report.source()["dirty"] is False
+    (repo / "fusion_jax" / "report.py").write_text("v2")
+    report._source_of.cache_clear()
+    assert report.source()["dirty"] is True
     # A copy installed inside some other checkout (a venv in a project's repository) is not that checkout's code.
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "venv" / "fusion_jax").mkdir(parents=True)

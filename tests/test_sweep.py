@@ -81,6 +81,8 @@ def test_smoke_sweep_writes_results(smoke_sweep):
 
     rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
     assert len(rows) == n_runs and float(rows[0]["accuracy"]) == on_disk["runs"][0]["metrics"]["accuracy"]
+    assert [(r["degradation_kind"], float(r["degradation_level"]), int(r["seed"])) for r in rows] == \
+        [(x["degradation"]["kind"], x["degradation"]["level"], x["seed"]) for x in on_disk["runs"]]
     md = (tmp_path / "summary.md").read_text()
     assert "| aligned | concat | 128 |" in md and "concat − cross" in md
     assert (tmp_path / "fig_training_loss.png").exists()
