@@ -18,6 +18,15 @@ def test_bench_module_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+def _stand_in_reference(**functions):
+    """The PyTorch reference's module as bench_torch calls it, with `functions` in place of training (a head
+    that goes to any device): what a run is given, without torch training it."""
+    import types
+
+    return types.SimpleNamespace(make_head_torch=lambda *a: types.SimpleNamespace(to=lambda device: None),
+                                 **functions)
+
+
 def test_tiny_benchmark_writes_timings(tmp_path):
     """`--tiny` in process, two rounds: the JSON and Markdown files exist, with positive timings for
     both ways, each way's median round and every round's wall time."""
@@ -290,8 +299,6 @@ def test_each_reference_run_trains_its_epochs_on_its_own_features_and_validates_
     noisy run's features noised, an order per epoch, validation on the validation pairs, the last epoch's loss,
     every epoch's steps, and the FLOPs of every run of the group where one run per scale trains."""
     pytest.importorskip("torch", reason="torch is not installed: the benchmark's PyTorch reference needs it")
-    import types
-
     from fusion_jax import bench
     from fusion_jax.bench_torch import noisy_image, time_torch_group
     from fusion_jax.data import build_pairs
@@ -313,8 +320,7 @@ def test_each_reference_run_trains_its_epochs_on_its_own_features_and_validates_
         given[-1]["n_val"] = len(split["label"])
         return (1, 0, 0, 1)
 
-    ref = types.SimpleNamespace(make_head_torch=lambda *a: types.SimpleNamespace(to=lambda device: None),
-                                train_reference=train_reference, evaluate_reference=evaluate_reference)
+    ref = _stand_in_reference(train_reference=train_reference, evaluate_reference=evaluate_reference)
     out = time_torch_group(config, group, features, ref, step_flops=10.0)
     pairs = {s: build_pairs(features.caption_image, features.n_images, s, **config.pairs) for s in (128, 256)}
     for spec, seen in zip(group.runs, given):
@@ -323,7 +329,7 @@ def test_each_reference_run_trains_its_epochs_on_its_own_features_and_validates_
         assert (spec.level > 0) == (not np.array_equal(seen["image"], features.image))
         assert len(seen["orders"]) == 2 and not np.array_equal(*seen["orders"])
         assert (seen["n_train"], seen["n_val"]) == (p.n_train, len(p.label) - p.n_train)
-    steps = [2 * steps_per_epoch(pairs[r.scale].n_train, 32) for r in group.runs]
+    steps = [2 * steps_per_epoch(pairs[r.scale].n_train, config.train.batch_size) for r in group.runs]
     assert out["steps_per_run"] == steps and out["final_train_loss"] == 2.0 and out["accuracy_mean"] == 1.0
     assert out["train_flops"] == 10.0 * sum(steps)
     one = time_torch_group(config, group, features, ref, step_flops=10.0, runs_per_scale=1)
@@ -337,16 +343,16 @@ def test_the_thread_check_reports_milliseconds_per_step(monkeypatch):
     import types
 
     from fusion_jax import bench, bench_torch
+    from fusion_jax.train import steps_per_epoch
 
     clock = [0.0]
     monkeypatch.setattr(bench_torch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def train_reference(head, arrays, train, orders, *args):
-        clock[0] += 0.002 * -(-len(orders[0]) // 32)
+    def train_reference(head, arrays, train, orders, lr, wd, epochs, batch, device):
+        clock[0] += 0.002 * steps_per_epoch(len(orders[0]), batch)
         return []
 
-    ref = types.SimpleNamespace(make_head_torch=lambda *a: types.SimpleNamespace(to=lambda device: None),
-                                train_reference=train_reference)
+    ref = _stand_in_reference(train_reference=train_reference)
     threads = torch.get_num_threads()
     try:
         check = bench_torch.torch_thread_check(ref, bench.bench_features(bench.GRIDS["tiny"], "aligned"), 2, steps=4)

@@ -100,6 +100,7 @@ def test_the_benchmark_trains_as_the_sweep_does(smoke_sweep):
     the steps executed (a chunk's idle slots too) more than the runs' own."""
     from fusion_jax import bench
     from fusion_jax.data.sources import load_features
+    from fusion_jax.train import steps_per_epoch
 
     smoke_config, results, _ = smoke_sweep
     config = smoke_config.copy_and_resolve_references()
@@ -113,7 +114,8 @@ def test_the_benchmark_trains_as_the_sweep_does(smoke_sweep):
     assert len({r["n_train"] for r in swept}) == 2 and timed["runs_per_chunk"] == 3
     assert timed["accuracy_per_run"] == [r["metrics"]["accuracy"] for r in swept]
     assert timed["final_train_loss"] == pytest.approx(np.mean([r["final_train_loss"] for r in swept]), rel=1e-6)
-    assert timed["steps_per_run"] == [config.train.epochs * -(-r["n_train"] // config.train.batch_size) for r in swept]
+    assert timed["steps_per_run"] == [config.train.epochs * steps_per_epoch(r["n_train"], config.train.batch_size)
+                                      for r in swept]
     assert timed["executed_flops"] > timed["train_flops"] == sum(timed["steps_per_run"])
 
 
