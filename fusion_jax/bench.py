@@ -32,7 +32,8 @@ run with the same DIR loads its programs instead of compiling them (the file rec
 `--repeats=N` runs both ways N times in turn and reports each way's median run, with every wall time
 (with a compilation cache, the rounds after the first load what it compiled).
 Writes <out>/<device>.json and .md (`<device>-quick`, `<device>-tiny` for the smaller grids; `-xN` with
-repeats, `-cached` with a compilation cache).
+repeats, `-split-by-scale`, `-chunkN` with --runs-per-chunk, `-lanesN` with --lanes, `-cached` with a compilation
+cache).
 """
 
 from __future__ import annotations

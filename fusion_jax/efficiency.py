@@ -103,7 +103,8 @@ def table3(results: dict) -> tuple[str, list[dict]]:
                         "–" if rel_p is None else f"{rel_p:.2f}", _count(f), "–" if rel_f is None else f"{rel_f:.2f}",
                         f"{seconds:.3g}", len(group)])
         csv_rows.append({"block": "ours", "source": "ours", "backbone": b, "dim_image": dims and dims[0],
-                         "dim_text": dims and dims[1], "method": m, "scale": sc, "params": params[0],
+                         "dim_text": dims and dims[1], "method": m, "scale": sc,
+                         "params": params[0] if len(params) == 1 else " / ".join(map(str, params)),
                          "rel_params": None if rel_p is None else round(rel_p, 4),
                          "flops_per_sample": f,
                          "rel_flops": None if rel_f is None else round(rel_f, 4),

@@ -12,7 +12,8 @@ Examples:
   python -m fusion_jax.report --workdir=DIR      (the report again, from DIR/results.json)
 
 Ctrl-C stops before the next epoch (a second press ends at once). Exit status: 0 done, 1 a group
-failed (or an unexpected error, with its traceback), 2 a usage, config or data error, 130 interrupted.
+failed (or an unexpected error, with its traceback; or features too large for the host's memory), 2 a usage,
+config or data error (or a file that cannot be written: a full disk, a quota, a read-only mount), 130 interrupted.
 """
 
 from __future__ import annotations

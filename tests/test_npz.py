@@ -350,3 +350,4 @@ def test_each_sides_dimension_is_recorded(tmp_path):
     np.savez(tmp_path / "mine.npz", **f)
     prov = load_features(_config(tmp_path), "mine").provenance
     assert (prov["dim_image"], prov["dim_text"]) == (16, 8) and prov["alignment"]["defined"] is False
+    assert not {"tokens_image", "tokens_text"} & set(prov)  # pooled: Table 3 counts FLOPs on one slot a side

@@ -617,6 +617,8 @@ def test_table3_calls_the_cost_model_with_the_recorded_dims(monkeypatch):
     assert ratios == {("aligned", "concat"): 1.0, ("aligned", "cross"): round(559490 / 295554, 4),
                       ("unaligned", "concat"): 1.0, ("unaligned", "cross"): None}
     assert f"| {2 * 559490:,} / {2 * 559490 + 1:,} | – |" in md
+    params = {(r["backbone"], r["method"]): r["params"] for r in rows if r["source"] == "ours"}
+    assert params[("unaligned", "cross")] == f"{2 * 559490} / {2 * 559490 + 1}" and params[("aligned", "cross")] == 559490
 
 
 def test_table3_counts_flops_on_the_token_inputs_results_json_records():
@@ -901,6 +903,20 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_drawn(tmp_path, monkeypatc
     assert {name: (tmp_path / name).exists() for name in drafts} == drafts
 
 
+def test_a_draft_of_another_users_process_is_alive(monkeypatch):
+    """A pid this user may not signal is another user's live process (its draft is kept); a pid that is gone or
+    out of range is not."""
+    from fusion_jax import report
+
+    assert report._alive(os.getpid()) and not report._alive(2**62)
+
+    def not_permitted(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(report.os, "kill", not_permitted)
+    assert report._alive(1)
+
+
 def test_the_command_prints_each_file_it_wrote_and_exits_1_when_a_figure_fails(tmp_path, monkeypatch, capsys):
     """`python -m fusion_jax.report`'s body: every file written, one path a line on stdout; a figure that could
     not be drawn makes the exit status 1 (a script must not take the report as whole) and is named."""
@@ -1055,6 +1071,9 @@ def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
     (lambda r: r.update(timing={"seconds": 3}), "has a 'timing' without numbers seconds, groups_trained and groups"),
     (lambda r: r.update(timing={"seconds": 3, "groups_trained": 0, "groups": 2, "trained_by": {"seconds": "1"}}),
      "has a 'timing.trained_by' without numbers seconds, groups_trained and groups"),
+    (lambda r: r.update(timing={"seconds": 3, "groups_trained": 0, "groups": 2,
+                                "trained_by": {"command": 5, "seconds": 1, "groups_trained": 2, "groups": 2}}),
+     "has a 'timing.trained_by' whose command is not a string"),
 ])
 def test_results_a_report_cannot_be_drawn_from_are_named(edit, problem):
     from fusion_jax.report import results_problem
