@@ -310,6 +310,18 @@ def test_a_folder_of_features_files_is_refused_as_workdir_and_one_with_a_log_is_
     (tmp_path / "logged").mkdir()
     (tmp_path / "logged" / "sweep.log").write_text("")  # `... | tee DIR/sweep.log` makes it first
     prepare_workdir(str(tmp_path / "logged"), smoke_config.to_dict())
+    (tmp_path / "sampled").mkdir()
+    (tmp_path / "sampled" / "tsne_aligned.npz").write_bytes(b"")  # a sweep's own t-SNE sample, not features
+    prepare_workdir(str(tmp_path / "sampled"), smoke_config.to_dict())
+    assert (tmp_path / "sampled" / "sweep.json").exists()
+
+
+def test_a_sweep_json_that_cannot_be_opened_is_one_line_naming_it(smoke_config, tmp_path):
+    from fusion_jax.workdir import check_workdir
+
+    (tmp_path / "sweep.json").mkdir()  # damage from outside: not a file the sweep wrote
+    with pytest.raises(ConfigError, match=r"config.workdir: .*sweep.json' cannot be read \(IsADirectoryError: "):
+        check_workdir(str(tmp_path), smoke_config.to_dict())
 
 
 def test_a_folder_of_someone_elses_report_files_or_results_json_is_refused(smoke_config, tmp_path, monkeypatch):
@@ -324,6 +336,11 @@ def test_a_folder_of_someone_elses_report_files_or_results_json_is_refused(smoke
     with pytest.raises(ConfigError, match=r"config.workdir: .*notes' holds files named as a sweep's report \(fig_mine.png, "
                                           r"runs.csv, summary.md\) but no sweep .*: use a new or empty folder"):
         train_and_evaluate(smoke_config, str(tmp_path / "notes"))
+    for name in ("table3.md", "table3.csv", "against_paper.md"):  # each a report's name alone
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_text("mine")
+        with pytest.raises(ConfigError, match=rf"holds files named as a sweep's report \({re.escape(name)}\) but no"):
+            train_and_evaluate(smoke_config, str(tmp_path / name))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text('{"my": "data"}')
     with pytest.raises(ConfigError, match=r"results.json' is not a fusion_jax sweep's results.json \(it names no config"):
@@ -597,7 +614,7 @@ def test_embedded_backbones_never_train_on_the_sweeps_own_images(tmp_path):
 
 
 FULL_DISK = """
-import errno, sys
+import errno, os, sys
 from absl import app
 import fusion_jax.main as m
 
@@ -607,7 +624,20 @@ def full(config, workdir, **kwargs):  # a group's record, written after its trai
 def too_large(config, workdir, **kwargs):  # features larger than the host's memory, as numpy says it
     raise MemoryError("Unable to allocate 977. MiB for an array with shape (250000, 1024) and data type float32")
 
-m.train_and_evaluate = {"full": full, "too_large": too_large}[sys.argv[2]]
+def read_only(config, workdir, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", workdir + "/groups/aligned-concat.json")
+
+def broken_disk(config, workdir, **kwargs):  # not mended by space: a traceback
+    raise OSError(errno.EIO, "Input/output error", workdir + "/groups/aligned-concat.json")
+
+def done(config, workdir, **kwargs):  # a report that wrote a figure, after an earlier one's summary and figure
+    for name in ("fig_old.png", "summary.md", "results.json", "fig_new.png"):
+        open(os.path.join(workdir, name), "w").close()
+        os.utime(os.path.join(workdir, name), (1, 1) if name in ("fig_old.png", "summary.md") else None)
+    return {"failed_groups": []}
+
+m.train_and_evaluate = {"full": full, "too_large": too_large, "read_only": read_only, "broken_disk": broken_disk,
+                        "done": done}[sys.argv[2]]
 sys.argv = ["fusion_jax.main", "--config=configs/synthetic.py:smoke", "--workdir=" + sys.argv[1]]
 app.run(m.main, flags_parser=m.parse_flags)
 """
@@ -626,6 +656,21 @@ def test_a_full_disk_or_memory_is_said_in_one_line_with_what_to_do(tmp_path):
     assert proc.returncode == 1 and said(proc) == (
         "fusion_jax: error: out of memory: Unable to allocate 977. MiB for an array with shape (250000, 1024) and data "
         "type float32 (launch/README.md, 'Memory', says what a sweep holds)"), proc.stderr[-2000:]
+    proc = run("read_only")
+    assert proc.returncode == 2 and said(proc) == (
+        f"fusion_jax: error: cannot write {tmp_path}/groups/aligned-concat.json: Read-only file system; free space "
+        "(or mend that), then rerun the same command to resume"), proc.stderr[-2000:]
+    proc = run("broken_disk")  # space would not mend it: the traceback, status 1
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "free space" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_last_line_names_only_what_this_sweeps_report_wrote(tmp_path):
+    """Files older than results.json are an earlier report's (its figure and summary stay when this one's report
+    could not rewrite them): not named as this sweep's."""
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), "done"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"results in {tmp_path}/: results.json, runs.csv, fig_new.png"
 
 
 def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -649,6 +694,28 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_temporary_file(tmp_path
     with pytest.raises(OSError) as raised:
         atomic_write(str(tmp_path / "results.json"), lambda f: None)
     assert raised.value.errno == errno.EROFS and raised.value.filename == str(tmp_path / "results.json")
+
+
+def test_atomic_writes_are_readable_by_all_and_a_file_is_created_once(tmp_path, monkeypatch):
+    """Results and state files 0644 (mkstemp's are 0600); without hard links (some network file systems) an
+    existing sweep.json is still kept, not replaced: a start with another config must not take the workdir over."""
+    import errno
+
+    from fusion_jax import files
+
+    files.atomic_write_json(str(tmp_path / "a.json"), {})
+    assert files.atomic_create_json(str(tmp_path / "b.json"), {})
+    assert [os.stat(tmp_path / n).st_mode & 0o777 for n in ("a.json", "b.json")] == [0o644, 0o644]
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    path = str(tmp_path / "c" / "sweep.json")
+    os.mkdir(tmp_path / "c")
+    assert files.atomic_create_json(path, {"name": "first"})
+    assert not files.atomic_create_json(path, {"name": "second"})
+    assert json.loads(open(path).read()) == {"name": "first"} and os.listdir(tmp_path / "c") == ["sweep.json"]
 
 
 def test_an_output_folder_is_refused_in_words_that_say_why(tmp_path, monkeypatch):
@@ -740,6 +807,8 @@ def test_every_full_config_has_the_defaults_readme_gives_and_no_smoke_setting():
     ("seeds", (2**31 - 1,), (2**31,)),
     ("data.max_bad_fraction", 0.0, -0.01), ("data.max_bad_fraction", 1.0, 1.01),
     ("backbone.batch_size", 1, 0),
+    ("degradation.levels", (0.0, 1e6), (0.0, 1.01e6)),  # degrade.MAX_LEVEL
+    ("distributed.timeout_seconds", 1, 0), ("distributed.wait_seconds", 1, 0),
 ])
 def test_each_bound_admits_its_edge_and_refuses_past_it(field, edge, past):
     from fusion_jax.validate import validate
@@ -752,6 +821,40 @@ def test_each_bound_admits_its_edge_and_refuses_past_it(field, edge, past):
     setattr(node, leaf, past)
     with pytest.raises(ConfigError, match=f"config.{field}: "):
         validate(config)
+
+
+def test_one_named_process_needs_no_coordinator_and_the_last_port_is_a_port(monkeypatch):
+    from fusion_jax.validate import validate
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    config = load_config("demo", "smoke")
+    config.distributed.num_processes = 1
+    validate(config)
+    d = config.distributed
+    d.num_processes, d.process_id, d.coordinator_address = 2, 1, "localhost:65535"
+    validate(config)
+    d.coordinator_address = "localhost:65536"
+    with pytest.raises(ConfigError, match="config.distributed.coordinator_address: .*the port from 1 to 65535"):
+        validate(config)
+
+
+def test_the_smallest_scale_a_too_large_one_is_told_of_is_allowed(smoke_config):
+    """The hint "allowed: LOW..LIMIT" names a scale that passes (scales 2 and 3 give one validation pair here)."""
+    import numpy as np
+
+    from fusion_jax.data import FeatureSet
+    from fusion_jax.data.pairs import max_pairs
+    from fusion_jax.validate import validate_scales
+
+    fs = FeatureSet(image=np.ones((30, 4), np.float32), text=np.ones((60, 4), np.float32),
+                    caption_image=np.repeat(np.arange(30), 2))
+    smoke_config.train.batch_size, smoke_config.pairs.train_fraction = 1, 0.5
+    limit = max_pairs(fs.caption_image, fs.n_images, **smoke_config.pairs)
+    smoke_config.scales = (limit + 1,)
+    with pytest.raises(ConfigError, match=rf"allowed: 4\.\.{limit}$"):
+        validate_scales(smoke_config, {"'a'": fs})
+    smoke_config.scales = (4,)
+    validate_scales(smoke_config, {"'a'": fs})
 
 
 def test_the_embedded_backbones_seed_is_refused_only_where_they_would_train_on_the_sweeps_images():

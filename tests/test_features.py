@@ -314,6 +314,55 @@ def test_processes_waiting_for_an_entry_read_it_once_finished_outside_its_lock(t
     assert reads == ["free", "free"]  # before extracting, and the finished entry
 
 
+def test_a_shard_with_an_array_of_another_length_is_not_used(tmp_path, caplog):
+    cache = FeatureCache(str(tmp_path), "t", {"dataset": "d"})
+    cache.save_shard(0, 4, {"x": np.zeros((4, 2), np.float32), "y": np.zeros(3, np.float32)})
+    assert cache.load_shard(0, 4) is None and "holds [3, 4] items instead of 4" in caplog.text
+
+
+def test_an_entry_numpy_cannot_interpret_is_rebuilt_not_raised(tmp_path, monkeypatch):
+    """An OSError without an errno (numpy's for a file it cannot parse) is the entry's fault, not the system's."""
+    from fusion_jax.features import cache as cache_lib
+
+    key = {"dataset": "d"}
+    extract_cached(FeatureCache(str(tmp_path), "t", key), 8, lambda idx: {"x": idx[:, None] * 1.0}, 8, "t")
+
+    def unparsable(path):
+        raise OSError(f"Failed to interpret file {path!r} as a pickle")
+
+    monkeypatch.setattr(cache_lib.np, "load", unparsable)
+    assert FeatureCache(str(tmp_path), "t", key).load() is None
+    assert not FeatureCache(str(tmp_path), "t", key).finished()
+
+
+def test_the_default_cache_is_a_fusion_jax_folder_of_the_cache_home(tmp_path, monkeypatch):
+    from fusion_jax.features.cache import default_root_and_origin
+
+    monkeypatch.delenv("FUSION_JAX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_root_and_origin() == (str(tmp_path / "fusion_jax"), "$XDG_CACHE_HOME/fusion_jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_root_and_origin() == (str(tmp_path / "home" / ".cache" / "fusion_jax"), "~/.cache/fusion_jax")
+
+
+def test_a_finished_entry_with_nothing_left_beside_it_is_read_without_its_lock(tmp_path, monkeypatch):
+    key, encode = {"dataset": "d"}, lambda idx: {"x": idx[:, None] * 1.0}
+    first = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, encode, 4, "t")
+    monkeypatch.setattr(FeatureCache, "lock", lambda self: pytest.fail("a finished entry was locked to be read"))
+    again = extract_cached(FeatureCache(str(tmp_path), "t", key), 20, encode, 4, "t")
+    assert np.array_equal(again["x"], first["x"])
+
+
+def test_a_caption_of_exactly_the_models_length_is_not_said_to_be_cut(caplog):
+    from fusion_jax.features import backbones
+
+    tokenizer = lambda texts, truncation, max_length: {"input_ids": [t.split()[:max_length] for t in texts]}
+    length, _ = backbones._tokenizer_fns(tokenizer, batch_size=2, cap=4)
+    assert length(["a b c d", "a"]) == 4 and "longer than" not in caplog.text
+    assert length(["a b c d e", "a"]) == 4 and "1 of 2 captions are longer than the model's 4 tokens" in caplog.text
+
+
 def test_shards_that_disagree_are_not_joined(tmp_path):
     """Shards of one entry with other arrays (names, trailing shapes or types: left by other code) are removed
     with an error, never joined into an entry that would pass its hash check."""
@@ -619,7 +668,8 @@ ds = generate_embedded(n_images=8, seed=5, image_size=32)
 clip = load_clip(sys.argv[1], None, batch_size=8, tokens=False)
 images = clip.encode_images([ds.load_image(i) for i in range(8)])["image"]
 texts = clip.encode_texts(list(ds.captions[:8]), clip.text_length(ds.captions[:8]))["text"]
-np.savez(sys.argv[2], image=images, text=texts)
+odd = load_clip(sys.argv[1], None, batch_size=6, tokens=False)  # 4 devices do not divide it: batches stay whole
+np.savez(sys.argv[2], image=images, text=texts, image6=odd.encode_images([ds.load_image(i) for i in range(6)])["image"])
 """
 
 
@@ -634,8 +684,9 @@ def test_extraction_splits_batches_over_devices(tmp_path):
                               cwd=ROOT, env=host_devices(n), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[n] = np.load(tmp_path / f"{n}.npz")
-    for k in ("image", "text"):
+    for k in ("image", "text", "image6"):
         np.testing.assert_allclose(outs[1][k], outs[4][k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[4]["image6"], outs[4]["image"][:6], rtol=1e-5, atol=1e-6)
 
 
 ON_HOST = """

@@ -69,9 +69,12 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     assert set(resnet.text_key) == {"kind", "text_model", "text_model_files", "text_commit", "tokens"}
     with monkeypatch.context() as m:
         m.setattr(backbones, "EXTRACTOR_VERSION", 2)
+        m.setattr(backbones, "_commit", lambda net: type(net).__name__)  # as a hub model's commit: each its own
         bumped = backbones.load_resnet(str(models / "resnet"), str(models / "text"), None, batch_size=8, tokens=False)
-    assert bumped.image_key == {**resnet.image_key, "extractor": 2} and bumped.text_key == {**resnet.text_key,
-                                                                                          "extractor": 2}
+    text_commit = bumped.text_key["text_commit"]
+    assert text_commit not in (None, "FlaxResNetModel")
+    assert bumped.image_key == {**resnet.image_key, "extractor": 2, "commit": "FlaxResNetModel"}
+    assert bumped.text_key == {**resnet.text_key, "extractor": 2, "text_commit": text_commit}
     assert np.isfinite(images).all() and np.isfinite(texts).all()
 
     # A model of another kind is refused, naming the field (transformers would load a CLIP folder as a random
