@@ -56,8 +56,8 @@ def against_markdown(results: dict, other: dict, name: str, other_name: str, com
     pct = lambda s: 100 * s["accuracy_mean"]  # rounded only when written: a difference of unrounded values
     lines = [f"# {name} against {other_name}", "", f"Made by `{command}`.", "",
              f"Config differences ({other_name} → {name}): {_changes(*configs)}.", "",
-             f"Feature differences of the backbones both have ({', '.join(shared_backbones) or 'none'}): "
-             f"{_changes(*features)}."]
+             (f"Feature differences of the backbones both have ({', '.join(shared_backbones)}): {_changes(*features)}."
+              if shared_backbones else "The two sweeps share no backbone.")]
     only = [(n, len([k for k in a if k not in b])) for n, a, b in ((other_name, theirs, mine), (name, mine, theirs))]
     for note in ([f"Cells only in {n}: {c}." for n, c in only if c]
                  + ([f"Cells with noise are not compared: the noise differs ({_changes(*noise)})."]

@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import re
-import shlex
 import sys
 import time
 from typing import Callable
@@ -57,6 +56,7 @@ import numpy as np
 from fusion_jax import cost
 from fusion_jax.bench_markdown import markdown
 from fusion_jax.bench_torch import accuracy, flops_key, load_reference, time_torch
+from fusion_jax.cli import command_line
 from fusion_jax.config_base import PAPER_NOISE, PAPER_SCALES, PAPER_SEEDS, base_config
 from fusion_jax.data import FeatureSet
 from fusion_jax.data.synthetic import generate
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem := check(folder):
                 parser.error(f"{flag}: {folder!r} {problem}")
     grid = "quick" if args.quick else "tiny" if args.tiny else "full"
-    command = " ".join(["python -m fusion_jax.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line("fusion_jax.bench", sys.argv[1:] if argv is None else argv)
     try:
         run_benchmark(grid, args.out, args.torch_threads, command, log=lambda s: print(s, flush=True),
                       workers=args.compile_workers, torch_runs=args.torch_runs, torch_first=args.torch_first,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 _HELP = {"--help", "-?", "--helpfull", "--helpshort"}
@@ -31,3 +32,14 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
 def flag_error(error: Exception) -> str:
     """absl's flag error in one line, without the 'ERROR:: ' that starts some (an unreadable --flagfile)."""
     return " ".join(str(error).split()).removeprefix("ERROR:: ")
+
+
+def command_line(module: str, args: list[str]) -> str:
+    """`python -m MODULE ARGS` as results record it, one string a shell takes back: an argument that needs
+    quoting in double quotes where they suffice ("--config.seeds=(42,)"), else shlex's single quotes."""
+    def quote(arg: str) -> str:
+        if shlex.quote(arg) == arg or set(arg) & set('"$`\\!'):
+            return shlex.quote(arg)
+        return f'"{arg}"'
+
+    return " ".join(["python", "-m", module, *map(quote, args)])

@@ -51,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from fusion_jax import distributed  # noqa: E402
-from fusion_jax.cli import flag_error, parse_absl_flags  # noqa: E402
+from fusion_jax.cli import command_line, flag_error, parse_absl_flags  # noqa: E402
 from fusion_jax.data.dataset import DataUnavailableError  # noqa: E402
 from fusion_jax.data.sources import IMAGE_SOURCES  # noqa: E402
 from fusion_jax.distributed import PeerFailed  # noqa: E402
@@ -80,25 +80,25 @@ def _override_field(argv: list[str], message: str) -> str | None:
     return next((o for o in overrides if missing and missing.group(1) in o.split(".")[1:]), None)
 
 
-def _repeated_flags(argv: list[str]) -> list[str]:
-    """Names of the flags given more than once, --flagfile contents included (-x and --x alike), up to a bare
-    `--`; --flagfile itself may repeat."""
+def _given_flags(argv: list[str]) -> list[str]:
+    """Names of the flags given, --flagfile contents included (-x and --x alike), up to a bare `--`."""
     names = []
     for arg in flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False):
         if arg == "--":
             break
         if arg.startswith("-"):
             names.append(arg.lstrip("-").split("=", 1)[0])
-    return sorted({n for n in names if names.count(n) > 1 and n != "flagfile"})
+    return names
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a failure (a config file that raises, an unknown flag, an override of a
     field the config does not have, a flag given twice) said in one line."""
     try:
-        repeated = _repeated_flags(argv)
+        given = _given_flags(argv)
     except flags.Error:  # an unreadable --flagfile: the parse below says so
-        repeated = []
+        given = []
+    repeated = sorted({n for n in given if given.count(n) > 1 and n != "flagfile"})
     if repeated:  # ml_collections appends a repeated tuple override to the first instead of replacing it
         print(f"fusion_jax: error: {', '.join('--' + n for n in repeated)} given more than once; give each flag "
               "once", file=sys.stderr)
@@ -106,6 +106,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return parse_absl_flags(argv)
     except flags.Error as e:
+        if "config" not in given and "--config" in str(e):  # absl: "Flag --config must have a value other than None"
+            print("fusion_jax: error: --config=FILE is required: the sweep's config file (configs/*.py[:variant]); "
+                  "--help for the usage", file=sys.stderr)
+            sys.exit(2)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = next((line for line in reversed(lines) if re.match(r"[A-Za-z_.]*(Error|Exception): ", line)), None)
         print(f"fusion_jax: error: {cause or (lines[0] if lines else e)}", file=sys.stderr)
@@ -229,7 +233,7 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
     try:
         results = train_and_evaluate(config, workdir, stop=stop,
-                                     command=shlex.join(["python", "-m", "fusion_jax.main", *sys.argv[1:]]))
+                                     command=command_line("fusion_jax.main", sys.argv[1:]))
     except (ConfigError, DataUnavailableError, PeerFailed, distributed.WaitedOut) as e:
         message = str(e)
         if _WORKDIR.value:  # the workdir came from the flag (the other processes' errors too: same command)

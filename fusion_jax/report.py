@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import re
-import shlex
 import shutil
 import socket
 import subprocess
@@ -38,6 +37,7 @@ from fusion_jax import efficiency
 from fusion_jax import metrics as metrics_lib
 from fusion_jax import tables
 from fusion_jax.against import against_markdown
+from fusion_jax.cli import command_line
 from fusion_jax.files import atomic_write_json, atomic_write_text, safe_name
 from fusion_jax.summary import summary_markdown
 from fusion_jax.workdir import finished_group_names, sweeping_in
@@ -133,8 +133,11 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-# What a report writes, said before it does (a t-SNE takes seconds of silence).
-_WRITING = "summary.md, tables 1-3, then the figures (a t-SNE takes seconds per backbone)"
+def _writing(workdir: str) -> str:
+    """What a report writes, said before it does (a t-SNE, drawn from the sweep's samples, takes seconds of
+    silence)."""
+    tsne = any(n.startswith("tsne_") and n.endswith(".npz") for n in os.listdir(workdir))
+    return "summary.md, tables 1-3, then the figures" + (" (a t-SNE takes seconds per backbone)" if tsne else "")
 FIGURES = ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_training_loss.png", "fig_tsne.png")
 _CSV_FIELDS = ("backbone", "method", "scale", "seed", "degradation_kind", "degradation_level", "accuracy", "f1",
                "precision", "recall", "majority_baseline", "params", "train_seconds", "final_train_loss")
@@ -164,7 +167,7 @@ def write_results(workdir: str, config_dict: dict, runs: list[dict], command: st
                "runs": runs, "summary": summarize(runs), "comparisons": compare(runs)}
     atomic_write_text(os.path.join(workdir, "runs.csv"), runs_csv(runs))
     atomic_write_json(os.path.join(workdir, "results.json"), results)
-    log.info("writing the report (%s)", _WRITING)
+    log.info("writing the report (%s)", _writing(workdir))
     try:
         render_report(results, workdir)  # a figure that fails is logged there
     except Exception:  # noqa: BLE001 - results.json is on disk: the report's failure must not fail the sweep
@@ -391,7 +394,7 @@ def main(argv: list[str]) -> None:
         if name == other_name:  # two sweeps of the same folder name: name them by their paths
             name, other_name = (os.path.relpath(d) for d in dirs)
         out = os.path.join(workdir, f"against_{safe_name(other_name)}.md")
-        command = shlex.join(["python", "-m", "fusion_jax.report", *sys.argv[1:]])
+        command = command_line("fusion_jax.report", sys.argv[1:])
         try:
             atomic_write_text(out, against_markdown(results, other, name, other_name, command))
         except _DRAWING_ERRORS as e:
@@ -400,7 +403,7 @@ def main(argv: list[str]) -> None:
         print(out)
         return
     failed = []
-    print(f"writing the report into {workdir}/ ({_WRITING})", file=sys.stderr, flush=True)
+    print(f"writing the report into {workdir}/ ({_writing(workdir)})", file=sys.stderr, flush=True)
     try:
         written = render_report(results, workdir, failed)
     except _DRAWING_ERRORS as e:

@@ -331,9 +331,10 @@ def _sweep(config: ml_collections.ConfigDict, workdir: str, index: int, count: i
     if index == 0:
         tsne_samples(workdir, features, config.tsne_pairs)
     n = lambda k, what: f"{k} {what}{'' if k == 1 else 's'}"
-    log.info("sweep %s: %s, %s; %s to train%s", config.name, n(len(groups), "group"),
+    log.info("sweep %s: %s, %s; %s to train%s%s", config.name, n(len(groups), "group"),
              n(sum(len(g.runs) for g in groups), "run"), n(len(todo), "group"),
-             f" in process {index} of {count}" if count > 1 else "")
+             f" in process {index} of {count}" if count > 1 else "",
+             f" ({len(finished)} finished, kept)" if finished else "")
     if stop.is_set():
         raise Stopped("stopped before training")
     own_failed = _train_own(config, workdir, todo, features, on_epoch, stop)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # N processes of one sweep on this machine, for testing the multi-process path (CPU is fine).
-#   launch/multiprocess_localhost.sh N CONFIG [--config.FIELD=VALUE ...]
+#   launch/multiprocess_localhost.sh N CONFIG [--config.FIELD=VALUE ...] [--workdir=DIR]
 # Each process trains every N-th unfinished group of the plan; process 0 gathers them into results.json.
 # Ctrl-C reaches every process (each stops after its epoch, as alone); `kill` of this script ends them all.
 set -euo pipefail
-usage="usage: launch/multiprocess_localhost.sh N CONFIG [--config.FIELD=VALUE ...]"
+usage="usage: launch/multiprocess_localhost.sh N CONFIG [--config.FIELD=VALUE ...] [--workdir=DIR]"
 [[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
 n="$1"
 config="$2"

@@ -415,6 +415,8 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
      "fusion_jax: error: cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py' (a relative "
      f"path is read from the current folder, {ROOT})"),
     (["--config=configs/synthetic.py", "--bogus=1"], "fusion_jax: error: Unknown command line flag 'bogus'"),
+    ([], "fusion_jax: error: --config=FILE is required: the sweep's config file (configs/*.py[:variant]); --help for "
+         "the usage"),
     (["--config=configs/synthetic.py", "--flagfile=/nonexistent/a.flags"],  # read as the --config flag is defined
      "fusion_jax: error: Unable to open flagfile: [Errno 2] No such file or directory: '/nonexistent/a.flags'"),
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
@@ -429,6 +431,21 @@ def test_bad_config_file_or_flag_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fusion_jax.main", *args, f"--workdir={tmp_path / 'out'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]
+
+
+def test_the_recorded_command_reads_as_typed_and_a_shell_takes_it_back():
+    """Tuple overrides in double quotes, as the README writes them (shlex.join's '"'"' is hard to read); single
+    quotes where a shell would expand inside double ones."""
+    import shlex
+
+    from fusion_jax.cli import command_line
+
+    args = ["--config=configs/own_features.py", "--config.backbones=('siglip','clip_l14')", "--config.seeds=(42,)",
+            "--workdir=my results", "$HOME", 'say "hi"', "", "it's", "!x", "back\\slash"]
+    line = command_line("fusion_jax.main", args)
+    assert line == ("python -m fusion_jax.main --config=configs/own_features.py \"--config.backbones=('siglip','clip_l14')\" "
+                    "\"--config.seeds=(42,)\" \"--workdir=my results\" '$HOME' 'say \"hi\"' \"\" \"it's\" '!x' 'back\\slash'")
+    assert shlex.split(line) == ["python", "-m", "fusion_jax.main", *args]
 
 
 def test_a_config_file_that_fails_to_import_is_one_line(tmp_path):

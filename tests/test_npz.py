@@ -238,7 +238,7 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     config.npz.dir = str(tmp_path / "b")
     again = train_and_evaluate(config, str(tmp_path / "out"))
-    assert "0 groups to train" in caplog.text and again["runs"] == first["runs"]
+    assert "0 groups to train (2 finished, kept)" in caplog.text and again["runs"] == first["runs"]
     # A rerun that trains nothing says so, and names the process that trained the runs, passed on by a second rerun.
     assert again["timing"]["groups_trained"] == 0 and again["timing"]["trained_by"] == {"command": None, **first["timing"]}
     third = train_and_evaluate(config, str(tmp_path / "out"), command="python -m fusion_jax.main --again")

@@ -298,10 +298,12 @@ def test_a_head_at_the_majority_baseline_is_named_and_token_alignment_is_said():
     results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
     cross = next(s for s in results["summary"] if s["method"] == "cross" and s["scale"] == 2048)
     cross["majority_baseline_mean"] = cross["accuracy_mean"]
-    line, = answer(results)
-    assert "At 2048 pairs cross does not beat the majority-class baseline: there only concat learned to match" in line
-    assert "At 1024 pairs" not in line and "neither head" not in line
     concat = next(s for s in results["summary"] if s["method"] == "concat" and s["scale"] == 2048)
+    line, = answer(results)
+    assert (f"At 2048 pairs cross does not beat the majority-class baseline ({tables.pct(cross['accuracy_mean'])} "
+            f"against {tables.pct(cross['majority_baseline_mean'])}; concat {tables.pct(concat['accuracy_mean'])})."
+            in line)
+    assert "At 1024 pairs" not in line and "neither head" not in line
     concat["majority_baseline_mean"] = concat["accuracy_mean"]
     both, = answer(results)
     assert "**At 2048 pairs neither head beats the majority-class baseline**" in both and "does not beat" not in both
@@ -1013,6 +1015,14 @@ def test_tsne_embedding_joint_and_separate():
     assert not joint and img.shape == txt.shape == (10, 2)  # each PCA to no more dims than the rows
 
 
+def test_the_report_says_a_tsne_takes_seconds_only_where_it_draws_one(tmp_path):
+    from fusion_jax.report import _writing
+
+    assert _writing(str(tmp_path)) == "summary.md, tables 1-3, then the figures"  # tsne_pairs=0: no samples
+    (tmp_path / "tsne_aligned.npz").write_bytes(b"")
+    assert _writing(str(tmp_path)) == "summary.md, tables 1-3, then the figures (a t-SNE takes seconds per backbone)"
+
+
 # --- end to end on a finished smoke sweep -----------------------------------------------------------
 
 def test_report_of_a_smoke_sweep(smoke_sweep, tmp_path):
@@ -1214,6 +1224,8 @@ def test_against_another_sweep(tmp_path):
     assert "| aligned | 2 | 2 / 0 / 0 / 0 | 0 / 0 / 1 / 1 | 1 |" in against_markdown(one_seed, base, "b", "a", "cmd")
     apart = {**other, "summary": [{**s, "backbone": "elsewhere"} for s in other["summary"]]}
     assert "hold no cell in common" in against_markdown(apart, base, "b", "a", "cmd")
+    apart["backbones"] = {"elsewhere": other["backbones"]["aligned"]}
+    assert "The two sweeps share no backbone." in against_markdown(apart, base, "b", "a", "cmd")
     no_comparisons = {**other, "comparisons": []}  # one method only, say
     md = against_markdown(no_comparisons, base, "b", "a", "cmd")
     assert "No concat − cross comparison is in both sweeps" in md and "changed side" not in md
