@@ -359,3 +359,17 @@ def test_the_thread_check_reports_milliseconds_per_step(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert check == {"1_threads_ms_per_step": pytest.approx(2.0), "2_threads_ms_per_step": pytest.approx(2.0)}
+
+
+def test_after_a_persistent_cache_block_programs_are_not_cached_in_its_folder(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from fusion_jax import xla_cache
+
+    with xla_cache.persistent_cache(str(tmp_path / "bench")):
+        jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+    before = sorted(os.listdir(tmp_path / "bench"))
+    assert before  # the block's program is there
+    jax.jit(lambda x: x * 7.0 - 2.0)(jnp.ones(5)).block_until_ready()
+    assert sorted(os.listdir(tmp_path / "bench")) == before

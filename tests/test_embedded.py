@@ -194,3 +194,47 @@ def test_the_largest_named_is_the_largest_drawn():
                 assert _has(m.group(1), SHAPE_WORDS[embedded.SHAPES[first.shape]]), (caption, scene)
                 named += 1
     assert named > 20
+
+
+def test_size_and_background_words_name_the_scenes_own():
+    """In a one-object scene every size word is the object's size; a background word is the one drawn."""
+    sizes = {w: size for size, ws in embedded.SIZE_WORDS.items() for w in ws}
+    by_size = sorted(sizes, key=len, reverse=True)  # "medium sized" before "medium"
+    checked = {"size": 0, "background": 0}
+    for scene, captions in _scenes(200):
+        for caption in captions:
+            for bg in embedded.BACKGROUNDS:
+                if f" {bg} back" in f" {caption}":
+                    assert bg == embedded.BACKGROUNDS[scene.background], (caption, scene)
+                    checked["background"] += 1
+            if len(scene.objects) == 1:
+                word = next((w for w in by_size if f" {w} " in f" {caption} "), None)
+                if word:
+                    assert sizes[word] == embedded.SIZES[scene.objects[0].size], (caption, scene)
+                    checked["size"] += 1
+    assert min(checked.values()) > 50, checked
+
+
+def test_the_first_caption_mentions_every_object():
+    for scene, captions in _scenes(200):
+        assert _shape_mentions(captions[0]) == len(scene.objects), (captions[0], scene)
+
+
+def test_too_small_an_image_is_refused():
+    embedded.generate_embedded(2, image_size=8)
+    with pytest.raises(ValueError, match="image_size >= 8"):
+        embedded.generate_embedded(2, image_size=7)
+
+
+def test_the_generator_is_pinned_to_its_version():
+    """Cached features are keyed by fingerprint(), which changes only with VERSION: a change to the scenes,
+    captions or pixels (or numpy's generators) must bump VERSION and this digest, or every cache serves the
+    old images' features."""
+    import hashlib
+
+    d = embedded.generate_embedded(4, seed=0, image_size=32)
+    h = hashlib.sha256()
+    for i in range(4):
+        h.update(d.load_image(i).tobytes())
+    h.update("\n".join(d.captions).encode())
+    assert (embedded.VERSION, h.hexdigest()) == ("v1", "b45ecccfd03bf91ce99b0993e9b7b5b228b8881556d3d1536428f8f8f1c6d9ad")

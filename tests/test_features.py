@@ -363,6 +363,30 @@ def test_a_caption_of_exactly_the_models_length_is_not_said_to_be_cut(caplog):
     assert length(["a b c d e", "a"]) == 4 and "1 of 2 captions are longer than the model's 4 tokens" in caplog.text
 
 
+def test_an_entry_finished_elsewhere_that_does_not_verify_is_an_error(tmp_path):
+    """Not None (a TypeError later, in the sweep): the entry another process finished is named and removed."""
+    from fusion_jax.features import extract
+
+    cache = FeatureCache(str(tmp_path), "t", {"dataset": "d", "model": "m"})  # nothing there: load() is None
+    with pytest.raises(RuntimeError, match="does not verify"):
+        extract._finished_elsewhere(cache, 40, "t")
+
+
+def test_retrieval_samples_its_images_at_random_over_the_whole_set():
+    """max_images is a seeded random sample, not the first images (a file sorted by source would bias it):
+    here only images 0-9 are retrievable."""
+    from fusion_jax.data.featureset import FeatureSet
+    from fusion_jax.features.alignment import retrieval_recall
+
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((100, 16)).astype(np.float32)
+    text = rng.standard_normal((100, 16)).astype(np.float32)
+    text[:10] = image[:10]
+    fs = FeatureSet(image, text, np.arange(100))
+    recalls = {retrieval_recall(fs, ks=(1,), max_images=10, seed=s)["recall@1"] for s in range(3)}
+    assert max(recalls) < 1.0 and len(recalls) > 1, recalls
+
+
 def test_shards_that_disagree_are_not_joined(tmp_path):
     """Shards of one entry with other arrays (names, trailing shapes or types: left by other code) are removed
     with an error, never joined into an entry that would pass its hash check."""

@@ -351,3 +351,20 @@ def test_each_sides_dimension_is_recorded(tmp_path):
     prov = load_features(_config(tmp_path), "mine").provenance
     assert (prov["dim_image"], prov["dim_text"]) == (16, 8) and prov["alignment"]["defined"] is False
     assert not {"tokens_image", "tokens_text"} & set(prov)  # pooled: Table 3 counts FLOPs on one slot a side
+
+
+def test_caption_indices_beyond_int32_are_refused_not_wrapped(tmp_path):
+    f = _features()
+    f["caption_image"] = f["caption_image"].astype(np.int64)
+    f["caption_image"][7] = 2**32 + 3  # int32 would read it as image 3
+    np.savez(tmp_path / "wide.npz", **f)
+    with pytest.raises(DataUnavailableError, match=r"indices from 0 to 4294967299, outside \[0, 150\)"):
+        load(str(tmp_path / "wide.npz"))
+
+
+def test_an_empty_backbone_name_is_refused_as_a_name(tmp_path):
+    from fusion_jax.data import npz
+
+    (tmp_path / ".npz").write_bytes(b"")  # a hidden file whose name is the ending alone
+    with pytest.raises(ValueError, match="a file name of letters, digits"):
+        npz.check(str(tmp_path), "")

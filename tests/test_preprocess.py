@@ -179,3 +179,25 @@ def test_from_pretrained_legacy_hub_configs(tmp_path, config, expected):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     ours = ImagePreprocessor.from_pretrained(str(tmp_path), num_threads=1)
     assert ours == ImagePreprocessor.from_processor(expected(), num_threads=1)
+
+
+def test_a_clip_processor_without_rgb_conversion_refuses_grey_images():
+    pre = ImagePreprocessor.from_processor(CLIPImageProcessor(do_convert_rgb=False))
+    assert pre.do_convert_rgb is False
+    grey = np.random.default_rng(1).integers(0, 256, (300, 260), dtype=np.uint8)
+    with pytest.raises(ValueError, match="RGB"):
+        pre([grey])
+
+
+def test_a_one_channel_image_is_read_as_grey():
+    grey = np.random.default_rng(1).integers(0, 256, (300, 260), dtype=np.uint8)
+    pre = ImagePreprocessor.from_processor(CLIPImageProcessor())
+    np.testing.assert_array_equal(pre([grey[..., None]]), pre([grey]))
+
+
+def test_a_resize_rule_must_be_one_of_the_two():
+    with pytest.raises(ValueError, match="exactly one of shortest_edge and resize_hw"):
+        ImagePreprocessor(shortest_edge=224, resize_hw=(240, 200))
+    with pytest.raises(ValueError, match="exactly one of shortest_edge and resize_hw"):
+        ImagePreprocessor(shortest_edge=None)
+    ImagePreprocessor(do_resize=False, shortest_edge=None)  # no resize: no rule needed

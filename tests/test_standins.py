@@ -44,6 +44,10 @@ def test_standins_run_the_paper_configs_end_to_end(tmp_path, capsys, monkeypatch
     np.testing.assert_array_equal(ds.caption_image, source.caption_image)
     assert ds.load_image(3).shape == (375, 500, 3)
 
+    from fusion_jax.features.preprocess import ImagePreprocessor
+
+    pre = ImagePreprocessor.from_pretrained(str(models / "resnet"), num_threads=1)  # as resnet-18's: 256 -> 224
+    assert (pre.shortest_edge, pre.crop_hw, pre.resample) == (int(32 / 0.875), (32, 32), 3)
     resnet = backbones.load_resnet(str(models / "resnet"), str(models / "text"), None, batch_size=8, tokens=False)
     images = resnet.encode_images([ds.load_image(i) for i in range(3)])["image"]
     texts = resnet.encode_texts(list(ds.captions[:5]), 16)["text"]
@@ -165,7 +169,19 @@ def test_a_refusal_exits_2_and_the_default_is_flickr8ks_8091_images(tmp_path, ca
         raise Asked  # what main asked for is all this test needs
 
     monkeypatch.setattr(standins, "write_standins", write_standins)
-    for argv, expected in (([], (8091, False)), (["--tiny"], (48, True)), (["--images", "9"], (9, False))):
+    for argv, expected in (([], (8091, False)), (["--tiny"], (48, True)), (["--images", "9"], (9, False)),
+                           (["--images", str(standins.MIN_IMAGES)], (standins.MIN_IMAGES, False))):
         with pytest.raises(Asked):
             standins.main(["--out", str(tmp_path / "new"), *argv])
         assert asked.pop() == expected
+
+
+def test_an_empty_model_folder_is_written_into(tmp_path, monkeypatch):
+    """A models/<role> folder made by hand, empty, holds nothing to protect."""
+    from fusion_jax.data.dataset import STANDIN_FILE
+
+    for name in ("write_clip", "write_resnet", "write_text"):
+        monkeypatch.setattr(standins, name, lambda *a, **k: "written")
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    paths, _ = standins.write_standins(str(tmp_path), n_images=8, tiny=True)
+    assert paths["clip"] == "written" and (tmp_path / "models" / "clip" / STANDIN_FILE).exists()
