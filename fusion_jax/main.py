@@ -18,7 +18,9 @@ config or data error (or a file that cannot be written: a full disk, a quota, a 
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import Any
 
 # Until main() takes Ctrl-C over, a KeyboardInterrupt could land anywhere in the imports below and the config's
 # loading (about 2 s): a traceback, or inside a garbage-collection callback of jax's, which swallows it (and
@@ -47,6 +50,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 from absl import app, flags  # noqa: E402  (after the handler, as are the imports below)
 from absl import logging as absl_logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -78,6 +82,36 @@ def _override_field(argv: list[str], message: str) -> str | None:
     missing = re.match(r"""['"\\]*([A-Za-z_][\w]*)""", message)
     overrides = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
     return next((o for o in overrides if missing and missing.group(1) in o.split(".")[1:]), None)
+
+
+def _config_alone(argv: list[str]) -> Any:
+    """The --config file's get_config(variant), without the overrides (one of which failed), or None."""
+    try:
+        args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+        path = next(a.split("=", 1)[1] for a in args if re.match(r"--?config=", a))
+        path, _, variant = path.partition(":")
+        spec = importlib.util.spec_from_file_location("fusion_jax_config_alone", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except Exception:  # noqa: BLE001 - only a hint is lost
+        return None
+
+
+def _fields_named_like(config: Any, override: str) -> list[str]:
+    """The config's field paths whose last name is (nearly) the override's: `epochs` for --config.epochs is
+    train.epochs. None where the config did not load."""
+    def paths(node: Any, prefix: str = "") -> list[str]:
+        if not isinstance(node, ml_collections.ConfigDict):
+            return [prefix[:-1]]
+        return [p for key, value in node.items() for p in paths(value, f"{prefix}{key}.")]
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        return []
+    fields = paths(config)
+    leaf = override.rsplit(".", 1)[-1]
+    near = set(difflib.get_close_matches(leaf, [f.rsplit(".", 1)[-1] for f in fields], n=3, cutoff=0.8))
+    return [f for f in fields if f.rsplit(".", 1)[-1] in near and f"config.{f}" != override][:3]
 
 
 def _given_flags(argv: list[str]) -> list[str]:
@@ -120,8 +154,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         if field is None:  # raised by the config file itself
             print(f"fusion_jax: error: cannot load --config: {type(e).__name__}: {message}", file=sys.stderr)
         else:
-            print(f"fusion_jax: error: --{field}: the config has no such field{'; ' + hint.group(0) if hint else ''}",
-                  file=sys.stderr)
+            near = "" if hint else ", ".join(f"--config.{f}" for f in _fields_named_like(_config_alone(argv), field))
+            print(f"fusion_jax: error: --{field}: the config has no such field"
+                  + (f"; {hint.group(0)}" if hint else f"; did you mean {near}?" if near else ""), file=sys.stderr)
     except OSError as e:  # an override applied to a config file that did not load: say why it did not
         print(f"fusion_jax: error: cannot load --config: {_load_failure(e)}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - anything else the config file raised (an import, its syntax)

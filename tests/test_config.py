@@ -422,6 +422,8 @@ def test_full_disk_is_refused_before_training(smoke_config, tmp_path, monkeypatc
     (["--config=configs/synthetic.py", "--config.train.learningrate=0.1"],
      'fusion_jax: error: --config.train.learningrate: the config has no such field; '
      'Did you mean "learning_rate" instead of "learningrate"?'),
+    (["--config=configs/synthetic.py:smoke", "--config.lerning_rate=0.1"],  # a field of a section, at the top
+     "fusion_jax: error: --config.lerning_rate: the config has no such field; did you mean --config.train.learning_rate?"),
     (["--config=configs/synthetic.py", "--config.seed=1"],  # a top-level field
      'fusion_jax: error: --config.seed: the config has no such field; Did you mean "seeds" instead of "seed"?'),
     (["--config=configs/synthetic.py", "--config.scales=512", "-config.scales=1024"],  # ml_collections appends
