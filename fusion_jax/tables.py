@@ -155,7 +155,8 @@ def verdict(diff: float, p: float | None, n_seeds: int) -> str:
     seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
     if not_a_number(diff, p):
         return "untested (not a number: a NaN metric)"
-    ahead = f"{'concat' if diff > 0 else 'cross'} +{one_decimal(100 * abs(diff))}"
+    ahead = ("no mean gap" if abs(diff) < 1e-12 else  # seeds' gaps that cancel: no head named
+             f"{'concat' if diff > 0 else 'cross'} +{one_decimal(100 * abs(diff))}")
     if n_seeds < 2:
         return "untested (no gap on its one seed; no test possible)" if diff == 0 else \
             f"{ahead} on its one seed (no test possible)"

@@ -50,6 +50,7 @@ def test_paired_difference():
     assert p == pytest.approx(2 * stats.t.sf(abs(t), df=2))
     assert paired_difference([0.9], [0.8])[1] is None
     assert paired_difference([0.9, 0.8], [0.8, 0.7])[1] is None  # identical differences: no test
+    assert paired_difference([0.9, 0.8], [0.8, 0.75])[1] == pytest.approx(stats.ttest_rel([0.9, 0.8], [0.8, 0.75]).pvalue)
 
 
 def test_holm_adjusted_p_values():

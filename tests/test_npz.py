@@ -368,3 +368,54 @@ def test_an_empty_backbone_name_is_refused_as_a_name(tmp_path):
     (tmp_path / ".npz").write_bytes(b"")  # a hidden file whose name is the ending alone
     with pytest.raises(ValueError, match="a file name of letters, digits"):
         npz.check(str(tmp_path), "")
+
+
+# --- what a rerun keeps, records and refuses (on tiny npz sweeps) ---------------------------------------------
+
+def _tiny_npz_sweep(tmp_path, epochs: int = 1):
+    (tmp_path / "a").mkdir()
+    np.savez(tmp_path / "a" / "mine.npz", **_features())
+    config = _config(tmp_path / "a")
+    config.scales, config.seeds, config.train.epochs = (128,), (42,), epochs
+    return config
+
+
+def test_a_rerun_that_trains_groups_names_no_earlier_process_as_their_trainer(tmp_path):
+    """timing.trained_by is for a rerun that trains nothing: one that trains a group is its own trainer."""
+    config = _tiny_npz_sweep(tmp_path)
+    train_and_evaluate(config, str(tmp_path / "out"))
+    next((tmp_path / "out" / "groups").glob("*.json")).unlink()  # that group trains again
+    again = train_and_evaluate(config, str(tmp_path / "out"))
+    assert again["timing"]["groups_trained"] == 1 and "trained_by" not in again["timing"]
+
+
+def test_a_resumed_group_keeps_the_losses_of_the_epochs_before_its_checkpoint(tmp_path):
+    """A group stopped after epoch 2 of 3 resumes from that checkpoint; epoch 1's loss comes back from its
+    saved losses file, so train_loss_by_epoch has no gap."""
+    class Stop(Exception):
+        pass
+
+    def stop(group, epochs_done):
+        if epochs_done == 2:
+            raise Stop
+
+    config = _tiny_npz_sweep(tmp_path, epochs=3)
+    with pytest.raises(Stop):
+        train_and_evaluate(config, str(tmp_path / "out"), on_epoch=stop)
+    resumed = train_and_evaluate(config, str(tmp_path / "out"))
+    assert all(len(r["train_loss_by_epoch"]) == 3 and None not in r["train_loss_by_epoch"] for r in resumed["runs"])
+
+
+def test_a_finished_record_of_other_runs_is_refused_before_any_group_trains(tmp_path):
+    """A mended group record is refused at the start, not after hours of training the unfinished groups."""
+    import json
+
+    config = _tiny_npz_sweep(tmp_path)
+    train_and_evaluate(config, str(tmp_path / "out"))
+    bad, unfinished = sorted((tmp_path / "out" / "groups").glob("*.json"))
+    bad.write_text(json.dumps([{**r, "seed": 7} for r in json.loads(bad.read_text())]))
+    unfinished.unlink()
+    trained = []
+    with pytest.raises(ConfigError, match="holds other runs than group"):
+        train_and_evaluate(config, str(tmp_path / "out"), on_epoch=lambda g, e: trained.append(g.name))
+    assert trained == [] and not unfinished.exists()

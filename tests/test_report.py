@@ -1288,3 +1288,50 @@ def test_a_hub_model_is_told_by_its_name_and_a_local_folder_by_its_files():
     assert feature_identity({"model": "/home/me/clip", "model_files": "ab12", "text_model": "x/y",
                              "text_model_files": None}) == {"model_files": "ab12", "text_model": "x/y",
                                                             "text_model_files": None}
+
+
+# --- Holm families, ties and boundaries of the verdicts ------------------------------------------------------
+
+def test_holm_takes_every_noise_level_of_a_backbone_as_one_family():
+    """All of a backbone's comparisons with noise are one Holm family, whatever their σ (not one per σ)."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2))
+    for c in results["comparisons"]:
+        c["p_value"] = {0.0: 0.01, 0.1: 0.03, 0.2: 0.04}[tables.level(c)]
+    holm = tables.holm_index(results)
+    assert holm[("aligned", 1024, 0.0)] == pytest.approx(0.01)  # alone in its family
+    assert [holm[("aligned", 1024, lv)] for lv in (0.1, 0.2)] == pytest.approx([0.06, 0.06])
+
+
+def test_a_holm_adjusted_p_of_exactly_alpha_does_not_hold():
+    """Holm's verdict holds where the adjusted p is below ALPHA, as each test's own: 2 x 0.025 = 0.05 does not,
+    without noise or with it."""
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    for c, p in zip(sorted(results["comparisons"], key=lambda c: c["scale"]), (0.025, 0.5)):
+        c["p_value"] = p
+    line, = answer(results)
+    assert "Holm-adjusted 0.05;" in line and "**concat (at 1 of 2 scales; at none after Holm's correction)**" in line
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0, 0.1, 0.2))
+    for c in results["comparisons"]:
+        c["p_value"] = {0.0: 0.5, 0.1: 0.025, 0.2: 0.5}[tables.level(c)]
+    line, = answer(results)
+    assert line.endswith("After Holm's correction for the 2 tests with noise: concat ahead in 0, cross in 0.")
+
+
+def test_heads_tied_on_every_seed_or_of_equal_size_favour_neither():
+    """The same accuracy on every seed (a gap of 0, no p): tied, counted for no head, and no head is called the
+    smaller where both have as many parameters; a mean gap of 0 from seeds that differ names no head either."""
+    assert tables.favoured(0.0, None, 3) is None
+    results = fake_results("synthetic", ("aligned",), scales=(1024,), levels=(0.0,))
+    for r in results["runs"]:
+        r["metrics"]["accuracy"], r["params"] = 0.7, 1000
+    results["summary"], results["comparisons"] = summarize(results["runs"]), compare(results["runs"])
+    line, = answer(results)
+    assert "**no difference significant at 3 seeds**" in line and "1024: tied (the same on all 3 seeds)" in line
+    assert "fewer parameters" not in line
+    assert tables.verdict(0.0, 1.0, 3) == "not significant (no mean gap at 3 seeds, p = 1)"
+
+
+def test_the_same_small_gap_on_every_seed_is_untested_not_a_verdict():
+    """A gap of 0.05 points on every seed (p None: no t-test) favours no head, however small."""
+    assert tables.untested(0.0005, None, 3) and tables.favoured(0.0005, None, 3) is None
+    assert tables.points_text(0.0005, None, 3) == "+0.1"  # as any untested gap: one decimal
