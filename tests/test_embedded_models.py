@@ -50,3 +50,25 @@ def test_the_processors_the_tiny_models_ship_see_the_whole_image_as_training_did
     images = np.stack([ds.load_image(i) for i in range(3)])
     extracted = ImagePreprocessor.from_processor(processor(32), num_threads=1)(list(images))
     np.testing.assert_allclose(extracted, np.asarray(em._normalize(images, mean, std)), atol=1e-6)
+
+
+def test_fit_warms_up_for_a_tenth_of_its_steps_decays_weights_and_draws_a_key_per_step():
+    """With a constant gradient (loss = sum(w)) Adam moves each weight by the step's learning rate: the loss's
+    drops are 3 x optax's warmup_cosine_decay_schedule(0, lr, steps // 10, steps). A zero gradient leaves the
+    decoupled weight decay alone (1e-4 x each step's rate). A loss of uniform(key) differs at every step."""
+    import jax.numpy as jnp
+    import optax
+
+    steps, lr = 20, 0.1
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps)
+    _, _, losses = em.fit(lambda p, state, data, key: (p["w"].sum(), state), {"w": jnp.zeros(3)}, jnp.ones(3),
+                          steps, lr, 0, "test")
+    np.testing.assert_allclose(np.diff(losses), -3 * np.asarray([schedule(t) for t in range(steps - 1)]),
+                               rtol=2e-3, atol=1e-6)
+    params, _, _ = em.fit(lambda p, state, data, key: ((p["w"] * 0.0).sum(), state), {"w": jnp.ones(3)},
+                          jnp.ones(3), steps, lr, 0, "test")
+    want = 1 - np.prod([1 - 1e-4 * float(schedule(t)) for t in range(steps)])
+    np.testing.assert_allclose(1 - np.asarray(params["w"]), [want] * 3, rtol=2e-2)
+    _, _, losses = em.fit(lambda p, state, data, key: ((p["w"] * 0).sum() + jax.random.uniform(key), state),
+                          {"w": jnp.zeros(3)}, jnp.ones(3), 8, 0.0, 0, "test")
+    assert len(set(np.asarray(losses).tolist())) == 8, losses

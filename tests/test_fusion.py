@@ -161,3 +161,18 @@ def test_single_key_shortcut_equals_softmax_over_a_masked_pair():
     for g in (g_one, g_two):
         for name in ("query", "key"):
             assert not np.any(np.asarray(g["attention"][name]["kernel"]))
+
+
+def test_a_masked_key_gets_no_weight_even_when_every_real_logit_is_very_negative():
+    """Masked logits sit at the dtype's minimum, below any real logit: with the only real key's logit at about
+    -2e6 the padding key (0 before masking) still gets weight 0, so the output is the real key's value."""
+    from fusion_jax.fusion import Attention
+
+    att = Attention(hidden=4, num_heads=1)
+    eye = {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}
+    params = {"params": {n: eye for n in ("query", "key", "value", "out")}}
+    q = jnp.asarray([[[1000.0, 0, 0, 0]]])  # [1, 1, 4]
+    kv = jnp.asarray([[[-4000.0, 1, 2, 3], [0.0, 9, 9, 9]]])  # a real key, then padding
+    got = att.apply(params, q, kv, mask=jnp.asarray([[[[True, False]]]]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(att.apply(params, q, kv[:, :1])), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got)[0, 0], [-4000.0, 1, 2, 3], rtol=1e-6)

@@ -1335,3 +1335,29 @@ def test_the_same_small_gap_on_every_seed_is_untested_not_a_verdict():
     """A gap of 0.05 points on every seed (p None: no t-test) favours no head, however small."""
     assert tables.untested(0.0005, None, 3) and tables.favoured(0.0005, None, 3) is None
     assert tables.points_text(0.0005, None, 3) == "+0.1"  # as any untested gap: one decimal
+
+
+def test_accuracy_bars_are_the_seeds_std_in_points_and_the_loss_curve_their_mean(monkeypatch):
+    """The bars of accuracy against scale are ± the summary's accuracy_std in points, as the means are; seeds'
+    losses 0.9, 0.3, 0.3 at an epoch draw 0.5 there (their median would be 0.3)."""
+    import matplotlib.pyplot as plt
+
+    figs = _drawn(monkeypatch)
+    results = fake_results("synthetic", ("aligned",), scales=(1024, 2048), levels=(0.0,))
+    figures.accuracy_vs_scale(results, "scale")
+    ax = figs["scale"].axes[0]
+    assert len(ax.containers) == 2
+    for container in ax.containers:
+        method = container.get_label().split(" ")[0]
+        std = [s["accuracy_std"] for s in sorted(results["summary"], key=lambda s: s["scale"]) if s["method"] == method]
+        assert all(x > 0 for x in std)
+        (bars,) = container.lines[2]
+        half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in bars.get_segments()]
+        np.testing.assert_allclose(half, [100 * x for x in std], rtol=1e-9)
+    cell = [r for r in results["runs"] if r["method"] == "concat" and r["scale"] == 2048]
+    for r, first in zip(cell, (0.9, 0.3, 0.3)):
+        r["train_loss_by_epoch"] = [first, 0.5, 0.3]
+    figures.training_loss(results, "loss")
+    line = next(x for x in figs["loss"].axes[0].get_lines() if x.get_label() == "concat, scale 2048")
+    assert list(line.get_ydata()) == pytest.approx([0.5, 0.5, 0.3])
+    plt.close("all")
