@@ -100,7 +100,7 @@ def _config_alone(argv: list[str]) -> Any:
 
 def _fields_named_like(config: Any, override: str) -> list[str]:
     """The config's field paths whose last name is (nearly) the override's: `epochs` for --config.epochs is
-    train.epochs. None where the config did not load."""
+    train.epochs; none where the config did not load."""
     def paths(node: Any, prefix: str = "") -> list[str]:
         if not isinstance(node, ml_collections.ConfigDict):
             return [prefix[:-1]]

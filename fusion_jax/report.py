@@ -138,6 +138,8 @@ def _writing(workdir: str) -> str:
     silence)."""
     tsne = any(n.startswith("tsne_") and n.endswith(".npz") for n in os.listdir(workdir))
     return "summary.md, tables 1-3, then the figures" + (" (a t-SNE takes seconds per backbone)" if tsne else "")
+
+
 FIGURES = ("fig_accuracy_vs_scale.png", "fig_noise.png", "fig_training_loss.png", "fig_tsne.png")
 _CSV_FIELDS = ("backbone", "method", "scale", "seed", "degradation_kind", "degradation_level", "accuracy", "f1",
                "precision", "recall", "majority_baseline", "params", "train_seconds", "final_train_loss")
