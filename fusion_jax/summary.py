@@ -170,21 +170,23 @@ def _noise_counts(noisy: list[dict], cells: dict, holm: dict) -> str:
                if n_concat + n_cross and tests > 1 else ""))
 
 
+def _cell_key(comparison: dict, method: str) -> tuple:
+    """The summary cell of `method` in a comparison: cells are keyed (backbone, method, scale, level)."""
+    return comparison["backbone"], method, comparison["scale"], tables.level(comparison)
+
+
 def _one_at_baseline_text(cells: dict, comparison: dict, method: str) -> str:
     """' At 2048 pairs cross does not beat the majority-class baseline (49.6 against 50.1; concat 54.7).': the
     means alone (the other head's being above the baseline is no test that it learned)."""
-    key = lambda m: (comparison["backbone"], m, comparison["scale"], tables.level(comparison))
-    s, other = cells[key(method)], "cross" if method == "concat" else "concat"
+    s, other = cells[_cell_key(comparison, method)], "cross" if method == "concat" else "concat"
     return (f" At {comparison['scale']} pairs {method} does not beat the majority-class baseline "
             f"({tables.pct(s['accuracy_mean'])} against {tables.pct(s['majority_baseline_mean'])}; {other} "
-            f"{tables.pct(cells[key(other)]['accuracy_mean'])}).")
+            f"{tables.pct(cells[_cell_key(comparison, other)]['accuracy_mean'])}).")
 
 
 def _at_baseline(cells: dict, comparison: dict) -> list[str]:
-    """The methods of a comparison's cell whose mean accuracy does not beat the majority-class baseline.
-    cells: summary entries keyed (backbone, method, scale, level)."""
-    key = lambda m: (comparison["backbone"], m, comparison["scale"], tables.level(comparison))
-    return [m for m in ("concat", "cross") if (s := cells.get(key(m)))
+    """The methods of a comparison's cell whose mean accuracy does not beat the majority-class baseline."""
+    return [m for m in ("concat", "cross") if (s := cells.get(_cell_key(comparison, m)))
             and not s["accuracy_mean"] > s["majority_baseline_mean"]]
 
 

@@ -223,6 +223,14 @@ def test_the_command_line_says_a_bad_file_in_one_line(tmp_path):
         "it needs image, text, caption_image (it holds caption_image, image)")
 
 
+def _tiny_npz_sweep(tmp_path, epochs: int = 1):
+    (tmp_path / "a").mkdir()
+    np.savez(tmp_path / "a" / "mine.npz", **_features())
+    config = _config(tmp_path / "a")
+    config.scales, config.seeds, config.train.epochs = (128,), (42,), epochs
+    return config
+
+
 def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_path, caplog):
     """The workdir records each file's SHA-256 (features.json): a regenerated file cannot mix with the
     groups trained on the old one; the same file in another folder resumes the sweep."""
@@ -230,10 +238,7 @@ def test_a_changed_file_is_refused_by_its_workdir_and_a_moved_one_is_not(tmp_pat
     import shutil
 
     caplog.set_level(logging.INFO, logger="fusion_jax")
-    (tmp_path / "a").mkdir()
-    np.savez(tmp_path / "a" / "mine.npz", **_features())
-    config = _config(tmp_path / "a")
-    config.scales, config.seeds, config.train.epochs = (128,), (42,), 1
+    config = _tiny_npz_sweep(tmp_path)
     first = train_and_evaluate(config, str(tmp_path / "out"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     config.npz.dir = str(tmp_path / "b")
@@ -371,14 +376,6 @@ def test_an_empty_backbone_name_is_refused_as_a_name(tmp_path):
 
 
 # --- what a rerun keeps, records and refuses (on tiny npz sweeps) ---------------------------------------------
-
-def _tiny_npz_sweep(tmp_path, epochs: int = 1):
-    (tmp_path / "a").mkdir()
-    np.savez(tmp_path / "a" / "mine.npz", **_features())
-    config = _config(tmp_path / "a")
-    config.scales, config.seeds, config.train.epochs = (128,), (42,), epochs
-    return config
-
 
 def test_a_rerun_that_trains_groups_names_no_earlier_process_as_their_trainer(tmp_path):
     """timing.trained_by is for a rerun that trains nothing: one that trains a group is its own trainer."""
